@@ -1,0 +1,2 @@
+"""distill: knowledge distillation from several interpolated teachers into a DeepSpeed student."""
+__version__ = "0.1.0"

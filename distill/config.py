@@ -1,0 +1,323 @@
+"""Typed configuration: dataclasses merged by omegaconf, validated once, before any work starts.
+
+A YAML file is merged onto `OmegaConf.structured(DistillConfig)`, so an unknown or mistyped key
+fails with its dotted path. `validate()` then checks values (weights, temperatures, ranges, files)
+and raises `ConfigError` naming the offending key. Nothing here loads a model or writes a file.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from distill.paths import is_local_reference, resolve_path
+
+
+class ConfigError(ValueError):
+    """A configuration problem, raised before any model is loaded or output written."""
+
+
+@dataclass
+class TeacherConfig:
+    path: str = MISSING  # local directory, `pkg://package/sub/dir`, or a hub id
+    name: Optional[str] = None  # shown in logs and reports; defaults to the path's last part
+    weight: float = 1.0  # prior mixture weight; all weights are normalised to sum to one
+    temperature: Optional[float] = None  # softening of this teacher; defaults to loss.temperature
+
+
+@dataclass
+class TeachersConfig:
+    models: List[TeacherConfig] = field(default_factory=list)
+    # replicated: every rank holds each teacher whole. zero3: each teacher is partitioned across
+    # ranks by its own optimizer-less DeepSpeed ZeRO-3 engine (for teachers too big for one device).
+    placement: str = "replicated"
+    # auto: bf16 on GPUs and on CPUs with AMX / avx512_bf16, fp32 elsewhere (bf16 is emulated
+    # and far slower there). Or float32, bfloat16, float16.
+    dtype: str = "auto"
+    # shared: teachers must use the student's vocabulary and read the student's input ids.
+    # per_model: each distinct tokenizer encodes the text itself (classification only), e.g. for a
+    # student whose vocabulary was trimmed.
+    tokenization: str = "shared"
+    micro_batch_size: Optional[int] = None  # for teacher-only passes (evaluation); defaults to eval
+
+
+@dataclass
+class StudentConfig:
+    path: Optional[str] = None  # an existing checkpoint to train
+    from_teacher: Optional[str] = None  # or: build the student from this teacher (name or index)
+    layers: Optional[List[int]] = None  # teacher layers to keep; default every other layer
+    trim_vocab: bool = False  # keep only the vocabulary rows the training text uses
+    config_overrides: Dict[str, Any] = field(default_factory=dict)
+    num_labels: Optional[int] = None  # only for a student trained from scratch without teachers
+
+
+@dataclass
+class DataSourceConfig:
+    path: Optional[str] = None  # local csv/json/jsonl/parquet file or folder, or a hub name
+    split: str = "train"
+    max_samples: Optional[int] = None
+    encoding: str = "utf-8"  # csv only
+
+
+@dataclass
+class DataConfig:
+    train: DataSourceConfig = field(default_factory=DataSourceConfig)
+    validation: DataSourceConfig = field(default_factory=lambda: DataSourceConfig(split="validation"))
+    unlabeled: DataSourceConfig = field(default_factory=DataSourceConfig)  # adds only the KD term
+    validation_fraction: float = 0.1  # carved out of train (stratified, seeded) when no validation path
+    text_fields: List[str] = field(default_factory=lambda: ["text"])  # one field, or a pair
+    label_field: str = "label"
+    label_names: Optional[List[str]] = None  # order of the label ids; inferred (sorted) if unset
+    max_length: int = 128
+    drop_duplicate_texts: bool = True  # before the split, so validation never leaks into training
+    seed: int = 42  # for the validation carve-out and subsampling: keep it fixed across a project
+
+
+@dataclass
+class InterpolationConfig:
+    method: str = "linear"  # a registered name in distill/interpolate.py
+
+
+@dataclass
+class LossConfig:
+    kd_alpha: float = 0.5  # weight of the distillation term; 0 is plain fine-tuning
+    temperature: float = 2.0  # student temperature T, and the T^2 gradient-scale factor
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainingConfig:
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
+    micro_batch_size: int = 16  # per rank
+    gradient_accumulation_steps: int = 1
+    eval_batch_size: int = 64
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    lr_schedule: str = "linear"  # linear, cosine or constant, after warmup
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"  # fp32, bf16 or fp16 for the student
+    log_every: int = 10
+    eval_every: int = 0  # optimizer steps; 0 evaluates at the end only
+    checkpoint_every: int = 200  # optimizer steps; a checkpoint is always written at the end
+    keep_checkpoints: int = 2
+    resume: str = "never"  # never, or auto: continue from the newest checkpoint in output_dir
+    progress_bar: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    # Extra keys merged into the generated DeepSpeed config. A key that contradicts the settings
+    # above (batch sizes, clipping, precision, stage) is an error, never silently preferred.
+    config: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExportConfig:
+    dtype: str = "fp32"  # fp32, bf16 or fp16
+
+
+@dataclass
+class DistillConfig:
+    task: str = "sequence_classification"
+    output_dir: str = MISSING
+    seed: int = 42
+    trust_remote_code: bool = False
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+TASKS = ("sequence_classification",)
+PLACEMENTS = ("replicated", "zero3")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+TOKENIZATIONS = ("shared", "per_model")
+LR_SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def load_config(path: Optional[str | os.PathLike], overrides: Optional[List[str]] = None) -> DistillConfig:
+    """Merge a YAML file and dotted `key=value` overrides onto the schema, then validate.
+
+    Returns a typed, read-only `DistillConfig` (an omegaconf structured config).
+    """
+    schema = OmegaConf.structured(DistillConfig)
+    layers = [schema]
+    if path is not None:
+        config_path = Path(path)
+        if not config_path.is_file():
+            raise ConfigError(f"config file {config_path} does not exist")
+        try:
+            layers.append(OmegaConf.load(config_path))
+        except Exception as error:  # yaml.YAMLError and omegaconf's own parse errors
+            raise ConfigError(f"config file {config_path} is not valid YAML: {error}") from error
+    for override in overrides or []:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} must look like dotted.key=value")
+        layers.append(OmegaConf.from_dotlist([override]))
+    try:
+        merged = OmegaConf.merge(*layers)
+        OmegaConf.to_container(merged, throw_on_missing=True)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_describe_omegaconf_error(error, path)) from error
+    validate(merged)
+    OmegaConf.set_readonly(merged, True)
+    return merged  # type: ignore[return-value]
+
+
+def _describe_omegaconf_error(error: OmegaConfBaseException, path) -> str:
+    key = getattr(error, "full_key", None) or "?"
+    where = f" in {path}" if path else ""
+    message = str(error).splitlines()[0]
+    if "Missing mandatory value" in message:
+        return f"config key '{key}'{where} is required but not set"
+    if "not in struct" in message or "Key '" in message and "not" in message:
+        return f"unknown config key '{key}'{where}: check its spelling against distill/config.py"
+    return f"config key '{key}'{where}: {message}"
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: DistillConfig | DictConfig) -> None:
+    """Check values the type system cannot: ranges, choices, and that local files exist."""
+    _require(cfg.task in TASKS, f"task: {cfg.task!r} is not one of {list(TASKS)}")
+    _require(cfg.teachers.placement in PLACEMENTS,
+             f"teachers.placement: {cfg.teachers.placement!r} is not one of {list(PLACEMENTS)}")
+    _require(cfg.teachers.dtype in TEACHER_DTYPES,
+             f"teachers.dtype: {cfg.teachers.dtype!r} is not one of {list(TEACHER_DTYPES)}")
+    _require(cfg.teachers.tokenization in TOKENIZATIONS,
+             f"teachers.tokenization: {cfg.teachers.tokenization!r} is not one of {list(TOKENIZATIONS)}")
+
+    loss = cfg.loss
+    _require(0.0 <= loss.kd_alpha <= 1.0, f"loss.kd_alpha must lie in [0, 1], got {loss.kd_alpha}")
+    _require(loss.temperature > 0, f"loss.temperature must be > 0, got {loss.temperature}")
+    _require(0.0 <= loss.label_smoothing < 1.0,
+             f"loss.label_smoothing must lie in [0, 1), got {loss.label_smoothing}")
+
+    teachers = cfg.teachers.models
+    _require(len(teachers) > 0 or loss.kd_alpha == 0.0,
+             "teachers.models is empty but loss.kd_alpha > 0: name at least one teacher, "
+             "or set loss.kd_alpha=0 for plain fine-tuning")
+    for index, teacher in enumerate(teachers):
+        key = f"teachers.models[{index}]"
+        _require(teacher.weight >= 0, f"{key}.weight must be >= 0, got {teacher.weight}")
+        if teacher.temperature is not None:
+            _require(teacher.temperature > 0, f"{key}.temperature must be > 0, got {teacher.temperature}")
+        _check_model_reference(teacher.path, f"{key}.path")
+    if teachers:
+        _require(sum(t.weight for t in teachers) > 0,
+                 "teachers.models[*].weight are all zero: at least one teacher needs a positive weight")
+        names = [teacher_display_name(t, i) for i, t in enumerate(teachers)]
+        _require(len(set(names)) == len(names), f"teachers.models: names must be unique, got {names}")
+        reserved = sorted(set(names) & {"student", "target"})
+        _require(not reserved, f"teachers.models: the names {reserved} are reserved; set teachers.models[i].name")
+
+    student = cfg.student
+    _require((student.path is None) != (student.from_teacher is None),
+             "student: set exactly one of student.path (an existing model) or "
+             "student.from_teacher (build a smaller copy of a teacher)")
+    if student.path is not None:
+        _check_model_reference(student.path, "student.path")
+    if student.from_teacher is not None:
+        resolve_teacher_index(cfg, student.from_teacher)
+    if student.layers is not None:
+        _require(len(student.layers) > 0, "student.layers is empty: keep at least one layer")
+        _require(all(layer >= 0 for layer in student.layers), "student.layers must be >= 0")
+
+    data = cfg.data
+    _require(data.train.path is not None, "data.train.path is required")
+    for key in ("train", "validation", "unlabeled"):
+        source = data[key]
+        if source.path is not None:
+            _check_data_reference(source.path, f"data.{key}.path")
+        if source.max_samples is not None:
+            _require(source.max_samples > 0, f"data.{key}.max_samples must be > 0")
+    _require(1 <= len(data.text_fields) <= 2,
+             f"data.text_fields takes one field or a pair, got {list(data.text_fields)}")
+    _require(0.0 < data.validation_fraction < 1.0,
+             f"data.validation_fraction must lie in (0, 1), got {data.validation_fraction}")
+    _require(data.max_length > 0, "data.max_length must be > 0")
+    if data.label_names is not None:
+        _require(len(set(data.label_names)) == len(data.label_names) >= 2,
+                 f"data.label_names must hold at least two distinct names, got {list(data.label_names)}")
+
+    _require(cfg.interpolation.method in _interpolation_names(),
+             f"interpolation.method: {cfg.interpolation.method!r} is not one of {_interpolation_names()}")
+
+    training = cfg.training
+    for key in ("micro_batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every",
+                "checkpoint_every", "keep_checkpoints"):
+        _require(training[key] > 0, f"training.{key} must be > 0, got {training[key]}")
+    _require(training.epochs > 0 or training.max_steps, "training.epochs must be > 0")
+    if training.max_steps is not None:
+        _require(training.max_steps > 0, f"training.max_steps must be > 0, got {training.max_steps}")
+    _require(training.eval_every >= 0, "training.eval_every must be >= 0")
+    _require(training.learning_rate > 0, f"training.learning_rate must be > 0, got {training.learning_rate}")
+    _require(0.0 <= training.warmup_ratio < 1.0, "training.warmup_ratio must lie in [0, 1)")
+    _require(training.max_grad_norm >= 0, "training.max_grad_norm must be >= 0 (0 disables clipping)")
+    _require(training.lr_schedule in LR_SCHEDULES,
+             f"training.lr_schedule: {training.lr_schedule!r} is not one of {list(LR_SCHEDULES)}")
+    _require(training.precision in PRECISIONS,
+             f"training.precision: {training.precision!r} is not one of {list(PRECISIONS)}")
+    _require(training.resume in ("never", "auto"),
+             f"training.resume: {training.resume!r} is not one of ['never', 'auto']")
+    _require(cfg.deepspeed.zero_stage in (0, 1, 2, 3),
+             f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    _require(cfg.export.dtype in PRECISIONS,
+             f"export.dtype: {cfg.export.dtype!r} is not one of {list(PRECISIONS)}")
+
+
+def teacher_display_name(teacher: TeacherConfig, index: int) -> str:
+    if teacher.name:
+        return teacher.name
+    return Path(str(teacher.path).rstrip("/")).name or f"teacher{index}"
+
+
+def resolve_teacher_index(cfg: DistillConfig, reference: str) -> int:
+    """student.from_teacher names a teacher by its name or its index in teachers.models."""
+    names = [teacher_display_name(t, i) for i, t in enumerate(cfg.teachers.models)]
+    if reference in names:
+        return names.index(reference)
+    if str(reference).isdigit() and int(reference) < len(names):
+        return int(reference)
+    raise ConfigError(f"student.from_teacher: {reference!r} is neither a teacher name {names} "
+                      f"nor an index below {len(names)}")
+
+
+def _check_model_reference(reference: str, key: str) -> None:
+    if is_local_reference(reference):
+        path = resolve_path(reference)
+        _require(path.is_dir(), f"{key}: model directory {path} does not exist")
+        _require((path / "config.json").is_file(), f"{key}: {path} holds no config.json")
+
+
+def _check_data_reference(reference: str, key: str) -> None:
+    if is_local_reference(reference):
+        path = resolve_path(reference)
+        _require(path.exists(), f"{key}: data file {path} does not exist")
+        if path.is_file():
+            _require(path.stat().st_size > 0, f"{key}: data file {path} is empty")
+
+
+def _interpolation_names() -> List[str]:
+    from distill.interpolate import available_interpolations
+
+    return available_interpolations()
+
+
+def to_yaml(cfg: DistillConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

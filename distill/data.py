@@ -1,0 +1,241 @@
+"""Data: `datasets.load_dataset` -> labels as ids -> splits -> tokenization -> dynamic padding.
+
+Reading and splitting (`read_splits`) needs no model, so bad data fails before anything is loaded.
+Rows without a label (or the whole `data.unlabeled` source) carry label -100 and add only the KD
+term. Every row keeps an `index` (its position in its split) so results gathered from several
+ranks can be put back in order.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from datasets import Dataset, concatenate_datasets, load_dataset
+
+from distill.config import ConfigError, DataConfig, DataSourceConfig
+from distill.losses import IGNORE_INDEX
+from distill.paths import is_local_reference, resolve_path
+
+_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+LABELS = "labels"
+INDEX = "index"
+
+
+@dataclass
+class Splits:
+    """Raw text splits with integer `labels` (-100 where unlabelled) and `index` columns."""
+
+    train: Dataset
+    validation: Dataset
+    label_names: List[str]
+
+
+def _load_source(source: DataSourceConfig, key: str) -> Dataset:
+    reference = source.path
+    try:
+        if is_local_reference(reference):
+            path = resolve_path(reference)
+            if path.is_dir():
+                return load_dataset(str(path), split=source.split)
+            data_format = _FORMATS.get(path.suffix.lower())
+            if data_format is None:
+                raise ConfigError(f"data.{key}.path: {path} has an unknown extension; "
+                                  f"use one of {sorted(_FORMATS)}")
+            extra = {"encoding": source.encoding} if data_format == "csv" else {}
+            return load_dataset(data_format, data_files=str(path), split="train", **extra)
+        return load_dataset(reference, split=source.split)
+    except ConfigError:
+        raise
+    except Exception as error:
+        offline = " (not found locally, and the hub is offline)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ConfigError(f"data.{key}.path: cannot load {reference!r}{offline}: {error}") from error
+
+
+def _check_fields(dataset: Dataset, fields: Sequence[str], key: str) -> None:
+    missing = [field for field in fields if field not in dataset.column_names]
+    if missing:
+        raise ConfigError(f"data.{key}: column(s) {missing} not found in {dataset.column_names}; "
+                          f"set data.text_fields / data.label_field")
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value.strip())
+
+
+def infer_label_names(values: Sequence) -> List[str]:
+    present = {str(v) for v in values if not _is_missing(v)}
+    if all(name.lstrip("-").isdigit() for name in present):
+        return [str(i) for i in range(max(int(n) for n in present) + 1)] if present else []
+    return sorted(present)
+
+
+def _to_label_ids(values: Sequence, label_names: List[str], key: str) -> List[int]:
+    lookup = {name: index for index, name in enumerate(label_names)}
+    ids = []
+    for value in values:
+        if _is_missing(value):
+            ids.append(IGNORE_INDEX)
+            continue
+        name = str(value)
+        if name not in lookup:
+            raise ConfigError(f"data.{key}: label {name!r} is not in data.label_names {label_names}")
+        ids.append(lookup[name])
+    return ids
+
+
+def _normalise(dataset: Dataset, cfg: DataConfig, label_names: Optional[List[str]], key: str) -> Dataset:
+    """Keep the text fields, map labels to ids (or -100), drop rows whose text is empty."""
+    _check_fields(dataset, cfg.text_fields, key)
+    if cfg.label_field in dataset.column_names and label_names is not None:
+        labels = _to_label_ids(dataset[cfg.label_field], label_names, key)
+    else:
+        labels = [IGNORE_INDEX] * len(dataset)
+    texts = {field: ["" if v is None else str(v) for v in dataset[field]] for field in cfg.text_fields}
+    keep = [i for i in range(len(dataset)) if texts[cfg.text_fields[0]][i].strip()]
+    columns = {field: [texts[field][i] for i in keep] for field in cfg.text_fields}
+    columns[LABELS] = [labels[i] for i in keep]
+    return Dataset.from_dict(columns)
+
+
+def _text_keys(dataset: Dataset, fields: Sequence[str]) -> List[tuple]:
+    return list(zip(*(dataset[field] for field in fields)))
+
+
+def _drop_duplicates(dataset: Dataset, fields: Sequence[str], exclude: set = frozenset()) -> Dataset:
+    seen = set(exclude)
+    keep = []
+    for index, key in enumerate(_text_keys(dataset, fields)):
+        if key not in seen:
+            seen.add(key)
+            keep.append(index)
+    return dataset.select(keep)
+
+
+def _stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded split keeping class proportions; unlabelled rows always stay in train."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    validation = []
+    for label in sorted(set(labels.tolist()) - {IGNORE_INDEX}):
+        members = np.flatnonzero(labels == label)
+        count = int(round(fraction * len(members)))
+        validation.extend(rng.permutation(members)[:count].tolist())
+    validation_set = set(validation)
+    train = [i for i in range(len(labels)) if i not in validation_set]
+    return train, sorted(validation)
+
+
+def _subsample(dataset: Dataset, max_samples: Optional[int], seed: int) -> Dataset:
+    if max_samples is None or max_samples >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(max_samples))
+
+
+def _with_index(dataset: Dataset) -> Dataset:
+    return dataset.add_column(INDEX, list(range(len(dataset))))
+
+
+def read_splits(cfg: DataConfig) -> Splits:
+    """Load train / validation / unlabeled sources into labelled text splits, or raise ConfigError."""
+    seed = cfg.seed
+    raw_train = _load_source(cfg.train, "train")
+    if len(raw_train) == 0:
+        raise ConfigError(f"data.train.path: {cfg.train.path} has no rows")
+    raw_validation = _load_source(cfg.validation, "validation") if cfg.validation.path else None
+
+    _check_fields(raw_train, [cfg.label_field], "train")
+    label_names = list(cfg.label_names) if cfg.label_names else infer_label_names(raw_train[cfg.label_field])
+    if len(label_names) < 2:
+        raise ConfigError(f"data.train: column {cfg.label_field!r} holds fewer than two distinct labels")
+
+    train = _normalise(raw_train, cfg, label_names, "train")
+    if cfg.drop_duplicate_texts:
+        train = _drop_duplicates(train, cfg.text_fields)
+    if raw_validation is not None:
+        validation = _normalise(raw_validation, cfg, label_names, "validation")
+        if cfg.drop_duplicate_texts:
+            validation = _drop_duplicates(validation, cfg.text_fields)
+    else:
+        train_rows, validation_rows = _stratified_split(train[LABELS], cfg.validation_fraction, seed)
+        validation, train = train.select(validation_rows), train.select(train_rows)
+    if cfg.drop_duplicate_texts:
+        train = _drop_duplicates(train, cfg.text_fields, exclude=set(_text_keys(validation, cfg.text_fields)))
+    validation = _subsample(validation, cfg.validation.max_samples, seed)
+    train = _subsample(train, cfg.train.max_samples, seed)
+
+    if cfg.unlabeled.path:
+        unlabeled = _normalise(_load_source(cfg.unlabeled, "unlabeled"), cfg, None, "unlabeled")
+        if cfg.drop_duplicate_texts:
+            seen = set(_text_keys(validation, cfg.text_fields)) | set(_text_keys(train, cfg.text_fields))
+            unlabeled = _drop_duplicates(unlabeled, cfg.text_fields, exclude=seen)
+        unlabeled = _subsample(unlabeled, cfg.unlabeled.max_samples, seed)
+        if len(unlabeled) == 0:
+            raise ConfigError(f"data.unlabeled.path: {cfg.unlabeled.path} has no rows left "
+                              "after removing texts already in train or validation")
+        train = concatenate_datasets([train, unlabeled])
+
+    if len(train) == 0:
+        raise ConfigError(f"data.train: no training rows left from {cfg.train.path}")
+    validation_labels = np.asarray(validation[LABELS]) if len(validation) else np.array([])
+    if len(validation) == 0 or np.all(validation_labels == IGNORE_INDEX):
+        raise ConfigError("data.validation: the validation split is empty or has no labels; "
+                          "set data.validation.path or a larger data.validation_fraction")
+    return Splits(train=_with_index(train), validation=_with_index(validation), label_names=label_names)
+
+
+def texts_of(dataset: Dataset, fields: Sequence[str]) -> List[str]:
+    """All text of a split as one list (pairs flattened), e.g. for vocabulary trimming."""
+    return [text for field in fields for text in dataset[field]]
+
+
+@dataclass
+class TokenizerGroup:
+    """One tokenizer and the column prefix its encodings are stored under ('' for the student)."""
+
+    prefix: str
+    tokenizer: object
+
+
+def tokenize(dataset: Dataset, groups: Sequence[TokenizerGroup], text_fields: Sequence[str],
+             max_length: int) -> Dataset:
+    """Encode the text fields once per tokenizer group; keeps `labels` and `index`."""
+
+    def encode(batch):
+        out = {}
+        for group in groups:
+            encoded = group.tokenizer(*[batch[field] for field in text_fields], truncation=True,
+                                      max_length=max_length)
+            for name, values in encoded.items():
+                out[group.prefix + name] = values
+        return out
+
+    return dataset.map(encode, batched=True, remove_columns=list(text_fields), desc="tokenize")
+
+
+class Collator:
+    """Pads each tokenizer group to the longest row in the batch (dynamic padding)."""
+
+    def __init__(self, groups: Sequence[TokenizerGroup]):
+        self.groups = list(groups)
+
+    def __call__(self, rows: List[Dict]) -> Dict:
+        import torch
+
+        batch = {LABELS: torch.tensor([row[LABELS] for row in rows], dtype=torch.long),
+                 INDEX: torch.tensor([row[INDEX] for row in rows], dtype=torch.long)}
+        for group in self.groups:
+            names = group.tokenizer.model_input_names
+            features = [{name: row[group.prefix + name] for name in names if group.prefix + name in row}
+                        for row in rows]
+            padded = group.tokenizer.pad(features, padding=True, return_tensors="pt")
+            for name, tensor in padded.items():
+                batch[group.prefix + name] = tensor
+        return batch
+
+
+def model_inputs(batch: Dict, prefix: str = "") -> Dict:
+    """The tensors of one tokenizer group, with the prefix removed, ready for model(**inputs)."""
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    return {key: batch[prefix + key] for key in keys if prefix + key in batch}

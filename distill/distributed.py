@@ -1,0 +1,76 @@
+"""Process-group set-up and the few collectives the trainer needs.
+
+Under the `deepspeed` launcher the rank variables are already set. A plain `distill train` is a
+world of one: we set them so that `deepspeed.initialize` finds a process group (gloo on CPU).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, List
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def init_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise mean of a float tensor over all ranks (a copy; the input is left alone)."""
+    values = values.detach().clone().float()
+    if world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= world_size()
+    return values
+
+
+def gather_objects(item: Any) -> List[Any]:
+    """Every rank's `item`, in rank order, on every rank."""
+    if world_size() == 1:
+        return [item]
+    gathered: List[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, item)
+    return gathered
+
+
+def broadcast_object(item: Any) -> Any:
+    if world_size() == 1:
+        return item
+    holder = [item]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

@@ -1,0 +1,115 @@
+"""Validation: the student, each teacher alone, and the interpolated target they make together.
+
+Every rank evaluates its shard (all ranks take part in every forward, as ZeRO-3 requires) and the
+predictions are gathered and put back in order by each row's `index`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from distill.data import INDEX, LABELS, model_inputs
+from distill.distributed import gather_objects, rank, world_size
+from distill.losses import IGNORE_INDEX
+from distill.metrics import classification_metrics
+
+
+@dataclass
+class Predictions:
+    """Arg-max predictions per model name ('student', teacher names, 'target'), in index order."""
+
+    references: List[int]
+    by_model: Dict[str, List[int]] = field(default_factory=dict)
+
+    def metrics(self, num_labels: int) -> Dict[str, Dict[str, float]]:
+        labelled = [i for i, label in enumerate(self.references) if label != IGNORE_INDEX]
+        references = [self.references[i] for i in labelled]
+        return {name: classification_metrics([predictions[i] for i in labelled], references, num_labels)
+                for name, predictions in self.by_model.items()}
+
+
+def validation_loader(dataset, collator, batch_size: int) -> DataLoader:
+    sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=False, drop_last=False)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator)
+
+
+def predict(loader: DataLoader, models: Dict[str, Callable[[Dict], torch.Tensor]]) -> Predictions:
+    """Run each `name -> batch -> logits [B, C]` function over the loader; gather across ranks."""
+    local: Dict[int, Dict] = {}
+    for batch in loader:
+        rows = {name: fn(batch).argmax(dim=-1).tolist() for name, fn in models.items()}
+        for position, index in enumerate(batch[INDEX].tolist()):
+            local[index] = {"label": int(batch[LABELS][position]),
+                            **{name: rows[name][position] for name in models}}
+    merged: Dict[int, Dict] = {}
+    for part in gather_objects(local):
+        merged.update(part)  # DistributedSampler repeats a few rows to even out shards
+    order = sorted(merged)
+    return Predictions(references=[merged[i]["label"] for i in order],
+                       by_model={name: [merged[i][name] for i in order] for name in models})
+
+
+def student_logits_fn(student, device: torch.device) -> Callable[[Dict], torch.Tensor]:
+    def run(batch: Dict) -> torch.Tensor:
+        with torch.no_grad():
+            inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+            return student(**inputs).logits.float().cpu()
+
+    return run
+
+
+def teacher_logit_fns(ensemble, device: torch.device) -> Dict[str, Callable[[Dict], torch.Tensor]]:
+    """One function per teacher plus 'target', sharing a single teacher pass per batch."""
+    cache: Dict[str, Optional[object]] = {"batch": None, "logits": None}
+
+    def teacher_logits(batch: Dict) -> torch.Tensor:
+        if cache["batch"] is not batch:
+            cache["batch"], cache["logits"] = batch, ensemble.logits(batch, device).cpu()
+        return cache["logits"]
+
+    fns = {name: (lambda batch, k=k: teacher_logits(batch)[k]) for k, name in enumerate(ensemble.names)}
+    fns["target"] = lambda batch: ensemble.target(teacher_logits(batch))
+    return fns
+
+
+def evaluate_saved_model(cfg, model_path) -> Dict:
+    """`distill eval`: one process, no DeepSpeed. Scores a saved student (an exported folder, or a
+    run directory's `student/`) next to the config's teachers and their interpolated target."""
+    from pathlib import Path
+
+    from distill.data import Collator, TokenizerGroup, read_splits, tokenize
+    from distill.distributed import init_distributed
+    from distill.hardware import local_device, teacher_dtype
+    from distill.modeling import count_parameters, load_sequence_classifier, load_tokenizer
+    from distill.report import build_report
+    from distill.student import check_student_labels
+    from distill.teachers import load_teachers, plan_teachers
+
+    model_path = Path(model_path)
+    if (model_path / "student" / "config.json").is_file():
+        model_path = model_path / "student"
+    key = f"model {model_path}"
+    splits = read_splits(cfg.data)
+    tokenizer = load_tokenizer(str(model_path.resolve()), key, cfg.trust_remote_code)
+    plans, groups = plan_teachers(cfg, splits.label_names, tokenizer)
+    student = load_sequence_classifier(str(model_path.resolve()), key, cfg.trust_remote_code)
+    check_student_labels(student.config, splits.label_names, key)
+    init_distributed()
+    device = local_device()
+    student.to(device).eval()
+    groups = [TokenizerGroup("", tokenizer)] + groups
+    validation = tokenize(splits.validation, groups, cfg.data.text_fields, cfg.data.max_length)
+    functions = {"student": student_logits_fn(student, device)}
+    ensemble = None
+    if plans:
+        ensemble = load_teachers(cfg, plans, device, teacher_dtype(cfg.teachers.dtype, device))
+        functions.update(teacher_logit_fns(ensemble, device))
+    loader = validation_loader(validation, Collator(groups), cfg.training.eval_batch_size)
+    metrics = predict(loader, functions).metrics(len(splits.label_names))
+    teacher_params = [count_parameters(m) for m in ensemble.models] if ensemble else []
+    return build_report(cfg, plans, teacher_params, count_parameters(student), metrics,
+                        {"steps": 0, "seconds": 0.0}, splits.train, validation)

@@ -1,0 +1,113 @@
+"""What a run tells a person: report.json, the printed table, and the exported model card."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List
+
+from distill.config import DistillConfig
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    temporary.replace(path)  # never a half-written report
+
+
+def build_report(cfg: DistillConfig, plans, teacher_params: List[int], student_params: int,
+                 metrics: Dict[str, Dict[str, float]], summary: Dict, train_set, validation_set) -> Dict:
+    teachers = []
+    for plan, params in zip(plans, teacher_params):
+        teachers.append({"name": plan.name, "path": plan.path, "params": params, "weight": plan.weight,
+                         "temperature": plan.temperature, **metrics.get(plan.name, {})})
+    largest = max(teacher_params) if teacher_params else None
+    report = {
+        "task": cfg.task,
+        "label_names": None,
+        "teachers": teachers,
+        "target": {"interpolation": cfg.interpolation.method, **metrics.get("target", {})} if plans else None,
+        "student": {"params": student_params, **metrics.get("student", {}),
+                    "compression_vs_largest_teacher": (student_params / largest) if largest else None},
+        "loss": {"kd_alpha": cfg.loss.kd_alpha, "temperature": cfg.loss.temperature,
+                 "label_smoothing": cfg.loss.label_smoothing},
+        "training": {"steps": summary["steps"], "seconds": round(summary["seconds"], 1),
+                     "zero_stage": cfg.deepspeed.zero_stage, "train_rows": len(train_set),
+                     "validation_rows": len(validation_set)},
+    }
+    return report
+
+
+def format_table(report: Dict) -> str:
+    """A fixed-width table: teachers, the interpolated target, the student."""
+    rows = [("model", "params", "accuracy", "macro-F1", "note")]
+    for teacher in report["teachers"]:
+        rows.append((f"teacher {teacher['name']}", f"{teacher['params'] / 1e6:.2f}M",
+                     f"{teacher.get('accuracy', float('nan')):.4f}", f"{teacher.get('macro_f1', float('nan')):.4f}",
+                     f"w={teacher['weight']:g} T={teacher['temperature']:g}"))
+    if report.get("target"):
+        target = report["target"]
+        rows.append(("target (interpolated)", "-", f"{target['accuracy']:.4f}", f"{target['macro_f1']:.4f}",
+                     target["interpolation"]))
+    student = report["student"]
+    ratio = student.get("compression_vs_largest_teacher")
+    rows.append(("student", f"{student['params'] / 1e6:.2f}M", f"{student['accuracy']:.4f}",
+                 f"{student['macro_f1']:.4f}", f"{ratio:.2f}x largest teacher" if ratio else ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def model_card(report: Dict, label_names: List[str], dtype: str) -> str:
+    """README.md for the exported student, with a Hugging Face metadata header."""
+    student = report["student"]
+    teacher_lines = "\n".join(
+        f"| {t['name']} | `{t['path']}` | {t['params']:,} | {t['weight']:g} | {t['temperature']:g} | "
+        f"{t.get('accuracy', float('nan')):.4f} | {t.get('macro_f1', float('nan')):.4f} |"
+        for t in report["teachers"]) or "| (none: plain fine-tuning) | | | | | | |"
+    target = report.get("target")
+    target_line = (f"Interpolated target ({target['interpolation']}): accuracy {target['accuracy']:.4f}, "
+                   f"macro-F1 {target['macro_f1']:.4f}." if target else "")
+    ratio = student.get("compression_vs_largest_teacher")
+    return f"""---
+library_name: transformers
+pipeline_tag: text-classification
+tags:
+- distill
+- knowledge-distillation
+---
+
+# Distilled student
+
+Trained by `distill` from {len(report['teachers'])} teacher(s), exported in {dtype}.
+
+| metric (validation, {report['training']['validation_rows']} rows) | value |
+|---|---|
+| accuracy | {student['accuracy']:.4f} |
+| macro-F1 | {student['macro_f1']:.4f} |
+| parameters | {student['params']:,} |
+| compression vs largest teacher | {f"{ratio:.3f}x" if ratio else "n/a"} |
+
+## Teachers
+
+| name | source | parameters | weight | temperature | accuracy | macro-F1 |
+|---|---|---|---|---|---|---|
+{teacher_lines}
+
+{target_line}
+
+Loss: `kd_alpha * T^2 * KL(target_T || student_T) + (1 - kd_alpha) * CE`, with kd_alpha
+{report['loss']['kd_alpha']}, T {report['loss']['temperature']}, label smoothing {report['loss']['label_smoothing']}.
+Training: {report['training']['steps']} optimizer steps, DeepSpeed ZeRO stage {report['training']['zero_stage']}.
+
+Labels: {', '.join(label_names)}
+
+## How to load
+
+```python
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+model = AutoModelForSequenceClassification.from_pretrained("PATH")
+tokenizer = AutoTokenizer.from_pretrained("PATH")
+```
+"""

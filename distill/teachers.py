@@ -1,0 +1,166 @@
+"""Frozen teachers: checked against the student, loaded once, run in inference mode.
+
+`plan_teachers` reads only configs and tokenizers, so label or vocabulary mismatches fail before
+any weights load. `TeacherEnsemble` returns logits `[K, B, C]` in the student's label order (float32)
+and turns them into one target distribution with the configured interpolation strategy.
+
+Placement `replicated` keeps every teacher whole on every rank. Placement `zero3` partitions each
+teacher across ranks with its own optimizer-less DeepSpeed ZeRO-3 engine. Teachers are loaded
+normally and partitioned afterwards, never under a nested `zero.Init` (the cause of the
+student+teacher leak in DeepSpeed issue #3286), and run under `torch.no_grad` there because ZeRO-3
+gathers parameters in place, which inference tensors forbid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from distill.config import ConfigError, DistillConfig, teacher_display_name
+from distill.data import TokenizerGroup, model_inputs
+from distill.interpolate import build_interpolation, normalize_weights, teacher_log_probs
+from distill.modeling import (count_parameters, label_names_of, load_model_config, load_sequence_classifier,
+                              load_tokenizer, same_vocabulary)
+
+
+def label_permutation(model_config, label_names: List[str], key: str) -> Optional[List[int]]:
+    """order[j] = the model's output index for data label j; None when the orders already agree.
+
+    Label sets are matched by `id2label` names; transformers' generic LABEL_i names are accepted
+    by position when the count matches.
+    """
+    names = label_names_of(model_config)
+    if names is None:
+        if model_config.num_labels != len(label_names):
+            raise ConfigError(f"{key} has {model_config.num_labels} unnamed labels, the data has "
+                              f"{len(label_names)} {list(label_names)}")
+        return None
+    if sorted(names) != sorted(label_names):
+        raise ConfigError(f"{key} has labels {names}, the student expects {list(label_names)}: "
+                          "set data.label_names or drop the teacher")
+    order = [names.index(name) for name in label_names]
+    return None if order == list(range(len(order))) else order
+
+
+@dataclass
+class TeacherPlan:
+    """What is known about one teacher before its weights load."""
+
+    name: str
+    path: str
+    key: str  # config key, for error messages
+    weight: float
+    temperature: float
+    label_order: Optional[List[int]]
+    input_prefix: str  # '' reads the student's input ids; 't<k>__' its own encoding
+
+
+def plan_teachers(cfg: DistillConfig, label_names: List[str], student_tokenizer) -> tuple[List[TeacherPlan], List[TokenizerGroup]]:
+    """Check every teacher's labels and tokenizer against the student; returns plans and the extra
+    tokenizer groups the data must be encoded with (for `teachers.tokenization: per_model`)."""
+    plans, groups = [], []
+    for index, teacher in enumerate(cfg.teachers.models):
+        key = f"teachers.models[{index}] ({teacher.path})"
+        model_config = load_model_config(teacher.path, key, cfg.trust_remote_code)
+        order = label_permutation(model_config, label_names, key)
+        tokenizer = load_tokenizer(teacher.path, key, cfg.trust_remote_code)
+        prefix = ""
+        if not same_vocabulary(tokenizer, student_tokenizer):
+            if cfg.teachers.tokenization == "shared":
+                raise ConfigError(
+                    f"{key} uses a different vocabulary ({len(tokenizer)} tokens) from the student "
+                    f"({len(student_tokenizer)} tokens): use a teacher with the student's tokenizer, or set "
+                    "teachers.tokenization=per_model to let each teacher encode the text itself")
+            match = next((g for g in groups if same_vocabulary(g.tokenizer, tokenizer)), None)
+            if match is None:
+                match = TokenizerGroup(prefix=f"t{len(groups)}__", tokenizer=tokenizer)
+                groups.append(match)
+            prefix = match.prefix
+        temperature = teacher.temperature if teacher.temperature is not None else cfg.loss.temperature
+        plans.append(TeacherPlan(name=teacher_display_name(teacher, index), path=teacher.path, key=key,
+                                 weight=teacher.weight, temperature=temperature, label_order=order,
+                                 input_prefix=prefix))
+    return plans, groups
+
+
+class NonFiniteLogitsError(RuntimeError):
+    pass
+
+
+class TeacherEnsemble:
+    """Loaded, frozen teachers and the interpolation that turns their outputs into one target."""
+
+    def __init__(self, plans: List[TeacherPlan], models: List[nn.Module], interpolation: str,
+                 use_inference_mode: bool = True):
+        self.plans = plans
+        self.models = models
+        self.interpolation = build_interpolation(interpolation)
+        self.weights = normalize_weights(torch.tensor([p.weight for p in plans], dtype=torch.float32))
+        self.temperatures = torch.tensor([p.temperature for p in plans], dtype=torch.float32)
+        self.use_inference_mode = use_inference_mode
+
+    @property
+    def names(self) -> List[str]:
+        return [plan.name for plan in self.plans]
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def logits(self, batch: Dict, device: torch.device) -> Tensor:
+        """[K, B, C] float32 logits, columns in the student's label order; raises on NaN/inf."""
+        context = torch.inference_mode if self.use_inference_mode else torch.no_grad
+        outputs = []
+        with context():
+            for plan, model in zip(self.plans, self.models):
+                inputs = {k: v.to(device) for k, v in model_inputs(batch, plan.input_prefix).items()}
+                logits = model(**inputs).logits.float()
+                if plan.label_order is not None:
+                    logits = logits[:, plan.label_order]
+                if not torch.isfinite(logits).all():
+                    raise NonFiniteLogitsError(f"teacher {plan.name} ({plan.key}) produced NaN/inf logits "
+                                               f"on batch rows {batch['index'].tolist()[:8]}...")
+                outputs.append(logits)
+        return torch.stack(outputs).clone()  # clone: leave inference mode with a normal tensor
+
+    def log_probs(self, logits: Tensor) -> Tensor:
+        """[K, B, C] log softmax(z_k / T_k)."""
+        return teacher_log_probs(logits, self.temperatures.to(logits.device))
+
+    def target(self, logits: Tensor) -> Tensor:
+        """[B, C] log-probabilities of the interpolated target distribution."""
+        return self.interpolation(self.log_probs(logits), self.weights.to(logits.device))
+
+
+def load_teachers(cfg: DistillConfig, plans: List[TeacherPlan], device: torch.device,
+                  dtype: torch.dtype) -> TeacherEnsemble:
+    models = []
+    for plan in plans:
+        model = load_sequence_classifier(plan.path, plan.key, cfg.trust_remote_code, dtype)
+        model.eval().requires_grad_(False)
+        models.append(model)
+    if cfg.teachers.placement == "zero3":
+        models = [_partition_zero3(model, cfg, dtype) for model in models]
+        return TeacherEnsemble(plans, models, cfg.interpolation.method, use_inference_mode=False)
+    return TeacherEnsemble(plans, [m.to(device) for m in models], cfg.interpolation.method)
+
+
+def _partition_zero3(model: nn.Module, cfg: DistillConfig, dtype: torch.dtype) -> nn.Module:
+    import deepspeed
+
+    ds_config = {
+        "train_micro_batch_size_per_gpu": cfg.training.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 10 ** 9,
+    }
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.module.eval()
+    return engine.module
+
+
+def teacher_parameter_counts(ensemble: TeacherEnsemble) -> List[int]:
+    return [count_parameters(model) for model in ensemble.models]

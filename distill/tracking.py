@@ -1,0 +1,81 @@
+"""Metrics out of the run: a JSON-lines file, TensorBoard events, and a PNG of the curves.
+
+Only rank 0 writes; other ranks get a logger that drops everything.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self._writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, step: int, values: Dict[str, float], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        row = {"kind": kind, "step": step, "time": time.time(), **values}
+        with self.path.open("a", encoding="utf-8") as stream:
+            stream.write(json.dumps(row) + "\n")
+        for name, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(f"{kind}/{name}", value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(path: Path) -> List[Dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: Path, out_path: Path, title: Optional[str] = None) -> Optional[Path]:
+    """Training losses (total, KD, CE) and validation accuracy against optimizer step, as a PNG."""
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval" and "student/accuracy" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in train]
+    for key, label in (("loss", "total"), ("kd", "KD (T^2 KL)"), ("ce", "CE")):
+        if key in train[0]:
+            loss_axis.plot(steps, [r[key] for r in train], label=label)
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.set_ylabel("loss")
+    loss_axis.legend()
+    loss_axis.set_title("training loss")
+    if evals:
+        accuracy_axis.plot([r["step"] for r in evals], [r["student/accuracy"] for r in evals], "o-", label="student")
+        for key in sorted(evals[-1]):
+            if key.endswith("/accuracy") and key != "student/accuracy":
+                accuracy_axis.axhline(evals[-1][key], linestyle="--", linewidth=1, label=key.split("/")[0])
+        accuracy_axis.legend(fontsize=8)
+    accuracy_axis.set_xlabel("optimizer step")
+    accuracy_axis.set_ylabel("validation accuracy")
+    accuracy_axis.set_title("validation")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=100)
+    plt.close(figure)
+    return out_path

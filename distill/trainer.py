@@ -1,0 +1,316 @@
+"""The training run: orchestration only. Formulas live in interpolate.py and losses.py.
+
+Order of work, so that bad input fails before anything is loaded or written:
+config (validated) -> data read and split -> teachers' labels and tokenizers checked -> run
+directory -> student and teachers loaded -> DeepSpeed engine -> train / evaluate / checkpoint ->
+report -> export.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from distill import distributed
+from distill.config import ConfigError, DistillConfig, to_yaml
+from distill.data import Collator, LABELS, TokenizerGroup, model_inputs, read_splits, texts_of, tokenize
+from distill.deepspeed_config import build_deepspeed_config, build_optimizer, build_scheduler
+from distill.evaluation import Predictions, predict, student_logits_fn, teacher_logit_fns, validation_loader
+from distill.hardware import local_device, teacher_dtype
+from distill.losses import IGNORE_INDEX, distillation_loss, per_teacher_kl
+from distill.modeling import count_parameters, load_model_config, load_tokenizer
+from distill.report import build_report, format_table, write_json
+from distill.student import build_student, check_student_labels
+from distill.teachers import TeacherEnsemble, load_teachers, plan_teachers
+from distill.tracking import MetricsLogger, plot_curves
+
+CHECKPOINTS = "checkpoints"
+STUDENT_INIT = "student_init"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class LogWindow:
+    """Sums of per-micro-batch figures between two log lines."""
+
+    def __init__(self, teacher_names: List[str]):
+        self.teacher_names = teacher_names
+        self.reset()
+
+    def reset(self) -> None:
+        self.micro_batches = 0
+        self.samples = 0
+        self.started = time.perf_counter()
+        self.sums = torch.zeros(3 + 3 * len(self.teacher_names), dtype=torch.float64)
+
+    def add(self, loss: float, kd: float, ce: float, samples: int, teacher_kl: Optional[torch.Tensor] = None,
+            teacher_correct: Optional[torch.Tensor] = None, labelled: int = 0) -> None:
+        self.micro_batches += 1
+        self.samples += samples
+        count = len(self.teacher_names)
+        self.sums[:3] += torch.tensor([loss, kd, ce], dtype=torch.float64)
+        if teacher_kl is not None and count:
+            self.sums[3:3 + count] += teacher_kl.double().cpu()
+            self.sums[3 + count:3 + 2 * count] += teacher_correct.double().cpu()
+            self.sums[3 + 2 * count:] += labelled
+
+    def summary(self) -> Dict[str, float]:
+        """Means over micro-batches and ranks; batch accuracies pooled over labelled rows."""
+        sums = distributed.mean_across_ranks(self.sums)
+        micro = max(self.micro_batches, 1)
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        values = {"loss": sums[0].item() / micro, "kd": sums[1].item() / micro, "ce": sums[2].item() / micro,
+                  "samples_per_s": self.samples * distributed.world_size() / elapsed}
+        count = len(self.teacher_names)
+        for k, name in enumerate(self.teacher_names):
+            values[f"{name}/kl_to_student"] = sums[3 + k].item() / micro
+            labelled = sums[3 + 2 * count + k].item()
+            if labelled > 0:
+                values[f"{name}/batch_accuracy"] = sums[3 + count + k].item() / labelled
+        return values
+
+
+class Trainer:
+    def __init__(self, cfg: DistillConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        self.device = local_device()
+        self.engine = None
+        self.ensemble: Optional[TeacherEnsemble] = None
+        self.teacher_predictions: Optional[Predictions] = None
+
+    # ----------------------------------------------------------------- set-up, in failing order
+    def prepare(self) -> None:
+        cfg = self.cfg
+        distributed.init_distributed()
+        seed_everything(cfg.seed)
+        self.splits = read_splits(cfg.data)
+        self.label_names = self.splits.label_names
+        student_source, key = ((cfg.student.path, "student.path") if cfg.student.path is not None
+                               else (self._student_teacher_path(), "student.from_teacher"))
+        if cfg.student.path is not None:
+            check_student_labels(load_model_config(cfg.student.path, key, cfg.trust_remote_code),
+                                 self.label_names, key)
+        if cfg.student.trim_vocab and cfg.teachers.models and cfg.teachers.tokenization == "shared":
+            raise ConfigError("student.trim_vocab gives the student its own vocabulary: "
+                              "set teachers.tokenization=per_model so each teacher encodes the text itself")
+        base_tokenizer = load_tokenizer(student_source, key, cfg.trust_remote_code)
+        self.teacher_plans, self.teacher_groups = plan_teachers(
+            cfg, self.label_names, None if cfg.student.trim_vocab else base_tokenizer)
+        self.resume_from = self._find_resume_point()
+        self._make_run_dir()
+
+        student, tokenizer = build_student(cfg, self.label_names, texts_of(self.splits.train, cfg.data.text_fields))
+        self.tokenizer = tokenizer
+        self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
+        if distributed.is_main():
+            student.config.save_pretrained(self.run_dir / STUDENT_INIT)
+            tokenizer.save_pretrained(self.run_dir / STUDENT_INIT)
+        self.train_set = tokenize(self.splits.train, self.groups, cfg.data.text_fields, cfg.data.max_length)
+        self.validation_set = tokenize(self.splits.validation, self.groups, cfg.data.text_fields, cfg.data.max_length)
+        self.collator = Collator(self.groups)
+
+        if self.teacher_plans:
+            dtype = teacher_dtype(cfg.teachers.dtype, self.device)
+            self.ensemble = load_teachers(cfg, self.teacher_plans, self.device, dtype)
+            self.teacher_params = [count_parameters(m) for m in self.ensemble.models]
+        else:
+            self.teacher_params = []
+        self.student_params = count_parameters(student)
+        self._build_engine(student)
+
+    def _student_teacher_path(self) -> str:
+        from distill.config import resolve_teacher_index
+
+        return self.cfg.teachers.models[resolve_teacher_index(self.cfg, self.cfg.student.from_teacher)].path
+
+    def _find_resume_point(self) -> Optional[Path]:
+        checkpoints = self.run_dir / CHECKPOINTS
+        has_checkpoint = (checkpoints / "latest").is_file()
+        if self.cfg.training.resume == "auto":
+            return checkpoints if has_checkpoint else None
+        if has_checkpoint or (self.run_dir / "report.json").exists():
+            raise ConfigError(f"output_dir {self.run_dir} already holds a run: choose another output_dir, "
+                              "or set training.resume=auto to continue it")
+        return None
+
+    def _make_run_dir(self) -> None:
+        if distributed.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg), encoding="utf-8")
+        distributed.barrier()
+        self.logger = MetricsLogger(self.run_dir, enabled=distributed.is_main())
+
+    def _build_engine(self, student) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        sampler = DistributedSampler(self.train_set, num_replicas=distributed.world_size(),
+                                     rank=distributed.rank(), shuffle=True, seed=cfg.seed, drop_last=True)
+        self.train_sampler = sampler
+        self.train_loader = DataLoader(self.train_set, batch_size=cfg.training.micro_batch_size, sampler=sampler,
+                                       collate_fn=self.collator, drop_last=True)
+        if len(self.train_loader) == 0:
+            raise ConfigError(f"training.micro_batch_size={cfg.training.micro_batch_size} x "
+                              f"{distributed.world_size()} ranks exceeds the {len(self.train_set)} training rows")
+        accumulation = cfg.training.gradient_accumulation_steps
+        if cfg.training.max_steps is not None:
+            self.total_steps = cfg.training.max_steps
+        else:
+            self.total_steps = max(1, int(cfg.training.epochs * len(self.train_loader)) // accumulation)
+        optimizer = build_optimizer(student, cfg.training)
+        scheduler = build_scheduler(optimizer, cfg.training, self.total_steps)
+        ds_config = build_deepspeed_config(cfg, distributed.world_size())
+        self.engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
+        self.start_epoch, self.skip_batches = 0, 0
+        if self.resume_from is not None:
+            _, client_state = self.engine.load_checkpoint(str(self.resume_from))
+            self.start_epoch = client_state["epoch"]
+            self.skip_batches = client_state["batches_in_epoch"]
+            if distributed.is_main():
+                print(f"resumed from step {self.engine.global_steps} (epoch {self.start_epoch}, "
+                      f"batch {self.skip_batches})", flush=True)
+
+    # ----------------------------------------------------------------------------- training
+    def _micro_step(self, batch: Dict, window: LogWindow) -> None:
+        cfg, engine = self.cfg, self.engine
+        inputs = {k: v.to(engine.device) for k, v in model_inputs(batch).items()}
+        labels = batch[LABELS].to(engine.device)
+        student_logits = engine(**inputs).logits.float()
+        teacher_logits = target = None
+        if self.ensemble is not None and cfg.loss.kd_alpha > 0:
+            teacher_logits = self.ensemble.logits(batch, engine.device)
+            target = self.ensemble.target(teacher_logits)
+        terms = distillation_loss(student_logits, target, labels, cfg.loss.kd_alpha, cfg.loss.temperature,
+                                  cfg.loss.label_smoothing)
+        engine.backward(terms.total)
+        engine.step()
+        teacher_kl = teacher_correct = None
+        labelled_rows = labels != IGNORE_INDEX
+        if teacher_logits is not None:
+            teacher_kl = per_teacher_kl(self.ensemble.log_probs(teacher_logits), student_logits, cfg.loss.temperature)
+            teacher_correct = ((teacher_logits.argmax(-1) == labels) & labelled_rows).sum(dim=-1)
+        window.add(terms.total.item(), terms.kd.item(), terms.ce.item(), len(labels), teacher_kl,
+                   teacher_correct, int(labelled_rows.sum()))
+
+    def train(self) -> Dict:
+        cfg = self.cfg
+        names = self.ensemble.names if (self.ensemble is not None and cfg.loss.kd_alpha > 0) else []
+        window = LogWindow(names)
+        progress = None
+        if cfg.training.progress_bar and distributed.is_main():
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=self.engine.global_steps, desc="distill", unit="step")
+        started = time.perf_counter()
+        epoch = self.start_epoch
+        self.engine.train()
+        while self.engine.global_steps < self.total_steps:
+            self.train_sampler.set_epoch(epoch)
+            for position, batch in enumerate(self.train_loader):
+                if position < self.skip_batches:
+                    continue
+                before = self.engine.global_steps
+                self._micro_step(batch, window)
+                step = self.engine.global_steps
+                if step == before:
+                    continue
+                if progress is not None:
+                    progress.update(step - before)
+                if step % cfg.training.log_every == 0 or step == self.total_steps:
+                    values = window.summary()
+                    values["lr"] = self.engine.get_lr()[0]
+                    if self.ensemble is not None and names:
+                        values.update({f"{n}/weight": w for n, w in zip(names, self.ensemble.weights.tolist())})
+                    self.logger.log(step, values)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{values['samples_per_s']:.1f}")
+                    window.reset()
+                if cfg.training.eval_every and step % cfg.training.eval_every == 0 and step < self.total_steps:
+                    self.evaluate(step)
+                    self.engine.train()
+                if step % cfg.training.checkpoint_every == 0 or step == self.total_steps:
+                    self.save_checkpoint(epoch, position + 1)
+                if step >= self.total_steps:
+                    break
+            self.skip_batches = 0
+            epoch += 1
+        if progress is not None:
+            progress.close()
+        return {"steps": self.engine.global_steps, "seconds": time.perf_counter() - started}
+
+    def save_checkpoint(self, epoch: int, batches_in_epoch: int) -> None:
+        root = self.run_dir / CHECKPOINTS
+        tag = f"step{self.engine.global_steps:07d}"
+        self.engine.save_checkpoint(str(root), tag=tag, client_state={
+            "epoch": epoch, "batches_in_epoch": batches_in_epoch, "global_step": self.engine.global_steps})
+        distributed.barrier()
+        if distributed.is_main():
+            tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
+            for old in tags[:-self.cfg.training.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
+
+    # --------------------------------------------------------------------------- evaluation
+    def evaluate(self, step: int) -> Dict[str, Dict[str, float]]:
+        loader = validation_loader(self.validation_set, self.collator, self.cfg.training.eval_batch_size)
+        self.engine.eval()
+        functions = {"student": student_logits_fn(self.engine, self.engine.device)}
+        if self.ensemble is not None and self.teacher_predictions is None:
+            functions.update(teacher_logit_fns(self.ensemble, self.engine.device))
+        predictions = predict(loader, functions)
+        if self.ensemble is not None:
+            if self.teacher_predictions is None:  # teachers are frozen: evaluate them once
+                self.teacher_predictions = Predictions(predictions.references, {
+                    k: v for k, v in predictions.by_model.items() if k != "student"})
+            predictions.by_model.update(self.teacher_predictions.by_model)
+        self.last_predictions = predictions
+        metrics = predictions.metrics(len(self.label_names))
+        self.logger.log(step, {f"{model}/{name}": value for model, figures in metrics.items()
+                               for name, value in figures.items()}, kind="eval")
+        return metrics
+
+    # ----------------------------------------------------------------------------- the run
+    def run(self) -> Dict:
+        self.prepare()
+        summary = self.train()
+        metrics = self.evaluate(self.engine.global_steps)
+        report = None
+        if distributed.is_main():
+            write_json(self.run_dir / "eval" / "predictions.json", {
+                "label_names": self.label_names, "references": self.last_predictions.references,
+                **self.last_predictions.by_model})
+            report = build_report(self.cfg, self.teacher_plans, self.teacher_params, self.student_params,
+                                  metrics, summary, self.train_set, self.validation_set)
+            write_json(self.run_dir / "report.json", report)
+            plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png",
+                        title=f"{Path(self.cfg.output_dir).name}")
+        self.logger.close()
+        distributed.barrier()
+        if distributed.is_main():
+            from distill.export import export_run
+
+            export_dir = export_run(self.run_dir, self.run_dir / "student", dtype=self.cfg.export.dtype, overwrite=True)
+            report["export_dir"] = str(export_dir)
+            write_json(self.run_dir / "report.json", report)
+            print(format_table(report), flush=True)
+        distributed.barrier()
+        return report
+
+
+def train(cfg: DistillConfig) -> Optional[Dict]:
+    return Trainer(cfg).run()
