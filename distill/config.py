@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -162,12 +163,19 @@ def load_config(path: Optional[str | os.PathLike], overrides: Optional[List[str]
             layers.append(OmegaConf.load(config_path))
         except Exception as error:  # yaml.YAMLError and omegaconf's own parse errors
             raise ConfigError(f"config file {config_path} is not valid YAML: {error}") from error
-    for override in overrides or []:
-        if "=" not in override:
-            raise ConfigError(f"override {override!r} must look like dotted.key=value")
-        layers.append(OmegaConf.from_dotlist([override]))
     try:
         merged = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_describe_omegaconf_error(error, path)) from error
+    for override in overrides or []:
+        key, separator, text = override.partition("=")
+        if not separator or not key:
+            raise ConfigError(f"override {override!r} must look like dotted.key=value")
+        try:  # update() understands list indices (teachers.models.0.path=...), from_dotlist does not
+            OmegaConf.update(merged, key, yaml.safe_load(text) if text else None, merge=True)
+        except (OmegaConfBaseException, TypeError, ValueError, IndexError) as error:
+            raise ConfigError(f"override {override!r}: " + _describe_omegaconf_error(error, None)) from error
+    try:
         OmegaConf.to_container(merged, throw_on_missing=True)
     except OmegaConfBaseException as error:
         raise ConfigError(_describe_omegaconf_error(error, path)) from error
@@ -176,7 +184,7 @@ def load_config(path: Optional[str | os.PathLike], overrides: Optional[List[str]
     return merged  # type: ignore[return-value]
 
 
-def _describe_omegaconf_error(error: OmegaConfBaseException, path) -> str:
+def _describe_omegaconf_error(error: Exception, path) -> str:
     key = getattr(error, "full_key", None) or "?"
     where = f" in {path}" if path else ""
     message = str(error).splitlines()[0]

@@ -49,6 +49,10 @@ def _load_source(source: DataSourceConfig, key: str) -> Dataset:
     except ConfigError:
         raise
     except Exception as error:
+        if is_local_reference(reference):
+            if "corresponds to no data" in str(error):
+                raise ConfigError(f"data.{key}.path: {reference} has no rows") from error
+            raise ConfigError(f"data.{key}.path: cannot read {reference}: {error}") from error
         offline = " (not found locally, and the hub is offline)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise ConfigError(f"data.{key}.path: cannot load {reference!r}{offline}: {error}") from error
 

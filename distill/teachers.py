@@ -59,7 +59,10 @@ class TeacherPlan:
 
 def plan_teachers(cfg: DistillConfig, label_names: List[str], student_tokenizer) -> tuple[List[TeacherPlan], List[TokenizerGroup]]:
     """Check every teacher's labels and tokenizer against the student; returns plans and the extra
-    tokenizer groups the data must be encoded with (for `teachers.tokenization: per_model`)."""
+    tokenizer groups the data must be encoded with (for `teachers.tokenization: per_model`).
+
+    `student_tokenizer=None` means the student's vocabulary is not known yet (it will be trimmed),
+    so no teacher can read the student's input ids."""
     plans, groups = [], []
     for index, teacher in enumerate(cfg.teachers.models):
         key = f"teachers.models[{index}] ({teacher.path})"
@@ -67,11 +70,11 @@ def plan_teachers(cfg: DistillConfig, label_names: List[str], student_tokenizer)
         order = label_permutation(model_config, label_names, key)
         tokenizer = load_tokenizer(teacher.path, key, cfg.trust_remote_code)
         prefix = ""
-        if not same_vocabulary(tokenizer, student_tokenizer):
+        if student_tokenizer is None or not same_vocabulary(tokenizer, student_tokenizer):
             if cfg.teachers.tokenization == "shared":
                 raise ConfigError(
                     f"{key} uses a different vocabulary ({len(tokenizer)} tokens) from the student "
-                    f"({len(student_tokenizer)} tokens): use a teacher with the student's tokenizer, or set "
+                    f"({len(student_tokenizer) if student_tokenizer else '?'} tokens): use a teacher with the student's tokenizer, or set "
                     "teachers.tokenization=per_model to let each teacher encode the text itself")
             match = next((g for g in groups if same_vocabulary(g.tokenizer, tokenizer)), None)
             if match is None:

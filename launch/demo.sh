@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The embedded default, offline, on CPU: set up .venv, prepare two different teachers by plain
+# fine-tuning (loss.kd_alpha=0), distil them into a smaller student, export it, print the table.
+# Extra arguments are dotted overrides for the distillation step (configs/demo.yaml).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash launch/setup.sh
+source .venv/bin/activate
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python -m distill.assets runs/demo/assets/minilm-l3 >/dev/null
+for teacher in l6 l3; do
+    if [ ! -f "runs/demo/teacher-$teacher/student/model.safetensors" ]; then
+        echo "== preparing teacher $teacher (plain fine-tuning)"
+        rm -rf "runs/demo/teacher-$teacher"
+        distill train "configs/demo_teacher_$teacher.yaml"
+    fi
+done
+rm -rf runs/demo/distill
+echo "== distilling both teachers into the student"
+distill train configs/demo.yaml "$@"
+echo "run directory: runs/demo/distill (report.json, metrics.jsonl, training_curves.png, tensorboard/)"
+echo "exported student: runs/demo/distill/student"

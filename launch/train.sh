@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Multi-rank training through the DeepSpeed launcher (never a home-made one).
+#
+#   launch/train.sh CONFIG.yaml --ranks N [--hostfile FILE] [--master-port P] [dotted.key=value ...]
+#
+# --ranks N       ranks per node (GPUs per node; on a CPU-only machine, CPU ranks over gloo)
+# --hostfile FILE DeepSpeed hostfile ("host slots=N" per line) for several nodes
+set -euo pipefail
+if [ $# -lt 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+    exit 0
+fi
+config="$1"; shift
+ranks=1; hostfile=""; port="${MASTER_PORT:-29500}"; overrides=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --ranks) ranks="$2"; shift 2 ;;
+        --hostfile) hostfile="$2"; shift 2 ;;
+        --master-port) port="$2"; shift 2 ;;
+        *) overrides+=("$1"); shift ;;
+    esac
+done
+launcher=(deepspeed --master_port "$port" --num_gpus "$ranks")
+if [ -n "$hostfile" ]; then
+    [ -f "$hostfile" ] || { echo "launch/train.sh: hostfile $hostfile not found" >&2; exit 2; }
+    launcher+=(--hostfile "$hostfile")
+fi
+# CPU ranks share the cores: one rank per core group instead of every rank taking them all.
+if ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / ranks > 0 ? $(nproc) / ranks : 1 ))}"
+fi
+exec "${launcher[@]}" -m distill.cli train "$config" "${overrides[@]}"

@@ -1,0 +1,123 @@
+"""Shared fixtures: tiny BERT teachers built from configs, a WordPiece tokenizer trained here, and
+a small labelled text set whose label a keyword decides (so a student can actually learn it)."""
+import os
+
+# Read at import time by huggingface_hub / datasets / transformers: set before any of them loads.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("HF_HOME", os.path.join(os.path.dirname(__file__), "..", "runs", "hf_home"))
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+LABELS = ["negative", "neutral", "positive"]
+_WORDS = {"negative": ["awful", "terrible", "hate", "broken"], "neutral": ["table", "monday", "paper", "grey"],
+          "positive": ["great", "lovely", "love", "superb"]}
+_FILLER = ["the", "car", "drives", "itself", "today", "and", "it", "is", "a", "ride", "on", "road", "city"]
+
+
+def make_rows(count: int, seed: int):
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        label = LABELS[index % 3]
+        words = rng.sample(_FILLER, 4) + [rng.choice(_WORDS[label])] + rng.sample(_FILLER, 2)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words) + f" {index}", "sentiment": label})
+    return rows
+
+
+def write_csv(path: Path, rows, fields=("text", "sentiment")) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(fields))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({field: row.get(field, "") for field in fields})
+    return path
+
+
+def train_tokenizer(folder: Path, texts):
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(texts, vocab_size=300, min_frequency=1,
+                                  special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    folder.mkdir(parents=True, exist_ok=True)
+    wordpiece.save(str(folder / "tokenizer.json"))
+    tokenizer = BertTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def make_bert_classifier(folder: Path, tokenizer, layers: int, seed: int, label_names=LABELS, hidden: int = 32):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64,
+                        num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                        label2id={n: i for i, n in enumerate(label_names)}, pad_token_id=tokenizer.pad_token_id)
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Paths of a tiny world: data files, a tokenizer, and three teachers (one with permuted labels)."""
+    root = tmp_path_factory.mktemp("tiny")
+    rows = make_rows(240, seed=0)
+    train_csv = write_csv(root / "data" / "train.csv", rows)
+    unlabeled_csv = write_csv(root / "data" / "unlabeled.csv", make_rows(90, seed=1), fields=("text",))
+    tokenizer = train_tokenizer(root / "tokenizer", [r["text"] for r in rows])
+    teacher_a = make_bert_classifier(root / "teacher_a", tokenizer, layers=4, seed=1)
+    teacher_b = make_bert_classifier(root / "teacher_b", tokenizer, layers=2, seed=2,
+                                     label_names=["positive", "negative", "neutral"])
+    return {"root": root, "train_csv": train_csv, "unlabeled_csv": unlabeled_csv, "tokenizer": tokenizer,
+            "teacher_a": teacher_a, "teacher_b": teacher_b}
+
+
+def tiny_config_yaml(tiny, output_dir: Path, extra: str = "") -> Path:
+    """A complete distillation config for the tiny world, written next to its output dir."""
+    text = f"""
+output_dir: {output_dir}
+seed: 0
+teachers:
+  models:
+    - {{name: a, path: {tiny['teacher_a']}, weight: 0.6, temperature: 2.0}}
+    - {{name: b, path: {tiny['teacher_b']}, weight: 0.4, temperature: 1.5}}
+student:
+  from_teacher: a
+  layers: [0, 2]
+loss: {{kd_alpha: 0.5, temperature: 2.0, label_smoothing: 0.1}}
+data:
+  train: {{path: {tiny['train_csv']}}}
+  unlabeled: {{path: {tiny['unlabeled_csv']}}}
+  validation_fraction: 0.2
+  text_fields: [text]
+  label_field: sentiment
+  label_names: [negative, neutral, positive]
+  max_length: 32
+training:
+  max_steps: 12
+  micro_batch_size: 8
+  learning_rate: 3.0e-3
+  warmup_ratio: 0.0
+  log_every: 2
+  checkpoint_every: 6
+  progress_bar: false
+{extra}
+"""
+    path = output_dir.parent / f"{output_dir.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path

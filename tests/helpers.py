@@ -1,0 +1,62 @@
+"""Running the CLI as a user does, and checking an exported student against a run's predictions."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_cli(args, timeout=600, env_extra=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "distill.cli", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_deepspeed(ranks: int, args, timeout=900):
+    """`launch/train.sh CONFIG --ranks N ...`: the project's thin wrapper over the deepspeed launcher."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    command = ["bash", str(ROOT / "launch" / "train.sh"), str(args[0]), "--ranks", str(ranks),
+               "--master-port", str(free_port()), *map(str, args[1:])]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_losses(run_dir: Path):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if row["kind"] == "train"]
+
+
+def exported_predictions(model_dir: Path, config_path: Path):
+    """Arg-max predictions of the exported folder, loaded with plain transformers, on validation."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from distill.config import load_config
+    from distill.data import read_splits
+
+    cfg = load_config(config_path)
+    splits = read_splits(cfg.data)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    predictions = []
+    texts = splits.validation[cfg.data.text_fields[0]]
+    with torch.no_grad():
+        for start in range(0, len(texts), 32):
+            batch = tokenizer(texts[start:start + 32], padding=True, truncation=True, max_length=cfg.data.max_length,
+                              return_tensors="pt")
+            predictions += model(**batch).logits.argmax(-1).tolist()
+    return predictions
+
+
+def assert_export_matches_run(run_dir: Path, config_path: Path, model_dir: Path = None):
+    recorded = json.loads((run_dir / "eval" / "predictions.json").read_text())
+    assert exported_predictions(model_dir or run_dir / "student", config_path) == recorded["student"]

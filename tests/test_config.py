@@ -1,0 +1,85 @@
+"""Bad configuration fails at start, with a message that names the key or file."""
+from pathlib import Path
+
+import pytest
+
+from distill.config import ConfigError, load_config
+from tests.conftest import tiny_config_yaml
+
+
+@pytest.fixture
+def config_path(tiny, tmp_path):
+    return tiny_config_yaml(tiny, tmp_path / "run")
+
+
+def _fails(config_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(config_path, overrides)
+
+
+def test_valid_config_loads_typed_and_read_only(config_path):
+    cfg = load_config(config_path)
+    assert cfg.teachers.models[1].temperature == 1.5
+    assert cfg.training.micro_batch_size == 8
+    with pytest.raises(Exception):
+        cfg.training.micro_batch_size = 3
+
+
+def test_list_index_override(config_path, tiny):
+    cfg = load_config(config_path, ["teachers.models.1.weight=0.25", "loss.kd_alpha=0.9"])
+    assert cfg.teachers.models[1].weight == 0.25 and cfg.loss.kd_alpha == 0.9
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["training.micro_batchsize=4"], r"unknown config key 'training.micro_batchsize'"),
+    (["lossy.kd_alpha=0.5"], r"unknown config key 'lossy"),
+    (["teachers.models.0.wieght=1"], r"unknown config key 'teachers.models\[0\].wieght'"),
+    (["training.micro_batch_size=many"], r"training.micro_batch_size"),
+    (["teachers.models.0.weight=-0.5"], r"teachers.models\[0\].weight must be >= 0"),
+    (["teachers.models.0.weight=0", "teachers.models.1.weight=0"], r"weight are all zero"),
+    (["teachers.models.1.temperature=0"], r"teachers.models\[1\].temperature must be > 0"),
+    (["loss.temperature=-1"], r"loss.temperature must be > 0"),
+    (["loss.kd_alpha=1.5"], r"loss.kd_alpha must lie in \[0, 1\]"),
+    (["loss.label_smoothing=1.0"], r"loss.label_smoothing must lie in \[0, 1\)"),
+    (["student.path=/nonexistent/model"], r"set exactly one of student.path"),
+    (["teachers.models.0.path=/nonexistent/teacher"], r"teachers.models\[0\].path: model directory /nonexistent/teacher does not exist"),
+    (["data.train.path=/nonexistent/train.csv"], r"data.train.path: data file /nonexistent/train.csv does not exist"),
+    (["interpolation.method=harmonic"], r"interpolation.method: 'harmonic' is not one of"),
+    (["teachers.placement=everywhere"], r"teachers.placement"),
+    (["deepspeed.zero_stage=4"], r"deepspeed.zero_stage must be 0, 1, 2 or 3"),
+    (["student.from_teacher=c"], r"student.from_teacher: 'c' is neither a teacher name"),
+    (["data.text_fields=[a,b,c]"], r"data.text_fields takes one field or a pair"),
+    (["teachers.models.1.name=a"], r"names must be unique"),
+    (["teachers.models.0.name=target"], r"reserved"),
+    (["training.resume=sometimes"], r"training.resume"),
+    (["nokey"], r"must look like dotted.key=value"),
+])
+def test_bad_values_are_named(config_path, overrides, message):
+    _fails(config_path, overrides, message)
+
+
+def test_kd_without_teachers_is_refused(config_path):
+    _fails(config_path, ["teachers.models=[]", "student.from_teacher=null", "student.path=" + str(Path(config_path).parent)],
+           r"teachers.models is empty but loss.kd_alpha > 0")
+
+
+def test_missing_required_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\n")
+    _fails(path, [], r"'output_dir'.*required")
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("teachers: [unclosed\n")
+    _fails(path, [], r"broken.yaml is not valid YAML")
+
+
+def test_missing_config_file(tmp_path):
+    _fails(tmp_path / "absent.yaml", [], r"absent.yaml does not exist")
+
+
+def test_empty_data_file_is_named(config_path, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    _fails(config_path, [f"data.train.path={empty}"], r"data.train.path: data file .*empty.csv is empty")

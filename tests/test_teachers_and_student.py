@@ -1,0 +1,101 @@
+"""Teachers are checked against the student; students are built from teachers faithfully."""
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from distill.config import ConfigError, load_config
+from distill.data import TokenizerGroup, model_inputs
+from distill.hardware import teacher_dtype
+from distill.student import build_student, keep_layers, trim_vocabulary
+from distill.teachers import NonFiniteLogitsError, label_permutation, load_teachers, plan_teachers
+from tests.conftest import make_bert_classifier, tiny_config_yaml, train_tokenizer
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+def test_label_permutation_reorders_by_name(tiny):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["teacher_b"])
+    order = label_permutation(model.config, LABELS, "teacher b")
+    assert order == [1, 2, 0]  # teacher b's outputs are [positive, negative, neutral]
+
+
+def test_label_set_mismatch_is_named(tiny, tmp_path):
+    odd = make_bert_classifier(tmp_path / "odd", tiny["tokenizer"], layers=1, seed=0, label_names=["neg", "pos", "neu"])
+    cfg = load_config(tiny_config_yaml(tiny, tmp_path / "run"), [f"teachers.models.1.path={odd}"])
+    with pytest.raises(ConfigError, match=r"teachers.models\[1\] .* has labels \['neg', 'pos', 'neu'\], the student expects"):
+        plan_teachers(cfg, LABELS, tiny["tokenizer"])
+
+
+def test_vocabulary_mismatch_is_named_unless_per_model(tiny, tmp_path):
+    other_tokenizer = train_tokenizer(tmp_path / "tok", ["completely different words here"] * 20)
+    other = make_bert_classifier(tmp_path / "other", other_tokenizer, layers=1, seed=0)
+    cfg = load_config(tiny_config_yaml(tiny, tmp_path / "run"), [f"teachers.models.1.path={other}"])
+    with pytest.raises(ConfigError, match=r"teachers.models\[1\] .* uses a different vocabulary .* teachers.tokenization=per_model"):
+        plan_teachers(cfg, LABELS, tiny["tokenizer"])
+    cfg = load_config(tiny_config_yaml(tiny, tmp_path / "run"), [f"teachers.models.1.path={other}",
+                                                                    "teachers.tokenization=per_model"])
+    plans, groups = plan_teachers(cfg, LABELS, tiny["tokenizer"])
+    assert plans[0].input_prefix == "" and plans[1].input_prefix == "t0__" and len(groups) == 1
+
+
+def test_ensemble_aligns_labels_and_refuses_nan(tiny, tmp_path):
+    cfg = load_config(tiny_config_yaml(tiny, tmp_path / "run"))
+    plans, _ = plan_teachers(cfg, LABELS, tiny["tokenizer"])
+    ensemble = load_teachers(cfg, plans, torch.device("cpu"), torch.float32)
+    batch = dict(tiny["tokenizer"](["great ride", "awful road"], padding=True, return_tensors="pt"))
+    batch["index"] = torch.tensor([0, 1])
+    logits = ensemble.logits(batch, torch.device("cpu"))
+    raw_b = AutoModelForSequenceClassification.from_pretrained(tiny["teacher_b"]).eval()(**model_inputs(batch)).logits
+    torch.testing.assert_close(logits[1], raw_b[:, [1, 2, 0]].detach())
+    assert not logits.requires_grad and not logits.is_inference()
+    target = ensemble.target(logits)
+    torch.testing.assert_close(target.exp().sum(-1), torch.ones(2))
+    with torch.no_grad():
+        ensemble.models[0].classifier.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLogitsError, match=r"teacher a .* NaN/inf logits"):
+        ensemble.logits(batch, torch.device("cpu"))
+
+
+def test_keep_layers_copies_the_chosen_teacher_layers(tiny):
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny["teacher_a"])
+    student = keep_layers(teacher, [0, 3])
+    assert student.config.num_hidden_layers == 2 and len(student.bert.encoder.layer) == 2
+    for new, old in ((0, 0), (1, 3)):
+        for (name, p_new), (_, p_old) in zip(student.bert.encoder.layer[new].named_parameters(),
+                                             teacher.bert.encoder.layer[old].named_parameters()):
+            assert torch.equal(p_new, p_old), name
+    assert teacher.config.num_hidden_layers == 4  # the teacher is untouched
+    with pytest.raises(ConfigError, match=r"student.layers: \[7\] out of range"):
+        keep_layers(teacher, [0, 7])
+
+
+def test_trimmed_vocabulary_gives_identical_logits_on_its_texts(tiny):
+    texts = ["great ride on the road", "awful city car 12", "paper table monday"]
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["teacher_a"]).eval()
+    tokenizer = tiny["tokenizer"]
+    reference = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+    trimmed_model, trimmed_tokenizer, kept = trim_vocabulary(model, tokenizer, texts)
+    assert len(trimmed_tokenizer) == len(kept) < len(tokenizer)
+    assert trimmed_model.get_input_embeddings().num_embeddings == len(kept) == trimmed_model.config.vocab_size
+    for text in texts:
+        assert trimmed_tokenizer.tokenize(text) == tokenizer.tokenize(text)
+    logits = trimmed_model(**trimmed_tokenizer(texts, padding=True, return_tensors="pt")).logits
+    torch.testing.assert_close(logits, reference)
+
+
+def test_build_student_from_teacher_follows_data_label_order(tiny, tmp_path):
+    cfg = load_config(tiny_config_yaml(tiny, tmp_path / "run"), ["student.from_teacher=b", "student.layers=[1]"])
+    student, _ = build_student(cfg, LABELS)
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny["teacher_b"])
+    assert [student.config.id2label[i] for i in range(3)] == LABELS
+    torch.testing.assert_close(student.classifier.weight, teacher.classifier.weight[[1, 2, 0]])
+
+
+def test_auto_teacher_dtype_is_fp32_without_native_bf16(monkeypatch):
+    from distill import hardware
+
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
+    assert teacher_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
+    assert teacher_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert teacher_dtype("float32", torch.device("cpu")) == torch.float32

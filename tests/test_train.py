@@ -1,0 +1,88 @@
+"""One-process runs of `distill train | eval | export` on the tiny world, as a user runs them."""
+import json
+
+import pytest
+
+from tests.conftest import tiny_config_yaml
+from tests.helpers import assert_export_matches_run, run_cli, train_losses
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("train") / "run"
+    config = tiny_config_yaml(tiny, run_dir, extra="deepspeed: {zero_stage: 0}")
+    result = run_cli(["train", config, "training.max_steps=20"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir, config, result
+
+
+def test_run_directory_holds_everything_promised(finished_run):
+    run_dir, _, result = finished_run
+    for name in ("config.yaml", "metrics.jsonl", "report.json", "training_curves.png", "checkpoints/latest",
+                 "student/model.safetensors", "student/config.json", "student/tokenizer.json", "student/README.md",
+                 "student_init/config.json", "eval/predictions.json"):
+        assert (run_dir / name).exists(), name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "target (interpolated)" in result.stdout and "student" in result.stdout
+
+
+def test_report_and_logged_terms(finished_run):
+    run_dir, _, _ = finished_run
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [t["name"] for t in report["teachers"]] == ["a", "b"]
+    for teacher in report["teachers"]:
+        assert teacher["params"] > 0 and 0 <= teacher["accuracy"] <= 1
+    assert 0 <= report["target"]["accuracy"] <= 1
+    assert report["student"]["params"] < report["teachers"][0]["params"]
+    rows = train_losses(run_dir)
+    assert {"loss", "kd", "ce", "lr", "samples_per_s", "a/kl_to_student", "a/weight", "b/batch_accuracy"} <= set(rows[-1])
+    assert rows[-1]["a/weight"] == pytest.approx(0.6)
+    for row in rows:  # total is exactly the documented mix of the two logged terms
+        assert row["loss"] == pytest.approx(0.5 * row["kd"] + 0.5 * row["ce"], rel=1e-5)
+    first, last = rows[0]["loss"] + rows[1]["loss"], rows[-1]["loss"] + rows[-2]["loss"]
+    assert last < first, [row["loss"] for row in rows]
+
+
+def test_export_loads_in_plain_transformers_with_identical_predictions(finished_run):
+    run_dir, config, _ = finished_run
+    assert_export_matches_run(run_dir, config)
+    card = (run_dir / "student" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "| a |" in card and "compression" in card
+
+
+def test_export_command_refuses_to_overwrite_and_writes_bf16(finished_run, tmp_path):
+    run_dir, _, _ = finished_run
+    refused = run_cli(["export", run_dir, run_dir / "student"])
+    assert refused.returncode == 2 and "exists and is not empty" in refused.stderr
+    out = tmp_path / "bf16"
+    done = run_cli(["export", run_dir, out, "--dtype", "bf16"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    from transformers import AutoModelForSequenceClassification
+    import torch
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_eval_command_reproduces_the_run_metrics(finished_run):
+    run_dir, config, _ = finished_run
+    result = run_cli(["eval", run_dir, config])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    student_line = [line for line in result.stdout.splitlines() if line.startswith("student")][0]
+    assert f"{report['student']['accuracy']:.4f}" in student_line
+
+
+def test_second_run_into_the_same_directory_is_refused(finished_run):
+    run_dir, config, _ = finished_run
+    result = run_cli(["train", config])
+    assert result.returncode == 2 and "already holds a run" in result.stderr and "training.resume=auto" in result.stderr
+
+
+def test_bad_config_fails_before_writing_anything(tiny, tmp_path):
+    run_dir = tmp_path / "never"
+    config = tiny_config_yaml(tiny, run_dir)
+    result = run_cli(["train", config, "loss.temperature=0"])
+    assert result.returncode == 2 and "loss.temperature must be > 0" in result.stderr
+    assert not run_dir.exists()
