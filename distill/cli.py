@@ -1,7 +1,7 @@
 """`distill train | eval | export`: a thin layer over the library.
 
 Runs as `distill ...` on one process, or under the DeepSpeed launcher as
-`deepspeed --num_gpus N -m distill.cli train ...` (the launcher adds `--local_rank=N`, accepted and
+`deepspeed --num_gpus N --module distill.cli train ...` (the launcher adds `--local_rank=N`, accepted and
 ignored here: the rank comes from the environment).
 """
 from __future__ import annotations

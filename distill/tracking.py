@@ -66,9 +66,11 @@ def plot_curves(metrics_path: Path, out_path: Path, title: Optional[str] = None)
     loss_axis.set_title("training loss")
     if evals:
         accuracy_axis.plot([r["step"] for r in evals], [r["student/accuracy"] for r in evals], "o-", label="student")
-        for key in sorted(evals[-1]):
-            if key.endswith("/accuracy") and key != "student/accuracy":
-                accuracy_axis.axhline(evals[-1][key], linestyle="--", linewidth=1, label=key.split("/")[0])
+        references = [key for key in sorted(evals[-1]) if key.endswith("/accuracy") and key != "student/accuracy"]
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for number, key in enumerate(references):
+            accuracy_axis.axhline(evals[-1][key], linestyle="--", linewidth=1.2, color=colours[(number + 1) % len(colours)],
+                                  label=key.split("/")[0])
         accuracy_axis.legend(fontsize=8)
     accuracy_axis.set_xlabel("optimizer step")
     accuracy_axis.set_ylabel("validation accuracy")

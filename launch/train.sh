@@ -29,4 +29,4 @@ fi
 if ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / ranks > 0 ? $(nproc) / ranks : 1 ))}"
 fi
-exec "${launcher[@]}" -m distill.cli train "$config" "${overrides[@]}"
+exec "${launcher[@]}" --module distill.cli train "$config" "${overrides[@]}"
