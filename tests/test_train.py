@@ -86,3 +86,14 @@ def test_bad_config_fails_before_writing_anything(tiny, tmp_path):
     result = run_cli(["train", config, "loss.temperature=0"])
     assert result.returncode == 2 and "loss.temperature must be > 0" in result.stderr
     assert not run_dir.exists()
+
+
+def test_zero1_bf16_one_process_run_exports_in_bf16(tiny, tmp_path):
+    run_dir = tmp_path / "bf16"
+    config = tiny_config_yaml(tiny, run_dir)
+    result = run_cli(["train", config, "deepspeed.zero_stage=1", "training.precision=bf16", "export.dtype=bf16",
+                      "training.max_steps=6"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["training"]["zero_stage"] == 1
+    assert_export_matches_run(run_dir, config)
