@@ -21,6 +21,16 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="distil (or fine-tune with loss.kd_alpha=0) from a YAML config")
     train.add_argument("config", help="YAML file, e.g. configs/demo.yaml")
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. training.max_steps=10")
+    train.add_argument("--weights", action="append", default=[], metavar="FRAGMENT",
+                       help="YAML fragment merged after CONFIG, e.g. the weights.yaml of `distill fit-weights`")
+
+    fit = commands.add_parser("fit-weights", help="fit teacher mixture weights (and temperatures) on validation")
+    fit.add_argument("config")
+    fit.add_argument("overrides", nargs="*")
+    fit.add_argument("--out", default=None, help="output folder (default: OUTPUT_DIR-fit)")
+    fit.add_argument("--temperatures", action="store_true", help="also fit per-teacher temperatures")
+    fit.add_argument("--method", choices=["linear", "geometric"], default=None,
+                     help="which fitted mix goes into weights.yaml (default: the config's, else linear)")
 
     evaluate = commands.add_parser("eval", help="evaluate an exported student (or a run's) with the config's teachers")
     evaluate.add_argument("model", help="a run directory or an exported model folder")
@@ -40,14 +50,31 @@ def _strip_launcher_args(argv: List[str]) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(_strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
+    parser = _parser()
+    # Overrides may come before or after options (argparse stops a '*' positional at the first
+    # option), so leftover key=value words are overrides too; anything else is an error.
+    args, leftover = parser.parse_known_args(_strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
+    unknown = [word for word in leftover if word.startswith("-") or "=" not in word]
+    if unknown or (leftover and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or leftover)}")
+    if leftover:
+        args.overrides = list(args.overrides) + leftover
     from distill.config import ConfigError, load_config
 
     try:
         if args.command == "train":
             from distill.trainer import train
 
-            train(load_config(args.config, args.overrides))
+            train(load_config(args.config, args.overrides, fragments=args.weights))
+        elif args.command == "fit-weights":
+            from distill.fit_weights import run_fit_weights
+
+            cfg = load_config(args.config, args.overrides)
+            out = Path(args.out) if args.out else Path(f"{cfg.output_dir}-fit")
+            result = run_fit_weights(cfg, out, fit_temperatures=args.temperatures, method=args.method)
+            print(result["table"])
+            print(f"written: {out}/fit_weights.json, fit_weights.png, weights.yaml "
+                  f"(use: distill train {args.config} --weights {out}/weights.yaml)")
         elif args.command == "eval":
             from distill.evaluation import evaluate_saved_model
             from distill.report import format_table

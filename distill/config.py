@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -79,8 +79,57 @@ class DataConfig:
 
 
 @dataclass
+class ConfidenceConfig:
+    sharpness: float = 0.1  # temperature of the softmax that turns confidence scores into weights
+    combine: str = "linear"  # linear or geometric mixture with the per-sample weights
+    use_labels: bool = True  # score by the probability of the gold label where one exists
+
+
+@dataclass
+class GateConfig:
+    hidden: int = 32
+    use_entropy: bool = True  # give the gate each teacher's entropy besides its distribution
+    epochs: int = 200
+    learning_rate: float = 0.01
+
+
+@dataclass
 class InterpolationConfig:
     method: str = "linear"  # a registered name in distill/interpolate.py
+    # validation: fit before training, on the validation split, the mixture weights (linear by EM,
+    # geometric on the simplex) or the learned gate; all ranks receive rank 0's fit.
+    fit_on: Optional[str] = None
+    fit_temperatures: bool = False  # also fit per-teacher temperatures (temperature scaling)
+    # Options of a strategy live under its registered name and are passed to its constructor.
+    confidence: ConfidenceConfig = field(default_factory=ConfidenceConfig)
+    learned_gate: GateConfig = field(default_factory=GateConfig)
+
+
+@dataclass
+class ScalarSchedule:
+    kind: str = "linear"  # constant, linear, cosine or exponential (distill/schedules.py)
+    start: float = MISSING
+    end: Optional[float] = None  # defaults to start
+    start_step: int = 0
+    end_step: Optional[int] = None  # defaults to the last optimizer step
+    rate: float = 5.0  # exponential only: how late the ramp rises
+
+
+@dataclass
+class VectorSchedule:
+    kind: str = "linear"
+    start: List[float] = MISSING  # one weight per teacher
+    end: Optional[List[float]] = None
+    start_step: int = 0
+    end_step: Optional[int] = None
+    rate: float = 5.0
+
+
+@dataclass
+class SchedulesConfig:
+    kd_alpha: Optional[ScalarSchedule] = None  # replaces loss.kd_alpha when set
+    temperature: Optional[ScalarSchedule] = None  # replaces loss.temperature when set
+    teacher_weights: Optional[VectorSchedule] = None  # replaces teachers.models[*].weight when set
 
 
 @dataclass
@@ -135,6 +184,7 @@ class DistillConfig:
     data: DataConfig = field(default_factory=DataConfig)
     interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    schedules: SchedulesConfig = field(default_factory=SchedulesConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -148,15 +198,17 @@ LR_SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def load_config(path: Optional[str | os.PathLike], overrides: Optional[List[str]] = None) -> DistillConfig:
-    """Merge a YAML file and dotted `key=value` overrides onto the schema, then validate.
+def load_config(path: Optional[str | os.PathLike], overrides: Optional[List[str]] = None,
+                fragments: Sequence[str | os.PathLike] = ()) -> DistillConfig:
+    """Merge a YAML file, then YAML fragments (e.g. `distill fit-weights` output), then dotted
+    `key=value` overrides onto the schema, and validate.
 
     Returns a typed, read-only `DistillConfig` (an omegaconf structured config).
     """
     schema = OmegaConf.structured(DistillConfig)
     layers = [schema]
-    if path is not None:
-        config_path = Path(path)
+    for file_path in ([path] if path is not None else []) + list(fragments):
+        config_path = Path(file_path)
         if not config_path.is_file():
             raise ConfigError(f"config file {config_path} does not exist")
         try:
@@ -263,8 +315,8 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
         _require(len(set(data.label_names)) == len(data.label_names) >= 2,
                  f"data.label_names must hold at least two distinct names, got {list(data.label_names)}")
 
-    _require(cfg.interpolation.method in _interpolation_names(),
-             f"interpolation.method: {cfg.interpolation.method!r} is not one of {_interpolation_names()}")
+    _validate_interpolation(cfg)
+    _validate_schedules(cfg)
 
     training = cfg.training
     for key in ("micro_batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every",
@@ -287,6 +339,58 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
              f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     _require(cfg.export.dtype in PRECISIONS,
              f"export.dtype: {cfg.export.dtype!r} is not one of {list(PRECISIONS)}")
+
+
+FITTABLE = ("linear", "geometric", "learned_gate")
+
+
+def _validate_interpolation(cfg) -> None:
+    interpolation = cfg.interpolation
+    _require(interpolation.method in _interpolation_names(),
+             f"interpolation.method: {interpolation.method!r} is not one of {_interpolation_names()}")
+    _require(interpolation.fit_on in (None, "validation"),
+             f"interpolation.fit_on: {interpolation.fit_on!r} must be null or 'validation'")
+    if interpolation.fit_on is not None:
+        _require(interpolation.method in FITTABLE,
+                 f"interpolation.fit_on=validation fits {list(FITTABLE)}, not {interpolation.method!r}")
+    _require(interpolation.method != "learned_gate" or interpolation.fit_on == "validation",
+             "interpolation.method=learned_gate needs interpolation.fit_on=validation (the gate is trained there)")
+    _require(not interpolation.fit_temperatures or interpolation.fit_on is not None,
+             "interpolation.fit_temperatures needs interpolation.fit_on=validation")
+    _require(interpolation.confidence.sharpness > 0,
+             f"interpolation.confidence.sharpness must be > 0, got {interpolation.confidence.sharpness}")
+    _require(interpolation.confidence.combine in ("linear", "geometric"),
+             f"interpolation.confidence.combine: {interpolation.confidence.combine!r} is not linear or geometric")
+    gate = interpolation.learned_gate
+    _require(gate.hidden > 0 and gate.epochs > 0 and gate.learning_rate > 0,
+             "interpolation.learned_gate.hidden, epochs and learning_rate must be > 0")
+
+
+def _validate_schedules(cfg) -> None:
+    from distill.schedules import SCHEDULE_KINDS
+
+    for name in ("kd_alpha", "temperature", "teacher_weights"):
+        schedule = cfg.schedules[name]
+        if schedule is None:
+            continue
+        key = f"schedules.{name}"
+        _require(schedule.kind in SCHEDULE_KINDS, f"{key}.kind: {schedule.kind!r} is not one of {list(SCHEDULE_KINDS)}")
+        _require(schedule.start_step >= 0, f"{key}.start_step must be >= 0")
+        if schedule.end_step is not None:
+            _require(schedule.end_step >= schedule.start_step, f"{key}.end_step must be >= start_step")
+        ends = [schedule.start] + ([schedule.end] if schedule.end is not None else [])
+        if name == "kd_alpha":
+            _require(all(0.0 <= v <= 1.0 for v in ends), f"{key}: start and end must lie in [0, 1], got {ends}")
+        elif name == "temperature":
+            _require(all(v > 0 for v in ends), f"{key}: start and end must be > 0, got {ends}")
+        else:
+            count = len(cfg.teachers.models)
+            for label, vector in zip(("start", "end"), ends):
+                _require(len(vector) == count, f"{key}.{label} needs one weight per teacher ({count}), got {list(vector)}")
+                _require(all(v >= 0 for v in vector) and sum(vector) > 0,
+                         f"{key}.{label}: weights must be >= 0 with a positive sum, got {list(vector)}")
+            _require(cfg.interpolation.fit_on is None,
+                     "schedules.teacher_weights and interpolation.fit_on both set the teacher weights: choose one")
 
 
 def teacher_display_name(teacher: TeacherConfig, index: int) -> str:

@@ -113,3 +113,20 @@ def evaluate_saved_model(cfg, model_path) -> Dict:
     teacher_params = [count_parameters(m) for m in ensemble.models] if ensemble else []
     return build_report(cfg, plans, teacher_params, count_parameters(student), metrics,
                         {"steps": 0, "seconds": 0.0}, splits.train, validation)
+
+
+def collect_teacher_logits(loader: DataLoader, ensemble, device: torch.device):
+    """All teachers' logits [K, N, C] and labels [N] over a (sharded) loader, gathered from every
+    rank and ordered by row index: the same tensors on every rank."""
+    local: Dict[int, tuple] = {}
+    for batch in loader:
+        logits = ensemble.logits(batch, device).cpu()
+        for position, index in enumerate(batch[INDEX].tolist()):
+            local[index] = (logits[:, position], int(batch[LABELS][position]))
+    merged: Dict[int, tuple] = {}
+    for part in gather_objects(local):
+        merged.update(part)
+    order = [i for i in sorted(merged) if merged[i][1] != IGNORE_INDEX]
+    logits = torch.stack([merged[i][0] for i in order], dim=1)
+    labels = torch.tensor([merged[i][1] for i in order], dtype=torch.long)
+    return logits, labels

@@ -1,18 +1,19 @@
 """Teacher interpolation: several teachers' soft targets -> ONE target distribution.
 
 Pure functions of tensors, in log space. Shapes: teacher logits `[K, ..., C]` for K teachers and C
-classes (any batch dims in between); weights `[K]`, or `[K, ...]` for per-sample weights. Every
-strategy returns normalised log-probabilities `[..., C]`.
+classes (any batch dims in between); weights `[K]`, or `[K, ...]` for per-sample weights;
+temperatures `[K]`. Every strategy returns normalised log-probabilities `[..., C]`.
 
 Each strategy is one class registered by name (`@register_interpolation("linear")`); the config's
-`interpolation.method` selects it and the trainer never branches on the name.
+`interpolation.method` selects it and the trainer never branches on the name. A strategy with
+learned state (the gate) exposes it through `state_dict()` / `load_state_dict()`.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 _INTERPOLATIONS: Dict[str, type] = {}
 
@@ -32,12 +33,13 @@ def available_interpolations() -> List[str]:
     return sorted(_INTERPOLATIONS)
 
 
-def build_interpolation(name: str) -> "Interpolation":
+def build_interpolation(name: str, **options) -> "Interpolation":
     if name not in _INTERPOLATIONS:
         raise KeyError(f"unknown interpolation {name!r}; available: {available_interpolations()}")
-    return _INTERPOLATIONS[name]()
+    return _INTERPOLATIONS[name](**options)
 
 
+# ---------------------------------------------------------------------------------- formulas
 def teacher_log_probs(teacher_logits: Tensor, temperatures: Tensor | Sequence[float]) -> Tensor:
     """log softmax(z_k / T_k) for each teacher k; `teacher_logits` is `[K, ..., C]`."""
     temperatures = torch.as_tensor(temperatures, dtype=teacher_logits.dtype, device=teacher_logits.device)
@@ -84,26 +86,167 @@ def geometric_mixture(log_probs: Tensor, weights: Tensor) -> Tensor:
     return weighted - torch.logsumexp(weighted, dim=-1, keepdim=True)
 
 
+def logit_mean(teacher_logits: Tensor, weights: Tensor, temperatures: Tensor) -> Tensor:
+    """log p = log_softmax(sum_k w_k z_k / T_bar), with T_bar = sum_k w_k T_k (weights normalised).
+
+    Averages raw logits before any softmax; with equal temperatures T_bar is that temperature.
+    """
+    weights = _broadcast_weights(normalize_weights(weights).to(teacher_logits), teacher_logits)
+    temperatures = torch.as_tensor(temperatures).to(teacher_logits)
+    temperatures = temperatures.reshape(-1, *([1] * (teacher_logits.dim() - 1)))
+    mean_logits = (weights * teacher_logits).sum(dim=0)
+    mean_temperature = (weights * temperatures).sum(dim=0)
+    return torch.log_softmax(mean_logits / mean_temperature, dim=-1)
+
+
+def entropy(log_probs: Tensor) -> Tensor:
+    """H(p) = -sum_c p[c] log p[c] over the last dim (0 log 0 = 0)."""
+    probs = log_probs.exp()
+    return -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(dim=-1)
+
+
+def confidence_weights(native_log_probs: Tensor, prior_weights: Tensor, sharpness: float,
+                       labels: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
+    """Per-sample weights [K, ...] from each teacher's own confidence on each sample.
+
+        score_k = p_k[y]        where a gold label y exists (confidently wrong -> low score)
+                = -H(p_k)        elsewhere (no label: trust the teacher that is sure)
+        w_k ∝ prior_k * exp(score_k / sharpness)   (a softmax over teachers with its own temperature)
+
+    `native_log_probs` are the teachers' log-probabilities at temperature 1.
+    """
+    if sharpness <= 0:
+        raise ValueError(f"confidence sharpness must be > 0, got {sharpness}")
+    scores = -entropy(native_log_probs)
+    if labels is not None:
+        has_label = labels != ignore_index
+        safe = torch.where(has_label, labels, torch.zeros_like(labels))
+        index = safe.reshape(1, *safe.shape, 1).expand(native_log_probs.shape[0], *safe.shape, 1)
+        gold = native_log_probs.gather(-1, index).squeeze(-1).exp()
+        scores = torch.where(has_label.unsqueeze(0), gold, scores)
+    prior = _broadcast_weights(normalize_weights(prior_weights).to(scores), scores)
+    log_prior = torch.where(prior > 0, prior.log(), torch.full_like(prior, float("-inf")))
+    return torch.softmax(log_prior + scores / sharpness, dim=0)
+
+
+# -------------------------------------------------------------------------------- strategies
 class Interpolation:
-    """Maps per-teacher log-probabilities `[K, ..., C]` and weights to one target log-distribution."""
+    """Maps teacher logits `[K, ..., C]`, weights and temperatures to one target log-distribution.
+
+    `labels` (gold ids, -100 where unknown) is passed to strategies that may use it.
+    """
 
     name = "base"
 
-    def __call__(self, log_probs: Tensor, weights: Tensor) -> Tensor:
+    def __call__(self, teacher_logits: Tensor, weights: Tensor, temperatures: Tensor,
+                 labels: Optional[Tensor] = None) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+
+    def state_dict(self) -> Dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Tensor]) -> None:
+        if state:
+            raise ValueError(f"interpolation {self.name!r} has no state, got keys {sorted(state)}")
 
 
 @register_interpolation("linear")
 class LinearInterpolation(Interpolation):
     """Mixture of probabilities: p = sum_k w_k softmax(z_k / T_k)."""
 
-    def __call__(self, log_probs: Tensor, weights: Tensor) -> Tensor:
-        return linear_mixture(log_probs, weights)
+    def __call__(self, teacher_logits, weights, temperatures, labels=None):
+        return linear_mixture(teacher_log_probs(teacher_logits, temperatures), weights)
 
 
 @register_interpolation("geometric")
 class GeometricInterpolation(Interpolation):
     """Normalised log-linear mixture: log p = sum_k w_k log softmax(z_k / T_k) - log Z."""
 
-    def __call__(self, log_probs: Tensor, weights: Tensor) -> Tensor:
-        return geometric_mixture(log_probs, weights)
+    def __call__(self, teacher_logits, weights, temperatures, labels=None):
+        return geometric_mixture(teacher_log_probs(teacher_logits, temperatures), weights)
+
+
+@register_interpolation("logit_mean")
+class LogitMeanInterpolation(Interpolation):
+    """Weighted mean of the raw logits, then one temperature: softmax(sum_k w_k z_k / T_bar)."""
+
+    def __call__(self, teacher_logits, weights, temperatures, labels=None):
+        return logit_mean(teacher_logits, weights, temperatures)
+
+
+@register_interpolation("confidence")
+class ConfidenceInterpolation(Interpolation):
+    """Per-sample weights from each teacher's confidence (see `confidence_weights`), times the
+    prior weights, then the linear or geometric mixture of the softened teachers."""
+
+    def __init__(self, sharpness: float = 0.1, combine: str = "linear", use_labels: bool = True):
+        if combine not in ("linear", "geometric"):
+            raise ValueError(f"confidence combine must be linear or geometric, got {combine!r}")
+        self.sharpness, self.combine, self.use_labels = sharpness, combine, use_labels
+
+    def sample_weights(self, teacher_logits, weights, labels=None) -> Tensor:
+        native = torch.log_softmax(teacher_logits, dim=-1)
+        return confidence_weights(native, weights, self.sharpness, labels if self.use_labels else None)
+
+    def __call__(self, teacher_logits, weights, temperatures, labels=None):
+        per_sample = self.sample_weights(teacher_logits, weights, labels)
+        mix = linear_mixture if self.combine == "linear" else geometric_mixture
+        return mix(teacher_log_probs(teacher_logits, temperatures), per_sample)
+
+
+class GateNetwork(nn.Module):
+    """A small MLP: the teachers' distributions (and entropies) -> per-sample simplex weights."""
+
+    def __init__(self, num_teachers: int, num_classes: int, hidden: int = 32, use_entropy: bool = True):
+        super().__init__()
+        self.use_entropy = use_entropy
+        features = num_teachers * num_classes + (num_teachers if use_entropy else 0)
+        self.layers = nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, num_teachers))
+
+    def forward(self, log_probs: Tensor) -> Tensor:
+        """[K, ..., C] log-probabilities -> [K, ...] weights that sum to one over K."""
+        moved = log_probs.movedim(0, -2)  # [..., K, C]
+        features = [moved.exp().flatten(-2)]
+        if self.use_entropy:
+            features.append(entropy(moved))
+        gate_logits = self.layers(torch.cat(features, dim=-1).to(self.layers[0].weight.dtype))
+        return torch.softmax(gate_logits, dim=-1).movedim(-1, 0)
+
+
+@register_interpolation("learned_gate")
+class LearnedGateInterpolation(Interpolation):
+    """p = sum_k g_k(x) softmax(z_k / T_k), with gate weights g(x) from `GateNetwork` applied to the
+    teachers' own distributions at temperature 1. The gate is fitted on held-out labelled data (distill/fitting.py)
+    to maximise the mixture's likelihood of the gold labels, then frozen."""
+
+    def __init__(self, hidden: int = 32, use_entropy: bool = True, epochs: int = 200, learning_rate: float = 1e-2):
+        self.hidden, self.use_entropy = hidden, use_entropy
+        self.epochs, self.learning_rate = epochs, learning_rate  # how distill/fitting.py trains it
+        self.gate: Optional[GateNetwork] = None
+
+    def build(self, num_teachers: int, num_classes: int) -> GateNetwork:
+        self.gate = GateNetwork(num_teachers, num_classes, self.hidden, self.use_entropy)
+        return self.gate
+
+    def sample_weights(self, teacher_logits: Tensor) -> Tensor:
+        """[K, ...] gate weights from the teachers' native (temperature 1) distributions."""
+        if self.gate is None:
+            raise RuntimeError("learned_gate has not been fitted: run it with interpolation.fit_on=validation")
+        native = torch.log_softmax(teacher_logits, dim=-1)
+        return self.gate(native).to(teacher_logits.dtype)
+
+    def __call__(self, teacher_logits, weights, temperatures, labels=None):
+        log_probs = teacher_log_probs(teacher_logits, temperatures)
+        if log_probs.shape[0] == 1:
+            return log_probs[0]
+        return linear_mixture(log_probs, self.sample_weights(teacher_logits))
+
+    def state_dict(self) -> Dict[str, Tensor]:
+        return {} if self.gate is None else {k: v.detach().clone() for k, v in self.gate.state_dict().items()}
+
+    def load_state_dict(self, state: Dict[str, Tensor]) -> None:
+        first = state["layers.0.weight"]
+        num_teachers = state["layers.2.weight"].shape[0]
+        num_classes = (first.shape[1] - (num_teachers if self.use_entropy else 0)) // num_teachers
+        self.build(num_teachers, num_classes).load_state_dict(state)
+        self.gate.requires_grad_(False)

@@ -61,8 +61,8 @@ def plan_teachers(cfg: DistillConfig, label_names: List[str], student_tokenizer)
     """Check every teacher's labels and tokenizer against the student; returns plans and the extra
     tokenizer groups the data must be encoded with (for `teachers.tokenization: per_model`).
 
-    `student_tokenizer=None` means the student's vocabulary is not known yet (it will be trimmed),
-    so no teacher can read the student's input ids."""
+    `student_tokenizer=None` means no teacher reads the student's input ids (the student's
+    vocabulary is trimmed, or there is no student): each teacher encodes the text itself."""
     plans, groups = [], []
     for index, teacher in enumerate(cfg.teachers.models):
         key = f"teachers.models[{index}] ({teacher.path})"
@@ -71,7 +71,7 @@ def plan_teachers(cfg: DistillConfig, label_names: List[str], student_tokenizer)
         tokenizer = load_tokenizer(teacher.path, key, cfg.trust_remote_code)
         prefix = ""
         if student_tokenizer is None or not same_vocabulary(tokenizer, student_tokenizer):
-            if cfg.teachers.tokenization == "shared":
+            if student_tokenizer is not None and cfg.teachers.tokenization == "shared":
                 raise ConfigError(
                     f"{key} uses a different vocabulary ({len(tokenizer)} tokens) from the student "
                     f"({len(student_tokenizer) if student_tokenizer else '?'} tokens): use a teacher with the student's tokenizer, or set "
@@ -95,11 +95,11 @@ class NonFiniteLogitsError(RuntimeError):
 class TeacherEnsemble:
     """Loaded, frozen teachers and the interpolation that turns their outputs into one target."""
 
-    def __init__(self, plans: List[TeacherPlan], models: List[nn.Module], interpolation: str,
+    def __init__(self, plans: List[TeacherPlan], models: List[nn.Module], interpolation,
                  use_inference_mode: bool = True):
         self.plans = plans
         self.models = models
-        self.interpolation = build_interpolation(interpolation)
+        self.interpolation = build_interpolation(interpolation) if isinstance(interpolation, str) else interpolation
         self.weights = normalize_weights(torch.tensor([p.weight for p in plans], dtype=torch.float32))
         self.temperatures = torch.tensor([p.temperature for p in plans], dtype=torch.float32)
         self.use_inference_mode = use_inference_mode
@@ -131,9 +131,24 @@ class TeacherEnsemble:
         """[K, B, C] log softmax(z_k / T_k)."""
         return teacher_log_probs(logits, self.temperatures.to(logits.device))
 
-    def target(self, logits: Tensor) -> Tensor:
-        """[B, C] log-probabilities of the interpolated target distribution."""
-        return self.interpolation(self.log_probs(logits), self.weights.to(logits.device))
+    def target(self, logits: Tensor, labels: Optional[Tensor] = None, weights: Optional[Tensor] = None) -> Tensor:
+        """[B, C] log-probabilities of the interpolated target distribution.
+
+        `weights` replaces the prior weights (a schedule's current value); `labels` feeds strategies
+        that score teachers by the gold label."""
+        weights = self.weights if weights is None else normalize_weights(torch.as_tensor(weights, dtype=torch.float32))
+        return self.interpolation(logits, weights.to(logits.device), self.temperatures.to(logits.device), labels)
+
+    def interpolation_state(self) -> Dict:
+        """What fitting changed, to save in the run directory and reload on resume."""
+        return {"weights": self.weights.tolist(), "temperatures": self.temperatures.tolist(),
+                "gate": self.interpolation.state_dict()}
+
+    def load_interpolation_state(self, state: Dict) -> None:
+        self.weights = torch.tensor(state["weights"], dtype=torch.float32)
+        self.temperatures = torch.tensor(state["temperatures"], dtype=torch.float32)
+        if state.get("gate"):
+            self.interpolation.load_state_dict(state["gate"])
 
 
 def load_teachers(cfg: DistillConfig, plans: List[TeacherPlan], device: torch.device,
@@ -143,10 +158,22 @@ def load_teachers(cfg: DistillConfig, plans: List[TeacherPlan], device: torch.de
         model = load_sequence_classifier(plan.path, plan.key, cfg.trust_remote_code, dtype)
         model.eval().requires_grad_(False)
         models.append(model)
+    interpolation = build_configured_interpolation(cfg)
     if cfg.teachers.placement == "zero3":
         models = [_partition_zero3(model, cfg, dtype) for model in models]
-        return TeacherEnsemble(plans, models, cfg.interpolation.method, use_inference_mode=False)
-    return TeacherEnsemble(plans, [m.to(device) for m in models], cfg.interpolation.method)
+        return TeacherEnsemble(plans, models, interpolation, use_inference_mode=False)
+    return TeacherEnsemble(plans, [m.to(device) for m in models], interpolation)
+
+
+def build_configured_interpolation(cfg: DistillConfig):
+    """The strategy named by interpolation.method, built with the options under its own name
+    (e.g. interpolation.confidence.sharpness); no branching on names here."""
+    from omegaconf import OmegaConf
+
+    method = cfg.interpolation.method
+    section = cfg.interpolation.get(method)
+    options = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else {}
+    return build_interpolation(method, **options)
 
 
 def _partition_zero3(model: nn.Module, cfg: DistillConfig, dtype: torch.dtype) -> nn.Module:

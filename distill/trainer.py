@@ -24,7 +24,11 @@ from distill import distributed
 from distill.config import ConfigError, DistillConfig, to_yaml
 from distill.data import Collator, LABELS, TokenizerGroup, model_inputs, read_splits, texts_of, tokenize
 from distill.deepspeed_config import build_deepspeed_config, build_optimizer, build_scheduler
-from distill.evaluation import Predictions, predict, student_logits_fn, teacher_logit_fns, validation_loader
+from distill.evaluation import (Predictions, collect_teacher_logits, predict, student_logits_fn, teacher_logit_fns,
+                                validation_loader)
+from distill.fit_weights import fit_interpolation_state, load_state, save_state, state_digest
+from distill.interpolate import normalize_weights
+from distill.schedules import value_at
 from distill.hardware import local_device, teacher_dtype
 from distill.losses import IGNORE_INDEX, distillation_loss, per_teacher_kl
 from distill.modeling import count_parameters, load_model_config, load_tokenizer
@@ -35,6 +39,7 @@ from distill.tracking import MetricsLogger, plot_curves
 
 CHECKPOINTS = "checkpoints"
 STUDENT_INIT = "student_init"
+INTERPOLATION = "interpolation"
 
 
 def seed_everything(seed: int) -> None:
@@ -127,10 +132,44 @@ class Trainer:
             dtype = teacher_dtype(cfg.teachers.dtype, self.device)
             self.ensemble = load_teachers(cfg, self.teacher_plans, self.device, dtype)
             self.teacher_params = [count_parameters(m) for m in self.ensemble.models]
+            self._prepare_interpolation()
         else:
             self.teacher_params = []
         self.student_params = count_parameters(student)
         self._build_engine(student)
+
+    def _prepare_interpolation(self) -> None:
+        """Fit the interpolation on validation (rank 0, broadcast), or reload the fit on resume."""
+        cfg = self.cfg
+        folder = self.run_dir / INTERPOLATION
+        state = load_state(folder) if self.resume_from is not None else None
+        if state is None and cfg.interpolation.fit_on == "validation":
+            loader = validation_loader(self.validation_set, self.collator, cfg.training.eval_batch_size)
+            logits, labels = collect_teacher_logits(loader, self.ensemble, self.device)
+            if distributed.is_main():
+                state = fit_interpolation_state(
+                    cfg.interpolation.method, logits, labels, self.ensemble.weights, self.ensemble.temperatures,
+                    cfg.interpolation.fit_temperatures, dict(cfg.interpolation.learned_gate), seed=cfg.seed)
+            state = distributed.broadcast_object(state)
+            if distributed.is_main():
+                save_state(state, folder)
+        if state is None:
+            return
+        self.ensemble.load_interpolation_state(state)
+        for plan, weight, temperature in zip(self.teacher_plans, state["weights"], state["temperatures"]):
+            plan.weight, plan.temperature = weight, temperature
+        print(f"interpolation state rank {distributed.rank()}: {state_digest(state)} "
+              f"weights={[round(w, 4) for w in state['weights']]}", flush=True)
+
+    def _scheduled(self, step: int) -> Dict:
+        """kd_alpha, temperature and teacher weights at this optimizer step (schedules.py)."""
+        cfg, schedules = self.cfg, self.cfg.schedules
+        weights = None
+        if self.ensemble is not None:
+            weights = value_at(schedules.teacher_weights, self.ensemble.weights.tolist(), step, self.total_steps)
+        return {"kd_alpha": value_at(schedules.kd_alpha, cfg.loss.kd_alpha, step, self.total_steps),
+                "temperature": value_at(schedules.temperature, cfg.loss.temperature, step, self.total_steps),
+                "teacher_weights": weights}
 
     def _student_teacher_path(self) -> str:
         from distill.config import resolve_teacher_index
@@ -191,25 +230,26 @@ class Trainer:
         inputs = {k: v.to(engine.device) for k, v in model_inputs(batch).items()}
         labels = batch[LABELS].to(engine.device)
         student_logits = engine(**inputs).logits.float()
+        now = self._scheduled(engine.global_steps)
         teacher_logits = target = None
-        if self.ensemble is not None and cfg.loss.kd_alpha > 0:
+        if self.ensemble is not None and now["kd_alpha"] > 0:
             teacher_logits = self.ensemble.logits(batch, engine.device)
-            target = self.ensemble.target(teacher_logits)
-        terms = distillation_loss(student_logits, target, labels, cfg.loss.kd_alpha, cfg.loss.temperature,
+            target = self.ensemble.target(teacher_logits, labels, now["teacher_weights"])
+        terms = distillation_loss(student_logits, target, labels, now["kd_alpha"], now["temperature"],
                                   cfg.loss.label_smoothing)
         engine.backward(terms.total)
         engine.step()
         teacher_kl = teacher_correct = None
         labelled_rows = labels != IGNORE_INDEX
         if teacher_logits is not None:
-            teacher_kl = per_teacher_kl(self.ensemble.log_probs(teacher_logits), student_logits, cfg.loss.temperature)
+            teacher_kl = per_teacher_kl(self.ensemble.log_probs(teacher_logits), student_logits, now["temperature"])
             teacher_correct = ((teacher_logits.argmax(-1) == labels) & labelled_rows).sum(dim=-1)
         window.add(terms.total.item(), terms.kd.item(), terms.ce.item(), len(labels), teacher_kl,
                    teacher_correct, int(labelled_rows.sum()))
 
     def train(self) -> Dict:
         cfg = self.cfg
-        names = self.ensemble.names if (self.ensemble is not None and cfg.loss.kd_alpha > 0) else []
+        names = self.ensemble.names if self.ensemble is not None else []
         window = LogWindow(names)
         progress = None
         if cfg.training.progress_bar and distributed.is_main():
@@ -234,8 +274,11 @@ class Trainer:
                 if step % cfg.training.log_every == 0 or step == self.total_steps:
                     values = window.summary()
                     values["lr"] = self.engine.get_lr()[0]
-                    if self.ensemble is not None and names:
-                        values.update({f"{n}/weight": w for n, w in zip(names, self.ensemble.weights.tolist())})
+                    now = self._scheduled(step)
+                    values.update(kd_alpha=now["kd_alpha"], temperature=now["temperature"])
+                    if names:
+                        weights = normalize_weights(torch.tensor(now["teacher_weights"])).tolist()
+                        values.update({f"{n}/weight": w for n, w in zip(names, weights)})
                     self.logger.log(step, values)
                     if progress is not None:
                         progress.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{values['samples_per_s']:.1f}")

@@ -70,30 +70,95 @@ def test_hand_computed_two_class_case():
     torch.testing.assert_close(geometric, expected)
 
 
-@pytest.mark.parametrize("method", ["linear", "geometric"])
-def test_outputs_are_normalised_distributions(method, logits):
+def _strategy(method):
     strategy = build_interpolation(method)
-    mixed = strategy(teacher_log_probs(logits, [1.0, 2.0, 0.5]), torch.tensor([0.2, 0.5, 0.3]))
+    if method == "learned_gate":  # an untrained (random) gate is still a valid strategy
+        torch.manual_seed(0)
+        strategy.build(num_teachers=3, num_classes=4).double()
+    return strategy
+
+
+ALL = ["linear", "geometric", "logit_mean", "confidence", "learned_gate"]
+
+
+def test_every_registered_strategy_is_tested_here():
+    assert sorted(ALL) == available_interpolations()
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_outputs_are_normalised_distributions(method, logits):
+    labels = torch.tensor([0, 3, -100, 1, 2])
+    mixed = _strategy(method)(logits, torch.tensor([0.2, 0.5, 0.3]), torch.tensor([1.0, 2.0, 0.5]), labels)
     assert mixed.shape == (5, 4)
     torch.testing.assert_close(mixed.exp().sum(-1), torch.ones(5, dtype=torch.float64))
     assert torch.all(mixed <= 1e-12)
 
 
-@pytest.mark.parametrize("method", ["linear", "geometric"])
-def test_single_teacher_and_one_hot_weights_reduce_to_that_teacher(method, logits):
+@pytest.mark.parametrize("method", ALL)
+def test_single_teacher_reduces_to_that_teacher(method, logits):
     strategy = build_interpolation(method)
-    log_probs = teacher_log_probs(logits, [2.0, 2.0, 2.0])
-    torch.testing.assert_close(strategy(log_probs[:1], torch.tensor([3.0])), log_probs[0])
-    torch.testing.assert_close(strategy(log_probs, torch.tensor([0.0, 1.0, 0.0])), log_probs[1])
+    if method == "learned_gate":
+        strategy.build(num_teachers=1, num_classes=4).double()
+    expected = torch.log_softmax(logits[:1] / 2.0, -1)[0]
+    torch.testing.assert_close(strategy(logits[:1], torch.tensor([3.0]), torch.tensor([2.0])), expected)
 
 
-@pytest.mark.parametrize("method", ["linear", "geometric"])
+@pytest.mark.parametrize("method", ["linear", "geometric", "logit_mean"])
+def test_one_hot_weights_reduce_to_that_teacher(method, logits):
+    temperatures = torch.tensor([2.0, 2.0, 2.0])
+    mixed = build_interpolation(method)(logits, torch.tensor([0.0, 1.0, 0.0]), temperatures)
+    torch.testing.assert_close(mixed, torch.log_softmax(logits[1] / 2.0, -1))
+
+
+@pytest.mark.parametrize("method", ALL)
 def test_gradcheck(method):
     torch.manual_seed(1)
-    strategy = build_interpolation(method)
+    strategy = _strategy(method)
+    if method == "learned_gate":
+        strategy.build(num_teachers=2, num_classes=4).double()
     logits = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     weights = torch.tensor([0.7, 0.3], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda z, w: strategy(teacher_log_probs(z, [1.0, 2.0]), w), (logits, weights))
+    labels = torch.tensor([1, -100, 3])
+    assert torch.autograd.gradcheck(lambda z, w: strategy(z, w, torch.tensor([1.0, 2.0]), labels), (logits, weights))
+
+
+def test_logit_mean_matches_formula(logits):
+    weights = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+    temperatures = torch.tensor([2.0, 2.0, 4.0], dtype=torch.float64)
+    mixed = build_interpolation("logit_mean")(logits, weights, temperatures)
+    expected = torch.log_softmax((0.5 * logits[0] + 0.25 * logits[1] + 0.25 * logits[2]) / 2.5, -1)
+    torch.testing.assert_close(mixed, expected)
+
+
+def test_confidence_gives_less_weight_to_a_confidently_wrong_teacher():
+    # sample 0: gold 0; teacher A is right (0.9 on class 0), teacher B confidently wrong (0.95 on 1)
+    probs = torch.tensor([[[0.9, 0.05, 0.05]], [[0.025, 0.95, 0.025]]], dtype=torch.float64)
+    strategy = build_interpolation("confidence", sharpness=0.1)
+    weights = strategy.sample_weights(probs.log(), torch.tensor([0.5, 0.5]), torch.tensor([0]))
+    assert weights[0, 0] > 0.99 and weights[1, 0] < 0.01
+    # hand formula: softmax over teachers of p_k[y] / sharpness
+    expected = torch.softmax(torch.tensor([0.9, 0.025], dtype=torch.float64) / 0.1, 0)
+    torch.testing.assert_close(weights[:, 0], expected)
+    # without a label the score is negative entropy: B (more certain) gets more weight
+    unlabelled = strategy.sample_weights(probs.log(), torch.tensor([0.5, 0.5]), torch.tensor([-100]))
+    assert unlabelled[1, 0] > unlabelled[0, 0]
+
+
+def test_confidence_prior_weights_multiply():
+    logits = torch.zeros(2, 1, 3, dtype=torch.float64)  # equal confidence: weights follow the prior
+    weights = build_interpolation("confidence").sample_weights(logits, torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(weights[:, 0], torch.tensor([0.75, 0.25], dtype=torch.float64))
+
+
+def test_learned_gate_state_round_trip(logits):
+    strategy = _strategy("learned_gate")
+    again = build_interpolation("learned_gate")
+    again.load_state_dict(strategy.state_dict())
+    args = (logits.float(), torch.ones(3), torch.ones(3))
+    strategy.gate.float()
+    torch.testing.assert_close(again(*args), strategy(*args))
+    with pytest.raises(RuntimeError, match="has not been fitted"):
+        build_interpolation("learned_gate")(*args)
 
 
 def test_per_sample_weights_match_row_by_row(logits):

@@ -31,3 +31,20 @@ def test_two_rank_run_trains_checkpoints_and_exports(tiny, tmp_path, stage, plac
     assert report["training"]["zero_stage"] == stage and report["training"]["steps"] == 16
     assert all(t["params"] > 0 for t in report["teachers"])  # full sizes, even when partitioned
     assert_export_matches_run(run_dir, config)
+
+
+def test_data_dependent_interpolation_is_identical_on_every_rank(tiny, tmp_path):
+    """The gate and fitted temperatures are fitted on rank 0 from all ranks' validation logits and
+    broadcast: both ranks must report the same state digest."""
+    run_dir = tmp_path / "gate2"
+    config = tiny_config_yaml(tiny, run_dir)
+    result = run_deepspeed(2, [config, "interpolation.method=learned_gate", "interpolation.fit_on=validation",
+                               "interpolation.fit_temperatures=true", "interpolation.learned_gate.epochs=30",
+                               "training.max_steps=4", "training.micro_batch_size=4"])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    digests = {}
+    for line in result.stdout.splitlines():
+        if "interpolation state rank" in line:
+            words = line[line.index("interpolation state rank"):].split()
+            digests[words[3].rstrip(":")] = words[4]
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], digests

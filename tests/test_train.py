@@ -97,3 +97,53 @@ def test_zero1_bf16_one_process_run_exports_in_bf16(tiny, tmp_path):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["training"]["zero_stage"] == 1
     assert_export_matches_run(run_dir, config)
+
+
+def test_schedules_are_applied_and_logged(tiny, tmp_path):
+    run_dir = tmp_path / "scheduled"
+    config = tiny_config_yaml(tiny, run_dir)
+    result = run_cli(["train", config, "training.max_steps=8",
+                      "schedules.kd_alpha={kind: linear, start: 0.2, end: 1.0}",
+                      "schedules.teacher_weights={kind: cosine, start: [1.0, 0.0], end: [0.5, 0.5]}"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = {row["step"]: row for row in train_losses(run_dir)}
+    assert rows[8]["kd_alpha"] == 1.0 and rows[4]["kd_alpha"] == pytest.approx(0.6)
+    assert rows[8]["a/weight"] == 0.5 and rows[8]["b/weight"] == 0.5
+    assert rows[2]["a/weight"] > rows[4]["a/weight"] > rows[6]["a/weight"]
+
+
+def test_fit_weights_writes_table_chart_and_a_fragment_train_accepts(tiny, tmp_path):
+    run_dir = tmp_path / "fitted"
+    config = tiny_config_yaml(tiny, run_dir)
+    fit_dir = tmp_path / "fit"
+    result = run_cli(["fit-weights", config, "--out", fit_dir, "--temperatures"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name in ("fit_weights.json", "fit_weights.png", "weights.yaml"):
+        assert (fit_dir / name).is_file(), name
+    table = json.loads((fit_dir / "fit_weights.json").read_text())
+    rows = {row["name"]: row for row in table["rows"]}
+    assert rows["fitted linear"]["nll"] <= rows["uniform linear"]["nll"] + 1e-9
+    assert rows["fitted geometric"]["nll"] <= rows["uniform geometric"]["nll"] + 1e-9
+    assert "fitted linear +T" in rows and "uniform linear" in result.stdout
+    trained = run_cli(["train", config, "--weights", fit_dir / "weights.yaml", "training.max_steps=2"])
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    fitted = rows["fitted linear +T"]
+    assert [t["weight"] for t in report["teachers"]] == pytest.approx(fitted["weights"], abs=1e-5)
+    assert [t["temperature"] for t in report["teachers"]] == pytest.approx(fitted["temperatures"], abs=1e-5)
+
+
+def test_fit_on_validation_is_saved_and_reused_on_resume(tiny, tmp_path):
+    run_dir = tmp_path / "gate"
+    config = tiny_config_yaml(tiny, run_dir)
+    settings = ["interpolation.method=learned_gate", "interpolation.fit_on=validation",
+                "interpolation.learned_gate.epochs=30", "training.checkpoint_every=3"]
+    first = run_cli(["train", config, "training.max_steps=3", *settings])
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert (run_dir / "interpolation" / "gate.safetensors").is_file()
+    digest = [line for line in first.stdout.splitlines() if line.startswith("interpolation state rank 0")][0].split()[4]
+    (run_dir / "report.json").unlink()
+    resumed = run_cli(["train", config, "training.max_steps=6", "training.resume=auto", *settings])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from step 3" in resumed.stdout
+    assert f"interpolation state rank 0: {digest}" in resumed.stdout

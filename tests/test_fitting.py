@@ -1,0 +1,104 @@
+"""Fitting on validation data: EM, simplex-convex geometric weights, temperatures, the gate, ECE."""
+import math
+
+import pytest
+import torch
+
+from distill.fitting import (expected_calibration_error, fit_gate, fit_geometric_weights, fit_linear_weights_em,
+                             fit_temperature, gold_log_probs)
+from distill.interpolate import build_interpolation, geometric_mixture, linear_mixture
+
+
+def _mixture_data(true_weights, samples=20000, classes=5, seed=0):
+    """Labels drawn from sum_k w*_k p_k(.|n), with per-sample teacher distributions p_k."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(len(true_weights), samples, classes, generator=generator, dtype=torch.float64) * 2.5
+    log_probs = torch.log_softmax(logits, -1)
+    mixture = linear_mixture(log_probs, torch.tensor(true_weights, dtype=torch.float64)).exp()
+    labels = torch.multinomial(mixture, 1, generator=generator).squeeze(1)
+    return logits, log_probs, labels
+
+
+@pytest.mark.parametrize("true_weights", [[0.7, 0.3], [0.5, 0.3, 0.2]])
+def test_em_recovers_true_mixture_weights_and_never_lowers_likelihood(true_weights):
+    _, log_probs, labels = _mixture_data(true_weights)
+    result = fit_linear_weights_em(log_probs, labels)
+    assert torch.allclose(result.weights, torch.tensor(true_weights, dtype=torch.float64), atol=0.03), result.weights
+    trace = result.log_likelihoods
+    assert all(later >= earlier - 1e-12 for earlier, later in zip(trace, trace[1:]))
+    assert result.iterations >= 2 and trace[-1] > trace[0]
+
+
+def test_geometric_fit_matches_a_grid_search():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3000, 4, generator=generator, dtype=torch.float64)
+    labels = torch.argmax(logits[0] + 0.5 * torch.randn(3000, 4, generator=generator, dtype=torch.float64), -1)
+    log_probs = torch.log_softmax(logits, -1)
+    fitted = fit_geometric_weights(log_probs, labels)
+
+    def nll(w):
+        mixed = geometric_mixture(log_probs, torch.tensor([w, 1 - w], dtype=torch.float64))
+        return float(-mixed.gather(-1, labels[:, None]).mean())
+
+    grid = [i / 1000 for i in range(1001)]
+    best = min(grid, key=nll)
+    assert abs(float(fitted[0]) - best) < 0.005
+    assert nll(float(fitted[0])) <= nll(0.5) + 1e-12
+    assert torch.isclose(fitted.sum(), torch.tensor(1.0, dtype=torch.float64)) and torch.all(fitted >= 0)
+
+
+def test_temperature_scaling_finds_the_nll_minimum():
+    generator = torch.Generator().manual_seed(2)
+    true = torch.randn(4000, 3, generator=generator, dtype=torch.float64)
+    labels = torch.multinomial(torch.softmax(true, -1), 1, generator=generator).squeeze(1)
+    overconfident = true * 3.0  # the right temperature is about 3
+    temperature = fit_temperature(overconfident, labels)
+    grid = torch.linspace(1.0, 6.0, 501, dtype=torch.float64)
+    nlls = [float(torch.nn.functional.cross_entropy(overconfident / t, labels)) for t in grid]
+    assert abs(temperature - float(grid[int(torch.tensor(nlls).argmin())])) < 0.02
+    assert 2.5 < temperature < 3.5
+
+
+def test_learned_gate_beats_the_uniform_mix_when_the_right_teacher_depends_on_the_input():
+    """Half the samples: teacher A is sharp and right, B is sharp and wrong; the other half the
+    reverse. Only a per-sample gate can pick the right one; a fixed mix cannot."""
+    generator = torch.Generator().manual_seed(3)
+
+    def make(samples):
+        labels = torch.randint(0, 4, (samples,), generator=generator)
+        wrong = (labels + torch.randint(1, 4, (samples,), generator=generator)) % 4
+        a_right = torch.rand(samples, generator=generator) < 0.5
+        sharp_right = torch.nn.functional.one_hot(labels, 4).double() * 4.0
+        sharp_wrong = torch.nn.functional.one_hot(wrong, 4).double() * 2.0 + 0.3 * torch.randn(samples, 4, generator=generator, dtype=torch.float64)
+        a = torch.where(a_right[:, None], sharp_right, sharp_wrong)
+        b = torch.where(a_right[:, None], sharp_wrong, sharp_right)
+        return torch.stack([a, b]), labels
+
+    train_logits, train_labels = make(4000)
+    test_logits, test_labels = make(4000)
+    gate = fit_gate(torch.log_softmax(train_logits, -1), train_labels, epochs=300, seed=0)
+    strategy = build_interpolation("learned_gate")
+    strategy.load_state_dict(gate.state_dict())
+    ones = torch.ones(2)
+    gated = strategy(test_logits.float(), ones, ones)
+    uniform = build_interpolation("linear")(test_logits.float(), ones, ones)
+
+    def nll(log_probs):
+        return float(-log_probs.gather(-1, test_labels[:, None]).mean())
+
+    assert nll(gated) < 0.5 * nll(uniform), (nll(gated), nll(uniform))
+
+
+def test_expected_calibration_error_hand_case():
+    # two samples at confidence 0.8 (one right, one wrong) and two at 0.6 (both right)
+    probs = torch.tensor([[0.8, 0.2], [0.8, 0.2], [0.6, 0.4], [0.6, 0.4]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 0])
+    # bins: |0.5 - 0.8| * 2/4 + |1.0 - 0.6| * 2/4 = 0.15 + 0.2
+    assert expected_calibration_error(probs.log(), labels) == pytest.approx(0.35)
+
+
+def test_gold_log_probs_picks_the_label_column():
+    log_probs = torch.log_softmax(torch.randn(2, 3, 4), -1)
+    labels = torch.tensor([3, 0, 2])
+    gold = gold_log_probs(log_probs, labels)
+    assert gold.shape == (2, 3) and gold[1, 2] == log_probs[1, 2, 2]
