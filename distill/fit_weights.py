@@ -18,8 +18,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from distill.fitting import (expected_calibration_error, fit_gate, fit_geometric_weights, fit_linear_weights_em,
-                             fit_temperature, mean_nll, mixture_log_probs)
+from distill.fitting import (expected_calibration_error, fit_gate, fit_geometric_weights, fit_jointly,
+                             fit_linear_weights_em, fit_temperature, mean_nll, mixture_log_probs)
 from distill.interpolate import teacher_log_probs
 
 
@@ -114,6 +114,13 @@ def comparison_table(names: List[str], logits: Tensor, labels: Tensor, fit_tempe
                 row["em_log_likelihood_trace"] = trace
             rows.append(row)
             fits[f"{method}{suffix}"] = row
+            if suffix:  # temperatures and weights fitted jointly, from the sequential fit
+                joint_weights, joint_temperatures = fit_jointly(logits, labels, method, weights, temperatures)
+                joint = _row(f"fitted {method} joint", mixture_log_probs(
+                    method, teacher_log_probs(logits, joint_temperatures), joint_weights), labels,
+                    joint_weights.tolist(), joint_temperatures.tolist())
+                rows.append(joint)
+                fits[f"{method} joint"] = joint
     return {"rows": rows, "fits": fits}
 
 
@@ -135,6 +142,7 @@ def plot_fit_table(rows: List[Dict], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = [row["name"] for row in rows]
     figure, axes = plt.subplots(1, 3, figsize=(14, 0.35 * len(rows) + 1.8), sharey=True)
@@ -146,6 +154,7 @@ def plot_fit_table(rows: List[Dict], path: Path) -> Path:
         axis.barh(range(len(rows)), [row[key] for row in rows], color=colours)
         axis.set_title(label, fontsize=10)
         axis.set_xlim(min(row[key] for row in rows) * 0.95, max(row[key] for row in rows) * 1.02)
+        axis.xaxis.set_major_locator(MaxNLocator(4))
     axes[0].set_yticks(range(len(rows)))
     axes[0].set_yticklabels(names, fontsize=8)
     axes[0].invert_yaxis()
@@ -192,7 +201,7 @@ def run_fit_weights(cfg, out_dir: Path, fit_temperatures: bool = False, method: 
     names = [teacher_display_name(t, i) for i, t in enumerate(cfg.teachers.models)]
     table = comparison_table(names, logits, labels, fit_temperatures)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fit = table["fits"][method + (" +T" if fit_temperatures else "")]
+    fit = table["fits"][method + (" joint" if fit_temperatures else "")]
     (out_dir / "fit_weights.json").write_text(json.dumps({"rows": table["rows"], "method": method,
                                                           "validation_rows": int(labels.numel())}, indent=2))
     plot_fit_table(table["rows"], out_dir / "fit_weights.png")

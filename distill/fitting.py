@@ -9,6 +9,8 @@ Inputs are the teachers' logits `[K, N, C]` and gold labels `[N]` on a validatio
   (mirror descent on the simplex) with backtracking.
 - `fit_temperature`: temperature scaling of one teacher (1-D convex in log T, by bisection on
   the derivative).
+- `fit_jointly`: weights and per-teacher temperatures together, by L-BFGS on the mixture NLL
+  (softmax / log parametrisations), started from the sequential fit; never returns a worse NLL.
 - `fit_gate`: trains the learned gate's MLP to maximise the mixture's likelihood of the labels.
 - `expected_calibration_error`: ECE over equal-width confidence bins.
 """
@@ -122,6 +124,43 @@ def fit_temperature(logits: Tensor, labels: Tensor, low: float = 0.05, high: flo
         else:
             lo = middle
     return float(torch.tensor(0.5 * (lo + hi)).exp())
+
+
+def fit_jointly(logits: Tensor, labels: Tensor, method: str, weights: Tensor, temperatures: Tensor,
+                iterations: int = 100) -> tuple[Tensor, Tensor]:
+    """Joint (weights, temperatures) minimising the `method` mixture's validation NLL.
+
+    Starts from the given (e.g. sequentially fitted) values and keeps them if L-BFGS does not
+    improve on them, so the joint fit is never worse than its starting point."""
+    from distill.interpolate import teacher_log_probs
+
+    logits = logits.double()
+    mix = linear_mixture if method == "linear" else geometric_mixture
+
+    def nll(weight_logits: Tensor, log_temperatures: Tensor) -> Tensor:
+        log_probs = teacher_log_probs(logits, log_temperatures.exp())
+        mixed = mix(log_probs, torch.softmax(weight_logits, 0))
+        return -mixed.gather(-1, labels.unsqueeze(-1)).mean()
+
+    start_weights = weights.double().clamp_min(1e-12)
+    weight_logits = start_weights.log().clone().requires_grad_(True)
+    log_temperatures = temperatures.double().log().clone().requires_grad_(True)
+    with torch.no_grad():
+        start = nll(weight_logits, log_temperatures)
+    optimizer = torch.optim.LBFGS([weight_logits, log_temperatures], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nll(weight_logits, log_temperatures)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        end = nll(weight_logits, log_temperatures)
+    if not torch.isfinite(end) or end > start:
+        return start_weights / start_weights.sum(), temperatures.double()
+    return torch.softmax(weight_logits.detach(), 0), log_temperatures.detach().exp()
 
 
 def fit_gate(log_probs: Tensor, labels: Tensor, hidden: int = 32, use_entropy: bool = True,

@@ -250,6 +250,7 @@ class Trainer:
     def train(self) -> Dict:
         cfg = self.cfg
         names = self.ensemble.names if self.ensemble is not None else []
+        self.has_schedules = any(cfg.schedules[name] is not None for name in ("kd_alpha", "temperature", "teacher_weights"))
         window = LogWindow(names)
         progress = None
         if cfg.training.progress_bar and distributed.is_main():
@@ -271,6 +272,13 @@ class Trainer:
                     continue
                 if progress is not None:
                     progress.update(step - before)
+                if self.has_schedules:  # scheduled values at every optimizer step
+                    now = self._scheduled(step)
+                    scheduled = {"kd_alpha": now["kd_alpha"], "temperature": now["temperature"]}
+                    if now["teacher_weights"] is not None:
+                        scheduled.update({f"{n}/weight": w for n, w in zip(
+                            names, normalize_weights(torch.tensor(now["teacher_weights"])).tolist())})
+                    self.logger.log(step, scheduled, kind="schedule")
                 if step % cfg.training.log_every == 0 or step == self.total_steps:
                     values = window.summary()
                     values["lr"] = self.engine.get_lr()[0]

@@ -33,3 +33,9 @@ def test_demo_configs_run_end_to_end_shortened(tmp_path):
     assert [t["name"] for t in report["teachers"]] == ["minilm-l6", "minilm-l3"]
     assert (tmp_path / "distill" / "student" / "model.safetensors").is_file()
     assert "target (interpolated)" in result.stdout
+    fitted = run_cli(["fit-weights", ROOT / "configs/demo.yaml", "--out", tmp_path / "fit",
+                      f"teachers.models.0.path={tmp_path / 'l6' / 'student'}",
+                      f"teachers.models.1.path={tmp_path / 'l3' / 'student'}", *SHORT])
+    assert fitted.returncode == 0, fitted.stderr[-4000:]
+    rows = {row["name"]: row for row in json.loads((tmp_path / "fit" / "fit_weights.json").read_text())["rows"]}
+    assert rows["fitted linear"]["nll"] <= rows["uniform linear"]["nll"] + 1e-12

@@ -102,3 +102,24 @@ def test_gold_log_probs_picks_the_label_column():
     labels = torch.tensor([3, 0, 2])
     gold = gold_log_probs(log_probs, labels)
     assert gold.shape == (2, 3) and gold[1, 2] == log_probs[1, 2, 2]
+
+
+@pytest.mark.parametrize("method", ["linear", "geometric"])
+def test_joint_fit_is_never_worse_than_the_sequential_fit(method):
+    from distill.fitting import fit_jointly
+    from distill.interpolate import teacher_log_probs
+
+    generator = torch.Generator().manual_seed(4)
+    true = torch.randn(2, 3000, 4, generator=generator, dtype=torch.float64)
+    labels = torch.multinomial(torch.softmax(true[0] + true[1], -1), 1, generator=generator).squeeze(1)
+    logits = true * torch.tensor([3.0, 0.5], dtype=torch.float64).reshape(2, 1, 1)  # mis-calibrated teachers
+    temperatures = torch.tensor([fit_temperature(logits[k], labels) for k in range(2)], dtype=torch.float64)
+    sequential = fit_linear_weights_em(teacher_log_probs(logits, temperatures), labels).weights
+    weights, joint_temperatures = fit_jointly(logits, labels, method, sequential, temperatures)
+
+    def nll(w, t):
+        mix = linear_mixture if method == "linear" else geometric_mixture
+        return float(-mix(teacher_log_probs(logits, t), w).gather(-1, labels[:, None]).mean())
+
+    assert nll(weights, joint_temperatures) <= nll(sequential, temperatures) + 1e-12
+    assert torch.isclose(weights.sum(), torch.tensor(1.0, dtype=torch.float64)) and torch.all(joint_temperatures > 0)

@@ -108,6 +108,10 @@ def test_schedules_are_applied_and_logged(tiny, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     rows = {row["step"]: row for row in train_losses(run_dir)}
     assert rows[8]["kd_alpha"] == 1.0 and rows[4]["kd_alpha"] == pytest.approx(0.6)
+    every_step = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    every_step = [row for row in every_step if row["kind"] == "schedule"]
+    assert [row["step"] for row in every_step] == list(range(1, 9))
+    assert [row["kd_alpha"] for row in every_step] == pytest.approx([0.2 + 0.8 * s / 8 for s in range(1, 9)])
     assert rows[8]["a/weight"] == 0.5 and rows[8]["b/weight"] == 0.5
     assert rows[2]["a/weight"] > rows[4]["a/weight"] > rows[6]["a/weight"]
 
@@ -128,7 +132,8 @@ def test_fit_weights_writes_table_chart_and_a_fragment_train_accepts(tiny, tmp_p
     trained = run_cli(["train", config, "--weights", fit_dir / "weights.yaml", "training.max_steps=2"])
     assert trained.returncode == 0, trained.stderr[-4000:]
     report = json.loads((run_dir / "report.json").read_text())
-    fitted = rows["fitted linear +T"]
+    fitted = rows["fitted linear joint"]
+    assert fitted["nll"] <= rows["fitted linear +T"]["nll"] + 1e-9
     assert [t["weight"] for t in report["teachers"]] == pytest.approx(fitted["weights"], abs=1e-5)
     assert [t["temperature"] for t in report["teachers"]] == pytest.approx(fitted["temperatures"], abs=1e-5)
 
@@ -137,7 +142,8 @@ def test_fit_on_validation_is_saved_and_reused_on_resume(tiny, tmp_path):
     run_dir = tmp_path / "gate"
     config = tiny_config_yaml(tiny, run_dir)
     settings = ["interpolation.method=learned_gate", "interpolation.fit_on=validation",
-                "interpolation.learned_gate.epochs=30", "training.checkpoint_every=3"]
+                "interpolation.learned_gate.epochs=30", "training.checkpoint_every=3",
+                "schedules.kd_alpha={kind: linear, start: 0.0, end: 1.0, end_step: 6}"]
     first = run_cli(["train", config, "training.max_steps=3", *settings])
     assert first.returncode == 0, first.stderr[-4000:]
     assert (run_dir / "interpolation" / "gate.safetensors").is_file()
@@ -147,3 +153,6 @@ def test_fit_on_validation_is_saved_and_reused_on_resume(tiny, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from step 3" in resumed.stdout
     assert f"interpolation state rank 0: {digest}" in resumed.stdout
+    scheduled = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    scheduled = {row["step"]: row["kd_alpha"] for row in scheduled if row["kind"] == "schedule"}
+    assert scheduled == pytest.approx({step: step / 6 for step in range(1, 7)})  # the schedule resumed with the step
