@@ -20,7 +20,11 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from omegaconf import OmegaConf
+
 from distill import distributed
+from distill.checkpointing import (MANIFEST, ResumableSampler, content_hash, load_rng_state, read_manifest,
+                                   save_rng_state, unsafe_changes, write_manifest)
 from distill.config import ConfigError, DistillConfig, to_yaml
 from distill.data import Collator, LABELS, TokenizerGroup, model_inputs, read_splits, texts_of, tokenize
 from distill.deepspeed_config import build_deepspeed_config, build_optimizer, build_scheduler
@@ -180,11 +184,27 @@ class Trainer:
         checkpoints = self.run_dir / CHECKPOINTS
         has_checkpoint = (checkpoints / "latest").is_file()
         if self.cfg.training.resume == "auto":
+            if has_checkpoint:
+                self._check_resume_is_safe(checkpoints / (checkpoints / "latest").read_text().strip())
             return checkpoints if has_checkpoint else None
         if has_checkpoint or (self.run_dir / "report.json").exists():
             raise ConfigError(f"output_dir {self.run_dir} already holds a run: choose another output_dir, "
                               "or set training.resume=auto to continue it")
         return None
+
+    def _check_resume_is_safe(self, tag_dir: Path) -> None:
+        """Refuse to resume when the model, teachers, data or loss changed since the checkpoint."""
+        if not (tag_dir / MANIFEST).is_file():
+            raise ConfigError(f"training.resume=auto: checkpoint {tag_dir} has no {MANIFEST}; it was not written "
+                              "by this version of distill and cannot be resumed exactly")
+        manifest = read_manifest(tag_dir)
+        changed = unsafe_changes(manifest["config"], OmegaConf.to_container(self.cfg, resolve=True))
+        for index, saved in enumerate(manifest["teachers"]):
+            if index < len(self.cfg.teachers.models) and content_hash(self.cfg.teachers.models[index].path) != saved["hash"]:
+                changed.append(f"teachers.models[{index}] content ({saved['path']} changed on disk)")
+        if changed:
+            raise ConfigError("training.resume=auto: these settings differ from the checkpoint and would make the "
+                              f"resumed run unsafe: {changed}; restore them or start a new output_dir")
 
     def _make_run_dir(self) -> None:
         if distributed.is_main():
@@ -197,11 +217,15 @@ class Trainer:
         import deepspeed
 
         cfg = self.cfg
-        sampler = DistributedSampler(self.train_set, num_replicas=distributed.world_size(),
-                                     rank=distributed.rank(), shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler = ResumableSampler(DistributedSampler(self.train_set, num_replicas=distributed.world_size(),
+                                                      rank=distributed.rank(), shuffle=True, seed=cfg.seed,
+                                                      drop_last=True))
         self.train_sampler = sampler
+        # A generator of its own: creating an iterator must not draw from the global RNG, which
+        # dropout uses and which a resume restores.
         self.train_loader = DataLoader(self.train_set, batch_size=cfg.training.micro_batch_size, sampler=sampler,
-                                       collate_fn=self.collator, drop_last=True)
+                                       collate_fn=self.collator, drop_last=True,
+                                       generator=torch.Generator().manual_seed(cfg.seed))
         if len(self.train_loader) == 0:
             raise ConfigError(f"training.micro_batch_size={cfg.training.micro_batch_size} x "
                               f"{distributed.world_size()} ranks exceeds the {len(self.train_set)} training rows")
@@ -217,9 +241,10 @@ class Trainer:
                                                config=ds_config)
         self.start_epoch, self.skip_batches = 0, 0
         if self.resume_from is not None:
-            _, client_state = self.engine.load_checkpoint(str(self.resume_from))
+            path, client_state = self.engine.load_checkpoint(str(self.resume_from))
             self.start_epoch = client_state["epoch"]
             self.skip_batches = client_state["batches_in_epoch"]
+            load_rng_state(Path(path).parent if Path(path).is_file() else Path(path), distributed.rank())
             if distributed.is_main():
                 print(f"resumed from step {self.engine.global_steps} (epoch {self.start_epoch}, "
                       f"batch {self.skip_batches})", flush=True)
@@ -261,10 +286,8 @@ class Trainer:
         epoch = self.start_epoch
         self.engine.train()
         while self.engine.global_steps < self.total_steps:
-            self.train_sampler.set_epoch(epoch)
-            for position, batch in enumerate(self.train_loader):
-                if position < self.skip_batches:
-                    continue
+            self.train_sampler.set_epoch(epoch, skip_samples=self.skip_batches * cfg.training.micro_batch_size)
+            for position, batch in enumerate(self.train_loader, start=self.skip_batches):
                 before = self.engine.global_steps
                 self._micro_step(batch, window)
                 step = self.engine.global_steps
@@ -307,8 +330,17 @@ class Trainer:
     def save_checkpoint(self, epoch: int, batches_in_epoch: int) -> None:
         root = self.run_dir / CHECKPOINTS
         tag = f"step{self.engine.global_steps:07d}"
-        self.engine.save_checkpoint(str(root), tag=tag, client_state={
-            "epoch": epoch, "batches_in_epoch": batches_in_epoch, "global_step": self.engine.global_steps})
+        position = {"epoch": epoch, "batches_in_epoch": batches_in_epoch, "global_step": self.engine.global_steps}
+        # Our files go in first: DeepSpeed writes `latest` last, so a tag that `latest` names is whole.
+        save_rng_state(root / tag, distributed.rank())
+        if distributed.is_main():
+            teachers = [{"name": plan.name, "path": plan.path, "hash": content_hash(plan.path), "weight": plan.weight,
+                         "temperature": plan.temperature} for plan in self.teacher_plans]
+            interpolation = self.ensemble.interpolation_state() if self.ensemble is not None else {}
+            interpolation.pop("gate", None)  # tensors: saved in RUN_DIR/interpolation/gate.safetensors
+            write_manifest(root / tag, OmegaConf.to_container(self.cfg, resolve=True), teachers, interpolation, position)
+        distributed.barrier()
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=position)
         distributed.barrier()
         if distributed.is_main():
             tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
