@@ -91,10 +91,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except Exception as error:
         from distill.export import ExportError
+        from distill.teachers import NonFiniteLogitsError
 
         if isinstance(error, ExportError):
             print(f"distill: export error: {error}", file=sys.stderr)
             return 2
+        if isinstance(error, NonFiniteLogitsError):
+            print(f"distill: stopped: {error}", file=sys.stderr)
+            return 3
         raise
     return 0
 

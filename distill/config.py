@@ -44,6 +44,9 @@ class TeachersConfig:
     # student whose vocabulary was trimmed.
     tokenization: str = "shared"
     micro_batch_size: Optional[int] = None  # for teacher-only passes (evaluation); defaults to eval
+    # stop: a NaN/inf in any teacher's logits ends the run, naming the teacher. skip: rows with
+    # non-finite teacher logits leave the KD term (their labels still count) and are counted.
+    on_nonfinite: str = "stop"
 
 
 @dataclass
@@ -178,7 +181,8 @@ class DistillConfig:
     task: str = "sequence_classification"
     output_dir: str = MISSING
     seed: int = 42
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run a model's own Python code from its folder / the hub
+    allow_pickled_weights: bool = False  # load pytorch_model.bin (pickle: can run code) when no safetensors exist
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -259,6 +263,8 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
              f"teachers.placement: {cfg.teachers.placement!r} is not one of {list(PLACEMENTS)}")
     _require(cfg.teachers.dtype in TEACHER_DTYPES,
              f"teachers.dtype: {cfg.teachers.dtype!r} is not one of {list(TEACHER_DTYPES)}")
+    _require(cfg.teachers.on_nonfinite in ("stop", "skip"),
+             f"teachers.on_nonfinite: {cfg.teachers.on_nonfinite!r} is not one of ['stop', 'skip']")
     _require(cfg.teachers.tokenization in TOKENIZATIONS,
              f"teachers.tokenization: {cfg.teachers.tokenization!r} is not one of {list(TOKENIZATIONS)}")
 
@@ -277,7 +283,7 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
         _require(teacher.weight >= 0, f"{key}.weight must be >= 0, got {teacher.weight}")
         if teacher.temperature is not None:
             _require(teacher.temperature > 0, f"{key}.temperature must be > 0, got {teacher.temperature}")
-        _check_model_reference(teacher.path, f"{key}.path")
+        _check_model_reference(teacher.path, f"{key}.path", cfg.allow_pickled_weights)
     if teachers:
         _require(sum(t.weight for t in teachers) > 0,
                  "teachers.models[*].weight are all zero: at least one teacher needs a positive weight")
@@ -291,7 +297,7 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
              "student: set exactly one of student.path (an existing model) or "
              "student.from_teacher (build a smaller copy of a teacher)")
     if student.path is not None:
-        _check_model_reference(student.path, "student.path")
+        _check_model_reference(student.path, "student.path", cfg.allow_pickled_weights)
     if student.from_teacher is not None:
         resolve_teacher_index(cfg, student.from_teacher)
     if student.layers is not None:
@@ -410,11 +416,15 @@ def resolve_teacher_index(cfg: DistillConfig, reference: str) -> int:
                       f"nor an index below {len(names)}")
 
 
-def _check_model_reference(reference: str, key: str) -> None:
+def _check_model_reference(reference: str, key: str, allow_pickled_weights: bool = False) -> None:
     if is_local_reference(reference):
         path = resolve_path(reference)
         _require(path.is_dir(), f"{key}: model directory {path} does not exist")
         _require((path / "config.json").is_file(), f"{key}: {path} holds no config.json")
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        if pickled and not any(path.glob("*.safetensors")) and not allow_pickled_weights:
+            raise ConfigError(f"{key}: {path} holds only pickled weights {pickled}, which can run code when loaded; "
+                              "convert them to safetensors, or set allow_pickled_weights=true if you trust the source")
 
 
 def _check_data_reference(reference: str, key: str) -> None:

@@ -51,10 +51,13 @@ class LossTerms:
 
 
 def distillation_loss(student_logits: Tensor, target_log_probs: Tensor | None, labels: Tensor,
-                      kd_alpha: float, temperature: float, label_smoothing: float = 0.0) -> LossTerms:
+                      kd_alpha: float, temperature: float, label_smoothing: float = 0.0,
+                      kd_mask: Tensor | None = None) -> LossTerms:
     """kd_alpha * T^2 * mean_rows KL(target || softmax(z_s / T)) + (1 - kd_alpha) * CE_eps(z_s, y).
 
-    `target_log_probs` may be None only when kd_alpha == 0 (plain fine-tuning).
+    `target_log_probs` may be None only when kd_alpha == 0 (plain fine-tuning). `kd_mask` [B]
+    (bool) keeps only some rows in the KD mean (rows whose target is unusable); the mean is over
+    the kept rows, and 0 when none is kept.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -66,7 +69,12 @@ def distillation_loss(student_logits: Tensor, target_log_probs: Tensor | None, l
         return LossTerms(total=ce, kd=kd, ce=ce)
     student_log_probs = torch.log_softmax(student_logits / temperature, dim=-1)
     target = target_log_probs.to(student_log_probs.dtype)
-    kd = temperature ** 2 * kl_divergence(target, student_log_probs).mean()
+    if kd_mask is None:
+        kd = temperature ** 2 * kl_divergence(target, student_log_probs).mean()
+    else:
+        safe_target = torch.where(kd_mask.unsqueeze(-1), target, student_log_probs.detach())
+        per_row = torch.where(kd_mask, kl_divergence(safe_target, student_log_probs), torch.zeros_like(kd_mask, dtype=target.dtype))
+        kd = temperature ** 2 * per_row.sum() / kd_mask.sum().clamp(min=1)
     total = kd_alpha * kd + (1.0 - kd_alpha) * ce
     return LossTerms(total=total, kd=kd, ce=ce)
 

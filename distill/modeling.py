@@ -38,10 +38,12 @@ def load_tokenizer(reference: str, key: str, trust_remote_code: bool):
 
 
 def load_sequence_classifier(reference: str, key: str, trust_remote_code: bool,
-                             dtype: torch.dtype = torch.float32, **config_kwargs):
+                             dtype: torch.dtype = torch.float32, allow_pickled_weights: bool = False,
+                             **config_kwargs):
+    """safetensors only, unless allow_pickled_weights (then safetensors are still preferred)."""
     try:
         return AutoModelForSequenceClassification.from_pretrained(
-            resolve_reference(reference), dtype=dtype, use_safetensors=True,
+            resolve_reference(reference), dtype=dtype, use_safetensors=None if allow_pickled_weights else True,
             trust_remote_code=trust_remote_code, **config_kwargs)
     except Exception as error:
         raise _explain(reference, key, error) from error

@@ -115,14 +115,14 @@ def build_student(cfg: DistillConfig, label_names: List[str], train_texts: Optio
     labels = label_config(label_names)
     if spec.path is not None:
         check_student_labels(load_model_config(spec.path, "student.path", trust), label_names, "student.path")
-        model = load_sequence_classifier(spec.path, "student.path", trust, torch.float32,
+        model = load_sequence_classifier(spec.path, "student.path", trust, torch.float32, cfg.allow_pickled_weights,
                                          **labels, **dict(spec.config_overrides))
         tokenizer = load_tokenizer(spec.path, "student.path", trust)
     else:
         index = resolve_teacher_index(cfg, spec.from_teacher)
         teacher = cfg.teachers.models[index]
         key = f"teachers.models[{index}].path"
-        teacher_model = load_sequence_classifier(teacher.path, key, trust, torch.float32)
+        teacher_model = load_sequence_classifier(teacher.path, key, trust, torch.float32, cfg.allow_pickled_weights)
         from distill.teachers import label_permutation
 
         order = label_permutation(teacher_model.config, label_names, key)

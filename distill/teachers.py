@@ -103,6 +103,7 @@ class TeacherEnsemble:
         self.weights = normalize_weights(torch.tensor([p.weight for p in plans], dtype=torch.float32))
         self.temperatures = torch.tensor([p.temperature for p in plans], dtype=torch.float32)
         self.use_inference_mode = use_inference_mode
+        self.on_nonfinite = "stop"
 
     @property
     def names(self) -> List[str]:
@@ -121,9 +122,11 @@ class TeacherEnsemble:
                 logits = model(**inputs).logits.float()
                 if plan.label_order is not None:
                     logits = logits[:, plan.label_order]
-                if not torch.isfinite(logits).all():
-                    raise NonFiniteLogitsError(f"teacher {plan.name} ({plan.key}) produced NaN/inf logits "
-                                               f"on batch rows {batch['index'].tolist()[:8]}...")
+                if self.on_nonfinite == "stop" and not torch.isfinite(logits).all():
+                    bad_rows = batch["index"][~torch.isfinite(logits).all(dim=-1).cpu()].tolist()
+                    raise NonFiniteLogitsError(f"teacher {plan.name} ({plan.key}) produced NaN/inf logits on data rows "
+                                               f"{bad_rows[:8]}: set teachers.on_nonfinite=skip to leave such rows "
+                                               "out of the KD term")
                 outputs.append(logits)
         return torch.stack(outputs).clone()  # clone: leave inference mode with a normal tensor
 
@@ -155,14 +158,17 @@ def load_teachers(cfg: DistillConfig, plans: List[TeacherPlan], device: torch.de
                   dtype: torch.dtype) -> TeacherEnsemble:
     models = []
     for plan in plans:
-        model = load_sequence_classifier(plan.path, plan.key, cfg.trust_remote_code, dtype)
+        model = load_sequence_classifier(plan.path, plan.key, cfg.trust_remote_code, dtype, cfg.allow_pickled_weights)
         model.eval().requires_grad_(False)
         models.append(model)
     interpolation = build_configured_interpolation(cfg)
     if cfg.teachers.placement == "zero3":
-        models = [_partition_zero3(model, cfg, dtype) for model in models]
-        return TeacherEnsemble(plans, models, interpolation, use_inference_mode=False)
-    return TeacherEnsemble(plans, [m.to(device) for m in models], interpolation)
+        ensemble = TeacherEnsemble(plans, [_partition_zero3(model, cfg, dtype) for model in models], interpolation,
+                                   use_inference_mode=False)
+    else:
+        ensemble = TeacherEnsemble(plans, [m.to(device) for m in models], interpolation)
+    ensemble.on_nonfinite = cfg.teachers.on_nonfinite
+    return ensemble
 
 
 def build_configured_interpolation(cfg: DistillConfig):

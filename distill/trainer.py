@@ -100,6 +100,7 @@ class Trainer:
         self.engine = None
         self.ensemble: Optional[TeacherEnsemble] = None
         self.teacher_predictions: Optional[Predictions] = None
+        self.skipped_rows = 0  # rows left out of the KD term for non-finite teacher logits (this rank)
 
     # ----------------------------------------------------------------- set-up, in failing order
     def prepare(self) -> None:
@@ -257,16 +258,22 @@ class Trainer:
         student_logits = engine(**inputs).logits.float()
         now = self._scheduled(engine.global_steps)
         teacher_logits = target = None
+        kd_mask = None
         if self.ensemble is not None and now["kd_alpha"] > 0:
             teacher_logits = self.ensemble.logits(batch, engine.device)
+            finite_rows = torch.isfinite(teacher_logits).all(dim=-1).all(dim=0)
+            if not finite_rows.all():  # only reachable with teachers.on_nonfinite=skip
+                kd_mask = finite_rows
+                self.skipped_rows += int((~finite_rows).sum())
+                teacher_logits = torch.where(finite_rows[None, :, None], teacher_logits, torch.zeros_like(teacher_logits))
             target = self.ensemble.target(teacher_logits, labels, now["teacher_weights"])
         terms = distillation_loss(student_logits, target, labels, now["kd_alpha"], now["temperature"],
-                                  cfg.loss.label_smoothing)
+                                  cfg.loss.label_smoothing, kd_mask)
         engine.backward(terms.total)
         engine.step()
         teacher_kl = teacher_correct = None
         labelled_rows = labels != IGNORE_INDEX
-        if teacher_logits is not None:
+        if teacher_logits is not None and kd_mask is None:
             teacher_kl = per_teacher_kl(self.ensemble.log_probs(teacher_logits), student_logits, now["temperature"])
             teacher_correct = ((teacher_logits.argmax(-1) == labels) & labelled_rows).sum(dim=-1)
         window.add(terms.total.item(), terms.kd.item(), terms.ce.item(), len(labels), teacher_kl,
@@ -305,6 +312,8 @@ class Trainer:
                 if step % cfg.training.log_every == 0 or step == self.total_steps:
                     values = window.summary()
                     values["lr"] = self.engine.get_lr()[0]
+                    skipped = distributed.mean_across_ranks(torch.tensor([float(self.skipped_rows)]))
+                    values["skipped_nonfinite_rows"] = round(float(skipped) * distributed.world_size())
                     now = self._scheduled(step)
                     values.update(kd_alpha=now["kd_alpha"], temperature=now["temperature"])
                     if names:

@@ -29,4 +29,9 @@ fi
 if ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / ranks > 0 ? $(nproc) / ranks : 1 ))}"
 fi
-exec "${launcher[@]}" --module distill.cli train "$config" "${overrides[@]}"
+status=0
+"${launcher[@]}" --module distill.cli train "$config" "${overrides[@]}" || status=$?
+if [ "$status" -ne 0 ]; then
+    echo "launch/train.sh: the job failed (exit code $status); the launcher's log above names the rank (--local_rank=N) that ended first" >&2
+fi
+exit "$status"

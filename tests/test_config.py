@@ -83,3 +83,20 @@ def test_empty_data_file_is_named(config_path, tmp_path):
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     _fails(config_path, [f"data.train.path={empty}"], r"data.train.path: data file .*empty.csv is empty")
+
+
+def test_pickled_only_weights_are_refused_unless_allowed(tiny, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    import torch
+
+    pickled = tmp_path / "pickled"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["teacher_a"])
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")  # an old-style pickled checkpoint
+    assert (pickled / "pytorch_model.bin").is_file() and not list(pickled.glob("*.safetensors"))
+    config = tiny_config_yaml(tiny, tmp_path / "run")
+    _fails(config, [f"teachers.models.0.path={pickled}"],
+           r"teachers.models\[0\].path: .*pickled holds only pickled weights \['pytorch_model.bin'\]")
+    cfg = load_config(config, [f"teachers.models.0.path={pickled}", "allow_pickled_weights=true"])
+    assert cfg.allow_pickled_weights and cfg.trust_remote_code is False

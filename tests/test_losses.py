@@ -104,3 +104,17 @@ def test_per_teacher_kl_matches_direct_kl():
         expected = F.kl_div(torch.log_softmax(student / 2.0, -1), teacher_log_probs[k], log_target=True,
                             reduction="batchmean")
         torch.testing.assert_close(figures[k], expected)
+
+
+def test_kd_mask_averages_over_kept_rows_only():
+    torch.manual_seed(4)
+    student = torch.randn(5, 3, dtype=torch.float64)
+    target = torch.log_softmax(torch.randn(5, 3, dtype=torch.float64), -1)
+    target[1] = float("nan")  # an unusable row must not poison the loss
+    labels = torch.full((5,), IGNORE_INDEX)
+    mask = torch.tensor([True, False, True, True, False])
+    terms = distillation_loss(student, target, labels, 1.0, 2.0, kd_mask=mask)
+    reference = distillation_loss(student[mask], target[mask], labels[mask], 1.0, 2.0)
+    torch.testing.assert_close(terms.kd, reference.kd)
+    none_kept = distillation_loss(student, target, labels, 1.0, 2.0, kd_mask=torch.zeros(5, dtype=torch.bool))
+    assert none_kept.kd.item() == 0.0

@@ -48,3 +48,40 @@ def test_data_dependent_interpolation_is_identical_on_every_rank(tiny, tmp_path)
             words = line[line.index("interpolation state rank"):].split()
             digests[words[3].rstrip(":")] = words[4]
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], digests
+
+
+def test_a_dying_rank_ends_the_job_with_an_error_naming_it(tiny, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.helpers import ROOT, free_port
+
+    run_dir = tmp_path / "dying"
+    config = tiny_config_yaml(tiny, run_dir)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    process = subprocess.Popen(["bash", str(ROOT / "launch" / "train.sh"), str(config), "--ranks", "2",
+                                "--master-port", str(free_port()), "training.max_steps=100000",
+                                "training.micro_batch_size=4"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():
+            time.sleep(0.2)
+        assert (run_dir / "metrics.jsonl").is_file(), "training never started"
+        rank1 = subprocess.run(["pgrep", "-f", f"local_rank=1 train {config}"], capture_output=True, text=True).stdout.split()
+        assert rank1, "rank 1 not found"
+        killed_at = time.time()
+        os.kill(int(rank1[0]), signal.SIGKILL)
+        output, _ = process.communicate(timeout=120)  # bounded: never a hang
+        elapsed = time.time() - killed_at
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0
+    assert "--local_rank=1" in output and "exits with return code = -9" in output
+    assert "the job failed" in output
+    assert elapsed < 120

@@ -156,3 +156,35 @@ def test_fit_on_validation_is_saved_and_reused_on_resume(tiny, tmp_path):
     scheduled = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     scheduled = {row["step"]: row["kd_alpha"] for row in scheduled if row["kind"] == "schedule"}
     assert scheduled == pytest.approx({step: step / 6 for step in range(1, 7)})  # the schedule resumed with the step
+
+
+@pytest.fixture(scope="module")
+def nan_teacher(tiny, tmp_path_factory):
+    from transformers import AutoModelForSequenceClassification
+    import torch
+
+    folder = tmp_path_factory.mktemp("nan") / "teacher"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["teacher_b"])
+    with torch.no_grad():
+        model.classifier.bias.fill_(float("nan"))
+    model.save_pretrained(folder)
+    tiny["tokenizer"].save_pretrained(folder)
+    return folder
+
+
+def test_nan_teacher_stops_the_run_naming_the_teacher(tiny, tmp_path, nan_teacher):
+    config = tiny_config_yaml(tiny, tmp_path / "stop")
+    result = run_cli(["train", config, f"teachers.models.1.path={nan_teacher}", "training.max_steps=2"])
+    assert result.returncode == 3
+    assert "teacher b" in result.stderr and "NaN/inf logits" in result.stderr and "on_nonfinite=skip" in result.stderr
+
+
+def test_nan_teacher_rows_are_skipped_and_counted(tiny, tmp_path, nan_teacher):
+    run_dir = tmp_path / "skip"
+    config = tiny_config_yaml(tiny, run_dir)
+    result = run_cli(["train", config, f"teachers.models.1.path={nan_teacher}", "teachers.on_nonfinite=skip",
+                      "training.max_steps=4"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = train_losses(run_dir)
+    assert rows[-1]["skipped_nonfinite_rows"] == 4 * 8  # every row of every micro-batch
+    assert all(row["kd"] == 0.0 and row["loss"] == row["loss"] for row in rows)  # finite, KD left out
