@@ -37,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("config")
     evaluate.add_argument("overrides", nargs="*")
 
+    mix = commands.add_parser("interpolate-weights", help="write alpha * A + (1 - alpha) * B (WiSE-FT, model soups)")
+    mix.add_argument("first", metavar="A")
+    mix.add_argument("second", metavar="B")
+    mix.add_argument("out_dir", metavar="OUT")
+    mix.add_argument("--alpha", type=float, default=None)
+    mix.add_argument("--alpha-sweep", default=None, metavar="A1,A2,...",
+                     help="score these alphas on --config's validation split and keep the best")
+    mix.add_argument("--config", default=None, help="config whose data section gives the validation split")
+    mix.add_argument("--overwrite", action="store_true")
+
     export = commands.add_parser("export", help="consolidate a run's checkpoint into a save_pretrained folder")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
@@ -81,6 +91,28 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             report = evaluate_saved_model(load_config(args.config, args.overrides), Path(args.model))
             print(format_table(report))
+        elif args.command == "interpolate-weights":
+            from distill import weight_interpolation
+
+            first, second, out = Path(args.first), Path(args.second), Path(args.out_dir)
+            for folder in (first, second):
+                if folder.is_dir() and (folder / "student" / "config.json").is_file():
+                    raise ConfigError(f"{folder} is a run directory: pass its exported {folder / 'student'}")
+            if (args.alpha is None) == (args.alpha_sweep is None):
+                raise ConfigError("interpolate-weights: give exactly one of --alpha or --alpha-sweep")
+            if args.alpha is not None:
+                weight_interpolation.write_interpolated(first, second, out, args.alpha, args.overwrite)
+                print(f"wrote {args.alpha} * {first} + {1 - args.alpha} * {second} to {out}")
+            else:
+                if args.config is None:
+                    raise ConfigError("interpolate-weights --alpha-sweep needs --config (its validation split)")
+                try:
+                    alphas = [float(a) for a in args.alpha_sweep.split(",")]
+                except ValueError as error:
+                    raise ConfigError(f"--alpha-sweep takes comma-separated numbers, got {args.alpha_sweep!r}") from error
+                result = weight_interpolation.sweep(load_config(args.config), first, second, alphas, out, args.overwrite)
+                print(weight_interpolation.format_sweep(result["rows"], result["best"]["alpha"]))
+                print(f"best alpha {result['best']['alpha']} written to {out} (alpha_sweep.json, alpha_sweep.png)")
         elif args.command == "export":
             from distill.export import export_run
 

@@ -130,3 +130,30 @@ def collect_teacher_logits(loader: DataLoader, ensemble, device: torch.device):
     logits = torch.stack([merged[i][0] for i in order], dim=1)
     labels = torch.tensor([merged[i][1] for i in order], dtype=torch.long)
     return logits, labels
+
+
+def validation_batches(cfg, tokenizer) -> tuple[DataLoader, int]:
+    """One process: the validation split encoded with `tokenizer`, and the number of labels."""
+    from distill.data import Collator, TokenizerGroup, read_splits, tokenize
+
+    splits = read_splits(cfg.data)
+    groups = [TokenizerGroup("", tokenizer)]
+    validation = tokenize(splits.validation, groups, cfg.data.text_fields, cfg.data.max_length)
+    return validation_loader(validation, Collator(groups), cfg.training.eval_batch_size), len(splits.label_names)
+
+
+def score_classifier(model, loader: DataLoader, num_labels: int) -> Dict[str, float]:
+    """accuracy, macro-F1 and mean NLL of a classifier over labelled validation rows."""
+    predictions, references, nll_sum = [], [], 0.0
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(**model_inputs(batch)).logits.float()
+            labels = batch[LABELS]
+            keep = labels != IGNORE_INDEX
+            log_probs = torch.log_softmax(logits[keep], dim=-1)
+            nll_sum += float(-log_probs.gather(-1, labels[keep].unsqueeze(-1)).sum())
+            predictions += logits[keep].argmax(-1).tolist()
+            references += labels[keep].tolist()
+    figures = classification_metrics(predictions, references, num_labels)
+    figures["nll"] = nll_sum / max(1, len(references))
+    return figures

@@ -126,8 +126,8 @@ class Trainer:
         student, tokenizer = build_student(cfg, self.label_names, texts_of(self.splits.train, cfg.data.text_fields))
         self.tokenizer = tokenizer
         self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
-        if distributed.is_main():
-            student.config.save_pretrained(self.run_dir / STUDENT_INIT)
+        if distributed.is_main():  # the initial student, whole: export rebuilds from it, WiSE-FT mixes with it
+            student.save_pretrained(self.run_dir / STUDENT_INIT)
             tokenizer.save_pretrained(self.run_dir / STUDENT_INIT)
         self.train_set = tokenize(self.splits.train, self.groups, cfg.data.text_fields, cfg.data.max_length)
         self.validation_set = tokenize(self.splits.validation, self.groups, cfg.data.text_fields, cfg.data.max_length)
