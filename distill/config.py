@@ -68,6 +68,15 @@ class DataSourceConfig:
 
 
 @dataclass
+class MixtureSourceConfig:
+    name: str = MISSING  # 'train' / 'unlabeled' name those splits (path unset); others need a path
+    path: Optional[str] = None
+    split: str = "train"
+    max_samples: Optional[int] = None
+    encoding: str = "utf-8"
+
+
+@dataclass
 class DataConfig:
     train: DataSourceConfig = field(default_factory=DataSourceConfig)
     validation: DataSourceConfig = field(default_factory=lambda: DataSourceConfig(split="validation"))
@@ -79,6 +88,9 @@ class DataConfig:
     max_length: int = 128
     drop_duplicate_texts: bool = True  # before the split, so validation never leaks into training
     seed: int = 42  # for the validation carve-out and subsampling: keep it fixed across a project
+    # Scheduled mixture: when sources are named, each batch draws its rows from them with the
+    # proportions of schedules.data_mixture (distill/mixture.py); needs training.max_steps.
+    mixture_sources: List[MixtureSourceConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -133,6 +145,7 @@ class SchedulesConfig:
     kd_alpha: Optional[ScalarSchedule] = None  # replaces loss.kd_alpha when set
     temperature: Optional[ScalarSchedule] = None  # replaces loss.temperature when set
     teacher_weights: Optional[VectorSchedule] = None  # replaces teachers.models[*].weight when set
+    data_mixture: Optional[VectorSchedule] = None  # proportions of data.mixture_sources, in their order
 
 
 @dataclass
@@ -375,7 +388,8 @@ def _validate_interpolation(cfg) -> None:
 def _validate_schedules(cfg) -> None:
     from distill.schedules import SCHEDULE_KINDS
 
-    for name in ("kd_alpha", "temperature", "teacher_weights"):
+    _validate_mixture(cfg)
+    for name in ("kd_alpha", "temperature", "teacher_weights", "data_mixture"):
         schedule = cfg.schedules[name]
         if schedule is None:
             continue
@@ -390,13 +404,35 @@ def _validate_schedules(cfg) -> None:
         elif name == "temperature":
             _require(all(v > 0 for v in ends), f"{key}: start and end must be > 0, got {ends}")
         else:
-            count = len(cfg.teachers.models)
+            count = len(cfg.teachers.models) if name == "teacher_weights" else len(cfg.data.mixture_sources)
+            what = "teacher" if name == "teacher_weights" else "data.mixture_sources entry"
             for label, vector in zip(("start", "end"), ends):
-                _require(len(vector) == count, f"{key}.{label} needs one weight per teacher ({count}), got {list(vector)}")
+                _require(len(vector) == count, f"{key}.{label} needs one weight per {what} ({count}), got {list(vector)}")
                 _require(all(v >= 0 for v in vector) and sum(vector) > 0,
                          f"{key}.{label}: weights must be >= 0 with a positive sum, got {list(vector)}")
-            _require(cfg.interpolation.fit_on is None,
-                     "schedules.teacher_weights and interpolation.fit_on both set the teacher weights: choose one")
+            if name == "teacher_weights":
+                _require(cfg.interpolation.fit_on is None,
+                         "schedules.teacher_weights and interpolation.fit_on both set the teacher weights: choose one")
+
+
+def _validate_mixture(cfg) -> None:
+    sources = cfg.data.mixture_sources
+    if not sources:
+        _require(cfg.schedules.data_mixture is None, "schedules.data_mixture is set but data.mixture_sources is empty")
+        return
+    names = [source.name for source in sources]
+    _require(len(set(names)) == len(names), f"data.mixture_sources: names must be unique, got {names}")
+    _require(cfg.schedules.data_mixture is not None, "data.mixture_sources needs schedules.data_mixture (the proportions)")
+    _require(cfg.training.max_steps is not None, "data.mixture_sources needs training.max_steps (a mixture has no epochs)")
+    for index, source in enumerate(sources):
+        key = f"data.mixture_sources[{index}]"
+        if source.path is None:
+            _require(source.name in ("train", "unlabeled"),
+                     f"{key} ({source.name}) has no path: only 'train' and 'unlabeled' name existing splits")
+            _require(source.name != "unlabeled" or cfg.data.unlabeled.path is not None,
+                     f"{key} names 'unlabeled' but data.unlabeled.path is not set")
+        else:
+            _check_data_reference(source.path, f"{key}.path")
 
 
 def teacher_display_name(teacher: TeacherConfig, index: int) -> str:

@@ -21,6 +21,7 @@ from distill.paths import is_local_reference, resolve_path
 _FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 LABELS = "labels"
 INDEX = "index"
+SOURCE = "source"
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Splits:
     train: Dataset
     validation: Dataset
     label_names: List[str]
+    source_names: List[str]  # train rows carry a `source` id into this list
 
 
 def _load_source(source: DataSourceConfig, key: str) -> Dataset:
@@ -169,16 +171,20 @@ def read_splits(cfg: DataConfig) -> Splits:
     validation = _subsample(validation, cfg.validation.max_samples, seed)
     train = _subsample(train, cfg.train.max_samples, seed)
 
+    named = {"train": train}
     if cfg.unlabeled.path:
-        unlabeled = _normalise(_load_source(cfg.unlabeled, "unlabeled"), cfg, None, "unlabeled")
-        if cfg.drop_duplicate_texts:
-            seen = set(_text_keys(validation, cfg.text_fields)) | set(_text_keys(train, cfg.text_fields))
-            unlabeled = _drop_duplicates(unlabeled, cfg.text_fields, exclude=seen)
-        unlabeled = _subsample(unlabeled, cfg.unlabeled.max_samples, seed)
-        if len(unlabeled) == 0:
-            raise ConfigError(f"data.unlabeled.path: {cfg.unlabeled.path} has no rows left "
-                              "after removing texts already in train or validation")
-        train = concatenate_datasets([train, unlabeled])
+        named["unlabeled"] = _extra_source(cfg, cfg.unlabeled, "unlabeled", None, [validation, train], seed)
+    if cfg.mixture_sources:
+        parts = []
+        for index, source in enumerate(cfg.mixture_sources):
+            part = named[source.name] if source.path is None else _extra_source(
+                cfg, source, f"mixture_sources[{index}]", label_names, [validation], seed)
+            parts.append(part.add_column(SOURCE, [index] * len(part)))
+        source_names = [source.name for source in cfg.mixture_sources]
+    else:
+        parts = [part.add_column(SOURCE, [index] * len(part)) for index, part in enumerate(named.values())]
+        source_names = list(named)
+    train = concatenate_datasets(parts)
 
     if len(train) == 0:
         raise ConfigError(f"data.train: no training rows left from {cfg.train.path}")
@@ -186,7 +192,21 @@ def read_splits(cfg: DataConfig) -> Splits:
     if len(validation) == 0 or np.all(validation_labels == IGNORE_INDEX):
         raise ConfigError("data.validation: the validation split is empty or has no labels; "
                           "set data.validation.path or a larger data.validation_fraction")
-    return Splits(train=_with_index(train), validation=_with_index(validation), label_names=label_names)
+    return Splits(train=_with_index(train), validation=_with_index(validation), label_names=label_names,
+                  source_names=source_names)
+
+
+def _extra_source(cfg: DataConfig, source, key: str, label_names, exclude: Sequence[Dataset], seed: int) -> Dataset:
+    """An unlabelled (or, with a label column, labelled) source, without texts already in `exclude`."""
+    rows = _normalise(_load_source(source, key), cfg, label_names, key)
+    if cfg.drop_duplicate_texts:
+        seen = set().union(*(set(_text_keys(split, cfg.text_fields)) for split in exclude))
+        rows = _drop_duplicates(rows, cfg.text_fields, exclude=seen)
+    rows = _subsample(rows, source.max_samples, seed)
+    if len(rows) == 0:
+        raise ConfigError(f"data.{key}.path: {source.path} has no rows left after removing texts already in "
+                          "train or validation")
+    return rows
 
 
 def texts_of(dataset: Dataset, fields: Sequence[str]) -> List[str]:
@@ -229,6 +249,8 @@ class Collator:
 
         batch = {LABELS: torch.tensor([row[LABELS] for row in rows], dtype=torch.long),
                  INDEX: torch.tensor([row[INDEX] for row in rows], dtype=torch.long)}
+        if SOURCE in rows[0]:
+            batch[SOURCE] = torch.tensor([row[SOURCE] for row in rows], dtype=torch.long)
         for group in self.groups:
             names = group.tokenizer.model_input_names
             features = [{name: row[group.prefix + name] for name in names if group.prefix + name in row}

@@ -26,7 +26,7 @@ from distill import distributed
 from distill.checkpointing import (MANIFEST, ResumableSampler, content_hash, load_rng_state, read_manifest,
                                    save_rng_state, unsafe_changes, write_manifest)
 from distill.config import ConfigError, DistillConfig, to_yaml
-from distill.data import Collator, LABELS, TokenizerGroup, model_inputs, read_splits, texts_of, tokenize
+from distill.data import Collator, LABELS, SOURCE, TokenizerGroup, model_inputs, read_splits, texts_of, tokenize
 from distill.deepspeed_config import build_deepspeed_config, build_optimizer, build_scheduler
 from distill.evaluation import (Predictions, collect_teacher_logits, predict, student_logits_fn, teacher_logit_fns,
                                 validation_loader)
@@ -35,6 +35,7 @@ from distill.interpolate import normalize_weights
 from distill.schedules import value_at
 from distill.hardware import local_device, teacher_dtype
 from distill.losses import IGNORE_INDEX, distillation_loss, per_teacher_kl
+from distill.mixture import MixtureBatchSampler
 from distill.modeling import count_parameters, load_model_config, load_tokenizer
 from distill.report import build_report, format_table, write_json
 from distill.student import build_student, check_student_labels
@@ -166,6 +167,11 @@ class Trainer:
         print(f"interpolation state rank {distributed.rank()}: {state_digest(state)} "
               f"weights={[round(w, 4) for w in state['weights']]}", flush=True)
 
+    def mixture_proportions(self, step: int) -> List[float]:
+        """Scheduled proportions of data.mixture_sources at an optimizer step, normalised."""
+        weights = value_at(self.cfg.schedules.data_mixture, None, step, self.total_steps)
+        return normalize_weights(torch.tensor(weights, dtype=torch.float64)).tolist()
+
     def _scheduled(self, step: int) -> Dict:
         """kd_alpha, temperature and teacher weights at this optimizer step (schedules.py)."""
         cfg, schedules = self.cfg, self.cfg.schedules
@@ -230,6 +236,14 @@ class Trainer:
         if len(self.train_loader) == 0:
             raise ConfigError(f"training.micro_batch_size={cfg.training.micro_batch_size} x "
                               f"{distributed.world_size()} ranks exceeds the {len(self.train_set)} training rows")
+        self.mixture = None
+        if cfg.data.mixture_sources:  # batches drawn from the sources with scheduled proportions
+            sources = self.train_set[SOURCE]
+            rows = [[i for i, s in enumerate(sources) if s == k] for k in range(len(self.splits.source_names))]
+            self.mixture = MixtureBatchSampler(
+                rows, self.mixture_proportions, cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps,
+                distributed.world_size(), distributed.rank(), cfg.seed)
+            self.train_loader = DataLoader(self.train_set, batch_sampler=self.mixture, collate_fn=self.collator)
         accumulation = cfg.training.gradient_accumulation_steps
         if cfg.training.max_steps is not None:
             self.total_steps = cfg.training.max_steps
@@ -246,6 +260,8 @@ class Trainer:
             self.start_epoch = client_state["epoch"]
             self.skip_batches = client_state["batches_in_epoch"]
             load_rng_state(Path(path).parent if Path(path).is_file() else Path(path), distributed.rank())
+            if self.mixture is not None:
+                self.mixture.start_micro_step = self.engine.global_steps * accumulation
             if distributed.is_main():
                 print(f"resumed from step {self.engine.global_steps} (epoch {self.start_epoch}, "
                       f"batch {self.skip_batches})", flush=True)
@@ -291,12 +307,16 @@ class Trainer:
             progress = tqdm(total=self.total_steps, initial=self.engine.global_steps, desc="distill", unit="step")
         started = time.perf_counter()
         epoch = self.start_epoch
+        drawn_sources = torch.zeros(len(self.splits.source_names), dtype=torch.float64)
         self.engine.train()
         while self.engine.global_steps < self.total_steps:
-            self.train_sampler.set_epoch(epoch, skip_samples=self.skip_batches * cfg.training.micro_batch_size)
+            if self.mixture is None:
+                self.train_sampler.set_epoch(epoch, skip_samples=self.skip_batches * cfg.training.micro_batch_size)
             for position, batch in enumerate(self.train_loader, start=self.skip_batches):
                 before = self.engine.global_steps
                 self._micro_step(batch, window)
+                if self.mixture is not None:
+                    drawn_sources += torch.bincount(batch[SOURCE], minlength=len(drawn_sources)).double()
                 step = self.engine.global_steps
                 if step == before:
                     continue
@@ -312,6 +332,13 @@ class Trainer:
                 if step % cfg.training.log_every == 0 or step == self.total_steps:
                     values = window.summary()
                     values["lr"] = self.engine.get_lr()[0]
+                    if self.mixture is not None:  # the proportion drawn in this window, next to the scheduled one
+                        drawn = distributed.mean_across_ranks(drawn_sources)
+                        drawn = drawn / drawn.sum().clamp(min=1)
+                        for name, scheduled, fraction in zip(self.splits.source_names, self.mixture_proportions(step), drawn.tolist()):
+                            values[f"mixture/{name}/scheduled"] = scheduled
+                            values[f"mixture/{name}/drawn"] = fraction
+                        drawn_sources.zero_()
                     skipped = distributed.mean_across_ranks(torch.tensor([float(self.skipped_rows)]))
                     values["skipped_nonfinite_rows"] = round(float(skipped) * distributed.world_size())
                     now = self._scheduled(step)

@@ -1,0 +1,85 @@
+"""Scheduled data mixtures: proportions follow the schedule, ranks split one global batch, and a
+resumed sampler continues with exactly the same batches."""
+import itertools
+import json
+import math
+
+import pytest
+
+from distill.config import ConfigError, load_config
+from distill.mixture import MixtureBatchSampler
+from distill.schedules import schedule_value
+from tests.conftest import tiny_config_yaml
+from tests.helpers import run_cli
+
+SIZES = (500, 700)
+
+
+def _sampler(rank=0, world=2, start=0, steps=200):
+    rows = [list(range(SIZES[0])), list(range(SIZES[0], SIZES[0] + SIZES[1]))]
+
+    def proportions(step):
+        share = schedule_value("linear", 0.1, 0.9, step, 0, steps)
+        return [1 - share, share]
+
+    sampler = MixtureBatchSampler(rows, proportions, micro_batch_size=16, gradient_accumulation_steps=1,
+                                  world_size=world, rank=rank, seed=5)
+    sampler.start_micro_step = start
+    return sampler, proportions
+
+
+def test_drawn_proportions_follow_the_schedule_within_sampling_error():
+    (first, proportions), (second, _) = _sampler(0), _sampler(1)
+    batches = [a + b for a, b in itertools.islice(zip(first, second), 200)]
+    for window in range(0, 200, 20):
+        rows = [index for batch in batches[window:window + 20] for index in batch]
+        drawn = sum(index >= SIZES[0] for index in rows) / len(rows)
+        scheduled = sum(proportions(step)[1] for step in range(window, window + 20)) / 20
+        sigma = math.sqrt(scheduled * (1 - scheduled) / len(rows))
+        assert abs(drawn - scheduled) < 4 * sigma, (window, drawn, scheduled)
+
+
+def test_ranks_take_disjoint_slices_and_sources_are_read_without_repeats():
+    (first, _), (second, _) = _sampler(0), _sampler(1)
+    seen = [index for a, b in itertools.islice(zip(first, second), 40) for index in a + b]
+    general = [index for index in seen if index < SIZES[0]]
+    assert len(general) > SIZES[0]
+    assert sorted(general[:SIZES[0]]) == list(range(SIZES[0]))  # one full pass before any repeat
+    assert general[SIZES[0]:SIZES[0] + 20] != general[:20]  # the next pass is reshuffled
+    assert len(next(iter(first))) == 16
+
+
+def test_a_resumed_sampler_continues_with_the_same_batches():
+    uninterrupted = list(itertools.islice(iter(_sampler(1)[0]), 120))
+    resumed = list(itertools.islice(iter(_sampler(1, start=70)[0]), 50))
+    assert resumed == uninterrupted[70:]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.mixture_sources=[{name: train}, {name: unlabeled}]"], "needs schedules.data_mixture"),
+    (["data.mixture_sources=[{name: train}, {name: unlabeled}]", "schedules.data_mixture={start: [1, 0]}",
+      "training.max_steps=null"], "needs training.max_steps"),
+    (["data.mixture_sources=[{name: train}, {name: unlabeled}]", "schedules.data_mixture={start: [1, 0, 0]}"],
+     r"schedules.data_mixture.start needs one weight per data.mixture_sources entry \(2\)"),
+    (["data.mixture_sources=[{name: general}]", "schedules.data_mixture={start: [1]}"],
+     r"data.mixture_sources\[0\] \(general\) has no path"),
+])
+def test_bad_mixture_configs_are_named(tiny, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(tiny_config_yaml(tiny, tmp_path / "r"), overrides)
+
+
+def test_a_mixture_run_logs_scheduled_and_drawn_proportions(tiny, tmp_path):
+    run_dir = tmp_path / "mixture"
+    config = tiny_config_yaml(tiny, run_dir)
+    result = run_cli(["train", config, "training.max_steps=10", "training.log_every=5",
+                      "data.mixture_sources=[{name: train}, {name: unlabeled}]",
+                      "schedules.data_mixture={kind: linear, start: [0.9, 0.1], end: [0.1, 0.9]}"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if row["kind"] == "train"]
+    assert rows[-1]["mixture/unlabeled/scheduled"] == pytest.approx(0.9)
+    assert rows[0]["mixture/train/scheduled"] == pytest.approx(0.5)
+    for row in rows:
+        assert row["mixture/train/drawn"] + row["mixture/unlabeled/drawn"] == pytest.approx(1.0)
+    assert rows[-1]["mixture/unlabeled/drawn"] > rows[0]["mixture/unlabeled/drawn"]
