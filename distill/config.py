@@ -69,11 +69,21 @@ class DataSourceConfig:
 
 @dataclass
 class MixtureSourceConfig:
-    name: str = MISSING  # 'train' / 'unlabeled' name those splits (path unset); others need a path
-    path: Optional[str] = None
+    name: str = MISSING  # 'train' / 'unlabeled' alone name those splits; other sources need path or from_split
+    path: Optional[str] = None  # a file or hub name of its own
+    from_split: Optional[str] = None  # or: rows of the 'train' or 'unlabeled' split
+    match: Optional[str] = None  # keep rows whose first text field matches this regex (case-insensitive)
+    invert_match: bool = False  # keep the rows that do not match instead
     split: str = "train"
     max_samples: Optional[int] = None
     encoding: str = "utf-8"
+
+
+@dataclass
+class DomainConfig:
+    name: str = MISSING
+    match: str = MISSING  # a validation row belongs to the domain when its first text field matches
+    invert_match: bool = False
 
 
 @dataclass
@@ -91,6 +101,8 @@ class DataConfig:
     # Scheduled mixture: when sources are named, each batch draws its rows from them with the
     # proportions of schedules.data_mixture (distill/mixture.py); needs training.max_steps.
     mixture_sources: List[MixtureSourceConfig] = field(default_factory=list)
+    # Validation metrics are also logged per domain (a regex over the first text field).
+    eval_domains: List[DomainConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -225,13 +237,7 @@ def load_config(path: Optional[str | os.PathLike], overrides: Optional[List[str]
     schema = OmegaConf.structured(DistillConfig)
     layers = [schema]
     for file_path in ([path] if path is not None else []) + list(fragments):
-        config_path = Path(file_path)
-        if not config_path.is_file():
-            raise ConfigError(f"config file {config_path} does not exist")
-        try:
-            layers.append(OmegaConf.load(config_path))
-        except Exception as error:  # yaml.YAMLError and omegaconf's own parse errors
-            raise ConfigError(f"config file {config_path} is not valid YAML: {error}") from error
+        layers.extend(_read_with_includes(Path(file_path), []))
     try:
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as error:
@@ -251,6 +257,26 @@ def load_config(path: Optional[str | os.PathLike], overrides: Optional[List[str]
     validate(merged)
     OmegaConf.set_readonly(merged, True)
     return merged  # type: ignore[return-value]
+
+
+def _read_with_includes(config_path: Path, chain: List[Path]) -> list:
+    """A YAML file as omegaconf layers: its `include:` files first (paths relative to it), then itself."""
+    if not config_path.is_file():
+        raise ConfigError(f"config file {config_path} does not exist" +
+                          (f" (included from {chain[-1]})" if chain else ""))
+    if config_path.resolve() in chain:
+        raise ConfigError(f"config file {config_path} includes itself through {[str(p) for p in chain]}")
+    try:
+        layer = OmegaConf.load(config_path)
+    except Exception as error:  # yaml.YAMLError and omegaconf's own parse errors
+        raise ConfigError(f"config file {config_path} is not valid YAML: {error}") from error
+    includes = layer.pop("include", None) if isinstance(layer, DictConfig) else None
+    if includes is None:
+        return [layer]
+    layers = []
+    for include in [includes] if isinstance(includes, str) else list(includes):
+        layers.extend(_read_with_includes(config_path.parent / str(include), chain + [config_path.resolve()]))
+    return layers + [layer]
 
 
 def _describe_omegaconf_error(error: Exception, path) -> str:
@@ -426,13 +452,37 @@ def _validate_mixture(cfg) -> None:
     _require(cfg.training.max_steps is not None, "data.mixture_sources needs training.max_steps (a mixture has no epochs)")
     for index, source in enumerate(sources):
         key = f"data.mixture_sources[{index}]"
-        if source.path is None:
-            _require(source.name in ("train", "unlabeled"),
-                     f"{key} ({source.name}) has no path: only 'train' and 'unlabeled' name existing splits")
-            _require(source.name != "unlabeled" or cfg.data.unlabeled.path is not None,
-                     f"{key} names 'unlabeled' but data.unlabeled.path is not set")
+        split = mixture_source_split(source)
+        _require((source.path is None) != (split is None),
+                 f"{key} ({source.name}): give a path or from_split (train or unlabeled), not both or neither; "
+                 "a source named 'train' or 'unlabeled' alone means that split")
+        if split is not None:
+            _require(split in ("train", "unlabeled"), f"{key}.from_split: {split!r} is not train or unlabeled")
+            _require(split != "unlabeled" or cfg.data.unlabeled.path is not None,
+                     f"{key} reads the 'unlabeled' split but data.unlabeled.path is not set")
         else:
             _check_data_reference(source.path, f"{key}.path")
+        _check_pattern(source.match, f"{key}.match")
+    for index, domain in enumerate(cfg.data.eval_domains):
+        _check_pattern(domain.match, f"data.eval_domains[{index}].match")
+
+
+def mixture_source_split(source) -> Optional[str]:
+    if source.from_split is not None:
+        return source.from_split
+    if source.path is None and source.name in ("train", "unlabeled"):
+        return source.name
+    return None
+
+
+def _check_pattern(pattern: Optional[str], key: str) -> None:
+    import re
+
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression: {error}") from error
 
 
 def teacher_display_name(teacher: TeacherConfig, index: int) -> str:

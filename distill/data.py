@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from datasets import Dataset, concatenate_datasets, load_dataset
 
-from distill.config import ConfigError, DataConfig, DataSourceConfig
+from distill.config import ConfigError, DataConfig, DataSourceConfig, mixture_source_split
 from distill.losses import IGNORE_INDEX
 from distill.paths import is_local_reference, resolve_path
 
@@ -177,8 +177,14 @@ def read_splits(cfg: DataConfig) -> Splits:
     if cfg.mixture_sources:
         parts = []
         for index, source in enumerate(cfg.mixture_sources):
-            part = named[source.name] if source.path is None else _extra_source(
-                cfg, source, f"mixture_sources[{index}]", label_names, [validation], seed)
+            key = f"mixture_sources[{index}]"
+            split = mixture_source_split(source)
+            part = named[split] if split is not None else _extra_source(cfg, source, key, label_names, [validation], seed)
+            if source.match is not None:
+                part = part.select(rows_matching(part[cfg.text_fields[0]], source.match, source.invert_match))
+                if len(part) == 0:
+                    raise ConfigError(f"data.{key}: no rows {'outside' if source.invert_match else 'match'} "
+                                      f"match={source.match!r}")
             parts.append(part.add_column(SOURCE, [index] * len(part)))
         source_names = [source.name for source in cfg.mixture_sources]
     else:
@@ -207,6 +213,14 @@ def _extra_source(cfg: DataConfig, source, key: str, label_names, exclude: Seque
         raise ConfigError(f"data.{key}.path: {source.path} has no rows left after removing texts already in "
                           "train or validation")
     return rows
+
+
+def rows_matching(texts: Sequence[str], pattern: str, invert: bool = False) -> List[int]:
+    """Positions of the texts that match `pattern` (case-insensitive search), or that do not."""
+    import re
+
+    compiled = re.compile(pattern, re.IGNORECASE)
+    return [i for i, text in enumerate(texts) if bool(compiled.search(text)) != invert]
 
 
 def texts_of(dataset: Dataset, fields: Sequence[str]) -> List[str]:

@@ -25,8 +25,10 @@ class Predictions:
     references: List[int]
     by_model: Dict[str, List[int]] = field(default_factory=dict)
 
-    def metrics(self, num_labels: int) -> Dict[str, Dict[str, float]]:
-        labelled = [i for i, label in enumerate(self.references) if label != IGNORE_INDEX]
+    def metrics(self, num_labels: int, rows: Optional[set] = None) -> Dict[str, Dict[str, float]]:
+        """Per model: accuracy and macro-F1 over labelled rows (only positions in `rows`, if given)."""
+        labelled = [i for i, label in enumerate(self.references)
+                    if label != IGNORE_INDEX and (rows is None or i in rows)]
         references = [self.references[i] for i in labelled]
         return {name: classification_metrics([predictions[i] for i in labelled], references, num_labels)
                 for name, predictions in self.by_model.items()}

@@ -66,7 +66,12 @@ def plot_curves(metrics_path: Path, out_path: Path, title: Optional[str] = None)
     loss_axis.set_title("training loss")
     if evals:
         accuracy_axis.plot([r["step"] for r in evals], [r["student/accuracy"] for r in evals], "o-", label="student")
-        references = [key for key in sorted(evals[-1]) if key.endswith("/accuracy") and key != "student/accuracy"]
+        for key in sorted(evals[-1]):  # per-domain curves of the student (data.eval_domains)
+            if key.startswith("student/") and key.endswith("/accuracy") and key.count("/") == 2:
+                accuracy_axis.plot([r["step"] for r in evals], [r.get(key) for r in evals], ".-", linewidth=1,
+                                   label=f"student on {key.split('/')[1]}")
+        references = [key for key in sorted(evals[-1]) if key.endswith("/accuracy") and key.count("/") == 1
+                      and key != "student/accuracy"]
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for number, key in enumerate(references):
             accuracy_axis.axhline(evals[-1][key], linestyle="--", linewidth=1.2, color=colours[(number + 1) % len(colours)],

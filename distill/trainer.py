@@ -26,7 +26,8 @@ from distill import distributed
 from distill.checkpointing import (MANIFEST, ResumableSampler, content_hash, load_rng_state, read_manifest,
                                    save_rng_state, unsafe_changes, write_manifest)
 from distill.config import ConfigError, DistillConfig, to_yaml
-from distill.data import Collator, LABELS, SOURCE, TokenizerGroup, model_inputs, read_splits, texts_of, tokenize
+from distill.data import (Collator, LABELS, SOURCE, TokenizerGroup, model_inputs, read_splits, rows_matching, texts_of,
+                          tokenize)
 from distill.deepspeed_config import build_deepspeed_config, build_optimizer, build_scheduler
 from distill.evaluation import (Predictions, collect_teacher_logits, predict, student_logits_fn, teacher_logit_fns,
                                 validation_loader)
@@ -399,8 +400,14 @@ class Trainer:
             predictions.by_model.update(self.teacher_predictions.by_model)
         self.last_predictions = predictions
         metrics = predictions.metrics(len(self.label_names))
-        self.logger.log(step, {f"{model}/{name}": value for model, figures in metrics.items()
-                               for name, value in figures.items()}, kind="eval")
+        logged = {f"{model}/{name}": value for model, figures in metrics.items() for name, value in figures.items()}
+        texts = self.splits.validation[self.cfg.data.text_fields[0]]
+        for domain in self.cfg.data.eval_domains:  # predictions are in validation index order
+            rows = set(rows_matching(texts, domain.match, domain.invert_match))
+            if rows:
+                for model, figures in predictions.metrics(len(self.label_names), rows).items():
+                    logged.update({f"{model}/{domain.name}/{name}": value for name, value in figures.items()})
+        self.logger.log(step, logged, kind="eval")
         return metrics
 
     # ----------------------------------------------------------------------------- the run

@@ -62,7 +62,9 @@ def test_a_resumed_sampler_continues_with_the_same_batches():
     (["data.mixture_sources=[{name: train}, {name: unlabeled}]", "schedules.data_mixture={start: [1, 0, 0]}"],
      r"schedules.data_mixture.start needs one weight per data.mixture_sources entry \(2\)"),
     (["data.mixture_sources=[{name: general}]", "schedules.data_mixture={start: [1]}"],
-     r"data.mixture_sources\[0\] \(general\) has no path"),
+     r"data.mixture_sources\[0\] \(general\): give a path or from_split"),
+    (["data.mixture_sources=[{name: a, from_split: train, match: '(unclosed'}]", "schedules.data_mixture={start: [1]}"],
+     r"data.mixture_sources\[0\].match: '\(unclosed' is not a valid regular expression"),
 ])
 def test_bad_mixture_configs_are_named(tiny, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -83,3 +85,29 @@ def test_a_mixture_run_logs_scheduled_and_drawn_proportions(tiny, tmp_path):
     for row in rows:
         assert row["mixture/train/drawn"] + row["mixture/unlabeled/drawn"] == pytest.approx(1.0)
     assert rows[-1]["mixture/unlabeled/drawn"] > rows[0]["mixture/unlabeled/drawn"]
+
+
+def test_regex_sources_and_per_domain_validation_metrics(tiny, tmp_path):
+    run_dir = tmp_path / "domains"
+    config = tiny_config_yaml(tiny, run_dir)
+    positive = "great|lovely|love|superb"
+    result = run_cli(["train", config, "training.max_steps=6", "training.log_every=3", "training.eval_every=3",
+                      f"data.mixture_sources=[{{name: general, from_split: train, match: '{positive}', invert_match: true}}, "
+                      f"{{name: upbeat, from_split: train, match: '{positive}'}}]",
+                      "schedules.data_mixture={kind: linear, start: [1.0, 0.0], end: [0.0, 1.0]}",
+                      f"data.eval_domains=[{{name: upbeat, match: '{positive}'}}, "
+                      f"{{name: general, match: '{positive}', invert_match: true}}]"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [row for row in rows if row["kind"] == "train"]
+    assert train_rows[0]["mixture/upbeat/drawn"] < train_rows[-1]["mixture/upbeat/drawn"]
+    evals = [row for row in rows if row["kind"] == "eval"]
+    assert len(evals) == 2  # step 3 and the final evaluation: both domains each time
+    for row in evals:
+        assert {"student/upbeat/accuracy", "student/general/accuracy", "target/upbeat/accuracy"} <= set(row)
+    # every upbeat validation row is labelled positive in the tiny data, so a domain's accuracy is
+    # the share of those rows predicted positive: consistent with the recorded predictions
+    predictions = json.loads((run_dir / "eval" / "predictions.json").read_text())
+    upbeat = [i for i, label in enumerate(predictions["references"]) if label == 2]
+    share = sum(predictions["student"][i] == 2 for i in upbeat) / len(upbeat)
+    assert evals[-1]["student/upbeat/accuracy"] == pytest.approx(share)
