@@ -7,7 +7,6 @@ ignored here: the rank comes from the environment).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional

@@ -36,7 +36,9 @@ class Predictions:
 
 def validation_loader(dataset, collator, batch_size: int) -> DataLoader:
     sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=False, drop_last=False)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator)
+    # a generator of its own: evaluating must not draw from the global RNG that training resumes
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def predict(loader: DataLoader, models: Dict[str, Callable[[Dict], torch.Tensor]]) -> Predictions:

@@ -24,7 +24,6 @@ def build_report(cfg: DistillConfig, plans, teacher_params: List[int], student_p
     largest = max(teacher_params) if teacher_params else None
     report = {
         "task": cfg.task,
-        "label_names": None,
         "teachers": teachers,
         "target": {"interpolation": cfg.interpolation.method, **metrics.get("target", {})} if plans else None,
         "student": {"params": student_params, **metrics.get("student", {}),

@@ -7,8 +7,6 @@ report -> export.
 """
 from __future__ import annotations
 
-import json
-import math
 import random
 import shutil
 import time
@@ -244,7 +242,8 @@ class Trainer:
             self.mixture = MixtureBatchSampler(
                 rows, self.mixture_proportions, cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps,
                 distributed.world_size(), distributed.rank(), cfg.seed)
-            self.train_loader = DataLoader(self.train_set, batch_sampler=self.mixture, collate_fn=self.collator)
+            self.train_loader = DataLoader(self.train_set, batch_sampler=self.mixture, collate_fn=self.collator,
+                                           generator=torch.Generator().manual_seed(cfg.seed))
         accumulation = cfg.training.gradient_accumulation_steps
         if cfg.training.max_steps is not None:
             self.total_steps = cfg.training.max_steps
@@ -309,15 +308,17 @@ class Trainer:
         started = time.perf_counter()
         epoch = self.start_epoch
         drawn_sources = torch.zeros(len(self.splits.source_names), dtype=torch.float64)
+        scheduled_sources = torch.zeros_like(drawn_sources)
         self.engine.train()
         while self.engine.global_steps < self.total_steps:
             if self.mixture is None:
                 self.train_sampler.set_epoch(epoch, skip_samples=self.skip_batches * cfg.training.micro_batch_size)
             for position, batch in enumerate(self.train_loader, start=self.skip_batches):
                 before = self.engine.global_steps
-                self._micro_step(batch, window)
-                if self.mixture is not None:
+                if self.mixture is not None:  # what this micro-batch was drawn with, and what it got
+                    scheduled_sources += torch.tensor(self.mixture_proportions(self.engine.global_steps), dtype=torch.float64)
                     drawn_sources += torch.bincount(batch[SOURCE], minlength=len(drawn_sources)).double()
+                self._micro_step(batch, window)
                 step = self.engine.global_steps
                 if step == before:
                     continue
@@ -333,13 +334,15 @@ class Trainer:
                 if step % cfg.training.log_every == 0 or step == self.total_steps:
                     values = window.summary()
                     values["lr"] = self.engine.get_lr()[0]
-                    if self.mixture is not None:  # the proportion drawn in this window, next to the scheduled one
+                    if self.mixture is not None:  # drawn in this window, next to the window's mean scheduled mix
                         drawn = distributed.mean_across_ranks(drawn_sources)
                         drawn = drawn / drawn.sum().clamp(min=1)
-                        for name, scheduled, fraction in zip(self.splits.source_names, self.mixture_proportions(step), drawn.tolist()):
-                            values[f"mixture/{name}/scheduled"] = scheduled
+                        scheduled = scheduled_sources / scheduled_sources.sum().clamp(min=1e-12)
+                        for name, share, fraction in zip(self.splits.source_names, scheduled.tolist(), drawn.tolist()):
+                            values[f"mixture/{name}/scheduled"] = share
                             values[f"mixture/{name}/drawn"] = fraction
                         drawn_sources.zero_()
+                        scheduled_sources.zero_()
                     skipped = distributed.mean_across_ranks(torch.tensor([float(self.skipped_rows)]))
                     values["skipped_nonfinite_rows"] = round(float(skipped) * distributed.world_size())
                     now = self._scheduled(step)

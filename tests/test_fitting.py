@@ -1,5 +1,4 @@
 """Fitting on validation data: EM, simplex-convex geometric weights, temperatures, the gate, ECE."""
-import math
 
 import pytest
 import torch

@@ -80,8 +80,9 @@ def test_a_mixture_run_logs_scheduled_and_drawn_proportions(tiny, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [row for row in rows if row["kind"] == "train"]
-    assert rows[-1]["mixture/unlabeled/scheduled"] == pytest.approx(0.9)
-    assert rows[0]["mixture/train/scheduled"] == pytest.approx(0.5)
+    # the window's mean scheduled share: batches of steps 0-4, then 5-9, of a 0.1 -> 0.9 ramp over 10 steps
+    assert rows[0]["mixture/unlabeled/scheduled"] == pytest.approx(0.1 + 0.08 * 2)
+    assert rows[-1]["mixture/unlabeled/scheduled"] == pytest.approx(0.1 + 0.08 * 7)
     for row in rows:
         assert row["mixture/train/drawn"] + row["mixture/unlabeled/drawn"] == pytest.approx(1.0)
     assert rows[-1]["mixture/unlabeled/drawn"] > rows[0]["mixture/unlabeled/drawn"]
@@ -111,3 +112,23 @@ def test_regex_sources_and_per_domain_validation_metrics(tiny, tmp_path):
     upbeat = [i for i, label in enumerate(predictions["references"]) if label == 2]
     share = sum(predictions["student"][i] == 2 for i in upbeat) / len(upbeat)
     assert evals[-1]["student/upbeat/accuracy"] == pytest.approx(share)
+
+
+def test_a_resumed_mixture_run_ends_bitwise_equal_to_an_uninterrupted_one(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ["training.lr_schedule=constant", "training.warmup_ratio=0.0", "training.checkpoint_every=3",
+              "data.mixture_sources=[{name: train}, {name: unlabeled}]",
+              "schedules.data_mixture={kind: linear, start: [0.8, 0.2], end: [0.2, 0.8], end_step: 6}"]
+    whole_dir, split_dir = tmp_path / "whole", tmp_path / "split"
+    whole = run_cli(["train", tiny_config_yaml(tiny, whole_dir), "training.max_steps=6", *common])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    split_config = tiny_config_yaml(tiny, split_dir)
+    first = run_cli(["train", split_config, "training.max_steps=3", *common])
+    assert first.returncode == 0, first.stderr[-3000:]
+    (split_dir / "report.json").unlink()
+    second = run_cli(["train", split_config, "training.max_steps=6", "training.resume=auto", *common])
+    assert second.returncode == 0, second.stderr[-3000:]
+    expected = load_file(str(whole_dir / "student" / "model.safetensors"))
+    actual = load_file(str(split_dir / "student" / "model.safetensors"))
+    assert all((expected[name] == actual[name]).all() for name in expected)

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from distill.config import ConfigError, load_config
-from distill.data import TokenizerGroup, model_inputs
+from distill.data import model_inputs
 from distill.hardware import teacher_dtype
 from distill.student import build_student, keep_layers, trim_vocabulary
 from distill.teachers import NonFiniteLogitsError, label_permutation, load_teachers, plan_teachers
