@@ -74,14 +74,11 @@ def test_a_dying_rank_ends_the_job_with_an_error_naming_it(tiny, tmp_path):
         assert (run_dir / "metrics.jsonl").is_file(), "training never started"
         rank1 = subprocess.run(["pgrep", "-f", f"local_rank=1 train {config}"], capture_output=True, text=True).stdout.split()
         assert rank1, "rank 1 not found"
-        killed_at = time.time()
         os.kill(int(rank1[0]), signal.SIGKILL)
-        output, _ = process.communicate(timeout=120)  # bounded: never a hang
-        elapsed = time.time() - killed_at
+        output, _ = process.communicate(timeout=120)  # a hang raises TimeoutExpired: the job must end
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode != 0
     assert "--local_rank=1" in output and "exits with return code = -9" in output
     assert "the job failed" in output
-    assert elapsed < 120
