@@ -125,16 +125,14 @@ def comparison_table(names: List[str], logits: Tensor, labels: Tensor, fit_tempe
 
 
 def format_fit_table(rows: List[Dict]) -> str:
-    header = ("mix", "NLL", "accuracy", "ECE", "weights", "temperatures")
-    lines = [header]
+    from distill.report import text_table
+
+    cells = []
     for row in rows:
         weights = ", ".join(f"{w:.3f}" for w in row["weights"]) if row["weights"] else "-"
         temperatures = ", ".join(f"{t:.2f}" for t in row["temperatures"]) if row["temperatures"] else "-"
-        lines.append((row["name"], f"{row['nll']:.4f}", f"{row['accuracy']:.4f}", f"{row['ece']:.4f}", weights, temperatures))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
-    text.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(text)
+        cells.append((row["name"], f"{row['nll']:.4f}", f"{row['accuracy']:.4f}", f"{row['ece']:.4f}", weights, temperatures))
+    return text_table(("mix", "NLL", "accuracy", "ECE", "weights", "temperatures"), cells)
 
 
 def plot_fit_table(rows: List[Dict], path: Path) -> Path:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 from distill.config import DistillConfig
 
@@ -37,9 +37,18 @@ def build_report(cfg: DistillConfig, plans, teacher_params: List[int], student_p
     return report
 
 
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned fixed-width columns with a dashed rule under the header."""
+    lines = [list(header)] + [list(row) for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(text)
+
+
 def format_table(report: Dict) -> str:
     """A fixed-width table: teachers, the interpolated target, the student."""
-    rows = [("model", "params", "accuracy", "macro-F1", "note")]
+    rows = []
     for teacher in report["teachers"]:
         rows.append((f"teacher {teacher['name']}", f"{teacher['params'] / 1e6:.2f}M",
                      f"{teacher.get('accuracy', float('nan')):.4f}", f"{teacher.get('macro_f1', float('nan')):.4f}",
@@ -52,10 +61,7 @@ def format_table(report: Dict) -> str:
     ratio = student.get("compression_vs_largest_teacher")
     rows.append(("student", f"{student['params'] / 1e6:.2f}M", f"{student['accuracy']:.4f}",
                  f"{student['macro_f1']:.4f}", f"{ratio:.2f}x largest teacher" if ratio else ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return text_table(("model", "params", "accuracy", "macro-F1", "note"), rows)
 
 
 def model_card(report: Dict, label_names: List[str], dtype: str) -> str:

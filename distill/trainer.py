@@ -101,6 +101,7 @@ class Trainer:
         self.ensemble: Optional[TeacherEnsemble] = None
         self.teacher_predictions: Optional[Predictions] = None
         self.skipped_rows = 0  # rows left out of the KD term for non-finite teacher logits (this rank)
+        self.teacher_hashes: Optional[List[str]] = None
 
     # ----------------------------------------------------------------- set-up, in failing order
     def prepare(self) -> None:
@@ -374,8 +375,10 @@ class Trainer:
         # Our files go in first: DeepSpeed writes `latest` last, so a tag that `latest` names is whole.
         save_rng_state(root / tag, distributed.rank())
         if distributed.is_main():
-            teachers = [{"name": plan.name, "path": plan.path, "hash": content_hash(plan.path), "weight": plan.weight,
-                         "temperature": plan.temperature} for plan in self.teacher_plans]
+            if self.teacher_hashes is None:  # hashing teacher files is costly for big teachers: once per run
+                self.teacher_hashes = [content_hash(plan.path) for plan in self.teacher_plans]
+            teachers = [{"name": plan.name, "path": plan.path, "hash": digest, "weight": plan.weight,
+                         "temperature": plan.temperature} for plan, digest in zip(self.teacher_plans, self.teacher_hashes)]
             interpolation = self.ensemble.interpolation_state() if self.ensemble is not None else {}
             interpolation.pop("gate", None)  # tensors: saved in RUN_DIR/interpolation/gate.safetensors
             write_manifest(root / tag, OmegaConf.to_container(self.cfg, resolve=True), teachers, interpolation, position)

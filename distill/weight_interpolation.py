@@ -120,11 +120,11 @@ def sweep(cfg, first: Path, second: Path, alphas: Sequence[float], out_dir: Path
 
 
 def format_sweep(rows: List[Dict], best_alpha: float) -> str:
-    lines = ["alpha   accuracy  macro-F1  NLL"]
-    for row in rows:
-        mark = "  <- best" if row["alpha"] == best_alpha else ""
-        lines.append(f"{row['alpha']:<6.3f}  {row['accuracy']:.4f}    {row['macro_f1']:.4f}    {row['nll']:.4f}{mark}")
-    return "\n".join(lines)
+    from distill.report import text_table
+
+    cells = [(f"{row['alpha']:.3f}", f"{row['accuracy']:.4f}", f"{row['macro_f1']:.4f}", f"{row['nll']:.4f}",
+              "<- best" if row["alpha"] == best_alpha else "") for row in rows]
+    return text_table(("alpha", "accuracy", "macro-F1", "NLL", ""), cells)
 
 
 def plot_sweep(rows: List[Dict], best_alpha: float, path: Path, first: Path, second: Path) -> Path:
