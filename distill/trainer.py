@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -164,8 +165,10 @@ class Trainer:
         self.ensemble.load_interpolation_state(state)
         for plan, weight, temperature in zip(self.teacher_plans, state["weights"], state["temperatures"]):
             plan.weight, plan.temperature = weight, temperature
-        print(f"interpolation state rank {distributed.rank()}: {state_digest(state)} "
-              f"weights={[round(w, 4) for w in state['weights']]}", flush=True)
+        # one write: under the launcher, ranks share stdout, and print() writes text and newline apart
+        sys.stdout.write(f"interpolation state rank {distributed.rank()}: {state_digest(state)} "
+                         f"weights={[round(w, 4) for w in state['weights']]}\n")
+        sys.stdout.flush()
 
     def mixture_proportions(self, step: int) -> List[float]:
         """Scheduled proportions of data.mixture_sources at an optimizer step, normalised."""
