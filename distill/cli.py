@@ -7,6 +7,7 @@ ignored here: the rank comes from the environment).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -51,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir")
     export.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
+    export.add_argument("--quantize", choices=["int8"], default=None,
+                        help="int8 linear layers (torchao); validation accuracy before/after goes in the model card")
+    export.add_argument("--onnx", action="store_true",
+                        help="also write model.onnx, checked against PyTorch with onnxruntime on validation")
     return parser
 
 
@@ -115,7 +120,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "export":
             from distill.export import export_run
 
-            out = export_run(Path(args.run_dir), Path(args.out_dir), dtype=args.dtype, overwrite=args.overwrite)
+            out = export_run(Path(args.run_dir), Path(args.out_dir), dtype=args.dtype, overwrite=args.overwrite,
+                             quantize=args.quantize, onnx=args.onnx)
+            if args.onnx:
+                parity = json.loads((out / "onnx_parity.json").read_text())
+                print(f"onnx: {parity['file']}, largest logit difference to PyTorch {parity['max_abs_logit_difference']:.2e} "
+                      f"over {parity['rows']} validation rows")
+            if args.quantize:
+                figures = json.loads((out / "compression.json").read_text())
+                before, after = figures["validation_before"], figures["validation_after"]
+                print(f"{args.quantize}: weights {figures['bytes_before']:,} -> {figures['bytes_after']:,} bytes, "
+                      f"validation accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}")
             print(f"exported to {out}")
     except ConfigError as error:
         print(f"distill: config error: {error}", file=sys.stderr)

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from tests.conftest import tiny_config_yaml
-from tests.helpers import assert_export_matches_run, run_cli, train_losses
+from tests.helpers import exported_predictions, assert_export_matches_run, run_cli, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,38 @@ def test_export_command_refuses_to_overwrite_and_writes_bf16(finished_run, tmp_p
 
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_int8_export_loads_in_plain_transformers_and_reports_its_cost(finished_run, tmp_path):
+    """Tolerance stated in the README: the int8 student agrees with the run's final predictions on
+    at least 90% of validation rows (int8 rounding flips only near-tied arg-maxes)."""
+    run_dir, config, _ = finished_run
+    out = tmp_path / "int8"
+    done = run_cli(["export", run_dir, out, "--quantize", "int8", "--onnx"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    parity = json.loads((out / "onnx_parity.json").read_text())  # onnxruntime vs PyTorch, fp32
+    assert parity["max_abs_logit_difference"] < 1e-4 and parity["argmax_agreement"] == 1.0
+    assert parity["rows"] == len(json.loads((run_dir / "eval" / "predictions.json").read_text())["references"])
+    compression = json.loads((out / "compression.json").read_text())
+    # each int8 weight saves 3 of its 4 bytes, less per-row scales and torchao's metadata
+    assert compression["bytes_before"] - compression["bytes_after"] >= 1.5 * compression["params_int8"]
+    assert 0 < compression["params_int8"] < compression["params"]
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert type(model.classifier.weight).__name__ == "Int8Tensor"  # stored and reloaded quantized
+    recorded = json.loads((run_dir / "eval" / "predictions.json").read_text())["student"]
+    predicted = exported_predictions(out, config)
+    agreement = sum(a == b for a, b in zip(predicted, recorded)) / len(recorded)
+    assert agreement >= 0.9, agreement
+    references = json.loads((run_dir / "eval" / "predictions.json").read_text())["references"]
+    labelled = [i for i, label in enumerate(references) if label != -100]
+    accuracy = sum(predicted[i] == references[i] for i in labelled) / len(labelled)
+    assert accuracy == pytest.approx(compression["validation_after"]["accuracy"], abs=1e-9)
+    card = (out / "README.md").read_text()
+    assert "## Compression: int8" in card and f"{compression['validation_after']['accuracy']:.4f}" in card
+    refused = run_cli(["export", run_dir, tmp_path / "bf16-int8", "--quantize", "int8", "--dtype", "bf16"])
+    assert refused.returncode == 2 and "drop --dtype bf16" in refused.stderr
 
 
 def test_eval_command_reproduces_the_run_metrics(finished_run):
