@@ -21,6 +21,35 @@ import torch
 from torch.utils.data import Sampler
 
 MANIFEST = "distill_manifest.json"
+LATEST = "latest"  # DeepSpeed's pointer to the newest complete tag
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota); the previous complete one is intact."""
+
+
+def latest_complete_tag(root: Path):
+    latest = root / LATEST
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    return tag if tag and (root / tag).is_dir() else None
+
+
+def restore_latest(root: Path, tag) -> None:
+    """Point `latest` back at `tag` (or remove it when there was none), replacing it atomically."""
+    latest = root / LATEST
+    if tag is None:
+        latest.unlink(missing_ok=True)
+        return
+    temporary = root / (LATEST + ".tmp")
+    try:
+        temporary.write_text(tag)
+        temporary.replace(latest)
+    except OSError:  # even a few bytes do not fit: drop the pointer rather than leave it naming a gone tag
+        temporary.unlink(missing_ok=True)
+        if latest.is_file() and latest.read_text().strip() != tag:
+            latest.unlink()
 
 # Keys a resumed run may change: they alter logging, evaluation or how long it runs, not what it learns.
 RESUME_SAFE_PREFIXES = ("training.log_every", "training.eval_every", "training.checkpoint_every",

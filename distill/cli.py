@@ -136,6 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"distill: config error: {error}", file=sys.stderr)
         return 2
     except Exception as error:
+        from distill.checkpointing import CheckpointWriteError
         from distill.export import ExportError
         from distill.teachers import NonFiniteLogitsError
 
@@ -145,6 +146,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if isinstance(error, NonFiniteLogitsError):
             print(f"distill: stopped: {error}", file=sys.stderr)
             return 3
+        if isinstance(error, CheckpointWriteError):
+            print(f"distill: checkpoint failed: {error}", file=sys.stderr)
+            return 4
         raise
     return 0
 

@@ -22,7 +22,8 @@ from torch.utils.data.distributed import DistributedSampler
 from omegaconf import OmegaConf
 
 from distill import distributed
-from distill.checkpointing import (MANIFEST, ResumableSampler, content_hash, load_rng_state, read_manifest,
+from distill.checkpointing import (MANIFEST, CheckpointWriteError, ResumableSampler, content_hash,
+                                   latest_complete_tag, load_rng_state, read_manifest, restore_latest,
                                    save_rng_state, unsafe_changes, write_manifest)
 from distill.config import ConfigError, DistillConfig, to_yaml
 from distill.data import (Collator, LABELS, SOURCE, TokenizerGroup, model_inputs, read_splits, rows_matching, texts_of,
@@ -375,6 +376,27 @@ class Trainer:
         root = self.run_dir / CHECKPOINTS
         tag = f"step{self.engine.global_steps:07d}"
         position = {"epoch": epoch, "batches_in_epoch": batches_in_epoch, "global_step": self.engine.global_steps}
+        previous = latest_complete_tag(root)
+        try:
+            self._write_checkpoint(root, tag, position)
+        except (OSError, RuntimeError) as error:
+            # A full disk or a quota: torch.save reports a failed write as a RuntimeError from its zip
+            # writer ("unexpected pos", "file write failed"), plain file writes as an OSError.
+            # Either way, leave no half-written tag behind.
+            if distributed.is_main():
+                shutil.rmtree(root / tag, ignore_errors=True)
+                restore_latest(root, previous)  # DeepSpeed may have written `latest` before a later file failed
+            raise CheckpointWriteError(
+                f"checkpoint {tag} could not be written to {root}: {error}. Its partial folder was removed; the "
+                f"newest complete checkpoint is {previous or 'none'}. Free space and rerun with "
+                "training.resume=auto.") from error
+        if distributed.is_main():
+            tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
+            for old in tags[:-self.cfg.training.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
+
+    def _write_checkpoint(self, root: Path, tag: str, position: Dict) -> None:
         # Our files go in first: DeepSpeed writes `latest` last, so a tag that `latest` names is whole.
         save_rng_state(root / tag, distributed.rank())
         if distributed.is_main():
@@ -387,11 +409,6 @@ class Trainer:
             write_manifest(root / tag, OmegaConf.to_container(self.cfg, resolve=True), teachers, interpolation, position)
         distributed.barrier()
         self.engine.save_checkpoint(str(root), tag=tag, client_state=position)
-        distributed.barrier()
-        if distributed.is_main():
-            tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
-            for old in tags[:-self.cfg.training.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
 
     # --------------------------------------------------------------------------- evaluation

@@ -17,10 +17,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_cli(args, timeout=600, env_extra=None):
+def run_cli(args, timeout=600, env_extra=None, preexec_fn=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "distill.cli", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
 
 
 def run_deepspeed(ranks: int, args, timeout=900):

@@ -106,6 +106,34 @@ def test_eval_command_reproduces_the_run_metrics(finished_run):
     assert f"{report['student']['accuracy']:.4f}" in student_line
 
 
+def test_a_checkpoint_that_does_not_fit_on_disk_leaves_the_previous_one_whole(tiny, tmp_path):
+    """The disk refuses the write (here a file-size limit: Python ignores SIGXFSZ, so the write fails
+    with an OSError as on a full disk): the run stops with a message, the partial checkpoint is gone,
+    `latest` still names the previous one, and a later resume continues from it."""
+    import resource
+
+    def small_files_only():  # model states of the tiny student are ~400 KB, every other file < 130 KB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    run_dir = tmp_path / "run"
+    config = tiny_config_yaml(tiny, run_dir, extra="deepspeed: {zero_stage: 0}")
+    first = run_cli(["train", config, "training.max_steps=4", "training.checkpoint_every=4"])
+    assert first.returncode == 0, first.stderr[-4000:]
+    (run_dir / "report.json").unlink()  # make it a run that is still going, not a finished one
+    again = ["training.max_steps=8", "training.checkpoint_every=4", "training.resume=auto"]
+    full = run_cli(["train", config, *again], preexec_fn=small_files_only)
+    assert full.returncode == 4, full.stderr[-4000:]
+    assert "checkpoint step0000008 could not be written" in full.stderr
+    assert "newest complete checkpoint is step0000004" in full.stderr
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step0000004"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step0000004"]
+    resumed = run_cli(["train", config, *again])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from step 4" in resumed.stdout
+    assert (checkpoints / "latest").read_text().strip() == "step0000008"
+
+
 def test_second_run_into_the_same_directory_is_refused(finished_run):
     run_dir, config, _ = finished_run
     result = run_cli(["train", config])
