@@ -327,6 +327,8 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
         _require(sum(t.weight for t in teachers) > 0,
                  "teachers.models[*].weight are all zero: at least one teacher needs a positive weight")
         names = [teacher_display_name(t, i) for i, t in enumerate(teachers)]
+        for index, name in enumerate(names):
+            _check_name(name, f"teachers.models[{index}].name")
         _require(len(set(names)) == len(names), f"teachers.models: names must be unique, got {names}")
         reserved = sorted(set(names) & {"student", "target"})
         _require(not reserved, f"teachers.models: the names {reserved} are reserved; set teachers.models[i].name")
@@ -442,11 +444,16 @@ def _validate_schedules(cfg) -> None:
 
 
 def _validate_mixture(cfg) -> None:
+    for index, domain in enumerate(cfg.data.eval_domains):  # evaluation slices, with or without a mixture
+        _check_name(domain.name, f"data.eval_domains[{index}].name")
+        _check_pattern(domain.match, f"data.eval_domains[{index}].match")
     sources = cfg.data.mixture_sources
     if not sources:
         _require(cfg.schedules.data_mixture is None, "schedules.data_mixture is set but data.mixture_sources is empty")
         return
     names = [source.name for source in sources]
+    for index, name in enumerate(names):
+        _check_name(name, f"data.mixture_sources[{index}].name")
     _require(len(set(names)) == len(names), f"data.mixture_sources: names must be unique, got {names}")
     _require(cfg.schedules.data_mixture is not None, "data.mixture_sources needs schedules.data_mixture (the proportions)")
     _require(cfg.training.max_steps is not None, "data.mixture_sources needs training.max_steps (a mixture has no epochs)")
@@ -463,8 +470,6 @@ def _validate_mixture(cfg) -> None:
         else:
             _check_data_reference(source.path, f"{key}.path")
         _check_pattern(source.match, f"{key}.match")
-    for index, domain in enumerate(cfg.data.eval_domains):
-        _check_pattern(domain.match, f"data.eval_domains[{index}].match")
 
 
 def mixture_source_split(source) -> Optional[str]:
@@ -473,6 +478,18 @@ def mixture_source_split(source) -> Optional[str]:
     if source.path is None and source.name in ("train", "unlabeled"):
         return source.name
     return None
+
+
+SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+
+
+def _check_name(name: str, key: str) -> None:
+    """Names become metric keys, TensorBoard tags and file names inside the run directory."""
+    import re
+
+    _require(re.fullmatch(SAFE_NAME, name) is not None and ".." not in name,
+             f"{key}: {name!r} is not a safe name (letters, digits, '_', '.', '-'; no '..', no '/'): "
+             "it is used in file names inside output_dir")
 
 
 def _check_pattern(pattern: Optional[str], key: str) -> None:

@@ -43,3 +43,21 @@ def is_local_reference(reference: str) -> bool:
 def resolve_reference(reference: str) -> str:
     """A string for `from_pretrained` / `load_dataset`: the absolute local path, or the hub name."""
     return str(resolve_path(reference).resolve()) if is_local_reference(reference) else str(reference)
+
+
+def links_leaving(folder: Path) -> list:
+    """(link, target) for every symbolic link under `folder` that resolves outside it: a run
+    directory handed over by someone else could otherwise make a resumed run write anywhere."""
+    folder = Path(folder)
+    if not folder.exists():
+        return []
+    root = folder.resolve()
+    escapes = []
+    for current, directories, files in os.walk(folder):
+        for name in directories + files:
+            path = Path(current) / name
+            if path.is_symlink():
+                target = path.resolve()
+                if target != root and root not in target.parents:
+                    escapes.append((path, target))
+    return escapes

@@ -26,6 +26,7 @@ from distill.checkpointing import (MANIFEST, CheckpointWriteError, ResumableSamp
                                    latest_complete_tag, load_rng_state, read_manifest, restore_latest,
                                    save_rng_state, unsafe_changes, write_manifest)
 from distill.config import ConfigError, DistillConfig, to_yaml
+from distill.paths import links_leaving
 from distill.data import (Collator, LABELS, SOURCE, TokenizerGroup, model_inputs, read_splits, rows_matching, texts_of,
                           tokenize)
 from distill.deepspeed_config import build_deepspeed_config, build_optimizer, build_scheduler
@@ -192,6 +193,11 @@ class Trainer:
         return self.cfg.teachers.models[resolve_teacher_index(self.cfg, self.cfg.student.from_teacher)].path
 
     def _find_resume_point(self) -> Optional[Path]:
+        escapes = links_leaving(self.run_dir)
+        if escapes:
+            link, target = escapes[0]
+            raise ConfigError(f"output_dir: {link} is a symbolic link to {target}, outside the run directory; "
+                              "distill writes only inside output_dir: remove the link or choose another output_dir")
         checkpoints = self.run_dir / CHECKPOINTS
         has_checkpoint = (checkpoints / "latest").is_file()
         if self.cfg.training.resume == "auto":

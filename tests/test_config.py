@@ -51,6 +51,8 @@ def test_list_index_override(config_path, tiny):
     (["data.text_fields=[a,b,c]"], r"data.text_fields takes one field or a pair"),
     (["teachers.models.1.name=a"], r"names must be unique"),
     (["teachers.models.0.name=target"], r"reserved"),
+    (["teachers.models.0.name=../../etc"], r"teachers.models\[0\].name: '../../etc' is not a safe name"),
+    (["data.eval_domains=[{name: a/b, match: x}]"], r"data.eval_domains\[0\].name: 'a/b' is not a safe name"),
     (["training.resume=sometimes"], r"training.resume"),
     (["nokey"], r"must look like dotted.key=value"),
 ])

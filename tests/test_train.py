@@ -134,6 +134,18 @@ def test_a_checkpoint_that_does_not_fit_on_disk_leaves_the_previous_one_whole(ti
     assert (checkpoints / "latest").read_text().strip() == "step0000008"
 
 
+def test_a_run_directory_with_a_link_leading_outside_is_refused(tiny, tmp_path):
+    run_dir, elsewhere = tmp_path / "handed-over", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run_dir.mkdir()
+    (run_dir / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    config = tiny_config_yaml(tiny, run_dir, extra="deepspeed: {zero_stage: 0}")
+    result = run_cli(["train", config, "training.resume=auto"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{run_dir / 'checkpoints'} is a symbolic link to {elsewhere}" in result.stderr
+    assert list(elsewhere.iterdir()) == [] and not (run_dir / "config.yaml").exists()
+
+
 def test_second_run_into_the_same_directory_is_refused(finished_run):
     run_dir, config, _ = finished_run
     result = run_cli(["train", config])
