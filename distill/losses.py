@@ -9,7 +9,9 @@ term's gradient scale independent of T (Hinton et al., 2015). Rows whose label i
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable, Dict, List
 
 import torch
 from torch import Tensor
@@ -25,6 +27,86 @@ def kl_divergence(target_log_probs: Tensor, student_log_probs: Tensor) -> Tensor
     target_probs = target_log_probs.exp()
     terms = target_probs * (target_log_probs - student_log_probs)
     return torch.where(target_probs > 0, terms, torch.zeros_like(terms)).sum(dim=-1)
+
+
+# ---------------------------------------------------------------------------- divergences
+# D(p || q) per row, p the (interpolated) teacher target, q the student, both as log-probabilities
+# over the last dim. One function per name; `loss.divergence` picks it, the trainer never branches.
+Divergence = Callable[[Tensor, Tensor], Tensor]
+_DIVERGENCES: Dict[str, Callable[..., Divergence]] = {}
+
+
+def register_divergence(name: str):
+    def decorate(factory):
+        if name in _DIVERGENCES:
+            raise ValueError(f"divergence {name!r} is registered twice")
+        _DIVERGENCES[name] = factory
+        return factory
+
+    return decorate
+
+
+def available_divergences() -> List[str]:
+    return sorted(_DIVERGENCES)
+
+
+def build_divergence(name: str, jsd_beta: float = 0.5, skew: float = 0.1) -> Divergence:
+    if name not in _DIVERGENCES:
+        raise KeyError(f"unknown divergence {name!r}; available: {available_divergences()}")
+    return _DIVERGENCES[name](jsd_beta=jsd_beta, skew=skew)
+
+
+def _mixture_log_probs(first: Tensor, second: Tensor, share: float) -> Tensor:
+    """log(share * exp(first) + (1 - share) * exp(second)), computed in log space."""
+    if share <= 0:
+        return second
+    if share >= 1:
+        return first
+    return torch.logaddexp(first + math.log(share), second + math.log1p(-share))
+
+
+@register_divergence("forward_kl")
+def _forward_kl(**_) -> Divergence:
+    """KL(p || q): mean-seeking, the classic distillation loss (Hinton et al.)."""
+    return kl_divergence
+
+
+@register_divergence("reverse_kl")
+def _reverse_kl(**_) -> Divergence:
+    """KL(q || p) = sum q (log q - log p): mode-seeking (MiniLLM); needs p > 0 where q > 0."""
+    return lambda target, student: kl_divergence(student, target)
+
+
+@register_divergence("jsd")
+def _jsd(jsd_beta: float, **_) -> Divergence:
+    """Generalized JSD_beta(p, q) = beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+    (GKD, Agarwal et al. 2024). beta = 0.5 is the symmetric JSD. It vanishes at both ends:
+    JSD_beta / beta -> KL(p || q) as beta -> 0 and JSD_beta / (1 - beta) -> KL(q || p) as beta -> 1."""
+    if not 0 < jsd_beta < 1:
+        raise ValueError(f"jsd_beta must lie in (0, 1), got {jsd_beta}")
+
+    def divergence(target: Tensor, student: Tensor) -> Tensor:
+        mixture = _mixture_log_probs(target, student, jsd_beta)
+        return jsd_beta * kl_divergence(target, mixture) + (1 - jsd_beta) * kl_divergence(student, mixture)
+
+    return divergence
+
+
+@register_divergence("skew_kl")
+def _skew_kl(skew: float, **_) -> Divergence:
+    """Skew KL_a(p || q) = KL(p || a p + (1 - a) q) (DistiLLM, Ko et al. 2024): bounded where the
+    student misses the target's mass; a = 0 is the forward KL."""
+    if not 0 <= skew < 1:
+        raise ValueError(f"skew must lie in [0, 1), got {skew}")
+    return lambda target, student: kl_divergence(target, _mixture_log_probs(target, student, skew))
+
+
+@register_divergence("skew_reverse_kl")
+def _skew_reverse_kl(skew: float, **_) -> Divergence:
+    """Skew reverse KL_a(q || p) = KL(q || a q + (1 - a) p); a = 0 is the reverse KL."""
+    if not 0 <= skew < 1:
+        raise ValueError(f"skew must lie in [0, 1), got {skew}")
+    return lambda target, student: kl_divergence(student, _mixture_log_probs(student, target, skew))
 
 
 def label_smoothed_cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0,
@@ -52,8 +134,9 @@ class LossTerms:
 
 def distillation_loss(student_logits: Tensor, target_log_probs: Tensor | None, labels: Tensor,
                       kd_alpha: float, temperature: float, label_smoothing: float = 0.0,
-                      kd_mask: Tensor | None = None) -> LossTerms:
-    """kd_alpha * T^2 * mean_rows KL(target || softmax(z_s / T)) + (1 - kd_alpha) * CE_eps(z_s, y).
+                      kd_mask: Tensor | None = None, divergence: Divergence = kl_divergence) -> LossTerms:
+    """kd_alpha * T^2 * mean_rows D(target || softmax(z_s / T)) + (1 - kd_alpha) * CE_eps(z_s, y),
+    D the forward KL unless another registered divergence is given.
 
     `target_log_probs` may be None only when kd_alpha == 0 (plain fine-tuning). `kd_mask` [B]
     (bool) keeps only some rows in the KD mean (rows whose target is unusable); the mean is over
@@ -70,10 +153,10 @@ def distillation_loss(student_logits: Tensor, target_log_probs: Tensor | None, l
     student_log_probs = torch.log_softmax(student_logits / temperature, dim=-1)
     target = target_log_probs.to(student_log_probs.dtype)
     if kd_mask is None:
-        kd = temperature ** 2 * kl_divergence(target, student_log_probs).mean()
+        kd = temperature ** 2 * divergence(target, student_log_probs).mean()
     else:
         safe_target = torch.where(kd_mask.unsqueeze(-1), target, student_log_probs.detach())
-        per_row = torch.where(kd_mask, kl_divergence(safe_target, student_log_probs), torch.zeros_like(kd_mask, dtype=target.dtype))
+        per_row = torch.where(kd_mask, divergence(safe_target, student_log_probs), torch.zeros_like(kd_mask, dtype=target.dtype))
         kd = temperature ** 2 * per_row.sum() / kd_mask.sum().clamp(min=1)
     total = kd_alpha * kd + (1.0 - kd_alpha) * ce
     return LossTerms(total=total, kd=kd, ce=ce)
