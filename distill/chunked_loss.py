@@ -77,6 +77,12 @@ def materialized_token_distillation(student_logits: Tensor, target_log_probs: Op
                           kd=kd / normalizer, ce=ce / normalizer)
 
 
+def tokens_per_chunk(chunk_tokens: int, teachers: int) -> int:
+    """Tokens per chunk for K teachers: the [K, chunk, V] teacher slice keeps the size one teacher's
+    [chunk_tokens, V] has, so the loss's peak memory does not grow with the number of teachers."""
+    return max(1, chunk_tokens // max(1, teachers))
+
+
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
@@ -101,20 +107,19 @@ class _FusedTokenDistillation(torch.autograd.Function):
             if not bool((chunk_labels != IGNORE_INDEX).any()):
                 continue  # nothing to learn here: zero loss, zero gradient
             target, kd_mask = target_fn(start, end) if target_fn is not None else (None, None)
-            with torch.enable_grad():
-                h = hidden[start:end].detach().requires_grad_(hidden.requires_grad)
-                w = weight.detach().requires_grad_(True)
-                b = bias.detach().requires_grad_(True) if bias is not None else None
-                kd, ce = token_loss_sums(F.linear(h, w, b), target, chunk_labels, temperature, label_smoothing,
-                                         divergence, kd_mask)
-                chunk_loss = (kd_alpha * kd + (1.0 - kd_alpha) * ce) / normalizer
-                inputs = [w] + ([b] if b is not None else []) + ([h] if h.requires_grad else [])
-                grads = list(torch.autograd.grad(chunk_loss, inputs))
-            grad_weight += grads.pop(0)
-            if b is not None:
-                grad_bias += grads.pop(0)
-            if h.requires_grad:
-                grad_hidden[start:end] = grads.pop(0)
+            h = hidden[start:end]
+            with torch.no_grad():
+                logits = F.linear(h, weight, bias)
+            with torch.enable_grad():  # autograd only through softmax and divergence, over [chunk, V]
+                logits.requires_grad_(True)
+                kd, ce = token_loss_sums(logits, target, chunk_labels, temperature, label_smoothing, divergence, kd_mask)
+                (grad_logits,) = torch.autograd.grad((kd_alpha * kd + (1.0 - kd_alpha) * ce) / normalizer, [logits])
+            # the output layer's gradients by hand: no [V, H] temporary per chunk, nothing kept for backward
+            grad_weight.addmm_(grad_logits.t().to(accumulate), h.to(accumulate))
+            if bias is not None:
+                grad_bias += grad_logits.sum(dim=0).to(accumulate)
+            grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            del logits, grad_logits, target
             kd_total += kd.detach()
             ce_total += ce.detach()
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype),

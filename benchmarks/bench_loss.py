@@ -1,0 +1,181 @@
+"""Peak memory and time of the token-level distillation loss, side by side in one run.
+
+    python benchmarks/bench_loss.py [--tokens 1024] [--vocab 32768] [--hidden 576] [--chunk 128]
+
+Variants, each forward + backward of the whole loss for K teachers (their last hidden states and
+output layers are the inputs; the teachers' own bodies are not part of the loss):
+
+  materialised  K x [N, V] teacher logits and [N, V] student logits, autograd through all of it
+  recompute     chunks under torch.utils.checkpoint: bounded memory, the chunk recomputed in backward
+  fused         distill.chunked_loss: chunk gradients computed in the forward (no recomputation)
+
+Each variant runs in a fresh process (so one's peak does not hide another's): peak memory is the
+rise of the process's peak RSS above what the inputs hold (CPU), or torch.cuda.max_memory_allocated
+on a GPU (CPU runs use a fixed glibc mmap threshold, so freed tensors leave the RSS); time is the p20/p50/p80 over --repeats steady runs after one warm-up. Prints a table and
+JSON rows with the ratios the README states: fused / materialised memory and time (targets
+<= 0.25x, <= 1.15x), fused K=4 / K=1 memory (target <= 1.2x).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as stream:
+        return int(stream.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_variant(variant: str, teachers: int, args) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    from distill.chunked_loss import (fused_token_distillation, materialized_token_distillation, token_loss_sums,
+                                      tokens_per_chunk)
+    from distill.interpolate import build_interpolation
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n, h, v = args.tokens, args.hidden, args.vocab
+    hidden = torch.randn(n, h, device=device, requires_grad=True)
+    weight = (torch.randn(v, h, device=device) * 0.02).requires_grad_(True)
+    teacher_hidden = [torch.randn(n, h, device=device) for _ in range(teachers)]
+    teacher_heads = [torch.randn(v, h, device=device) * 0.02 for _ in range(teachers)]
+    labels = torch.randint(0, v, (n,), device=device)
+    labels[-n // 8:] = -100  # padding
+    interpolation = build_interpolation("linear")
+    weights = torch.full((teachers,), 1.0 / teachers, device=device)
+    temperatures = torch.full((teachers,), 2.0, device=device)
+    options = dict(kd_alpha=0.5, temperature=2.0, label_smoothing=0.1)
+    chunk = tokens_per_chunk(args.chunk, teachers)
+
+    def target_slice(start, end):
+        with torch.no_grad():
+            logits = torch.stack([F.linear(th[start:end], head) for th, head in zip(teacher_hidden, teacher_heads)])
+            return interpolation(logits, weights, temperatures), None
+
+    def step():
+        if variant == "materialised":
+            with torch.no_grad():
+                target, _ = target_slice(0, n)
+            loss = materialized_token_distillation(F.linear(hidden, weight), target, labels, **options).total
+        elif variant == "recompute":
+            normalizer = float((labels != -100).sum())
+
+            def chunk_loss(h_chunk, w, start, end):
+                target, _ = target_slice(start, end)
+                kd, ce = token_loss_sums(F.linear(h_chunk, w), target, labels[start:end], 2.0, 0.1)
+                return (0.5 * kd + 0.5 * ce) / normalizer
+
+            loss = sum(checkpoint(chunk_loss, hidden[s:s + chunk], weight, s, min(s + chunk, n),
+                                  use_reentrant=False) for s in range(0, n, chunk))
+        else:
+            loss = fused_token_distillation(hidden, weight, labels, target_slice, chunk_size=chunk, **options).total
+        loss.backward()
+        hidden.grad = weight.grad = None
+        return float(loss)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        value = step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = _rss_bytes()
+        value = step()
+        peak = max(0, _peak_rss_bytes() - base)
+    times = []
+    for _ in range(args.repeats if args.measure == "time" else 0):
+        started = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    times.sort()
+
+    def quantile(q):
+        return times[min(len(times) - 1, int(q * len(times)))]
+
+    if args.measure == "memory":
+        return {"peak_bytes": peak, "loss": value}
+    return {"variant": variant, "teachers": teachers, "tokens": n, "vocab": v, "hidden": h, "chunk": args.chunk,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+            "loss": value, "peak_bytes": peak, "p20_s": quantile(0.2), "p50_s": quantile(0.5), "p80_s": quantile(0.8)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--hidden", type=int, default=576)
+    parser.add_argument("--chunk", type=int, default=128, help="tokens per chunk for one teacher (K teachers: /K)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--one", nargs=2, metavar=("VARIANT", "K"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=["memory", "time"], default="time", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_variant(args.one[0], int(args.one[1]), args)))
+        return
+
+    import torch
+
+    rows = []
+    for variant, teachers in [("materialised", 1), ("materialised", 4), ("recompute", 1), ("recompute", 4),
+                              ("fused", 1), ("fused", 4)]:
+        command = [sys.executable, __file__, "--one", variant, str(teachers), "--tokens", str(args.tokens),
+                   "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--chunk", str(args.chunk),
+                   "--repeats", str(args.repeats)]
+        timed = subprocess.run(command + ["--measure", "time"], check=True, capture_output=True, text=True).stdout
+        row = json.loads(timed.strip().splitlines()[-1])
+        # Memory in a process of its own with a fixed mmap threshold: every large tensor is its own
+        # mapping, returned to the system when freed, so the peak RSS is the peak of live tensors
+        # (glibc's adaptive threshold lets freed chunks pile up on the heap). Timed without it.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        measured = subprocess.run(command + ["--measure", "memory"], check=True, capture_output=True, text=True,
+                                  env=env).stdout
+        row["peak_bytes"] = json.loads(measured.strip().splitlines()[-1])["peak_bytes"]
+        rows.append(row)
+        print(f"  measured {variant} K={teachers}", file=sys.stderr, flush=True)
+    by = {(r["variant"], r["teachers"]): r for r in rows}
+    print(f"token loss, N={args.tokens} tokens, V={args.vocab}, H={args.hidden}, chunk={args.chunk}; "
+          f"{rows[0]['device']}, torch {torch.__version__}, python {platform.python_version()}")
+    print(f"{'variant':<14}{'K':>3}{'peak MiB':>11}{'p20 s':>9}{'p50 s':>9}{'p80 s':>9}{'mem vs mat.':>13}{'time vs mat.':>14}")
+    for row in rows:
+        reference = by[("materialised", row["teachers"])]
+        row["memory_vs_materialised"] = row["peak_bytes"] / max(reference["peak_bytes"], 1)
+        row["time_vs_materialised"] = row["p50_s"] / reference["p50_s"]
+        print(f"{row['variant']:<14}{row['teachers']:>3}{row['peak_bytes'] / 2**20:>11.1f}{row['p20_s']:>9.3f}"
+              f"{row['p50_s']:>9.3f}{row['p80_s']:>9.3f}{row['memory_vs_materialised']:>12.2f}x"
+              f"{row['time_vs_materialised']:>13.2f}x")
+    growth = by[("fused", 4)]["peak_bytes"] / max(by[("fused", 1)]["peak_bytes"], 1)
+    print(f"fused K=4 / K=1 peak memory: {growth:.2f}x (target <= 1.2x)")
+    for k in (1, 4):
+        row = by[("fused", k)]
+        print(f"fused K={k}: {row['memory_vs_materialised']:.2f}x the materialised memory (target <= 0.25x), "
+              f"{row['time_vs_materialised']:.2f}x its time (target <= 1.15x)")
+    for row in rows:
+        print(json.dumps(row))
+    if args.json:
+        args.json.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
