@@ -165,6 +165,11 @@ class LossConfig:
     kd_alpha: float = 0.5  # weight of the distillation term; 0 is plain fine-tuning
     temperature: float = 2.0  # student temperature T, and the T^2 gradient-scale factor
     label_smoothing: float = 0.0
+    # D(target || student) in the KD term: a registered name in distill/losses.py (forward_kl,
+    # reverse_kl, jsd, skew_kl, skew_reverse_kl); jsd_beta and skew are those divergences' options.
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
+    skew: float = 0.1
 
 
 @dataclass
@@ -364,6 +369,7 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
 
     _validate_interpolation(cfg)
     _validate_schedules(cfg)
+    _validate_divergence(cfg.loss)
 
     training = cfg.training
     for key in ("micro_batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every",
@@ -389,6 +395,15 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
 
 
 FITTABLE = ("linear", "geometric", "learned_gate")
+
+
+def _validate_divergence(loss) -> None:
+    from distill.losses import available_divergences
+
+    _require(loss.divergence in available_divergences(),
+             f"loss.divergence: {loss.divergence!r} is not one of {available_divergences()}")
+    _require(0.0 < loss.jsd_beta < 1.0, f"loss.jsd_beta must lie in (0, 1), got {loss.jsd_beta}")
+    _require(0.0 <= loss.skew < 1.0, f"loss.skew must lie in [0, 1), got {loss.skew}")
 
 
 def _validate_interpolation(cfg) -> None:

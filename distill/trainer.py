@@ -36,7 +36,7 @@ from distill.fit_weights import fit_interpolation_state, load_state, save_state,
 from distill.interpolate import normalize_weights
 from distill.schedules import value_at
 from distill.hardware import local_device, teacher_dtype
-from distill.losses import IGNORE_INDEX, distillation_loss, per_teacher_kl
+from distill.losses import IGNORE_INDEX, build_divergence, distillation_loss, per_teacher_kl
 from distill.mixture import MixtureBatchSampler
 from distill.modeling import count_parameters, load_model_config, load_tokenizer
 from distill.report import build_report, format_table, write_json
@@ -105,6 +105,7 @@ class Trainer:
         self.teacher_predictions: Optional[Predictions] = None
         self.skipped_rows = 0  # rows left out of the KD term for non-finite teacher logits (this rank)
         self.teacher_hashes: Optional[List[str]] = None
+        self.divergence = build_divergence(cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta, skew=cfg.loss.skew)
 
     # ----------------------------------------------------------------- set-up, in failing order
     def prepare(self) -> None:
@@ -295,7 +296,7 @@ class Trainer:
                 teacher_logits = torch.where(finite_rows[None, :, None], teacher_logits, torch.zeros_like(teacher_logits))
             target = self.ensemble.target(teacher_logits, labels, now["teacher_weights"])
         terms = distillation_loss(student_logits, target, labels, now["kd_alpha"], now["temperature"],
-                                  cfg.loss.label_smoothing, kd_mask)
+                                  cfg.loss.label_smoothing, kd_mask, self.divergence)
         engine.backward(terms.total)
         engine.step()
         teacher_kl = teacher_correct = None

@@ -118,3 +118,18 @@ def test_kd_mask_averages_over_kept_rows_only():
     torch.testing.assert_close(terms.kd, reference.kd)
     none_kept = distillation_loss(student, target, labels, 1.0, 2.0, kd_mask=torch.zeros(5, dtype=torch.bool))
     assert none_kept.kd.item() == 0.0
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "jsd", "skew_kl"])
+def test_distillation_loss_uses_the_configured_divergence(name):
+    from distill.losses import build_divergence
+
+    generator = torch.Generator().manual_seed(11)
+    student = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    target = torch.log_softmax(torch.randn(6, 4, generator=generator, dtype=torch.float64), dim=-1)
+    labels = torch.tensor([0, 1, 2, 3, -100, 1])
+    divergence = build_divergence(name, jsd_beta=0.3, skew=0.2)
+    terms = distillation_loss(student, target, labels, kd_alpha=1.0, temperature=2.0, divergence=divergence)
+    expected = 4.0 * divergence(target, torch.log_softmax(student / 2.0, dim=-1)).mean()
+    assert terms.kd.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert terms.kd.item() != pytest.approx(distillation_loss(student, target, labels, 1.0, 2.0).kd.item(), rel=1e-3)
