@@ -77,6 +77,24 @@ def materialized_token_distillation(student_logits: Tensor, target_log_probs: Op
                           kd=kd / normalizer, ce=ce / normalizer)
 
 
+def chunked_target_distillation(student_logits: Tensor, labels: Tensor, target_fn, *, kd_alpha: float,
+                                temperature: float, label_smoothing: float, divergence, chunk_size: int,
+                                normalizer: float) -> TokenLossTerms:
+    """The loss over materialised student logits [N, V] (when the output layer cannot be used
+    directly, as under ZeRO-3) with the teachers' target still built one chunk at a time."""
+    kd_total = ce_total = student_logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, labels.shape[0], chunk_size):
+        end = min(start + chunk_size, labels.shape[0])
+        if not bool((labels[start:end] != IGNORE_INDEX).any()):
+            continue
+        target, keep = target_fn(start, end) if target_fn is not None else (None, None)
+        kd, ce = token_loss_sums(student_logits[start:end], target, labels[start:end], temperature, label_smoothing,
+                                 divergence, keep)
+        kd_total, ce_total = kd_total + kd, ce_total + ce
+    total = (kd_alpha * kd_total + (1.0 - kd_alpha) * ce_total) / normalizer
+    return TokenLossTerms(total=total, kd=kd_total.detach() / normalizer, ce=ce_total.detach() / normalizer)
+
+
 def tokens_per_chunk(chunk_tokens: int, teachers: int) -> int:
     """Tokens per chunk for K teachers: the [K, chunk, V] teacher slice keeps the size one teacher's
     [chunk_tokens, V] has, so the loss's peak memory does not grow with the number of teachers."""

@@ -96,6 +96,12 @@ class DataConfig:
     label_field: str = "label"
     label_names: Optional[List[str]] = None  # order of the label ids; inferred (sorted) if unset
     max_length: int = 128
+    # task causal_lm: text is packed into blocks of block_size tokens (every token predicted once);
+    # with prompt_field and response_field set, each row is one sequence and only the response's
+    # tokens are learned (the prompt's labels are -100), truncated to max_length.
+    block_size: int = 128
+    prompt_field: Optional[str] = None
+    response_field: Optional[str] = None
     drop_duplicate_texts: bool = True  # before the split, so validation never leaks into training
     seed: int = 42  # for the validation carve-out and subsampling: keep it fixed across a project
     # Scheduled mixture: when sources are named, each batch draws its rows from them with the
@@ -170,6 +176,11 @@ class LossConfig:
     divergence: str = "forward_kl"
     jsd_beta: float = 0.5
     skew: float = 0.1
+    # task causal_lm: the loss runs over chunk_tokens tokens at a time (divided by the number of
+    # teachers, so the [K, chunk, V] teacher slice keeps one size); fused computes each chunk's
+    # gradient in the forward pass from the student's last hidden states (distill/chunked_loss.py).
+    chunk_tokens: int = 1024
+    fused: bool = True
 
 
 @dataclass
@@ -370,6 +381,7 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
     _validate_interpolation(cfg)
     _validate_schedules(cfg)
     _validate_divergence(cfg.loss)
+    _validate_task(cfg)
 
     training = cfg.training
     for key in ("micro_batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every",
@@ -395,6 +407,34 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
 
 
 FITTABLE = ("linear", "geometric", "learned_gate")
+
+
+TASKS = ("sequence_classification", "causal_lm")
+
+
+def _validate_task(cfg) -> None:
+    _require(cfg.task in TASKS, f"task: {cfg.task!r} is not one of {list(TASKS)}")
+    data = cfg.data
+    _require(data.block_size > 0, f"data.block_size must be > 0, got {data.block_size}")
+    _require(cfg.loss.chunk_tokens > 0, f"loss.chunk_tokens must be > 0, got {cfg.loss.chunk_tokens}")
+    _require((data.prompt_field is None) == (data.response_field is None),
+             "data.prompt_field and data.response_field go together: set both (prompt/response pairs) or neither")
+    if cfg.task != "causal_lm":
+        return
+    # Settings the causal-LM path does not use: refused rather than silently ignored.
+    unsupported = {
+        "student.trim_vocab": cfg.student.trim_vocab,
+        "teachers.tokenization=per_model": cfg.teachers.tokenization == "per_model",
+        "teachers.placement=zero3": cfg.teachers.placement == "zero3",
+        "interpolation.fit_on": cfg.interpolation.fit_on is not None,
+        "data.mixture_sources": bool(data.mixture_sources),
+        "data.eval_domains": bool(data.eval_domains),
+        "data.unlabeled.path": data.unlabeled.path is not None,
+        "data.label_names": data.label_names is not None,
+    }
+    used = [name for name, is_set in unsupported.items() if is_set]
+    _require(not used, f"task causal_lm does not support {used} (teachers and student share one tokenizer; "
+             "teachers are replicated; no fitted interpolation, mixtures or domains yet): remove them")
 
 
 def _validate_divergence(loss) -> None:

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from distill.report import model_card
+from distill.report import causal_lm_card, model_card
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -87,9 +87,14 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
             raise ExportError(f"export target {out_dir} exists and is not empty: pass --overwrite or choose another")
         shutil.rmtree(out_dir)
 
-    state_dict = consolidated_state_dict(run_dir / "checkpoints", tag)
     config = AutoConfig.from_pretrained(init_dir)
-    model = AutoModelForSequenceClassification.from_config(config)
+    causal = is_causal_lm(config)
+    if causal and quantize:
+        raise ExportError("--quantize int8 is implemented for sequence classifiers only so far")
+    if causal and onnx:
+        raise ExportError("--onnx is implemented for sequence classifiers only so far")
+    state_dict = consolidated_state_dict(run_dir / "checkpoints", tag)
+    model = (AutoModelForCausalLM if causal else AutoModelForSequenceClassification).from_config(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [key for key in missing if key not in tied]
@@ -108,8 +113,12 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
     report_path = run_dir / "report.json"
     if report_path.is_file():
         report = json.loads(report_path.read_text(encoding="utf-8"))
-        names = [config.id2label[i] for i in sorted(config.id2label)]
-        (out_dir / "README.md").write_text(model_card(report, names, dtype, compression, parity), encoding="utf-8")
+        if causal:
+            card = causal_lm_card(report, dtype)
+        else:
+            names = [config.id2label[i] for i in sorted(config.id2label)]
+            card = model_card(report, names, dtype, compression, parity)
+        (out_dir / "README.md").write_text(card, encoding="utf-8")
     if compression is not None:
         (out_dir / "compression.json").write_text(json.dumps(compression, indent=2), encoding="utf-8")
     return out_dir
@@ -150,6 +159,10 @@ def export_onnx(model, out_dir: Path, run_dir: Path) -> Dict:
             rows += len(got)
             agree += int((expected.argmax(-1) == got.argmax(-1)).sum())
     return {"file": path.name, "max_abs_logit_difference": largest, "rows": rows, "argmax_agreement": agree / rows}
+
+
+def is_causal_lm(config) -> bool:
+    return any(name.endswith("ForCausalLM") for name in (config.architectures or []))
 
 
 def weight_bytes(folder: Path) -> int:

@@ -41,8 +41,22 @@ def load_sequence_classifier(reference: str, key: str, trust_remote_code: bool,
                              dtype: torch.dtype = torch.float32, allow_pickled_weights: bool = False,
                              **config_kwargs):
     """safetensors only, unless allow_pickled_weights (then safetensors are still preferred)."""
+    return _load(AutoModelForSequenceClassification, reference, key, trust_remote_code, dtype, allow_pickled_weights,
+                 **config_kwargs)
+
+
+def load_causal_lm(reference: str, key: str, trust_remote_code: bool, dtype: torch.dtype = torch.float32,
+                   allow_pickled_weights: bool = False, **config_kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, reference, key, trust_remote_code, dtype, allow_pickled_weights,
+                 **config_kwargs)
+
+
+def _load(auto_class, reference: str, key: str, trust_remote_code: bool, dtype: torch.dtype,
+          allow_pickled_weights: bool, **config_kwargs):
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        return auto_class.from_pretrained(
             resolve_reference(reference), dtype=dtype, use_safetensors=None if allow_pickled_weights else True,
             trust_remote_code=trust_remote_code, **config_kwargs)
     except Exception as error:

@@ -144,3 +144,56 @@ model = AutoModelForSequenceClassification.from_pretrained("PATH")
 tokenizer = AutoTokenizer.from_pretrained("PATH")
 ```
 """
+
+
+def causal_lm_card(report: Dict, dtype: str) -> str:
+    """README.md for an exported causal-LM student: perplexities of student, teachers and target."""
+    student = report["student"]
+    teacher_lines = "\n".join(
+        f"| {t['name']} | `{t['path']}` | {t['params']:,} | {t['weight']:g} | {t['temperature']:g} | {t['perplexity']:.3f} |"
+        for t in report["teachers"]) or "| (none: plain fine-tuning) | | | | | |"
+    target = report.get("target")
+    target_line = (f"Interpolated target ({target['interpolation']}, teachers at T=1): perplexity "
+                   f"{target['perplexity']:.3f}." if target else "")
+    ratio = student.get("compression_vs_largest_teacher")
+    loss = report["loss"]
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- distill
+- knowledge-distillation
+---
+
+# Distilled causal-LM student
+
+Trained by `distill` from {len(report['teachers'])} teacher(s), token by token, exported in {dtype}.
+
+| metric (validation, {student['tokens']:,} tokens) | value |
+|---|---|
+| perplexity | {student['perplexity']:.3f} |
+| NLL per token | {student['nll']:.4f} |
+| parameters | {student['params']:,} |
+| compression vs largest teacher | {f"{ratio:.3f}x" if ratio else "n/a"} |
+
+## Teachers
+
+| name | source | parameters | weight | temperature | perplexity |
+|---|---|---|---|---|---|
+{teacher_lines}
+
+{target_line}
+
+Loss: `kd_alpha * T^2 * D(target_T || student_T) + (1 - kd_alpha) * CE`, D = {loss['divergence']}, kd_alpha
+{loss['kd_alpha']}, T {loss['temperature']}, label smoothing {loss['label_smoothing']}, averaged over the
+labelled tokens of each optimizer step. Training: {report['training']['steps']} optimizer steps, DeepSpeed
+ZeRO stage {report['training']['zero_stage']}.
+
+## How to load
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("PATH")
+tokenizer = AutoTokenizer.from_pretrained("PATH")
+```
+"""

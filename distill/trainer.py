@@ -325,7 +325,7 @@ class Trainer:
         while self.engine.global_steps < self.total_steps:
             if self.mixture is None:
                 self.train_sampler.set_epoch(epoch, skip_samples=self.skip_batches * cfg.training.micro_batch_size)
-            for position, batch in enumerate(self.train_loader, start=self.skip_batches):
+            for position, batch in enumerate(self.train_batches(), start=self.skip_batches):
                 before = self.engine.global_steps
                 if self.mixture is not None:  # what this micro-batch was drawn with, and what it got
                     scheduled_sources += torch.tensor(self.mixture_proportions(self.engine.global_steps), dtype=torch.float64)
@@ -450,11 +450,7 @@ class Trainer:
         metrics = self.evaluate(self.engine.global_steps)
         report = None
         if distributed.is_main():
-            write_json(self.run_dir / "eval" / "predictions.json", {
-                "label_names": self.label_names, "references": self.last_predictions.references,
-                **self.last_predictions.by_model})
-            report = build_report(self.cfg, self.teacher_plans, self.teacher_params, self.student_params,
-                                  metrics, summary, self.train_set, self.validation_set)
+            report = self.build_report(metrics, summary)
             write_json(self.run_dir / "report.json", report)
             plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png",
                         title=f"{Path(self.cfg.output_dir).name}")
@@ -466,10 +462,35 @@ class Trainer:
             export_dir = export_run(self.run_dir, self.run_dir / "student", dtype=self.cfg.export.dtype, overwrite=True)
             report["export_dir"] = str(export_dir)
             write_json(self.run_dir / "report.json", report)
-            print(format_table(report), flush=True)
+            print(self.format_table(report), flush=True)
         distributed.barrier()
         return report
 
+    def build_report(self, metrics: Dict, summary: Dict) -> Dict:
+        """report.json's content (main rank), after writing the validation predictions."""
+        write_json(self.run_dir / "eval" / "predictions.json", {
+            "label_names": self.label_names, "references": self.last_predictions.references,
+            **self.last_predictions.by_model})
+        return build_report(self.cfg, self.teacher_plans, self.teacher_params, self.student_params,
+                            metrics, summary, self.train_set, self.validation_set)
+
+    def format_table(self, report: Dict) -> str:
+        return format_table(report)
+
+    def train_batches(self):
+        """The micro-batches of an epoch; a task may annotate them (the causal LM adds each step's
+        global token count)."""
+        return self.train_loader
+
+
+def trainer_for(cfg: DistillConfig) -> Trainer:
+    """The trainer of `cfg.task`: the shared loop, with the task's data, loss and metrics."""
+    if cfg.task == "causal_lm":
+        from distill.causal_lm import CausalLMTrainer
+
+        return CausalLMTrainer(cfg)
+    return Trainer(cfg)
+
 
 def train(cfg: DistillConfig) -> Optional[Dict]:
-    return Trainer(cfg).run()
+    return trainer_for(cfg).run()

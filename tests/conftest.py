@@ -121,3 +121,86 @@ training:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def train_lm_tokenizer(folder: Path, texts, vocab_size: int = 320):
+    """A byte-level BPE tokenizer with an EOS and a pad token, as causal-LM tokenizers have."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=["<pad>", "</s>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>")
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def make_llama(folder: Path, tokenizer, layers: int, seed: int, hidden: int = 32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """A tiny causal-LM world: text and prompt/response files, a BPE tokenizer, two Llama teachers."""
+    import json
+
+    root = tmp_path_factory.mktemp("tiny_lm")
+    rows = make_rows(200, seed=3)
+    texts = [row["text"] for row in rows]
+    (root / "data").mkdir()
+    text_file = root / "data" / "text.jsonl"
+    text_file.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts), encoding="utf-8")
+    pairs = root / "data" / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"say {row['sentiment']}:", "response": row["text"]}) + "\n"
+                             for row in rows), encoding="utf-8")
+    tokenizer = train_lm_tokenizer(root / "tokenizer", texts + [f"say {label}:" for label in LABELS])
+    teacher_a = make_llama(root / "lm_teacher_a", tokenizer, layers=4, seed=4)
+    teacher_b = make_llama(root / "lm_teacher_b", tokenizer, layers=2, seed=5)
+    return {"root": root, "text": text_file, "pairs": pairs, "tokenizer": tokenizer,
+            "teacher_a": teacher_a, "teacher_b": teacher_b}
+
+
+def tiny_lm_config_yaml(tiny_lm, output_dir: Path, extra: str = "") -> Path:
+    text = f"""
+task: causal_lm
+output_dir: {output_dir}
+seed: 0
+teachers:
+  models:
+    - {{name: a, path: {tiny_lm['teacher_a']}, weight: 0.6, temperature: 2.0}}
+    - {{name: b, path: {tiny_lm['teacher_b']}, weight: 0.4, temperature: 1.5}}
+student:
+  from_teacher: a
+  layers: [0, 2]
+loss: {{kd_alpha: 0.5, temperature: 2.0, label_smoothing: 0.1, chunk_tokens: 64}}
+data:
+  train: {{path: {tiny_lm['text']}}}
+  validation_fraction: 0.2
+  text_fields: [text]
+  block_size: 32
+training:
+  max_steps: 8
+  micro_batch_size: 4
+  gradient_accumulation_steps: 2
+  learning_rate: 3.0e-3
+  warmup_ratio: 0.0
+  log_every: 2
+  checkpoint_every: 4
+  progress_bar: false
+{extra}
+"""
+    path = output_dir.parent / f"{output_dir.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path

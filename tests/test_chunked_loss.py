@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from distill.cache import topk_target_log_probs
-from distill.chunked_loss import fused_token_distillation, materialized_token_distillation
+from distill.chunked_loss import (chunked_target_distillation, fused_token_distillation,
+                                  materialized_token_distillation)
 from distill.interpolate import build_interpolation
 from distill.losses import IGNORE_INDEX, available_divergences, build_divergence
 
@@ -118,6 +119,22 @@ def test_fused_chunks_equal_the_materialised_loss_and_gradients(name, chunk_size
     for a, e in zip(got, expected):
         assert torch.allclose(a, e, rtol=1e-10, atol=1e-12)
     assert torch.all(got[0][labels == IGNORE_INDEX] == 0)  # ignored positions get no gradient
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "jsd"])
+def test_chunked_targets_over_whole_student_logits_equal_the_reference(name):
+    """The ZeRO-3 path: student logits materialised, the teachers' target built a chunk at a time."""
+    h, weight, b, labels, teacher_logits = _problem(seed=9)
+    target = _target(teacher_logits)
+    divergence = build_divergence(name, jsd_beta=0.3)
+    options = dict(kd_alpha=0.4, temperature=1.5, label_smoothing=0.1, divergence=divergence, normalizer=50.0)
+    logits = torch.nn.functional.linear(h, weight, b)
+    reference = materialized_token_distillation(logits, target, labels, **options)
+    chunked = chunked_target_distillation(logits, labels, lambda s, e: (target[s:e], None), chunk_size=6, **options)
+    assert chunked.total.item() == pytest.approx(reference.total.item(), rel=1e-12)
+    expected = torch.autograd.grad(reference.total, [h, weight], retain_graph=True)
+    for a, e in zip(torch.autograd.grad(chunked.total, [h, weight]), expected):
+        assert torch.allclose(a, e, rtol=1e-10, atol=1e-12)
 
 
 def test_materialised_loss_equals_a_per_token_loop():

@@ -1,0 +1,115 @@
+"""Causal-LM distillation: packing and masking, teachers' vocabularies, a run that trains,
+evaluates perplexities, checkpoints and exports a model plain transformers loads and generates with."""
+import json
+import math
+
+import pytest
+import torch
+
+from distill.causal_lm import LMCollator, pack_blocks, prompt_response_rows
+from distill.losses import IGNORE_INDEX
+from tests.conftest import tiny_lm_config_yaml
+from tests.helpers import run_cli, train_losses
+
+
+def test_packing_predicts_every_token_after_the_first_exactly_once():
+    texts = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
+    columns = pack_blocks(texts, eos_id=0, block_size=4)
+    stream = [1, 2, 3, 0, 4, 5, 0, 6, 7, 8, 9, 10, 0]
+    assert [t for row in columns["labels"] for t in row] == stream[1:]
+    for inputs, labels in zip(columns["input_ids"], columns["labels"]):
+        assert len(inputs) == len(labels) <= 4
+        assert inputs[1:] == labels[:-1]  # labels are the next tokens
+    assert all(len(row) == 4 for row in columns["input_ids"][:-1])
+
+
+def test_prompt_tokens_carry_no_label_and_truncation_keeps_alignment():
+    whole = prompt_response_rows([[5, 6, 7]], [[1, 2]], eos_id=0, max_length=8)
+    assert whole["input_ids"][0] == [5, 6, 7, 1, 2]
+    assert whole["labels"][0] == [IGNORE_INDEX, IGNORE_INDEX, 1, 2, 0]  # response tokens and EOS only
+    cut = prompt_response_rows([[5, 6, 7], [8]], [[1, 2], [3, 4, 9, 9, 9]], eos_id=0, max_length=4)
+    assert cut["input_ids"] == [[5, 6, 7, 1], [8, 3, 4, 9]]
+    assert cut["labels"] == [[IGNORE_INDEX, IGNORE_INDEX, 1, 2], [3, 4, 9, 9]]
+
+
+def test_collator_pads_with_ignored_labels(tiny_lm):
+    rows = [{"input_ids": [3, 4, 5], "labels": [4, 5, 6], "index": 0}, {"input_ids": [7], "labels": [8], "index": 1}]
+    batch = LMCollator(tiny_lm["tokenizer"])(rows)
+    assert batch["labels"].tolist() == [[4, 5, 6], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["input_ids"][1, 1:].tolist() == [tiny_lm["tokenizer"].pad_token_id] * 2
+
+
+def _exported_perplexity(model_dir, config_path):
+    """Perplexity of the exported folder, loaded with plain transformers, on the run's validation blocks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.causal_lm import encode_lm, read_lm_splits
+    from distill.config import load_config
+
+    cfg = load_config(config_path)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    blocks = encode_lm(read_lm_splits(cfg.data).validation, tokenizer, cfg.data, "validation")
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for row in blocks:
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+            labels = torch.tensor(row["labels"])
+            valid = labels != IGNORE_INDEX
+            nll += float(-torch.log_softmax(logits[valid], -1).gather(-1, labels[valid].unsqueeze(-1)).sum())
+            tokens += int(valid.sum())
+    return math.exp(nll / tokens), model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def lm_run(tiny_lm, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("lm") / "run"
+    config = tiny_lm_config_yaml(tiny_lm, run_dir, extra="deepspeed: {zero_stage: 0}")
+    result = run_cli(["train", config])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir, config, result
+
+
+def test_causal_lm_run_reports_perplexities_and_exports_a_generating_model(lm_run):
+    run_dir, config, result = lm_run
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["task"] == "causal_lm"
+    for figures in [report["student"], report["target"], *report["teachers"]]:
+        assert figures["perplexity"] == pytest.approx(math.exp(figures["nll"]), rel=1e-9)
+        assert 1 < figures["perplexity"] < 2 * len(json.loads((run_dir / "student" / "tokenizer.json").read_text())["model"]["vocab"])
+    assert report["student"]["params"] < report["teachers"][0]["params"]
+    assert "perplexity" in result.stdout and "target (interpolated)" in result.stdout
+    perplexity, model, tokenizer = _exported_perplexity(run_dir / "student", config)
+    assert perplexity == pytest.approx(report["student"]["perplexity"], rel=1e-4)
+    generated = model.generate(**tokenizer("the car", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > len(tokenizer("the car")["input_ids"])
+    card = (run_dir / "student" / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and "| a |" in card
+
+
+def test_causal_lm_loss_falls_and_logs_its_terms(lm_run):
+    run_dir, _, _ = lm_run
+    rows = train_losses(run_dir)
+    assert {"loss", "kd", "ce", "a/weight"} <= set(rows[-1])
+    for row in rows:
+        assert row["loss"] == pytest.approx(0.5 * row["kd"] + 0.5 * row["ce"], rel=1e-4)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_a_teacher_with_another_vocabulary_is_named(tiny_lm, tmp_path):
+    from tests.conftest import make_llama, train_lm_tokenizer
+
+    other = train_lm_tokenizer(tmp_path / "other_tok", ["completely different words here"] * 5, vocab_size=290)
+    odd = make_llama(tmp_path / "odd", other, layers=2, seed=9)
+    config = tiny_lm_config_yaml(tiny_lm, tmp_path / "run", extra="deepspeed: {zero_stage: 0}")
+    result = run_cli(["train", config, f"teachers.models.1.path={odd}"])
+    assert result.returncode == 2
+    assert f"teachers.models[1] ({odd}) has a different vocabulary" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unsupported_settings_are_refused_for_causal_lm(tiny_lm, tmp_path):
+    config = tiny_lm_config_yaml(tiny_lm, tmp_path / "run")
+    result = run_cli(["train", config, "teachers.placement=zero3"])
+    assert result.returncode == 2 and "task causal_lm does not support ['teachers.placement=zero3']" in result.stderr
