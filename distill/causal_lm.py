@@ -28,6 +28,7 @@ from distill.chunked_loss import (TokenLossTerms, chunked_target_distillation, f
 from distill.config import ConfigError, DataConfig, DistillConfig, resolve_teacher_index, teacher_display_name
 from distill.data import INDEX, LABELS, Splits, _check_fields, _is_missing, _load_source, _subsample
 from distill.losses import IGNORE_INDEX
+from distill.paths import resolve_path
 
 # ------------------------------------------------------------------------------------- data
 
@@ -270,6 +271,30 @@ class TokenTargets:
         return target, keep
 
 
+class CachedTokenTargets:
+    """`target_fn` from the logit cache: each teacher's top-k rebuilt into a dense distribution
+    (tail mass spread over the other tokens; exact when k = V), then interpolated."""
+
+    def __init__(self, ensemble, cache, batch: Dict, labels: Tensor, weights):
+        from distill.cache import topk_target_log_probs
+
+        ids, log_probs, tail = cache.rows(batch[INDEX].tolist(), batch["input_ids"].shape[1])
+        tokens = ids.shape[0] * ids.shape[1]
+        self.ids = ids.reshape(tokens, *ids.shape[2:])
+        self.log_probs = log_probs.reshape(tokens, *log_probs.shape[2:])
+        self.tail = tail.reshape(tokens, tail.shape[-1])
+        self.rebuild = topk_target_log_probs
+        self.vocab_size = cache.vocab_size
+        self.ensemble, self.labels, self.weights = ensemble, labels, weights
+
+    def __call__(self, start: int, end: int) -> Tuple[Tensor, Optional[Tensor]]:
+        dense = self.rebuild(self.ids[start:end].transpose(0, 1), self.log_probs[start:end].transpose(0, 1),
+                             self.vocab_size, self.tail[start:end].transpose(0, 1))  # [K, c, V]
+        with torch.no_grad():
+            # log-probabilities are valid logits: softmax(log p / T) = p^(1/T) / Z, as for the live teacher
+            return self.ensemble.target(dense.to(self.labels.device), self.labels[start:end], self.weights), None
+
+
 def student_token_loss(engine, batch: Dict, target_fn, *, fused: bool, kd_alpha: float, temperature: float,
                        label_smoothing: float, divergence, chunk_size: int, normalizer: float) -> TokenLossTerms:
     inputs = lm_inputs(batch, engine.device)
@@ -297,41 +322,43 @@ def token_nll_sum(logits: Tensor, labels: Tensor) -> Tuple[float, int]:
     return float(-log_probs.gather(-1, labels[valid].unsqueeze(-1)).sum()), int(valid.sum())
 
 
-def perplexities(loader, student, ensemble, device: torch.device, chunk_tokens: int,
-                 teachers_too: bool = True) -> Dict[str, Dict[str, float]]:
-    """Per model ('student', each teacher, 'target' = the interpolated teachers at temperature 1):
-    mean NLL per labelled token and its exp, over the validation split, gathered across ranks
+def perplexities(loader, student, ensemble, device: torch.device, teachers_too: bool = True) -> Dict[str, Dict[str, float]]:
+    """Per model ('student' unless it is None, each teacher, 'target' = the interpolated teachers at
+    temperature 1): mean NLL per labelled token and its exp, over the loader, gathered across ranks
     (rows a DistributedSampler repeats are counted once)."""
-    names = ["student"] + ((ensemble.names + ["target"]) if ensemble is not None and teachers_too else [])
-    per_row: Dict[int, List[float]] = {}
+    teacher_names = (ensemble.names + ["target"]) if ensemble is not None and teachers_too else []
+    per_row: Dict[int, List[float]] = {}  # index -> [labelled tokens, student NLL?, teachers' NLL..., target NLL]
     for batch in loader:
         inputs = lm_inputs(batch, device)
         labels = batch[LABELS].to(device)
-        with torch.no_grad():
-            student_logits = student(**inputs).logits
+        student_logits = None
+        if student is not None:
+            with torch.no_grad():
+                student_logits = student(**inputs).logits
         targets = None
-        if len(names) > 1:
+        if teacher_names:
             ones = torch.ones(len(ensemble.models))
             targets = TokenTargets(ensemble, teacher_hidden_states(ensemble, inputs), labels.reshape(-1), None, ones)
         sequence = labels.shape[1]
         for row, index in enumerate(batch[INDEX].tolist()):
-            sums = [*token_nll_sum(student_logits[row], labels[row])]
+            valid = labels[row] != IGNORE_INDEX
+            sums = [int(valid.sum())]
+            if student_logits is not None:
+                sums.append(token_nll_sum(student_logits[row], labels[row])[0])
             if targets is not None:
                 start, end = row * sequence, (row + 1) * sequence
                 logits = targets.logits(start, end)  # [K, S, V]: one row at a time
-                for k in range(len(ensemble.models)):
-                    sums.append(token_nll_sum(logits[k], labels[row])[0])
+                sums += [token_nll_sum(logits[k], labels[row])[0] for k in range(len(ensemble.models))]
                 target, _ = targets(start, end)
-                valid = labels[row] != IGNORE_INDEX
                 sums.append(float(-target[valid].gather(-1, labels[row][valid].unsqueeze(-1)).sum()))
             per_row[index] = sums
     merged: Dict[int, List[float]] = {}
     for part in distributed.gather_objects(per_row):
         merged.update(part)
-    tokens = sum(sums[1] for sums in merged.values())
-    columns = [0] + list(range(2, 2 + len(names) - 1))
+    tokens = sum(sums[0] for sums in merged.values())
+    names = (["student"] if student is not None else []) + teacher_names
     result = {}
-    for name, column in zip(names, columns):
+    for column, name in enumerate(names, start=1):
         nll = sum(sums[column] for sums in merged.values()) / max(tokens, 1)
         result[name] = {"nll": nll, "perplexity": math.exp(min(nll, 700.0)), "tokens": tokens}
     return result
@@ -459,12 +486,25 @@ class CausalLMTrainer(_trainer_base()):
         self.validation_set = encode_lm(self.splits.validation, tokenizer, cfg.data, "validation")
         self.collator = LMCollator(tokenizer)
         self.teacher_params = []
-        if self.teacher_plans:
+        self.teacher_metrics = None
+        self.cache = None
+        if self.teacher_plans and cfg.teachers.cache is not None:  # no teacher weights load at all
+            from distill.cache import LogitCache, fingerprint
+            from distill.teachers import TeacherEnsemble, build_configured_interpolation
+
+            self.cache = LogitCache(resolve_path(cfg.teachers.cache), [p.name for p in self.teacher_plans],
+                                    fingerprint(self.train_set))
+            self.ensemble = TeacherEnsemble(self.teacher_plans, [], build_configured_interpolation(cfg))
+            cached = self.cache.meta["teachers"]
+            self.teacher_params = [teacher["params"] for teacher in cached]
+            self.teacher_metrics = {teacher["name"]: {key: teacher[key] for key in ("nll", "perplexity", "tokens")}
+                                    for teacher in cached}
+            self.teacher_metrics["target"] = self.cache.meta["target"]
+        elif self.teacher_plans:
             self.ensemble = load_lm_teachers(cfg, self.teacher_plans, self.device,
                                              teacher_dtype(cfg.teachers.dtype, self.device))
             self.teacher_params = [count_parameters(model) for model in self.ensemble.models]
         self.student_params = count_parameters(student)
-        self.teacher_metrics = None
         self.fused = cfg.loss.fused and cfg.deepspeed.zero_stage < 3  # ZeRO-3 shards the output layer
         self.chunk_size = chunk_size_for(cfg, len(self.teacher_plans))
         self._build_engine(student)
@@ -478,7 +518,9 @@ class CausalLMTrainer(_trainer_base()):
         now = self._scheduled(engine.global_steps)
         labels = batch[LABELS].reshape(-1).to(engine.device)
         targets = None
-        if self.ensemble is not None and now["kd_alpha"] > 0:
+        if self.ensemble is not None and now["kd_alpha"] > 0 and self.cache is not None:
+            targets = CachedTokenTargets(self.ensemble, self.cache, batch, labels, now["teacher_weights"])
+        elif self.ensemble is not None and now["kd_alpha"] > 0:
             hidden = teacher_hidden_states(self.ensemble, lm_inputs(batch, engine.device))
             targets = TokenTargets(self.ensemble, hidden, labels, now["teacher_weights"])
         normalizer = batch["token_normalizer"]
@@ -487,7 +529,7 @@ class CausalLMTrainer(_trainer_base()):
                                    divergence=self.divergence, chunk_size=self.chunk_size, normalizer=normalizer)
         engine.backward(terms.total)
         engine.step()
-        if targets is not None:
+        if isinstance(targets, TokenTargets):
             self.skipped_rows += targets.skipped_tokens
         # logged per token of this micro-batch (the loss itself is scaled for the whole step)
         scale = normalizer / max(int((labels != IGNORE_INDEX).sum()), 1)
@@ -499,7 +541,7 @@ class CausalLMTrainer(_trainer_base()):
 
         loader = validation_loader(self.validation_set, self.collator, self.cfg.training.eval_batch_size)
         self.engine.eval()
-        metrics = perplexities(loader, self.engine, self.ensemble, self.engine.device, self.chunk_size,
+        metrics = perplexities(loader, self.engine, self.ensemble, self.engine.device,
                                teachers_too=self.teacher_metrics is None)
         if self.ensemble is not None:
             if self.teacher_metrics is None:  # teachers are frozen: evaluate them once

@@ -1,4 +1,4 @@
-"""`distill train | eval | export`: a thin layer over the library.
+"""`distill train | eval | export | cache`: a thin layer over the library.
 
 Runs as `distill ...` on one process, or under the DeepSpeed launcher as
 `deepspeed --num_gpus N --module distill.cli train ...` (the launcher adds `--local_rank=N`, accepted and
@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="score these alphas on --config's validation split and keep the best")
     mix.add_argument("--config", default=None, help="config whose data section gives the validation split")
     mix.add_argument("--overwrite", action="store_true")
+
+    cache = commands.add_parser("cache", help="causal LM: run the teachers once, store their top-k log-probs per token")
+    cache.add_argument("config")
+    cache.add_argument("overrides", nargs="*")
+    cache.add_argument("--out", required=True, help="the cache folder (then train with teachers.cache=FOLDER)")
+    cache.add_argument("--top-k", type=int, default=64, help="log-probabilities kept per token and teacher")
 
     export = commands.add_parser("export", help="consolidate a run's checkpoint into a save_pretrained folder")
     export.add_argument("run_dir")
@@ -117,6 +123,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 result = weight_interpolation.sweep(load_config(args.config), first, second, alphas, out, args.overwrite)
                 print(weight_interpolation.format_sweep(result["rows"], result["best"]["alpha"]))
                 print(f"best alpha {result['best']['alpha']} written to {out} (alpha_sweep.json, alpha_sweep.png)")
+        elif args.command == "cache":
+            from distill.cache import write_cache
+
+            cfg = load_config(args.config, args.overrides)
+            if cfg.task != "causal_lm":
+                raise ConfigError("distill cache is for task: causal_lm (token-level logits)")
+            meta = write_cache(cfg, Path(args.out), args.top_k)
+            print(f"cached top-{meta['top_k']} of {len(meta['teachers'])} teacher(s) over {meta['rows']} blocks "
+                  f"in {meta['shards']} shard(s): {args.out} (train with teachers.cache={args.out})")
         elif args.command == "export":
             from distill.export import export_run
 

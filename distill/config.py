@@ -44,6 +44,9 @@ class TeachersConfig:
     # student whose vocabulary was trimmed.
     tokenization: str = "shared"
     micro_batch_size: Optional[int] = None  # for teacher-only passes (evaluation); defaults to eval
+    # task causal_lm: a folder written by `distill cache` (the teachers' top-k log-probabilities
+    # over the training data); training then reads it and runs no teacher forward.
+    cache: Optional[str] = None
     # stop: a NaN/inf in any teacher's logits ends the run, naming the teacher. skip: rows with
     # non-finite teacher logits leave the KD term (their labels still count) and are counted.
     on_nonfinite: str = "stop"
@@ -420,7 +423,11 @@ def _validate_task(cfg) -> None:
     _require((data.prompt_field is None) == (data.response_field is None),
              "data.prompt_field and data.response_field go together: set both (prompt/response pairs) or neither")
     if cfg.task != "causal_lm":
+        _require(cfg.teachers.cache is None, "teachers.cache is for task causal_lm (token-level top-k logits)")
         return
+    if cfg.teachers.cache is not None:
+        _require(resolve_path(cfg.teachers.cache).is_dir(),
+                 f"teachers.cache: {cfg.teachers.cache} is not a folder written by `distill cache`")
     # Settings the causal-LM path does not use: refused rather than silently ignored.
     unsupported = {
         "student.trim_vocab": cfg.student.trim_vocab,

@@ -113,3 +113,56 @@ def test_unsupported_settings_are_refused_for_causal_lm(tiny_lm, tmp_path):
     config = tiny_lm_config_yaml(tiny_lm, tmp_path / "run")
     result = run_cli(["train", config, "teachers.placement=zero3"])
     assert result.returncode == 2 and "task causal_lm does not support ['teachers.placement=zero3']" in result.stderr
+
+
+@pytest.mark.multirank
+def test_two_rank_zero3_causal_lm_run_trains_checkpoints_and_exports(tiny_lm, tmp_path):
+    from tests.helpers import run_deepspeed
+
+    run_dir = tmp_path / "zero3"
+    config = tiny_lm_config_yaml(tiny_lm, run_dir)
+    result = run_deepspeed(2, [config, "deepspeed.zero_stage=3", "training.micro_batch_size=2"])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    assert (run_dir / "checkpoints" / "step0000008").is_dir()
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "step0000008").glob("zero_pp_rank_*_model_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+    report = json.loads((run_dir / "report.json").read_text())
+    perplexity, model, tokenizer = _exported_perplexity(run_dir / "student", config)
+    assert perplexity == pytest.approx(report["student"]["perplexity"], rel=1e-4)
+    generated = model.generate(**tokenizer("the road", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == len(tokenizer("the road")["input_ids"]) + 4 or tokenizer.eos_token_id in generated[0]
+
+
+def test_cache_with_k_equal_to_the_vocabulary_trains_exactly_like_live_teachers(lm_run, tiny_lm, tmp_path):
+    from safetensors.torch import load_file
+
+    live_dir, config, _ = lm_run
+    vocab = len(tiny_lm["tokenizer"])
+    cache = tmp_path / "cache"
+    written = run_cli(["cache", config, "--out", cache, "--top-k", vocab])
+    assert written.returncode == 0, written.stderr[-3000:]
+    shard = load_file(str(cache / "shard_00000.safetensors"))
+    assert shard["ids"].shape[1:] == (2, vocab) and shard["tail"].max() < -1e20  # nothing outside the top k
+    run_dir = tmp_path / "cached"
+    trained = run_cli(["train", config, f"output_dir={run_dir}", f"teachers.cache={cache}"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    live, cached = train_losses(live_dir), train_losses(run_dir)
+    assert [row["step"] for row in live] == [row["step"] for row in cached]
+    for a, b in zip(live, cached):
+        assert b["kd"] == pytest.approx(a["kd"], rel=1e-4) and b["ce"] == pytest.approx(a["ce"], rel=1e-4)
+    live_report = json.loads((live_dir / "report.json").read_text())
+    cached_report = json.loads((run_dir / "report.json").read_text())
+    assert cached_report["teachers"][0]["perplexity"] == pytest.approx(live_report["teachers"][0]["perplexity"], rel=1e-5)
+    assert cached_report["student"]["perplexity"] == pytest.approx(live_report["student"]["perplexity"], rel=1e-3)
+
+
+def test_small_top_k_cache_trains_and_refuses_other_data(lm_run, tiny_lm, tmp_path):
+    _, config, _ = lm_run
+    cache = tmp_path / "top8"
+    assert run_cli(["cache", config, "--out", cache, "--top-k", 8]).returncode == 0
+    run_dir = tmp_path / "run8"
+    trained = run_cli(["train", config, f"output_dir={run_dir}", f"teachers.cache={cache}"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert all(math.isfinite(row["loss"]) for row in train_losses(run_dir))
+    other = run_cli(["train", config, f"output_dir={tmp_path / 'other'}", f"teachers.cache={cache}", "data.block_size=16"])
+    assert other.returncode == 2 and "was written for other training blocks" in other.stderr
