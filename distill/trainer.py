@@ -463,7 +463,8 @@ class Trainer:
             report["export_dir"] = str(export_dir)
             write_json(self.run_dir / "report.json", report)
             print(self.format_table(report), flush=True)
-        distributed.barrier()
+        # no barrier after the export: the other ranks have nothing left to do, and a long export
+        # (a big model) must not run into their collective timeout
         return report
 
     def build_report(self, metrics: Dict, summary: Dict) -> Dict:

@@ -29,6 +29,11 @@ fi
 if ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / ranks > 0 ? $(nproc) / ranks : 1 ))}"
 fi
+# DeepSpeed's CPU shared-memory allreduce (0.19) creates a 66 MB /dev/shm segment per rank and
+# never unlinks it: /dev/shm is RAM, and a few dozen runs exhausted a 24 GiB machine. Its names end
+# in _<master port>_<rank>; remove this job's segments however the job ends.
+cleanup_shm() { rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$port"_* 2>/dev/null || true; }
+trap cleanup_shm EXIT
 status=0
 "${launcher[@]}" --module distill.cli train "$config" "${overrides[@]}" || status=$?
 if [ "$status" -ne 0 ]; then

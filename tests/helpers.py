@@ -26,9 +26,17 @@ def run_cli(args, timeout=600, env_extra=None, preexec_fn=None):
 def run_deepspeed(ranks: int, args, timeout=900):
     """`launch/train.sh CONFIG --ranks N ...`: the project's thin wrapper over the deepspeed launcher."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    port = free_port()
     command = ["bash", str(ROOT / "launch" / "train.sh"), str(args[0]), "--ranks", str(ranks),
-               "--master-port", str(free_port()), *map(str, args[1:])]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+               "--master-port", str(port), *map(str, args[1:])]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    result.master_port = port
+    return result
+
+
+def shared_memory_left(port: int):
+    """DeepSpeed CPU allreduce segments of the job on `port` still in /dev/shm (launch/train.sh removes them)."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def train_losses(run_dir: Path):

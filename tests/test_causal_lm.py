@@ -117,12 +117,13 @@ def test_unsupported_settings_are_refused_for_causal_lm(tiny_lm, tmp_path):
 
 @pytest.mark.multirank
 def test_two_rank_zero3_causal_lm_run_trains_checkpoints_and_exports(tiny_lm, tmp_path):
-    from tests.helpers import run_deepspeed
+    from tests.helpers import run_deepspeed, shared_memory_left
 
     run_dir = tmp_path / "zero3"
     config = tiny_lm_config_yaml(tiny_lm, run_dir)
     result = run_deepspeed(2, [config, "deepspeed.zero_stage=3", "training.micro_batch_size=2"])
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    assert shared_memory_left(result.master_port) == []
     assert (run_dir / "checkpoints" / "step0000008").is_dir()
     assert sorted(p.name for p in (run_dir / "checkpoints" / "step0000008").glob("zero_pp_rank_*_model_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.conftest import tiny_config_yaml
-from tests.helpers import assert_export_matches_run, run_deepspeed, train_losses
+from tests.helpers import assert_export_matches_run, run_deepspeed, train_losses, shared_memory_left
 
 pytestmark = pytest.mark.multirank
 
@@ -31,6 +31,7 @@ def test_two_rank_run_trains_checkpoints_and_exports(tiny, tmp_path, stage, plac
     assert report["training"]["zero_stage"] == stage and report["training"]["steps"] == 16
     assert all(t["params"] > 0 for t in report["teachers"])  # full sizes, even when partitioned
     assert_export_matches_run(run_dir, config)
+    assert shared_memory_left(result.master_port) == []  # no 66 MB /dev/shm segment per rank left behind
 
 
 def test_data_dependent_interpolation_is_identical_on_every_rank(tiny, tmp_path):

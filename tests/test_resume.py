@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_config_yaml
-from tests.helpers import ROOT, free_port, run_cli, run_deepspeed
+from tests.helpers import ROOT, free_port, run_cli, run_deepspeed, shared_memory_left
 
 pytestmark = pytest.mark.multirank
 
@@ -37,8 +37,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(tiny, tmp_path
     run_dir = tmp_path / "killed"
     config = tiny_config_yaml(tiny, run_dir)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    port = free_port()
     process = subprocess.Popen(["bash", str(ROOT / "launch" / "train.sh"), str(config), "--ranks", "2",
-                                "--master-port", str(free_port()), *COMMON], cwd=ROOT, env=env,
+                                "--master-port", str(port), *COMMON], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     latest = run_dir / "checkpoints" / "latest"
     deadline = time.time() + 300
@@ -48,6 +49,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(tiny, tmp_path
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
+    for segment in shared_memory_left(port):  # SIGKILL took launch/train.sh's cleanup trap down too
+        segment.unlink()
     assert not (run_dir / "report.json").exists(), "the run finished before it could be killed"
     killed_at = int(latest.read_text().strip()[4:])
     assert 10 <= killed_at < 40
