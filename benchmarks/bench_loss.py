@@ -19,25 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as stream:
-        return int(stream.read().split()[1]) * resource.getpagesize()
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+from measure import (add_variant_arguments, current_rss_bytes, emit_rows, measure, peak_rss_bytes,  # noqa: E402
+                     quantiles, ran_one_variant)
 
 
 def run_variant(variant: str, teachers: int, args) -> dict:
@@ -98,9 +90,9 @@ def run_variant(variant: str, teachers: int, args) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        base = _rss_bytes()
+        base = current_rss_bytes()
         value = step()
-        peak = max(0, _peak_rss_bytes() - base)
+        peak = max(0, peak_rss_bytes() - base)
     times = []
     for _ in range(args.repeats if args.measure == "time" else 0):
         started = time.perf_counter()
@@ -108,16 +100,13 @@ def run_variant(variant: str, teachers: int, args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    times.sort()
-
-    def quantile(q):
-        return times[min(len(times) - 1, int(q * len(times)))]
+    p20, p50, p80 = quantiles(times) if times else (0.0, 0.0, 0.0)
 
     if args.measure == "memory":
         return {"peak_bytes": peak, "loss": value}
     return {"variant": variant, "teachers": teachers, "tokens": n, "vocab": v, "hidden": h, "chunk": args.chunk,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-            "loss": value, "peak_bytes": peak, "p20_s": quantile(0.2), "p50_s": quantile(0.5), "p80_s": quantile(0.8)}
+            "loss": value, "peak_bytes": peak, "p20_s": p20, "p50_s": p50, "p80_s": p80}
 
 
 def main() -> None:
@@ -127,12 +116,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--chunk", type=int, default=128, help="tokens per chunk for one teacher (K teachers: /K)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    parser.add_argument("--one", nargs=2, metavar=("VARIANT", "K"), help=argparse.SUPPRESS)
-    parser.add_argument("--measure", choices=["memory", "time"], default="time", help=argparse.SUPPRESS)
+    add_variant_arguments(parser)
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(run_variant(args.one[0], int(args.one[1]), args)))
+    if ran_one_variant(args, run_variant):
         return
 
     import torch
@@ -140,19 +126,9 @@ def main() -> None:
     rows = []
     for variant, teachers in [("materialised", 1), ("materialised", 4), ("recompute", 1), ("recompute", 4),
                               ("fused", 1), ("fused", 4)]:
-        command = [sys.executable, __file__, "--one", variant, str(teachers), "--tokens", str(args.tokens),
-                   "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--chunk", str(args.chunk),
-                   "--repeats", str(args.repeats)]
-        timed = subprocess.run(command + ["--measure", "time"], check=True, capture_output=True, text=True).stdout
-        row = json.loads(timed.strip().splitlines()[-1])
-        # Memory in a process of its own with a fixed mmap threshold: every large tensor is its own
-        # mapping, returned to the system when freed, so the peak RSS is the peak of live tensors
-        # (glibc's adaptive threshold lets freed chunks pile up on the heap). Timed without it.
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-        measured = subprocess.run(command + ["--measure", "memory"], check=True, capture_output=True, text=True,
-                                  env=env).stdout
-        row["peak_bytes"] = json.loads(measured.strip().splitlines()[-1])["peak_bytes"]
-        rows.append(row)
+        forwarded = ["--tokens", str(args.tokens), "--vocab", str(args.vocab), "--hidden", str(args.hidden),
+                     "--chunk", str(args.chunk), "--repeats", str(args.repeats)]
+        rows.append(measure(__file__, variant, teachers, forwarded))
         print(f"  measured {variant} K={teachers}", file=sys.stderr, flush=True)
     by = {(r["variant"], r["teachers"]): r for r in rows}
     print(f"token loss, N={args.tokens} tokens, V={args.vocab}, H={args.hidden}, chunk={args.chunk}; "
@@ -171,10 +147,7 @@ def main() -> None:
         row = by[("fused", k)]
         print(f"fused K={k}: {row['memory_vs_materialised']:.2f}x the materialised memory (target <= 0.25x), "
               f"{row['time_vs_materialised']:.2f}x its time (target <= 1.15x)")
-    for row in rows:
-        print(json.dumps(row))
-    if args.json:
-        args.json.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    emit_rows(rows, args.json)
 
 
 if __name__ == "__main__":

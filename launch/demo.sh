@@ -3,11 +3,7 @@
 # fine-tuning (loss.kd_alpha=0), distil them into a smaller student, export it, print the table.
 # Extra arguments are dotted overrides for the distillation step (configs/demo.yaml).
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-bash launch/setup.sh
-source .venv/bin/activate
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+source "$(dirname "${BASH_SOURCE[0]}")/activate.sh"
 python -m distill.assets runs/demo/assets/minilm-l3 >/dev/null
 for teacher in l6 l3; do
     if [ ! -f "runs/demo/teacher-$teacher/student/model.safetensors" ]; then

@@ -1,0 +1,198 @@
+"""Step time and peak memory of causal-LM distillation against plain fine-tuning, side by side.
+
+    python benchmarks/bench_distill.py [--steps 20] [--vocab 16384] [--batch 4] [--seq 128]
+
+Same student, data and batch in every variant (one process each, fresh):
+
+  plain       label-only fine-tuning: model(input_ids, labels=...) with transformers' own loss
+  live K      distillation from K = 1, 2, 4 live teachers (their forwards in inference mode,
+              the fused chunked loss); the teachers' own forwards are also timed alone
+  cached      distillation from 2 teachers' cached top-k (k = --top-k) log-probabilities
+
+Each variant: 3 warm-up steps, then --steps timed optimizer steps (AdamW); p20/p50/p80 step time,
+samples/s and tokens/s at p50, and the rise of peak RSS over the loaded models (CPU; in a process
+with a fixed glibc mmap threshold) or torch.cuda.max_memory_allocated (GPU). Ratios to plain:
+targets cached <= 1.10x, (live - teachers' own forwards) <= 1.10x, and step time linear in K within
+10% ((t4 - t1) / 3 vs t2 - t1). Prints a table, hardware and versions, and JSON rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from measure import (add_variant_arguments, current_rss_bytes, emit_rows, measure, peak_rss_bytes,  # noqa: E402
+                     quantiles, ran_one_variant)
+VARIANTS = [("plain", 0), ("live", 1), ("live", 2), ("live", 4), ("cached", 2)]
+
+
+def _llama(vocab: int, hidden: int, layers: int, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
+                         num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
+                         max_position_embeddings=1024, tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
+
+
+class _InMemoryCache:
+    """What distill.cache.LogitCache.rows returns, for one fixed batch."""
+
+    def __init__(self, ids, log_probs, tail, vocab_size):
+        self.ids, self.log_probs, self.tail, self.vocab_size = ids, log_probs, tail, vocab_size
+
+    def rows(self, indices, length):
+        return self.ids, self.log_probs, self.tail
+
+
+def run_variant(variant: str, teachers: int, args) -> dict:
+    import torch
+
+    from distill.cache import top_k_of
+    from distill.causal_lm import CachedTokenTargets, TokenTargets, body_and_head, teacher_hidden_states
+    from distill.chunked_loss import fused_token_distillation, tokens_per_chunk
+    from distill.teachers import TeacherEnsemble, TeacherPlan
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    student = _llama(args.vocab, args.hidden, args.layers, seed=0).to(device).train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "index": torch.arange(args.batch)}
+    labels = torch.cat([ids[:, 1:], torch.full((args.batch, 1), -100, device=device)], dim=1)
+    flat_labels = labels.reshape(-1)
+    count = teachers if variant != "plain" else 0
+    plans = [TeacherPlan(name=f"t{k}", path="-", key="-", weight=1.0, temperature=2.0, label_order=None,
+                         input_prefix="") for k in range(count)]
+    models = [_llama(args.vocab, args.teacher_hidden, args.teacher_layers, seed=k + 1).to(device).eval()
+              .requires_grad_(False) for k in range(count)]
+    ensemble = TeacherEnsemble(plans, models if variant == "live" else [], "linear") if count else None
+    inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"]}
+    cache = None
+    if variant == "cached":  # the teachers' top-k for this batch, computed once, as `distill cache` does
+        hidden = teacher_hidden_states(TeacherEnsemble(plans, models, "linear"), inputs)
+        parts = [top_k_of(body_and_head(m)[1](h), args.top_k) for m, h in zip(models, hidden)]
+        shape = (args.batch, args.seq, count)
+        cache = _InMemoryCache(torch.stack([p[0] for p in parts], 1).long().reshape(*shape, args.top_k),
+                               torch.stack([p[1] for p in parts], 1).reshape(*shape, args.top_k),
+                               torch.stack([p[2] for p in parts], 1).reshape(shape), args.vocab)
+        del models, hidden
+    chunk = tokens_per_chunk(args.chunk, max(count, 1))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        if variant == "plain":
+            loss = student(**inputs, labels=ids).loss
+        else:
+            if variant == "live":
+                targets = TokenTargets(ensemble, teacher_hidden_states(ensemble, inputs), flat_labels, None)
+            else:
+                targets = CachedTokenTargets(ensemble, cache, batch, flat_labels, None)
+            body, head = body_and_head(student)
+            hidden = body(**inputs).last_hidden_state
+            loss = fused_token_distillation(hidden.reshape(-1, hidden.shape[-1]), head.weight, flat_labels, targets,
+                                            kd_alpha=0.5, temperature=2.0, chunk_size=chunk).total
+        loss.backward()
+        optimizer.step()
+
+    def teachers_alone():
+        teacher_hidden_states(ensemble, inputs)
+
+    def timed(fn, repeats):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        return quantiles(times)
+
+    if args.measure == "memory":
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            step()
+            return {"peak_bytes": torch.cuda.max_memory_allocated() - base}
+        base = current_rss_bytes()
+        step()
+        step()  # the optimizer state exists from the first step on
+        return {"peak_bytes": max(0, peak_rss_bytes() - base)}
+    p20, p50, p80 = timed(step, args.steps)
+    row = {"variant": variant if variant == "plain" else f"{variant} K={count}", "teachers": count,
+           "p20_s": p20, "p50_s": p50, "p80_s": p80, "samples_per_s": args.batch / p50,
+           "tokens_per_s": args.batch * args.seq / p50}
+    if variant == "live":
+        row["teacher_forward_p50_s"] = timed(teachers_alone, args.steps)[1]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--vocab", type=int, default=16384)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--teacher-hidden", type=int, default=384)
+    parser.add_argument("--teacher-layers", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--top-k", type=int, default=64)
+    add_variant_arguments(parser)
+    args = parser.parse_args()
+    if ran_one_variant(args, run_variant):
+        return
+
+    import deepspeed
+    import torch
+    import transformers
+
+    forwarded = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in
+                 ("steps", "vocab", "hidden", "layers", "teacher_hidden", "teacher_layers", "batch", "seq", "chunk", "top_k")]
+    rows = []
+    for variant, teachers in VARIANTS:
+        rows.append(measure(__file__, variant, teachers, forwarded))
+    plain = rows[0]["p50_s"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or platform.machine())
+    print(f"causal-LM step, batch {args.batch} x {args.seq} tokens, V={args.vocab}, student {args.layers}x{args.hidden}, "
+          f"teachers {args.teacher_layers}x{args.teacher_hidden}, {args.steps} timed steps")
+    print(f"{device}, {os.cpu_count()} CPUs; torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"deepspeed {deepspeed.__version__}, python {platform.python_version()}")
+    header = f"{'variant':<12}{'p20 s':>8}{'p50 s':>8}{'p80 s':>8}{'samples/s':>11}{'tokens/s':>10}{'peak MiB':>10}{'vs plain':>10}{'w/o teachers':>14}"
+    print(header)
+    for row in rows:
+        row["vs_plain"] = row["p50_s"] / plain
+        if "teacher_forward_p50_s" in row:
+            row["vs_plain_without_teacher_forwards"] = (row["p50_s"] - row["teacher_forward_p50_s"]) / plain
+        extra = f"{row['vs_plain_without_teacher_forwards']:>13.2f}x" if "teacher_forward_p50_s" in row else f"{'':>14}"
+        print(f"{row['variant']:<12}{row['p20_s']:>8.3f}{row['p50_s']:>8.3f}{row['p80_s']:>8.3f}{row['samples_per_s']:>11.2f}"
+              f"{row['tokens_per_s']:>10.0f}{row['peak_bytes'] / 2**20:>10.1f}{row['vs_plain']:>9.2f}x{extra}")
+    live = {row["teachers"]: row["p50_s"] for row in rows if row["variant"].startswith("live")}
+    per_teacher_12, per_teacher_14 = live[2] - live[1], (live[4] - live[1]) / 3
+    cached = next(row for row in rows if row["variant"].startswith("cached"))
+    print(f"cached: {cached['vs_plain']:.2f}x plain (target <= 1.10x); live without the teachers' own forwards: "
+          + ", ".join(f"K={r['teachers']} {r['vs_plain_without_teacher_forwards']:.2f}x" for r in rows if r["variant"].startswith("live"))
+          + " (target <= 1.10x)")
+    print(f"time per extra teacher: {per_teacher_12:.3f} s (K 1->2) vs {per_teacher_14:.3f} s (K 1->4 / 3): "
+          f"{abs(per_teacher_14 / per_teacher_12 - 1) * 100:.0f}% apart (target <= 10%)")
+    emit_rows(rows, args.json)
+
+
+if __name__ == "__main__":
+    main()
