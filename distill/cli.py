@@ -69,6 +69,14 @@ def _strip_launcher_args(argv: List[str]) -> List[str]:
     return [arg for arg in argv if not arg.startswith(("--local_rank=", "--local-rank="))]
 
 
+def _classification_only(cfg, command: str) -> None:
+    from distill.config import ConfigError
+
+    if cfg.task != "sequence_classification":
+        raise ConfigError(f"distill {command} supports task sequence_classification only so far; for causal_lm the "
+                          "run's report.json holds the perplexities of student, teachers and target")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     # Overrides may come before or after options (argparse stops a '*' positional at the first
@@ -90,6 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from distill.fit_weights import run_fit_weights
 
             cfg = load_config(args.config, args.overrides)
+            _classification_only(cfg, "fit-weights")
             out = Path(args.out) if args.out else Path(f"{cfg.output_dir}-fit")
             result = run_fit_weights(cfg, out, fit_temperatures=args.temperatures, method=args.method)
             print(result["table"])
@@ -99,7 +108,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             from distill.evaluation import evaluate_saved_model
             from distill.report import format_table
 
-            report = evaluate_saved_model(load_config(args.config, args.overrides), Path(args.model))
+            cfg = load_config(args.config, args.overrides)
+            _classification_only(cfg, "eval")
+            report = evaluate_saved_model(cfg, Path(args.model))
             print(format_table(report))
         elif args.command == "interpolate-weights":
             from distill import weight_interpolation

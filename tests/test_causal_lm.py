@@ -167,3 +167,9 @@ def test_small_top_k_cache_trains_and_refuses_other_data(lm_run, tiny_lm, tmp_pa
     assert all(math.isfinite(row["loss"]) for row in train_losses(run_dir))
     other = run_cli(["train", config, f"output_dir={tmp_path / 'other'}", f"teachers.cache={cache}", "data.block_size=16"])
     assert other.returncode == 2 and "was written for other training blocks" in other.stderr
+
+
+def test_classification_only_commands_refuse_a_causal_lm_config(lm_run):
+    run_dir, config, _ = lm_run
+    result = run_cli(["eval", run_dir, config])
+    assert result.returncode == 2 and "distill eval supports task sequence_classification only" in result.stderr
