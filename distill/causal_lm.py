@@ -247,9 +247,12 @@ class TokenTargets:
             return torch.stack([head(hidden[start:end]).float() for head, hidden in zip(self.heads, self.hidden_states)])
 
     def __call__(self, start: int, end: int) -> Tuple[Tensor, Optional[Tensor]]:
+        return self.target(self.logits(start, end), start, end)
+
+    def target(self, logits: Tensor, start: int, end: int) -> Tuple[Tensor, Optional[Tensor]]:
+        """The interpolated target (and KD mask) of tokens start..end-1 from their teacher logits."""
         from distill.teachers import NonFiniteLogitsError
 
-        logits = self.logits(start, end)
         labels = self.labels[start:end]
         finite = torch.isfinite(logits).all(dim=-1)  # [K, c]
         keep = None

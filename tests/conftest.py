@@ -57,6 +57,12 @@ def train_tokenizer(folder: Path, texts):
     return tokenizer
 
 
+def save_with_tokenizer(model, tokenizer, folder: Path) -> Path:
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def make_bert_classifier(folder: Path, tokenizer, layers: int, seed: int, label_names=LABELS, hidden: int = 32):
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -65,10 +71,7 @@ def make_bert_classifier(folder: Path, tokenizer, layers: int, seed: int, label_
                         num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64,
                         num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                         label2id={n: i for i, n in enumerate(label_names)}, pad_token_id=tokenizer.pad_token_id)
-    model = BertForSequenceClassification(config)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_with_tokenizer(BertForSequenceClassification(config), tokenizer, folder)
 
 
 @pytest.fixture(scope="session")
@@ -84,6 +87,14 @@ def tiny(tmp_path_factory):
                                      label_names=["positive", "negative", "neutral"])
     return {"root": root, "train_csv": train_csv, "unlabeled_csv": unlabeled_csv, "tokenizer": tokenizer,
             "teacher_a": teacher_a, "teacher_b": teacher_b}
+
+
+def write_config(output_dir: Path, text: str) -> Path:
+    """The config next to its output dir, as `<output_dir>.yaml`."""
+    path = output_dir.parent / f"{output_dir.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def tiny_config_yaml(tiny, output_dir: Path, extra: str = "") -> Path:
@@ -117,10 +128,7 @@ training:
   progress_bar: false
 {extra}
 """
-    path = output_dir.parent / f"{output_dir.name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write_config(output_dir, text)
 
 
 def train_lm_tokenizer(folder: Path, texts, vocab_size: int = 320):
@@ -144,10 +152,7 @@ def make_llama(folder: Path, tokenizer, layers: int, seed: int, hidden: int = 32
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, tie_word_embeddings=True,
                          bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_with_tokenizer(LlamaForCausalLM(config), tokenizer, folder)
 
 
 @pytest.fixture(scope="session")
@@ -200,7 +205,4 @@ training:
   progress_bar: false
 {extra}
 """
-    path = output_dir.parent / f"{output_dir.name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write_config(output_dir, text)
