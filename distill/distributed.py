@@ -5,6 +5,8 @@ world of one: we set them so that `deepspeed.initialize` finds a process group (
 """
 from __future__ import annotations
 
+import atexit
+import glob
 import os
 import socket
 from typing import Any, List
@@ -19,6 +21,17 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _remove_shared_memory(port: str, rank: str) -> None:
+    """DeepSpeed 0.19's CPU shared-memory allreduce leaves a 66 MB /dev/shm segment per rank
+    (deepspeed_allreduce_buffer_<n>_<addr>_<port>_<rank>) that nothing unlinks; /dev/shm is RAM.
+    Each process removes its own at exit (launch/train.sh also sweeps after a kill)."""
+    for segment in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_{rank}"):
+        try:
+            os.unlink(segment)
+        except OSError:
+            pass
+
+
 def init_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         return
@@ -29,6 +42,7 @@ def init_distributed() -> None:
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
+    atexit.register(_remove_shared_memory, os.environ["MASTER_PORT"], os.environ["RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
