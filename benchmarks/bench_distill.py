@@ -12,8 +12,9 @@ Same student, data and batch in every variant (one process each, fresh):
 Each variant: 3 warm-up steps, then --steps timed optimizer steps (AdamW); p20/p50/p80 step time,
 samples/s and tokens/s at p50, and the rise of peak RSS over the loaded models (CPU; in a process
 with a fixed glibc mmap threshold) or torch.cuda.max_memory_allocated (GPU). Ratios to plain:
-targets cached <= 1.10x, (live - teachers' own forwards) <= 1.10x, and step time linear in K within
-10% ((t4 - t1) / 3 vs t2 - t1). Prints a table, hardware and versions, and JSON rows.
+targets cached <= 1.10x, live <= 1.10x (plain + the teachers' own inference forwards, body and
+output layer, timed alone in the same process), and step time linear in K within 10%
+((t4 - t1) / 3 vs t2 - t1). Prints a table, hardware and versions, and JSON rows.
 """
 from __future__ import annotations
 
@@ -95,9 +96,10 @@ def run_variant(variant: str, teachers: int, args) -> dict:
             loss = student(**inputs, labels=ids).loss
         else:
             if variant == "live":
-                targets = TokenTargets(ensemble, teacher_hidden_states(ensemble, inputs), flat_labels, None)
+                targets = TokenTargets(ensemble, teacher_hidden_states(ensemble, inputs), flat_labels, None,
+                                       probabilities=True)
             else:
-                targets = CachedTokenTargets(ensemble, cache, batch, flat_labels, None)
+                targets = CachedTokenTargets(ensemble, cache, batch, flat_labels, None, sparse=True)
             body, head = body_and_head(student)
             hidden = body(**inputs).last_hidden_state
             loss = fused_token_distillation(hidden.reshape(-1, hidden.shape[-1]), head.weight, flat_labels, targets,
@@ -105,8 +107,8 @@ def run_variant(variant: str, teachers: int, args) -> dict:
         loss.backward()
         optimizer.step()
 
-    def teachers_alone():
-        teacher_hidden_states(ensemble, inputs)
+    def teachers_alone():  # each teacher's own inference forward: its body and its output layer
+        TokenTargets(ensemble, teacher_hidden_states(ensemble, inputs), flat_labels, None).logits(0, flat_labels.shape[0])
 
     def timed(fn, repeats):
         for _ in range(3):
@@ -174,20 +176,22 @@ def main() -> None:
           f"teachers {args.teacher_layers}x{args.teacher_hidden}, {args.steps} timed steps")
     print(f"{device}, {os.cpu_count()} CPUs; torch {torch.__version__}, transformers {transformers.__version__}, "
           f"deepspeed {deepspeed.__version__}, python {platform.python_version()}")
-    header = f"{'variant':<12}{'p20 s':>8}{'p50 s':>8}{'p80 s':>8}{'samples/s':>11}{'tokens/s':>10}{'peak MiB':>10}{'vs plain':>10}{'w/o teachers':>14}"
+    header = f"{'variant':<12}{'p20 s':>8}{'p50 s':>8}{'p80 s':>8}{'samples/s':>11}{'tokens/s':>10}{'peak MiB':>10}{'vs plain':>10}{'teach. s':>10}{'vs plain+teach.':>17}"
     print(header)
     for row in rows:
         row["vs_plain"] = row["p50_s"] / plain
         if "teacher_forward_p50_s" in row:
-            row["vs_plain_without_teacher_forwards"] = (row["p50_s"] - row["teacher_forward_p50_s"]) / plain
-        extra = f"{row['vs_plain_without_teacher_forwards']:>13.2f}x" if "teacher_forward_p50_s" in row else f"{'':>14}"
+            # the issue's yardstick: the student's plain step plus the teachers' own inference forwards
+            row["vs_plain_plus_teacher_forwards"] = row["p50_s"] / (plain + row["teacher_forward_p50_s"])
+        extra = (f"{row['teacher_forward_p50_s']:>10.3f}{row['vs_plain_plus_teacher_forwards']:>16.2f}x"
+                 if "teacher_forward_p50_s" in row else "")
         print(f"{row['variant']:<12}{row['p20_s']:>8.3f}{row['p50_s']:>8.3f}{row['p80_s']:>8.3f}{row['samples_per_s']:>11.2f}"
               f"{row['tokens_per_s']:>10.0f}{row['peak_bytes'] / 2**20:>10.1f}{row['vs_plain']:>9.2f}x{extra}")
     live = {row["teachers"]: row["p50_s"] for row in rows if row["variant"].startswith("live")}
     per_teacher_12, per_teacher_14 = live[2] - live[1], (live[4] - live[1]) / 3
     cached = next(row for row in rows if row["variant"].startswith("cached"))
-    print(f"cached: {cached['vs_plain']:.2f}x plain (target <= 1.10x); live without the teachers' own forwards: "
-          + ", ".join(f"K={r['teachers']} {r['vs_plain_without_teacher_forwards']:.2f}x" for r in rows if r["variant"].startswith("live"))
+    print(f"cached: {cached['vs_plain']:.2f}x plain (target <= 1.10x); live vs plain + the teachers' own forwards: "
+          + ", ".join(f"K={r['teachers']} {r['vs_plain_plus_teacher_forwards']:.2f}x" for r in rows if r["variant"].startswith("live"))
           + " (target <= 1.10x)")
     print(f"time per extra teacher: {per_teacher_12:.3f} s (K 1->2) vs {per_teacher_14:.3f} s (K 1->4 / 3): "
           f"{abs(per_teacher_14 / per_teacher_12 - 1) * 100:.0f}% apart (target <= 10%)")

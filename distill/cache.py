@@ -32,6 +32,38 @@ def topk_target_log_probs(top_ids: Tensor, top_log_probs: Tensor, vocab_size: in
     return dense.scatter(-1, top_ids.long(), top_log_probs)
 
 
+def sparse_linear_mixture(top_ids: Tensor, top_log_probs: Tensor, tail: Tensor, vocab_size: int, weights: Tensor,
+                          temperatures: Tensor):
+    """The linear mixture sum_k w_k softmax(log p_k / T_k) of K cached teachers, each p_k its top-k
+    plus the tail mass spread evenly over the other V - k tokens (what `topk_target_log_probs`
+    rebuilds densely), as a SparseTarget: base + deltas at the cached ids. Shapes: top_ids and
+    top_log_probs [c, K, k], tail [c, K] (log of the tail mass), weights and temperatures [K].
+
+    Softening keeps the shape: the listed tokens get exp(log p / T), each other token
+    exp((tail - log(V - k)) / T), all divided by their total Z_k. So teacher k puts t_k on every
+    token it did not list and p_k,i on its listed ones, and the mixture is
+    base = sum_k w_k t_k everywhere plus w_k (p_k,i - t_k) on teacher k's listed tokens."""
+    from distill.chunked_loss import SparseTarget
+
+    dtype = torch.promote_types(top_log_probs.dtype, torch.float32)
+    k = top_ids.shape[-1]
+    scale = temperatures.to(dtype).reshape(1, -1, 1)
+    listed = top_log_probs.to(dtype) / scale  # [c, K, k]
+    if k < vocab_size:
+        others = math.log(vocab_size - k)
+        spread = (tail.to(dtype).unsqueeze(-1) - others) / scale  # [c, K, 1]: log of one other token's share
+        log_z = torch.logsumexp(torch.cat([listed, spread + others], dim=-1), dim=-1, keepdim=True)
+        other_probs = (spread - log_z).exp()
+    else:
+        log_z = torch.logsumexp(listed, dim=-1, keepdim=True)
+        other_probs = torch.zeros_like(log_z)
+    weights = weights.to(dtype).reshape(1, -1, 1)
+    deltas = weights * ((listed - log_z).exp() - other_probs)
+    base = (weights * other_probs).sum(dim=(1, 2))
+    return SparseTarget(ids=top_ids.reshape(top_ids.shape[0], -1).long(),
+                        deltas=deltas.reshape(deltas.shape[0], -1), base=base)
+
+
 # --------------------------------------------------------------------------- writing, reading
 # Layout of a cache folder:
 #   meta.json                 teachers (name, path, hash, params), vocab_size, top_k, fingerprint of

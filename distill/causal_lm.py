@@ -23,10 +23,11 @@ from datasets import Dataset
 from torch import Tensor, nn
 
 from distill import distributed
-from distill.chunked_loss import (TokenLossTerms, chunked_target_distillation, fused_token_distillation,
-                                  tokens_per_chunk)
+from distill.chunked_loss import (ProbabilityTarget, TokenLossTerms, chunked_target_distillation,
+                                  fused_token_distillation, tokens_per_chunk)
 from distill.config import ConfigError, DataConfig, DistillConfig, resolve_teacher_index, teacher_display_name
 from distill.data import INDEX, LABELS, Splits, _check_fields, _is_missing, _load_source, _subsample
+from distill.interpolate import normalize_weights
 from distill.losses import IGNORE_INDEX
 from distill.paths import resolve_path
 
@@ -233,8 +234,13 @@ class TokenTargets:
     """`target_fn` for the chunked loss: the teachers' logits for tokens start..end-1 from their
     hidden states and output layers, checked for NaN/inf, interpolated into one target."""
 
-    def __init__(self, ensemble, hidden_states: List[Tensor], labels: Tensor, weights, temperatures=None):
+    def __init__(self, ensemble, hidden_states: List[Tensor], labels: Tensor, weights, temperatures=None,
+                 probabilities: bool = False):
         self.ensemble = ensemble
+        # hand the loss a ProbabilityTarget (forward KL, an interpolation with `probabilities_`):
+        # the teachers' logits buffer is then reused from chunk to chunk and softened in place
+        self.probabilities = probabilities and temperatures is None and hasattr(ensemble.interpolation, "probabilities_")
+        self._buffer = None
         self.hidden_states = hidden_states
         self.heads = [body_and_head(model)[1] for model in ensemble.models]
         self.labels = labels
@@ -242,20 +248,39 @@ class TokenTargets:
         self.temperatures = temperatures  # None: each teacher's configured temperature
         self.skipped_tokens = 0
 
-    def logits(self, start: int, end: int) -> Tensor:
+    def logits(self, start: int, end: int, reuse: bool = False) -> Tensor:
+        """[K, end - start, V] float32, each teacher's output layer written straight into its slice
+        (of one buffer kept across calls with `reuse`, so each chunk writes the same memory)."""
         with torch.no_grad():
-            return torch.stack([head(hidden[start:end]).float() for head, hidden in zip(self.heads, self.hidden_states)])
+            out = None
+            for k, (head, hidden) in enumerate(zip(self.heads, self.hidden_states)):
+                rows = hidden[start:end]
+                if out is None:
+                    shape = (len(self.heads), end - start, head.weight.shape[0])
+                    if reuse and self._buffer is not None and self._buffer.shape[1] >= shape[1]:
+                        out = self._buffer[:, :shape[1]]
+                    else:
+                        out = rows.new_empty(shape, dtype=torch.float32)
+                        self._buffer = out if reuse else None
+                if head.weight.dtype == torch.float32 and head.bias is None:
+                    torch.matmul(rows, head.weight.t(), out=out[k])
+                else:
+                    out[k] = head(rows)
+            return out
 
-    def __call__(self, start: int, end: int) -> Tuple[Tensor, Optional[Tensor]]:
-        return self.target(self.logits(start, end), start, end)
+    def __call__(self, start: int, end: int) -> Tuple[object, Optional[Tensor]]:
+        return self.target(self.logits(start, end, reuse=self.probabilities), start, end)
 
     def target(self, logits: Tensor, start: int, end: int) -> Tuple[Tensor, Optional[Tensor]]:
         """The interpolated target (and KD mask) of tokens start..end-1 from their teacher logits."""
         from distill.teachers import NonFiniteLogitsError
 
         labels = self.labels[start:end]
-        finite = torch.isfinite(logits).all(dim=-1)  # [K, c]
+        # a NaN or inf anywhere in a row makes its sum non-finite: one read pass, no [K, c, V] mask
+        finite = torch.isfinite(logits.sum(dim=-1))  # [K, c]
         keep = None
+        if not finite.all():
+            finite = torch.isfinite(logits).all(dim=-1)  # the rare case: the exact test
         if not finite.all():
             bad = ~finite & (labels != IGNORE_INDEX).unsqueeze(0)
             if bad.any() and self.ensemble.on_nonfinite == "stop":
@@ -266,6 +291,10 @@ class TokenTargets:
             self.skipped_tokens += int((~keep & (labels != IGNORE_INDEX)).sum())
             logits = torch.where(keep[None, :, None], logits, torch.zeros_like(logits))
         with torch.no_grad():
+            if self.probabilities:
+                weights = self.ensemble.weights if self.weights is None else self.weights
+                return ProbabilityTarget(self.ensemble.interpolation.probabilities_(
+                    logits, torch.as_tensor(weights, dtype=torch.float32), self.ensemble.temperatures)), keep
             if self.temperatures is None:
                 target = self.ensemble.target(logits, labels, self.weights)
             else:
@@ -275,27 +304,34 @@ class TokenTargets:
 
 
 class CachedTokenTargets:
-    """`target_fn` from the logit cache: each teacher's top-k rebuilt into a dense distribution
-    (tail mass spread over the other tokens; exact when k = V), then interpolated."""
+    """`target_fn` from the logit cache: each teacher's top-k with its tail mass spread evenly over
+    the other tokens (exact when k = V), interpolated. With `sparse` (linear interpolation, forward
+    KL, fused loss) the target stays sparse (cache.sparse_linear_mixture) and no [K, chunk, V]
+    tensor is built; otherwise each teacher is rebuilt densely and the ensemble interpolates."""
 
-    def __init__(self, ensemble, cache, batch: Dict, labels: Tensor, weights):
-        from distill.cache import topk_target_log_probs
-
+    def __init__(self, ensemble, cache, batch: Dict, labels: Tensor, weights, sparse: bool = False):
         ids, log_probs, tail = cache.rows(batch[INDEX].tolist(), batch["input_ids"].shape[1])
         tokens = ids.shape[0] * ids.shape[1]
-        self.ids = ids.reshape(tokens, *ids.shape[2:])
-        self.log_probs = log_probs.reshape(tokens, *log_probs.shape[2:])
-        self.tail = tail.reshape(tokens, tail.shape[-1])
-        self.rebuild = topk_target_log_probs
+        device = labels.device
+        self.ids = ids.reshape(tokens, *ids.shape[2:]).to(device)
+        self.log_probs = log_probs.reshape(tokens, *log_probs.shape[2:]).to(device)
+        self.tail = tail.reshape(tokens, tail.shape[-1]).to(device)
         self.vocab_size = cache.vocab_size
-        self.ensemble, self.labels, self.weights = ensemble, labels, weights
+        self.ensemble, self.labels, self.sparse = ensemble, labels, sparse
+        self.weights = ensemble.weights if weights is None else normalize_weights(torch.as_tensor(weights, dtype=torch.float32))
 
-    def __call__(self, start: int, end: int) -> Tuple[Tensor, Optional[Tensor]]:
-        dense = self.rebuild(self.ids[start:end].transpose(0, 1), self.log_probs[start:end].transpose(0, 1),
-                             self.vocab_size, self.tail[start:end].transpose(0, 1))  # [K, c, V]
+    def __call__(self, start: int, end: int) -> Tuple[object, Optional[Tensor]]:
+        from distill.cache import sparse_linear_mixture, topk_target_log_probs
+
+        ids, log_probs, tail = self.ids[start:end], self.log_probs[start:end], self.tail[start:end]
+        if self.sparse:
+            return sparse_linear_mixture(ids, log_probs, tail, self.vocab_size, self.weights.to(log_probs.device),
+                                         self.ensemble.temperatures.to(log_probs.device)), None
+        dense = topk_target_log_probs(ids.transpose(0, 1), log_probs.transpose(0, 1), self.vocab_size,
+                                      tail.transpose(0, 1))  # [K, c, V]
         with torch.no_grad():
             # log-probabilities are valid logits: softmax(log p / T) = p^(1/T) / Z, as for the live teacher
-            return self.ensemble.target(dense.to(self.labels.device), self.labels[start:end], self.weights), None
+            return self.ensemble.target(dense, self.labels[start:end], self.weights), None
 
 
 def student_token_loss(engine, batch: Dict, target_fn, *, fused: bool, kd_alpha: float, temperature: float,
@@ -510,6 +546,11 @@ class CausalLMTrainer(_trainer_base()):
         self.student_params = count_parameters(student)
         self.fused = cfg.loss.fused and cfg.deepspeed.zero_stage < 3  # ZeRO-3 shards the output layer
         self.chunk_size = chunk_size_for(cfg, len(self.teacher_plans))
+        # forward KL in the fused loss: live teachers' targets come as probabilities, cached ones stay
+        # sparse (cache.sparse_linear_mixture, the linear interpolation's)
+        self.fast_forward_kl = self.fused and getattr(self.divergence, "closed_form", None) == "forward_kl"
+        self.sparse_cache = (self.fast_forward_kl and self.ensemble is not None
+                             and self.ensemble.interpolation.name == "linear")
         self._build_engine(student)
 
     def train_batches(self):
@@ -522,10 +563,11 @@ class CausalLMTrainer(_trainer_base()):
         labels = batch[LABELS].reshape(-1).to(engine.device)
         targets = None
         if self.ensemble is not None and now["kd_alpha"] > 0 and self.cache is not None:
-            targets = CachedTokenTargets(self.ensemble, self.cache, batch, labels, now["teacher_weights"])
+            targets = CachedTokenTargets(self.ensemble, self.cache, batch, labels, now["teacher_weights"],
+                                         sparse=self.sparse_cache)
         elif self.ensemble is not None and now["kd_alpha"] > 0:
             hidden = teacher_hidden_states(self.ensemble, lm_inputs(batch, engine.device))
-            targets = TokenTargets(self.ensemble, hidden, labels, now["teacher_weights"])
+            targets = TokenTargets(self.ensemble, hidden, labels, now["teacher_weights"], probabilities=self.fast_forward_kl)
         normalizer = batch["token_normalizer"]
         terms = student_token_loss(engine, batch, targets, fused=self.fused, kd_alpha=now["kd_alpha"],
                                    temperature=now["temperature"], label_smoothing=cfg.loss.label_smoothing,

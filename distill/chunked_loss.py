@@ -27,8 +27,52 @@ from torch import Tensor
 
 from distill.losses import IGNORE_INDEX, Divergence, kl_divergence
 
-# (start, end) -> (target log-probabilities [end - start, V] or None, KD mask [end - start] or None)
+# (start, end) -> (target log-probabilities [end - start, V], or a SparseTarget, or None;
+#                  KD mask [end - start] or None). The target is read, never written.
 TargetFn = Callable[[int, int], Tuple[Optional[Tensor], Optional[Tensor]]]
+
+
+@dataclass
+class ProbabilityTarget:
+    """A dense target handed over as probabilities [c, V] (finite, rows summing to one), for the
+    forward KL only. The loss owns it once returned and may write into it."""
+    probs: Tensor
+
+    def dense_log_probs(self, vocab_size: int) -> Tensor:
+        return self.probs.log()
+
+
+@dataclass
+class SparseTarget:
+    """A target distribution stored sparsely, row by row (one row per token):
+
+        p[v] = base + sum_j deltas[j]  over the j with ids[j] == v      (ids may repeat)
+
+    which is what a linear mixture of top-k-plus-uniform-tail distributions is (cache.py). The
+    fused loss takes the forward KL against it without ever building [tokens, V]."""
+    ids: Tensor  # [c, M] long
+    deltas: Tensor  # [c, M]
+    base: Tensor  # [c]
+
+    def dense_log_probs(self, vocab_size: int) -> Tensor:
+        """[c, V] log p, for the paths that need the dense target (other divergences, references)."""
+        probs = self.base.unsqueeze(-1).expand(self.base.shape[0], vocab_size).clone()
+        probs.scatter_add_(-1, self.ids, self.deltas.to(probs.dtype))
+        return probs.log()
+
+    def entropy_terms(self, vocab_size: int) -> Tensor:
+        """[c] sum_v p[v] log p[v] (0 log 0 = 0), from the sparse form: duplicate ids are summed
+        first (sort, then add up each run of equal ids), the V - |unique ids| other tokens hold base."""
+        ids, order = self.ids.sort(dim=-1)
+        deltas = self.deltas.gather(-1, order)
+        first = torch.ones_like(ids, dtype=torch.bool)
+        first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        run = first.long().cumsum(dim=-1) - 1  # position of each id's run among the unique ids
+        summed = torch.zeros_like(deltas).scatter_add_(-1, run, deltas)
+        unique = first.sum(dim=-1)
+        in_use = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) < unique.unsqueeze(-1)
+        probs = torch.where(in_use, self.base.unsqueeze(-1) + summed, torch.zeros_like(summed))
+        return torch.special.xlogy(probs, probs).sum(dim=-1) + (vocab_size - unique) * torch.special.xlogy(self.base, self.base)
 
 
 @dataclass
@@ -88,6 +132,8 @@ def chunked_target_distillation(student_logits: Tensor, labels: Tensor, target_f
         if not bool((labels[start:end] != IGNORE_INDEX).any()):
             continue
         target, keep = target_fn(start, end) if target_fn is not None else (None, None)
+        if isinstance(target, (SparseTarget, ProbabilityTarget)):
+            target = target.dense_log_probs(student_logits.shape[-1])
         kd, ce = token_loss_sums(student_logits[start:end], target, labels[start:end], temperature, label_smoothing,
                                  divergence, keep)
         kd_total, ce_total = kd_total + kd, ce_total + ce
@@ -109,6 +155,124 @@ def _default_normalizer(labels: Tensor) -> float:
     return float(max(int((labels != IGNORE_INDEX).sum()), 1))
 
 
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """[c] sum_v a[c, v] * b[c, v], as one batched matmul (no [c, V] product is written)."""
+    return torch.matmul(a.unsqueeze(1), b.unsqueeze(2)).reshape(a.shape[0])
+
+
+def _exp_shifted(logits: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(e = exp(scale * (z - max z)) [c, V], sum e [c, 1], logsumexp(scale * z) [c, 1]):
+    softmax(scale * z) = e / sum e."""
+    top = logits.amax(dim=-1, keepdim=True)
+    shifted = torch.sub(logits, top)
+    if scale != 1.0:
+        shifted.mul_(scale)
+    shifted.exp_()
+    total = shifted.sum(dim=-1, keepdim=True)
+    return shifted, total, top * scale + total.log()
+
+
+def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Optional[Tensor], *, kd_alpha: float,
+                           temperature: float, label_smoothing: float, divergence: str,
+                           normalizer: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(T^2 * summed divergence, summed CE_eps, d loss / d logits) for one chunk of student logits
+    [c, V], the gradient written in closed form rather than by autograd, with u = z / T,
+    q = softmax(u), p the target, and s_kd = kd_alpha * T / normalizer, s_ce = (1 - kd_alpha) / normalizer:
+
+        CE_eps:      d/dz = s_ce * (softmax(z) - eps / V - (1 - eps) onehot(y))
+        forward KL:  d/dz = s_kd * (q - p)
+        reverse KL:  d/dz = s_kd * q * (log q - log p - KL(q || p))
+
+    on the rows with a label (and with kd_mask, for the KD term); all other rows get exactly zero.
+    `target` is dense log-probabilities [c, V], a ProbabilityTarget or SparseTarget (forward KL
+    only), or None. Every
+    [c, V] temporary is written in place, a handful in all: this is the fused loss's hot loop."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    vocab = logits.shape[-1]
+    valid = labels != IGNORE_INDEX
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    exps, total, lse = _exp_shifted(logits, 1.0)
+    label_logits = logits.gather(-1, safe_labels)
+    ce_rows = (1.0 - label_smoothing) * (lse - label_logits)
+    if label_smoothing:
+        ce_rows = ce_rows + label_smoothing * (lse - logits.mean(dim=-1, keepdim=True))
+    ce = torch.where(valid, ce_rows.squeeze(-1), torch.zeros_like(lse.squeeze(-1))).sum()
+    ce_scale = valid.to(logits.dtype).unsqueeze(-1) * ((1.0 - kd_alpha) / normalizer)
+    kd = torch.zeros_like(ce)
+    kd_part = None  # what the KD term adds to the gradient besides a multiple of q
+    q_scale = torch.zeros_like(ce_scale)  # d/dz gets q_scale * e_T (e_T = exp(u - max u), unnormalised q)
+    if target is not None and kd_alpha != 0:
+        keep = valid if kd_mask is None else valid & kd_mask
+        dropped = (~keep).nonzero().squeeze(-1)
+        kd_scale = keep.to(logits.dtype).unsqueeze(-1) * (kd_alpha * temperature / normalizer)
+        shared = temperature == 1.0
+        exps_t, sum_t, lse_t = (exps, total, lse) if shared else _exp_shifted(logits, 1.0 / temperature)
+        if isinstance(target, SparseTarget):
+            if divergence != "forward_kl":
+                raise ValueError("a sparse target supports the forward KL only")
+            base = torch.where(keep, target.base.to(logits.dtype), torch.zeros_like(lse.squeeze(-1)))
+            deltas = torch.where(keep.unsqueeze(-1), target.deltas.to(logits.dtype), torch.zeros_like(target.deltas, dtype=logits.dtype))
+            log_q_at = logits.gather(-1, target.ids) / temperature - lse_t  # [c, M]
+            log_q_all = logits.sum(dim=-1) / temperature - vocab * lse_t.squeeze(-1)
+            cross = base * log_q_all + (deltas * log_q_at).sum(dim=-1)
+            rows = SparseTarget(target.ids, deltas, base).entropy_terms(vocab) - cross
+            q_scale = kd_scale / sum_t
+
+            def kd_part(grad):
+                grad.sub_(kd_scale * base.unsqueeze(-1))
+                grad.scatter_add_(-1, target.ids, -kd_scale * deltas)
+        elif divergence == "forward_kl":
+            if isinstance(target, ProbabilityTarget):
+                probs = target.probs.to(logits.dtype)
+                if dropped.numel():
+                    probs.index_fill_(0, dropped, 0.0)
+                log_probs = probs.clamp(min=torch.finfo(probs.dtype).tiny).log_()  # 0 log 0 = 0 below
+            else:
+                probs = target.to(logits.dtype).exp()
+                log_probs = target.to(logits.dtype)
+                if dropped.numel():
+                    probs.index_fill_(0, dropped, 0.0)
+            entropy_terms = _row_dot(probs, log_probs)
+            broken = keep & ~torch.isfinite(entropy_terms)  # -inf log p where p = 0: 0 log 0 = 0
+            if broken.any():
+                rows_p, rows_lp = probs[broken], log_probs[broken]
+                entropy_terms[broken] = torch.where(rows_p > 0, rows_p * rows_lp, torch.zeros_like(rows_p)).sum(-1)
+            cross = _row_dot(probs, logits) / temperature - lse_t.squeeze(-1) * probs.sum(dim=-1)
+            rows = entropy_terms - cross
+            q_scale = kd_scale / sum_t
+
+            def kd_part(grad):
+                grad.addcmul_(probs, kd_scale, value=-1.0)
+        elif divergence == "reverse_kl":
+            # r = log p - u; KL(q || p) = sum q (u - lse_u - log p) = -q . r - lse_u
+            gap = torch.sub(target.to(logits.dtype), logits, alpha=1.0 / temperature)
+            if dropped.numel():
+                gap.index_fill_(0, dropped, 0.0)
+            rows = -_row_dot(exps_t, gap) / sum_t.squeeze(-1) - lse_t.squeeze(-1)
+            # d/dz = s_kd * q * (u - lse_u - log p - KL) = -s_kd * q * (r + lse_u + KL)
+            gap.add_(lse_t + torch.where(keep, rows, torch.zeros_like(rows)).unsqueeze(-1))
+            gap.mul_(exps_t).mul_(-kd_scale / sum_t)
+
+            def kd_part(grad):
+                grad.add_(gap)
+        else:
+            raise ValueError(f"no closed form for divergence {divergence!r}")
+        kd = temperature ** 2 * torch.where(keep, rows, torch.zeros_like(rows)).sum()
+        if shared:
+            grad = exps.mul_(q_scale + ce_scale / total)
+        else:
+            grad = exps_t.mul_(q_scale).addcmul_(exps, ce_scale / total)
+    else:
+        grad = exps.mul_(ce_scale / total)
+    if label_smoothing:
+        grad.sub_(ce_scale * (label_smoothing / vocab))
+    grad.scatter_add_(-1, safe_labels, -(1.0 - label_smoothing) * ce_scale)
+    if kd_part is not None:
+        kd_part(grad)
+    return kd, ce, grad
+
+
 class _FusedTokenDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, target_fn, kd_alpha, temperature, label_smoothing, divergence,
@@ -127,11 +291,22 @@ class _FusedTokenDistillation(torch.autograd.Function):
             target, kd_mask = target_fn(start, end) if target_fn is not None else (None, None)
             h = hidden[start:end]
             with torch.no_grad():
-                logits = F.linear(h, weight, bias)
-            with torch.enable_grad():  # autograd only through softmax and divergence, over [chunk, V]
-                logits.requires_grad_(True)
-                kd, ce = token_loss_sums(logits, target, chunk_labels, temperature, label_smoothing, divergence, kd_mask)
-                (grad_logits,) = torch.autograd.grad((kd_alpha * kd + (1.0 - kd_alpha) * ce) / normalizer, [logits])
+                logits = F.linear(h, weight, bias).to(accumulate)
+            closed_form = getattr(divergence, "closed_form", None)
+            if isinstance(target, (SparseTarget, ProbabilityTarget)) and closed_form != "forward_kl":
+                target = target.dense_log_probs(logits.shape[-1])
+            if target is None or kd_alpha == 0 or closed_form is not None:
+                with torch.no_grad():
+                    kd, ce, grad_logits = closed_form_token_loss(
+                        logits, target, chunk_labels, kd_mask, kd_alpha=kd_alpha, temperature=temperature,
+                        label_smoothing=label_smoothing, divergence=closed_form or "forward_kl", normalizer=normalizer)
+            else:
+                with torch.enable_grad():  # autograd only through softmax and divergence, over [chunk, V]
+                    logits.requires_grad_(True)
+                    kd, ce = token_loss_sums(logits, target, chunk_labels, temperature, label_smoothing, divergence,
+                                             kd_mask)
+                    (grad_logits,) = torch.autograd.grad((kd_alpha * kd + (1.0 - kd_alpha) * ce) / normalizer,
+                                                         [logits])
             # the output layer's gradients by hand: no [V, H] temporary per chunk, nothing kept for backward
             grad_weight.addmm_(grad_logits.t().to(accumulate), h.to(accumulate))
             if bias is not None:

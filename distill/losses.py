@@ -29,9 +29,14 @@ def kl_divergence(target_log_probs: Tensor, student_log_probs: Tensor) -> Tensor
     return torch.where(target_probs > 0, terms, torch.zeros_like(terms)).sum(dim=-1)
 
 
+kl_divergence.closed_form = "forward_kl"  # the fused token loss has this one's gradient in closed form
+
+
 # ---------------------------------------------------------------------------- divergences
 # D(p || q) per row, p the (interpolated) teacher target, q the student, both as log-probabilities
 # over the last dim. One function per name; `loss.divergence` picks it, the trainer never branches.
+# A divergence whose gradient the fused token loss computes in closed form (chunked_loss.py) says
+# which one in its `closed_form` attribute; the others are differentiated by autograd there.
 Divergence = Callable[[Tensor, Tensor], Tensor]
 _DIVERGENCES: Dict[str, Callable[..., Divergence]] = {}
 
@@ -74,7 +79,11 @@ def _forward_kl(**_) -> Divergence:
 @register_divergence("reverse_kl")
 def _reverse_kl(**_) -> Divergence:
     """KL(q || p) = sum q (log q - log p): mode-seeking (MiniLLM); needs p > 0 where q > 0."""
-    return lambda target, student: kl_divergence(student, target)
+    def reverse_kl(target: Tensor, student: Tensor) -> Tensor:
+        return kl_divergence(student, target)
+
+    reverse_kl.closed_form = "reverse_kl"
+    return reverse_kl
 
 
 @register_divergence("jsd")

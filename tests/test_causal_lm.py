@@ -150,7 +150,9 @@ def test_cache_with_k_equal_to_the_vocabulary_trains_exactly_like_live_teachers(
     live, cached = train_losses(live_dir), train_losses(run_dir)
     assert [row["step"] for row in live] == [row["step"] for row in cached]
     for a, b in zip(live, cached):
-        assert b["kd"] == pytest.approx(a["kd"], rel=1e-4) and b["ce"] == pytest.approx(a["ce"], rel=1e-4)
+        # float32 tolerance: the live path mixes probabilities, the cache's path is sparse, and a KL
+        # of ~0.003 nats is a difference of two ~5-nat sums (float64 parity: test_chunked_loss.py)
+        assert b["kd"] == pytest.approx(a["kd"], rel=1e-4, abs=2e-6) and b["ce"] == pytest.approx(a["ce"], rel=1e-4)
     live_report = json.loads((live_dir / "report.json").read_text())
     cached_report = json.loads((run_dir / "report.json").read_text())
     assert cached_report["teachers"][0]["perplexity"] == pytest.approx(live_report["teachers"][0]["perplexity"], rel=1e-5)
@@ -173,3 +175,46 @@ def test_classification_only_commands_refuse_a_causal_lm_config(lm_run):
     run_dir, config, _ = lm_run
     result = run_cli(["eval", run_dir, config])
     assert result.returncode == 2 and "distill eval supports task sequence_classification only" in result.stderr
+
+
+@pytest.mark.parametrize("temperatures, weights", [((2.0, 1.0), (0.7, 0.3)), ((1.0, 1.0), (0.0, 1.0))])
+def test_live_teachers_probability_fast_path_equals_the_log_space_reference(temperatures, weights):
+    """What a live causal-LM step does (teachers' heads a chunk at a time, the linear mixture as
+    probabilities, the closed-form forward KL) against the reference: whole teacher logits, the
+    log-space linear interpolation, the materialised loss under autograd; padding rows included."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.causal_lm import TokenTargets, body_and_head, teacher_hidden_states
+    from distill.chunked_loss import fused_token_distillation, materialized_token_distillation
+    from distill.teachers import TeacherEnsemble, TeacherPlan
+
+    def llama(seed, layers):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+
+    plans = [TeacherPlan(name=f"t{k}", path="-", key="-", weight=w, temperature=t, label_order=None, input_prefix="")
+             for k, (w, t) in enumerate(zip(weights, temperatures))]
+    ensemble = TeacherEnsemble(plans, [llama(k + 1, 2).eval().requires_grad_(False) for k in range(2)], "linear")
+    student = llama(0, 1)
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(5))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    labels = torch.cat([ids[:, 1:], torch.full((3, 1), IGNORE_INDEX)], dim=1).reshape(-1)
+    labels[:4] = IGNORE_INDEX
+    options = dict(kd_alpha=0.6, temperature=1.5, label_smoothing=0.1)
+    body, head = body_and_head(student)
+    hidden = body(**inputs).last_hidden_state.reshape(-1, 32)
+    fast_targets = TokenTargets(ensemble, teacher_hidden_states(ensemble, inputs), labels, None, probabilities=True)
+    assert fast_targets.probabilities
+    fast = fused_token_distillation(hidden, head.weight, labels, fast_targets, chunk_size=7, **options)
+    with torch.no_grad():
+        teacher_logits = torch.stack([m(**inputs).logits.reshape(-1, 97) for m in ensemble.models])
+    target = ensemble.target(teacher_logits)
+    reference = materialized_token_distillation(student(**inputs).logits.reshape(-1, 97), target, labels, **options)
+    assert fast.kd.item() == pytest.approx(reference.kd.item(), rel=1e-5)
+    assert fast.total.item() == pytest.approx(reference.total.item(), rel=1e-5)
+    params = [p for p in student.parameters()]
+    for a, e in zip(torch.autograd.grad(fast.total, params, allow_unused=True),
+                    torch.autograd.grad(reference.total, params, allow_unused=True)):
+        if e is not None:
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)

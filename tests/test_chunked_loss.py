@@ -101,12 +101,15 @@ def _target(teacher_logits, temperatures=(2.0, 1.5), weights=(0.7, 0.3)):
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
-@pytest.mark.parametrize("chunk_size", [1, 8, 64])
-def test_fused_chunks_equal_the_materialised_loss_and_gradients(name, chunk_size):
+@pytest.mark.parametrize("chunk_size, temperature, smoothing", [(1, 2.0, 0.1), (8, 1.0, 0.1), (64, 2.0, 0.0),
+                                                                (8, 0.7, 0.0)])
+def test_fused_chunks_equal_the_materialised_loss_and_gradients(name, chunk_size, temperature, smoothing):
+    """Forward and reverse KL take the closed-form gradient, the others autograd over the chunk;
+    T = 1 shares the student's softmax between the two terms."""
     h, weight, b, labels, teacher_logits = _problem()
     target = _target(teacher_logits)
     divergence = build_divergence(name, jsd_beta=0.4, skew=0.1)
-    options = dict(kd_alpha=0.7, temperature=2.0, label_smoothing=0.1, divergence=divergence)
+    options = dict(kd_alpha=0.7, temperature=temperature, label_smoothing=smoothing, divergence=divergence)
     reference = materialized_token_distillation(torch.nn.functional.linear(h, weight, b), target, labels, **options)
     expected = torch.autograd.grad(reference.total, [h, weight, b])
     fused = fused_token_distillation(h, weight, labels, lambda s, e: (target[s:e], None), bias=b,
@@ -219,3 +222,46 @@ def test_topk_rebuild_is_exact_at_full_k_and_keeps_the_tail_mass():
     tail = 1 - values.exp().sum(-1)
     assert torch.allclose(rebuilt.exp()[others].reshape(3, 5, 16), (tail / 16).unsqueeze(-1).expand(3, 5, 16),
                           atol=1e-7)
+
+
+def _cached_top_k(teacher_logits, k):
+    """What `distill cache` stores per token: each teacher's top-k log-probs (T = 1) and tail log-mass."""
+    log_p = torch.log_softmax(teacher_logits, dim=-1).transpose(0, 1)  # [N, K, V]
+    values, ids = log_p.topk(k, dim=-1)
+    tail = torch.log(-torch.expm1(torch.logsumexp(values, dim=-1).clamp(max=0))).clamp(min=-1e30)
+    return ids, values, tail
+
+
+@pytest.mark.parametrize("k", [5, 50])
+@pytest.mark.parametrize("temperatures", [(1.0, 1.0), (2.0, 1.5)])
+def test_sparse_cached_mixture_equals_the_dense_rebuild_and_interpolation(k, temperatures):
+    """The cache's sparse linear mixture, densified, is the target the dense path builds (every
+    teacher rebuilt to [V], softened, mixed), its entropy term matches, and the fused loss gives
+    the same value and gradients from either form, padding rows included."""
+    from distill.cache import sparse_linear_mixture
+
+    h, weight, b, labels, teacher_logits = _problem(seed=4, vocab=50)
+    teacher_logits = torch.nan_to_num(teacher_logits)
+    ids, values, tail = _cached_top_k(teacher_logits, k)
+    weights = torch.tensor([0.7, 0.3])
+    dense_teachers = topk_target_log_probs(ids.transpose(0, 1), values.transpose(0, 1), 50, tail.transpose(0, 1))
+    dense = build_interpolation("linear")(dense_teachers, weights, torch.tensor(temperatures))
+    sparse = sparse_linear_mixture(ids, values, tail, 50, weights, torch.tensor(temperatures))
+    assert torch.allclose(sparse.dense_log_probs(50), dense, atol=1e-10)
+    entropy = (dense.exp() * dense).sum(-1)
+    assert torch.allclose(sparse.entropy_terms(50), entropy, atol=1e-10)
+    temperature = temperatures[0] + 0.5
+    options = dict(kd_alpha=0.6, temperature=temperature, label_smoothing=0.1, bias=b, chunk_size=8)
+    from_dense = fused_token_distillation(h, weight, labels, lambda s, e: (dense[s:e], None), **options)
+    from_sparse = fused_token_distillation(h, weight, labels, lambda s, e: (sparse_rows(sparse, s, e), None), **options)
+    assert from_sparse.kd.item() == pytest.approx(from_dense.kd.item(), rel=1e-10)
+    assert from_sparse.total.item() == pytest.approx(from_dense.total.item(), rel=1e-10)
+    for a, e in zip(torch.autograd.grad(from_sparse.total, [h, weight, b]),
+                    torch.autograd.grad(from_dense.total, [h, weight, b])):
+        assert torch.allclose(a, e, rtol=1e-9, atol=1e-12)
+
+
+def sparse_rows(target, start, end):
+    from distill.chunked_loss import SparseTarget
+
+    return SparseTarget(target.ids[start:end], target.deltas[start:end], target.base[start:end])

@@ -187,3 +187,34 @@ def test_registry_lists_and_rejects_names():
     assert {"linear", "geometric"} <= set(available_interpolations())
     with pytest.raises(KeyError, match="unknown interpolation 'nope'"):
         build_interpolation("nope")
+
+
+def test_linear_mixture_equals_logsumexp_also_where_the_probability_underflows():
+    """The fast path sums probabilities; entries below float32's smallest normal number go back to
+    log space, so -200 nats stays -200 nats (not -inf), and gradients still flow to the weights."""
+    generator = torch.Generator().manual_seed(11)
+    log_probs = torch.log_softmax(torch.randn(3, 4, 50, generator=generator) * 4, dim=-1).float()
+    log_probs[:, 0, 7] = torch.tensor([-200.0, -210.0, -190.0])  # underflows exp() in float32
+    log_probs[1, 2, :] = float("-inf")  # a teacher with no mass on a whole row is fine in a mixture
+    log_probs[1, 2, 0] = 0.0
+    weights = torch.tensor([0.5, 0.3, 0.2], requires_grad=True)
+    mixed = linear_mixture(log_probs, weights)
+    expected = torch.logsumexp(weights.detach().double().log()[:, None, None] + log_probs.double(), dim=0)
+    torch.testing.assert_close(mixed.double(), expected, rtol=1e-6, atol=1e-5)
+    assert mixed[0, 7].item() == pytest.approx(expected[0, 7].item(), abs=1e-3)
+    mixed[:, :5].sum().backward()
+    assert torch.isfinite(weights.grad).all() and weights.grad.abs().sum() > 0
+    only_one = linear_mixture(log_probs, torch.tensor([0.0, 1.0, 0.0]))
+    assert torch.equal(only_one, log_probs[1])  # one teacher holding all the weight is that teacher
+
+
+@pytest.mark.parametrize("weights", [(0.5, 0.3, 0.2), (0.0, 0.4, 0.6), (0.0, 0.0, 1.0)])
+def test_in_place_linear_mixture_probabilities_equal_the_log_space_mixture(weights):
+    from distill.interpolate import linear_mixture_probs_
+
+    generator = torch.Generator().manual_seed(12)
+    logits = torch.randn(3, 4, 30, generator=generator, dtype=torch.float64) * 3
+    temperatures = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+    expected = linear_mixture(teacher_log_probs(logits, temperatures), torch.tensor(weights)).exp()
+    got = linear_mixture_probs_(logits.clone(), torch.tensor(weights), temperatures)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
