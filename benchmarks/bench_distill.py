@@ -61,7 +61,7 @@ def run_variant(variant: str, teachers: int, args) -> dict:
 
     from distill.cache import top_k_of
     from distill.causal_lm import CachedTokenTargets, TokenTargets, body_and_head, teacher_hidden_states
-    from distill.chunked_loss import fused_token_distillation, tokens_per_chunk
+    from distill.chunked_loss import fused_token_distillation
     from distill.teachers import TeacherEnsemble, TeacherPlan
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -88,7 +88,7 @@ def run_variant(variant: str, teachers: int, args) -> dict:
                                torch.stack([p[1] for p in parts], 1).reshape(*shape, args.top_k),
                                torch.stack([p[2] for p in parts], 1).reshape(shape), args.vocab)
         del models, hidden
-    chunk = tokens_per_chunk(args.chunk, max(count, 1))
+    chunk = args.chunk  # forward KL + linear: training keeps the chunk whatever K is (chunk_size_for)
 
     def step():
         optimizer.zero_grad(set_to_none=True)

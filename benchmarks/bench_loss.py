@@ -7,11 +7,15 @@ output layers are the inputs; the teachers' own bodies are not part of the loss)
 
   materialised  K x [N, V] teacher logits and [N, V] student logits, autograd through all of it
   recompute     chunks under torch.utils.checkpoint: bounded memory, the chunk recomputed in backward
-  fused         distill.chunked_loss: chunk gradients computed in the forward (no recomputation)
+  fused         distill.chunked_loss as training runs it for forward KL + linear interpolation:
+                chunk gradients in closed form inside the forward (no recomputation), the target
+                built one teacher at a time into two [chunk, V] buffers (the chunk does not shrink
+                with K; the recompute variant's does, to chunk / K)
 
 Each variant runs in a fresh process (so one's peak does not hide another's): peak memory is the
 rise of the process's peak RSS above what the inputs hold (CPU), or torch.cuda.max_memory_allocated
-on a GPU (CPU runs use a fixed glibc mmap threshold, so freed tensors leave the RSS); time is the p20/p50/p80 over --repeats steady runs after one warm-up. Prints a table and
+on a GPU (CPU runs use a fixed glibc mmap threshold, so freed tensors leave the RSS); time is the
+p20/p50/p80 over --repeats steady runs after one warm-up. Prints a table and
 JSON rows with the ratios the README states: fused / materialised memory and time (targets
 <= 0.25x, <= 1.15x), fused K=4 / K=1 memory (target <= 1.2x).
 """
@@ -39,7 +43,9 @@ def run_variant(variant: str, teachers: int, args) -> dict:
 
     from distill.chunked_loss import (fused_token_distillation, materialized_token_distillation, token_loss_sums,
                                       tokens_per_chunk)
+    from distill.causal_lm import TokenTargets
     from distill.interpolate import build_interpolation
+    from distill.teachers import TeacherEnsemble, TeacherPlan
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -54,7 +60,15 @@ def run_variant(variant: str, teachers: int, args) -> dict:
     weights = torch.full((teachers,), 1.0 / teachers, device=device)
     temperatures = torch.full((teachers,), 2.0, device=device)
     options = dict(kd_alpha=0.5, temperature=2.0, label_smoothing=0.1)
-    chunk = tokens_per_chunk(args.chunk, teachers)
+    chunk = tokens_per_chunk(args.chunk, teachers)  # the recompute variant holds [K, chunk, V]
+    plans = [TeacherPlan(name=f"t{k}", path="-", key="-", weight=1.0, temperature=2.0, label_order=None, input_prefix="")
+             for k in range(teachers)]
+    ensemble = TeacherEnsemble(plans, [], "linear")
+    heads = []
+    for head_weight in teacher_heads:
+        head = torch.nn.Linear(h, v, bias=False, device=device).requires_grad_(False)
+        head.weight.data = head_weight
+        heads.append(head)
 
     def target_slice(start, end):
         with torch.no_grad():
@@ -76,8 +90,9 @@ def run_variant(variant: str, teachers: int, args) -> dict:
 
             loss = sum(checkpoint(chunk_loss, hidden[s:s + chunk], weight, s, min(s + chunk, n),
                                   use_reentrant=False) for s in range(0, n, chunk))
-        else:
-            loss = fused_token_distillation(hidden, weight, labels, target_slice, chunk_size=chunk, **options).total
+        else:  # what training runs for forward KL + linear: the mixture built one teacher at a time
+            targets = TokenTargets(ensemble, teacher_hidden, labels, None, probabilities=True, heads=heads)
+            loss = fused_token_distillation(hidden, weight, labels, targets, chunk_size=args.chunk, **options).total
         loss.backward()
         hidden.grad = weight.grad = None
         return float(loss)

@@ -235,33 +235,27 @@ class TokenTargets:
     hidden states and output layers, checked for NaN/inf, interpolated into one target."""
 
     def __init__(self, ensemble, hidden_states: List[Tensor], labels: Tensor, weights, temperatures=None,
-                 probabilities: bool = False):
+                 probabilities: bool = False, heads=None):
         self.ensemble = ensemble
-        # hand the loss a ProbabilityTarget (forward KL, an interpolation with `probabilities_`):
-        # the teachers' logits buffer is then reused from chunk to chunk and softened in place
+        # hand the loss a ProbabilityTarget (forward KL, an interpolation with `probabilities_`),
+        # built teacher by teacher in two [chunk, V] buffers reused from chunk to chunk
         self.probabilities = probabilities and temperatures is None and hasattr(ensemble.interpolation, "probabilities_")
         self._buffer = None
         self.hidden_states = hidden_states
-        self.heads = [body_and_head(model)[1] for model in ensemble.models]
+        self.heads = heads if heads is not None else [body_and_head(model)[1] for model in ensemble.models]
         self.labels = labels
         self.weights = weights
         self.temperatures = temperatures  # None: each teacher's configured temperature
         self.skipped_tokens = 0
 
-    def logits(self, start: int, end: int, reuse: bool = False) -> Tensor:
-        """[K, end - start, V] float32, each teacher's output layer written straight into its slice
-        (of one buffer kept across calls with `reuse`, so each chunk writes the same memory)."""
+    def logits(self, start: int, end: int) -> Tensor:
+        """[K, end - start, V] float32, each teacher's output layer written straight into its slice."""
         with torch.no_grad():
             out = None
             for k, (head, hidden) in enumerate(zip(self.heads, self.hidden_states)):
                 rows = hidden[start:end]
                 if out is None:
-                    shape = (len(self.heads), end - start, head.weight.shape[0])
-                    if reuse and self._buffer is not None and self._buffer.shape[1] >= shape[1]:
-                        out = self._buffer[:, :shape[1]]
-                    else:
-                        out = rows.new_empty(shape, dtype=torch.float32)
-                        self._buffer = out if reuse else None
+                    out = rows.new_empty((len(self.heads), end - start, head.weight.shape[0]), dtype=torch.float32)
                 if head.weight.dtype == torch.float32 and head.bias is None:
                     torch.matmul(rows, head.weight.t(), out=out[k])
                 else:
@@ -269,7 +263,41 @@ class TokenTargets:
             return out
 
     def __call__(self, start: int, end: int) -> Tuple[object, Optional[Tensor]]:
-        return self.target(self.logits(start, end, reuse=self.probabilities), start, end)
+        if self.probabilities:
+            mixture = self._streamed_mixture(start, end)
+            if mixture is not None:
+                return ProbabilityTarget(mixture), None
+        return self.target(self.logits(start, end), start, end)
+
+    def _streamed_mixture(self, start: int, end: int) -> Optional[Tensor]:
+        """The linear mixture's probabilities [c, V], one teacher at a time: its output layer into a
+        scratch [c, V], softened and added in place, so memory holds two [c, V] whatever K is (the
+        chunk need not shrink with the teacher count). None if a teacher's logits are not finite
+        there: the caller then takes the general path, which names it or skips the tokens."""
+        from distill.interpolate import add_softened_
+
+        weights = normalize_weights(torch.as_tensor(self.ensemble.weights if self.weights is None else self.weights,
+                                                     dtype=torch.float32))
+        rows = end - start
+        with torch.no_grad():
+            if self._buffer is None or self._buffer.shape[1] < rows:
+                vocab = self.heads[0].weight.shape[0]
+                self._buffer = self.hidden_states[0].new_empty((2, rows, vocab), dtype=torch.float32)
+            mixture, scratch = self._buffer[0, :rows], self._buffer[1, :rows]
+            first = True
+            for head, hidden, weight, temperature in zip(self.heads, self.hidden_states, weights.tolist(),
+                                                         self.ensemble.temperatures.tolist()):
+                if weight <= 0:
+                    continue
+                if head.weight.dtype == torch.float32 and head.bias is None:
+                    torch.matmul(hidden[start:end], head.weight.t(), out=scratch)
+                else:
+                    scratch.copy_(head(hidden[start:end]))
+                if not bool(torch.isfinite(scratch.sum(dim=-1)).all()):
+                    return None
+                add_softened_(mixture, scratch, weight, temperature, first)
+                first = False
+        return mixture
 
     def target(self, logits: Tensor, start: int, end: int) -> Tuple[Tensor, Optional[Tensor]]:
         """The interpolated target (and KD mask) of tokens start..end-1 from their teacher logits."""
@@ -294,7 +322,8 @@ class TokenTargets:
             if self.probabilities:
                 weights = self.ensemble.weights if self.weights is None else self.weights
                 return ProbabilityTarget(self.ensemble.interpolation.probabilities_(
-                    logits, torch.as_tensor(weights, dtype=torch.float32), self.ensemble.temperatures)), keep
+                    logits.clone() if keep is None else logits, torch.as_tensor(weights, dtype=torch.float32),
+                    self.ensemble.temperatures)), keep
             if self.temperatures is None:
                 target = self.ensemble.target(logits, labels, self.weights)
             else:
@@ -545,12 +574,13 @@ class CausalLMTrainer(_trainer_base()):
             self.teacher_params = [count_parameters(model) for model in self.ensemble.models]
         self.student_params = count_parameters(student)
         self.fused = cfg.loss.fused and cfg.deepspeed.zero_stage < 3  # ZeRO-3 shards the output layer
-        self.chunk_size = chunk_size_for(cfg, len(self.teacher_plans))
-        # forward KL in the fused loss: live teachers' targets come as probabilities, cached ones stay
-        # sparse (cache.sparse_linear_mixture, the linear interpolation's)
-        self.fast_forward_kl = self.fused and getattr(self.divergence, "closed_form", None) == "forward_kl"
-        self.sparse_cache = (self.fast_forward_kl and self.ensemble is not None
-                             and self.ensemble.interpolation.name == "linear")
+        # forward KL + linear interpolation in the fused loss: live teachers' targets come as
+        # probabilities built one teacher at a time, cached ones stay sparse; both hold O(chunk x V)
+        # whatever K is, so only the general path shrinks the chunk with the teacher count
+        self.fast_forward_kl = (self.fused and getattr(self.divergence, "closed_form", None) == "forward_kl"
+                                and self.ensemble is not None and self.ensemble.interpolation.name == "linear")
+        self.sparse_cache = self.fast_forward_kl
+        self.chunk_size = chunk_size_for(cfg, 1 if self.fast_forward_kl else len(self.teacher_plans))
         self._build_engine(student)
 
     def train_batches(self):

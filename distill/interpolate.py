@@ -93,6 +93,16 @@ def linear_mixture(log_probs: Tensor, weights: Tensor) -> Tensor:
     return torch.where(underflow, torch.logsumexp(log_weights + log_probs, dim=0), mixture)
 
 
+def add_softened_(mixture: Tensor, logits: Tensor, weight: float, temperature: float, first: bool) -> Tensor:
+    """mixture += weight * softmax(logits / temperature) over the last dim, in place; `logits` is
+    consumed (softened in place) and `first` overwrites `mixture` instead (it may be `logits`)."""
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).mul_(1.0 / temperature).exp_()
+    share = weight / logits.sum(dim=-1, keepdim=True)
+    if first:
+        return torch.mul(logits, share, out=mixture)
+    return mixture.addcmul_(logits, share)
+
+
 def linear_mixture_probs_(teacher_logits: Tensor, weights: Tensor, temperatures: Tensor) -> Tensor:
     """p = sum_k w_k softmax(z_k / T_k) as probabilities [..., C], computed IN PLACE over
     `teacher_logits` [K, ..., C] (which it consumes; the result is a view of its first slice).
@@ -100,22 +110,14 @@ def linear_mixture_probs_(teacher_logits: Tensor, weights: Tensor, temperatures:
     The forward-KL fast path of the fused token loss: four in-place passes per teacher instead of a
     log-softmax, a log-space mixture and an exp. Probabilities below float's smallest normal number
     may come out as 0 (their share of a KL is below 1e-36); the reference is `linear_mixture`."""
-    weights = normalize_weights(weights).to(teacher_logits.device)
-    temperatures = torch.as_tensor(temperatures, dtype=teacher_logits.dtype, device=teacher_logits.device)
+    weights = normalize_weights(weights)
+    temperatures = torch.as_tensor(temperatures)
     mixture = teacher_logits[0]
-    started = False
+    first = True
     for k in range(teacher_logits.shape[0]):
-        weight = float(weights[k])
-        if weight <= 0:
-            continue
-        logits = teacher_logits[k]
-        logits.sub_(logits.amax(dim=-1, keepdim=True)).mul_(1.0 / float(temperatures[k])).exp_()
-        share = weight / logits.sum(dim=-1, keepdim=True)
-        if started:
-            mixture.addcmul_(logits, share)
-        else:
-            mixture.mul_(share) if k == 0 else torch.mul(logits, share, out=mixture)
-            started = True
+        if float(weights[k]) > 0:
+            add_softened_(mixture, teacher_logits[k], float(weights[k]), float(temperatures[k]), first)
+            first = False
     return mixture
 
 

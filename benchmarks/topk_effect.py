@@ -1,0 +1,95 @@
+"""What a top-k logit cache costs in accuracy: the target rebuilt from each teacher's top k (plus the
+tail mass spread evenly over the other tokens, as `distill cache` stores it) against the exact one.
+
+    python benchmarks/topk_effect.py CONFIG [--blocks 32] [--k 8 32 64 256 1024] [--temperature 1 2]
+
+On the config's validation blocks, for the config's teachers (linear interpolation with their
+weights) and its student's initial weights (`student_init/` of a finished run, or the student's
+source), per k and temperature T:
+  target KL     mean per token KL(exact target || top-k target)
+  KD loss       T^2 KL(target || student_T) with the top-k target, relative to the exact one
+  grad cosine   cosine between the KD gradients with respect to the student's logits
+  mass          mean probability mass the teachers' top k hold (T = 1)
+Prints a table and JSON rows; runs offline on CPU in a minute or two for SmolLM2-135M.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("--blocks", type=int, default=32)
+    parser.add_argument("--k", type=int, nargs="+", default=[8, 32, 64, 256, 1024])
+    parser.add_argument("--temperature", type=float, nargs="+", default=[1.0, 2.0])
+    parser.add_argument("--student", default=None, help="student weights (default: <output_dir>/student_init)")
+    parser.add_argument("--teachers", nargs="+", default=None, help="only these teachers (by name)")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.cache import top_k_of, topk_target_log_probs
+    from distill.causal_lm import encode_lm, read_lm_splits
+    from distill.config import load_config
+    from distill.interpolate import build_interpolation
+    from distill.losses import IGNORE_INDEX, kl_divergence
+    from distill.paths import resolve_path
+
+    cfg = load_config(args.config)
+    student_path = Path(args.student) if args.student else Path(resolve_path(cfg.output_dir)) / "student_init"
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    blocks = encode_lm(read_lm_splits(cfg.data).validation, tokenizer, cfg.data, "validation")
+    blocks = blocks.select(range(min(args.blocks, len(blocks))))
+    ids = torch.tensor(blocks["input_ids"])
+    labels = torch.tensor(blocks["labels"]).reshape(-1)
+    valid = labels != IGNORE_INDEX
+    chosen = [t for t in cfg.teachers.models if args.teachers is None or t.name in args.teachers]
+    teachers = [AutoModelForCausalLM.from_pretrained(resolve_path(t.path), dtype=torch.float32).eval() for t in chosen]
+    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32).eval()
+    weights = torch.tensor([t.weight for t in chosen])
+    interpolation = build_interpolation("linear")
+    with torch.no_grad():
+        teacher_logits = torch.stack([m(input_ids=ids).logits.reshape(-1, m.config.vocab_size)[valid] for m in teachers])
+        student_logits = student(input_ids=ids).logits.reshape(-1, student.config.vocab_size)[valid]
+    vocab = teacher_logits.shape[-1]
+    log_p = torch.log_softmax(teacher_logits, dim=-1)  # what the cache stores is at T = 1
+    rows = []
+    for temperature in args.temperature:
+        temps = torch.full((len(teachers),), temperature)
+        exact = interpolation(teacher_logits, weights, temps)
+        logits = student_logits.clone().requires_grad_(True)
+        student_t = torch.log_softmax(logits / temperature, dim=-1)
+        exact_loss = temperature ** 2 * kl_divergence(exact, student_t).mean()
+        (exact_grad,) = torch.autograd.grad(exact_loss, [logits])
+        for k in args.k:
+            top_ids, top_values, tail = zip(*(top_k_of(lp, k) for lp in log_p))
+            rebuilt = topk_target_log_probs(torch.stack(top_ids).long(), torch.stack(top_values), vocab, torch.stack(tail))
+            approx = interpolation(rebuilt, weights, temps)
+            logits = student_logits.clone().requires_grad_(True)
+            loss = temperature ** 2 * kl_divergence(approx, torch.log_softmax(logits / temperature, dim=-1)).mean()
+            (grad,) = torch.autograd.grad(loss, [logits])
+            cosine = torch.nn.functional.cosine_similarity(grad.reshape(1, -1), exact_grad.reshape(1, -1)).item()
+            mass = torch.stack(top_values).exp().sum(-1).mean().item()
+            rows.append({"k": k, "temperature": temperature, "tokens": int(valid.sum()), "vocab": vocab,
+                         "target_kl": kl_divergence(exact, approx).mean().item(), "kd_loss_exact": exact_loss.item(),
+                         "kd_loss_topk": loss.item(), "kd_loss_ratio": loss.item() / exact_loss.item(),
+                         "grad_cosine": cosine, "top_k_mass": mass})
+    print(f"{len(teachers)} teacher(s), {int(valid.sum())} validation tokens, V = {vocab}, student {student_path}")
+    print(f"{'T':>4}{'k':>7}{'top-k mass':>12}{'target KL':>12}{'KD loss':>10}{'vs exact':>10}{'grad cos':>10}")
+    for row in rows:
+        print(f"{row['temperature']:>4.1f}{row['k']:>7}{row['top_k_mass']:>12.4f}{row['target_kl']:>12.5f}"
+              f"{row['kd_loss_topk']:>10.4f}{row['kd_loss_ratio']:>9.4f}x{row['grad_cosine']:>10.5f}")
+    for row in rows:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
