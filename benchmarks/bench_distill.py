@@ -9,7 +9,9 @@ Same student, data and batch in every variant (one process each, fresh):
               the fused chunked loss); the teachers' own forwards are also timed alone
   cached      distillation from 2 teachers' cached top-k (k = --top-k) log-probabilities
 
-Each variant: 3 warm-up steps, then --steps timed optimizer steps (AdamW); p20/p50/p80 step time,
+Each variant: 3 warm-up steps, then --steps timed optimizer steps (AdamW), in --rounds fresh
+processes taken round-robin over the variants (each keeps its round with the lowest p50: on a
+shared machine a burst of load then spoils one round, not the comparison); p20/p50/p80 step time,
 samples/s and tokens/s at p50, and the rise of peak RSS over the loaded models (CPU; in a process
 with a fixed glibc mmap threshold) or torch.cuda.max_memory_allocated (GPU). Ratios to plain:
 targets cached <= 1.10x, live <= 1.10x (plain + the teachers' own inference forwards, body and
@@ -30,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from measure import (add_variant_arguments, current_rss_bytes, emit_rows, measure, peak_rss_bytes,  # noqa: E402
-                     quantiles, ran_one_variant)
+from measure import (add_variant_arguments, current_rss_bytes, emit_rows, measure_in_rounds,  # noqa: E402
+                     peak_rss_bytes, quantiles, ran_one_variant)
 VARIANTS = [("plain", 0), ("live", 1), ("live", 2), ("live", 4), ("cached", 2)]
 
 
@@ -156,6 +158,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="timing rounds, round-robin over the variants")
     add_variant_arguments(parser)
     args = parser.parse_args()
     if ran_one_variant(args, run_variant):
@@ -167,13 +170,11 @@ def main() -> None:
 
     forwarded = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in
                  ("steps", "vocab", "hidden", "layers", "teacher_hidden", "teacher_layers", "batch", "seq", "chunk", "top_k")]
-    rows = []
-    for variant, teachers in VARIANTS:
-        rows.append(measure(__file__, variant, teachers, forwarded))
+    rows = measure_in_rounds(__file__, VARIANTS, forwarded, args.rounds)
     plain = rows[0]["p50_s"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or platform.machine())
     print(f"causal-LM step, batch {args.batch} x {args.seq} tokens, V={args.vocab}, student {args.layers}x{args.hidden}, "
-          f"teachers {args.teacher_layers}x{args.teacher_hidden}, {args.steps} timed steps")
+          f"teachers {args.teacher_layers}x{args.teacher_hidden}, {args.steps} timed steps, best p50 of {args.rounds} rounds")
     print(f"{device}, {os.cpu_count()} CPUs; torch {torch.__version__}, transformers {transformers.__version__}, "
           f"deepspeed {deepspeed.__version__}, python {platform.python_version()}")
     header = f"{'variant':<12}{'p20 s':>8}{'p50 s':>8}{'p80 s':>8}{'samples/s':>11}{'tokens/s':>10}{'peak MiB':>10}{'vs plain':>10}{'teach. s':>10}{'vs plain+teach.':>17}"

@@ -15,7 +15,8 @@ output layers are the inputs; the teachers' own bodies are not part of the loss)
 Each variant runs in a fresh process (so one's peak does not hide another's): peak memory is the
 rise of the process's peak RSS above what the inputs hold (CPU), or torch.cuda.max_memory_allocated
 on a GPU (CPU runs use a fixed glibc mmap threshold, so freed tensors leave the RSS); time is the
-p20/p50/p80 over --repeats steady runs after one warm-up. Prints a table and
+p20/p50/p80 over --repeats steady runs after one warm-up, in --rounds processes per variant taken
+round-robin, the round with the lowest p50 kept. Prints a table and
 JSON rows with the ratios the README states: fused / materialised memory and time (targets
 <= 0.25x, <= 1.15x), fused K=4 / K=1 memory (target <= 1.2x).
 """
@@ -32,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from measure import (add_variant_arguments, current_rss_bytes, emit_rows, measure, peak_rss_bytes,  # noqa: E402
-                     quantiles, ran_one_variant)
+from measure import (add_variant_arguments, current_rss_bytes, emit_rows, measure_in_rounds,  # noqa: E402
+                     peak_rss_bytes, quantiles, ran_one_variant)
 
 
 def run_variant(variant: str, teachers: int, args) -> dict:
@@ -129,8 +130,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--hidden", type=int, default=576)
-    parser.add_argument("--chunk", type=int, default=128, help="tokens per chunk for one teacher (K teachers: /K)")
+    parser.add_argument("--chunk", type=int, default=128, help="tokens per chunk (the recompute variant: / K)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2, help="timing rounds, round-robin over the variants (best p50 kept)")
     add_variant_arguments(parser)
     args = parser.parse_args()
     if ran_one_variant(args, run_variant):
@@ -138,13 +140,10 @@ def main() -> None:
 
     import torch
 
-    rows = []
-    for variant, teachers in [("materialised", 1), ("materialised", 4), ("recompute", 1), ("recompute", 4),
-                              ("fused", 1), ("fused", 4)]:
-        forwarded = ["--tokens", str(args.tokens), "--vocab", str(args.vocab), "--hidden", str(args.hidden),
-                     "--chunk", str(args.chunk), "--repeats", str(args.repeats)]
-        rows.append(measure(__file__, variant, teachers, forwarded))
-        print(f"  measured {variant} K={teachers}", file=sys.stderr, flush=True)
+    forwarded = ["--tokens", str(args.tokens), "--vocab", str(args.vocab), "--hidden", str(args.hidden),
+                 "--chunk", str(args.chunk), "--repeats", str(args.repeats)]
+    rows = measure_in_rounds(__file__, [("materialised", 1), ("materialised", 4), ("recompute", 1), ("recompute", 4),
+                                        ("fused", 1), ("fused", 4)], forwarded, args.rounds)
     by = {(r["variant"], r["teachers"]): r for r in rows}
     print(f"token loss, N={args.tokens} tokens, V={args.vocab}, H={args.hidden}, chunk={args.chunk}; "
           f"{rows[0]['device']}, torch {torch.__version__}, python {platform.python_version()}")

@@ -27,17 +27,39 @@ def quantiles(times):
     return [times[min(len(times) - 1, int(q * len(times)))] for q in (0.2, 0.5, 0.8)]
 
 
-def measure(script: str, variant: str, teachers: int, forwarded) -> dict:
-    """The variant's timing row, with `peak_bytes` from a second process."""
-    command = [sys.executable, script, "--one", variant, str(teachers), *forwarded]
-    timed = subprocess.run(command + ["--measure", "time"], check=True, capture_output=True, text=True).stdout
-    row = json.loads(timed.strip().splitlines()[-1])
+def measure_time(script: str, variant: str, teachers: int, forwarded) -> dict:
+    command = [sys.executable, script, "--one", variant, str(teachers), *forwarded, "--measure", "time"]
+    timed = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(timed.strip().splitlines()[-1])
+
+
+def measure_memory(script: str, variant: str, teachers: int, forwarded) -> int:
+    command = [sys.executable, script, "--one", variant, str(teachers), *forwarded, "--measure", "memory"]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    measured = subprocess.run(command + ["--measure", "memory"], check=True, capture_output=True, text=True,
-                              env=env).stdout
-    row["peak_bytes"] = json.loads(measured.strip().splitlines()[-1])["peak_bytes"]
-    print(f"  measured {variant} K={teachers}", file=sys.stderr, flush=True)
-    return row
+    measured = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(measured.strip().splitlines()[-1])["peak_bytes"]
+
+
+def measure_in_rounds(script: str, variants, forwarded, rounds: int) -> list:
+    """Timing rows for every (variant, K), taken `rounds` times round-robin (so a burst of load on a
+    shared machine hits one round of one variant, not one variant's only run); each variant keeps
+    its round with the lowest p50, with every round's p50 in `p50_rounds_s`. Peak memory once."""
+    best = {}
+    for round_number in range(rounds):
+        for variant, teachers in variants:
+            row = measure_time(script, variant, teachers, forwarded)
+            key = (variant, teachers)
+            seen = best.get(key, {}).get("p50_rounds_s", [])
+            if key not in best or row["p50_s"] < best[key]["p50_s"]:
+                best[key] = row
+            best[key]["p50_rounds_s"] = seen + [row["p50_s"]]
+            print(f"  timed {variant} K={teachers} (round {round_number + 1}/{rounds})", file=sys.stderr, flush=True)
+    rows = []
+    for variant, teachers in variants:
+        row = best[(variant, teachers)]
+        row["peak_bytes"] = measure_memory(script, variant, teachers, forwarded)
+        rows.append(row)
+    return rows
 
 
 def emit_rows(rows, json_path: Path = None) -> None:
