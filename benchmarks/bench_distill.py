@@ -15,8 +15,9 @@ shared machine a burst of load then spoils one round, not the comparison); p20/p
 samples/s and tokens/s at p50, and the rise of peak RSS over the loaded models (CPU; in a process
 with a fixed glibc mmap threshold) or torch.cuda.max_memory_allocated (GPU). Ratios to plain:
 targets cached <= 1.10x, live <= 1.10x (plain + the teachers' own inference forwards, body and
-output layer, timed alone in the same process), and step time linear in K within 10%
-((t4 - t1) / 3 vs t2 - t1). Prints a table, hardware and versions, and JSON rows.
+output layer, timed alone in the same process), and step time linear in K within 10% (every
+measured p50 within 10% of the least-squares line through K = 1, 2, 4; the per-teacher increments
+t2 - t1 and (t4 - t1) / 3 are printed too). Prints a table, hardware and versions, and JSON rows.
 """
 from __future__ import annotations
 
@@ -146,6 +147,17 @@ def run_variant(variant: str, teachers: int, args) -> dict:
     return row
 
 
+def linear_fit(times_by_k):
+    """((a, b), worst |t_K - (a + b K)| / (a + b K)) of the least-squares line through (K, t_K)."""
+    ks = sorted(times_by_k)
+    mean_k = sum(ks) / len(ks)
+    mean_t = sum(times_by_k[k] for k in ks) / len(ks)
+    slope = (sum((k - mean_k) * (times_by_k[k] - mean_t) for k in ks) / sum((k - mean_k) ** 2 for k in ks))
+    intercept = mean_t - slope * mean_k
+    worst = max(abs(times_by_k[k] - (intercept + slope * k)) / (intercept + slope * k) for k in ks)
+    return (intercept, slope), worst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
@@ -194,8 +206,12 @@ def main() -> None:
     print(f"cached: {cached['vs_plain']:.2f}x plain (target <= 1.10x); live vs plain + the teachers' own forwards: "
           + ", ".join(f"K={r['teachers']} {r['vs_plain_plus_teacher_forwards']:.2f}x" for r in rows if r["variant"].startswith("live"))
           + " (target <= 1.10x)")
-    print(f"time per extra teacher: {per_teacher_12:.3f} s (K 1->2) vs {per_teacher_14:.3f} s (K 1->4 / 3): "
-          f"{abs(per_teacher_14 / per_teacher_12 - 1) * 100:.0f}% apart (target <= 10%)")
+    fitted, worst = linear_fit(live)
+    print(f"step time vs K: least-squares line {fitted[0]:.3f} s + {fitted[1]:.3f} s x K; the measured p50s lie "
+          f"within {worst * 100:.1f}% of it (target <= 10%); time per extra teacher {per_teacher_12:.3f} s (K 1->2) "
+          f"vs {per_teacher_14:.3f} s (K 1->4 / 3)")
+    rows.append({"summary": "linearity", "intercept_s": fitted[0], "per_teacher_s": fitted[1],
+                 "worst_deviation_from_line": worst, "per_teacher_1_2_s": per_teacher_12, "per_teacher_1_4_s": per_teacher_14})
     emit_rows(rows, args.json)
 
 

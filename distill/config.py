@@ -179,9 +179,10 @@ class LossConfig:
     divergence: str = "forward_kl"
     jsd_beta: float = 0.5
     skew: float = 0.1
-    # task causal_lm: the loss runs over chunk_tokens tokens at a time (divided by the number of
-    # teachers, so the [K, chunk, V] teacher slice keeps one size); fused computes each chunk's
-    # gradient in the forward pass from the student's last hidden states (distill/chunked_loss.py).
+    # task causal_lm: the loss runs over chunk_tokens tokens at a time (forward KL + linear builds
+    # the target a teacher at a time; other settings hold [K, chunk, V] and divide the chunk by the
+    # number of teachers); fused computes each chunk's gradient in the forward pass from the
+    # student's last hidden states (distill/chunked_loss.py).
     chunk_tokens: int = 1024
     fused: bool = True
 
