@@ -265,3 +265,23 @@ def sparse_rows(target, start, end):
     from distill.chunked_loss import SparseTarget
 
     return SparseTarget(target.ids[start:end], target.deltas[start:end], target.base[start:end])
+
+
+def test_probability_target_with_zero_mass_entries_equals_the_log_space_reference():
+    """A live target handed over as probabilities may hold exact zeros (underflow): 0 log 0 = 0 in
+    the KL, as the reference has it with -inf log-probabilities there."""
+    from distill.chunked_loss import ProbabilityTarget
+
+    h, weight, b, labels, teacher_logits = _problem(seed=6)
+    target = _target(torch.nan_to_num(teacher_logits))
+    target[3:9, :7] = float("-inf")  # no mass on these tokens
+    target = target - torch.logsumexp(target, dim=-1, keepdim=True)
+    options = dict(kd_alpha=0.5, temperature=2.0, label_smoothing=0.0, bias=b, chunk_size=8)
+    reference = materialized_token_distillation(torch.nn.functional.linear(h, weight, b), target, labels,
+                                                **{k: v for k, v in options.items() if k not in ("bias", "chunk_size")})
+    fused = fused_token_distillation(h, weight, labels, lambda s, e: (ProbabilityTarget(target[s:e].exp()), None),
+                                     **options)
+    assert torch.isfinite(fused.kd) and fused.kd.item() == pytest.approx(reference.kd.item(), rel=1e-12)
+    for a, e in zip(torch.autograd.grad(fused.total, [h, weight, b]),
+                    torch.autograd.grad(reference.total, [h, weight, b])):
+        assert torch.allclose(a, e, rtol=1e-10, atol=1e-12)
