@@ -87,7 +87,7 @@ def fingerprint(dataset) -> str:
 
 def top_k_of(logits: Tensor, k: int):
     """(ids int32, log-probs, tail log-mass) of the k most likely tokens of log_softmax(logits)."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     values, ids = log_probs.topk(k, dim=-1)
     if k >= logits.shape[-1]:  # everything is kept: no tail, whatever the float rounding of the sum
         return ids.to(torch.int32), values, torch.full(values.shape[:-1], -1e30, device=values.device)
@@ -160,8 +160,8 @@ def write_cache(cfg, out_dir, top_k: int, rows_per_shard: int = 512) -> dict:
             shard["index"].append(index)
             shard["lengths"].append(length)
             shard["ids"].append(torch.stack([p[0] for p in parts], dim=1).cpu())  # [L, K, k]
-            shard["log_probs"].append(torch.stack([p[1] for p in parts], dim=1).cpu())
-            shard["tail"].append(torch.stack([p[2] for p in parts], dim=1).cpu())  # [L, K]
+            shard["log_probs"].append(torch.stack([p[1] for p in parts], dim=1).float().cpu())  # float32 on disk
+            shard["tail"].append(torch.stack([p[2] for p in parts], dim=1).float().cpu())  # [L, K]
             if len(shard["index"]) >= rows_per_shard:
                 flush()
     flush()

@@ -248,18 +248,25 @@ class TokenTargets:
         self.temperatures = temperatures  # None: each teacher's configured temperature
         self.skipped_tokens = 0
 
+    @staticmethod
+    def _head_into(head: nn.Module, rows: Tensor, out: Tensor) -> None:
+        """out (float32) = head(rows), written straight into `out` when no cast or bias is needed."""
+        if head.weight.dtype == torch.float32 and head.bias is None:
+            torch.matmul(rows, head.weight.t(), out=out)
+        else:
+            out.copy_(head(rows))
+
+    def _mixture_weights(self) -> Tensor:
+        return normalize_weights(torch.as_tensor(self.ensemble.weights if self.weights is None else self.weights,
+                                                 dtype=torch.float32))
+
     def logits(self, start: int, end: int) -> Tensor:
         """[K, end - start, V] float32, each teacher's output layer written straight into its slice."""
         with torch.no_grad():
-            out = None
+            out = self.hidden_states[0].new_empty((len(self.heads), end - start, self.heads[0].weight.shape[0]),
+                                                  dtype=torch.float32)
             for k, (head, hidden) in enumerate(zip(self.heads, self.hidden_states)):
-                rows = hidden[start:end]
-                if out is None:
-                    out = rows.new_empty((len(self.heads), end - start, head.weight.shape[0]), dtype=torch.float32)
-                if head.weight.dtype == torch.float32 and head.bias is None:
-                    torch.matmul(rows, head.weight.t(), out=out[k])
-                else:
-                    out[k] = head(rows)
+                self._head_into(head, hidden[start:end], out[k])
             return out
 
     def __call__(self, start: int, end: int) -> Tuple[object, Optional[Tensor]]:
@@ -276,8 +283,7 @@ class TokenTargets:
         there: the caller then takes the general path, which names it or skips the tokens."""
         from distill.interpolate import add_softened_
 
-        weights = normalize_weights(torch.as_tensor(self.ensemble.weights if self.weights is None else self.weights,
-                                                     dtype=torch.float32))
+        weights = self._mixture_weights()
         rows = end - start
         with torch.no_grad():
             if self._buffer is None or self._buffer.shape[1] < rows:
@@ -289,10 +295,7 @@ class TokenTargets:
                                                          self.ensemble.temperatures.tolist()):
                 if weight <= 0:
                     continue
-                if head.weight.dtype == torch.float32 and head.bias is None:
-                    torch.matmul(hidden[start:end], head.weight.t(), out=scratch)
-                else:
-                    scratch.copy_(head(hidden[start:end]))
+                self._head_into(head, hidden[start:end], scratch)
                 if not bool(torch.isfinite(scratch.sum(dim=-1)).all()):
                     return None
                 add_softened_(mixture, scratch, weight, temperature, first)
@@ -320,9 +323,8 @@ class TokenTargets:
             logits = torch.where(keep[None, :, None], logits, torch.zeros_like(logits))
         with torch.no_grad():
             if self.probabilities:
-                weights = self.ensemble.weights if self.weights is None else self.weights
                 return ProbabilityTarget(self.ensemble.interpolation.probabilities_(
-                    logits.clone() if keep is None else logits, torch.as_tensor(weights, dtype=torch.float32),
+                    logits.clone() if keep is None else logits, self._mixture_weights(),
                     self.ensemble.temperatures)), keep
             if self.temperatures is None:
                 target = self.ensemble.target(logits, labels, self.weights)

@@ -32,8 +32,8 @@ from torch import Tensor
 
 from distill.losses import IGNORE_INDEX, Divergence, kl_divergence
 
-# (start, end) -> (target log-probabilities [end - start, V], or a SparseTarget, or None;
-#                  KD mask [end - start] or None). The target is read, never written.
+# (start, end) -> (target log-probabilities [end - start, V] (read, never written), or a
+#                  ProbabilityTarget (handed over) or SparseTarget, or None; KD mask or None)
 TargetFn = Callable[[int, int], Tuple[Optional[Tensor], Optional[Tensor]]]
 
 
@@ -231,11 +231,11 @@ def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Opti
             if isinstance(target, ProbabilityTarget):
                 probs = target.probs.to(logits.dtype)
                 if dropped.numel():
-                    probs.index_fill_(0, dropped, 0.0)
+                    probs.index_fill_(0, dropped, 0.0)  # before the log: the loss owns these
                 log_probs = probs.log()  # -inf where p underflowed to 0: those rows are redone below
             else:
-                probs = target.to(logits.dtype).exp()
                 log_probs = target.to(logits.dtype)
+                probs = log_probs.exp()
                 if dropped.numel():
                     probs.index_fill_(0, dropped, 0.0)
             entropy_terms = _row_dot(probs, log_probs)

@@ -225,11 +225,12 @@ def test_topk_rebuild_is_exact_at_full_k_and_keeps_the_tail_mass():
 
 
 def _cached_top_k(teacher_logits, k):
-    """What `distill cache` stores per token: each teacher's top-k log-probs (T = 1) and tail log-mass."""
-    log_p = torch.log_softmax(teacher_logits, dim=-1).transpose(0, 1)  # [N, K, V]
-    values, ids = log_p.topk(k, dim=-1)
-    tail = torch.log(-torch.expm1(torch.logsumexp(values, dim=-1).clamp(max=0))).clamp(min=-1e30)
-    return ids, values, tail
+    """What `distill cache` stores per token ([N, K, ...]): each teacher's top-k log-probs (T = 1),
+    their ids and the tail log-mass."""
+    from distill.cache import top_k_of
+
+    ids, values, tail = top_k_of(teacher_logits.transpose(0, 1), k)
+    return ids.long(), values, tail
 
 
 @pytest.mark.parametrize("k", [5, 50])
