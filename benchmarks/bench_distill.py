@@ -64,7 +64,7 @@ def run_variant(variant: str, teachers: int, args) -> dict:
 
     from distill.cache import top_k_of
     from distill.causal_lm import CachedTokenTargets, TokenTargets, body_and_head, teacher_hidden_states
-    from distill.chunked_loss import fused_token_distillation
+    from distill.chunked_loss import Workspace, fused_token_distillation
     from distill.teachers import TeacherEnsemble, TeacherPlan
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -92,6 +92,7 @@ def run_variant(variant: str, teachers: int, args) -> dict:
                                torch.stack([p[2] for p in parts], 1).reshape(shape), args.vocab)
         del models, hidden
     chunk = args.chunk  # forward KL + linear: training keeps the chunk whatever K is (chunk_size_for)
+    workspace = Workspace() if device.type == "cpu" else None  # as CausalLMTrainer keeps it
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -100,13 +101,13 @@ def run_variant(variant: str, teachers: int, args) -> dict:
         else:
             if variant == "live":
                 targets = TokenTargets(ensemble, teacher_hidden_states(ensemble, inputs), flat_labels, None,
-                                       probabilities=True)
+                                       probabilities=True, workspace=workspace)
             else:
                 targets = CachedTokenTargets(ensemble, cache, batch, flat_labels, None, sparse=True)
             body, head = body_and_head(student)
             hidden = body(**inputs).last_hidden_state
             loss = fused_token_distillation(hidden.reshape(-1, hidden.shape[-1]), head.weight, flat_labels, targets,
-                                            kd_alpha=0.5, temperature=2.0, chunk_size=chunk).total
+                                            kd_alpha=0.5, temperature=2.0, chunk_size=chunk, workspace=workspace).total
         loss.backward()
         optimizer.step()
 

@@ -23,8 +23,8 @@ from datasets import Dataset
 from torch import Tensor, nn
 
 from distill import distributed
-from distill.chunked_loss import (ProbabilityTarget, TokenLossTerms, chunked_target_distillation,
-                                  fused_token_distillation, tokens_per_chunk)
+from distill.chunked_loss import (ProbabilityTarget, TokenLossTerms, Workspace, chunked_target_distillation,
+                                  entropy_terms, fused_token_distillation, tokens_per_chunk)
 from distill.config import ConfigError, DataConfig, DistillConfig, resolve_teacher_index, teacher_display_name
 from distill.data import INDEX, LABELS, Splits, _check_fields, _is_missing, _load_source, _subsample
 from distill.interpolate import normalize_weights
@@ -235,12 +235,12 @@ class TokenTargets:
     hidden states and output layers, checked for NaN/inf, interpolated into one target."""
 
     def __init__(self, ensemble, hidden_states: List[Tensor], labels: Tensor, weights, temperatures=None,
-                 probabilities: bool = False, heads=None):
+                 probabilities: bool = False, heads=None, workspace: Optional[Workspace] = None):
         self.ensemble = ensemble
         # hand the loss a ProbabilityTarget (forward KL, an interpolation with `probabilities_`),
-        # built teacher by teacher in two [chunk, V] buffers reused from chunk to chunk
+        # built teacher by teacher in two [chunk, V] workspace buffers
         self.probabilities = probabilities and temperatures is None and hasattr(ensemble.interpolation, "probabilities_")
-        self._buffer = None
+        self.workspace = Workspace() if workspace is None else workspace
         self.hidden_states = hidden_states
         self.heads = heads if heads is not None else [body_and_head(model)[1] for model in ensemble.models]
         self.labels = labels
@@ -249,12 +249,15 @@ class TokenTargets:
         self.skipped_tokens = 0
 
     @staticmethod
-    def _head_into(head: nn.Module, rows: Tensor, out: Tensor) -> None:
-        """out (float32) = head(rows), written straight into `out` when no cast or bias is needed."""
+    def _head_into(head: nn.Module, rows: Tensor, out: Tensor, scale: float = 1.0) -> None:
+        """out (float32) = scale * head(rows), written straight into `out` when no cast or bias is
+        needed (the scale then goes on the [c, H] rows, not on the [c, V] logits)."""
         if head.weight.dtype == torch.float32 and head.bias is None:
-            torch.matmul(rows, head.weight.t(), out=out)
+            torch.matmul(rows if scale == 1.0 else rows * scale, head.weight.t(), out=out)
         else:
             out.copy_(head(rows))
+            if scale != 1.0:
+                out.mul_(scale)
 
     def _mixture_weights(self) -> Tensor:
         return normalize_weights(torch.as_tensor(self.ensemble.weights if self.weights is None else self.weights,
@@ -273,34 +276,35 @@ class TokenTargets:
         if self.probabilities:
             mixture = self._streamed_mixture(start, end)
             if mixture is not None:
-                return ProbabilityTarget(mixture), None
+                return mixture, None
         return self.target(self.logits(start, end), start, end)
 
-    def _streamed_mixture(self, start: int, end: int) -> Optional[Tensor]:
-        """The linear mixture's probabilities [c, V], one teacher at a time: its output layer into a
-        scratch [c, V], softened and added in place, so memory holds two [c, V] whatever K is (the
-        chunk need not shrink with the teacher count). None if a teacher's logits are not finite
-        there: the caller then takes the general path, which names it or skips the tokens."""
-        from distill.interpolate import add_softened_
+    def _streamed_mixture(self, start: int, end: int) -> Optional[ProbabilityTarget]:
+        """The linear mixture's probabilities [c, V], one teacher at a time: its output layer (at
+        1 / T) into a scratch [c, V], softened and added in place, so memory holds two [c, V]
+        whatever K is (the chunk need not shrink with the teacher count). Its entropy terms come
+        from the scratch: log p written there for several teachers, the shifted logits for one.
+        None if a teacher's logits are not finite there: the caller then takes the general path,
+        which names it or skips the tokens."""
+        from distill.interpolate import add_softened_, softmax_with_entropy_
 
         weights = self._mixture_weights()
-        rows = end - start
+        active = [(head, hidden, weight, temperature) for head, hidden, weight, temperature
+                  in zip(self.heads, self.hidden_states, weights.tolist(), self.ensemble.temperatures.tolist())
+                  if weight > 0]
+        rows, vocab = end - start, self.heads[0].weight.shape[0]
+        device = self.hidden_states[0].device
         with torch.no_grad():
-            if self._buffer is None or self._buffer.shape[1] < rows:
-                vocab = self.heads[0].weight.shape[0]
-                self._buffer = self.hidden_states[0].new_empty((2, rows, vocab), dtype=torch.float32)
-            mixture, scratch = self._buffer[0, :rows], self._buffer[1, :rows]
-            first = True
-            for head, hidden, weight, temperature in zip(self.heads, self.hidden_states, weights.tolist(),
-                                                         self.ensemble.temperatures.tolist()):
-                if weight <= 0:
-                    continue
-                self._head_into(head, hidden[start:end], scratch)
+            mixture = self.workspace.get("mixture", rows, vocab, torch.float32, device)
+            scratch = self.workspace.get("teacher", rows, vocab, torch.float32, device)
+            for index, (head, hidden, weight, temperature) in enumerate(active):
+                self._head_into(head, hidden[start:end], scratch, 1.0 / temperature)
                 if not bool(torch.isfinite(scratch.sum(dim=-1)).all()):
                     return None
-                add_softened_(mixture, scratch, weight, temperature, first)
-                first = False
-        return mixture
+                if len(active) == 1:
+                    return ProbabilityTarget(*softmax_with_entropy_(scratch, mixture))
+                add_softened_(mixture, scratch, weight, 1.0, index == 0)
+            return ProbabilityTarget(mixture, entropy_terms(mixture, torch.log(mixture, out=scratch)))
 
     def target(self, logits: Tensor, start: int, end: int) -> Tuple[Tensor, Optional[Tensor]]:
         """The interpolated target (and KD mask) of tokens start..end-1 from their teacher logits."""
@@ -366,7 +370,8 @@ class CachedTokenTargets:
 
 
 def student_token_loss(engine, batch: Dict, target_fn, *, fused: bool, kd_alpha: float, temperature: float,
-                       label_smoothing: float, divergence, chunk_size: int, normalizer: float) -> TokenLossTerms:
+                       label_smoothing: float, divergence, chunk_size: int, normalizer: float,
+                       workspace: Optional[Workspace] = None) -> TokenLossTerms:
     inputs = lm_inputs(batch, engine.device)
     labels = batch[LABELS].to(engine.device).reshape(-1)
     options = dict(kd_alpha=kd_alpha, temperature=temperature, label_smoothing=label_smoothing,
@@ -375,7 +380,7 @@ def student_token_loss(engine, batch: Dict, target_fn, *, fused: bool, kd_alpha:
         body, head = body_and_head(engine.module)
         hidden = body(**inputs).last_hidden_state
         return fused_token_distillation(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, target_fn,
-                                        bias=head.bias, **options)
+                                        bias=head.bias, workspace=workspace, **options)
     logits = engine(**inputs).logits
     return chunked_target_distillation(logits.reshape(-1, logits.shape[-1]), labels, target_fn, **options)
 
@@ -583,6 +588,9 @@ class CausalLMTrainer(_trainer_base()):
                                 and self.ensemble is not None and self.ensemble.interpolation.name == "linear")
         self.sparse_cache = self.fast_forward_kl
         self.chunk_size = chunk_size_for(cfg, 1 if self.fast_forward_kl else len(self.teacher_plans))
+        # the loss's [chunk, V] temporaries, kept over the run: on a CPU each fresh one costs page
+        # faults; CUDA's caching allocator recycles blocks by itself, so there they are not held
+        self.workspace = Workspace() if self.device.type == "cpu" else None
         self._build_engine(student)
 
     def train_batches(self):
@@ -599,11 +607,13 @@ class CausalLMTrainer(_trainer_base()):
                                          sparse=self.sparse_cache)
         elif self.ensemble is not None and now["kd_alpha"] > 0:
             hidden = teacher_hidden_states(self.ensemble, lm_inputs(batch, engine.device))
-            targets = TokenTargets(self.ensemble, hidden, labels, now["teacher_weights"], probabilities=self.fast_forward_kl)
+            targets = TokenTargets(self.ensemble, hidden, labels, now["teacher_weights"], probabilities=self.fast_forward_kl,
+                                   workspace=self.workspace)
         normalizer = batch["token_normalizer"]
         terms = student_token_loss(engine, batch, targets, fused=self.fused, kd_alpha=now["kd_alpha"],
                                    temperature=now["temperature"], label_smoothing=cfg.loss.label_smoothing,
-                                   divergence=self.divergence, chunk_size=self.chunk_size, normalizer=normalizer)
+                                   divergence=self.divergence, chunk_size=self.chunk_size, normalizer=normalizer,
+                                   workspace=self.workspace)
         engine.backward(terms.total)
         engine.step()
         if isinstance(targets, TokenTargets):

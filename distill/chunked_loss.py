@@ -30,21 +30,68 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.losses import IGNORE_INDEX, Divergence, kl_divergence
+from distill.losses import IGNORE_INDEX, Divergence, kl_divergence, row_dot
 
 # (start, end) -> (target log-probabilities [end - start, V] (read, never written), or a
 #                  ProbabilityTarget (handed over) or SparseTarget, or None; KD mask or None)
 TargetFn = Callable[[int, int], Tuple[Optional[Tensor], Optional[Tensor]]]
 
 
+class Workspace:
+    """Reusable [rows, V] buffers, by name, for the fused loss's hot loop and the targets it reads.
+
+    A fresh [512, 16384] float32 tensor cost 14 ms of page faults here, twice the exp over it: glibc
+    maps every block of 32 MiB or more anew and unmaps it when freed, so on a CPU each chunk's
+    temporaries paid that several times a step. One workspace kept over the steps of a run pays it
+    once. (CUDA's caching allocator already recycles blocks; there a workspace only saves bookkeeping.)
+    A buffer handed out is valid until the next `get` of the same name."""
+
+    def __init__(self):
+        self._buffers = {}
+
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        buffer = self._buffers.get(name)
+        if (buffer is None or buffer.shape[0] < rows or buffer.shape[1] != cols or buffer.dtype != dtype
+                or buffer.device != torch.device(device)):
+            buffer = torch.empty((rows, cols), dtype=dtype, device=device)
+            self._buffers[name] = buffer
+        return buffer[:rows]
+
+    def like(self, name: str, tensor: Tensor) -> Tensor:
+        """A buffer of `tensor`'s [rows, V] shape, dtype and device."""
+        return self.get(name, tensor.shape[0], tensor.shape[1], tensor.dtype, tensor.device)
+
+
 @dataclass
 class ProbabilityTarget:
     """A dense target handed over as probabilities [c, V] (finite, rows summing to one), for the
-    forward KL only. The loss owns it once returned and may write into it."""
+    forward KL only. The loss owns it once returned and may write into it. `neg_entropy` [c] is
+    sum_v p log p per row when its builder knew it without a log pass (one teacher: from the shifted
+    logits); otherwise the loss takes it from log p."""
     probs: Tensor
+    neg_entropy: Optional[Tensor] = None
 
     def dense_log_probs(self, vocab_size: int) -> Tensor:
         return self.probs.log()
+
+    def entropy_terms(self, workspace: "Workspace", keep: Optional[Tensor] = None) -> Tensor:
+        if self.neg_entropy is not None:
+            return self.neg_entropy
+        return entropy_terms(self.probs, torch.log(self.probs, out=workspace.like("log_target", self.probs)), keep)
+
+
+def entropy_terms(probs: Tensor, log_probs: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+    """[c] sum_v p log p (0 log 0 = 0) from probabilities and their logs (-inf where p = 0). Only
+    the rows that came out non-finite (a p = 0 entry: 0 * -inf) are summed again entrywise; rows
+    outside `keep` are left as they are (the caller masks them)."""
+    terms = row_dot(probs, log_probs)
+    broken = ~torch.isfinite(terms)
+    if keep is not None:
+        broken &= keep
+    if broken.any():
+        rows_p, rows_lp = probs[broken], log_probs[broken]
+        terms[broken] = torch.where(rows_p > 0, rows_p * rows_lp, torch.zeros_like(rows_p)).sum(-1)
+    return terms
 
 
 @dataclass
@@ -160,26 +207,9 @@ def _default_normalizer(labels: Tensor) -> float:
     return float(max(int((labels != IGNORE_INDEX).sum()), 1))
 
 
-def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """[c] sum_v a[c, v] * b[c, v], as one batched matmul (no [c, V] product is written)."""
-    return torch.matmul(a.unsqueeze(1), b.unsqueeze(2)).reshape(a.shape[0])
-
-
-def _exp_shifted(logits: Tensor, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """(e = exp(scale * (z - max z)) [c, V], sum e [c, 1], logsumexp(scale * z) [c, 1]):
-    softmax(scale * z) = e / sum e."""
-    top = logits.amax(dim=-1, keepdim=True)
-    shifted = torch.sub(logits, top)
-    if scale != 1.0:
-        shifted.mul_(scale)
-    shifted.exp_()
-    total = shifted.sum(dim=-1, keepdim=True)
-    return shifted, total, top * scale + total.log()
-
-
 def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Optional[Tensor], *, kd_alpha: float,
-                           temperature: float, label_smoothing: float, divergence: str,
-                           normalizer: float) -> Tuple[Tensor, Tensor, Tensor]:
+                           temperature: float, label_smoothing: float, divergence: str, normalizer: float,
+                           workspace: Optional[Workspace] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(T^2 * summed divergence, summed CE_eps, d loss / d logits) for one chunk of student logits
     [c, V], the gradient written in closed form rather than by autograd, with u = z / T,
     q = softmax(u), p the target, and s_kd = kd_alpha * T / normalizer, s_ce = (1 - kd_alpha) / normalizer:
@@ -190,36 +220,76 @@ def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Opti
 
     on the rows with a label (and with kd_mask, for the KD term); all other rows get exactly zero.
     `target` is dense log-probabilities [c, V], a ProbabilityTarget or SparseTarget (forward KL
-    only), or None. The [c, V] temporaries are few and written in place: this is the fused loss's
-    hot loop. Tested against the autograd reference in float64 (tests/test_chunked_loss.py)."""
+    only), or None. This is the fused loss's hot loop: `logits` is CONSUMED (what reads z comes
+    first, then z becomes exp(z - max z) in place), the other [c, V] temporaries live in `workspace`
+    buffers, and the returned gradient is one of them. Tested against the autograd reference in
+    float64 (tests/test_chunked_loss.py)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    workspace = Workspace() if workspace is None else workspace
     vocab = logits.shape[-1]
     valid = labels != IGNORE_INDEX
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
-    exps, total, lse = _exp_shifted(logits, 1.0)
+    top = logits.amax(dim=-1, keepdim=True)
     label_logits = logits.gather(-1, safe_labels)
-    ce_rows = (1.0 - label_smoothing) * (lse - label_logits)
-    if label_smoothing:
-        ce_rows = ce_rows + label_smoothing * (lse - logits.mean(dim=-1, keepdim=True))
-    ce = torch.where(valid, ce_rows.squeeze(-1), torch.zeros_like(lse.squeeze(-1))).sum()
+    mean_logits = logits.mean(dim=-1, keepdim=True) if label_smoothing else None
     ce_scale = valid.to(logits.dtype).unsqueeze(-1) * ((1.0 - kd_alpha) / normalizer)
-    kd = torch.zeros_like(ce)
-    kd_part = None  # what the KD term adds to the gradient besides a multiple of q
-    q_scale = torch.zeros_like(ce_scale)  # d/dz gets q_scale * e_T (e_T = exp(u - max u), unnormalised q)
-    if target is not None and kd_alpha != 0:
+    distill = target is not None and kd_alpha != 0
+    if distill:  # first what reads the raw logits z
         keep = valid if kd_mask is None else valid & kd_mask
         dropped = (~keep).nonzero().squeeze(-1)
         kd_scale = keep.to(logits.dtype).unsqueeze(-1) * (kd_alpha * temperature / normalizer)
-        shared = temperature == 1.0
-        exps_t, sum_t, lse_t = (exps, total, lse) if shared else _exp_shifted(logits, 1.0 / temperature)
         if isinstance(target, SparseTarget):
             if divergence != "forward_kl":
                 raise ValueError("a sparse target supports the forward KL only")
-            base = torch.where(keep, target.base.to(logits.dtype), torch.zeros_like(lse.squeeze(-1)))
-            deltas = torch.where(keep.unsqueeze(-1), target.deltas.to(logits.dtype), torch.zeros_like(target.deltas, dtype=logits.dtype))
-            log_q_at = logits.gather(-1, target.ids) / temperature - lse_t  # [c, M]
-            log_q_all = logits.sum(dim=-1) / temperature - vocab * lse_t.squeeze(-1)
+            base = torch.where(keep, target.base.to(logits.dtype), torch.zeros_like(top.squeeze(-1)))
+            deltas = torch.where(keep.unsqueeze(-1), target.deltas.to(logits.dtype),
+                                 torch.zeros_like(target.deltas, dtype=logits.dtype))
+            u_at_ids = logits.gather(-1, target.ids) / temperature  # [c, M]
+            u_sum = logits.sum(dim=-1) / temperature
+        elif divergence == "forward_kl":
+            if isinstance(target, ProbabilityTarget):
+                probs = target.probs.to(logits.dtype)
+                if dropped.numel():
+                    probs.index_fill_(0, dropped, 0.0)  # the loss owns these
+                entropy = target.entropy_terms(workspace, keep)
+            else:
+                log_probs = target.to(logits.dtype)
+                probs = torch.exp(log_probs, out=workspace.like("target", logits))
+                if dropped.numel():
+                    probs.index_fill_(0, dropped, 0.0)
+                entropy = entropy_terms(probs, log_probs, keep)
+            u_dot_p = row_dot(probs, logits) / temperature
+        elif divergence == "reverse_kl":  # r = log p - u
+            gap = torch.sub(target.to(logits.dtype), logits, alpha=1.0 / temperature,
+                            out=workspace.like("target", logits))
+            if dropped.numel():
+                gap.index_fill_(0, dropped, 0.0)
+        else:
+            raise ValueError(f"no closed form for divergence {divergence!r}")
+    # then the softmaxes: e = exp(z - max z) in place of z, e_T = exp((z - max z) / T) beside it
+    shared = not distill or temperature == 1.0
+    exps = logits.sub_(top)
+    exps_t = None if shared else torch.mul(exps, 1.0 / temperature, out=workspace.like("tempered", logits)).exp_()
+    exps.exp_()
+    total = exps.sum(dim=-1, keepdim=True)
+    lse = top + total.log()
+    if shared:
+        exps_t, sum_t, lse_t = exps, total, lse
+    else:
+        sum_t = exps_t.sum(dim=-1, keepdim=True)
+        lse_t = top / temperature + sum_t.log()
+    ce_rows = (1.0 - label_smoothing) * (lse - label_logits)
+    if label_smoothing:
+        ce_rows = ce_rows + label_smoothing * (lse - mean_logits)
+    ce = torch.where(valid, ce_rows.squeeze(-1), torch.zeros_like(lse.squeeze(-1))).sum()
+    kd = torch.zeros_like(ce)
+    kd_part = None  # what the KD term adds to the gradient besides a multiple of q
+    q_scale = torch.zeros_like(ce_scale)  # d/dz gets q_scale * e_T (e_T = exp(u - max u), unnormalised q)
+    if distill:
+        if isinstance(target, SparseTarget):
+            log_q_at = u_at_ids - lse_t  # [c, M]
+            log_q_all = u_sum - vocab * lse_t.squeeze(-1)
             cross = base * log_q_all + (deltas * log_q_at).sum(dim=-1)
             rows = SparseTarget(target.ids, deltas, base).entropy_terms(vocab) - cross
             q_scale = kd_scale / sum_t
@@ -228,48 +298,25 @@ def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Opti
                 grad.sub_(kd_scale * base.unsqueeze(-1))
                 grad.scatter_add_(-1, target.ids, -kd_scale * deltas)
         elif divergence == "forward_kl":
-            if isinstance(target, ProbabilityTarget):
-                probs = target.probs.to(logits.dtype)
-                if dropped.numel():
-                    probs.index_fill_(0, dropped, 0.0)  # before the log: the loss owns these
-                log_probs = probs.log()  # -inf where p underflowed to 0: those rows are redone below
-            else:
-                log_probs = target.to(logits.dtype)
-                probs = log_probs.exp()
-                if dropped.numel():
-                    probs.index_fill_(0, dropped, 0.0)
-            entropy_terms = _row_dot(probs, log_probs)
-            broken = keep & ~torch.isfinite(entropy_terms)  # -inf log p where p = 0: 0 log 0 = 0
-            if broken.any():
-                rows_p, rows_lp = probs[broken], log_probs[broken]
-                entropy_terms[broken] = torch.where(rows_p > 0, rows_p * rows_lp, torch.zeros_like(rows_p)).sum(-1)
-            cross = _row_dot(probs, logits) / temperature - lse_t.squeeze(-1) * probs.sum(dim=-1)
-            rows = entropy_terms - cross
+            rows = entropy - (u_dot_p - lse_t.squeeze(-1) * probs.sum(dim=-1))
             q_scale = kd_scale / sum_t
 
             def kd_part(grad):
                 grad.addcmul_(probs, kd_scale, value=-1.0)
-        elif divergence == "reverse_kl":
-            # r = log p - u; KL(q || p) = sum q (u - lse_u - log p) = -q . r - lse_u
-            gap = torch.sub(target.to(logits.dtype), logits, alpha=1.0 / temperature)
-            if dropped.numel():
-                gap.index_fill_(0, dropped, 0.0)
-            rows = -_row_dot(exps_t, gap) / sum_t.squeeze(-1) - lse_t.squeeze(-1)
+        else:
+            # KL(q || p) = sum q (u - lse_u - log p) = -q . r - lse_u
+            rows = -row_dot(exps_t, gap) / sum_t.squeeze(-1) - lse_t.squeeze(-1)
             # d/dz = s_kd * q * (u - lse_u - log p - KL) = -s_kd * q * (r + lse_u + KL)
             gap.add_(lse_t + torch.where(keep, rows, torch.zeros_like(rows)).unsqueeze(-1))
             gap.mul_(exps_t).mul_(-kd_scale / sum_t)
 
             def kd_part(grad):
                 grad.add_(gap)
-        else:
-            raise ValueError(f"no closed form for divergence {divergence!r}")
         kd = temperature ** 2 * torch.where(keep, rows, torch.zeros_like(rows)).sum()
-        if shared:
-            grad = exps.mul_(q_scale + ce_scale / total)
-        else:
-            grad = exps_t.mul_(q_scale).addcmul_(exps, ce_scale / total)
+    if shared:
+        grad = exps.mul_(q_scale + ce_scale / total)
     else:
-        grad = exps.mul_(ce_scale / total)
+        grad = exps_t.mul_(q_scale).addcmul_(exps, ce_scale / total)
     if label_smoothing:
         grad.sub_(ce_scale * (label_smoothing / vocab))
     grad.scatter_add_(-1, safe_labels, -(1.0 - label_smoothing) * ce_scale)
@@ -281,8 +328,9 @@ def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Opti
 class _FusedTokenDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, target_fn, kd_alpha, temperature, label_smoothing, divergence,
-                chunk_size, normalizer):
+                chunk_size, normalizer, workspace):
         accumulate = _accumulation_dtype(weight.dtype)
+        closed_form = getattr(divergence, "closed_form", None)
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=accumulate)
         grad_bias = torch.zeros_like(bias, dtype=accumulate) if bias is not None else None
@@ -295,17 +343,23 @@ class _FusedTokenDistillation(torch.autograd.Function):
                 continue  # nothing to learn here: zero loss, zero gradient
             target, kd_mask = target_fn(start, end) if target_fn is not None else (None, None)
             h = hidden[start:end]
-            with torch.no_grad():
-                logits = F.linear(h, weight, bias).to(accumulate)
-            closed_form = getattr(divergence, "closed_form", None)
             if isinstance(target, (SparseTarget, ProbabilityTarget)) and closed_form != "forward_kl":
-                target = target.dense_log_probs(logits.shape[-1])
+                target = target.dense_log_probs(weight.shape[0])
             if target is None or kd_alpha == 0 or closed_form is not None:
                 with torch.no_grad():
+                    if weight.dtype == accumulate and bias is None:
+                        logits = torch.matmul(h.to(accumulate), weight.t(),
+                                              out=workspace.get("logits", end - start, weight.shape[0], accumulate,
+                                                                weight.device))
+                    else:
+                        logits = F.linear(h, weight, bias).to(accumulate)
                     kd, ce, grad_logits = closed_form_token_loss(
                         logits, target, chunk_labels, kd_mask, kd_alpha=kd_alpha, temperature=temperature,
-                        label_smoothing=label_smoothing, divergence=closed_form or "forward_kl", normalizer=normalizer)
+                        label_smoothing=label_smoothing, divergence=closed_form or "forward_kl", normalizer=normalizer,
+                        workspace=workspace)
             else:
+                with torch.no_grad():
+                    logits = F.linear(h, weight, bias).to(accumulate)
                 with torch.enable_grad():  # autograd only through softmax and divergence, over [chunk, V]
                     logits.requires_grad_(True)
                     kd, ce = token_loss_sums(logits, target, chunk_labels, temperature, label_smoothing, divergence,
@@ -333,23 +387,27 @@ class _FusedTokenDistillation(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         return (grad_hidden * grad_total, grad_weight * grad_total,
                 grad_bias * grad_total if ctx.has_bias else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def fused_token_distillation(hidden: Tensor, weight: Tensor, labels: Tensor, target_fn: Optional[TargetFn] = None, *,
                              kd_alpha: float, temperature: float, label_smoothing: float = 0.0,
                              divergence: Divergence = kl_divergence, bias: Optional[Tensor] = None,
-                             chunk_size: int = 1024, normalizer: Optional[float] = None) -> TokenLossTerms:
+                             chunk_size: int = 1024, normalizer: Optional[float] = None,
+                             workspace: Optional[Workspace] = None) -> TokenLossTerms:
     """The loss above from the student's last hidden states `hidden` [N, H] and output layer
     `weight` [V, H] (`bias` [V]), `labels` [N] (next-token ids, -100 where nothing is learned).
 
     `target_fn(start, end)` returns the teachers' interpolated target for tokens start..end-1 (at
-    the distillation temperature, no gradient) and an optional KD mask; None means kd_alpha = 0."""
+    the distillation temperature, no gradient) and an optional KD mask; None means kd_alpha = 0.
+    `workspace` holds the chunks' [chunk, V] temporaries (a fresh one per call if None; a trainer
+    keeps one for the whole run)."""
     if target_fn is None and kd_alpha != 0:
         raise ValueError("kd_alpha > 0 needs a teacher target (target_fn)")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     normalizer = _default_normalizer(labels) if normalizer is None else float(normalizer)
     total, kd, ce = _FusedTokenDistillation.apply(hidden, weight, bias, labels, target_fn, kd_alpha, temperature,
-                                                  label_smoothing, divergence, chunk_size, normalizer)
+                                                  label_smoothing, divergence, chunk_size, normalizer,
+                                                  Workspace() if workspace is None else workspace)
     return TokenLossTerms(total=total, kd=kd, ce=ce)

@@ -11,10 +11,12 @@ learned state (the gate) exposes it through `state_dict()` / `load_state_dict()`
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from distill.losses import row_dot
 
 _INTERPOLATIONS: Dict[str, type] = {}
 
@@ -96,11 +98,26 @@ def linear_mixture(log_probs: Tensor, weights: Tensor) -> Tensor:
 def add_softened_(mixture: Tensor, logits: Tensor, weight: float, temperature: float, first: bool) -> Tensor:
     """mixture += weight * softmax(logits / temperature) over the last dim, in place; `logits` is
     consumed (softened in place) and `first` overwrites `mixture` instead (it may be `logits`)."""
-    logits.sub_(logits.amax(dim=-1, keepdim=True)).mul_(1.0 / temperature).exp_()
+    logits.sub_(logits.amax(dim=-1, keepdim=True))
+    if temperature != 1.0:
+        logits.mul_(1.0 / temperature)
+    logits.exp_()
     share = weight / logits.sum(dim=-1, keepdim=True)
     if first:
         return torch.mul(logits, share, out=mixture)
     return mixture.addcmul_(logits, share)
+
+
+def softmax_with_entropy_(logits: Tensor, out: Tensor) -> Tuple[Tensor, Tensor]:
+    """(p = softmax(logits) written into `out`, sum p log p per row) over the last dim of [c, C],
+    with no log pass over [c, C]: with s = logits - max, p = exp(s) / S and
+    sum p log p = (exp(s) . s) / S - log S. `logits` is consumed (it holds s afterwards). A NaN or
+    inf logit makes its row's entropy NaN (0 * -inf, inf - inf), which the caller can test for."""
+    shifted = logits.sub_(logits.amax(dim=-1, keepdim=True))
+    exps = torch.exp(shifted, out=out)
+    total = exps.sum(dim=-1, keepdim=True)
+    neg_entropy = row_dot(exps, shifted) / total.squeeze(-1) - total.squeeze(-1).log()
+    return exps.mul_(1.0 / total), neg_entropy
 
 
 def linear_mixture_probs_(teacher_logits: Tensor, weights: Tensor, temperatures: Tensor) -> Tensor:

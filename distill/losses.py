@@ -19,6 +19,11 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 
+def row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """[c] sum_v a[c, v] * b[c, v], as one batched matmul (no [c, V] product is written)."""
+    return torch.matmul(a.unsqueeze(1), b.unsqueeze(2)).reshape(a.shape[0])
+
+
 def kl_divergence(target_log_probs: Tensor, student_log_probs: Tensor) -> Tensor:
     """Per-row KL(target || student) = sum_c p_t[c] (log p_t[c] - log p_s[c]), over the last dim.
 

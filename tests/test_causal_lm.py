@@ -209,12 +209,15 @@ def test_live_teachers_probability_fast_path_equals_the_log_space_reference(temp
     fast = fused_token_distillation(hidden, head.weight, labels, fast_targets, chunk_size=7, **options)
     with torch.no_grad():
         teacher_logits = torch.stack([m(**inputs).logits.reshape(-1, 97) for m in ensemble.models])
-    target = ensemble.target(teacher_logits)
-    reference = materialized_token_distillation(student(**inputs).logits.reshape(-1, 97), target, labels, **options)
-    assert fast.kd.item() == pytest.approx(reference.kd.item(), rel=1e-5)
+    target = ensemble.target(teacher_logits.double())  # the reference in float64
+    reference = materialized_token_distillation(student(**inputs).logits.reshape(-1, 97).double(), target, labels,
+                                                **options)
+    # these teachers are near uniform: the KL (~1e-2 a token) is the difference of an entropy and a
+    # cross-entropy of ~log 97 each, so float32 leaves ~1e-7 per token of it (a few 1e-5 relative)
+    assert fast.kd.item() == pytest.approx(reference.kd.item(), rel=1e-4, abs=1e-6)
     assert fast.total.item() == pytest.approx(reference.total.item(), rel=1e-5)
     params = [p for p in student.parameters()]
     for a, e in zip(torch.autograd.grad(fast.total, params, allow_unused=True),
                     torch.autograd.grad(reference.total, params, allow_unused=True)):
         if e is not None:
-            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a, e.float(), rtol=1e-4, atol=1e-6)

@@ -286,3 +286,27 @@ def test_probability_target_with_zero_mass_entries_equals_the_log_space_referenc
     for a, e in zip(torch.autograd.grad(fused.total, [h, weight, b]),
                     torch.autograd.grad(reference.total, [h, weight, b])):
         assert torch.allclose(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_a_workspace_kept_over_steps_changes_no_result(divergence):
+    """A trainer keeps one Workspace for the run: the student's logits go straight into it (no
+    bias), the closed form overwrites them, and the next step (other data, fewer tokens) reuses the
+    buffers. Every step must equal the materialised reference, whatever the buffers held before."""
+    from distill.chunked_loss import Workspace
+
+    workspace = Workspace()
+    for seed, tokens in ((11, 37), (12, 23), (13, 37)):
+        h, weight, _, labels, teacher_logits = _problem(seed=seed, tokens=tokens, bias=False)
+        target = _target(teacher_logits)
+        options = dict(kd_alpha=0.6, temperature=1.5, label_smoothing=0.1, divergence=build_divergence(divergence))
+        reference = materialized_token_distillation(h @ weight.t(), target, labels, **options)
+        fused = fused_token_distillation(h, weight, labels, lambda s, e: (target[s:e], None), chunk_size=16,
+                                         workspace=workspace, **options)
+        assert fused.total.item() == pytest.approx(reference.total.item(), rel=1e-12)
+        assert fused.kd.item() == pytest.approx(reference.kd.item(), rel=1e-12)
+        for a, e in zip(torch.autograd.grad(fused.total, [h, weight]), torch.autograd.grad(reference.total, [h, weight])):
+            assert torch.allclose(a, e, rtol=1e-10, atol=1e-12)
+    logits = workspace.get("logits", 16, 50, torch.float64, torch.device("cpu"))
+    assert workspace.get("logits", 5, 50, torch.float64, torch.device("cpu")).data_ptr() == logits.data_ptr()
+    assert workspace.get("logits", 17, 50, torch.float64, torch.device("cpu")).shape == (17, 50)  # grows

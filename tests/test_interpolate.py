@@ -218,3 +218,22 @@ def test_in_place_linear_mixture_probabilities_equal_the_log_space_mixture(weigh
     expected = linear_mixture(teacher_log_probs(logits, temperatures), torch.tensor(weights)).exp()
     got = linear_mixture_probs_(logits.clone(), torch.tensor(weights), temperatures)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_softmax_with_entropy_equals_the_float64_formula_and_flags_non_finite_rows():
+    """One teacher's target and its sum p log p without a log pass over [c, V] (the live causal-LM
+    path with a single teacher); a NaN or inf logit must turn its row's entropy into NaN, since
+    that is the only check the caller gets there."""
+    from distill.interpolate import softmax_with_entropy_
+
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(3)) * 4
+    logits[2, :30] -= 200.0  # entries that underflow to p = 0
+    expected_p = torch.softmax(logits.double(), dim=-1)
+    expected = (expected_p * torch.log_softmax(logits.double(), dim=-1)).sum(dim=-1)
+    probs, neg_entropy = softmax_with_entropy_(logits.clone(), torch.empty_like(logits))
+    torch.testing.assert_close(probs.double(), expected_p, rtol=1e-5, atol=1e-30)
+    torch.testing.assert_close(neg_entropy.double(), expected, rtol=1e-6, atol=1e-6)
+    broken = logits.clone()
+    broken[1, 5], broken[3, 0], broken[4, 9] = float("nan"), float("inf"), float("-inf")
+    _, flagged = softmax_with_entropy_(broken, torch.empty_like(broken))
+    assert torch.isnan(flagged[[1, 3, 4]]).all() and torch.isfinite(flagged[[0, 2, 5]]).all()
