@@ -307,7 +307,8 @@ class TokenTargets:
             return ProbabilityTarget(mixture, entropy_terms(mixture, torch.log(mixture, out=scratch)))
 
     def target(self, logits: Tensor, start: int, end: int) -> Tuple[Tensor, Optional[Tensor]]:
-        """The interpolated target (and KD mask) of tokens start..end-1 from their teacher logits."""
+        """The interpolated target (and KD mask) of tokens start..end-1 from their teacher logits
+        (which it may soften in place, as a ProbabilityTarget: pass logits nothing else reads)."""
         from distill.teachers import NonFiniteLogitsError
 
         labels = self.labels[start:end]
@@ -328,8 +329,7 @@ class TokenTargets:
         with torch.no_grad():
             if self.probabilities:
                 return ProbabilityTarget(self.ensemble.interpolation.probabilities_(
-                    logits.clone() if keep is None else logits, self._mixture_weights(),
-                    self.ensemble.temperatures)), keep
+                    logits, self._mixture_weights(), self.ensemble.temperatures)), keep
             if self.temperatures is None:
                 target = self.ensemble.target(logits, labels, self.weights)
             else:
@@ -586,7 +586,6 @@ class CausalLMTrainer(_trainer_base()):
         # whatever K is, so only the general path shrinks the chunk with the teacher count
         self.fast_forward_kl = (self.fused and getattr(self.divergence, "closed_form", None) == "forward_kl"
                                 and self.ensemble is not None and self.ensemble.interpolation.name == "linear")
-        self.sparse_cache = self.fast_forward_kl
         self.chunk_size = chunk_size_for(cfg, 1 if self.fast_forward_kl else len(self.teacher_plans))
         # the loss's [chunk, V] temporaries, kept over the run: on a CPU each fresh one costs page
         # faults; CUDA's caching allocator recycles blocks by itself, so there they are not held
@@ -604,7 +603,7 @@ class CausalLMTrainer(_trainer_base()):
         targets = None
         if self.ensemble is not None and now["kd_alpha"] > 0 and self.cache is not None:
             targets = CachedTokenTargets(self.ensemble, self.cache, batch, labels, now["teacher_weights"],
-                                         sparse=self.sparse_cache)
+                                         sparse=self.fast_forward_kl)
         elif self.ensemble is not None and now["kd_alpha"] > 0:
             hidden = teacher_hidden_states(self.ensemble, lm_inputs(batch, engine.device))
             targets = TokenTargets(self.ensemble, hidden, labels, now["teacher_weights"], probabilities=self.fast_forward_kl,
