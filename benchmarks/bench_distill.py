@@ -63,8 +63,8 @@ def run_variant(variant: str, teachers: int, args) -> dict:
     import torch
 
     from distill.cache import top_k_of
-    from distill.causal_lm import CachedTokenTargets, TokenTargets, body_and_head, teacher_hidden_states
     from distill.chunked_loss import Workspace, fused_token_distillation
+    from distill.signals import CachedTopK, LiveLanguageModels, Targets, body_and_head, teacher_hidden_states
     from distill.teachers import TeacherEnsemble, TeacherPlan
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -91,19 +91,18 @@ def run_variant(variant: str, teachers: int, args) -> dict:
                                torch.stack([p[1] for p in parts], 1).reshape(*shape, args.top_k),
                                torch.stack([p[2] for p in parts], 1).reshape(shape), args.vocab)
         del models, hidden
+    live = LiveLanguageModels(ensemble) if variant == "live" else None
     chunk = args.chunk  # forward KL + linear: training keeps the chunk whatever K is (chunk_size_for)
-    workspace = Workspace() if device.type == "cpu" else None  # as CausalLMTrainer keeps it
+    workspace = Workspace() if device.type == "cpu" else None  # as the causal-LM task keeps it
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         if variant == "plain":
             loss = student(**inputs, labels=ids).loss
         else:
-            if variant == "live":
-                targets = TokenTargets(ensemble, teacher_hidden_states(ensemble, inputs), flat_labels, None,
-                                       probabilities=True, workspace=workspace)
-            else:
-                targets = CachedTokenTargets(ensemble, cache, batch, flat_labels, None, sparse=True)
+            source = live if variant == "live" else CachedTopK(cache)
+            targets = Targets(ensemble, source.signal(batch, device), flat_labels, flat_labels != -100, streamed=True,
+                              workspace=workspace)
             body, head = body_and_head(student)
             hidden = body(**inputs).last_hidden_state
             loss = fused_token_distillation(hidden.reshape(-1, hidden.shape[-1]), head.weight, flat_labels, targets,
@@ -112,7 +111,7 @@ def run_variant(variant: str, teachers: int, args) -> dict:
         optimizer.step()
 
     def teachers_alone():  # each teacher's own inference forward: its body and its output layer
-        TokenTargets(ensemble, teacher_hidden_states(ensemble, inputs), flat_labels, None).logits(0, flat_labels.shape[0])
+        live.signal(batch, device).logits(0, flat_labels.shape[0])
 
     def timed(fn, repeats):
         for _ in range(3):

@@ -44,7 +44,7 @@ def run_variant(variant: str, teachers: int, args) -> dict:
 
     from distill.chunked_loss import (fused_token_distillation, materialized_token_distillation, token_loss_sums,
                                       tokens_per_chunk)
-    from distill.causal_lm import TokenTargets
+    from distill.signals import HiddenStateSignal, Targets
     from distill.interpolate import build_interpolation
     from distill.teachers import TeacherEnsemble, TeacherPlan
 
@@ -92,7 +92,7 @@ def run_variant(variant: str, teachers: int, args) -> dict:
             loss = sum(checkpoint(chunk_loss, hidden[s:s + chunk], weight, s, min(s + chunk, n),
                                   use_reentrant=False) for s in range(0, n, chunk))
         else:  # what training runs for forward KL + linear: the mixture built one teacher at a time
-            targets = TokenTargets(ensemble, teacher_hidden, labels, None, probabilities=True, heads=heads)
+            targets = Targets(ensemble, HiddenStateSignal(teacher_hidden, heads), labels, labels != -100, streamed=True)
             loss = fused_token_distillation(hidden, weight, labels, targets, chunk_size=args.chunk, **options).total
         loss.backward()
         hidden.grad = weight.grad = None

@@ -39,7 +39,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distill.cache import top_k_of, topk_target_log_probs
-    from distill.causal_lm import encode_lm, read_lm_splits
+    from distill.lm_data import encode_lm, read_lm_splits
     from distill.config import load_config
     from distill.interpolate import build_interpolation
     from distill.losses import IGNORE_INDEX, kl_divergence

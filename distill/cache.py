@@ -1,5 +1,8 @@
 """Cached teacher logits: the teachers run once, training reads their top-k from disk.
 
+The format (this file) knows nothing of tasks: `write_cache` drives a task's own data and teachers,
+and `LogitCache` serves rows by example id (signals.CachedTopK turns them into a teacher signal).
+
 Per token and per teacher the cache keeps the k largest log-probabilities (at temperature 1) and
 their token ids. The probability mass outside the top k (the tail bucket) is spread evenly over the
 other V - k tokens when the distribution is rebuilt; with k = V nothing is approximated.
@@ -30,38 +33,6 @@ def topk_target_log_probs(top_ids: Tensor, top_log_probs: Tensor, vocab_size: in
     fill = (tail - math.log(vocab_size - k)) if tail is not None else top_log_probs.new_full((*top_ids.shape[:-1], 1), -math.inf)
     dense = fill.expand(*top_ids.shape[:-1], vocab_size).clone()
     return dense.scatter(-1, top_ids.long(), top_log_probs)
-
-
-def sparse_linear_mixture(top_ids: Tensor, top_log_probs: Tensor, tail: Tensor, vocab_size: int, weights: Tensor,
-                          temperatures: Tensor):
-    """The linear mixture sum_k w_k softmax(log p_k / T_k) of K cached teachers, each p_k its top-k
-    plus the tail mass spread evenly over the other V - k tokens (what `topk_target_log_probs`
-    rebuilds densely), as a SparseTarget: base + deltas at the cached ids. Shapes: top_ids and
-    top_log_probs [c, K, k], tail [c, K] (log of the tail mass), weights and temperatures [K].
-
-    Softening keeps the shape: the listed tokens get exp(log p / T), each other token
-    exp((tail - log(V - k)) / T), all divided by their total Z_k. So teacher k puts t_k on every
-    token it did not list and p_k,i on its listed ones, and the mixture is
-    base = sum_k w_k t_k everywhere plus w_k (p_k,i - t_k) on teacher k's listed tokens."""
-    from distill.chunked_loss import SparseTarget
-
-    dtype = torch.promote_types(top_log_probs.dtype, torch.float32)
-    k = top_ids.shape[-1]
-    scale = temperatures.to(dtype).reshape(1, -1, 1)
-    listed = top_log_probs.to(dtype) / scale  # [c, K, k]
-    if k < vocab_size:
-        others = math.log(vocab_size - k)
-        spread = (tail.to(dtype).unsqueeze(-1) - others) / scale  # [c, K, 1]: log of one other token's share
-        log_z = torch.logsumexp(torch.cat([listed, spread + others], dim=-1), dim=-1, keepdim=True)
-        other_probs = (spread - log_z).exp()
-    else:
-        log_z = torch.logsumexp(listed, dim=-1, keepdim=True)
-        other_probs = torch.zeros_like(log_z)
-    weights = weights.to(dtype).reshape(1, -1, 1)
-    deltas = weights * ((listed - log_z).exp() - other_probs)
-    base = (weights * other_probs).sum(dim=(1, 2))
-    return SparseTarget(ids=top_ids.reshape(top_ids.shape[0], -1).long(),
-                        deltas=deltas.reshape(deltas.shape[0], -1), base=base)
 
 
 # --------------------------------------------------------------------------- writing, reading
@@ -96,42 +67,40 @@ def top_k_of(logits: Tensor, k: int):
     return ids.to(torch.int32), values, tail
 
 
-def write_cache(cfg, out_dir, top_k: int, rows_per_shard: int = 512) -> dict:
-    """Run the teachers once over the training blocks and store their top-k per token."""
+def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512) -> dict:
+    """Run the task's teachers once over its training blocks and store their top-k per token."""
     import json
     from pathlib import Path
 
     from safetensors.torch import save_file
     from torch.utils.data import DataLoader
 
-    from distill.causal_lm import (LMCollator, body_and_head, encode_lm, load_lm_teachers, perplexities,
-                                   plan_lm_teachers, read_lm_splits, teacher_hidden_states)
     from distill.checkpointing import content_hash
-    from distill.config import ConfigError, resolve_teacher_index
-    from distill.evaluation import validation_loader
+    from distill.config import ConfigError
     from distill.hardware import local_device, teacher_dtype
     from distill.modeling import count_parameters, load_tokenizer
 
+    cfg = task.cfg
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"cache target {out_dir} exists and is not empty: remove it or choose another --out")
     if not cfg.teachers.models:
         raise ConfigError("teachers.models is empty: there is nothing to cache")
-    splits = read_lm_splits(cfg.data)
-    source = (cfg.student.path if cfg.student.path is not None
-              else cfg.teachers.models[resolve_teacher_index(cfg, cfg.student.from_teacher)].path)
-    tokenizer = load_tokenizer(source, "student", cfg.trust_remote_code)
-    plans = plan_lm_teachers(cfg, tokenizer)
+    if cfg.teachers.cache is not None:
+        raise ConfigError("teachers.cache is set: distill cache runs the live teachers; remove teachers.cache")
+    splits = task.read_splits()
+    reference, key = task.student_source()
+    tokenizer = load_tokenizer(reference, key, cfg.trust_remote_code)
+    plans = task.plan_teachers(tokenizer)
     vocab = plans[0].vocab_size
     if not 1 <= top_k <= vocab:
         raise ConfigError(f"--top-k must lie in [1, {vocab}] (the vocabulary), got {top_k}")
-    train = encode_lm(splits.train, tokenizer, cfg.data, "train")
-    validation = encode_lm(splits.validation, tokenizer, cfg.data, "validation")
+    task.tokenizer = tokenizer
+    train = task.encode(splits.train, "train")
+    task.encode(splits.validation, "validation")
     device = local_device()
-    ensemble = load_lm_teachers(cfg, plans, device, teacher_dtype(cfg.teachers.dtype, device))
-    heads = [body_and_head(model)[1] for model in ensemble.models]
-    collator = LMCollator(tokenizer)
-    loader = DataLoader(train, batch_size=cfg.training.eval_batch_size, collate_fn=collator, shuffle=False)
+    ensemble, source = task.load_teachers(plans, device, teacher_dtype(cfg.teachers.dtype, device))
+    loader = DataLoader(train, batch_size=cfg.training.eval_batch_size, collate_fn=task.collator(), shuffle=False)
     out_dir.mkdir(parents=True)
     shard: dict = {"index": [], "lengths": [], "ids": [], "log_probs": [], "tail": []}
     shards = 0
@@ -149,14 +118,13 @@ def write_cache(cfg, out_dir, top_k: int, rows_per_shard: int = 512) -> dict:
             values.clear()
 
     for batch in loader:
-        hidden = teacher_hidden_states(ensemble, {"input_ids": batch["input_ids"].to(device),
-                                                   "attention_mask": batch["attention_mask"].to(device)})
+        signal = source.signal(batch, device)
         sequence = batch["input_ids"].shape[1]
         for row, index in enumerate(batch["index"].tolist()):
             length = int(batch["attention_mask"][row].sum())
             start = row * sequence
-            with torch.no_grad():
-                parts = [top_k_of(head(states[start:start + length]), top_k) for head, states in zip(heads, hidden)]
+            logits = signal.logits(start, start + length)  # [K, L, V]
+            parts = [top_k_of(logits[k], top_k) for k in range(logits.shape[0])]
             shard["index"].append(index)
             shard["lengths"].append(length)
             shard["ids"].append(torch.stack([p[0] for p in parts], dim=1).cpu())  # [L, K, k]
@@ -165,8 +133,7 @@ def write_cache(cfg, out_dir, top_k: int, rows_per_shard: int = 512) -> dict:
             if len(shard["index"]) >= rows_per_shard:
                 flush()
     flush()
-    loader = validation_loader(validation, collator, cfg.training.eval_batch_size)
-    figures = perplexities(loader, None, ensemble, device)  # teachers and target only
+    figures, _ = task.evaluate(None, ensemble, source, device)  # teachers and target only
     meta = {"vocab_size": vocab, "top_k": top_k, "fingerprint": fingerprint(train), "rows": len(train),
             "shards": shards, "interpolation": cfg.interpolation.method,
             "teachers": [{"name": plan.name, "path": plan.path, "hash": content_hash(plan.path),

@@ -55,7 +55,7 @@ def restore_latest(root: Path, tag) -> None:
 RESUME_SAFE_PREFIXES = ("training.log_every", "training.eval_every", "training.checkpoint_every",
                         "training.keep_checkpoints", "training.progress_bar", "training.resume",
                         "training.max_steps", "training.epochs", "training.eval_batch_size", "export.",
-                        "teachers.micro_batch_size", "output_dir")
+                        "output_dir")
 
 
 class ResumableSampler(Sampler):

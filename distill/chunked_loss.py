@@ -216,7 +216,7 @@ def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Opti
 
         CE_eps:      d/dz = s_ce * (softmax(z) - eps / V - (1 - eps) onehot(y))
         forward KL:  d/dz = s_kd * (q - p)
-        reverse KL:  d/dz = s_kd * q * (log q - log p - KL(q || p))
+        reverse KL:  d/dz = s_kd * q * (log q - log p - KL(q || p)), from logits shifted by their max
 
     on the rows with a label (and with kd_mask, for the KD term); all other rows get exactly zero.
     `target` is dense log-probabilities [c, V], a ProbabilityTarget or SparseTarget (forward KL
@@ -260,16 +260,19 @@ def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Opti
                     probs.index_fill_(0, dropped, 0.0)
                 entropy = entropy_terms(probs, log_probs, keep)
             u_dot_p = row_dot(probs, logits) / temperature
-        elif divergence == "reverse_kl":  # r = log p - u
-            gap = torch.sub(target.to(logits.dtype), logits, alpha=1.0 / temperature,
-                            out=workspace.like("target", logits))
-            if dropped.numel():
-                gap.index_fill_(0, dropped, 0.0)
+        elif divergence == "reverse_kl":
+            pass  # its gap needs the shifted logits: formed below, before they become exponentials
         else:
             raise ValueError(f"no closed form for divergence {divergence!r}")
     # then the softmaxes: e = exp(z - max z) in place of z, e_T = exp((z - max z) / T) beside it
     shared = not distill or temperature == 1.0
     exps = logits.sub_(top)
+    if distill and divergence == "reverse_kl" and not isinstance(target, SparseTarget):
+        # r = log p - u' with u' = (z - max z) / T <= 0: shifted first, so float32 keeps the digits
+        # that matter where q is large (unshifted, log p - z / T loses |z| * eps of them)
+        gap = torch.sub(target.to(logits.dtype), exps, alpha=1.0 / temperature, out=workspace.like("target", logits))
+        if dropped.numel():
+            gap.index_fill_(0, dropped, 0.0)
     exps_t = None if shared else torch.mul(exps, 1.0 / temperature, out=workspace.like("tempered", logits)).exp_()
     exps.exp_()
     total = exps.sum(dim=-1, keepdim=True)
@@ -304,10 +307,12 @@ def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Opti
             def kd_part(grad):
                 grad.addcmul_(probs, kd_scale, value=-1.0)
         else:
-            # KL(q || p) = sum q (u - lse_u - log p) = -q . r - lse_u
-            rows = -row_dot(exps_t, gap) / sum_t.squeeze(-1) - lse_t.squeeze(-1)
-            # d/dz = s_kd * q * (u - lse_u - log p - KL) = -s_kd * q * (r + lse_u + KL)
-            gap.add_(lse_t + torch.where(keep, rows, torch.zeros_like(rows)).unsqueeze(-1))
+            # with u' = u - max u and S = sum exp(u'): log q = u' - log S, and
+            # KL(q || p) = sum q (u' - log S - log p) = -q . r - log S
+            log_sum_t = sum_t.log()
+            rows = -row_dot(exps_t, gap) / sum_t.squeeze(-1) - log_sum_t.squeeze(-1)
+            # d/dz = s_kd * q * (log q - log p - KL) = -s_kd * q * (r + log S + KL)
+            gap.add_(log_sum_t + torch.where(keep, rows, torch.zeros_like(rows)).unsqueeze(-1))
             gap.mul_(exps_t).mul_(-kd_scale / sum_t)
 
             def kd_part(grad):

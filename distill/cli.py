@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     mix.add_argument("--config", default=None, help="config whose data section gives the validation split")
     mix.add_argument("--overwrite", action="store_true")
 
-    cache = commands.add_parser("cache", help="causal LM: run the teachers once, store their top-k log-probs per token")
+    cache = commands.add_parser("cache", help="run the teachers once, store their top-k log-probs per token (causal LM)")
     cache.add_argument("config")
     cache.add_argument("overrides", nargs="*")
     cache.add_argument("--out", required=True, help="the cache folder (then train with teachers.cache=FOLDER)")
@@ -69,12 +69,34 @@ def _strip_launcher_args(argv: List[str]) -> List[str]:
     return [arg for arg in argv if not arg.startswith(("--local_rank=", "--local-rank="))]
 
 
-def _classification_only(cfg, command: str) -> None:
-    from distill.config import ConfigError
+def evaluate_saved_model(cfg, model_path: Path):
+    """`distill eval`: one process, no DeepSpeed. Scores a saved student (an exported folder, or a
+    run directory's `student/`) next to the config's teachers and their interpolated target, with
+    the config's task; returns (task, report)."""
+    from distill.distributed import init_distributed
+    from distill.hardware import local_device, teacher_dtype
+    from distill.modeling import count_parameters, load_tokenizer
+    from distill.tasks import build_task
 
-    if cfg.task != "sequence_classification":
-        raise ConfigError(f"distill {command} supports task sequence_classification only so far; for causal_lm the "
-                          "run's report.json holds the perplexities of student, teachers and target")
+    task = build_task(cfg)
+    if (model_path / "student" / "config.json").is_file():
+        model_path = model_path / "student"
+    key = f"model {model_path}"
+    splits = task.read_splits()
+    plans = task.plan_teachers(load_tokenizer(str(model_path.resolve()), key, cfg.trust_remote_code))
+    student = task.load_saved_student(model_path.resolve(), key)
+    task.encode(splits.train, "train")
+    validation = task.encode(splits.validation, "validation")
+    init_distributed()
+    device = local_device()
+    ensemble = source = None
+    if plans:
+        ensemble, source = task.load_teachers(plans, device, teacher_dtype(cfg.teachers.dtype, device))
+    metrics, _ = task.evaluate(student.to(device).eval(), ensemble, source, device)
+    teacher_params = (getattr(ensemble, "parameter_counts", None) or [count_parameters(m) for m in ensemble.models]
+                      if ensemble is not None else [])
+    return task, task.report(plans, teacher_params, count_parameters(student), metrics, {"steps": 0, "seconds": 0.0},
+                             splits.train, validation)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -87,31 +109,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or leftover)}")
     if leftover:
         args.overrides = list(args.overrides) + leftover
-    from distill.config import ConfigError, load_config
+    from distill.config import ConfigError
+    from distill.tasks import build_task, load_task_config
 
     try:
         if args.command == "train":
             from distill.trainer import train
 
-            train(load_config(args.config, args.overrides, fragments=args.weights))
+            train(load_task_config(args.config, args.overrides, fragments=args.weights))
         elif args.command == "fit-weights":
             from distill.fit_weights import run_fit_weights
 
-            cfg = load_config(args.config, args.overrides)
-            _classification_only(cfg, "fit-weights")
+            cfg = load_task_config(args.config, args.overrides)
             out = Path(args.out) if args.out else Path(f"{cfg.output_dir}-fit")
             result = run_fit_weights(cfg, out, fit_temperatures=args.temperatures, method=args.method)
             print(result["table"])
             print(f"written: {out}/fit_weights.json, fit_weights.png, weights.yaml "
                   f"(use: distill train {args.config} --weights {out}/weights.yaml)")
         elif args.command == "eval":
-            from distill.evaluation import evaluate_saved_model
-            from distill.report import format_table
-
-            cfg = load_config(args.config, args.overrides)
-            _classification_only(cfg, "eval")
-            report = evaluate_saved_model(cfg, Path(args.model))
-            print(format_table(report))
+            task, report = evaluate_saved_model(load_task_config(args.config, args.overrides), Path(args.model))
+            print(task.format_table(report))
         elif args.command == "interpolate-weights":
             from distill import weight_interpolation
 
@@ -131,16 +148,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                     alphas = [float(a) for a in args.alpha_sweep.split(",")]
                 except ValueError as error:
                     raise ConfigError(f"--alpha-sweep takes comma-separated numbers, got {args.alpha_sweep!r}") from error
-                result = weight_interpolation.sweep(load_config(args.config), first, second, alphas, out, args.overwrite)
+                result = weight_interpolation.sweep(load_task_config(args.config), first, second, alphas, out,
+                                                    args.overwrite)
                 print(weight_interpolation.format_sweep(result["rows"], result["best"]["alpha"]))
                 print(f"best alpha {result['best']['alpha']} written to {out} (alpha_sweep.json, alpha_sweep.png)")
         elif args.command == "cache":
-            from distill.cache import write_cache
-
-            cfg = load_config(args.config, args.overrides)
-            if cfg.task != "causal_lm":
-                raise ConfigError("distill cache is for task: causal_lm (token-level logits)")
-            meta = write_cache(cfg, Path(args.out), args.top_k)
+            meta = build_task(load_task_config(args.config, args.overrides)).write_cache(Path(args.out), args.top_k)
             print(f"cached top-{meta['top_k']} of {len(meta['teachers'])} teacher(s) over {meta['rows']} blocks "
                   f"in {meta['shards']} shard(s): {args.out} (train with teachers.cache={args.out})")
         elif args.command == "export":
@@ -155,8 +168,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.quantize:
                 figures = json.loads((out / "compression.json").read_text())
                 before, after = figures["validation_before"], figures["validation_after"]
+                changes = ", ".join(f"{name} {before[name]:.4f} -> {after[name]:.4f}" for name in before
+                                    if name not in ("seconds", "nll"))
                 print(f"{args.quantize}: weights {figures['bytes_before']:,} -> {figures['bytes_after']:,} bytes, "
-                      f"validation accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}")
+                      f"validation {changes}")
             print(f"exported to {out}")
     except ConfigError as error:
         print(f"distill: config error: {error}", file=sys.stderr)
@@ -164,7 +179,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as error:
         from distill.checkpointing import CheckpointWriteError
         from distill.export import ExportError
-        from distill.teachers import NonFiniteLogitsError
+        from distill.signals import NonFiniteLogitsError
 
         if isinstance(error, ExportError):
             print(f"distill: export error: {error}", file=sys.stderr)

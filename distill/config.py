@@ -43,7 +43,6 @@ class TeachersConfig:
     # per_model: each distinct tokenizer encodes the text itself (classification only), e.g. for a
     # student whose vocabulary was trimmed.
     tokenization: str = "shared"
-    micro_batch_size: Optional[int] = None  # for teacher-only passes (evaluation); defaults to eval
     # task causal_lm: a folder written by `distill cache` (the teachers' top-k log-probabilities
     # over the training data); training then reads it and runs no teacher forward.
     cache: Optional[str] = None
@@ -59,7 +58,6 @@ class StudentConfig:
     layers: Optional[List[int]] = None  # teacher layers to keep; default every other layer
     trim_vocab: bool = False  # keep only the vocabulary rows the training text uses
     config_overrides: Dict[str, Any] = field(default_factory=dict)
-    num_labels: Optional[int] = None  # only for a student trained from scratch without teachers
 
 
 @dataclass
@@ -127,13 +125,17 @@ class GateConfig:
     use_entropy: bool = True  # give the gate each teacher's entropy besides its distribution
     epochs: int = 200
     learning_rate: float = 0.01
+    # what the gate sees of each teacher's distribution: distribution (all probabilities), summary
+    # (entropy, top probability, top-2 log ratio: for vocabularies), auto (distribution up to 64 classes)
+    features: str = "auto"
 
 
 @dataclass
 class InterpolationConfig:
     method: str = "linear"  # a registered name in distill/interpolate.py
-    # validation: fit before training, on the validation split, the mixture weights (linear by EM,
-    # geometric on the simplex) or the learned gate; all ranks receive rank 0's fit.
+    # validation: fit before training, on the validation split (rows, or tokens for a causal LM),
+    # the mixture weights (linear by EM, geometric on the simplex) or the learned gate; rank 0 fits,
+    # every rank receives its state. Temperatures fit inside [0.05, 20] (fitting.TEMPERATURE_BOUNDS).
     fit_on: Optional[str] = None
     fit_temperatures: bool = False  # also fit per-teacher temperatures (temperature scaling)
     # Options of a strategy live under its registered name and are passed to its constructor.
@@ -164,7 +166,9 @@ class VectorSchedule:
 @dataclass
 class SchedulesConfig:
     kd_alpha: Optional[ScalarSchedule] = None  # replaces loss.kd_alpha when set
-    temperature: Optional[ScalarSchedule] = None  # replaces loss.temperature when set
+    # replaces loss.temperature when set, for the student AND the teachers: teacher k is softened by
+    # its own temperature times T(step) / loss.temperature, so the ratios between them stay fixed
+    temperature: Optional[ScalarSchedule] = None
     teacher_weights: Optional[VectorSchedule] = None  # replaces teachers.models[*].weight when set
     data_mixture: Optional[VectorSchedule] = None  # proportions of data.mixture_sources, in their order
 
@@ -239,7 +243,6 @@ class DistillConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-TASKS = ("sequence_classification",)
 PLACEMENTS = ("replicated", "zero3")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOKENIZATIONS = ("shared", "per_model")
@@ -275,6 +278,17 @@ def load_config(path: Optional[str | os.PathLike], overrides: Optional[List[str]
     except OmegaConfBaseException as error:
         raise ConfigError(_describe_omegaconf_error(error, path)) from error
     validate(merged)
+    OmegaConf.set_readonly(merged, True)
+    return merged  # type: ignore[return-value]
+
+
+def read_run_config(path: str | os.PathLike) -> DistillConfig:
+    """The typed config a run wrote (RUN/config.yaml), without re-checking files or values: its
+    teachers and data may have moved since, and export only needs the task and the data section."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(DistillConfig), OmegaConf.load(Path(path)))
+    except Exception as error:
+        raise ConfigError(f"{path} is not a config written by distill: {error}") from error
     OmegaConf.set_readonly(merged, True)
     return merged  # type: ignore[return-value]
 
@@ -316,8 +330,8 @@ def _require(condition: bool, message: str) -> None:
 
 
 def validate(cfg: DistillConfig | DictConfig) -> None:
-    """Check values the type system cannot: ranges, choices, and that local files exist."""
-    _require(cfg.task in TASKS, f"task: {cfg.task!r} is not one of {list(TASKS)}")
+    """Check values the type system cannot: ranges, choices, and that local files exist. The task's
+    own checks (settings it would ignore) follow in tasks.load_task_config."""
     _require(cfg.teachers.placement in PLACEMENTS,
              f"teachers.placement: {cfg.teachers.placement!r} is not one of {list(PLACEMENTS)}")
     _require(cfg.teachers.dtype in TEACHER_DTYPES,
@@ -410,39 +424,12 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
              f"export.dtype: {cfg.export.dtype!r} is not one of {list(PRECISIONS)}")
 
 
-FITTABLE = ("linear", "geometric", "learned_gate")
-
-
-TASKS = ("sequence_classification", "causal_lm")
-
-
 def _validate_task(cfg) -> None:
-    _require(cfg.task in TASKS, f"task: {cfg.task!r} is not one of {list(TASKS)}")
     data = cfg.data
     _require(data.block_size > 0, f"data.block_size must be > 0, got {data.block_size}")
     _require(cfg.loss.chunk_tokens > 0, f"loss.chunk_tokens must be > 0, got {cfg.loss.chunk_tokens}")
     _require((data.prompt_field is None) == (data.response_field is None),
              "data.prompt_field and data.response_field go together: set both (prompt/response pairs) or neither")
-    if cfg.task != "causal_lm":
-        _require(cfg.teachers.cache is None, "teachers.cache is for task causal_lm (token-level top-k logits)")
-        return
-    if cfg.teachers.cache is not None:
-        _require(resolve_path(cfg.teachers.cache).is_dir(),
-                 f"teachers.cache: {cfg.teachers.cache} is not a folder written by `distill cache`")
-    # Settings the causal-LM path does not use: refused rather than silently ignored.
-    unsupported = {
-        "student.trim_vocab": cfg.student.trim_vocab,
-        "teachers.tokenization=per_model": cfg.teachers.tokenization == "per_model",
-        "teachers.placement=zero3": cfg.teachers.placement == "zero3",
-        "interpolation.fit_on": cfg.interpolation.fit_on is not None,
-        "data.mixture_sources": bool(data.mixture_sources),
-        "data.eval_domains": bool(data.eval_domains),
-        "data.unlabeled.path": data.unlabeled.path is not None,
-        "data.label_names": data.label_names is not None,
-    }
-    used = [name for name, is_set in unsupported.items() if is_set]
-    _require(not used, f"task causal_lm does not support {used} (teachers and student share one tokenizer; "
-             "teachers are replicated; no fitted interpolation, mixtures or domains yet): remove them")
 
 
 def _validate_divergence(loss) -> None:
@@ -461,8 +448,10 @@ def _validate_interpolation(cfg) -> None:
     _require(interpolation.fit_on in (None, "validation"),
              f"interpolation.fit_on: {interpolation.fit_on!r} must be null or 'validation'")
     if interpolation.fit_on is not None:
-        _require(interpolation.method in FITTABLE,
-                 f"interpolation.fit_on=validation fits {list(FITTABLE)}, not {interpolation.method!r}")
+        from distill.interpolate import fittable_interpolations
+
+        _require(interpolation.method in fittable_interpolations(),
+                 f"interpolation.fit_on=validation fits {fittable_interpolations()}, not {interpolation.method!r}")
     _require(interpolation.method != "learned_gate" or interpolation.fit_on == "validation",
              "interpolation.method=learned_gate needs interpolation.fit_on=validation (the gate is trained there)")
     _require(not interpolation.fit_temperatures or interpolation.fit_on is not None,
@@ -474,6 +463,8 @@ def _validate_interpolation(cfg) -> None:
     gate = interpolation.learned_gate
     _require(gate.hidden > 0 and gate.epochs > 0 and gate.learning_rate > 0,
              "interpolation.learned_gate.hidden, epochs and learning_rate must be > 0")
+    _require(gate.features in ("auto", "distribution", "summary"),
+             f"interpolation.learned_gate.features: {gate.features!r} is not auto, distribution or summary")
 
 
 def _validate_schedules(cfg) -> None:

@@ -34,7 +34,7 @@ class Splits:
     source_names: List[str]  # train rows carry a `source` id into this list
 
 
-def _load_source(source: DataSourceConfig, key: str) -> Dataset:
+def load_source(source: DataSourceConfig, key: str) -> Dataset:
     reference = source.path
     try:
         if is_local_reference(reference):
@@ -59,19 +59,19 @@ def _load_source(source: DataSourceConfig, key: str) -> Dataset:
         raise ConfigError(f"data.{key}.path: cannot load {reference!r}{offline}: {error}") from error
 
 
-def _check_fields(dataset: Dataset, fields: Sequence[str], key: str) -> None:
+def check_fields(dataset: Dataset, fields: Sequence[str], key: str) -> None:
     missing = [field for field in fields if field not in dataset.column_names]
     if missing:
         raise ConfigError(f"data.{key}: column(s) {missing} not found in {dataset.column_names}; "
                           f"set data.text_fields / data.label_field")
 
 
-def _is_missing(value) -> bool:
+def is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value.strip())
 
 
 def infer_label_names(values: Sequence) -> List[str]:
-    present = {str(v) for v in values if not _is_missing(v)}
+    present = {str(v) for v in values if not is_missing(v)}
     if all(name.lstrip("-").isdigit() for name in present):
         return [str(i) for i in range(max(int(n) for n in present) + 1)] if present else []
     return sorted(present)
@@ -81,7 +81,7 @@ def _to_label_ids(values: Sequence, label_names: List[str], key: str) -> List[in
     lookup = {name: index for index, name in enumerate(label_names)}
     ids = []
     for value in values:
-        if _is_missing(value):
+        if is_missing(value):
             ids.append(IGNORE_INDEX)
             continue
         name = str(value)
@@ -93,7 +93,7 @@ def _to_label_ids(values: Sequence, label_names: List[str], key: str) -> List[in
 
 def _normalise(dataset: Dataset, cfg: DataConfig, label_names: Optional[List[str]], key: str) -> Dataset:
     """Keep the text fields, map labels to ids (or -100), drop rows whose text is empty."""
-    _check_fields(dataset, cfg.text_fields, key)
+    check_fields(dataset, cfg.text_fields, key)
     if cfg.label_field in dataset.column_names and label_names is not None:
         labels = _to_label_ids(dataset[cfg.label_field], label_names, key)
     else:
@@ -105,14 +105,14 @@ def _normalise(dataset: Dataset, cfg: DataConfig, label_names: Optional[List[str
     return Dataset.from_dict(columns)
 
 
-def _text_keys(dataset: Dataset, fields: Sequence[str]) -> List[tuple]:
+def text_keys(dataset: Dataset, fields: Sequence[str]) -> List[tuple]:
     return list(zip(*(dataset[field] for field in fields)))
 
 
-def _drop_duplicates(dataset: Dataset, fields: Sequence[str], exclude: set = frozenset()) -> Dataset:
+def drop_duplicates(dataset: Dataset, fields: Sequence[str], exclude: set = frozenset()) -> Dataset:
     seen = set(exclude)
     keep = []
-    for index, key in enumerate(_text_keys(dataset, fields)):
+    for index, key in enumerate(text_keys(dataset, fields)):
         if key not in seen:
             seen.add(key)
             keep.append(index)
@@ -133,7 +133,7 @@ def _stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tupl
     return train, sorted(validation)
 
 
-def _subsample(dataset: Dataset, max_samples: Optional[int], seed: int) -> Dataset:
+def subsample(dataset: Dataset, max_samples: Optional[int], seed: int) -> Dataset:
     if max_samples is None or max_samples >= len(dataset):
         return dataset
     return dataset.shuffle(seed=seed).select(range(max_samples))
@@ -146,30 +146,30 @@ def _with_index(dataset: Dataset) -> Dataset:
 def read_splits(cfg: DataConfig) -> Splits:
     """Load train / validation / unlabeled sources into labelled text splits, or raise ConfigError."""
     seed = cfg.seed
-    raw_train = _load_source(cfg.train, "train")
+    raw_train = load_source(cfg.train, "train")
     if len(raw_train) == 0:
         raise ConfigError(f"data.train.path: {cfg.train.path} has no rows")
-    raw_validation = _load_source(cfg.validation, "validation") if cfg.validation.path else None
+    raw_validation = load_source(cfg.validation, "validation") if cfg.validation.path else None
 
-    _check_fields(raw_train, [cfg.label_field], "train")
+    check_fields(raw_train, [cfg.label_field], "train")
     label_names = list(cfg.label_names) if cfg.label_names else infer_label_names(raw_train[cfg.label_field])
     if len(label_names) < 2:
         raise ConfigError(f"data.train: column {cfg.label_field!r} holds fewer than two distinct labels")
 
     train = _normalise(raw_train, cfg, label_names, "train")
     if cfg.drop_duplicate_texts:
-        train = _drop_duplicates(train, cfg.text_fields)
+        train = drop_duplicates(train, cfg.text_fields)
     if raw_validation is not None:
         validation = _normalise(raw_validation, cfg, label_names, "validation")
         if cfg.drop_duplicate_texts:
-            validation = _drop_duplicates(validation, cfg.text_fields)
+            validation = drop_duplicates(validation, cfg.text_fields)
     else:
         train_rows, validation_rows = _stratified_split(train[LABELS], cfg.validation_fraction, seed)
         validation, train = train.select(validation_rows), train.select(train_rows)
     if cfg.drop_duplicate_texts:
-        train = _drop_duplicates(train, cfg.text_fields, exclude=set(_text_keys(validation, cfg.text_fields)))
-    validation = _subsample(validation, cfg.validation.max_samples, seed)
-    train = _subsample(train, cfg.train.max_samples, seed)
+        train = drop_duplicates(train, cfg.text_fields, exclude=set(text_keys(validation, cfg.text_fields)))
+    validation = subsample(validation, cfg.validation.max_samples, seed)
+    train = subsample(train, cfg.train.max_samples, seed)
 
     named = {"train": train}
     if cfg.unlabeled.path:
@@ -204,11 +204,11 @@ def read_splits(cfg: DataConfig) -> Splits:
 
 def _extra_source(cfg: DataConfig, source, key: str, label_names, exclude: Sequence[Dataset], seed: int) -> Dataset:
     """An unlabelled (or, with a label column, labelled) source, without texts already in `exclude`."""
-    rows = _normalise(_load_source(source, key), cfg, label_names, key)
+    rows = _normalise(load_source(source, key), cfg, label_names, key)
     if cfg.drop_duplicate_texts:
-        seen = set().union(*(set(_text_keys(split, cfg.text_fields)) for split in exclude))
-        rows = _drop_duplicates(rows, cfg.text_fields, exclude=seen)
-    rows = _subsample(rows, source.max_samples, seed)
+        seen = set().union(*(set(text_keys(split, cfg.text_fields)) for split in exclude))
+        rows = drop_duplicates(rows, cfg.text_fields, exclude=seen)
+    rows = subsample(rows, source.max_samples, seed)
     if len(rows) == 0:
         raise ConfigError(f"data.{key}.path: {source.path} has no rows left after removing texts already in "
                           "train or validation")

@@ -80,45 +80,6 @@ def teacher_logit_fns(ensemble, device: torch.device) -> Dict[str, Callable[[Dic
     return fns
 
 
-def evaluate_saved_model(cfg, model_path) -> Dict:
-    """`distill eval`: one process, no DeepSpeed. Scores a saved student (an exported folder, or a
-    run directory's `student/`) next to the config's teachers and their interpolated target."""
-    from pathlib import Path
-
-    from distill.data import Collator, TokenizerGroup, read_splits, tokenize
-    from distill.distributed import init_distributed
-    from distill.hardware import local_device, teacher_dtype
-    from distill.modeling import count_parameters, load_sequence_classifier, load_tokenizer
-    from distill.report import build_report
-    from distill.student import check_student_labels
-    from distill.teachers import load_teachers, plan_teachers
-
-    model_path = Path(model_path)
-    if (model_path / "student" / "config.json").is_file():
-        model_path = model_path / "student"
-    key = f"model {model_path}"
-    splits = read_splits(cfg.data)
-    tokenizer = load_tokenizer(str(model_path.resolve()), key, cfg.trust_remote_code)
-    plans, groups = plan_teachers(cfg, splits.label_names, tokenizer)
-    student = load_sequence_classifier(str(model_path.resolve()), key, cfg.trust_remote_code)
-    check_student_labels(student.config, splits.label_names, key)
-    init_distributed()
-    device = local_device()
-    student.to(device).eval()
-    groups = [TokenizerGroup("", tokenizer)] + groups
-    validation = tokenize(splits.validation, groups, cfg.data.text_fields, cfg.data.max_length)
-    functions = {"student": student_logits_fn(student, device)}
-    ensemble = None
-    if plans:
-        ensemble = load_teachers(cfg, plans, device, teacher_dtype(cfg.teachers.dtype, device))
-        functions.update(teacher_logit_fns(ensemble, device))
-    loader = validation_loader(validation, Collator(groups), cfg.training.eval_batch_size)
-    metrics = predict(loader, functions).metrics(len(splits.label_names))
-    teacher_params = [count_parameters(m) for m in ensemble.models] if ensemble else []
-    return build_report(cfg, plans, teacher_params, count_parameters(student), metrics,
-                        {"steps": 0, "seconds": 0.0}, splits.train, validation)
-
-
 def collect_teacher_logits(loader: DataLoader, ensemble, device: torch.device):
     """All teachers' logits [K, N, C] and labels [N] over a (sharded) loader, gathered from every
     rank and ordered by row index: the same tensors on every rank."""

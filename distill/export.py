@@ -2,13 +2,15 @@
 
 ZeRO-1/2/3 shards are consolidated into full fp32 weights with DeepSpeed's own
 `get_fp32_state_dict_from_zero_checkpoint`; a stage-0 checkpoint already holds the whole module.
-The result is saved as safetensors with the tokenizer and a model card, loadable by
-`AutoModelForSequenceClassification.from_pretrained`.
+The result is saved as safetensors with the tokenizer and a model card, loadable by the run's
+task's Auto class (`AutoModelForSequenceClassification`, `AutoModelForCausalLM`).
 
 `quantize="int8"` stores the linear layers as int8 weights with per-row scales (weight-only: the
 activations stay fp32), through transformers' torchao integration: the folder's config.json
 carries the `quantization_config`, so plain `from_pretrained` (with torchao installed) loads it
-quantized from safetensors. The validation accuracy before and after goes into the model card.
+quantized from safetensors. The task's validation figures before and after (accuracy and
+macro-F1, or perplexity) go into the model card. `onnx=True` writes model.onnx and checks its
+logits against PyTorch with onnxruntime on the run's validation batches.
 """
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
-from distill.report import causal_lm_card, model_card
+from distill.config import read_run_config
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -87,14 +89,13 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
             raise ExportError(f"export target {out_dir} exists and is not empty: pass --overwrite or choose another")
         shutil.rmtree(out_dir)
 
+    from distill.tasks import task_class
+
+    run_config = read_run_config(run_dir / "config.yaml")
+    task = task_class(run_config.task)(run_config)
     config = AutoConfig.from_pretrained(init_dir)
-    causal = is_causal_lm(config)
-    if causal and quantize:
-        raise ExportError("--quantize int8 is implemented for sequence classifiers only so far")
-    if causal and onnx:
-        raise ExportError("--onnx is implemented for sequence classifiers only so far")
     state_dict = consolidated_state_dict(run_dir / "checkpoints", tag)
-    model = (AutoModelForCausalLM if causal else AutoModelForSequenceClassification).from_config(config)
+    model = task.auto_model_class.from_config(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [key for key in missing if key not in tied]
@@ -107,18 +108,13 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
     AutoTokenizer.from_pretrained(init_dir).save_pretrained(out_dir)
     parity = None
     if onnx:  # from the unquantized module, before quantize_folder replaces the weights
-        parity = export_onnx(model, out_dir, run_dir)
+        parity = export_onnx(task, model, out_dir)
         (out_dir / "onnx_parity.json").write_text(json.dumps(parity, indent=2), encoding="utf-8")
-    compression = quantize_folder(out_dir, run_dir, quantize) if quantize else None
+    compression = quantize_folder(task, out_dir, quantize) if quantize else None
     report_path = run_dir / "report.json"
     if report_path.is_file():
         report = json.loads(report_path.read_text(encoding="utf-8"))
-        if causal:
-            card = causal_lm_card(report, dtype)
-        else:
-            names = [config.id2label[i] for i in sorted(config.id2label)]
-            card = model_card(report, names, dtype, compression, parity)
-        (out_dir / "README.md").write_text(card, encoding="utf-8")
+        (out_dir / "README.md").write_text(task.model_card(report, config, dtype, compression, parity), encoding="utf-8")
     if compression is not None:
         (out_dir / "compression.json").write_text(json.dumps(compression, indent=2), encoding="utf-8")
     return out_dir
@@ -132,65 +128,63 @@ def _require_onnx():
         raise ExportError("--onnx needs onnx and onnxruntime (pip install 'distill[onnx]')") from error
 
 
-def export_onnx(model, out_dir: Path, run_dir: Path) -> Dict:
+def export_onnx(task, model, out_dir: Path) -> Dict:
     """`model.onnx` (dynamic batch and sequence axes) next to the safetensors, checked against the
     PyTorch module with onnxruntime on the run's validation batches: the largest logit difference."""
     import onnxruntime
 
-    from distill.config import load_config
-    from distill.evaluation import validation_batches
-
-    loader, _ = validation_batches(load_config(run_dir / "config.yaml"), AutoTokenizer.from_pretrained(out_dir))
-    names = [name for name in ("input_ids", "attention_mask", "token_type_ids")
-             if name in next(iter(loader))]
-    model = model.float().eval()
+    loader = task.saved_model_batches(AutoTokenizer.from_pretrained(out_dir))
     example = next(iter(loader))
+    names = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in example]
+    model = model.float().eval()
+    causal = task.row_unit == "token"  # logits per token [B, S, V], else per row [B, C]
+    # the model itself, inputs by position (a wrapper passing them by name traced a graph 1e-2 off);
+    # no key/value cache in the graph: its outputs are the logits alone
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
     path = out_dir / "model.onnx"
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    logit_axes = {0: "batch", 1: "sequence"} if causal else {0: "batch"}
     torch.onnx.export(model, tuple(example[name] for name in names), str(path), input_names=names,
-                      output_names=["logits"], dynamic_axes={**axes, "logits": {0: "batch"}}, dynamo=False)
+                      output_names=["logits"], dynamic_axes={**axes, "logits": logit_axes}, dynamo=False)
+    model.config.use_cache = use_cache
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     largest, rows, agree = 0.0, 0, 0
     with torch.no_grad():
         for batch in loader:
-            expected = model(**{name: batch[name] for name in names}).logits
+            expected = model(**{name: batch[name] for name in names}, **({"use_cache": False} if causal else {})).logits
             got = torch.from_numpy(session.run(["logits"], {name: batch[name].numpy() for name in names})[0])
-            largest = max(largest, float((expected - got).abs().max()))
-            rows += len(got)
-            agree += int((expected.argmax(-1) == got.argmax(-1)).sum())
+            mask = batch["attention_mask"].bool() if causal else torch.ones(len(got), dtype=torch.bool)
+            largest = max(largest, float((expected - got).abs()[mask].max()))
+            rows += int(mask.sum())
+            agree += int((expected.argmax(-1) == got.argmax(-1))[mask].sum())
     return {"file": path.name, "max_abs_logit_difference": largest, "rows": rows, "argmax_agreement": agree / rows}
-
-
-def is_causal_lm(config) -> bool:
-    return any(name.endswith("ForCausalLM") for name in (config.architectures or []))
 
 
 def weight_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
-def quantize_folder(folder: Path, run_dir: Path, method: str) -> Dict:
-    """Replace the fp32 weights in `folder` by their int8 form; measure both on the run's validation
-    split. Returns what the model card reports: sizes, parameter counts, metrics before and after."""
+def quantize_folder(task, folder: Path, method: str) -> Dict:
+    """Replace the fp32 weights in `folder` by their int8 form; measure both with the task's
+    validation figures. Returns what the model card reports: sizes, parameter counts, figures."""
     from transformers import TorchAoConfig
     # Weight-only: on a CPU without int8 matmul kernels torchao's dynamic activation quantization
-    # measured 25x slower than fp32 for the demo student, weight-only 1.4x (README, "Compressed export").
+    # measured 25x slower than fp32 for the demo student, weight-only 1.4x (docs/benchmarks.md).
     from torchao.quantization import Int8WeightOnlyConfig
 
-    from distill.config import load_config
-    from distill.evaluation import score_classifier, validation_batches
     from distill.modeling import count_parameters
 
-    full = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    quantized = AutoModelForSequenceClassification.from_pretrained(
-        folder, quantization_config=TorchAoConfig(Int8WeightOnlyConfig())).eval()
+    auto = task.auto_model_class
+    full = auto.from_pretrained(folder).eval()
+    quantized = auto.from_pretrained(folder, quantization_config=TorchAoConfig(Int8WeightOnlyConfig())).eval()
     linear_params = sum(module.weight.numel() for module in full.modules() if isinstance(module, torch.nn.Linear))
     before_bytes = weight_bytes(folder)
-    loader, num_labels = validation_batches(load_config(run_dir / "config.yaml"), AutoTokenizer.from_pretrained(folder))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     scores = []
     for model in (full, quantized):
         started = time.perf_counter()
-        scores.append(score_classifier(model, loader, num_labels))
+        scores.append(task.score_saved_model(model, tokenizer))
         scores[-1]["seconds"] = round(time.perf_counter() - started, 2)
     before, after = scores
     for path in folder.glob("*.safetensors"):

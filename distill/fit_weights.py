@@ -1,50 +1,31 @@
 """`distill fit-weights CONFIG`: run the teachers once over validation and fit how to mix them.
 
-Also used by `distill train` when `interpolation.fit_on=validation`. Fitting happens on rank 0 from
-the gathered validation logits and is broadcast, so every rank mixes with identical weights.
+The fits themselves belong to the strategies (interpolate.py, `fit`), over the task's validation
+chunks (tasks/): a classification set is one chunk of logits [K, N, C]; a causal LM's validation
+tokens are streamed a chunk at a time from the teachers' hidden states, so no [K, tokens, V] tensor
+is held (the linear EM needs only each teacher's probability of the gold token).
 
-The table compares, on the validation labels: each teacher alone, the uniform mixes, and the
-fitted mixes (EM for linear, simplex-convex for geometric, optionally with temperature scaling),
-by NLL, accuracy and expected calibration error. It is written with a PNG chart and a YAML
-fragment that `distill train CONFIG --weights FRAGMENT` merges.
+The table compares, on the validation labels (or next tokens): each teacher alone, the uniform
+mixes and the fitted mixes (EM for linear, Newton on the simplex for geometric, optionally with
+temperature scaling and a joint fit), by NLL and the task's own figures (accuracy and expected
+calibration error; perplexity and bits per byte). It is written with a PNG chart and a YAML
+fragment that `distill train CONFIG --weights FRAGMENT` merges. `distill train` with
+`interpolation.fit_on=validation` runs the strategy's fit itself (rank 0, broadcast).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from distill.fitting import (expected_calibration_error, fit_gate, fit_geometric_weights, fit_jointly,
-                             fit_linear_weights_em, fit_temperature, mean_nll, mixture_log_probs)
-from distill.interpolate import teacher_log_probs
-
-
-def fit_interpolation_state(method: str, logits: Tensor, labels: Tensor, weights: Tensor, temperatures: Tensor,
-                            fit_temperatures: bool, gate_options: Optional[Dict] = None, seed: int = 0) -> Dict:
-    """Fitted {'weights', 'temperatures', 'gate'} for a strategy, from validation logits [K, N, C]."""
-    temperatures = temperatures.clone()
-    if fit_temperatures:
-        temperatures = torch.tensor([fit_temperature(logits[k], labels) for k in range(logits.shape[0])])
-    log_probs = teacher_log_probs(logits.double(), temperatures)
-    gate_state = {}
-    if method == "linear":
-        weights = fit_linear_weights_em(log_probs, labels).weights
-    elif method == "geometric":
-        weights = fit_geometric_weights(log_probs, labels)
-    elif method == "learned_gate":
-        options = dict(gate_options or {})
-        gate = fit_gate(torch.log_softmax(logits.double(), -1), labels, hidden=options.get("hidden", 32),
-                        use_entropy=options.get("use_entropy", True), epochs=options.get("epochs", 200),
-                        learning_rate=options.get("learning_rate", 1e-2), seed=seed)
-        gate_state = {k: v.detach().clone() for k, v in gate.state_dict().items()}
-    else:
-        raise ValueError(f"cannot fit interpolation {method!r}")
-    return {"method": method, "weights": [float(w) for w in weights], "temperatures": [float(t) for t in temperatures],
-            "gate": gate_state}
+from distill.fitting import (TEMPERATURE_BOUNDS, Chunks, at_bound, expected_calibration_error, fit_jointly_streamed,
+                             mixture_scores)
+from distill.interpolate import build_interpolation, fitted_temperatures
 
 
 def state_digest(state: Dict) -> str:
@@ -75,82 +56,90 @@ def load_state(folder: Path) -> Optional[Dict]:
     return state
 
 
-def _row(name: str, log_probs: Tensor, labels: Tensor, weights: Optional[List[float]] = None,
-         temperatures: Optional[List[float]] = None) -> Dict:
-    accuracy = float((log_probs.argmax(-1) == labels).double().mean())
-    return {"name": name, "nll": mean_nll(log_probs, labels), "accuracy": accuracy,
-            "ece": expected_calibration_error(log_probs, labels), "weights": weights, "temperatures": temperatures}
+def _row(name: str, chunks: Chunks, method: str, weights: Tensor, temperatures: Tensor,
+         text_bytes: Optional[int] = None) -> Dict:
+    gold, correct, confidence = mixture_scores(chunks, method, weights, temperatures)
+    nll = float(-gold.mean())
+    row = {"name": name, "nll": nll, "perplexity": math.exp(min(nll, 700.0)),
+           "accuracy": float(correct.double().mean()),
+           "ece": expected_calibration_error(None, confidence=confidence, correct=correct),
+           "weights": [float(w) for w in weights], "temperatures": [float(t) for t in temperatures]}
+    if text_bytes:
+        row["bits_per_byte"] = float(-gold.sum()) / math.log(2) / text_bytes
+    return row
 
 
-def comparison_table(names: List[str], logits: Tensor, labels: Tensor, fit_temperatures: bool) -> Dict:
+def comparison_table(names: List[str], chunks: Chunks, fit_temperatures: bool, text_bytes: Optional[int] = None) -> Dict:
     """Rows for each teacher alone, the uniform mixes and the fitted mixes, at temperature 1 (and,
-    with fit_temperatures, at each teacher's fitted temperature)."""
-    logits = logits.double()
-    count = logits.shape[0]
+    with fit_temperatures, at each teacher's fitted temperature, then jointly)."""
+    count = len(names)
     ones = torch.ones(count, dtype=torch.float64)
-    uniform = (ones / count).tolist()
-    rows = [_row(f"teacher {name}", torch.log_softmax(logits[k], -1), labels, temperatures=[1.0])
+    uniform = ones / count
+    rows = [_row(f"teacher {name}", chunks, "linear", torch.eye(count, dtype=torch.float64)[k], ones, text_bytes)
             for k, name in enumerate(names)]
     variants = [("", ones)]
     if fit_temperatures:
-        fitted = torch.tensor([fit_temperature(logits[k], labels) for k in range(count)], dtype=torch.float64)
-        rows += [_row(f"teacher {name} (T={fitted[k]:.2f})", torch.log_softmax(logits[k] / fitted[k], -1), labels,
-                      temperatures=[float(fitted[k])]) for k, name in enumerate(names)]
+        fitted = fitted_temperatures(chunks, ones, True)
+        rows += [_row(f"teacher {name} (T={fitted[k]:.2f})", chunks, "linear", torch.eye(count, dtype=torch.float64)[k],
+                      fitted, text_bytes) for k, name in enumerate(names)]
         variants.append((" +T", fitted))
     fits = {}
     for suffix, temperatures in variants:
-        log_probs = teacher_log_probs(logits, temperatures)
         for method in ("linear", "geometric"):
-            rows.append(_row(f"uniform {method}{suffix}", mixture_log_probs(method, log_probs, torch.tensor(uniform)),
-                             labels, uniform, temperatures.tolist()))
-            if method == "linear":
-                em = fit_linear_weights_em(log_probs, labels)
-                weights, trace = em.weights, em.log_likelihoods
-            else:
-                weights, trace = fit_geometric_weights(log_probs, labels), None
-            row = _row(f"fitted {method}{suffix}", mixture_log_probs(method, log_probs, weights), labels,
-                       weights.tolist(), temperatures.tolist())
-            if trace is not None:
-                row["em_log_likelihood_trace"] = trace
+            rows.append(_row(f"uniform {method}{suffix}", chunks, method, uniform, temperatures, text_bytes))
+            state = build_interpolation(method).fit(chunks, uniform, temperatures)
+            row = _row(f"fitted {method}{suffix}", chunks, method, torch.tensor(state["weights"], dtype=torch.float64),
+                       temperatures, text_bytes)
+            if "em_log_likelihood_trace" in state:
+                row["em_log_likelihood_trace"] = state["em_log_likelihood_trace"]
             rows.append(row)
             fits[f"{method}{suffix}"] = row
             if suffix:  # temperatures and weights fitted jointly, from the sequential fit
-                joint_weights, joint_temperatures = fit_jointly(logits, labels, method, weights, temperatures)
-                joint = _row(f"fitted {method} joint", mixture_log_probs(
-                    method, teacher_log_probs(logits, joint_temperatures), joint_weights), labels,
-                    joint_weights.tolist(), joint_temperatures.tolist())
+                joint_weights, joint_temperatures = fit_jointly_streamed(
+                    chunks, method, torch.tensor(state["weights"], dtype=torch.float64), temperatures)
+                joint = _row(f"fitted {method} joint", chunks, method, joint_weights, joint_temperatures, text_bytes)
                 rows.append(joint)
                 fits[f"{method} joint"] = joint
+    for row in rows:  # a fitted temperature on a bound: the data wanted a more extreme one
+        row["temperature_at_bound"] = [at_bound(t) for t in row["temperatures"]]
     return {"rows": rows, "fits": fits}
 
 
-def format_fit_table(rows: List[Dict]) -> str:
+COLUMN_TITLES = {"nll": "NLL", "accuracy": "accuracy", "ece": "ECE", "perplexity": "perplexity",
+                 "bits_per_byte": "bits/byte"}
+
+
+def format_fit_table(rows: List[Dict], columns: Sequence[str] = ("nll", "accuracy", "ece")) -> str:
     from distill.report import text_table
 
     cells = []
     for row in rows:
         weights = ", ".join(f"{w:.3f}" for w in row["weights"]) if row["weights"] else "-"
-        temperatures = ", ".join(f"{t:.2f}" for t in row["temperatures"]) if row["temperatures"] else "-"
-        cells.append((row["name"], f"{row['nll']:.4f}", f"{row['accuracy']:.4f}", f"{row['ece']:.4f}", weights, temperatures))
-    return text_table(("mix", "NLL", "accuracy", "ECE", "weights", "temperatures"), cells)
+        temperatures = ", ".join(f"{t:.2f}" + ("*" if bound else "")
+                                 for t, bound in zip(row["temperatures"], row["temperature_at_bound"]))
+        cells.append((row["name"], *[f"{row[c]:.4f}" if c in row else "-" for c in columns], weights, temperatures))
+    table = text_table(("mix", *[COLUMN_TITLES[c] for c in columns], "weights", "temperatures"), cells)
+    if any(any(row["temperature_at_bound"]) for row in rows):
+        table += (f"\n* a fitted temperature sits on its bound {list(TEMPERATURE_BOUNDS)}: the data wanted a more "
+                  "extreme one (a teacher that is nearly always right, or nearly random)")
+    return table
 
 
-def plot_fit_table(rows: List[Dict], path: Path) -> Path:
+def plot_fit_table(rows: List[Dict], path: Path, columns: Sequence[str] = ("nll", "accuracy", "ece")) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    better = {"nll": "lower", "accuracy": "higher", "ece": "lower", "perplexity": "lower", "bits_per_byte": "lower"}
     names = [row["name"] for row in rows]
-    figure, axes = plt.subplots(1, 3, figsize=(14, 0.35 * len(rows) + 1.8), sharey=True)
-    for axis, key, label in zip(axes, ("nll", "accuracy", "ece"), ("validation NLL (lower is better)",
-                                                                    "accuracy (higher is better)",
-                                                                    "expected calibration error (lower)")):
+    figure, axes = plt.subplots(1, len(columns), figsize=(14, 0.35 * len(rows) + 1.8), sharey=True)
+    for axis, key in zip(axes, columns):
         colours = ["tab:grey" if n.startswith("teacher") else "tab:blue" if n.startswith("uniform") else "tab:green"
                    for n in names]
         axis.barh(range(len(rows)), [row[key] for row in rows], color=colours)
-        axis.set_title(label, fontsize=10)
+        axis.set_title(f"validation {COLUMN_TITLES[key]} ({better[key]} is better)", fontsize=10)
         axis.set_xlim(min(row[key] for row in rows) * 0.95, max(row[key] for row in rows) * 1.02)
         axis.xaxis.set_major_locator(MaxNLocator(4))
     axes[0].set_yticks(range(len(rows)))
@@ -179,29 +168,33 @@ def weights_fragment(cfg, names: List[str], fit: Dict, method: str, with_tempera
 def run_fit_weights(cfg, out_dir: Path, fit_temperatures: bool = False, method: Optional[str] = None) -> Dict:
     """The `distill fit-weights` command: one process, no student."""
     from distill.config import ConfigError, teacher_display_name
-    from distill.data import Collator, read_splits, tokenize
     from distill.distributed import init_distributed
-    from distill.evaluation import collect_teacher_logits, validation_loader
     from distill.hardware import local_device, teacher_dtype
-    from distill.teachers import load_teachers, plan_teachers
+    from distill.modeling import load_tokenizer
+    from distill.tasks import build_task
 
     if not cfg.teachers.models:
         raise ConfigError("teachers.models is empty: fit-weights needs at least one teacher")
+    if cfg.teachers.cache is not None:
+        raise ConfigError("fit-weights runs the teachers on the validation split, which teachers.cache does not "
+                          "hold: remove teachers.cache for this command")
     method = method or (cfg.interpolation.method if cfg.interpolation.method in ("linear", "geometric") else "linear")
-    splits = read_splits(cfg.data)
-    plans, groups = plan_teachers(cfg, splits.label_names, None)
+    task = build_task(cfg)
+    splits = task.read_splits()
+    reference, key = task.student_source()
+    plans = task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
+    task.encode(splits.validation, "validation")
     init_distributed()
     device = local_device()
-    ensemble = load_teachers(cfg, plans, device, teacher_dtype(cfg.teachers.dtype, device))
-    validation = tokenize(splits.validation, groups, cfg.data.text_fields, cfg.data.max_length)
-    loader = validation_loader(validation, Collator(groups), cfg.training.eval_batch_size)
-    logits, labels = collect_teacher_logits(loader, ensemble, device)
+    ensemble, source = task.load_teachers(plans, device, teacher_dtype(cfg.teachers.dtype, device))
+    chunks = task.validation_chunks(ensemble, source, device)
     names = [teacher_display_name(t, i) for i, t in enumerate(cfg.teachers.models)]
-    table = comparison_table(names, logits, labels, fit_temperatures)
+    table = comparison_table(names, chunks, fit_temperatures, task.validation_bytes())
     out_dir.mkdir(parents=True, exist_ok=True)
     fit = table["fits"][method + (" joint" if fit_temperatures else "")]
-    (out_dir / "fit_weights.json").write_text(json.dumps({"rows": table["rows"], "method": method,
-                                                          "validation_rows": int(labels.numel())}, indent=2))
-    plot_fit_table(table["rows"], out_dir / "fit_weights.png")
+    rows = sum(labels.shape[0] for _, labels in chunks())
+    (out_dir / "fit_weights.json").write_text(json.dumps({"rows": table["rows"], "method": method, "task": cfg.task,
+                                                          "validation_rows": rows}, indent=2))
+    plot_fit_table(table["rows"], out_dir / "fit_weights.png", task.fit_columns)
     (out_dir / "weights.yaml").write_text(weights_fragment(cfg, names, fit, method, fit_temperatures))
-    return {"table": format_fit_table(table["rows"]), "out_dir": str(out_dir), "fit": fit}
+    return {"table": format_fit_table(table["rows"], task.fit_columns), "out_dir": str(out_dir), "fit": fit}

@@ -1,22 +1,31 @@
-"""Teacher interpolation: several teachers' soft targets -> ONE target distribution.
-
-Pure functions of tensors, in log space. Shapes: teacher logits `[K, ..., C]` for K teachers and C
-classes (any batch dims in between); weights `[K]`, or `[K, ...]` for per-sample weights;
-temperatures `[K]`. Every strategy returns normalised log-probabilities `[..., C]`.
+"""Teacher interpolation strategies: several teachers' soft targets -> ONE target distribution.
 
 Each strategy is one class registered by name (`@register_interpolation("linear")`); the config's
-`interpolation.method` selects it and the trainer never branches on the name. A strategy with
-learned state (the gate) exposes it through `state_dict()` / `load_state_dict()`.
+`interpolation.method` selects it, its options live under that name in the config, and nothing
+outside this registry branches on the name. A strategy maps teacher logits `[K, ..., C]`, weights
+`[K]` and temperatures `[K]` to normalised log-probabilities `[..., C]` (formulas: mixing.py).
+
+A strategy owns its fitting: `fittable` strategies implement `fit(chunks, ...)` on held-out
+labelled data (formulas: fitting.py) and return the state to save. Fast paths are capabilities a
+strategy declares by implementing them, never name checks:
+- `probabilities_(logits, weights, temperatures)`: the mixture as probabilities, in place (the
+  fused forward-KL loss streams teachers through it);
+- `sparse_(ids, log_probs, tail, V, weights, temperatures)`: the mixture of top-k caches, sparse.
+A strategy with learned state (the gate) exposes it through `state_dict()` / `load_state_dict()`.
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from distill.losses import row_dot
+from distill.fitting import (Chunks, fit_gate, fit_geometric_weights_streamed, fit_linear_weights_em,
+                             fit_temperature_streamed, gate_inputs, gold_log_probs_over)
+from distill.mixing import (  # noqa: F401  (the formulas are part of this module's public surface)
+    GateNetwork, add_softened_, confidence_weights, entropy, geometric_mixture, linear_mixture,
+    linear_mixture_probs_, logit_mean, normalize_weights, resolve_gate_features, softmax_with_entropy_,
+    sparse_linear_mixture, teacher_log_probs)
 
 _INTERPOLATIONS: Dict[str, type] = {}
 
@@ -36,162 +45,24 @@ def available_interpolations() -> List[str]:
     return sorted(_INTERPOLATIONS)
 
 
+def fittable_interpolations() -> List[str]:
+    return sorted(name for name, cls in _INTERPOLATIONS.items() if cls.fittable)
+
+
 def build_interpolation(name: str, **options) -> "Interpolation":
     if name not in _INTERPOLATIONS:
         raise KeyError(f"unknown interpolation {name!r}; available: {available_interpolations()}")
     return _INTERPOLATIONS[name](**options)
 
 
-# ---------------------------------------------------------------------------------- formulas
-def teacher_log_probs(teacher_logits: Tensor, temperatures: Tensor | Sequence[float]) -> Tensor:
-    """log softmax(z_k / T_k) for each teacher k; `teacher_logits` is `[K, ..., C]`."""
-    temperatures = torch.as_tensor(temperatures, dtype=teacher_logits.dtype, device=teacher_logits.device)
-    scale = temperatures.reshape(-1, *([1] * (teacher_logits.dim() - 1)))
-    return torch.log_softmax(teacher_logits / scale, dim=-1)
+def fitted_temperatures(chunks: Chunks, temperatures: Tensor, fit: bool) -> Tensor:
+    """Each teacher's temperature fitted alone on the chunks (temperature scaling), or kept."""
+    if not fit:
+        return temperatures.clone().double()
+    return torch.tensor([fit_temperature_streamed(chunks, k) for k in range(temperatures.shape[0])],
+                        dtype=torch.float64)
 
 
-def normalize_weights(weights: Tensor | Sequence[float]) -> Tensor:
-    """w_k / sum_k w_k over the teacher axis (dim 0); weights must be >= 0 with a positive sum."""
-    weights = torch.as_tensor(weights)
-    if not torch.is_floating_point(weights):
-        weights = weights.to(torch.get_default_dtype())
-    if torch.any(weights < 0):
-        raise ValueError(f"teacher weights must be >= 0, got {weights.tolist()}")
-    total = weights.sum(dim=0, keepdim=True)
-    if torch.any(total <= 0):
-        raise ValueError("teacher weights sum to zero: at least one teacher needs a positive weight")
-    return weights / total
-
-
-def _broadcast_weights(weights: Tensor, log_probs: Tensor) -> Tensor:
-    """[K] or [K, ...batch] weights -> shape that broadcasts against [K, ...batch, C]."""
-    weights = weights.to(dtype=log_probs.dtype, device=log_probs.device)
-    return weights.reshape(*weights.shape, *([1] * (log_probs.dim() - weights.dim())))
-
-
-def linear_mixture(log_probs: Tensor, weights: Tensor) -> Tensor:
-    """log p = log sum_k w_k p_k = logsumexp_k(log w_k + log p_k), weights normalised.
-
-    A teacher with weight 0 contributes nothing (log 0 = -inf is excluded, never multiplied). With
-    one teacher holding all the weight the result is its log p. Otherwise the sum is taken in
-    probability space, a few in-place passes over [..., C] (torch.logsumexp over the teacher axis is
-    several times slower on large vocabularies); any entry whose mixture falls below the smallest
-    normal float there is taken again in log space, so the result equals the logsumexp everywhere."""
-    weights = _broadcast_weights(normalize_weights(weights), log_probs)
-    if not weights.requires_grad and all(size == 1 for size in weights.shape[1:]):
-        flat = weights.reshape(-1)
-        if int((flat > 0).sum()) == 1:
-            return log_probs[int(flat.argmax())]
-    mixture = torch.zeros_like(log_probs[0])
-    for teacher in range(log_probs.shape[0]):
-        if bool((weights[teacher] > 0).any()):
-            mixture.addcmul_(log_probs[teacher].exp(), weights[teacher])
-    tiny = torch.finfo(mixture.dtype).tiny
-    underflow = mixture < tiny
-    if not bool(underflow.any()):
-        return mixture.log_()
-    mixture = mixture.clamp(min=tiny).log_()  # no 1/0 in the backward of the entries replaced below
-    log_weights = torch.where(weights > 0, weights.log(), torch.full_like(weights, float("-inf")))
-    return torch.where(underflow, torch.logsumexp(log_weights + log_probs, dim=0), mixture)
-
-
-def add_softened_(mixture: Tensor, logits: Tensor, weight: float, temperature: float, first: bool) -> Tensor:
-    """mixture += weight * softmax(logits / temperature) over the last dim, in place; `logits` is
-    consumed (softened in place) and `first` overwrites `mixture` instead (it may be `logits`)."""
-    logits.sub_(logits.amax(dim=-1, keepdim=True))
-    if temperature != 1.0:
-        logits.mul_(1.0 / temperature)
-    logits.exp_()
-    share = weight / logits.sum(dim=-1, keepdim=True)
-    if first:
-        return torch.mul(logits, share, out=mixture)
-    return mixture.addcmul_(logits, share)
-
-
-def softmax_with_entropy_(logits: Tensor, out: Tensor) -> Tuple[Tensor, Tensor]:
-    """(p = softmax(logits) written into `out`, sum p log p per row) over the last dim of [c, C],
-    with no log pass over [c, C]: with s = logits - max, p = exp(s) / S and
-    sum p log p = (exp(s) . s) / S - log S. `logits` is consumed (it holds s afterwards). A NaN or
-    inf logit makes its row's entropy NaN (0 * -inf, inf - inf), which the caller can test for."""
-    shifted = logits.sub_(logits.amax(dim=-1, keepdim=True))
-    exps = torch.exp(shifted, out=out)
-    total = exps.sum(dim=-1, keepdim=True)
-    neg_entropy = row_dot(exps, shifted) / total.squeeze(-1) - total.squeeze(-1).log()
-    return exps.mul_(1.0 / total), neg_entropy
-
-
-def linear_mixture_probs_(teacher_logits: Tensor, weights: Tensor, temperatures: Tensor) -> Tensor:
-    """p = sum_k w_k softmax(z_k / T_k) as probabilities [..., C], computed IN PLACE over
-    `teacher_logits` [K, ..., C] (which it consumes; the result is a view of its first slice).
-
-    The forward-KL fast path of the fused token loss: four in-place passes per teacher instead of a
-    log-softmax, a log-space mixture and an exp. Probabilities below float's smallest normal number
-    may come out as 0 (their share of a KL is below 1e-36); the reference is `linear_mixture`."""
-    weights = normalize_weights(weights)
-    temperatures = torch.as_tensor(temperatures)
-    mixture = teacher_logits[0]
-    first = True
-    for k in range(teacher_logits.shape[0]):
-        if float(weights[k]) > 0:
-            add_softened_(mixture, teacher_logits[k], float(weights[k]), float(temperatures[k]), first)
-            first = False
-    return mixture
-
-
-def geometric_mixture(log_probs: Tensor, weights: Tensor) -> Tensor:
-    """log p = sum_k w_k log p_k - log Z, with Z = sum_c exp(sum_k w_k log p_k[c]).
-
-    The normalised log-linear (product-of-experts) mixture; weights normalised to sum to one.
-    """
-    weights = _broadcast_weights(normalize_weights(weights), log_probs)
-    weighted = torch.where(weights > 0, weights * log_probs, torch.zeros_like(log_probs)).sum(dim=0)
-    return weighted - torch.logsumexp(weighted, dim=-1, keepdim=True)
-
-
-def logit_mean(teacher_logits: Tensor, weights: Tensor, temperatures: Tensor) -> Tensor:
-    """log p = log_softmax(sum_k w_k z_k / T_bar), with T_bar = sum_k w_k T_k (weights normalised).
-
-    Averages raw logits before any softmax; with equal temperatures T_bar is that temperature.
-    """
-    weights = _broadcast_weights(normalize_weights(weights).to(teacher_logits), teacher_logits)
-    temperatures = torch.as_tensor(temperatures).to(teacher_logits)
-    temperatures = temperatures.reshape(-1, *([1] * (teacher_logits.dim() - 1)))
-    mean_logits = (weights * teacher_logits).sum(dim=0)
-    mean_temperature = (weights * temperatures).sum(dim=0)
-    return torch.log_softmax(mean_logits / mean_temperature, dim=-1)
-
-
-def entropy(log_probs: Tensor) -> Tensor:
-    """H(p) = -sum_c p[c] log p[c] over the last dim (0 log 0 = 0)."""
-    probs = log_probs.exp()
-    return -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(dim=-1)
-
-
-def confidence_weights(native_log_probs: Tensor, prior_weights: Tensor, sharpness: float,
-                       labels: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
-    """Per-sample weights [K, ...] from each teacher's own confidence on each sample.
-
-        score_k = p_k[y]        where a gold label y exists (confidently wrong -> low score)
-                = -H(p_k)        elsewhere (no label: trust the teacher that is sure)
-        w_k ∝ prior_k * exp(score_k / sharpness)   (a softmax over teachers with its own temperature)
-
-    `native_log_probs` are the teachers' log-probabilities at temperature 1.
-    """
-    if sharpness <= 0:
-        raise ValueError(f"confidence sharpness must be > 0, got {sharpness}")
-    scores = -entropy(native_log_probs)
-    if labels is not None:
-        has_label = labels != ignore_index
-        safe = torch.where(has_label, labels, torch.zeros_like(labels))
-        index = safe.reshape(1, *safe.shape, 1).expand(native_log_probs.shape[0], *safe.shape, 1)
-        gold = native_log_probs.gather(-1, index).squeeze(-1).exp()
-        scores = torch.where(has_label.unsqueeze(0), gold, scores)
-    prior = _broadcast_weights(normalize_weights(prior_weights).to(scores), scores)
-    log_prior = torch.where(prior > 0, prior.log(), torch.full_like(prior, float("-inf")))
-    return torch.softmax(log_prior + scores / sharpness, dim=0)
-
-
-# -------------------------------------------------------------------------------- strategies
 class Interpolation:
     """Maps teacher logits `[K, ..., C]`, weights and temperatures to one target log-distribution.
 
@@ -199,6 +70,17 @@ class Interpolation:
     """
 
     name = "base"
+    fittable = False  # implements fit(): interpolation.fit_on and `distill fit-weights` may use it
+
+    def fit(self, chunks: Chunks, weights: Tensor, temperatures: Tensor, fit_temperatures: bool = False,
+            seed: int = 0) -> Dict:
+        """Fit on held-out labelled chunks; returns {'method', 'weights', 'temperatures', 'gate', ...}."""
+        raise NotImplementedError(f"interpolation {self.name!r} has nothing to fit")
+
+    @staticmethod
+    def _state(name: str, weights, temperatures, **extra) -> Dict:
+        return {"method": name, "weights": [float(w) for w in weights],
+                "temperatures": [float(t) for t in temperatures], "gate": {}, **extra}
 
     def __call__(self, teacher_logits: Tensor, weights: Tensor, temperatures: Tensor,
                  labels: Optional[Tensor] = None) -> Tensor:
@@ -219,17 +101,36 @@ class LinearInterpolation(Interpolation):
     def __call__(self, teacher_logits, weights, temperatures, labels=None):
         return linear_mixture(teacher_log_probs(teacher_logits, temperatures), weights)
 
+    fittable = True
+
     def probabilities_(self, teacher_logits, weights, temperatures):
         """The same mixture as probabilities, computed in place over `teacher_logits` (consumed)."""
         return linear_mixture_probs_(teacher_logits, weights, temperatures)
+
+    def sparse_(self, ids, log_probs, tail, vocab_size, weights, temperatures):
+        """The mixture of cached top-k teachers [c, K, k] as (ids, deltas, base) (mixing.sparse_linear_mixture)."""
+        return sparse_linear_mixture(ids, log_probs, tail, vocab_size, weights, temperatures)
+
+    def fit(self, chunks, weights, temperatures, fit_temperatures=False, seed=0):
+        """EM on each teacher's probability of the gold label at its (fitted) temperature: [K, N] only."""
+        temperatures = fitted_temperatures(chunks, temperatures, fit_temperatures)
+        em = fit_linear_weights_em(gold_log_probs_over(chunks, temperatures))
+        return self._state(self.name, em.weights, temperatures, em_log_likelihood_trace=em.log_likelihoods)
 
 
 @register_interpolation("geometric")
 class GeometricInterpolation(Interpolation):
     """Normalised log-linear mixture: log p = sum_k w_k log softmax(z_k / T_k) - log Z."""
 
+    fittable = True
+
     def __call__(self, teacher_logits, weights, temperatures, labels=None):
         return geometric_mixture(teacher_log_probs(teacher_logits, temperatures), weights)
+
+    def fit(self, chunks, weights, temperatures, fit_temperatures=False, seed=0):
+        """The convex NLL on the simplex, minimised by Newton steps over streamed chunks (fitting.py)."""
+        temperatures = fitted_temperatures(chunks, temperatures, fit_temperatures)
+        return self._state(self.name, fit_geometric_weights_streamed(chunks, temperatures), temperatures)
 
 
 @register_interpolation("logit_mean")
@@ -260,38 +161,26 @@ class ConfidenceInterpolation(Interpolation):
         return mix(teacher_log_probs(teacher_logits, temperatures), per_sample)
 
 
-class GateNetwork(nn.Module):
-    """A small MLP: the teachers' distributions (and entropies) -> per-sample simplex weights."""
-
-    def __init__(self, num_teachers: int, num_classes: int, hidden: int = 32, use_entropy: bool = True):
-        super().__init__()
-        self.use_entropy = use_entropy
-        features = num_teachers * num_classes + (num_teachers if use_entropy else 0)
-        self.layers = nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, num_teachers))
-
-    def forward(self, log_probs: Tensor) -> Tensor:
-        """[K, ..., C] log-probabilities -> [K, ...] weights that sum to one over K."""
-        moved = log_probs.movedim(0, -2)  # [..., K, C]
-        features = [moved.exp().flatten(-2)]
-        if self.use_entropy:
-            features.append(entropy(moved))
-        gate_logits = self.layers(torch.cat(features, dim=-1).to(self.layers[0].weight.dtype))
-        return torch.softmax(gate_logits, dim=-1).movedim(-1, 0)
-
-
 @register_interpolation("learned_gate")
 class LearnedGateInterpolation(Interpolation):
-    """p = sum_k g_k(x) softmax(z_k / T_k), with gate weights g(x) from `GateNetwork` applied to the
-    teachers' own distributions at temperature 1. The gate is fitted on held-out labelled data (distill/fitting.py)
-    to maximise the mixture's likelihood of the gold labels, then frozen."""
+    """p = sum_k g_k(x) softmax(z_k / T_k), with per-row gate weights g(x) from `GateNetwork` applied
+    to features of the teachers' own distributions at temperature 1 (whole distributions for small
+    label sets, entropy/top-probability summaries for vocabularies: `features`). The gate is fitted
+    on held-out labelled rows (or tokens) to maximise the mixture's likelihood of the gold labels,
+    then frozen."""
 
-    def __init__(self, hidden: int = 32, use_entropy: bool = True, epochs: int = 200, learning_rate: float = 1e-2):
-        self.hidden, self.use_entropy = hidden, use_entropy
-        self.epochs, self.learning_rate = epochs, learning_rate  # how distill/fitting.py trains it
+    fittable = True
+    FEATURE_CODES = {"distribution": 0, "summary": 1}
+
+    def __init__(self, hidden: int = 32, use_entropy: bool = True, epochs: int = 200, learning_rate: float = 1e-2,
+                 features: str = "auto"):
+        self.hidden, self.use_entropy, self.features = hidden, use_entropy, features
+        self.epochs, self.learning_rate = epochs, learning_rate  # how fitting.fit_gate trains it
         self.gate: Optional[GateNetwork] = None
 
     def build(self, num_teachers: int, num_classes: int) -> GateNetwork:
-        self.gate = GateNetwork(num_teachers, num_classes, self.hidden, self.use_entropy)
+        """An untrained gate for K teachers over C classes (fit() trains one)."""
+        self.gate = GateNetwork(num_teachers, num_classes, self.hidden, self.use_entropy, self.features)
         return self.gate
 
     def sample_weights(self, teacher_logits: Tensor) -> Tensor:
@@ -307,12 +196,33 @@ class LearnedGateInterpolation(Interpolation):
             return log_probs[0]
         return linear_mixture(log_probs, self.sample_weights(teacher_logits))
 
+    def fit(self, chunks, weights, temperatures, fit_temperatures=False, seed=0):
+        """The gate trained on features and gold-label probabilities gathered in one pass (fitting.fit_gate)."""
+        logits, _ = next(iter(chunks()))
+        num_teachers, num_classes = logits.shape[0], logits.shape[-1]
+        features = resolve_gate_features(self.features, num_classes)
+        gate = fit_gate(logits.new_empty((num_teachers, 0, num_classes)), None, hidden=self.hidden,
+                        use_entropy=self.use_entropy, epochs=self.epochs, learning_rate=self.learning_rate, seed=seed,
+                        features=features, inputs=gate_inputs(chunks, features, self.use_entropy))
+        self.gate = gate
+        return self._state(self.name, weights, fitted_temperatures(chunks, temperatures, fit_temperatures),
+                           gate=self.state_dict())
+
     def state_dict(self) -> Dict[str, Tensor]:
-        return {} if self.gate is None else {k: v.detach().clone() for k, v in self.gate.state_dict().items()}
+        if self.gate is None:
+            return {}
+        state = {k: v.detach().clone() for k, v in self.gate.state_dict().items()}
+        state["features"] = torch.tensor(self.FEATURE_CODES[self.gate.features])
+        return state
 
     def load_state_dict(self, state: Dict[str, Tensor]) -> None:
+        state = dict(state)
+        code = int(state.pop("features", self.FEATURE_CODES["distribution"]))  # a bare GateNetwork's state: whole distributions
+        features = {value: name for name, value in self.FEATURE_CODES.items()}[code]
         first = state["layers.0.weight"]
         num_teachers = state["layers.2.weight"].shape[0]
-        num_classes = (first.shape[1] - (num_teachers if self.use_entropy else 0)) // num_teachers
-        self.build(num_teachers, num_classes).load_state_dict(state)
+        num_classes = ((first.shape[1] - (num_teachers if self.use_entropy else 0)) // num_teachers
+                       if features == "distribution" else 0)
+        self.gate = GateNetwork(num_teachers, num_classes, self.hidden, self.use_entropy, features)
+        self.gate.load_state_dict(state)
         self.gate.requires_grad_(False)

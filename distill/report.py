@@ -146,17 +146,76 @@ tokenizer = AutoTokenizer.from_pretrained("PATH")
 """
 
 
-def causal_lm_card(report: Dict, dtype: str) -> str:
+def causal_lm_report(cfg, plans, teacher_params: List[int], student_params: int,
+                     metrics: Dict[str, Dict[str, float]], summary: Dict, train_set, validation_set) -> Dict:
+    teachers = [{"name": plan.name, "path": plan.path, "params": params, "weight": plan.weight,
+                 "temperature": plan.temperature, **metrics.get(plan.name, {})}
+                for plan, params in zip(plans, teacher_params)]
+    largest = max(teacher_params) if teacher_params else None
+    return {
+        "task": cfg.task,
+        "teachers": teachers,
+        "target": {"interpolation": cfg.interpolation.method, **metrics["target"]} if "target" in metrics else None,
+        "student": {"params": student_params, **metrics["student"],
+                    "compression_vs_largest_teacher": (student_params / largest) if largest else None},
+        "loss": {"kd_alpha": cfg.loss.kd_alpha, "temperature": cfg.loss.temperature,
+                 "label_smoothing": cfg.loss.label_smoothing, "divergence": cfg.loss.divergence},
+        "training": {"steps": summary["steps"], "seconds": round(summary["seconds"], 1),
+                     "zero_stage": cfg.deepspeed.zero_stage, "train_rows": len(train_set),
+                     "validation_rows": len(validation_set)},
+    }
+
+
+def _bits(figures: Dict) -> str:
+    return f"{figures['bits_per_byte']:.4f}" if "bits_per_byte" in figures else "-"
+
+
+def format_lm_table(report: Dict) -> str:
+    rows = [(f"teacher {t['name']}", f"{t['params'] / 1e6:.2f}M", f"{t['perplexity']:.3f}", f"{t['nll']:.4f}", _bits(t),
+             f"w={t['weight']:g} T={t['temperature']:g}") for t in report["teachers"]]
+    if report.get("target"):
+        target = report["target"]
+        rows.append(("target (interpolated)", "-", f"{target['perplexity']:.3f}", f"{target['nll']:.4f}", _bits(target),
+                     f"{target['interpolation']}, T=1"))
+    student = report["student"]
+    ratio = student.get("compression_vs_largest_teacher")
+    rows.append(("student", f"{student['params'] / 1e6:.2f}M", f"{student['perplexity']:.3f}", f"{student['nll']:.4f}",
+                 _bits(student), f"{ratio:.2f}x largest teacher" if ratio else ""))
+    return text_table(("model", "params", "perplexity", "nll/token", "bits/byte", "note"), rows)
+
+
+def lm_compression_section(compression: Dict) -> str:
+    before, after = compression["validation_before"], compression["validation_after"]
+    rows = "\n".join(f"| {name} | {before[name]:.4f} | {after[name]:.4f} | {after[name] - before[name]:+.4f} |"
+                     for name in ("perplexity", "nll"))
+    return f"""## Compression: {compression['method']}
+
+{compression['scheme']} (torchao, through transformers' `TorchAoConfig`):
+{compression['params_int8']:,} of {compression['params']:,} parameters are stored in int8.
+Weights on disk: {compression['bytes_before']:,} bytes in fp32 -> {compression['bytes_after']:,} bytes
+({compression['bytes_after'] / compression['bytes_before']:.2f}x).
+
+| validation | fp32 | int8 | change |
+|---|---|---|---|
+{rows}
+
+Loading needs `torchao` installed; `from_pretrained` reads the quantization config from config.json.
+"""
+
+
+def causal_lm_card(report: Dict, dtype: str, compression: Optional[Dict] = None,
+                   onnx_parity: Optional[Dict] = None) -> str:
     """README.md for an exported causal-LM student: perplexities of student, teachers and target."""
     student = report["student"]
     teacher_lines = "\n".join(
-        f"| {t['name']} | `{t['path']}` | {t['params']:,} | {t['weight']:g} | {t['temperature']:g} | {t['perplexity']:.3f} |"
-        for t in report["teachers"]) or "| (none: plain fine-tuning) | | | | | |"
+        f"| {t['name']} | `{t['path']}` | {t['params']:,} | {t['weight']:g} | {t['temperature']:g} | "
+        f"{t['perplexity']:.3f} | {_bits(t)} |" for t in report["teachers"]) or "| (none: plain fine-tuning) | | | | | | |"
     target = report.get("target")
     target_line = (f"Interpolated target ({target['interpolation']}, teachers at T=1): perplexity "
-                   f"{target['perplexity']:.3f}." if target else "")
+                   f"{target['perplexity']:.3f}, bits per byte {_bits(target)}." if target else "")
     ratio = student.get("compression_vs_largest_teacher")
     loss = report["loss"]
+    exported = dtype + (f" + {compression['method']}" if compression else "")
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -167,19 +226,20 @@ tags:
 
 # Distilled causal-LM student
 
-Trained by `distill` from {len(report['teachers'])} teacher(s), token by token, exported in {dtype}.
+Trained by `distill` from {len(report['teachers'])} teacher(s), token by token, exported in {exported}.
 
 | metric (validation, {student['tokens']:,} tokens) | value |
 |---|---|
 | perplexity | {student['perplexity']:.3f} |
 | NLL per token | {student['nll']:.4f} |
+| bits per byte | {_bits(student)} |
 | parameters | {student['params']:,} |
 | compression vs largest teacher | {f"{ratio:.3f}x" if ratio else "n/a"} |
 
 ## Teachers
 
-| name | source | parameters | weight | temperature | perplexity |
-|---|---|---|---|---|---|
+| name | source | parameters | weight | temperature | perplexity | bits per byte |
+|---|---|---|---|---|---|---|
 {teacher_lines}
 
 {target_line}
@@ -189,6 +249,7 @@ Loss: `kd_alpha * T^2 * D(target_T || student_T) + (1 - kd_alpha) * CE`, D = {lo
 labelled tokens of each optimizer step. Training: {report['training']['steps']} optimizer steps, DeepSpeed
 ZeRO stage {report['training']['zero_stage']}.
 
+{lm_compression_section(compression) if compression else ""}{onnx_line(onnx_parity) if onnx_parity else ""}
 ## How to load
 
 ```python

@@ -13,7 +13,7 @@ gathers parameters in place, which inference tensors forbid.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from distill.config import ConfigError, DistillConfig, teacher_display_name
 from distill.data import TokenizerGroup, model_inputs
 from distill.interpolate import build_interpolation, normalize_weights, teacher_log_probs
-from distill.modeling import (count_parameters, label_names_of, load_model_config, load_sequence_classifier,
-                              load_tokenizer, same_vocabulary)
+from distill.modeling import label_names_of, load_model_config, load_tokenizer, same_vocabulary
+from distill.signals import NonFiniteLogitsError
 
 
 def label_permutation(model_config, label_names: List[str], key: str) -> Optional[List[int]]:
@@ -88,10 +88,6 @@ def plan_teachers(cfg: DistillConfig, label_names: List[str], student_tokenizer)
     return plans, groups
 
 
-class NonFiniteLogitsError(RuntimeError):
-    pass
-
-
 class TeacherEnsemble:
     """Loaded, frozen teachers and the interpolation that turns their outputs into one target."""
 
@@ -154,11 +150,13 @@ class TeacherEnsemble:
             self.interpolation.load_state_dict(state["gate"])
 
 
-def load_teachers(cfg: DistillConfig, plans: List[TeacherPlan], device: torch.device,
-                  dtype: torch.dtype) -> TeacherEnsemble:
+def load_teachers(cfg: DistillConfig, plans: List[TeacherPlan], device: torch.device, dtype: torch.dtype,
+                  load_model: Callable[[TeacherPlan, torch.dtype], nn.Module]) -> TeacherEnsemble:
+    """Each planned teacher loaded by the task's `load_model`, frozen, and placed: whole on this
+    rank's device (replicated), or partitioned across ranks by ZeRO-3 (teachers.placement)."""
     models = []
     for plan in plans:
-        model = load_sequence_classifier(plan.path, plan.key, cfg.trust_remote_code, dtype, cfg.allow_pickled_weights)
+        model = load_model(plan, dtype)
         model.eval().requires_grad_(False)
         models.append(model)
     interpolation = build_configured_interpolation(cfg)
@@ -168,6 +166,7 @@ def load_teachers(cfg: DistillConfig, plans: List[TeacherPlan], device: torch.de
     else:
         ensemble = TeacherEnsemble(plans, [m.to(device) for m in models], interpolation)
     ensemble.on_nonfinite = cfg.teachers.on_nonfinite
+    ensemble.dtype = dtype
     return ensemble
 
 
@@ -196,7 +195,3 @@ def _partition_zero3(model: nn.Module, cfg: DistillConfig, dtype: torch.dtype) -
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.module.eval()
     return engine.module
-
-
-def teacher_parameter_counts(ensemble: TeacherEnsemble) -> List[int]:
-    return [count_parameters(model) for model in ensemble.models]

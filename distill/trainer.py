@@ -1,9 +1,10 @@
-"""The training run: orchestration only. Formulas live in interpolate.py and losses.py.
+"""The training run: one loop for every task, orchestration only. Formulas live in interpolate.py,
+losses.py and chunked_loss.py; data, the loss's inputs, metrics and reports in the task (tasks/).
 
 Order of work, so that bad input fails before anything is loaded or written:
-config (validated) -> data read and split -> teachers' labels and tokenizers checked -> run
-directory -> student and teachers loaded -> DeepSpeed engine -> train / evaluate / checkpoint ->
-report -> export.
+config (validated, then by the task) -> data read and split -> teachers' labels and tokenizers
+checked -> run directory -> student and teachers loaded -> interpolation fitted (rank 0, broadcast)
+-> DeepSpeed engine -> train / evaluate / checkpoint -> report -> export.
 """
 from __future__ import annotations
 
@@ -21,27 +22,23 @@ from torch.utils.data.distributed import DistributedSampler
 
 from omegaconf import OmegaConf
 
-from distill import distributed
+import distill.distributed as distributed
 from distill.checkpointing import (MANIFEST, CheckpointWriteError, ResumableSampler, content_hash,
                                    latest_complete_tag, load_rng_state, read_manifest, restore_latest,
                                    save_rng_state, unsafe_changes, write_manifest)
 from distill.config import ConfigError, DistillConfig, to_yaml
-from distill.paths import links_leaving
-from distill.data import (Collator, LABELS, SOURCE, TokenizerGroup, model_inputs, read_splits, rows_matching, texts_of,
-                          tokenize)
+from distill.data import SOURCE
 from distill.deepspeed_config import build_deepspeed_config, build_optimizer, build_scheduler
-from distill.evaluation import (Predictions, collect_teacher_logits, predict, student_logits_fn, teacher_logit_fns,
-                                validation_loader)
-from distill.fit_weights import fit_interpolation_state, load_state, save_state, state_digest
-from distill.interpolate import normalize_weights
-from distill.schedules import value_at
+from distill.fit_weights import load_state, save_state, state_digest
 from distill.hardware import local_device, teacher_dtype
-from distill.losses import IGNORE_INDEX, build_divergence, distillation_loss, per_teacher_kl
+from distill.interpolate import normalize_weights
 from distill.mixture import MixtureBatchSampler
-from distill.modeling import count_parameters, load_model_config, load_tokenizer
-from distill.report import build_report, format_table, write_json
-from distill.student import build_student, check_student_labels
-from distill.teachers import TeacherEnsemble, load_teachers, plan_teachers
+from distill.modeling import count_parameters, load_tokenizer
+from distill.paths import links_leaving
+from distill.report import write_json
+from distill.schedules import value_at
+from distill.tasks import build_task
+from distill.tasks.base import StepFigures
 from distill.tracking import MetricsLogger, plot_curves
 
 CHECKPOINTS = "checkpoints"
@@ -68,16 +65,15 @@ class LogWindow:
         self.started = time.perf_counter()
         self.sums = torch.zeros(3 + 3 * len(self.teacher_names), dtype=torch.float64)
 
-    def add(self, loss: float, kd: float, ce: float, samples: int, teacher_kl: Optional[torch.Tensor] = None,
-            teacher_correct: Optional[torch.Tensor] = None, labelled: int = 0) -> None:
+    def add(self, figures: StepFigures) -> None:
         self.micro_batches += 1
-        self.samples += samples
+        self.samples += figures.samples
         count = len(self.teacher_names)
-        self.sums[:3] += torch.tensor([loss, kd, ce], dtype=torch.float64)
-        if teacher_kl is not None and count:
-            self.sums[3:3 + count] += teacher_kl.double().cpu()
-            self.sums[3 + count:3 + 2 * count] += teacher_correct.double().cpu()
-            self.sums[3 + 2 * count:] += labelled
+        self.sums[:3] += torch.tensor([figures.loss, figures.kd, figures.ce], dtype=torch.float64)
+        if figures.teacher_kl is not None and count:
+            self.sums[3:3 + count] += figures.teacher_kl.double().cpu()
+            self.sums[3 + count:3 + 2 * count] += figures.teacher_correct.double().cpu()
+            self.sums[3 + 2 * count:] += figures.labelled
 
     def summary(self) -> Dict[str, float]:
         """Means over micro-batches and ranks; batch accuracies pooled over labelled rows."""
@@ -88,9 +84,9 @@ class LogWindow:
                   "samples_per_s": self.samples * distributed.world_size() / elapsed}
         count = len(self.teacher_names)
         for k, name in enumerate(self.teacher_names):
-            values[f"{name}/kl_to_student"] = sums[3 + k].item() / micro
             labelled = sums[3 + 2 * count + k].item()
-            if labelled > 0:
+            if labelled > 0:  # tasks that report per-teacher monitors (classification)
+                values[f"{name}/kl_to_student"] = sums[3 + k].item() / micro
                 values[f"{name}/batch_accuracy"] = sums[3 + count + k].item() / labelled
         return values
 
@@ -98,68 +94,58 @@ class LogWindow:
 class Trainer:
     def __init__(self, cfg: DistillConfig):
         self.cfg = cfg
+        self.task = build_task(cfg)
         self.run_dir = Path(cfg.output_dir)
         self.device = local_device()
         self.engine = None
-        self.ensemble: Optional[TeacherEnsemble] = None
-        self.teacher_predictions: Optional[Predictions] = None
+        self.ensemble = None  # teachers.TeacherEnsemble: plans, interpolation, weights, temperatures
+        self.source = None  # where the teachers' signal comes from (signals.py): live models or a cache
         self.skipped_rows = 0  # rows left out of the KD term for non-finite teacher logits (this rank)
         self.teacher_hashes: Optional[List[str]] = None
-        self.divergence = build_divergence(cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta, skew=cfg.loss.skew)
 
     # ----------------------------------------------------------------- set-up, in failing order
     def prepare(self) -> None:
-        cfg = self.cfg
+        cfg, task = self.cfg, self.task
         distributed.init_distributed()
         seed_everything(cfg.seed)
-        self.splits = read_splits(cfg.data)
-        self.label_names = self.splits.label_names
-        student_source, key = ((cfg.student.path, "student.path") if cfg.student.path is not None
-                               else (self._student_teacher_path(), "student.from_teacher"))
-        if cfg.student.path is not None:
-            check_student_labels(load_model_config(cfg.student.path, key, cfg.trust_remote_code),
-                                 self.label_names, key)
-        if cfg.student.trim_vocab and cfg.teachers.models and cfg.teachers.tokenization == "shared":
-            raise ConfigError("student.trim_vocab gives the student its own vocabulary: "
-                              "set teachers.tokenization=per_model so each teacher encodes the text itself")
-        base_tokenizer = load_tokenizer(student_source, key, cfg.trust_remote_code)
-        self.teacher_plans, self.teacher_groups = plan_teachers(
-            cfg, self.label_names, None if cfg.student.trim_vocab else base_tokenizer)
+        self.splits = task.read_splits()
+        reference, key = task.student_source()
+        self.teacher_plans = task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
         self.resume_from = self._find_resume_point()
         self._make_run_dir()
 
-        student, tokenizer = build_student(cfg, self.label_names, texts_of(self.splits.train, cfg.data.text_fields))
+        student, tokenizer = task.build_student(self.splits)
         self.tokenizer = tokenizer
-        self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
         if distributed.is_main():  # the initial student, whole: export rebuilds from it, WiSE-FT mixes with it
             student.save_pretrained(self.run_dir / STUDENT_INIT)
             tokenizer.save_pretrained(self.run_dir / STUDENT_INIT)
-        self.train_set = tokenize(self.splits.train, self.groups, cfg.data.text_fields, cfg.data.max_length)
-        self.validation_set = tokenize(self.splits.validation, self.groups, cfg.data.text_fields, cfg.data.max_length)
-        self.collator = Collator(self.groups)
+        self.train_set = task.encode(self.splits.train, "train")
+        self.validation_set = task.encode(self.splits.validation, "validation")
+        self.collator = task.collator()
 
+        self.teacher_params = []
         if self.teacher_plans:
-            dtype = teacher_dtype(cfg.teachers.dtype, self.device)
-            self.ensemble = load_teachers(cfg, self.teacher_plans, self.device, dtype)
-            self.teacher_params = [count_parameters(m) for m in self.ensemble.models]
+            self.teacher_dtype = teacher_dtype(cfg.teachers.dtype, self.device)
+            self.ensemble, self.source = task.load_teachers(self.teacher_plans, self.device, self.teacher_dtype)
+            self.teacher_params = (getattr(self.ensemble, "parameter_counts", None)
+                                   or [count_parameters(m) for m in self.ensemble.models])
             self._prepare_interpolation()
-        else:
-            self.teacher_params = []
+        task.prepare_training(self.device, self.ensemble)
         self.student_params = count_parameters(student)
         self._build_engine(student)
 
     def _prepare_interpolation(self) -> None:
-        """Fit the interpolation on validation (rank 0, broadcast), or reload the fit on resume."""
+        """Fit the interpolation on validation (rank 0 fits, every rank receives the state), or
+        reload the fit on resume. The strategy owns its fit (interpolate.py)."""
         cfg = self.cfg
         folder = self.run_dir / INTERPOLATION
         state = load_state(folder) if self.resume_from is not None else None
         if state is None and cfg.interpolation.fit_on == "validation":
-            loader = validation_loader(self.validation_set, self.collator, cfg.training.eval_batch_size)
-            logits, labels = collect_teacher_logits(loader, self.ensemble, self.device)
+            chunks = self.task.validation_chunks(self.ensemble, self.source, self.device)
             if distributed.is_main():
-                state = fit_interpolation_state(
-                    cfg.interpolation.method, logits, labels, self.ensemble.weights, self.ensemble.temperatures,
-                    cfg.interpolation.fit_temperatures, dict(cfg.interpolation.learned_gate), seed=cfg.seed)
+                state = self.ensemble.interpolation.fit(chunks, self.ensemble.weights.double(),
+                                                        self.ensemble.temperatures.double(),
+                                                        cfg.interpolation.fit_temperatures, seed=cfg.seed)
             state = distributed.broadcast_object(state)
             if distributed.is_main():
                 save_state(state, folder)
@@ -179,19 +165,17 @@ class Trainer:
         return normalize_weights(torch.tensor(weights, dtype=torch.float64)).tolist()
 
     def _scheduled(self, step: int) -> Dict:
-        """kd_alpha, temperature and teacher weights at this optimizer step (schedules.py)."""
+        """kd_alpha, temperature, teacher weights and teacher temperatures at this optimizer step
+        (schedules.py). A temperature schedule moves the student's T and every teacher's
+        temperature together: teacher k is softened by T_k * T(step) / loss.temperature."""
         cfg, schedules = self.cfg, self.cfg.schedules
-        weights = None
+        temperature = value_at(schedules.temperature, cfg.loss.temperature, step, self.total_steps)
+        weights = teacher_temperatures = None
         if self.ensemble is not None:
             weights = value_at(schedules.teacher_weights, self.ensemble.weights.tolist(), step, self.total_steps)
+            teacher_temperatures = self.ensemble.temperatures * (temperature / cfg.loss.temperature)
         return {"kd_alpha": value_at(schedules.kd_alpha, cfg.loss.kd_alpha, step, self.total_steps),
-                "temperature": value_at(schedules.temperature, cfg.loss.temperature, step, self.total_steps),
-                "teacher_weights": weights}
-
-    def _student_teacher_path(self) -> str:
-        from distill.config import resolve_teacher_index
-
-        return self.cfg.teachers.models[resolve_teacher_index(self.cfg, self.cfg.student.from_teacher)].path
+                "temperature": temperature, "teacher_weights": weights, "teacher_temperatures": teacher_temperatures}
 
     def _find_resume_point(self) -> Optional[Path]:
         escapes = links_leaving(self.run_dir)
@@ -279,33 +263,25 @@ class Trainer:
                       f"batch {self.skip_batches})", flush=True)
 
     # ----------------------------------------------------------------------------- training
+    def _stream(self):
+        """(epoch, position in the epoch, micro-batch) without end, epoch after epoch, from the
+        resume point on; a mixture sampler has no epochs (its one epoch never ends)."""
+        micro_batch_size = self.cfg.training.micro_batch_size
+        epoch, skip = self.start_epoch, self.skip_batches
+        while True:
+            if self.mixture is None:
+                self.train_sampler.set_epoch(epoch, skip_samples=skip * micro_batch_size)
+            for position, batch in enumerate(self.train_loader, start=skip):
+                yield epoch, position, batch
+            epoch, skip = epoch + 1, 0
+
     def _micro_step(self, batch: Dict, window: LogWindow) -> None:
-        cfg, engine = self.cfg, self.engine
-        inputs = {k: v.to(engine.device) for k, v in model_inputs(batch).items()}
-        labels = batch[LABELS].to(engine.device)
-        student_logits = engine(**inputs).logits.float()
-        now = self._scheduled(engine.global_steps)
-        teacher_logits = target = None
-        kd_mask = None
-        if self.ensemble is not None and now["kd_alpha"] > 0:
-            teacher_logits = self.ensemble.logits(batch, engine.device)
-            finite_rows = torch.isfinite(teacher_logits).all(dim=-1).all(dim=0)
-            if not finite_rows.all():  # only reachable with teachers.on_nonfinite=skip
-                kd_mask = finite_rows
-                self.skipped_rows += int((~finite_rows).sum())
-                teacher_logits = torch.where(finite_rows[None, :, None], teacher_logits, torch.zeros_like(teacher_logits))
-            target = self.ensemble.target(teacher_logits, labels, now["teacher_weights"])
-        terms = distillation_loss(student_logits, target, labels, now["kd_alpha"], now["temperature"],
-                                  cfg.loss.label_smoothing, kd_mask, self.divergence)
-        engine.backward(terms.total)
-        engine.step()
-        teacher_kl = teacher_correct = None
-        labelled_rows = labels != IGNORE_INDEX
-        if teacher_logits is not None and kd_mask is None:
-            teacher_kl = per_teacher_kl(self.ensemble.log_probs(teacher_logits), student_logits, now["temperature"])
-            teacher_correct = ((teacher_logits.argmax(-1) == labels) & labelled_rows).sum(dim=-1)
-        window.add(terms.total.item(), terms.kd.item(), terms.ce.item(), len(labels), teacher_kl,
-                   teacher_correct, int(labelled_rows.sum()))
+        now = self._scheduled(self.engine.global_steps)
+        terms, figures = self.task.loss(self.engine, batch, self.ensemble, self.source, now)
+        self.engine.backward(terms.total)
+        self.engine.step()
+        self.skipped_rows += figures.skipped
+        window.add(figures)
 
     def train(self) -> Dict:
         cfg = self.cfg
@@ -318,63 +294,60 @@ class Trainer:
 
             progress = tqdm(total=self.total_steps, initial=self.engine.global_steps, desc="distill", unit="step")
         started = time.perf_counter()
-        epoch = self.start_epoch
         drawn_sources = torch.zeros(len(self.splits.source_names), dtype=torch.float64)
         scheduled_sources = torch.zeros_like(drawn_sources)
         self.engine.train()
-        while self.engine.global_steps < self.total_steps:
-            if self.mixture is None:
-                self.train_sampler.set_epoch(epoch, skip_samples=self.skip_batches * cfg.training.micro_batch_size)
-            for position, batch in enumerate(self.train_batches(), start=self.skip_batches):
-                before = self.engine.global_steps
-                if self.mixture is not None:  # what this micro-batch was drawn with, and what it got
-                    scheduled_sources += torch.tensor(self.mixture_proportions(self.engine.global_steps), dtype=torch.float64)
-                    drawn_sources += torch.bincount(batch[SOURCE], minlength=len(drawn_sources)).double()
-                self._micro_step(batch, window)
-                step = self.engine.global_steps
-                if step == before:
-                    continue
+        batches = self.task.batches(self._stream(), lambda: self.engine.micro_steps)
+        for epoch, position, batch in batches:
+            if self.engine.global_steps >= self.total_steps:
+                break
+            before = self.engine.global_steps
+            if self.mixture is not None:  # what this micro-batch was drawn with, and what it got
+                scheduled_sources += torch.tensor(self.mixture_proportions(self.engine.global_steps), dtype=torch.float64)
+                drawn_sources += torch.bincount(batch[SOURCE], minlength=len(drawn_sources)).double()
+            self._micro_step(batch, window)
+            step = self.engine.global_steps
+            if step == before:
+                continue
+            if progress is not None:
+                progress.update(step - before)
+            if self.has_schedules:  # scheduled values at every optimizer step
+                now = self._scheduled(step)
+                scheduled = {"kd_alpha": now["kd_alpha"], "temperature": now["temperature"]}
+                if now["teacher_weights"] is not None:
+                    scheduled.update({f"{n}/weight": w for n, w in zip(
+                        names, normalize_weights(torch.tensor(now["teacher_weights"])).tolist())})
+                self.logger.log(step, scheduled, kind="schedule")
+            if step % cfg.training.log_every == 0 or step == self.total_steps:
+                values = window.summary()
+                values["lr"] = self.engine.get_lr()[0]
+                if self.mixture is not None:  # drawn in this window, next to the window's mean scheduled mix
+                    drawn = distributed.mean_across_ranks(drawn_sources)
+                    drawn = drawn / drawn.sum().clamp(min=1)
+                    scheduled = scheduled_sources / scheduled_sources.sum().clamp(min=1e-12)
+                    for name, share, fraction in zip(self.splits.source_names, scheduled.tolist(), drawn.tolist()):
+                        values[f"mixture/{name}/scheduled"] = share
+                        values[f"mixture/{name}/drawn"] = fraction
+                    drawn_sources.zero_()
+                    scheduled_sources.zero_()
+                skipped = distributed.mean_across_ranks(torch.tensor([float(self.skipped_rows)]))
+                values["skipped_nonfinite_rows"] = round(float(skipped) * distributed.world_size())
+                now = self._scheduled(step)
+                values.update(kd_alpha=now["kd_alpha"], temperature=now["temperature"])
+                if names:
+                    weights = normalize_weights(torch.tensor(now["teacher_weights"])).tolist()
+                    values.update({f"{n}/weight": w for n, w in zip(names, weights)})
+                self.logger.log(step, values)
                 if progress is not None:
-                    progress.update(step - before)
-                if self.has_schedules:  # scheduled values at every optimizer step
-                    now = self._scheduled(step)
-                    scheduled = {"kd_alpha": now["kd_alpha"], "temperature": now["temperature"]}
-                    if now["teacher_weights"] is not None:
-                        scheduled.update({f"{n}/weight": w for n, w in zip(
-                            names, normalize_weights(torch.tensor(now["teacher_weights"])).tolist())})
-                    self.logger.log(step, scheduled, kind="schedule")
-                if step % cfg.training.log_every == 0 or step == self.total_steps:
-                    values = window.summary()
-                    values["lr"] = self.engine.get_lr()[0]
-                    if self.mixture is not None:  # drawn in this window, next to the window's mean scheduled mix
-                        drawn = distributed.mean_across_ranks(drawn_sources)
-                        drawn = drawn / drawn.sum().clamp(min=1)
-                        scheduled = scheduled_sources / scheduled_sources.sum().clamp(min=1e-12)
-                        for name, share, fraction in zip(self.splits.source_names, scheduled.tolist(), drawn.tolist()):
-                            values[f"mixture/{name}/scheduled"] = share
-                            values[f"mixture/{name}/drawn"] = fraction
-                        drawn_sources.zero_()
-                        scheduled_sources.zero_()
-                    skipped = distributed.mean_across_ranks(torch.tensor([float(self.skipped_rows)]))
-                    values["skipped_nonfinite_rows"] = round(float(skipped) * distributed.world_size())
-                    now = self._scheduled(step)
-                    values.update(kd_alpha=now["kd_alpha"], temperature=now["temperature"])
-                    if names:
-                        weights = normalize_weights(torch.tensor(now["teacher_weights"])).tolist()
-                        values.update({f"{n}/weight": w for n, w in zip(names, weights)})
-                    self.logger.log(step, values)
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{values['samples_per_s']:.1f}")
-                    window.reset()
-                if cfg.training.eval_every and step % cfg.training.eval_every == 0 and step < self.total_steps:
-                    self.evaluate(step)
-                    self.engine.train()
-                if step % cfg.training.checkpoint_every == 0 or step == self.total_steps:
-                    self.save_checkpoint(epoch, position + 1)
-                if step >= self.total_steps:
-                    break
-            self.skip_batches = 0
-            epoch += 1
+                    progress.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{values['samples_per_s']:.1f}")
+                window.reset()
+            if cfg.training.eval_every and step % cfg.training.eval_every == 0 and step < self.total_steps:
+                self.evaluate(step)
+                self.engine.train()
+            if step % cfg.training.checkpoint_every == 0 or step == self.total_steps:
+                self.save_checkpoint(epoch, position + 1)
+            if step >= self.total_steps:
+                break
         if progress is not None:
             progress.close()
         return {"steps": self.engine.global_steps, "seconds": time.perf_counter() - started}
@@ -420,26 +393,15 @@ class Trainer:
 
     # --------------------------------------------------------------------------- evaluation
     def evaluate(self, step: int) -> Dict[str, Dict[str, float]]:
-        loader = validation_loader(self.validation_set, self.collator, self.cfg.training.eval_batch_size)
+        """The task's validation metrics for the student, each teacher and the target (and per
+        evaluation domain), logged as `model/metric` and `model/domain/metric`."""
         self.engine.eval()
-        functions = {"student": student_logits_fn(self.engine, self.engine.device)}
-        if self.ensemble is not None and self.teacher_predictions is None:
-            functions.update(teacher_logit_fns(self.ensemble, self.engine.device))
-        predictions = predict(loader, functions)
-        if self.ensemble is not None:
-            if self.teacher_predictions is None:  # teachers are frozen: evaluate them once
-                self.teacher_predictions = Predictions(predictions.references, {
-                    k: v for k, v in predictions.by_model.items() if k != "student"})
-            predictions.by_model.update(self.teacher_predictions.by_model)
-        self.last_predictions = predictions
-        metrics = predictions.metrics(len(self.label_names))
-        logged = {f"{model}/{name}": value for model, figures in metrics.items() for name, value in figures.items()}
-        texts = self.splits.validation[self.cfg.data.text_fields[0]]
-        for domain in self.cfg.data.eval_domains:  # predictions are in validation index order
-            rows = set(rows_matching(texts, domain.match, domain.invert_match))
-            if rows:
-                for model, figures in predictions.metrics(len(self.label_names), rows).items():
-                    logged.update({f"{model}/{domain.name}/{name}": value for name, value in figures.items()})
+        metrics, domains = self.task.evaluate(self.engine, self.ensemble, self.source, self.engine.device)
+        logged = {f"{model}/{name}": value for model, figures in metrics.items()
+                  for name, value in figures.items() if name != "tokens"}
+        for domain, by_model in domains.items():
+            logged.update({f"{model}/{domain}/{name}": value for model, figures in by_model.items()
+                           for name, value in figures.items() if name != "tokens"})
         self.logger.log(step, logged, kind="eval")
         return metrics
 
@@ -450,7 +412,9 @@ class Trainer:
         metrics = self.evaluate(self.engine.global_steps)
         report = None
         if distributed.is_main():
-            report = self.build_report(metrics, summary)
+            self.task.write_outputs(self.run_dir)
+            report = self.task.report(self.teacher_plans, self.teacher_params, self.student_params, metrics, summary,
+                                      self.train_set, self.validation_set)
             write_json(self.run_dir / "report.json", report)
             plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png",
                         title=f"{Path(self.cfg.output_dir).name}")
@@ -462,36 +426,11 @@ class Trainer:
             export_dir = export_run(self.run_dir, self.run_dir / "student", dtype=self.cfg.export.dtype, overwrite=True)
             report["export_dir"] = str(export_dir)
             write_json(self.run_dir / "report.json", report)
-            print(self.format_table(report), flush=True)
+            print(self.task.format_table(report), flush=True)
         # no barrier after the export: the other ranks have nothing left to do, and a long export
         # (a big model) must not run into their collective timeout
         return report
 
-    def build_report(self, metrics: Dict, summary: Dict) -> Dict:
-        """report.json's content (main rank), after writing the validation predictions."""
-        write_json(self.run_dir / "eval" / "predictions.json", {
-            "label_names": self.label_names, "references": self.last_predictions.references,
-            **self.last_predictions.by_model})
-        return build_report(self.cfg, self.teacher_plans, self.teacher_params, self.student_params,
-                            metrics, summary, self.train_set, self.validation_set)
-
-    def format_table(self, report: Dict) -> str:
-        return format_table(report)
-
-    def train_batches(self):
-        """The micro-batches of an epoch; a task may annotate them (the causal LM adds each step's
-        global token count)."""
-        return self.train_loader
-
-
-def trainer_for(cfg: DistillConfig) -> Trainer:
-    """The trainer of `cfg.task`: the shared loop, with the task's data, loss and metrics."""
-    if cfg.task == "causal_lm":
-        from distill.causal_lm import CausalLMTrainer
-
-        return CausalLMTrainer(cfg)
-    return Trainer(cfg)
-
 
 def train(cfg: DistillConfig) -> Optional[Dict]:
-    return trainer_for(cfg).run()
+    return Trainer(cfg).run()

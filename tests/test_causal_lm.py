@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from distill.causal_lm import LMCollator, pack_blocks, prompt_response_rows
+from distill.lm_data import LMCollator, pack_blocks, prompt_response_rows
 from distill.losses import IGNORE_INDEX
 from tests.conftest import tiny_lm_config_yaml
 from tests.helpers import run_cli, train_losses
@@ -44,7 +44,7 @@ def _exported_perplexity(model_dir, config_path):
     """Perplexity of the exported folder, loaded with plain transformers, on the run's validation blocks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.causal_lm import encode_lm, read_lm_splits
+    from distill.lm_data import encode_lm, read_lm_splits
     from distill.config import load_config
 
     cfg = load_config(config_path)
@@ -111,8 +111,11 @@ def test_a_teacher_with_another_vocabulary_is_named(tiny_lm, tmp_path):
 
 def test_unsupported_settings_are_refused_for_causal_lm(tiny_lm, tmp_path):
     config = tiny_lm_config_yaml(tiny_lm, tmp_path / "run")
-    result = run_cli(["train", config, "teachers.placement=zero3"])
-    assert result.returncode == 2 and "task causal_lm does not support ['teachers.placement=zero3']" in result.stderr
+    result = run_cli(["train", config, "student.trim_vocab=true"])
+    assert result.returncode == 2 and "task causal_lm does not support ['student.trim_vocab'] yet" in result.stderr
+    ignored = run_cli(["train", config, "data.label_names=[a,b]"])
+    assert ignored.returncode == 2 and "task causal_lm does not read ['data.label_names']" in ignored.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.multirank
@@ -171,10 +174,13 @@ def test_small_top_k_cache_trains_and_refuses_other_data(lm_run, tiny_lm, tmp_pa
     assert other.returncode == 2 and "was written for other training blocks" in other.stderr
 
 
-def test_classification_only_commands_refuse_a_causal_lm_config(lm_run):
+def test_eval_command_reproduces_a_causal_lm_run(lm_run):
     run_dir, config, _ = lm_run
     result = run_cli(["eval", run_dir, config])
-    assert result.returncode == 2 and "distill eval supports task sequence_classification only" in result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert f"{report['student']['perplexity']:.3f}" in result.stdout
+    assert f"{report['teachers'][1]['perplexity']:.3f}" in result.stdout and "bits/byte" in result.stdout
 
 
 @pytest.mark.parametrize("temperatures, weights", [((2.0, 1.0), (0.7, 0.3)), ((1.0, 1.0), (0.0, 1.0))])
@@ -184,8 +190,8 @@ def test_live_teachers_probability_fast_path_equals_the_log_space_reference(temp
     log-space linear interpolation, the materialised loss under autograd; padding rows included."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from distill.causal_lm import TokenTargets, body_and_head, teacher_hidden_states
     from distill.chunked_loss import fused_token_distillation, materialized_token_distillation
+    from distill.signals import LiveLanguageModels, Targets, body_and_head
     from distill.teachers import TeacherEnsemble, TeacherPlan
 
     def llama(seed, layers):
@@ -204,8 +210,9 @@ def test_live_teachers_probability_fast_path_equals_the_log_space_reference(temp
     options = dict(kd_alpha=0.6, temperature=1.5, label_smoothing=0.1)
     body, head = body_and_head(student)
     hidden = body(**inputs).last_hidden_state.reshape(-1, 32)
-    fast_targets = TokenTargets(ensemble, teacher_hidden_states(ensemble, inputs), labels, None, probabilities=True)
-    assert fast_targets.probabilities
+    signal = LiveLanguageModels(ensemble).signal(inputs, torch.device("cpu"))
+    fast_targets = Targets(ensemble, signal, labels, labels != IGNORE_INDEX, streamed=True)
+    assert fast_targets.stream_probabilities
     fast = fused_token_distillation(hidden, head.weight, labels, fast_targets, chunk_size=7, **options)
     with torch.no_grad():
         teacher_logits = torch.stack([m(**inputs).logits.reshape(-1, 97) for m in ensemble.models])

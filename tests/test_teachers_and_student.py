@@ -7,7 +7,9 @@ from distill.config import ConfigError, load_config
 from distill.data import model_inputs
 from distill.hardware import teacher_dtype
 from distill.student import build_student, keep_layers, trim_vocabulary
-from distill.teachers import NonFiniteLogitsError, label_permutation, load_teachers, plan_teachers
+from distill.signals import NonFiniteLogitsError
+from distill.tasks import build_task
+from distill.teachers import label_permutation, plan_teachers
 from tests.conftest import make_bert_classifier, tiny_config_yaml, train_tokenizer
 
 LABELS = ["negative", "neutral", "positive"]
@@ -41,7 +43,7 @@ def test_vocabulary_mismatch_is_named_unless_per_model(tiny, tmp_path):
 def test_ensemble_aligns_labels_and_refuses_nan(tiny, tmp_path):
     cfg = load_config(tiny_config_yaml(tiny, tmp_path / "run"))
     plans, _ = plan_teachers(cfg, LABELS, tiny["tokenizer"])
-    ensemble = load_teachers(cfg, plans, torch.device("cpu"), torch.float32)
+    ensemble, _ = build_task(cfg).load_teachers(plans, torch.device("cpu"), torch.float32)
     batch = dict(tiny["tokenizer"](["great ride", "awful road"], padding=True, return_tensors="pt"))
     batch["index"] = torch.tensor([0, 1])
     logits = ensemble.logits(batch, torch.device("cpu"))

@@ -1,0 +1,170 @@
+"""Causal-LM data: raw text (or prompt/response pairs) -> next-token blocks.
+
+Plain text is tokenized, joined with EOS and packed into blocks of `data.block_size` tokens
+(consecutive blocks overlap by one token, so every token after the first is predicted exactly once);
+prompt/response rows become one sequence each, and only the response's tokens carry labels. Labels
+are next-token ids aligned with the inputs (`labels[t] = input_ids[t + 1]`), -100 where nothing is
+learned (prompt, padding).
+
+Mixture sources (`data.mixture_sources`) are packed each on its own, so a block never mixes two
+sources and carries the `source` id the mixture sampler draws by. Evaluation domains
+(`data.eval_domains`) select validation texts by regex and are packed on their own too: a packed
+block of the whole validation split belongs to no single domain.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+from datasets import Dataset, concatenate_datasets
+
+from distill.config import ConfigError, mixture_source_split
+from distill.data import (INDEX, LABELS, SOURCE, Splits, check_fields, drop_duplicates, is_missing, load_source,
+                          rows_matching, subsample, text_keys)
+from distill.losses import IGNORE_INDEX
+
+
+def lm_fields(data) -> List[str]:
+    return [data.prompt_field, data.response_field] if data.prompt_field else [data.text_fields[0]]
+
+
+def _read(source, key: str, data) -> Dataset:
+    dataset = load_source(source, key)
+    fields = lm_fields(data)
+    check_fields(dataset, fields, key)
+    dataset = dataset.filter(lambda row: not any(is_missing(row[f]) for f in fields), desc="drop empty rows")
+    dataset = dataset.select_columns(fields)
+    if len(dataset) == 0:
+        raise ConfigError(f"data.{key}.path: {source.path} has no rows with text in {fields}")
+    if data.drop_duplicate_texts:
+        dataset = drop_duplicates(dataset, fields)
+    return subsample(dataset, source.max_samples, data.seed)
+
+
+def read_lm_splits(data) -> Splits:
+    """Raw train/validation rows (text, or prompt/response); validation is carved out of train
+    (seeded) when data.validation.path is not set. With data.mixture_sources, train is the
+    concatenation of the sources, each row tagged with its source id."""
+    fields = lm_fields(data)
+    train = _read(data.train, "train", data)
+    if data.validation.path is not None:
+        validation = _read(data.validation, "validation", data)
+    else:
+        if len(train) < 2:
+            raise ConfigError(f"data.train.path: {data.train.path} has {len(train)} row(s); a validation split "
+                              "needs at least 2 (or set data.validation.path)")
+        parts = train.train_test_split(test_size=data.validation_fraction, seed=data.seed)
+        train, validation = parts["train"], parts["test"]
+    if data.drop_duplicate_texts:  # validation text never leaks into training
+        seen = set(text_keys(validation, fields))
+        train = drop_duplicates(train, fields, exclude=seen)
+    if not data.mixture_sources:
+        return Splits(train=train.add_column(SOURCE, [0] * len(train)), validation=validation, label_names=[],
+                      source_names=["train"])
+    parts = []
+    for index, source in enumerate(data.mixture_sources):
+        key = f"mixture_sources[{index}]"
+        split = mixture_source_split(source)
+        if split not in (None, "train"):
+            raise ConfigError(f"data.{key}: task causal_lm reads mixture sources from a path or from_split=train, "
+                              f"not {split!r}")
+        part = train if split == "train" else _read(source, key, data)
+        if split is None and data.drop_duplicate_texts:
+            part = drop_duplicates(part, fields, exclude=set(text_keys(validation, fields)))
+        if source.match is not None:
+            part = part.select(rows_matching(part[fields[0]], source.match, source.invert_match))
+        if len(part) == 0:
+            raise ConfigError(f"data.{key} ({source.name}): no rows left (match={source.match!r}, "
+                              f"invert_match={source.invert_match})")
+        parts.append(part.add_column(SOURCE, [index] * len(part)))
+    return Splits(train=concatenate_datasets(parts), validation=validation, label_names=[],
+                  source_names=[source.name for source in data.mixture_sources])
+
+
+def eos_token_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the student's tokenizer has no EOS token: causal-LM data needs one to separate texts")
+    return tokenizer.eos_token_id
+
+
+def pack_blocks(token_lists: Sequence[Sequence[int]], eos_id: int, block_size: int) -> Dict[str, List[List[int]]]:
+    """Join the texts (each followed by EOS) and cut blocks of block_size inputs; block i predicts
+    tokens i*block_size+1 .. (i+1)*block_size, so every token after the first is a label once."""
+    stream = [token for tokens in token_lists for token in (*tokens, eos_id)]
+    inputs, labels = [], []
+    for start in range(0, max(len(stream) - 1, 0), block_size):
+        piece = stream[start:start + block_size + 1]
+        if len(piece) < 2:
+            break
+        inputs.append(piece[:-1])
+        labels.append(piece[1:])
+    return {"input_ids": inputs, LABELS: labels}
+
+
+def prompt_response_rows(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], eos_id: int,
+                         max_length: int) -> Dict[str, List[List[int]]]:
+    """One sequence per pair, prompt + response + EOS cut to max_length + 1 tokens; a position's
+    label is the next token when that token belongs to the response (or is the EOS), else -100."""
+    inputs, labels = [], []
+    for prompt, response in zip(prompts, responses):
+        sequence = (list(prompt) + list(response) + [eos_id])[:max_length + 1]
+        if len(sequence) < 2:
+            continue
+        inputs.append(sequence[:-1])
+        labels.append([sequence[t + 1] if t + 1 >= len(prompt) else IGNORE_INDEX for t in range(len(sequence) - 1)])
+    return {"input_ids": inputs, LABELS: labels}
+
+
+def _encode_rows(dataset: Dataset, tokenizer, data) -> Dict[str, List[List[int]]]:
+    eos = eos_token_id(tokenizer)
+    if data.prompt_field:
+        prompts = tokenizer(list(dataset[data.prompt_field]))["input_ids"]
+        responses = tokenizer(list(dataset[data.response_field]), add_special_tokens=False)["input_ids"]
+        return prompt_response_rows(prompts, responses, eos, data.max_length)
+    return pack_blocks(tokenizer(list(dataset[data.text_fields[0]]))["input_ids"], eos, data.block_size)
+
+
+def encode_lm(dataset: Dataset, tokenizer, data, key: str) -> Dataset:
+    """Blocks (input_ids, labels, index, source) of a split; a `source` column is packed source by source."""
+    groups = [(0, dataset)]
+    if SOURCE in dataset.column_names:
+        ids = dataset[SOURCE]
+        groups = [(s, dataset.select([i for i, v in enumerate(ids) if v == s])) for s in sorted(set(ids))]
+    columns: Dict[str, list] = {"input_ids": [], LABELS: [], SOURCE: []}
+    for source, rows in groups:
+        encoded = _encode_rows(rows, tokenizer, data)
+        columns["input_ids"] += encoded["input_ids"]
+        columns[LABELS] += encoded[LABELS]
+        columns[SOURCE] += [source] * len(encoded["input_ids"])
+    if not columns["input_ids"] or not any(label != IGNORE_INDEX for row in columns[LABELS] for label in row):
+        raise ConfigError(f"data.{key}: no token to learn after tokenization (empty texts or all-prompt rows)")
+    columns[INDEX] = list(range(len(columns["input_ids"])))
+    return Dataset.from_dict(columns)
+
+
+def domain_rows(dataset: Dataset, data, domain) -> Dataset:
+    """The validation rows of one evaluation domain (regex over the first text field)."""
+    return dataset.select(rows_matching(dataset[lm_fields(data)[0]], domain.match, domain.invert_match))
+
+
+class LMCollator:
+    """Right-pads a batch: input ids with the pad (or EOS) id, attention mask 0, labels -100."""
+
+    def __init__(self, tokenizer):
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id(tokenizer)
+
+    def __call__(self, rows: List[Dict]) -> Dict:
+        length = max(len(row["input_ids"]) for row in rows)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row[LABELS])
+            mask[i, :n] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, LABELS: labels,
+                 INDEX: torch.tensor([row[INDEX] for row in rows], dtype=torch.long)}
+        if SOURCE in rows[0]:
+            batch[SOURCE] = torch.tensor([row[SOURCE] for row in rows], dtype=torch.long)
+        return batch

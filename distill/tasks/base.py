@@ -1,0 +1,130 @@
+"""The task interface and its registry (the package's __init__ finds the tasks)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+from torch import Tensor
+
+from distill.config import ConfigError
+
+TASKS: Dict[str, type] = {}
+
+
+def register_task(name: str) -> Callable[[type], type]:
+    def decorate(cls: type) -> type:
+        if name in TASKS:
+            raise ValueError(f"task {name!r} is registered twice")
+        cls.name = name
+        TASKS[name] = cls
+        return cls
+
+    return decorate
+
+
+@dataclass
+class StepFigures:
+    """What one micro-batch adds to the log window: the loss terms as floats (per row or token of
+    this micro-batch), its row count, rows left out of KD for non-finite teacher logits, and for
+    classification each teacher's KL to the student and batch accuracy."""
+    loss: float
+    kd: float
+    ce: float
+    samples: int
+    skipped: int = 0
+    teacher_kl: Optional[Tensor] = None
+    teacher_correct: Optional[Tensor] = None
+    labelled: int = 0
+
+
+def refuse_unused(cfg, unused: Dict[str, bool], why: str = "") -> None:
+    """ConfigError naming every setting in `unused` that is set: the task would ignore it."""
+    used = [key for key, is_set in unused.items() if is_set]
+    if used:
+        raise ConfigError(f"task {cfg.task} does not read {used}{why}: remove {'it' if len(used) == 1 else 'them'}")
+
+
+class Task:
+    """The interface the trainer and the commands use; see the module docstring."""
+
+    name = "base"
+    # the unit of a row of the teachers' signal, in messages ('row', 'token')
+    row_unit = "row"
+    # the figures `distill fit-weights` shows for each mix, besides the weights and temperatures
+    fit_columns = ("nll", "accuracy", "ece")
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Refuse settings this task would silently ignore (ConfigError naming them)."""
+
+    # data ----------------------------------------------------------------------------------
+    def read_splits(self):
+        raise NotImplementedError
+
+    def encode(self, split, key: str):
+        raise NotImplementedError
+
+    def collator(self):
+        raise NotImplementedError
+
+    def batches(self, stream, micro_steps_done: Callable[[], int]):
+        """The training micro-batches, as (epoch, position, batch) from `stream`; by default as they come."""
+        return stream
+
+    # models --------------------------------------------------------------------------------
+    def student_source(self):
+        """(reference, config key) of the model the student's tokenizer comes from."""
+        cfg = self.cfg
+        if cfg.student.path is not None:
+            return cfg.student.path, "student.path"
+        from distill.config import resolve_teacher_index
+
+        return cfg.teachers.models[resolve_teacher_index(cfg, cfg.student.from_teacher)].path, "student.from_teacher"
+
+    def plan_teachers(self, student_tokenizer):
+        raise NotImplementedError
+
+    def build_student(self, splits):
+        raise NotImplementedError
+
+    def load_teachers(self, plans, device, dtype):
+        """(TeacherEnsemble, signal source) for the planned teachers."""
+        raise NotImplementedError
+
+    def prepare_training(self, device, ensemble) -> None:
+        """Run-wide loss settings, once the teachers are known (a no-op by default)."""
+
+    def write_outputs(self, run_dir) -> None:
+        """Files of the task's own beside report.json (e.g. validation predictions); none by default."""
+
+    def write_cache(self, out_dir, top_k: int):
+        raise ConfigError(f"distill cache is not available for task {self.name} yet")
+
+    # loss and evaluation -------------------------------------------------------------------
+    def loss(self, engine, batch, ensemble, source, now: Dict, workspace=None):
+        """(loss terms with .total/.kd/.ce, StepFigures) of one micro-batch; the trainer runs backward and step."""
+        raise NotImplementedError
+
+    def evaluate(self, model, ensemble, source, device, teachers_too: bool) -> Dict[str, Dict[str, float]]:
+        raise NotImplementedError
+
+    def validation_bytes(self):
+        """UTF-8 bytes of the validation text whose tokens are predicted (for bits per byte), or None."""
+        return None
+
+    def validation_chunks(self, ensemble, source, device):
+        """fitting.Chunks over the validation rows with a label (the teachers' logits, a chunk at a time)."""
+        raise NotImplementedError
+
+    # description ---------------------------------------------------------------------------
+    def report(self, plans, teacher_params, student_params, metrics, summary, train_set, validation_set) -> Dict:
+        raise NotImplementedError
+
+    def format_table(self, report: Dict) -> str:
+        raise NotImplementedError
+
+    def model_card(self, report: Dict, model_config, dtype: str, compression=None, parity=None) -> str:
+        raise NotImplementedError

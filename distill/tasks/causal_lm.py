@@ -1,0 +1,434 @@
+"""`task: causal_lm`: token-level distillation of language models.
+
+Data (lm_data.py): packed text blocks or prompt/response rows, labels shifted by one, -100 where
+nothing is learned. Teachers and student share one tokenizer (checked before any weight loads).
+Live teachers return their last hidden states; the interpolated target of a chunk of tokens is
+built with each teacher's output layer only when the loss needs that chunk (signals.Targets), so
+no [K, B, S, V] tensor is ever held (chunked_loss.py). Every optimizer step's tokens are counted
+across its micro-batches and ranks (and across an epoch boundary inside a step) so that each token
+weighs the same. Evaluation: perplexity and bits per byte of the student, each teacher and the
+interpolated target (at temperature 1), on validation and on each evaluation domain.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM
+
+import distill.distributed as distributed
+from distill.chunked_loss import (Workspace, chunked_target_distillation, fused_token_distillation, tokens_per_chunk)
+from distill.config import ConfigError, DataConfig, resolve_teacher_index, teacher_display_name
+from distill.data import INDEX, LABELS
+from distill.evaluation import validation_loader
+from distill.lm_data import LMCollator, domain_rows, encode_lm, read_lm_splits
+from distill.losses import IGNORE_INDEX, build_divergence
+from distill.paths import resolve_path
+from distill.report import causal_lm_card, causal_lm_report, format_lm_table
+from distill.signals import CachedTopK, HiddenStateSignal, LiveLanguageModels, Targets, body_and_head
+from distill.tasks.base import StepFigures, Task, refuse_unused, register_task
+
+
+def text_bytes(dataset, data) -> int:
+    """UTF-8 bytes of the text whose tokens carry labels (texts, or the responses): the
+    denominator of bits per byte, the same whatever the tokenizer."""
+    field = data.response_field if data.prompt_field else data.text_fields[0]
+    return sum(len(text.encode("utf-8")) for text in dataset[field])
+
+
+def check_head_reproduces_logits(model: nn.Module, key: str) -> None:
+    """head(body(x)) must be the model's logits: models that scale or soft-cap logits after the
+    output layer would be distilled against the wrong distribution."""
+    body, head = body_and_head(model)
+    device = head.weight.device
+    ids = torch.arange(1, 9, device=device).unsqueeze(0) % model.config.vocab_size
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.float()
+        got = head(body(input_ids=ids).last_hidden_state).float()
+    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max().clamp(min=1))):
+        raise ConfigError(f"{key}: its logits are not its output layer applied to its last hidden states "
+                          "(logit scaling or soft-capping): this model is not supported by the token-level loss")
+
+
+# ------------------------------------------------------------------------- step token counts
+def count_step_tokens(batches: Sequence[Dict]) -> int:
+    """Labelled tokens of one optimizer step's micro-batches, summed over all ranks."""
+    local = sum(int((batch[LABELS] != IGNORE_INDEX).sum()) for batch in batches)
+    total = distributed.mean_across_ranks(torch.tensor([float(local)])) * distributed.world_size()
+    return int(round(float(total)))
+
+
+def step_normalizer(total_tokens: int, accumulation: int, world_size: int) -> float:
+    """DeepSpeed divides each micro-batch's loss by the accumulation steps and averages gradients
+    over ranks; scaling the step's global token count by both makes the step's gradient that of
+    sum(token losses) / total tokens, however the tokens fall into micro-batches and ranks."""
+    return max(total_tokens, 1) / (accumulation * world_size)
+
+
+def step_groups(stream: Iterator, accumulation: int, micro_steps_done: Callable[[], int],
+                count: Callable[[Sequence[Dict]], int] = count_step_tokens, world_size: Optional[int] = None):
+    """Yield (epoch, position, batch) from `stream` with `batch['token_normalizer']`, looking ahead
+    at the rest of the optimizer step (aligned with the engine's micro-step counter) to count its
+    tokens once, across an epoch boundary too."""
+    world_size = distributed.world_size() if world_size is None else world_size
+    while True:
+        size = accumulation - (micro_steps_done() % accumulation)
+        group = []
+        for _ in range(size):
+            item = next(stream, None)
+            if item is None:
+                break
+            group.append(item)
+        if not group:
+            return
+        normalizer = step_normalizer(count([batch for _, _, batch in group]), accumulation, world_size)
+        for epoch, position, batch in group:
+            batch["token_normalizer"] = normalizer
+            yield epoch, position, batch
+        if len(group) < size:
+            return
+
+
+@register_task("causal_lm")
+class CausalLM(Task):
+    row_unit = "token"
+    auto_model_class = AutoModelForCausalLM
+    fit_columns = ("nll", "perplexity", "bits_per_byte")
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        data = cfg.data
+        refuse_unused(cfg, {
+            "data.unlabeled.path": data.unlabeled.path is not None,
+            "data.label_names": data.label_names is not None,
+            "data.label_field": data.label_field != DataConfig.label_field,
+            "data.text_fields (a pair)": len(data.text_fields) > 1,
+        }, " (classification settings: a causal LM learns the next token of its text)")
+        later = {"student.trim_vocab": cfg.student.trim_vocab,
+                 "teachers.tokenization=per_model": cfg.teachers.tokenization == "per_model"}
+        named = [key for key, is_set in later.items() if is_set]
+        if named:
+            raise ConfigError(f"task causal_lm does not support {named} yet (teachers and student share one "
+                              "tokenizer): remove them")
+        if cfg.teachers.cache is not None:
+            if not resolve_path(cfg.teachers.cache).is_dir():
+                raise ConfigError(f"teachers.cache: {cfg.teachers.cache} is not a folder written by `distill cache`")
+            if cfg.interpolation.fit_on is not None:
+                raise ConfigError("interpolation.fit_on reads the teachers on validation tokens, which teachers.cache "
+                                  "does not hold: fit with `distill fit-weights` and pass its weights.yaml, or drop "
+                                  "teachers.cache")
+            if cfg.teachers.placement != "replicated":
+                raise ConfigError("teachers.placement is for live teachers; with teachers.cache no teacher is loaded")
+        for index, source in enumerate(data.mixture_sources):
+            if source.from_split not in (None, "train") or (source.path is None and source.name == "unlabeled"):
+                raise ConfigError(f"data.mixture_sources[{index}]: task causal_lm reads sources from a path or from "
+                                  "the train split (from_split: train)")
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.divergence = build_divergence(cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta, skew=cfg.loss.skew)
+        self.label_names: List[str] = []
+        self.domain_sets: Dict[str, object] = {}
+        self.bytes: Dict[str, int] = {}
+        self.cache = None
+        self.teacher_metrics = None  # frozen teachers: evaluated once (or read from the cache)
+
+    # data ----------------------------------------------------------------------------------
+    def read_splits(self):
+        self.splits = read_lm_splits(self.cfg.data)
+        self.bytes["validation"] = text_bytes(self.splits.validation, self.cfg.data)
+        return self.splits
+
+    def encode(self, split, key: str):
+        data = self.cfg.data
+        encoded = encode_lm(split, self.tokenizer, data, key)
+        if key == "train":
+            self.train_set = encoded
+        if key == "validation":
+            self.validation_set = encoded
+            for domain in data.eval_domains:
+                rows = domain_rows(split, data, domain)
+                if len(rows):
+                    self.domain_sets[domain.name] = encode_lm(rows, self.tokenizer, data, f"eval_domains.{domain.name}")
+                    self.bytes[domain.name] = text_bytes(rows, data)
+        return encoded
+
+    def collator(self):
+        return LMCollator(self.tokenizer)
+
+    def batches(self, stream, micro_steps_done):
+        return step_groups(stream, self.cfg.training.gradient_accumulation_steps, micro_steps_done)
+
+    # models --------------------------------------------------------------------------------
+    def plan_teachers(self, student_tokenizer):
+        """Teachers must share the student's tokenizer: identical vocabularies, checked on tokenizers
+        and configs before any weights load."""
+        from distill.modeling import load_model_config, load_tokenizer, same_vocabulary
+        from distill.teachers import TeacherPlan
+
+        cfg = self.cfg
+        plans = []
+        for index, teacher in enumerate(cfg.teachers.models):
+            key = f"teachers.models[{index}] ({teacher.path})"
+            tokenizer = load_tokenizer(teacher.path, key, cfg.trust_remote_code)
+            if not same_vocabulary(tokenizer, student_tokenizer):
+                raise ConfigError(f"{key} has a different vocabulary ({len(tokenizer)} tokens) from the student "
+                                  f"({len(student_tokenizer)} tokens): token-level distillation needs one shared "
+                                  "tokenizer; use teachers of the same model family")
+            model_config = load_model_config(teacher.path, key, cfg.trust_remote_code)
+            temperature = teacher.temperature if teacher.temperature is not None else cfg.loss.temperature
+            plan = TeacherPlan(name=teacher_display_name(teacher, index), path=teacher.path, key=key,
+                               weight=teacher.weight, temperature=temperature, label_order=None, input_prefix="")
+            plan.vocab_size = model_config.vocab_size
+            plans.append(plan)
+        self.plans, self.tokenizer = plans, student_tokenizer
+        return plans
+
+    def build_student(self, splits):
+        """(model in fp32, tokenizer): a checkpoint, or a copy of a teacher keeping some of its layers."""
+        from distill.modeling import load_causal_lm, load_tokenizer
+        from distill.student import keep_layers
+
+        cfg = self.cfg
+        spec, trust = cfg.student, cfg.trust_remote_code
+        if spec.path is not None:
+            model = load_causal_lm(spec.path, "student.path", trust, torch.float32, cfg.allow_pickled_weights,
+                                   **dict(spec.config_overrides))
+            tokenizer = load_tokenizer(spec.path, "student.path", trust)
+            key = "student.path"
+        else:
+            index = resolve_teacher_index(cfg, spec.from_teacher)
+            teacher = cfg.teachers.models[index]
+            key = f"teachers.models[{index}].path"
+            teacher_model = load_causal_lm(teacher.path, key, trust, torch.float32, cfg.allow_pickled_weights)
+            total = teacher_model.config.num_hidden_layers
+            layers = list(spec.layers) if spec.layers is not None else list(range(0, total, 2))
+            model = keep_layers(teacher_model, layers)
+            del teacher_model
+            model.config.update(dict(spec.config_overrides))
+            model.config.distill_student_of = {"teacher": teacher.path, "layers": layers}
+            tokenizer = load_tokenizer(teacher.path, key, trust)
+        for plan in self.plans:
+            if plan.vocab_size != model.config.vocab_size:
+                raise ConfigError(f"{plan.key} has {plan.vocab_size} output tokens, the student "
+                                  f"{model.config.vocab_size}: they must predict the same vocabulary")
+        check_head_reproduces_logits(model, key)
+        self.tokenizer = tokenizer
+        return model, tokenizer
+
+    def load_teachers(self, plans, device, dtype):
+        cfg = self.cfg
+        from distill.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers
+
+        if cfg.teachers.cache is not None:  # no teacher weights load at all
+            from distill.cache import LogitCache, fingerprint
+
+            self.cache = LogitCache(resolve_path(cfg.teachers.cache), [p.name for p in plans],
+                                    fingerprint(self.train_set))
+            ensemble = TeacherEnsemble(plans, [], build_configured_interpolation(cfg))
+            ensemble.on_nonfinite = cfg.teachers.on_nonfinite
+            cached = self.cache.meta["teachers"]
+            ensemble.parameter_counts = [teacher["params"] for teacher in cached]
+            self.teacher_metrics = {teacher["name"]: {key: teacher[key] for key in ("nll", "perplexity", "tokens")}
+                                    for teacher in cached}
+            self.teacher_metrics["target"] = self.cache.meta["target"]
+            return ensemble, CachedTopK(self.cache)
+
+        def load(plan, teacher_dtype):
+            from distill.modeling import load_causal_lm
+
+            model = load_causal_lm(plan.path, plan.key, cfg.trust_remote_code, teacher_dtype, cfg.allow_pickled_weights)
+            check_head_reproduces_logits(model, plan.key)
+            return model
+
+        ensemble = load_teachers(cfg, plans, device, dtype, load)
+        return ensemble, LiveLanguageModels(ensemble)
+
+    def prepare_training(self, device, ensemble) -> None:
+        """Run-wide settings of the loss: fused or not, the chunk size, the reused workspace."""
+        cfg = self.cfg
+        self.fused = cfg.loss.fused and cfg.deepspeed.zero_stage < 3  # ZeRO-3 shards the output layer
+        # forward KL in the fused loss takes a probability (live) or sparse (cached) target when the
+        # strategy declares such a fast path; both hold O(chunk x V) whatever K is, so only the
+        # general path shrinks the chunk with the teacher count
+        self.streamed = (self.fused and getattr(self.divergence, "closed_form", None) == "forward_kl"
+                         and ensemble is not None and (hasattr(ensemble.interpolation, "probabilities_")
+                                                       or hasattr(ensemble.interpolation, "sparse_")))
+        teachers = len(ensemble) if ensemble is not None else 1
+        self.chunk_size = tokens_per_chunk(cfg.loss.chunk_tokens, 1 if self.streamed else teachers)
+        # the loss's [chunk, V] temporaries, kept over the run: on a CPU each fresh one costs page
+        # faults; CUDA's caching allocator recycles blocks by itself, so there they are not held
+        self.workspace = Workspace() if device.type == "cpu" else None
+
+    # loss and evaluation -------------------------------------------------------------------
+    def loss(self, engine, batch, ensemble, source, now: Dict, workspace=None):
+        cfg = self.cfg
+        labels = batch[LABELS].reshape(-1).to(engine.device)
+        targets = None
+        if ensemble is not None and now["kd_alpha"] > 0:
+            targets = Targets(ensemble, source.signal(batch, engine.device), labels, labels != IGNORE_INDEX,
+                              now["teacher_weights"], now["teacher_temperatures"], streamed=self.streamed,
+                              workspace=self.workspace, unit=self.row_unit)
+        normalizer = batch["token_normalizer"]
+        inputs = {"input_ids": batch["input_ids"].to(engine.device),
+                  "attention_mask": batch["attention_mask"].to(engine.device)}
+        options = dict(kd_alpha=now["kd_alpha"], temperature=now["temperature"],
+                       label_smoothing=cfg.loss.label_smoothing, divergence=self.divergence,
+                       chunk_size=self.chunk_size, normalizer=normalizer)
+        if self.fused:  # ZeRO 0-2: every rank holds the whole output layer
+            body, head = body_and_head(engine.module)
+            hidden = body(**inputs).last_hidden_state
+            terms = fused_token_distillation(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, targets,
+                                             bias=head.bias, workspace=self.workspace, **options)
+        else:
+            logits = engine(**inputs).logits
+            terms = chunked_target_distillation(logits.reshape(-1, logits.shape[-1]), labels, targets, **options)
+        # logged per token of this micro-batch (the loss itself is scaled for the whole step)
+        scale = normalizer / max(int((labels != IGNORE_INDEX).sum()), 1)
+        return terms, StepFigures(terms.total.item() * scale, terms.kd.item() * scale, terms.ce.item() * scale,
+                                  batch["input_ids"].shape[0], targets.skipped if targets is not None else 0)
+
+    def evaluate(self, model, ensemble, source, device, teachers_too: bool = True):
+        """(figures per model on validation, figures per evaluation domain and model)."""
+        live = ensemble is not None and self.cache is None
+        sets = {"validation": self.validation_set, **self.domain_sets}
+        results = {}
+        for name, dataset in sets.items():
+            loader = validation_loader(dataset, self.collator(), self.cfg.training.eval_batch_size)
+            with_teachers = live and (name != "validation" or self.teacher_metrics is None)
+            figures = perplexities(loader, model, ensemble if with_teachers else None, source, device,
+                                   self.bytes.get(name))
+            if name == "validation" and ensemble is not None:
+                if self.teacher_metrics is None:
+                    self.teacher_metrics = {k: v for k, v in figures.items() if k != "student"}
+                figures.update(self.teacher_metrics)
+            results[name] = figures
+        return results.pop("validation"), results
+
+    def validation_bytes(self):
+        return self.bytes["validation"]
+
+    def validation_chunks(self, ensemble, source, device):
+        """The teachers' last hidden states at every labelled validation token (gathered from all
+        ranks, in a fixed order) and the labels; chunks rebuild the logits with the output layers."""
+        loader = validation_loader(self.validation_set, self.collator(), self.cfg.training.eval_batch_size)
+        local: Dict[int, Tuple[List[Tensor], Tensor]] = {}
+        for batch in loader:
+            signal = source.signal(batch, device)
+            labels = batch[LABELS]
+            length = labels.shape[1]
+            for row, index in enumerate(batch[INDEX].tolist()):
+                valid = labels[row] != IGNORE_INDEX
+                rows = slice(row * length, (row + 1) * length)
+                local[index] = ([hidden[rows][valid.to(hidden.device)].float().cpu() for hidden in signal.hidden_states],
+                                labels[row][valid])
+        merged: Dict[int, Tuple[List[Tensor], Tensor]] = {}
+        for part in distributed.gather_objects(local):
+            merged.update(part)
+        order = sorted(merged)
+        hidden = [torch.cat([merged[i][0][k] for i in order]).to(device) for k in range(len(ensemble))]
+        labels = torch.cat([merged[i][1] for i in order]).to(device)
+        signal = HiddenStateSignal(hidden, source.heads)
+        size = self.cfg.loss.chunk_tokens
+
+        def chunks():
+            for start in range(0, labels.shape[0], size):
+                end = min(start + size, labels.shape[0])
+                yield signal.logits(start, end), labels[start:end]
+
+        return chunks
+
+    # saved models (eval, export) -------------------------------------------------------------
+    def load_saved_student(self, path, key: str):
+        from distill.modeling import load_causal_lm
+
+        return load_causal_lm(str(path), key, self.cfg.trust_remote_code)
+
+    def saved_model_batches(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.encode(self.read_splits().validation, "validation")
+        return validation_loader(self.validation_set, self.collator(), self.cfg.training.eval_batch_size)
+
+    def score_saved_model(self, model, tokenizer) -> Dict[str, float]:
+        loader = self.saved_model_batches(tokenizer)
+        figures = perplexities(loader, model, None, None, torch.device("cpu"), self.bytes["validation"])["student"]
+        return {name: figures[name] for name in ("perplexity", "nll", "bits_per_byte")}
+
+    # description ---------------------------------------------------------------------------
+    def report(self, plans, teacher_params, student_params, metrics, summary, train_set, validation_set):
+        return causal_lm_report(self.cfg, plans, teacher_params, student_params, metrics, summary, train_set,
+                                validation_set)
+
+    def write_outputs(self, run_dir) -> None:
+        pass
+
+    def format_table(self, report: Dict) -> str:
+        return format_lm_table(report)
+
+    def model_card(self, report: Dict, model_config, dtype: str, compression=None, parity=None) -> str:
+        return causal_lm_card(report, dtype, compression, parity)
+
+    # the teacher cache ---------------------------------------------------------------------
+    def write_cache(self, out_dir, top_k: int):
+        from distill.cache import write_cache
+
+        return write_cache(self, out_dir, top_k)
+
+
+def perplexities(loader, student, ensemble, source, device: torch.device,
+                 text_bytes_total: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+    """Per model ('student' unless it is None, each teacher and 'target' = the interpolated teachers
+    at temperature 1, when `ensemble` is given): mean NLL per labelled token, its exp, and bits per
+    byte of the text (when its byte count is given), over the loader, gathered across ranks (rows a
+    DistributedSampler repeats are counted once)."""
+    teacher_names = (ensemble.names + ["target"]) if ensemble is not None else []
+    per_row: Dict[int, List[float]] = {}  # index -> [labelled tokens, student NLL?, teachers' NLL..., target NLL]
+    for batch in loader:
+        labels = batch[LABELS].to(device)
+        student_logits = None
+        if student is not None:
+            with torch.no_grad():
+                student_logits = student(input_ids=batch["input_ids"].to(device),
+                                         attention_mask=batch["attention_mask"].to(device)).logits
+        targets = None
+        if teacher_names:
+            flat = labels.reshape(-1)
+            targets = Targets(ensemble, source.signal(batch, device), flat, flat != IGNORE_INDEX,
+                              temperatures=torch.ones(len(ensemble)))
+        sequence = labels.shape[1]
+        for row, index in enumerate(batch[INDEX].tolist()):
+            valid = labels[row] != IGNORE_INDEX
+            sums = [int(valid.sum())]
+            if student_logits is not None:
+                sums.append(token_nll_sum(student_logits[row], labels[row]))
+            if targets is not None:
+                start, end = row * sequence, (row + 1) * sequence
+                logits = targets.signal.logits(start, end)  # [K, S, V]: one row at a time
+                sums += [token_nll_sum(logits[k], labels[row]) for k in range(len(ensemble))]
+                target, _ = targets.target(logits, start, end)
+                sums.append(float(-target[valid].gather(-1, labels[row][valid].unsqueeze(-1)).sum()))
+            per_row[index] = sums
+    merged: Dict[int, List[float]] = {}
+    for part in distributed.gather_objects(per_row):
+        merged.update(part)
+    tokens = sum(sums[0] for sums in merged.values())
+    names = (["student"] if student is not None else []) + teacher_names
+    result = {}
+    for column, name in enumerate(names, start=1):
+        total = sum(sums[column] for sums in merged.values())
+        nll = total / max(tokens, 1)
+        result[name] = {"nll": nll, "perplexity": math.exp(min(nll, 700.0)), "tokens": tokens}
+        if text_bytes_total:
+            result[name]["bits_per_byte"] = total / math.log(2) / text_bytes_total
+    return result
+
+
+def token_nll_sum(logits: Tensor, labels: Tensor) -> float:
+    """Sum of -log p(label) over the labelled positions of [N, V] logits and [N] labels."""
+    valid = labels != IGNORE_INDEX
+    if not bool(valid.any()):
+        return 0.0
+    log_probs = torch.log_softmax(logits[valid].float(), dim=-1)
+    return float(-log_probs.gather(-1, labels[valid].unsqueeze(-1)).sum())

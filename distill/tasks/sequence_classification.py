@@ -1,0 +1,182 @@
+"""`task: sequence_classification`: labelled (and unlabelled) text -> a classifier student.
+
+Rows without a label add only the KD term. Teachers are matched to the student's labels by name
+and may read the student's input ids or (teachers.tokenization=per_model) encode the text with
+their own tokenizer. Evaluation: accuracy and macro-F1 of the student, each teacher and the target.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from distill.config import ConfigError, LossConfig, DataConfig
+from distill.data import Collator, LABELS, TokenizerGroup, model_inputs, read_splits, rows_matching, texts_of, tokenize
+from distill.evaluation import (Predictions, collect_teacher_logits, predict, student_logits_fn, teacher_logit_fns,
+                                validation_loader)
+from distill.fitting import in_memory
+from distill.losses import IGNORE_INDEX, build_divergence, distillation_loss, per_teacher_kl
+from distill.modeling import load_model_config, load_sequence_classifier
+from distill.report import build_report, format_table, model_card, write_json
+from distill.signals import LiveClassifiers, Targets
+from distill.student import build_student, check_student_labels
+from distill.tasks.base import StepFigures, Task, refuse_unused, register_task
+from distill.teachers import load_teachers, plan_teachers
+
+
+@register_task("sequence_classification")
+class SequenceClassification(Task):
+    row_unit = "row"
+    auto_model_class = AutoModelForSequenceClassification
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        data, loss = cfg.data, cfg.loss
+        refuse_unused(cfg, {
+            "data.block_size": data.block_size != DataConfig.block_size,
+            "data.prompt_field": data.prompt_field is not None,
+            "data.response_field": data.response_field is not None,
+            "loss.chunk_tokens": loss.chunk_tokens != LossConfig.chunk_tokens,
+            "loss.fused": loss.fused != LossConfig.fused,
+            "teachers.cache": cfg.teachers.cache is not None,
+        }, " (causal-LM settings)")
+        if cfg.student.trim_vocab and cfg.teachers.models and cfg.teachers.tokenization == "shared":
+            raise ConfigError("student.trim_vocab gives the student its own vocabulary: "
+                              "set teachers.tokenization=per_model so each teacher encodes the text itself")
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.divergence = build_divergence(cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta, skew=cfg.loss.skew)
+        self.teacher_predictions = None
+        self.last_predictions = None
+
+    # data ----------------------------------------------------------------------------------
+    def read_splits(self):
+        self.splits = read_splits(self.cfg.data)
+        self.label_names = self.splits.label_names
+        return self.splits
+
+    def encode(self, split, key: str):
+        data = self.cfg.data
+        encoded = tokenize(split, self.groups, data.text_fields, data.max_length)
+        if key == "validation":
+            self.validation_set = encoded
+        return encoded
+
+    def collator(self):
+        return Collator(self.groups)
+
+    # models --------------------------------------------------------------------------------
+    def plan_teachers(self, student_tokenizer):
+        cfg = self.cfg
+        if cfg.student.path is not None:
+            check_student_labels(load_model_config(cfg.student.path, "student.path", cfg.trust_remote_code),
+                                 self.label_names, "student.path")
+        self.plans, self.teacher_groups = plan_teachers(
+            cfg, self.label_names, None if cfg.student.trim_vocab else student_tokenizer)
+        # the student's group; build_student replaces it when the vocabulary is trimmed
+        self.groups = [TokenizerGroup(prefix="", tokenizer=student_tokenizer)] + self.teacher_groups
+        return self.plans
+
+    def build_student(self, splits):
+        cfg = self.cfg
+        student, tokenizer = build_student(cfg, self.label_names, texts_of(splits.train, cfg.data.text_fields))
+        self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
+        return student, tokenizer
+
+    def load_teachers(self, plans, device, dtype):
+        cfg = self.cfg
+
+        def load(plan, teacher_dtype):
+            return load_sequence_classifier(plan.path, plan.key, cfg.trust_remote_code, teacher_dtype,
+                                            cfg.allow_pickled_weights)
+
+        ensemble = load_teachers(cfg, plans, device, dtype, load)
+        return ensemble, LiveClassifiers(ensemble)
+
+    # loss and evaluation -------------------------------------------------------------------
+    def loss(self, engine, batch, ensemble, source, now: Dict, workspace=None):
+        cfg = self.cfg
+        inputs = {k: v.to(engine.device) for k, v in model_inputs(batch).items()}
+        labels = batch[LABELS].to(engine.device)
+        student_logits = engine(**inputs).logits.float()
+        target = keep = teacher_logits = None
+        skipped = 0
+        if ensemble is not None and now["kd_alpha"] > 0:
+            signal = source.signal(batch, engine.device)
+            teacher_logits = signal.logits(0, signal.rows)
+            # every row reads the KD term, unlabelled transfer rows included
+            targets = Targets(ensemble, signal, labels, torch.ones_like(labels, dtype=torch.bool),
+                              now["teacher_weights"], now["teacher_temperatures"], unit=self.row_unit)
+            target, keep = targets.target(teacher_logits, 0, signal.rows)
+            skipped = targets.skipped
+        terms = distillation_loss(student_logits, target, labels, now["kd_alpha"], now["temperature"],
+                                  cfg.loss.label_smoothing, keep, self.divergence)
+        teacher_kl = teacher_correct = None
+        labelled_rows = labels != IGNORE_INDEX
+        if teacher_logits is not None and keep is None:
+            teacher_kl = per_teacher_kl(ensemble.log_probs(teacher_logits), student_logits, now["temperature"])
+            teacher_correct = ((teacher_logits.argmax(-1) == labels) & labelled_rows).sum(dim=-1)
+        return terms, StepFigures(terms.total.item(), terms.kd.item(), terms.ce.item(), len(labels), skipped,
+                                  teacher_kl, teacher_correct, int(labelled_rows.sum()))
+
+    def evaluate(self, model, ensemble, source, device, teachers_too: bool = True):
+        """(metrics per model, metrics per evaluation domain and model): accuracy and macro-F1."""
+        loader = validation_loader(self.validation_set, self.collator(), self.cfg.training.eval_batch_size)
+        functions = {"student": student_logits_fn(model, device)}
+        if ensemble is not None and self.teacher_predictions is None:
+            functions.update(teacher_logit_fns(ensemble, device))
+        predictions = predict(loader, functions)
+        if ensemble is not None:
+            if self.teacher_predictions is None:  # teachers are frozen: evaluate them once
+                self.teacher_predictions = {k: v for k, v in predictions.by_model.items() if k != "student"}
+            predictions.by_model.update(self.teacher_predictions)
+        self.last_predictions = predictions
+        count = len(self.label_names)
+        texts = self.splits.validation[self.cfg.data.text_fields[0]]
+        domains = {}
+        for domain in self.cfg.data.eval_domains:  # predictions are in validation index order
+            rows = set(rows_matching(texts, domain.match, domain.invert_match))
+            if rows:
+                domains[domain.name] = predictions.metrics(count, rows)
+        return predictions.metrics(count), domains
+
+    def validation_chunks(self, ensemble, source, device):
+        loader = validation_loader(self.validation_set, self.collator(), self.cfg.training.eval_batch_size)
+        logits, labels = collect_teacher_logits(loader, ensemble, device)
+        return in_memory(logits, labels)
+
+    # saved models (eval, export) -------------------------------------------------------------
+    def load_saved_student(self, path, key: str):
+        model = load_sequence_classifier(str(path), key, self.cfg.trust_remote_code)
+        check_student_labels(model.config, self.label_names, key)
+        return model
+
+    def saved_model_batches(self, tokenizer):
+        from distill.evaluation import validation_batches
+
+        return validation_batches(self.cfg, tokenizer)[0]
+
+    def score_saved_model(self, model, tokenizer) -> Dict[str, float]:
+        from distill.evaluation import score_classifier, validation_batches
+
+        loader, num_labels = validation_batches(self.cfg, tokenizer)
+        return score_classifier(model, loader, num_labels)
+
+    # description ---------------------------------------------------------------------------
+    def report(self, plans, teacher_params, student_params, metrics, summary, train_set, validation_set):
+        return build_report(self.cfg, plans, teacher_params, student_params, metrics, summary, train_set,
+                            validation_set)
+
+    def write_outputs(self, run_dir) -> None:
+        predictions: Predictions = self.last_predictions
+        write_json(run_dir / "eval" / "predictions.json", {
+            "label_names": self.label_names, "references": predictions.references, **predictions.by_model})
+
+    def format_table(self, report: Dict) -> str:
+        return format_table(report)
+
+    def model_card(self, report: Dict, model_config, dtype: str, compression=None, parity=None) -> str:
+        names = [model_config.id2label[i] for i in sorted(model_config.id2label)]
+        return model_card(report, names, dtype, compression, parity)
