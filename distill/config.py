@@ -83,8 +83,11 @@ class MixtureSourceConfig:
 @dataclass
 class DomainConfig:
     name: str = MISSING
-    match: str = MISSING  # a validation row belongs to the domain when its first text field matches
+    match: Optional[str] = None  # a validation row belongs to the domain when its first text field matches
     invert_match: bool = False
+    # task causal_lm: or a text file of its own (same columns as data.train), e.g. held-out text
+    # of a general domain next to the training domain's validation split
+    path: Optional[str] = None
 
 
 @dataclass
@@ -452,8 +455,10 @@ def _validate_interpolation(cfg) -> None:
 
         _require(interpolation.method in fittable_interpolations(),
                  f"interpolation.fit_on=validation fits {fittable_interpolations()}, not {interpolation.method!r}")
-    _require(interpolation.method != "learned_gate" or interpolation.fit_on == "validation",
-             "interpolation.method=learned_gate needs interpolation.fit_on=validation (the gate is trained there)")
+    from distill.interpolate import interpolation_class
+
+    _require(not interpolation_class(interpolation.method).needs_fit or interpolation.fit_on == "validation",
+             f"interpolation.method={interpolation.method} needs interpolation.fit_on=validation (it is trained there)")
     _require(not interpolation.fit_temperatures or interpolation.fit_on is not None,
              "interpolation.fit_temperatures needs interpolation.fit_on=validation")
     _require(interpolation.confidence.sharpness > 0,
@@ -499,8 +504,13 @@ def _validate_schedules(cfg) -> None:
 
 def _validate_mixture(cfg) -> None:
     for index, domain in enumerate(cfg.data.eval_domains):  # evaluation slices, with or without a mixture
-        _check_name(domain.name, f"data.eval_domains[{index}].name")
-        _check_pattern(domain.match, f"data.eval_domains[{index}].match")
+        key = f"data.eval_domains[{index}]"
+        _check_name(domain.name, f"{key}.name")
+        _require((domain.match is None) != (domain.path is None),
+                 f"{key} ({domain.name}): give match (a regex over the validation split) or path (a file), one of them")
+        _check_pattern(domain.match, f"{key}.match")
+        if domain.path is not None:
+            _check_data_reference(domain.path, f"{key}.path")
     sources = cfg.data.mixture_sources
     if not sources:
         _require(cfg.schedules.data_mixture is None, "schedules.data_mixture is set but data.mixture_sources is empty")

@@ -128,6 +128,18 @@ def _require_onnx():
         raise ExportError("--onnx needs onnx and onnxruntime (pip install 'distill[onnx]')") from error
 
 
+class _CausalLogits(torch.nn.Module):
+    """A causal LM's logits alone, from input ids and attention mask, with no key/value cache: the
+    graph ONNX gets (the model itself would make its other forward arguments graph inputs)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
 def export_onnx(task, model, out_dir: Path) -> Dict:
     """`model.onnx` (dynamic batch and sequence axes) next to the safetensors, checked against the
     PyTorch module with onnxruntime on the run's validation batches: the largest logit difference."""
@@ -138,21 +150,22 @@ def export_onnx(task, model, out_dir: Path) -> Dict:
     names = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in example]
     model = model.float().eval()
     causal = task.row_unit == "token"  # logits per token [B, S, V], else per row [B, C]
-    # the model itself, inputs by position (a wrapper passing them by name traced a graph 1e-2 off);
-    # no key/value cache in the graph: its outputs are the logits alone
-    use_cache = getattr(model.config, "use_cache", None)
-    model.config.use_cache = False
+    # a classifier is exported itself, its inputs by position (a generic *args wrapper passing them
+    # by name traced a graph 1e-2 off); a causal LM through _CausalLogits
+    graph = _CausalLogits(model) if causal else model
+    if causal:
+        names = ["input_ids", "attention_mask"]
     path = out_dir / "model.onnx"
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     logit_axes = {0: "batch", 1: "sequence"} if causal else {0: "batch"}
-    torch.onnx.export(model, tuple(example[name] for name in names), str(path), input_names=names,
+    torch.onnx.export(graph, tuple(example[name] for name in names), str(path), input_names=names,
                       output_names=["logits"], dynamic_axes={**axes, "logits": logit_axes}, dynamo=False)
-    model.config.use_cache = use_cache
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     largest, rows, agree = 0.0, 0, 0
     with torch.no_grad():
         for batch in loader:
-            expected = model(**{name: batch[name] for name in names}, **({"use_cache": False} if causal else {})).logits
+            expected = graph(*[batch[name] for name in names])
+            expected = expected if causal else expected.logits
             got = torch.from_numpy(session.run(["logits"], {name: batch[name].numpy() for name in names})[0])
             mask = batch["attention_mask"].bool() if causal else torch.ones(len(got), dtype=torch.bool)
             largest = max(largest, float((expected - got).abs()[mask].max()))

@@ -5,8 +5,9 @@ Every fit reads the teachers' validation outputs as *chunks*: a function returni
 is one chunk; a causal LM's validation tokens are many, so no [K, tokens, V] tensor is ever held
 (the logits of a chunk are rebuilt from the teachers' hidden states each time they are read).
 
-- `fit_linear_weights_em`: mixture weights of p = sum_k w_k p_k by EM. It needs only each
-  teacher's probability of the gold label, [K, N]; each iteration never lowers the likelihood.
+- `fit_linear_weights_em`: mixture weights of p = sum_k w_k p_k by EM, finished by Newton steps
+  (the likelihood is concave in w). It needs only each teacher's probability of the gold label,
+  [K, N]; each EM iteration never lowers the likelihood.
 - `fit_geometric_weights_streamed`: weights on the simplex of the log-linear mixture. Its NLL is
   convex in w (a linear term minus log-sum-exp of linear terms); minimised by Newton's method on the
   simplex (gradient and Hessian from one pass over the chunks each), with backtracking.
@@ -69,32 +70,91 @@ class EMResult:
     iterations: int = 0
 
 
-def fit_linear_weights_em(log_probs: Tensor, labels: Tensor = None, tolerance: float = 1e-7,
+def fit_linear_weights_em(log_probs: Tensor, labels: Tensor = None, tolerance: float = 1e-9,
                           max_iterations: int = 1000, initial: Tensor | None = None) -> EMResult:
     """EM for w in p(y|x) = sum_k w_k p_k(y|x):
-    E: r_nk = w_k p_k(y_n) / sum_j w_j p_j(y_n);   M: w_k = mean_n r_nk.
+    E: r_nk = w_k p_k(y_n) / sum_j w_j p_j(y_n);   M: w_k = mean_n r_nk,
+    until an iteration gains less than `tolerance` in mean log-likelihood; then Newton steps on the
+    simplex finish the job (the log-likelihood is concave in w), since near a flat optimum (similar
+    teachers) EM crawls: it stopped 0.04 short of the optimum on a causal LM's validation tokens.
 
     Takes [K, N, C] log-probabilities with labels [N], or (labels None) the gold log-probabilities
-    [K, N] themselves, which is all EM needs."""
+    [K, N] themselves, which is all the fit needs."""
     gold = (log_probs if labels is None else gold_log_probs(log_probs, labels)).double()  # [K, N]
     num_teachers = gold.shape[0]
     weights = (normalize_weights(initial).double() if initial is not None
                else torch.full((num_teachers,), 1.0 / num_teachers, dtype=torch.float64))
     result = EMResult(weights=weights)
-    previous = float(torch.logsumexp(weights.log().unsqueeze(1) + gold, dim=0).mean())
+
+    def log_likelihood(w: Tensor) -> float:
+        return float(torch.logsumexp(w.clamp_min(1e-300).log().unsqueeze(1) + gold, dim=0).mean())
+
+    previous = log_likelihood(weights)
     result.log_likelihoods.append(previous)
     for iteration in range(1, max_iterations + 1):
-        joint = weights.log().unsqueeze(1) + gold
-        responsibilities = torch.softmax(joint, dim=0)
+        responsibilities = torch.softmax(weights.clamp_min(1e-300).log().unsqueeze(1) + gold, dim=0)
         weights = responsibilities.mean(dim=1)
-        current = float(torch.logsumexp(weights.clamp_min(1e-300).log().unsqueeze(1) + gold, dim=0).mean())
+        current = log_likelihood(weights)
         result.log_likelihoods.append(current)
         result.iterations = iteration
         if current - previous < tolerance:
             break
         previous = current
+    shift = gold.max(dim=0, keepdim=True).values  # p_k(y_n) / max_k p_k(y_n): the same fit, no underflow
+    scaled = (gold - shift).exp()
+
+    def evaluate(w: Tensor):
+        mixture = (w.unsqueeze(1) * scaled).sum(0)
+        ratio = scaled / mixture
+        return (float(-(mixture.log() + shift.squeeze(0)).mean()), -ratio.mean(1),
+                torch.einsum("kn,jn->kj", ratio, ratio) / gold.shape[1])
+
+    weights = simplex_newton(evaluate, weights)
+    result.log_likelihoods.append(log_likelihood(weights))
     result.weights = weights
     return result
+
+
+def simplex_newton(evaluate, weights: Tensor, max_iterations: int = 50, tolerance: float = 1e-14) -> Tensor:
+    """Minimise a convex function on the simplex by Newton steps. `evaluate(w)` returns (value,
+    gradient [K], Hessian [K, K]). Each step solves the KKT system of the free coordinates (those
+    not pinned at zero by their gradient), is cut to stay feasible, and is halved until the value
+    does not rise."""
+    num_teachers = weights.shape[0]
+    loss, gradient, hessian = evaluate(weights)
+    for _ in range(max_iterations):
+        positive = weights > 1e-15
+        multiplier = float(gradient[positive].mean())
+        free = positive | (gradient < multiplier)
+        index = free.nonzero().squeeze(-1)
+        if index.numel() < 2:
+            break
+        h = hessian[index][:, index]
+        h = h + torch.eye(len(index), dtype=torch.float64) * (1e-12 + 1e-9 * float(h.diagonal().abs().max()))
+        system = torch.zeros(len(index) + 1, len(index) + 1, dtype=torch.float64)
+        system[:-1, :-1], system[:-1, -1], system[-1, :-1] = h, 1.0, 1.0
+        rhs = torch.cat([-gradient[index], torch.zeros(1, dtype=torch.float64)])
+        direction = torch.zeros(num_teachers, dtype=torch.float64)
+        direction[index] = torch.linalg.solve(system, rhs)[:-1]
+        shrinking = direction < 0
+        limit = float((weights[shrinking] / -direction[shrinking]).min()) if shrinking.any() else 1.0
+        step = min(1.0, limit)
+        accepted = False
+        while step > 1e-12:
+            candidate = (weights + step * direction).clamp_min(0.0)
+            candidate = candidate / candidate.sum()
+            candidate_loss, candidate_gradient, candidate_hessian = evaluate(candidate)
+            if candidate_loss <= loss:
+                accepted = True
+                break
+            step *= 0.5
+        if not accepted:
+            break
+        improvement = loss - candidate_loss
+        weights, loss, gradient, hessian = candidate, candidate_loss, candidate_gradient, candidate_hessian
+        if improvement < tolerance:
+            break
+    return weights
 
 
 def _geometric_pass(chunks: Chunks, temperatures: Tensor, weights: Tensor, second_order: bool = True):
@@ -126,45 +186,11 @@ def _geometric_pass(chunks: Chunks, temperatures: Tensor, weights: Tensor, secon
 
 def fit_geometric_weights_streamed(chunks: Chunks, temperatures: Tensor, max_iterations: int = 50,
                                    tolerance: float = 1e-12) -> Tensor:
-    """argmin over the simplex of the geometric mixture's NLL (convex), by Newton steps restricted
-    to the simplex: the step solves the KKT system of the free coordinates (those not pinned at
-    zero by their gradient), is cut to stay feasible and halved until the NLL does not rise."""
+    """argmin over the simplex of the geometric mixture's NLL (convex), by Newton steps on the
+    simplex whose gradient and Hessian come from one pass over the chunks each."""
     num_teachers = temperatures.shape[0]
-    weights = torch.full((num_teachers,), 1.0 / num_teachers, dtype=torch.float64)
-    loss, gradient, hessian = _geometric_pass(chunks, temperatures, weights)
-    for _ in range(max_iterations):
-        positive = weights > 1e-15
-        multiplier = float(gradient[positive].mean())
-        free = positive | (gradient < multiplier)
-        index = free.nonzero().squeeze(-1)
-        if index.numel() < 2:
-            break
-        h = hessian[index][:, index]
-        h = h + torch.eye(len(index), dtype=torch.float64) * (1e-12 + 1e-9 * float(h.diagonal().abs().max()))
-        system = torch.zeros(len(index) + 1, len(index) + 1, dtype=torch.float64)
-        system[:-1, :-1], system[:-1, -1], system[-1, :-1] = h, 1.0, 1.0
-        rhs = torch.cat([-gradient[index], torch.zeros(1, dtype=torch.float64)])
-        direction = torch.zeros(num_teachers, dtype=torch.float64)
-        direction[index] = torch.linalg.solve(system, rhs)[:-1]
-        shrinking = direction < 0
-        limit = float((weights[shrinking] / -direction[shrinking]).min()) if shrinking.any() else 1.0
-        step = min(1.0, limit)
-        accepted = False
-        while step > 1e-12:
-            candidate = (weights + step * direction).clamp_min(0.0)
-            candidate = candidate / candidate.sum()
-            candidate_loss, candidate_gradient, candidate_hessian = _geometric_pass(chunks, temperatures, candidate)
-            if candidate_loss <= loss:
-                accepted = True
-                break
-            step *= 0.5
-        if not accepted:
-            break
-        improvement = loss - candidate_loss
-        weights, loss, gradient, hessian = candidate, candidate_loss, candidate_gradient, candidate_hessian
-        if improvement < tolerance:
-            break
-    return weights
+    start = torch.full((num_teachers,), 1.0 / num_teachers, dtype=torch.float64)
+    return simplex_newton(lambda w: _geometric_pass(chunks, temperatures, w), start, max_iterations, tolerance)
 
 
 def fit_geometric_weights(log_probs: Tensor, labels: Tensor, **options) -> Tensor:

@@ -49,6 +49,10 @@ def fittable_interpolations() -> List[str]:
     return sorted(name for name, cls in _INTERPOLATIONS.items() if cls.fittable)
 
 
+def interpolation_class(name: str) -> type:
+    return _INTERPOLATIONS[name]
+
+
 def build_interpolation(name: str, **options) -> "Interpolation":
     if name not in _INTERPOLATIONS:
         raise KeyError(f"unknown interpolation {name!r}; available: {available_interpolations()}")
@@ -71,6 +75,7 @@ class Interpolation:
 
     name = "base"
     fittable = False  # implements fit(): interpolation.fit_on and `distill fit-weights` may use it
+    needs_fit = False  # unusable before fit() (a learned gate)
 
     def fit(self, chunks: Chunks, weights: Tensor, temperatures: Tensor, fit_temperatures: bool = False,
             seed: int = 0) -> Dict:
@@ -169,7 +174,7 @@ class LearnedGateInterpolation(Interpolation):
     on held-out labelled rows (or tokens) to maximise the mixture's likelihood of the gold labels,
     then frozen."""
 
-    fittable = True
+    fittable = needs_fit = True
     FEATURE_CODES = {"distribution": 0, "summary": 1}
 
     def __init__(self, hidden: int = 32, use_entropy: bool = True, epochs: int = 200, learning_rate: float = 1e-2,

@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence
 import torch
 from datasets import Dataset, concatenate_datasets
 
-from distill.config import ConfigError, mixture_source_split
+from distill.config import ConfigError, DataSourceConfig, mixture_source_split
 from distill.data import (INDEX, LABELS, SOURCE, Splits, check_fields, drop_duplicates, is_missing, load_source,
                           rows_matching, subsample, text_keys)
 from distill.losses import IGNORE_INDEX
@@ -142,8 +142,11 @@ def encode_lm(dataset: Dataset, tokenizer, data, key: str) -> Dataset:
     return Dataset.from_dict(columns)
 
 
-def domain_rows(dataset: Dataset, data, domain) -> Dataset:
-    """The validation rows of one evaluation domain (regex over the first text field)."""
+def domain_rows(dataset: Dataset, data, domain, index: int) -> Dataset:
+    """The rows of one evaluation domain: its own file, or the validation rows whose first text
+    field matches its regex."""
+    if domain.path is not None:
+        return _read(DataSourceConfig(path=domain.path), f"eval_domains[{index}]", data)
     return dataset.select(rows_matching(dataset[lm_fields(data)[0]], domain.match, domain.invert_match))
 
 

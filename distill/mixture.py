@@ -75,8 +75,3 @@ class MixtureBatchSampler(Sampler[List[int]]):
 
     def __len__(self) -> int:  # without end; DataLoader only needs a number for its own bookkeeping
         return 2 ** 31 - 1
-
-
-def drawn_fractions(source_ids: Sequence[int], num_sources: int) -> List[float]:
-    counts = torch.bincount(torch.as_tensor(list(source_ids), dtype=torch.long), minlength=num_sources).double()
-    return (counts / counts.sum().clamp(min=1)).tolist()

@@ -43,11 +43,14 @@ def read_metrics(path: Path) -> List[Dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plot_curves(metrics_path: Path, out_path: Path, title: Optional[str] = None) -> Optional[Path]:
-    """Training losses (total, KD, CE) and validation accuracy against optimizer step, as a PNG."""
+def plot_curves(metrics_path: Path, out_path: Path, title: Optional[str] = None, metric: str = "accuracy",
+                higher_is_better: bool = True) -> Optional[Path]:
+    """Training losses (total, KD, CE) and the validation `metric` (the task's: accuracy, or
+    perplexity on a log scale) of the student, per evaluation domain too, against optimizer step,
+    with each teacher's and the target's value as dashed references; a PNG."""
     rows = read_metrics(metrics_path)
     train = [r for r in rows if r["kind"] == "train"]
-    evals = [r for r in rows if r["kind"] == "eval" and "student/accuracy" in r]
+    evals = [r for r in rows if r["kind"] == "eval" and f"student/{metric}" in r]
     if not train:
         return None
     import matplotlib
@@ -55,7 +58,7 @@ def plot_curves(metrics_path: Path, out_path: Path, title: Optional[str] = None)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [r["step"] for r in train]
     for key, label in (("loss", "total"), ("kd", "KD (T^2 KL)"), ("ce", "CE")):
         if key in train[0]:
@@ -64,22 +67,27 @@ def plot_curves(metrics_path: Path, out_path: Path, title: Optional[str] = None)
     loss_axis.set_ylabel("loss")
     loss_axis.legend()
     loss_axis.set_title("training loss")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     if evals:
-        accuracy_axis.plot([r["step"] for r in evals], [r["student/accuracy"] for r in evals], "o-", label="student")
-        for key in sorted(evals[-1]):  # per-domain curves of the student (data.eval_domains)
-            if key.startswith("student/") and key.endswith("/accuracy") and key.count("/") == 2:
-                accuracy_axis.plot([r["step"] for r in evals], [r.get(key) for r in evals], ".-", linewidth=1,
-                                   label=f"student on {key.split('/')[1]}")
-        references = [key for key in sorted(evals[-1]) if key.endswith("/accuracy") and key.count("/") == 1
-                      and key != "student/accuracy"]
-        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        eval_steps = [r["step"] for r in evals]
+        metric_axis.plot(eval_steps, [r[f"student/{metric}"] for r in evals], "o-", label="student")
+        domains = [key.split("/")[1] for key in sorted(evals[-1])
+                   if key.startswith("student/") and key.endswith(f"/{metric}") and key.count("/") == 2]
+        for number, domain in enumerate(domains):  # per-domain curves of the student (data.eval_domains)
+            colour = colours[(number + 4) % len(colours)]
+            metric_axis.plot(eval_steps, [r.get(f"student/{domain}/{metric}") for r in evals], ".-", linewidth=1,
+                             color=colour, label=f"student on {domain}")
+        references = [key for key in sorted(evals[-1]) if key.endswith(f"/{metric}") and key.count("/") == 1
+                      and key != f"student/{metric}"]
         for number, key in enumerate(references):
-            accuracy_axis.axhline(evals[-1][key], linestyle="--", linewidth=1.2, color=colours[(number + 1) % len(colours)],
-                                  label=key.split("/")[0])
-        accuracy_axis.legend(fontsize=8)
-    accuracy_axis.set_xlabel("optimizer step")
-    accuracy_axis.set_ylabel("validation accuracy")
-    accuracy_axis.set_title("validation")
+            metric_axis.axhline(evals[-1][key], linestyle="--", linewidth=1.2, color=colours[(number + 1) % len(colours)],
+                                label=key.split("/")[0])
+        metric_axis.legend(fontsize=8)
+    if not higher_is_better:
+        metric_axis.set_yscale("log")
+    metric_axis.set_xlabel("optimizer step")
+    metric_axis.set_ylabel(f"validation {metric} ({'higher' if higher_is_better else 'lower'} is better)")
+    metric_axis.set_title("validation")
     if title:
         figure.suptitle(title)
     figure.tight_layout()

@@ -417,7 +417,8 @@ class Trainer:
                                       self.train_set, self.validation_set)
             write_json(self.run_dir / "report.json", report)
             plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png",
-                        title=f"{Path(self.cfg.output_dir).name}")
+                        title=f"{Path(self.cfg.output_dir).name}", metric=self.task.curve_metric,
+                        higher_is_better=self.task.curve_higher_is_better)
         self.logger.close()
         distributed.barrier()
         if distributed.is_main():

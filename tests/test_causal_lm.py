@@ -120,13 +120,23 @@ def test_unsupported_settings_are_refused_for_causal_lm(tiny_lm, tmp_path):
 
 @pytest.mark.multirank
 def test_two_rank_zero3_causal_lm_run_trains_checkpoints_and_exports(tiny_lm, tmp_path):
+    """ZeRO-3 student AND ZeRO-3 teachers (teachers.placement=zero3) on two ranks, with the
+    geometric weights fitted on validation tokens by rank 0 and received by both."""
+    import re
+
     from tests.helpers import run_deepspeed, shared_memory_left
 
     run_dir = tmp_path / "zero3"
     config = tiny_lm_config_yaml(tiny_lm, run_dir)
-    result = run_deepspeed(2, [config, "deepspeed.zero_stage=3", "training.micro_batch_size=2"])
+    result = run_deepspeed(2, [config, "deepspeed.zero_stage=3", "training.micro_batch_size=2",
+                               "teachers.placement=zero3", "interpolation.method=geometric",
+                               "interpolation.fit_on=validation"])
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     assert shared_memory_left(result.master_port) == []
+    states = dict(re.findall(r"interpolation state rank (\d): (\w+)", result.stdout))
+    assert sorted(states) == ["0", "1"] and states["0"] == states["1"], result.stdout[-3000:]
+    fitted = json.loads((run_dir / "interpolation" / "state.json").read_text())
+    assert fitted["method"] == "geometric" and sum(fitted["weights"]) == pytest.approx(1.0)
     assert (run_dir / "checkpoints" / "step0000008").is_dir()
     assert sorted(p.name for p in (run_dir / "checkpoints" / "step0000008").glob("zero_pp_rank_*_model_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
@@ -228,3 +238,246 @@ def test_live_teachers_probability_fast_path_equals_the_log_space_reference(temp
                     torch.autograd.grad(reference.total, params, allow_unused=True)):
         if e is not None:
             torch.testing.assert_close(a, e.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_step_token_weights_sum_to_one_across_epochs_and_ranks():
+    """An optimizer step that straddles an epoch boundary is normalised once, by all its tokens on
+    all ranks: each token's weight 1 / (normalizer * accumulation * ranks) sums to 1 over the step."""
+    from distill.tasks.causal_lm import step_groups
+
+    generator = torch.Generator().manual_seed(0)
+    accumulation, ranks, epochs, per_epoch = 3, 2, 3, 5  # 5 micro-batches an epoch: steps straddle epochs
+
+    def stream(rank):  # what the trainer's stream yields: (epoch, position, batch), epoch after epoch
+        for epoch in range(epochs):
+            for position in range(per_epoch):
+                labels = torch.full((2, 6), IGNORE_INDEX)
+                labels[:, :int(torch.randint(1, 7, (1,), generator=generator))] = 1
+                yield epoch, position, {"labels": labels, "micro_step": epoch * per_epoch + position}
+
+    streams = [list(stream(rank)) for rank in range(ranks)]
+
+    def tokens(batch):
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def count_all_ranks(group):  # what count_step_tokens all-reduces: this step's tokens on every rank
+        step = group[0]["micro_step"] // accumulation
+        return sum(tokens(batch) for rank_stream in streams for _, _, batch in rank_stream
+                   if batch["micro_step"] // accumulation == step)
+
+    weights = {}
+    for rank in range(ranks):
+        done = [0]
+        for epoch, position, batch in step_groups(iter(streams[rank]), accumulation, lambda: done[0],
+                                                  count=count_all_ranks, world_size=ranks):
+            step = batch["micro_step"] // accumulation
+            weights[step] = weights.get(step, 0.0) + tokens(batch) / (batch["token_normalizer"] * accumulation * ranks)
+            done[0] += 1
+    assert sorted(weights) == list(range(epochs * per_epoch // accumulation))
+    for step, weight in weights.items():
+        assert weight == pytest.approx(1.0, rel=1e-12), (step, weight)
+    straddling = [step for step in weights if len({(step * accumulation + i) // per_epoch for i in range(accumulation)}) > 1]
+    assert len(straddling) >= 2  # the steps the old per-epoch grouping normalised twice (weights summing to 2)
+
+
+def _validation_teacher_logits(config_path):
+    """Reference data, built independently of the fitting code: every teacher's whole logits
+    [K, N, V] at the labelled validation tokens (the tiny vocabulary allows it), and the labels."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.config import load_config
+    from distill.lm_data import encode_lm, read_lm_splits
+
+    cfg = load_config(config_path)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.teachers.models[0].path)
+    blocks = encode_lm(read_lm_splits(cfg.data).validation, tokenizer, cfg.data, "validation")
+    teachers = [AutoModelForCausalLM.from_pretrained(t.path).eval() for t in cfg.teachers.models]
+    logits, labels = [], []
+    with torch.no_grad():
+        for row in blocks:
+            ids, row_labels = torch.tensor([row["input_ids"]]), torch.tensor(row["labels"])
+            valid = row_labels != IGNORE_INDEX
+            logits.append(torch.stack([m(input_ids=ids).logits[0][valid] for m in teachers]).double())
+            labels.append(row_labels[valid])
+    return torch.cat(logits, dim=1), torch.cat(labels)
+
+
+def test_fit_weights_on_tokens_matches_a_float64_em_and_train_accepts_it(lm_run, tmp_path):
+    """`distill fit-weights` for a causal LM: the linear weights are seed 001's lambda, fitted on the
+    validation tokens; checked against lambda found here by bisection on the whole float64 logits."""
+    _, config, _ = lm_run
+    fit_dir = tmp_path / "fit"
+    result = run_cli(["fit-weights", config, "--out", fit_dir])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "perplexity" in result.stdout and "bits/byte" in result.stdout
+    table = json.loads((fit_dir / "fit_weights.json").read_text())
+    rows = {row["name"]: row for row in table["rows"]}
+    assert table["task"] == "causal_lm" and (fit_dir / "fit_weights.png").is_file()
+    assert rows["fitted linear"]["nll"] <= rows["uniform linear"]["nll"] + 1e-9
+    assert rows["fitted geometric"]["nll"] <= rows["uniform geometric"]["nll"] + 1e-9
+    for row in rows.values():
+        assert row["perplexity"] == pytest.approx(math.exp(row["nll"]), rel=1e-9) and row["bits_per_byte"] > 0
+
+    logits, labels = _validation_teacher_logits(config)
+    assert table["validation_rows"] == labels.shape[0]
+    gold = torch.log_softmax(logits, -1).gather(-1, labels.reshape(1, -1, 1).expand(2, -1, 1)).squeeze(-1).exp()
+    low, high = 0.0, 1.0  # lambda maximises mean log(lambda p_a + (1 - lambda) p_b): concave, so bisect its slope
+    for _ in range(100):
+        middle = (low + high) / 2
+        slope = float(((gold[0] - gold[1]) / (middle * gold[0] + (1 - middle) * gold[1])).mean())
+        low, high = (middle, high) if slope > 0 else (low, middle)
+    weights = torch.tensor([low, 1 - low], dtype=torch.float64)
+
+    def nll(w):
+        return float(-(torch.tensor(w, dtype=torch.float64)[:, None] * gold).sum(0).log().mean())
+
+    # these near-random teachers make the likelihood flat in lambda: the fit (on float32 teacher
+    # logits rebuilt from hidden states) lands within 1e-3 of the float64 optimum, and its NLL on
+    # the float64 reference within 1e-8 of the optimum's
+    fitted = rows["fitted linear"]["weights"]
+    assert fitted == pytest.approx(weights.tolist(), abs=1e-3)
+    assert nll(fitted) == pytest.approx(nll(weights.tolist()), rel=1e-8)
+    assert rows["fitted linear"]["nll"] == pytest.approx(nll(fitted), rel=1e-5)
+    assert rows["teacher a"]["nll"] == pytest.approx(float(-gold[0].log().mean()), rel=1e-5)  # float32 logits
+
+    trained = run_cli(["train", config, "--weights", fit_dir / "weights.yaml", f"output_dir={tmp_path / 'run'}",
+                       "training.max_steps=2"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [t["weight"] for t in report["teachers"]] == pytest.approx(rows["fitted linear"]["weights"], abs=1e-5)
+
+
+def test_confidence_weights_per_token_equal_the_float64_formula(tiny_lm):
+    """interpolation.method=confidence on tokens: each token's teacher weights from the teachers'
+    own probability of the gold token, the live chunked path against the formula in float64."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.signals import LiveLanguageModels, Targets
+    from distill.teachers import TeacherEnsemble, TeacherPlan
+    from distill.interpolate import build_interpolation
+
+    plans = [TeacherPlan(name=n, path="-", key="-", weight=w, temperature=t, label_order=None, input_prefix="")
+             for n, w, t in (("a", 0.6, 2.0), ("b", 0.4, 1.5))]
+    models = [AutoModelForCausalLM.from_pretrained(tiny_lm[k]).eval() for k in ("teacher_a", "teacher_b")]
+    ensemble = TeacherEnsemble(plans, models, build_interpolation("confidence", sharpness=0.2))
+    ids = torch.tensor(tiny_lm["tokenizer"](["the car drives itself great today", "hate the road a lot"],
+                                            padding=True)["input_ids"])
+    inputs = {"input_ids": ids, "attention_mask": (ids != tiny_lm["tokenizer"].pad_token_id).long()}
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), IGNORE_INDEX)], 1).reshape(-1)
+    labels[3] = IGNORE_INDEX  # a token without a label: scored by its negative entropy instead
+    targets = Targets(ensemble, LiveLanguageModels(ensemble).signal(inputs, torch.device("cpu")), labels,
+                      labels != IGNORE_INDEX)
+    got = torch.cat([targets(start, min(start + 5, labels.shape[0]))[0] for start in range(0, labels.shape[0], 5)])
+    with torch.no_grad():
+        logits = torch.stack([m(**inputs).logits.reshape(-1, m.config.vocab_size) for m in models]).double()
+    native = torch.log_softmax(logits, -1)
+    expected = []
+    for t in range(labels.shape[0]):
+        if labels[t] != IGNORE_INDEX:
+            scores = native[:, t, labels[t]].exp()
+        else:
+            scores = (native[:, t].exp() * native[:, t]).sum(-1)
+        w = torch.tensor([0.6, 0.4], dtype=torch.float64) * torch.exp(scores / 0.2)
+        w = w / w.sum()
+        softened = torch.stack([torch.softmax(logits[0, t] / 2.0, -1), torch.softmax(logits[1, t] / 1.5, -1)])
+        expected.append((w[:, None] * softened).sum(0).log())
+    torch.testing.assert_close(got.double(), torch.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_learned_gate_on_tokens_is_fitted_saved_and_reused_on_resume(tiny_lm, tmp_path):
+    run_dir = tmp_path / "gate"
+    config = tiny_lm_config_yaml(tiny_lm, run_dir, extra="deepspeed: {zero_stage: 0}")
+    settings = ["interpolation.method=learned_gate", "interpolation.fit_on=validation",
+                "interpolation.learned_gate.epochs=20", "training.checkpoint_every=2"]
+    first = run_cli(["train", config, "training.max_steps=2", *settings])
+    assert first.returncode == 0, first.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    gate = load_file(str(run_dir / "interpolation" / "gate.safetensors"))
+    assert int(gate["features"]) == 1 and gate["layers.0.weight"].shape[1] == 3 * 2  # summaries of 2 teachers
+    digest = [line for line in first.stdout.splitlines() if line.startswith("interpolation state rank 0")][0].split()[4]
+    (run_dir / "report.json").unlink()
+    resumed = run_cli(["train", config, "training.max_steps=4", "training.resume=auto", *settings])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 2" in resumed.stdout and f"interpolation state rank 0: {digest}" in resumed.stdout
+    assert all(math.isfinite(row["loss"]) for row in train_losses(run_dir))
+
+
+MIXTURE = ["data.mixture_sources=[{name: praise, from_split: train, match: 'great|lovely|love|superb'}, "
+           "{name: other, from_split: train, match: 'great|lovely|love|superb', invert_match: true}]",
+           "schedules.data_mixture={kind: linear, start: [0.9, 0.1], end: [0.1, 0.9], end_step: 8}",
+           "data.eval_domains=[{name: praise, match: 'great|lovely|love|superb'}]",
+           "training.eval_every=4", "training.checkpoint_every=4", "training.lr_schedule=constant"]
+
+
+def test_a_general_to_domain_mixture_on_text_logs_domains_and_resumes_exactly(tiny_lm, tmp_path):
+    """The seed's curriculum on text: blocks drawn from named sources with scheduled proportions,
+    perplexity per evaluation domain over training, and a resumed run that ends where an
+    uninterrupted one does, bit for bit."""
+    whole_dir, cut_dir = tmp_path / "whole", tmp_path / "cut"
+    whole = run_cli(["train", tiny_lm_config_yaml(tiny_lm, whole_dir, "deepspeed: {zero_stage: 0}"), *MIXTURE])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    config = tiny_lm_config_yaml(tiny_lm, cut_dir, "deepspeed: {zero_stage: 0}")
+    assert run_cli(["train", config, *MIXTURE, "training.max_steps=4"]).returncode == 0
+    (cut_dir / "report.json").unlink()
+    resumed = run_cli(["train", config, *MIXTURE, "training.resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = train_losses(whole_dir)
+    first, last = rows[0], rows[-1]
+    assert first["mixture/praise/scheduled"] > 0.8 and last["mixture/praise/scheduled"] < 0.3
+    assert {"mixture/praise/drawn", "mixture/other/drawn"} <= set(last)
+    evals = [json.loads(line) for line in (whole_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in evals if row["kind"] == "eval"]
+    assert [row["step"] for row in evals] == [4, 8]
+    for name in ("student/praise/perplexity", "student/praise/bits_per_byte", "a/praise/perplexity",
+                 "target/praise/perplexity", "student/perplexity"):
+        assert name in evals[0] and name in evals[1], name
+    assert evals[1]["a/praise/perplexity"] == evals[0]["a/praise/perplexity"]  # teachers are frozen
+    resumed_last = train_losses(cut_dir)[-1]
+    assert {k: v for k, v in resumed_last.items() if k not in ("time", "samples_per_s")} == {
+        k: v for k, v in last.items() if k not in ("time", "samples_per_s")}
+    whole_report = json.loads((whole_dir / "report.json").read_text())
+    cut_report = json.loads((cut_dir / "report.json").read_text())
+    assert cut_report["student"]["nll"] == whole_report["student"]["nll"]
+
+
+def test_a_temperature_schedule_softens_teachers_and_student_together(tiny_lm, tmp_path):
+    """schedules.temperature moves every teacher's temperature with the student's: a constant
+    schedule at 2x loss.temperature trains exactly like loss.temperature and every teacher
+    temperature doubled."""
+    scheduled_dir, doubled_dir = tmp_path / "scheduled", tmp_path / "doubled"
+    scheduled = run_cli(["train", tiny_lm_config_yaml(tiny_lm, scheduled_dir, "deepspeed: {zero_stage: 0}"),
+                         "schedules.temperature={kind: constant, start: 4.0}", "training.max_steps=4"])
+    assert scheduled.returncode == 0, scheduled.stderr[-3000:]
+    doubled = run_cli(["train", tiny_lm_config_yaml(tiny_lm, doubled_dir, "deepspeed: {zero_stage: 0}"),
+                       "loss.temperature=4.0", "teachers.models.0.temperature=4.0",
+                       "teachers.models.1.temperature=3.0", "training.max_steps=4"])
+    assert doubled.returncode == 0, doubled.stderr[-3000:]
+    for a, b in zip(train_losses(scheduled_dir), train_losses(doubled_dir)):
+        assert a["kd"] == pytest.approx(b["kd"], rel=1e-6) and a["ce"] == pytest.approx(b["ce"], rel=1e-6)
+
+
+def test_int8_and_onnx_export_of_a_causal_lm(lm_run, tmp_path):
+    """`distill export --quantize int8 --onnx` for a causal LM: the ONNX graph's logits match
+    PyTorch's, the int8 folder loads with plain transformers, generates, and its card states the
+    perplexity change and the sizes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, config, _ = lm_run
+    out = tmp_path / "int8"
+    done = run_cli(["export", run_dir, out, "--quantize", "int8", "--onnx"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    parity = json.loads((out / "onnx_parity.json").read_text())
+    assert parity["max_abs_logit_difference"] < 1e-4 and parity["argmax_agreement"] == 1.0
+    compression = json.loads((out / "compression.json").read_text())
+    assert compression["bytes_after"] < compression["bytes_before"]
+    before, after = compression["validation_before"], compression["validation_after"]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert before["perplexity"] == pytest.approx(report["student"]["perplexity"], rel=1e-4)
+    assert after["perplexity"] == pytest.approx(before["perplexity"], rel=0.05)  # int8 rounding moves it a little
+    card = (out / "README.md").read_text()
+    assert "## Compression: int8" in card and f"{after['perplexity']:.4f}" in card
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    generated = model.generate(**tokenizer("the car", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] > len(tokenizer("the car")["input_ids"])

@@ -131,6 +131,35 @@ def test_repository_configs_are_valid():
             from omegaconf import OmegaConf
             from distill.config import DistillConfig, _read_with_includes
 
-            OmegaConf.merge(OmegaConf.structured(DistillConfig), *_read_with_includes(path, []))
+            from distill.tasks import task_class
+
+            cfg = OmegaConf.merge(OmegaConf.structured(DistillConfig), *_read_with_includes(path, []))
+            task_class(cfg.task).check_config(cfg)
         else:
-            load_config(path)
+            from distill.tasks import load_task_config
+
+            load_task_config(path)
+
+
+def _task_refuses(config_path, overrides, message):
+    from distill.tasks import load_task_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_task_config(config_path, overrides)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.block_size=64"], r"task sequence_classification does not read \['data.block_size'\]"),
+    (["loss.chunk_tokens=256", "loss.fused=false"],
+     r"does not read \['loss.chunk_tokens', 'loss.fused'\] \(causal-LM settings\)"),
+    (["data.prompt_field=p", "data.response_field=r"], r"does not read \['data.prompt_field', 'data.response_field'\]"),
+    (["task=causal_lm"], r"task causal_lm does not read \['data.unlabeled.path', 'data.label_names', 'data.label_field'\]"),
+    (["task=translation"], r"task: 'translation' is not one of \['causal_lm', 'sequence_classification'\]"),
+])
+def test_settings_the_chosen_task_ignores_are_refused(config_path, overrides, message):
+    _task_refuses(config_path, overrides, message)
+
+
+@pytest.mark.parametrize("key", ["teachers.micro_batch_size=8", "student.num_labels=3"])
+def test_keys_nothing_reads_are_gone_from_the_schema(config_path, key):
+    _fails(config_path, [key], r"unknown config key")

@@ -122,3 +122,74 @@ def test_joint_fit_is_never_worse_than_the_sequential_fit(method):
 
     assert nll(weights, joint_temperatures) <= nll(sequential, temperatures) + 1e-12
     assert torch.isclose(weights.sum(), torch.tensor(1.0, dtype=torch.float64)) and torch.all(joint_temperatures > 0)
+
+
+def test_one_temperature_bound_for_the_single_and_the_joint_fit():
+    """On labels that ignore the logits the best temperature is infinite: the single fit stops at
+    the documented bound, the joint fit (unbounded before: it reached T = 2313) stays inside it,
+    and both say that the bound binds."""
+    from distill.fitting import TEMPERATURE_BOUNDS, at_bound, fit_jointly
+
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, 2000, 5, generator=generator, dtype=torch.float64) * 3
+    labels = torch.randint(0, 5, (2000,), generator=generator)
+    single = fit_temperature(logits[0], labels)
+    assert single == TEMPERATURE_BOUNDS[1] and at_bound(single)
+    weights, temperatures = fit_jointly(logits, labels, "linear", torch.tensor([0.5, 0.5]), torch.tensor([2.0, 2.0]))
+    assert torch.all(temperatures <= TEMPERATURE_BOUNDS[1] * (1 + 1e-9))
+    assert torch.all(temperatures >= TEMPERATURE_BOUNDS[0])
+    assert any(at_bound(float(t)) for t in temperatures)
+    sharp = torch.nn.functional.one_hot(labels, 5).double() * 50  # always right: wants T -> 0
+    assert fit_temperature(sharp, labels) == TEMPERATURE_BOUNDS[0]
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 5000])
+def test_streamed_fits_equal_the_fits_over_one_chunk(chunk):
+    """Every fit reads its data as chunks (a causal LM's validation tokens); the result must not
+    depend on how the rows are cut: EM, the geometric Newton fit, temperatures and the joint fit."""
+    from distill.fitting import (fit_geometric_weights_streamed, fit_jointly_streamed, fit_temperature_streamed,
+                                 gold_log_probs_over, in_memory)
+
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(3, 600, 11, generator=generator, dtype=torch.float64) * torch.tensor([2.0, 1.0, 0.5]).reshape(3, 1, 1)
+    labels = torch.multinomial(torch.softmax(logits.sum(0), -1), 1, generator=generator).squeeze(1)
+
+    def chunks():
+        for start in range(0, 600, chunk):
+            yield logits[:, start:start + chunk], labels[start:start + chunk]
+
+    whole = in_memory(logits, labels)
+    temperatures = torch.tensor([1.0, 1.5, 0.7], dtype=torch.float64)
+    torch.testing.assert_close(gold_log_probs_over(chunks, temperatures), gold_log_probs_over(whole, temperatures))
+    torch.testing.assert_close(fit_geometric_weights_streamed(chunks, temperatures),
+                               fit_geometric_weights_streamed(whole, temperatures), rtol=1e-8, atol=1e-10)
+    assert fit_temperature_streamed(chunks, 1) == pytest.approx(fit_temperature_streamed(whole, 1), rel=1e-9)
+    start = torch.tensor([0.4, 0.3, 0.3], dtype=torch.float64)
+    for a, b in zip(fit_jointly_streamed(chunks, "geometric", start, temperatures, iterations=20),
+                    fit_jointly_streamed(whole, "geometric", start, temperatures, iterations=20)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_geometric_newton_fit_finds_the_simplex_minimum_a_grid_finds():
+    """The geometric fit against an independent reference: the float64 NLL on a fine grid of the
+    2-simplex (three teachers), refined around its best point."""
+    from distill.fitting import fit_geometric_weights_streamed, in_memory
+
+    generator = torch.Generator().manual_seed(9)
+    logits = torch.randn(3, 400, 6, generator=generator, dtype=torch.float64) * torch.tensor([2.0, 1.0, 0.3]).reshape(3, 1, 1)
+    labels = torch.multinomial(torch.softmax(logits[0] + 0.5 * logits[1], -1), 1, generator=generator).squeeze(1)
+    log_probs = torch.log_softmax(logits, -1)
+
+    def nll(w):
+        return float(-geometric_mixture(log_probs, w).gather(-1, labels[:, None]).mean())
+
+    fitted = fit_geometric_weights_streamed(in_memory(logits, labels), torch.ones(3, dtype=torch.float64))
+    best, best_nll, step = None, float("inf"), 0.02
+    for i in range(51):
+        for j in range(51 - i):
+            w = torch.tensor([i, j, 50 - i - j], dtype=torch.float64) / 50
+            value = nll(w)
+            if value < best_nll:
+                best, best_nll = w, value
+    assert nll(fitted) <= best_nll + 1e-12  # at least as good as the best grid point
+    assert (fitted - best).abs().max() <= step + 1e-9  # and next to it

@@ -52,6 +52,8 @@ class Task:
     row_unit = "row"
     # the figures `distill fit-weights` shows for each mix, besides the weights and temperatures
     fit_columns = ("nll", "accuracy", "ece")
+    # the validation figure training_curves.png follows
+    curve_metric, curve_higher_is_better = "accuracy", True
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -96,6 +96,7 @@ class CausalLM(Task):
     row_unit = "token"
     auto_model_class = AutoModelForCausalLM
     fit_columns = ("nll", "perplexity", "bits_per_byte")
+    curve_metric, curve_higher_is_better = "perplexity", False
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -148,8 +149,8 @@ class CausalLM(Task):
             self.train_set = encoded
         if key == "validation":
             self.validation_set = encoded
-            for domain in data.eval_domains:
-                rows = domain_rows(split, data, domain)
+            for index, domain in enumerate(data.eval_domains):
+                rows = domain_rows(split, data, domain, index)
                 if len(rows):
                     self.domain_sets[domain.name] = encode_lm(rows, self.tokenizer, data, f"eval_domains.{domain.name}")
                     self.bytes[domain.name] = text_bytes(rows, data)

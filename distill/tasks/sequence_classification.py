@@ -40,6 +40,8 @@ class SequenceClassification(Task):
             "loss.chunk_tokens": loss.chunk_tokens != LossConfig.chunk_tokens,
             "loss.fused": loss.fused != LossConfig.fused,
             "teachers.cache": cfg.teachers.cache is not None,
+            **{f"data.eval_domains[{i}].path": True for i, domain in enumerate(data.eval_domains)
+               if domain.path is not None},
         }, " (causal-LM settings)")
         if cfg.student.trim_vocab and cfg.teachers.models and cfg.teachers.tokenization == "shared":
             raise ConfigError("student.trim_vocab gives the student its own vocabulary: "
