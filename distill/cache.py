@@ -78,7 +78,7 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512) -> dict:
     from distill.checkpointing import content_hash
     from distill.config import ConfigError
     from distill.hardware import local_device, teacher_dtype
-    from distill.modeling import count_parameters, load_tokenizer
+    from distill.modeling import load_tokenizer
 
     cfg = task.cfg
     out_dir = Path(out_dir)
@@ -137,8 +137,8 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512) -> dict:
     meta = {"vocab_size": vocab, "top_k": top_k, "fingerprint": fingerprint(train), "rows": len(train),
             "shards": shards, "interpolation": cfg.interpolation.method,
             "teachers": [{"name": plan.name, "path": plan.path, "hash": content_hash(plan.path),
-                          "params": count_parameters(model), **figures[plan.name]}
-                         for plan, model in zip(plans, ensemble.models)],
+                          "params": params, **figures[plan.name]}
+                         for plan, params in zip(plans, ensemble.parameter_counts)],
             "target": figures["target"]}
     (out_dir / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return meta

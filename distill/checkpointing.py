@@ -130,8 +130,56 @@ def content_hash(model_dir: str) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, config: Dict, teachers: List[Dict], interpolation: Dict, position: Dict) -> None:
-    manifest = {"config": config, "teachers": teachers, "interpolation": interpolation, "position": position}
+def file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_hashes(cfg) -> Dict[str, str]:
+    """sha256 of every local input a run reads besides its teachers: the data files (train,
+    validation, unlabeled, mixture sources, evaluation domains) and the student's checkpoint folder
+    (its weights, config and tokenizer), by config key. A resume that finds one changed is refused."""
+    from distill.paths import is_local_reference, resolve_path
+
+    references = {f"data.{split}.path": cfg.data[split].path for split in ("train", "validation", "unlabeled")}
+    references.update({f"data.mixture_sources[{i}].path": source.path for i, source in enumerate(cfg.data.mixture_sources)})
+    references.update({f"data.eval_domains[{i}].path": domain.path for i, domain in enumerate(cfg.data.eval_domains)})
+    hashes = {}
+    for key, reference in references.items():
+        if reference is None or not is_local_reference(reference):
+            continue
+        path = resolve_path(reference)
+        if path.is_file():
+            hashes[key] = file_hash(path)
+        elif path.is_dir():
+            hashes[key] = hashlib.sha256("".join(file_hash(f) for f in sorted(path.rglob("*")) if f.is_file())
+                                         .encode()).hexdigest()
+    if cfg.student.path is not None:
+        hashes["student.path"] = content_hash(cfg.student.path) + content_hash_of_tokenizer(cfg.student.path)
+    return hashes
+
+
+def content_hash_of_tokenizer(model_dir: str) -> str:
+    """sha256 of a model folder's tokenizer files beyond its JSON (e.g. a SentencePiece model)."""
+    from distill.paths import is_local_reference, resolve_path
+
+    if not is_local_reference(model_dir):
+        return ""
+    folder = resolve_path(model_dir)
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*")):
+        if path.is_file() and path.suffix in (".model", ".txt", ".merges"):
+            digest.update(path.name.encode() + file_hash(path).encode())
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, config: Dict, teachers: List[Dict], interpolation: Dict, position: Dict,
+                   inputs: Dict[str, str] = None) -> None:
+    manifest = {"config": config, "teachers": teachers, "interpolation": interpolation, "position": position,
+                "inputs": inputs or {}}
     temporary = folder / (MANIFEST + ".tmp")
     temporary.write_text(json.dumps(manifest, indent=2, default=str))
     temporary.replace(folder / MANIFEST)

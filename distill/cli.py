@@ -93,8 +93,7 @@ def evaluate_saved_model(cfg, model_path: Path):
     if plans:
         ensemble, source = task.load_teachers(plans, device, teacher_dtype(cfg.teachers.dtype, device))
     metrics, _ = task.evaluate(student.to(device).eval(), ensemble, source, device)
-    teacher_params = (getattr(ensemble, "parameter_counts", None) or [count_parameters(m) for m in ensemble.models]
-                      if ensemble is not None else [])
+    teacher_params = ensemble.parameter_counts if ensemble is not None else []
     return task, task.report(plans, teacher_params, count_parameters(student), metrics, {"steps": 0, "seconds": 0.0},
                              splits.train, validation)
 
@@ -180,6 +179,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from distill.checkpointing import CheckpointWriteError
         from distill.export import ExportError
         from distill.signals import NonFiniteLogitsError
+        from distill.trainer import DivergedError
 
         if isinstance(error, ExportError):
             print(f"distill: export error: {error}", file=sys.stderr)
@@ -190,6 +190,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if isinstance(error, CheckpointWriteError):
             print(f"distill: checkpoint failed: {error}", file=sys.stderr)
             return 4
+        if isinstance(error, DivergedError):
+            print(f"distill: stopped, diverged: {error}", file=sys.stderr)
+            return 5
         raise
     return 0
 

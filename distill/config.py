@@ -263,17 +263,25 @@ def load_config(path: Optional[str | os.PathLike], overrides: Optional[List[str]
     schema = OmegaConf.structured(DistillConfig)
     layers = [schema]
     for file_path in ([path] if path is not None else []) + list(fragments):
-        layers.extend(_read_with_includes(Path(file_path), []))
+        for layer, source in _read_with_includes(Path(file_path), [], with_sources=True):
+            _check_kinds(schema, layer, "", source)
+            layers.append(layer)
     try:
         merged = OmegaConf.merge(*layers)
-    except OmegaConfBaseException as error:
+    except (OmegaConfBaseException, TypeError, ValueError) as error:
         raise ConfigError(_describe_omegaconf_error(error, path)) from error
     for override in overrides or []:
         key, separator, text = override.partition("=")
         if not separator or not key:
             raise ConfigError(f"override {override!r} must look like dotted.key=value")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError as error:
+            problem = str(getattr(error, "problem", None) or error).splitlines()[0]
+            raise ConfigError(f"override {override!r}: its value is not valid YAML ({problem}); fix the brackets or "
+                              f"quote it ({key}='...')") from error
         try:  # update() understands list indices (teachers.models.0.path=...), from_dotlist does not
-            OmegaConf.update(merged, key, yaml.safe_load(text) if text else None, merge=True)
+            OmegaConf.update(merged, key, value, merge=True)
         except (OmegaConfBaseException, TypeError, ValueError, IndexError) as error:
             raise ConfigError(f"override {override!r}: " + _describe_omegaconf_error(error, None)) from error
     try:
@@ -296,8 +304,31 @@ def read_run_config(path: str | os.PathLike) -> DistillConfig:
     return merged  # type: ignore[return-value]
 
 
-def _read_with_includes(config_path: Path, chain: List[Path]) -> list:
-    """A YAML file as omegaconf layers: its `include:` files first (paths relative to it), then itself."""
+def _check_kinds(schema, layer, prefix: str, source: Path) -> None:
+    """A mapping where the schema has a list (or the reverse) is named with its key and file, instead
+    of omegaconf's 'Cannot merge incompatible container types'."""
+    if not isinstance(layer, DictConfig) or not isinstance(schema, DictConfig):
+        return
+    for key in layer.keys():
+        if key not in schema:
+            continue  # an unknown key: the merge names it
+        expected, given = schema._get_node(key), layer._get_node(key)
+        dotted = f"{prefix}{key}"
+        expects_list = OmegaConf.is_list(expected) or (hasattr(expected, "_metadata") and
+                                                        "List" in str(getattr(expected._metadata, "ref_type", "")))
+        expects_mapping = isinstance(expected, DictConfig)
+        if expects_list and isinstance(given, DictConfig):
+            raise ConfigError(f"config file {source}: {dotted} must be a list (items starting with '- '), "
+                              f"got a mapping {list(given.keys())[:4]}")
+        if expects_mapping and OmegaConf.is_list(given):
+            raise ConfigError(f"config file {source}: {dotted} must be a mapping (key: value lines), got a list")
+        if expects_mapping and isinstance(given, DictConfig):
+            _check_kinds(expected, given, f"{dotted}.", source)
+
+
+def _read_with_includes(config_path: Path, chain: List[Path], with_sources: bool = False) -> list:
+    """A YAML file as omegaconf layers: its `include:` files first (paths relative to it), then
+    itself (with `with_sources`, as (layer, file) pairs)."""
     if not config_path.is_file():
         raise ConfigError(f"config file {config_path} does not exist" +
                           (f" (included from {chain[-1]})" if chain else ""))
@@ -307,13 +338,18 @@ def _read_with_includes(config_path: Path, chain: List[Path]) -> list:
         layer = OmegaConf.load(config_path)
     except Exception as error:  # yaml.YAMLError and omegaconf's own parse errors
         raise ConfigError(f"config file {config_path} is not valid YAML: {error}") from error
-    includes = layer.pop("include", None) if isinstance(layer, DictConfig) else None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"config file {config_path}: the top level must be a mapping of keys (output_dir: ..., "
+                          f"teachers: ...), got a {type(layer).__name__.replace('Config', '').lower()}")
+    includes = layer.pop("include", None)
+    own = (layer, config_path) if with_sources else layer
     if includes is None:
-        return [layer]
+        return [own]
     layers = []
     for include in [includes] if isinstance(includes, str) else list(includes):
-        layers.extend(_read_with_includes(config_path.parent / str(include), chain + [config_path.resolve()]))
-    return layers + [layer]
+        layers.extend(_read_with_includes(config_path.parent / str(include), chain + [config_path.resolve()],
+                                          with_sources))
+    return layers + [own]
 
 
 def _describe_omegaconf_error(error: Exception, path) -> str:
@@ -332,9 +368,25 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _non_finite_numbers(node, path: str = ""):
+    """Dotted keys of every float in a plain config tree that is inf or NaN (`.inf` parses as a float)."""
+    import math
+
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _non_finite_numbers(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            yield from _non_finite_numbers(item, f"{path}[{index}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        yield path, node
+
+
 def validate(cfg: DistillConfig | DictConfig) -> None:
     """Check values the type system cannot: ranges, choices, and that local files exist. The task's
     own checks (settings it would ignore) follow in tasks.load_task_config."""
+    for key, value in _non_finite_numbers(OmegaConf.to_container(cfg, resolve=True)):
+        raise ConfigError(f"{key}: {value} is not a finite number; give a finite value (e.g. {key}=2.0)")
     _require(cfg.teachers.placement in PLACEMENTS,
              f"teachers.placement: {cfg.teachers.placement!r} is not one of {list(PLACEMENTS)}")
     _require(cfg.teachers.dtype in TEACHER_DTYPES,
@@ -378,6 +430,10 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
         _check_model_reference(student.path, "student.path", cfg.allow_pickled_weights)
     if student.from_teacher is not None:
         resolve_teacher_index(cfg, student.from_teacher)
+        fixed = sorted(set(student.config_overrides) & ARCHITECTURE_KEYS)
+        _require(not fixed, f"student.config_overrides: {fixed} cannot be applied to weights copied from a teacher "
+                 "(they change the weights' shapes or what they compute): choose the depth with student.layers, "
+                 "or start from student.path")
     if student.layers is not None:
         _require(len(student.layers) > 0, "student.layers is empty: keep at least one layer")
         _require(all(layer >= 0 for layer in student.layers), "student.layers must be >= 0")
@@ -423,8 +479,39 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
              f"training.resume: {training.resume!r} is not one of ['never', 'auto']")
     _require(cfg.deepspeed.zero_stage in (0, 1, 2, 3),
              f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    for key in cfg.deepspeed.config:
+        _require(key not in DISTILL_BUILDS,
+                 f"deepspeed.config.{key}: distill builds the {key} itself ({DISTILL_BUILDS.get(key)}): set those "
+                 "keys instead and remove this one")
+        _require(key in DEEPSPEED_KEYS, f"deepspeed.config.{key} is not a DeepSpeed setting distill passes on "
+                 f"(known: {sorted(DEEPSPEED_KEYS)}): check its spelling against DeepSpeed's config reference")
     _require(cfg.export.dtype in PRECISIONS,
              f"export.dtype: {cfg.export.dtype!r} is not one of {list(PRECISIONS)}")
+
+
+# Config keys that decide the shapes of a model's weights or what the weights compute: copied
+# teacher weights cannot take another value (student.layers chooses the depth).
+ARCHITECTURE_KEYS = frozenset({
+    "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+    "num_hidden_layers", "vocab_size", "embedding_size", "max_position_embeddings", "type_vocab_size",
+    "tie_word_embeddings", "model_type", "architectures", "hidden_act", "position_embedding_type",
+    "rope_theta", "rope_scaling", "layer_types", "n_embd", "n_head", "n_layer", "n_inner", "n_positions"})
+
+
+# deepspeed.config: the top-level sections of DeepSpeed's JSON config that distill passes on (the
+# engine silently ignores an unknown key, so a typo would do nothing); the optimizer and scheduler
+# are distill's own.
+DISTILL_BUILDS = {"optimizer": "AdamW from training.learning_rate and training.weight_decay",
+                  "scheduler": "training.lr_schedule and training.warmup_ratio"}
+DEEPSPEED_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "zero_optimization", "bf16", "fp16", "amp", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "steps_per_print", "wall_clock_breakdown", "prescale_gradients", "gradient_predivide_factor",
+    "communication_data_type", "seq_parallel_communication_data_type", "sparse_gradients",
+    "activation_checkpointing", "flops_profiler", "comms_logger", "tensorboard", "wandb", "csv_monitor",
+    "aio", "checkpoint", "data_types", "dump_state", "memory_breakdown", "dataloader_drop_last",
+    "disable_allgather", "use_node_local_storage", "torch_autocast", "timers", "compile", "nebula",
+    "elasticity", "autotuning", "data_efficiency", "compression_training", "graph_harvesting"})
 
 
 def _validate_task(cfg) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -54,9 +55,46 @@ def load_source(source: DataSourceConfig, key: str) -> Dataset:
         if is_local_reference(reference):
             if "corresponds to no data" in str(error):
                 raise ConfigError(f"data.{key}.path: {reference} has no rows") from error
+            path = resolve_path(reference)
+            found = diagnose_file(path, _FORMATS.get(path.suffix.lower()), source.encoding, key) if path.is_file() else None
+            if found:
+                raise ConfigError(f"data.{key}.path: {reference} {found}") from error
             raise ConfigError(f"data.{key}.path: cannot read {reference}: {error}") from error
         offline = " (not found locally, and the hub is offline)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise ConfigError(f"data.{key}.path: cannot load {reference!r}{offline}: {error}") from error
+
+
+def diagnose_file(path: Path, data_format: Optional[str], encoding: str, key: str) -> Optional[str]:
+    """What is wrong with a local data file that `datasets` failed to read, with its line and the
+    fix (an undecodable byte, a broken JSON line, a CSV row with another number of fields); None
+    when none of these is found."""
+    import csv
+    import io
+    import json
+
+    raw = path.read_bytes()
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        hint = f" (data.{key}.encoding, e.g. latin-1)" if data_format == "csv" else ""
+        return (f"line {line} is not valid {encoding} (byte 0x{raw[error.start]:02x}): set the file's encoding{hint} "
+                "or convert the file to UTF-8")
+    if data_format == "json" and path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as error:
+                    return f"line {number} is not valid JSON ({error.msg} at column {error.colno}): fix or remove that line"
+    if data_format == "csv":
+        rows = csv.reader(io.StringIO(text))
+        header = next(rows, None)
+        for number, row in enumerate(rows, start=2):
+            if header is not None and row and len(row) != len(header):
+                return (f"line {number} has {len(row)} fields, the header {len(header)}: fix that row (quote a text "
+                        "holding commas)")
+    return None
 
 
 def check_fields(dataset: Dataset, fields: Sequence[str], key: str) -> None:

@@ -14,8 +14,8 @@ logits against PyTorch with onnxruntime on the run's validation batches.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -24,6 +24,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from distill.config import read_run_config
+from distill.outputs import check_output, written_folder
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,21 +40,46 @@ def latest_tag(checkpoint_dir: Path) -> str:
     return latest.read_text(encoding="utf-8").strip()
 
 
+@contextlib.contextmanager
+def _only_tensors():
+    """While DeepSpeed reads a checkpoint: torch.load with weights_only=True, whatever the caller
+    asks (DeepSpeed's zero_to_fp32 asks for weights_only=False). A handed-over checkpoint is a
+    pickle: with weights_only it can hold tensors and plain containers, never code to run."""
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
 def consolidated_state_dict(checkpoint_dir: Path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Full fp32 weights of the student from a DeepSpeed checkpoint of any ZeRO stage."""
+    """Full fp32 weights of the student from a DeepSpeed checkpoint of any ZeRO stage, read with
+    weights_only=True (a crafted pickle in it is refused, not run)."""
+    import pickle
+
     tag = tag or latest_tag(checkpoint_dir)
     folder = checkpoint_dir / tag
     if not folder.is_dir():
         raise ExportError(f"checkpoint {folder} does not exist")
-    if any(folder.glob("*optim_states.pt")) and any(folder.glob("zero_pp_rank_*")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    try:
+        with _only_tensors():
+            if any(folder.glob("*optim_states.pt")) and any(folder.glob("zero_pp_rank_*")):
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-    model_states = sorted(folder.glob("mp_rank_*_model_states.pt"))
-    if not model_states:
-        raise ExportError(f"{folder} holds no model states")
-    # Our own checkpoint, written by this run; DeepSpeed stores it with torch.save.
-    state = torch.load(model_states[0], map_location="cpu", weights_only=False)
+                return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+            model_states = sorted(folder.glob("mp_rank_*_model_states.pt"))
+            if not model_states:
+                raise ExportError(f"{folder} holds no model states")
+            state = torch.load(model_states[0], map_location="cpu")
+    except pickle.UnpicklingError as error:
+        raise ExportError(f"checkpoint {folder} holds more than tensors and plain values (refused, not run: "
+                          f"{str(error).splitlines()[0]}); export only checkpoints you trust to be distill's") from error
     return {name: tensor.float() for name, tensor in state["module"].items()}
 
 
@@ -70,6 +96,8 @@ def _require_torchao():
 
 def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: bool = False,
                tag: Optional[str] = None, quantize: Optional[str] = None, onnx: bool = False) -> Path:
+    """Everything is checked before anything is written (outputs.check_output: never into an
+    input, --overwrite only over a folder distill wrote); the folder is filled beside and renamed."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if dtype not in _DTYPES:
         raise ExportError(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -82,19 +110,19 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
     if onnx:
         _require_onnx()
     init_dir = run_dir / "student_init"
-    if not (init_dir / "config.json").is_file():
-        raise ExportError(f"{run_dir} is not a distill run directory (no student_init/config.json)")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ExportError(f"export target {out_dir} exists and is not empty: pass --overwrite or choose another")
-        shutil.rmtree(out_dir)
+    if not (init_dir / "config.json").is_file() or not (run_dir / "config.yaml").is_file():
+        raise ExportError(f"{run_dir} is not a distill run directory (no student_init/config.json or config.yaml)")
+    checkpoints = run_dir / "checkpoints"
+    tag = tag or latest_tag(checkpoints)
+    check_output(out_dir, [checkpoints, init_dir, run_dir / "config.yaml", run_dir / "report.json"], overwrite,
+                 "export")
 
     from distill.tasks import task_class
 
     run_config = read_run_config(run_dir / "config.yaml")
     task = task_class(run_config.task)(run_config)
     config = AutoConfig.from_pretrained(init_dir)
-    state_dict = consolidated_state_dict(run_dir / "checkpoints", tag)
+    state_dict = consolidated_state_dict(checkpoints, tag)
     model = task.auto_model_class.from_config(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
@@ -103,20 +131,21 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
         raise ExportError(f"checkpoint does not match the student: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model = model.to(_DTYPES[dtype]).eval()
     model.config.dtype = _DTYPES[dtype]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(init_dir).save_pretrained(out_dir)
-    parity = None
-    if onnx:  # from the unquantized module, before quantize_folder replaces the weights
-        parity = export_onnx(task, model, out_dir)
-        (out_dir / "onnx_parity.json").write_text(json.dumps(parity, indent=2), encoding="utf-8")
-    compression = quantize_folder(task, out_dir, quantize) if quantize else None
-    report_path = run_dir / "report.json"
-    if report_path.is_file():
-        report = json.loads(report_path.read_text(encoding="utf-8"))
-        (out_dir / "README.md").write_text(task.model_card(report, config, dtype, compression, parity), encoding="utf-8")
-    if compression is not None:
-        (out_dir / "compression.json").write_text(json.dumps(compression, indent=2), encoding="utf-8")
+    with written_folder(out_dir) as folder:
+        model.save_pretrained(folder, safe_serialization=True)
+        AutoTokenizer.from_pretrained(init_dir).save_pretrained(folder)
+        parity = None
+        if onnx:  # from the unquantized module, before quantize_folder replaces the weights
+            parity = export_onnx(task, model, folder)
+            (folder / "onnx_parity.json").write_text(json.dumps(parity, indent=2), encoding="utf-8")
+        compression = quantize_folder(task, folder, quantize) if quantize else None
+        report_path = run_dir / "report.json"
+        if report_path.is_file():
+            report = json.loads(report_path.read_text(encoding="utf-8"))
+            (folder / "README.md").write_text(task.model_card(report, config, dtype, compression, parity),
+                                              encoding="utf-8")
+        if compression is not None:
+            (folder / "compression.json").write_text(json.dumps(compression, indent=2), encoding="utf-8")
     return out_dir
 
 

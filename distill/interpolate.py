@@ -15,30 +15,19 @@ A strategy with learned state (the gate) exposes it through `state_dict()` / `lo
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
 from distill.fitting import (Chunks, fit_gate, fit_geometric_weights_streamed, fit_linear_weights_em,
                              fit_temperature_streamed, gate_inputs, gold_log_probs_over)
-from distill.mixing import (  # noqa: F401  (the formulas are part of this module's public surface)
-    GateNetwork, add_softened_, confidence_weights, entropy, geometric_mixture, linear_mixture,
-    linear_mixture_probs_, logit_mean, normalize_weights, resolve_gate_features, softmax_with_entropy_,
-    sparse_linear_mixture, teacher_log_probs)
+from distill.registry import registrar
+from distill.mixing import (GateNetwork, confidence_weights, geometric_mixture, linear_mixture, linear_mixture_probs_,
+                            logit_mean, resolve_gate_features, sparse_linear_mixture, teacher_log_probs)
 
 _INTERPOLATIONS: Dict[str, type] = {}
-
-
-def register_interpolation(name: str) -> Callable[[type], type]:
-    def decorate(cls: type) -> type:
-        if name in _INTERPOLATIONS:
-            raise ValueError(f"interpolation {name!r} is registered twice")
-        cls.name = name
-        _INTERPOLATIONS[name] = cls
-        return cls
-
-    return decorate
+register_interpolation = registrar(_INTERPOLATIONS, "interpolation")
 
 
 def available_interpolations() -> List[str]:

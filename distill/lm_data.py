@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Dict, List, Sequence
 
 import torch
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset, Value, concatenate_datasets
 
 from distill.config import ConfigError, DataSourceConfig, mixture_source_split
 from distill.data import (INDEX, LABELS, SOURCE, Splits, check_fields, drop_duplicates, is_missing, load_source,
@@ -34,6 +34,9 @@ def _read(source, key: str, data) -> Dataset:
     check_fields(dataset, fields, key)
     dataset = dataset.filter(lambda row: not any(is_missing(row[f]) for f in fields), desc="drop empty rows")
     dataset = dataset.select_columns(fields)
+    for field in fields:  # csv reads large_string, json string: one type, so sources concatenate
+        if dataset.features[field] != Value("string"):
+            dataset = dataset.cast_column(field, Value("string"))
     if len(dataset) == 0:
         raise ConfigError(f"data.{key}.path: {source.path} has no rows with text in {fields}")
     if data.drop_duplicate_texts:

@@ -16,6 +16,8 @@ from typing import Callable, Dict, List
 import torch
 from torch import Tensor
 
+from distill.registry import registrar
+
 IGNORE_INDEX = -100
 
 
@@ -46,14 +48,7 @@ Divergence = Callable[[Tensor, Tensor], Tensor]
 _DIVERGENCES: Dict[str, Callable[..., Divergence]] = {}
 
 
-def register_divergence(name: str):
-    def decorate(factory):
-        if name in _DIVERGENCES:
-            raise ValueError(f"divergence {name!r} is registered twice")
-        _DIVERGENCES[name] = factory
-        return factory
-
-    return decorate
+register_divergence = registrar(_DIVERGENCES, "divergence")
 
 
 def available_divergences() -> List[str]:

@@ -63,6 +63,14 @@ def _load(auto_class, reference: str, key: str, trust_remote_code: bool, dtype: 
         raise _explain(reference, key, error) from error
 
 
+def check_positions(model_config, length: int, length_key: str, key: str) -> None:
+    """A sequence length the model's position embeddings cannot cover fails at start, not mid-run."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and length > limit:
+        raise ConfigError(f"{length_key}={length} is longer than {key} can read (max_position_embeddings "
+                          f"{limit}): set {length_key} <= {limit}")
+
+
 def label_names_of(model_config) -> Optional[List[str]]:
     """The model's label names in id order, or None when they are transformers' LABEL_i defaults."""
     id2label: Dict[int, str] = {int(k): v for k, v in (model_config.id2label or {}).items()}

@@ -65,9 +65,10 @@ def format_table(report: Dict) -> str:
 
 
 def compression_section(compression: Dict) -> str:
+    """The card's int8 section: sizes, and every validation figure the task scored before and after."""
     before, after = compression["validation_before"], compression["validation_after"]
     rows = "\n".join(f"| {name} | {before[name]:.4f} | {after[name]:.4f} | {after[name] - before[name]:+.4f} |"
-                     for name in ("accuracy", "macro_f1", "nll"))
+                     for name in before if name != "seconds")
     return f"""## Compression: {compression['method']}
 
 {compression['scheme']} (torchao, through transformers' `TorchAoConfig`):
@@ -184,25 +185,6 @@ def format_lm_table(report: Dict) -> str:
     return text_table(("model", "params", "perplexity", "nll/token", "bits/byte", "note"), rows)
 
 
-def lm_compression_section(compression: Dict) -> str:
-    before, after = compression["validation_before"], compression["validation_after"]
-    rows = "\n".join(f"| {name} | {before[name]:.4f} | {after[name]:.4f} | {after[name] - before[name]:+.4f} |"
-                     for name in ("perplexity", "nll"))
-    return f"""## Compression: {compression['method']}
-
-{compression['scheme']} (torchao, through transformers' `TorchAoConfig`):
-{compression['params_int8']:,} of {compression['params']:,} parameters are stored in int8.
-Weights on disk: {compression['bytes_before']:,} bytes in fp32 -> {compression['bytes_after']:,} bytes
-({compression['bytes_after'] / compression['bytes_before']:.2f}x).
-
-| validation | fp32 | int8 | change |
-|---|---|---|---|
-{rows}
-
-Loading needs `torchao` installed; `from_pretrained` reads the quantization config from config.json.
-"""
-
-
 def causal_lm_card(report: Dict, dtype: str, compression: Optional[Dict] = None,
                    onnx_parity: Optional[Dict] = None) -> str:
     """README.md for an exported causal-LM student: perplexities of student, teachers and target."""
@@ -249,7 +231,7 @@ Loss: `kd_alpha * T^2 * D(target_T || student_T) + (1 - kd_alpha) * CE`, D = {lo
 labelled tokens of each optimizer step. Training: {report['training']['steps']} optimizer steps, DeepSpeed
 ZeRO stage {report['training']['zero_stage']}.
 
-{lm_compression_section(compression) if compression else ""}{onnx_line(onnx_parity) if onnx_parity else ""}
+{compression_section(compression) if compression else ""}{onnx_line(onnx_parity) if onnx_parity else ""}
 ## How to load
 
 ```python

@@ -17,7 +17,6 @@ never know which source they have.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 
 from distill.chunked_loss import ProbabilityTarget, SparseTarget, Workspace, entropy_terms
 from distill.config import ConfigError
-from distill.interpolate import add_softened_, normalize_weights, softmax_with_entropy_
+from distill.mixing import add_softened_, normalize_weights, softmax_with_entropy_
 
 
 class NonFiniteLogitsError(RuntimeError):

@@ -101,6 +101,17 @@ def trim_vocabulary(model: nn.Module, tokenizer, texts: Sequence[str]):
     return model, trimmed_tokenizer, kept_old_ids
 
 
+def apply_config_overrides(model: nn.Module, overrides: dict) -> nn.Module:
+    """The model rebuilt from its config with `overrides` applied (so modules made from the config,
+    dropout rates for instance, take them), holding the same weights (loaded strictly)."""
+    if not overrides:
+        return model
+    model.config.update(dict(overrides))
+    rebuilt = type(model)(model.config)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    return rebuilt
+
+
 def check_student_labels(model_config, label_names: List[str], key: str) -> None:
     names = label_names_of(model_config)
     if names is not None and names != list(label_names):
@@ -130,7 +141,8 @@ def build_student(cfg: DistillConfig, label_names: List[str], train_texts: Optio
         model = keep_layers(teacher_model, layers)
         del teacher_model
         _reorder_classifier(model, order)
-        model.config.update({**labels, **dict(spec.config_overrides)})
+        model.config.update(labels)
+        model = apply_config_overrides(model, spec.config_overrides)
         model.config.distill_student_of = {"teacher": teacher.path, "layers": layers}
         tokenizer = load_tokenizer(teacher.path, key, trust)
     if spec.trim_vocab:

@@ -20,8 +20,9 @@ from torch import Tensor, nn
 
 from distill.config import ConfigError, DistillConfig, teacher_display_name
 from distill.data import TokenizerGroup, model_inputs
-from distill.interpolate import build_interpolation, normalize_weights, teacher_log_probs
-from distill.modeling import label_names_of, load_model_config, load_tokenizer, same_vocabulary
+from distill.interpolate import build_interpolation
+from distill.mixing import normalize_weights, teacher_log_probs
+from distill.modeling import check_positions, count_parameters, label_names_of, load_model_config, load_tokenizer, same_vocabulary
 from distill.signals import NonFiniteLogitsError
 
 
@@ -67,6 +68,7 @@ def plan_teachers(cfg: DistillConfig, label_names: List[str], student_tokenizer)
     for index, teacher in enumerate(cfg.teachers.models):
         key = f"teachers.models[{index}] ({teacher.path})"
         model_config = load_model_config(teacher.path, key, cfg.trust_remote_code)
+        check_positions(model_config, cfg.data.max_length, "data.max_length", key)
         order = label_permutation(model_config, label_names, key)
         tokenizer = load_tokenizer(teacher.path, key, cfg.trust_remote_code)
         prefix = ""
@@ -100,6 +102,8 @@ class TeacherEnsemble:
         self.temperatures = torch.tensor([p.temperature for p in plans], dtype=torch.float32)
         self.use_inference_mode = use_inference_mode
         self.on_nonfinite = "stop"
+        # per teacher; a cached ensemble (no models loaded) takes them from the cache's record
+        self.parameter_counts = [count_parameters(model) for model in models]
 
     @property
     def names(self) -> List[str]:

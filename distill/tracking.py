@@ -17,6 +17,7 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self._writer = None
         if enabled:
+            drop_torn_line(self.path)
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
@@ -37,10 +38,31 @@ class MetricsLogger:
             self._writer.close()
 
 
+def drop_torn_line(path: Path) -> None:
+    """A run killed in the middle of a write leaves a last line without its newline: cut it, so that
+    a resumed run's lines start on a line of their own (the killed run's rows after its last
+    checkpoint are logged again by the resumed run anyway)."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as stream:
+            stream.truncate(data.rfind(b"\n") + 1)
+
+
 def read_metrics(path: Path) -> List[Dict]:
+    """The rows of metrics.jsonl; a torn last line (a kill mid-write) is left out."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for number, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines) - 1:
+                raise
+    return rows
 
 
 def plot_curves(metrics_path: Path, out_path: Path, title: Optional[str] = None, metric: str = "accuracy",
@@ -70,7 +92,7 @@ def plot_curves(metrics_path: Path, out_path: Path, title: Optional[str] = None,
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     if evals:
         eval_steps = [r["step"] for r in evals]
-        metric_axis.plot(eval_steps, [r[f"student/{metric}"] for r in evals], "o-", label="student")
+        metric_axis.plot(eval_steps, [r[f"student/{metric}"] for r in evals], "o-", label="student (validation)")
         domains = [key.split("/")[1] for key in sorted(evals[-1])
                    if key.startswith("student/") and key.endswith(f"/{metric}") and key.count("/") == 2]
         for number, domain in enumerate(domains):  # per-domain curves of the student (data.eval_domains)
@@ -79,9 +101,10 @@ def plot_curves(metrics_path: Path, out_path: Path, title: Optional[str] = None,
                              color=colour, label=f"student on {domain}")
         references = [key for key in sorted(evals[-1]) if key.endswith(f"/{metric}") and key.count("/") == 1
                       and key != f"student/{metric}"]
-        for number, key in enumerate(references):
-            metric_axis.axhline(evals[-1][key], linestyle="--", linewidth=1.2, color=colours[(number + 1) % len(colours)],
-                                label=key.split("/")[0])
+        for number, key in enumerate(references):  # the target dotted and wider: it may sit on a teacher's line
+            target = key.startswith("target/")
+            metric_axis.axhline(evals[-1][key], linestyle=":" if target else "--", linewidth=2.6 if target else 1.2,
+                                color=colours[(number + 1) % len(colours)], label=key.split("/")[0])
         metric_axis.legend(fontsize=8)
     if not higher_is_better:
         metric_axis.set_yscale("log")

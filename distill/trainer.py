@@ -8,6 +8,7 @@ checked -> run directory -> student and teachers loaded -> interpolation fitted 
 """
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import sys
@@ -24,16 +25,17 @@ from omegaconf import OmegaConf
 
 import distill.distributed as distributed
 from distill.checkpointing import (MANIFEST, CheckpointWriteError, ResumableSampler, content_hash,
-                                   latest_complete_tag, load_rng_state, read_manifest, restore_latest,
+                                   input_hashes, latest_complete_tag, load_rng_state, read_manifest, restore_latest,
                                    save_rng_state, unsafe_changes, write_manifest)
 from distill.config import ConfigError, DistillConfig, to_yaml
 from distill.data import SOURCE
 from distill.deepspeed_config import build_deepspeed_config, build_optimizer, build_scheduler
 from distill.fit_weights import load_state, save_state, state_digest
 from distill.hardware import local_device, teacher_dtype
-from distill.interpolate import normalize_weights
+from distill.mixing import normalize_weights
 from distill.mixture import MixtureBatchSampler
 from distill.modeling import count_parameters, load_tokenizer
+from distill.outputs import RUN_MARKER, RunLock, check_run_directory
 from distill.paths import links_leaving
 from distill.report import write_json
 from distill.schedules import value_at
@@ -44,6 +46,10 @@ from distill.tracking import MetricsLogger, plot_curves
 CHECKPOINTS = "checkpoints"
 STUDENT_INIT = "student_init"
 INTERPOLATION = "interpolation"
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite: the run stops before the step is taken."""
 
 
 def seed_everything(seed: int) -> None:
@@ -102,6 +108,7 @@ class Trainer:
         self.source = None  # where the teachers' signal comes from (signals.py): live models or a cache
         self.skipped_rows = 0  # rows left out of the KD term for non-finite teacher logits (this rank)
         self.teacher_hashes: Optional[List[str]] = None
+        self.lock = RunLock(self.run_dir)
 
     # ----------------------------------------------------------------- set-up, in failing order
     def prepare(self) -> None:
@@ -111,7 +118,10 @@ class Trainer:
         self.splits = task.read_splits()
         reference, key = task.student_source()
         self.teacher_plans = task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
+        check_run_directory(self.run_dir)
         self.resume_from = self._find_resume_point()
+        if distributed.is_main():  # the first write: nothing above writes, everything above can refuse
+            self.lock.acquire()
         self._make_run_dir()
 
         student, tokenizer = task.build_student(self.splits)
@@ -127,8 +137,7 @@ class Trainer:
         if self.teacher_plans:
             self.teacher_dtype = teacher_dtype(cfg.teachers.dtype, self.device)
             self.ensemble, self.source = task.load_teachers(self.teacher_plans, self.device, self.teacher_dtype)
-            self.teacher_params = (getattr(self.ensemble, "parameter_counts", None)
-                                   or [count_parameters(m) for m in self.ensemble.models])
+            self.teacher_params = self.ensemble.parameter_counts
             self._prepare_interpolation()
         task.prepare_training(self.device, self.ensemble)
         self.student_params = count_parameters(student)
@@ -204,6 +213,10 @@ class Trainer:
         for index, saved in enumerate(manifest["teachers"]):
             if index < len(self.cfg.teachers.models) and content_hash(self.cfg.teachers.models[index].path) != saved["hash"]:
                 changed.append(f"teachers.models[{index}] content ({saved['path']} changed on disk)")
+        now = input_hashes(self.cfg)
+        for key, digest in manifest.get("inputs", {}).items():
+            if now.get(key) != digest:
+                changed.append(f"{key} content (changed on disk since the checkpoint)")
         if changed:
             raise ConfigError("training.resume=auto: these settings differ from the checkpoint and would make the "
                               f"resumed run unsafe: {changed}; restore them or start a new output_dir")
@@ -211,6 +224,7 @@ class Trainer:
     def _make_run_dir(self) -> None:
         if distributed.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / RUN_MARKER).write_text("a run directory of distill train\n", encoding="utf-8")
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg), encoding="utf-8")
         distributed.barrier()
         self.logger = MetricsLogger(self.run_dir, enabled=distributed.is_main())
@@ -278,6 +292,13 @@ class Trainer:
     def _micro_step(self, batch: Dict, window: LogWindow) -> None:
         now = self._scheduled(self.engine.global_steps)
         terms, figures = self.task.loss(self.engine, batch, self.ensemble, self.source, now)
+        if not math.isfinite(figures.loss):  # the figures are host floats already: no extra sync
+            newest = latest_complete_tag(self.run_dir / CHECKPOINTS)
+            raise DivergedError(
+                f"the loss is {figures.loss} at optimizer step {self.engine.global_steps + 1} (KD term {figures.kd}, "
+                f"CE term {figures.ce}); nothing was exported. The newest checkpoint, taken before it, is "
+                f"{newest or 'none'}: lower training.learning_rate (or check loss.temperature and the data), then "
+                "rerun into a new output_dir or, with the same settings, training.resume=auto")
         self.engine.backward(terms.total)
         self.engine.step()
         self.skipped_rows += figures.skipped
@@ -380,13 +401,15 @@ class Trainer:
         # Our files go in first: DeepSpeed writes `latest` last, so a tag that `latest` names is whole.
         save_rng_state(root / tag, distributed.rank())
         if distributed.is_main():
-            if self.teacher_hashes is None:  # hashing teacher files is costly for big teachers: once per run
+            if self.teacher_hashes is None:  # hashing teacher and data files is costly when big: once per run
                 self.teacher_hashes = [content_hash(plan.path) for plan in self.teacher_plans]
+                self.input_hashes = input_hashes(self.cfg)
             teachers = [{"name": plan.name, "path": plan.path, "hash": digest, "weight": plan.weight,
                          "temperature": plan.temperature} for plan, digest in zip(self.teacher_plans, self.teacher_hashes)]
             interpolation = self.ensemble.interpolation_state() if self.ensemble is not None else {}
             interpolation.pop("gate", None)  # tensors: saved in RUN_DIR/interpolation/gate.safetensors
-            write_manifest(root / tag, OmegaConf.to_container(self.cfg, resolve=True), teachers, interpolation, position)
+            write_manifest(root / tag, OmegaConf.to_container(self.cfg, resolve=True), teachers, interpolation, position,
+                           self.input_hashes)
         distributed.barrier()
         self.engine.save_checkpoint(str(root), tag=tag, client_state=position)
         distributed.barrier()
@@ -407,6 +430,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- the run
     def run(self) -> Dict:
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> Dict:
         self.prepare()
         summary = self.train()
         metrics = self.evaluate(self.engine.global_steps)

@@ -34,6 +34,9 @@ def read_weights(folder: Path) -> Dict[str, Tensor]:
 
 def check_compatible(first: Path, second: Path) -> None:
     """Same architecture, label set and tokenizer, or a ConfigError saying what differs."""
+    for folder in (first, second):
+        if not (Path(folder) / "config.json").is_file():
+            raise ConfigError(f"{folder} holds no config.json: pass a saved model folder (e.g. a run's student/)")
     configs = [json.loads((Path(folder) / "config.json").read_text()) for folder in (first, second)]
     for key in ("model_type", "architectures", "id2label"):
         if configs[0].get(key) != configs[1].get(key):
@@ -75,25 +78,35 @@ def interpolate_weights(first: Dict[str, Tensor], second: Dict[str, Tensor], alp
     return mixed
 
 
+def check_output_folder(first: Path, second: Path, out_dir: Path, overwrite: bool) -> None:
+    """Before anything is read or written: never into an input, --overwrite only over distill's own."""
+    from distill.outputs import check_output
+
+    check_output(out_dir, [first, second], overwrite, "interpolate-weights")
+
+
 def write_interpolated(first: Path, second: Path, out_dir: Path, alpha: float, overwrite: bool = False) -> Path:
     from safetensors.torch import save_file
 
+    from distill.outputs import written_folder
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"--alpha must lie in [0, 1], got {alpha}")
+    check_output_folder(first, second, out_dir, overwrite)
     check_compatible(first, second)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"output {out_dir} exists and is not empty: pass --overwrite or choose another")
-        shutil.rmtree(out_dir)
     mixed = interpolate_weights(read_weights(first), read_weights(second), alpha)
-    out_dir.mkdir(parents=True)
-    for path in Path(first).iterdir():
-        if path.is_file() and path.suffix != ".safetensors" and not path.name.endswith(".index.json") and path.name != "README.md":
-            shutil.copy2(path, out_dir / path.name)
-    save_file({k: v.contiguous() for k, v in mixed.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "README.md").write_text(
-        f"---\nlibrary_name: transformers\ntags:\n- distill\n- weight-interpolation\n---\n\n"
-        f"# Weight-space interpolation\n\n`{alpha} * {first} + {1 - alpha} * {second}` (by `distill interpolate-weights`).\n")
-    return out_dir
+    with written_folder(Path(out_dir)) as folder:
+        for path in Path(first).iterdir():
+            if (path.is_file() and path.suffix != ".safetensors" and not path.name.endswith(".index.json")
+                    and path.name not in ("README.md", "compression.json", "onnx_parity.json", "model.onnx")
+                    and not path.name.startswith(".")):
+                shutil.copy2(path, folder / path.name)
+        save_file({k: v.contiguous() for k, v in mixed.items()}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (folder / "README.md").write_text(
+            f"---\nlibrary_name: transformers\ntags:\n- distill\n- weight-interpolation\n---\n\n"
+            f"# Weight-space interpolation\n\n`{alpha} * {first} + {1 - alpha} * {second}` (by `distill interpolate-weights`).\n")
+    return Path(out_dir)
 
 
 def sweep(cfg, first: Path, second: Path, alphas: Sequence[float], out_dir: Path, overwrite: bool = False) -> Dict:
@@ -103,6 +116,10 @@ def sweep(cfg, first: Path, second: Path, alphas: Sequence[float], out_dir: Path
 
     from distill.evaluation import score_classifier, validation_batches
 
+    bad = [alpha for alpha in alphas if not 0.0 <= alpha <= 1.0]
+    if bad or not alphas:
+        raise ConfigError(f"--alpha-sweep values must lie in [0, 1], got {list(alphas)}")
+    check_output_folder(first, second, out_dir, overwrite)
     check_compatible(first, second)
     weights_a, weights_b = read_weights(first), read_weights(second)
     tokenizer = AutoTokenizer.from_pretrained(first)

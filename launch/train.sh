@@ -14,12 +14,22 @@ config="$1"; shift
 ranks=1; hostfile=""; port="${MASTER_PORT:-29500}"; overrides=()
 while [ $# -gt 0 ]; do
     case "$1" in
-        --ranks) ranks="$2"; shift 2 ;;
-        --hostfile) hostfile="$2"; shift 2 ;;
-        --master-port) port="$2"; shift 2 ;;
+        --ranks|--hostfile|--master-port)
+            [ $# -ge 2 ] || { echo "launch/train.sh: $1 needs a value" >&2; exit 2; }
+            case "$1" in
+                --ranks) ranks="$2" ;;
+                --hostfile) hostfile="$2" ;;
+                --master-port) port="$2" ;;
+            esac
+            shift 2 ;;
+        -*) echo "launch/train.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) overrides+=("$1"); shift ;;
     esac
 done
+positive_integer() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || { echo "launch/train.sh: $1 takes a whole number >= 1, got '$2'" >&2; exit 2; }; }
+positive_integer --ranks "$ranks"
+positive_integer --master-port "$port"
+[ -f "$config" ] || { echo "launch/train.sh: config file $config not found" >&2; exit 2; }
 launcher=(deepspeed --master_port "$port" --num_gpus "$ranks")
 if [ -n "$hostfile" ]; then
     [ -f "$hostfile" ] || { echo "launch/train.sh: hostfile $hostfile not found" >&2; exit 2; }

@@ -481,3 +481,24 @@ def test_int8_and_onnx_export_of_a_causal_lm(lm_run, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out)
     generated = model.generate(**tokenizer("the car", return_tensors="pt"), max_new_tokens=3, do_sample=False)
     assert generated.shape[1] > len(tokenizer("the car")["input_ids"])
+
+
+def test_text_sources_of_different_file_formats_mix(tiny_lm, tmp_path):
+    """A csv source (read as large_string) and a jsonl one (string) in one mixture."""
+    import csv
+
+    from distill.config import load_config
+    from distill.lm_data import encode_lm, read_lm_splits
+
+    table = tmp_path / "more.csv"
+    with table.open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["text"])
+        writer.writerows([[f"another line of text number {i}"] for i in range(20)])
+    cfg = load_config(tiny_lm_config_yaml(tiny_lm, tmp_path / "run"), [
+        f"data.mixture_sources=[{{name: more, path: {table}}}, {{name: base, from_split: train}}]",
+        "schedules.data_mixture={kind: constant, start: [0.5, 0.5]}"])
+    splits = read_lm_splits(cfg.data)
+    assert splits.source_names == ["more", "base"] and sorted(set(splits.train["source"])) == [0, 1]
+    blocks = encode_lm(splits.train, tiny_lm["tokenizer"], cfg.data, "train")
+    assert sorted(set(blocks["source"])) == [0, 1]

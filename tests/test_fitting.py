@@ -5,7 +5,8 @@ import torch
 
 from distill.fitting import (expected_calibration_error, fit_gate, fit_geometric_weights, fit_linear_weights_em,
                              fit_temperature, gold_log_probs)
-from distill.interpolate import build_interpolation, geometric_mixture, linear_mixture
+from distill.interpolate import build_interpolation
+from distill.mixing import geometric_mixture, linear_mixture
 
 
 def _mixture_data(true_weights, samples=20000, classes=5, seed=0):
@@ -106,7 +107,7 @@ def test_gold_log_probs_picks_the_label_column():
 @pytest.mark.parametrize("method", ["linear", "geometric"])
 def test_joint_fit_is_never_worse_than_the_sequential_fit(method):
     from distill.fitting import fit_jointly
-    from distill.interpolate import teacher_log_probs
+    from distill.mixing import teacher_log_probs
 
     generator = torch.Generator().manual_seed(4)
     true = torch.randn(2, 3000, 4, generator=generator, dtype=torch.float64)

@@ -1,11 +1,12 @@
-"""Interpolation strategies against independent float64 formulas and hand-computed cases."""
+"""Interpolation strategies (interpolate.py) and their formulas (mixing.py) against independent
+float64 formulas and hand-computed cases."""
 import math
 
 import pytest
 import torch
 
-from distill.interpolate import (available_interpolations, build_interpolation, geometric_mixture,
-                                 linear_mixture, normalize_weights, teacher_log_probs)
+from distill.interpolate import available_interpolations, build_interpolation
+from distill.mixing import geometric_mixture, linear_mixture, normalize_weights, teacher_log_probs
 
 
 def _reference_linear(logits, weights, temperatures):
@@ -210,7 +211,7 @@ def test_linear_mixture_equals_logsumexp_also_where_the_probability_underflows()
 
 @pytest.mark.parametrize("weights", [(0.5, 0.3, 0.2), (0.0, 0.4, 0.6), (0.0, 0.0, 1.0)])
 def test_in_place_linear_mixture_probabilities_equal_the_log_space_mixture(weights):
-    from distill.interpolate import linear_mixture_probs_
+    from distill.mixing import linear_mixture_probs_
 
     generator = torch.Generator().manual_seed(12)
     logits = torch.randn(3, 4, 30, generator=generator, dtype=torch.float64) * 3
@@ -224,7 +225,7 @@ def test_softmax_with_entropy_equals_the_float64_formula_and_flags_non_finite_ro
     """One teacher's target and its sum p log p without a log pass over [c, V] (the live causal-LM
     path with a single teacher); a NaN or inf logit must turn its row's entropy into NaN, since
     that is the only check the caller gets there."""
-    from distill.interpolate import softmax_with_entropy_
+    from distill.mixing import softmax_with_entropy_
 
     logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(3)) * 4
     logits[2, :30] -= 200.0  # entries that underflow to p = 0

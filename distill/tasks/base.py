@@ -7,19 +7,10 @@ from typing import Callable, Dict, Optional
 from torch import Tensor
 
 from distill.config import ConfigError
+from distill.registry import registrar
 
 TASKS: Dict[str, type] = {}
-
-
-def register_task(name: str) -> Callable[[type], type]:
-    def decorate(cls: type) -> type:
-        if name in TASKS:
-            raise ValueError(f"task {name!r} is registered twice")
-        cls.name = name
-        TASKS[name] = cls
-        return cls
-
-    return decorate
+register_task = registrar(TASKS, "task")
 
 
 @dataclass

@@ -166,10 +166,15 @@ class CausalLM(Task):
     def plan_teachers(self, student_tokenizer):
         """Teachers must share the student's tokenizer: identical vocabularies, checked on tokenizers
         and configs before any weights load."""
-        from distill.modeling import load_model_config, load_tokenizer, same_vocabulary
+        from distill.modeling import check_positions, load_model_config, load_tokenizer, same_vocabulary
         from distill.teachers import TeacherPlan
 
         cfg = self.cfg
+        length, length_key = ((cfg.data.max_length, "data.max_length") if cfg.data.prompt_field
+                              else (cfg.data.block_size, "data.block_size"))
+        if cfg.student.path is not None:
+            check_positions(load_model_config(cfg.student.path, "student.path", cfg.trust_remote_code), length,
+                            length_key, f"student.path ({cfg.student.path})")
         plans = []
         for index, teacher in enumerate(cfg.teachers.models):
             key = f"teachers.models[{index}] ({teacher.path})"
@@ -179,6 +184,7 @@ class CausalLM(Task):
                                   f"({len(student_tokenizer)} tokens): token-level distillation needs one shared "
                                   "tokenizer; use teachers of the same model family")
             model_config = load_model_config(teacher.path, key, cfg.trust_remote_code)
+            check_positions(model_config, length, length_key, key)
             temperature = teacher.temperature if teacher.temperature is not None else cfg.loss.temperature
             plan = TeacherPlan(name=teacher_display_name(teacher, index), path=teacher.path, key=key,
                                weight=teacher.weight, temperature=temperature, label_order=None, input_prefix="")
@@ -190,7 +196,7 @@ class CausalLM(Task):
     def build_student(self, splits):
         """(model in fp32, tokenizer): a checkpoint, or a copy of a teacher keeping some of its layers."""
         from distill.modeling import load_causal_lm, load_tokenizer
-        from distill.student import keep_layers
+        from distill.student import apply_config_overrides, keep_layers
 
         cfg = self.cfg
         spec, trust = cfg.student, cfg.trust_remote_code
@@ -206,9 +212,8 @@ class CausalLM(Task):
             teacher_model = load_causal_lm(teacher.path, key, trust, torch.float32, cfg.allow_pickled_weights)
             total = teacher_model.config.num_hidden_layers
             layers = list(spec.layers) if spec.layers is not None else list(range(0, total, 2))
-            model = keep_layers(teacher_model, layers)
+            model = apply_config_overrides(keep_layers(teacher_model, layers), spec.config_overrides)
             del teacher_model
-            model.config.update(dict(spec.config_overrides))
             model.config.distill_student_of = {"teacher": teacher.path, "layers": layers}
             tokenizer = load_tokenizer(teacher.path, key, trust)
         for plan in self.plans:

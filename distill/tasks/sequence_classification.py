@@ -17,7 +17,7 @@ from distill.evaluation import (Predictions, collect_teacher_logits, predict, st
                                 validation_loader)
 from distill.fitting import in_memory
 from distill.losses import IGNORE_INDEX, build_divergence, distillation_loss, per_teacher_kl
-from distill.modeling import load_model_config, load_sequence_classifier
+from distill.modeling import check_positions, load_model_config, load_sequence_classifier
 from distill.report import build_report, format_table, model_card, write_json
 from distill.signals import LiveClassifiers, Targets
 from distill.student import build_student, check_student_labels
@@ -73,8 +73,9 @@ class SequenceClassification(Task):
     def plan_teachers(self, student_tokenizer):
         cfg = self.cfg
         if cfg.student.path is not None:
-            check_student_labels(load_model_config(cfg.student.path, "student.path", cfg.trust_remote_code),
-                                 self.label_names, "student.path")
+            student_config = load_model_config(cfg.student.path, "student.path", cfg.trust_remote_code)
+            check_student_labels(student_config, self.label_names, "student.path")
+            check_positions(student_config, cfg.data.max_length, "data.max_length", f"student.path ({cfg.student.path})")
         self.plans, self.teacher_groups = plan_teachers(
             cfg, self.label_names, None if cfg.student.trim_vocab else student_tokenizer)
         # the student's group; build_student replaces it when the vocabulary is trimmed
