@@ -22,6 +22,20 @@ from distill.modeling import (label_config, label_names_of, load_model_config, l
                               load_tokenizer)
 
 
+def check_student_layers(cfg) -> None:
+    """student.layers against the teacher it copies, from that teacher's config alone (before any
+    weights load or anything is written)."""
+    spec = cfg.student
+    if spec.from_teacher is None or spec.layers is None:
+        return
+    index = resolve_teacher_index(cfg, spec.from_teacher)
+    key = f"teachers.models[{index}].path"
+    total = load_model_config(cfg.teachers.models[index].path, key, cfg.trust_remote_code).num_hidden_layers
+    bad = [layer for layer in spec.layers if layer >= total]
+    if bad:
+        raise ConfigError(f"student.layers: {bad} out of range, the teacher has {total} layers (0..{total - 1})")
+
+
 def find_layer_list(model: nn.Module, num_layers: int) -> Tuple[str, nn.ModuleList]:
     """The ModuleList that holds the model's `num_layers` transformer blocks."""
     candidates = [(name, module) for name, module in model.named_modules()

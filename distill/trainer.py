@@ -38,6 +38,7 @@ from distill.modeling import count_parameters, load_tokenizer
 from distill.outputs import RUN_MARKER, RunLock, check_run_directory
 from distill.paths import links_leaving
 from distill.report import write_json
+from distill.student import check_student_layers
 from distill.schedules import value_at
 from distill.tasks import build_task
 from distill.tasks.base import StepFigures
@@ -118,6 +119,7 @@ class Trainer:
         self.splits = task.read_splits()
         reference, key = task.student_source()
         self.teacher_plans = task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
+        self._check_before_writing()
         check_run_directory(self.run_dir)
         self.resume_from = self._find_resume_point()
         if distributed.is_main():  # the first write: nothing above writes, everything above can refuse
@@ -142,6 +144,20 @@ class Trainer:
         task.prepare_training(self.device, self.ensemble)
         self.student_params = count_parameters(student)
         self._build_engine(student)
+
+    def _check_before_writing(self) -> None:
+        """What the config and the data can refuse without weights: the DeepSpeed config's
+        contradictions, the student's layers, a batch larger than the data, the task's own
+        (a teacher cache written for other data)."""
+        cfg = self.cfg
+        build_deepspeed_config(cfg, distributed.world_size())
+        check_student_layers(cfg)
+        if not cfg.data.mixture_sources:  # a mixture draws with replacement: any batch size goes
+            rows, batch = self.task.training_rows(self.splits), cfg.training.micro_batch_size
+            if rows < batch * distributed.world_size():
+                raise ConfigError(f"training.micro_batch_size={batch} x {distributed.world_size()} ranks exceeds the "
+                                  f"{rows} training rows: lower training.micro_batch_size or add data")
+        self.task.check_before_writing(self.splits)
 
     def _prepare_interpolation(self) -> None:
         """Fit the interpolation on validation (rank 0 fits, every rank receives the state), or
@@ -242,9 +258,6 @@ class Trainer:
         self.train_loader = DataLoader(self.train_set, batch_size=cfg.training.micro_batch_size, sampler=sampler,
                                        collate_fn=self.collator, drop_last=True,
                                        generator=torch.Generator().manual_seed(cfg.seed))
-        if len(self.train_loader) == 0:
-            raise ConfigError(f"training.micro_batch_size={cfg.training.micro_batch_size} x "
-                              f"{distributed.world_size()} ranks exceeds the {len(self.train_set)} training rows")
         self.mixture = None
         if cfg.data.mixture_sources:  # batches drawn from the sources with scheduled proportions
             sources = self.train_set[SOURCE]

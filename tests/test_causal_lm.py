@@ -182,6 +182,7 @@ def test_small_top_k_cache_trains_and_refuses_other_data(lm_run, tiny_lm, tmp_pa
     assert all(math.isfinite(row["loss"]) for row in train_losses(run_dir))
     other = run_cli(["train", config, f"output_dir={tmp_path / 'other'}", f"teachers.cache={cache}", "data.block_size=16"])
     assert other.returncode == 2 and "was written for other training blocks" in other.stderr
+    assert not (tmp_path / "other").exists()  # refused before the run directory is made
 
 
 def test_eval_command_reproduces_a_causal_lm_run(lm_run):
@@ -307,7 +308,7 @@ def test_fit_weights_on_tokens_matches_a_float64_em_and_train_accepts_it(lm_run,
     validation tokens; checked against lambda found here by bisection on the whole float64 logits."""
     _, config, _ = lm_run
     fit_dir = tmp_path / "fit"
-    result = run_cli(["fit-weights", config, "--out", fit_dir])
+    result = run_cli(["fit-weights", config, "--out", fit_dir, "--temperatures", "--method", "linear"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "perplexity" in result.stdout and "bits/byte" in result.stdout
     table = json.loads((fit_dir / "fit_weights.json").read_text())
@@ -317,6 +318,9 @@ def test_fit_weights_on_tokens_matches_a_float64_em_and_train_accepts_it(lm_run,
     assert rows["fitted geometric"]["nll"] <= rows["uniform geometric"]["nll"] + 1e-9
     for row in rows.values():
         assert row["perplexity"] == pytest.approx(math.exp(row["nll"]), rel=1e-9) and row["bits_per_byte"] > 0
+    for method in ("linear", "geometric"):  # temperatures, then jointly: never worse than the sequential fit
+        assert rows[f"fitted {method} joint"]["nll"] <= rows[f"fitted {method} +T"]["nll"] + 1e-9
+        assert all(0.05 <= t <= 20 for t in rows[f"fitted {method} joint"]["temperatures"])
 
     logits, labels = _validation_teacher_logits(config)
     assert table["validation_rows"] == labels.shape[0]
@@ -344,7 +348,9 @@ def test_fit_weights_on_tokens_matches_a_float64_em_and_train_accepts_it(lm_run,
                        "training.max_steps=2"])
     assert trained.returncode == 0, trained.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert [t["weight"] for t in report["teachers"]] == pytest.approx(rows["fitted linear"]["weights"], abs=1e-5)
+    joint = rows["fitted linear joint"]  # with --temperatures, weights.yaml takes the joint fit
+    assert [t["weight"] for t in report["teachers"]] == pytest.approx(joint["weights"], abs=1e-5)
+    assert [t["temperature"] for t in report["teachers"]] == pytest.approx(joint["temperatures"], abs=1e-5)
 
 
 def test_confidence_weights_per_token_equal_the_float64_formula(tiny_lm):

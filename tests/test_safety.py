@@ -240,3 +240,15 @@ def test_a_torn_metrics_line_neither_breaks_reading_nor_a_resumed_log(tmp_path):
     logger.close()
     assert [row["step"] for row in read_metrics(path)] == [1, 2]
     assert all(json.loads(line) for line in path.read_text().splitlines())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("student.layers=[0,7]", r"student.layers: [7] out of range, the teacher has 4 layers (0..3)"),
+    ("deepspeed.config={train_micro_batch_size_per_gpu: 3}", "deepspeed.config.train_micro_batch_size_per_gpu=3 contradicts"),
+    ("training.micro_batch_size=1000", "training.micro_batch_size=1000 x 1 ranks exceeds the"),
+])
+def test_config_and_data_errors_come_before_the_run_directory(tiny, tmp_path, override, message):
+    run = tmp_path / "run"
+    result = run_cli(["train", tiny_config_yaml(tiny, run), override])
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert not run.exists()

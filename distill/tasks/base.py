@@ -63,6 +63,14 @@ class Task:
     def collator(self):
         raise NotImplementedError
 
+    def training_rows(self, splits) -> int:
+        """How many training rows (examples, or blocks) the encoded train split will hold."""
+        return len(splits.train)
+
+    def check_before_writing(self, splits) -> None:
+        """The task's own checks on config and data once the teachers are planned, before the run
+        directory is written (none by default)."""
+
     def batches(self, stream, micro_steps_done: Callable[[], int]):
         """The training micro-batches, as (epoch, position, batch) from `stream`; by default as they come."""
         return stream

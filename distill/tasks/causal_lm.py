@@ -135,6 +135,7 @@ class CausalLM(Task):
         self.bytes: Dict[str, int] = {}
         self.cache = None
         self.teacher_metrics = None  # frozen teachers: evaluated once (or read from the cache)
+        self._encoded: Dict[str, object] = {}
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
@@ -144,7 +145,12 @@ class CausalLM(Task):
 
     def encode(self, split, key: str):
         data = self.cfg.data
+        memo = (key, id(split), id(self.tokenizer))  # blocks counted before the run directory are reused
+        if self._encoded.get("key") == memo:
+            return self._encoded["blocks"]
         encoded = encode_lm(split, self.tokenizer, data, key)
+        if key == "train":
+            self._encoded = {"key": memo, "blocks": encoded}
         if key == "train":
             self.train_set = encoded
         if key == "validation":
@@ -158,6 +164,22 @@ class CausalLM(Task):
 
     def collator(self):
         return LMCollator(self.tokenizer)
+
+    def training_rows(self, splits) -> int:
+        return len(self.encode(splits.train, "train"))
+
+    def check_before_writing(self, splits) -> None:
+        """A teacher cache must hold these teachers and exactly these training blocks."""
+        if self.cfg.teachers.cache is not None:
+            self._open_cache(self.encode(splits.train, "train"))
+
+    def _open_cache(self, train_set):
+        from distill.cache import LogitCache, fingerprint
+
+        if self.cache is None:
+            self.cache = LogitCache(resolve_path(self.cfg.teachers.cache), [p.name for p in self.plans],
+                                    fingerprint(train_set))
+        return self.cache
 
     def batches(self, stream, micro_steps_done):
         return step_groups(stream, self.cfg.training.gradient_accumulation_steps, micro_steps_done)
@@ -229,10 +251,7 @@ class CausalLM(Task):
         from distill.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers
 
         if cfg.teachers.cache is not None:  # no teacher weights load at all
-            from distill.cache import LogitCache, fingerprint
-
-            self.cache = LogitCache(resolve_path(cfg.teachers.cache), [p.name for p in plans],
-                                    fingerprint(self.train_set))
+            self._open_cache(self.train_set)
             ensemble = TeacherEnsemble(plans, [], build_configured_interpolation(cfg))
             ensemble.on_nonfinite = cfg.teachers.on_nonfinite
             cached = self.cache.meta["teachers"]
