@@ -10,6 +10,7 @@ picked through `latest`, so a checkpoint killed half-way is never chosen.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -26,6 +27,31 @@ LATEST = "latest"  # DeepSpeed's pointer to the newest complete tag
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, quota); the previous complete one is intact."""
+
+
+@contextlib.contextmanager
+def only_tensors():
+    """While DeepSpeed reads a checkpoint: torch.load with weights_only=True, whatever the caller
+    asks (DeepSpeed's zero_to_fp32 asks for weights_only=False). A handed-over checkpoint is a
+    pickle: with weights_only it can hold tensors, plain containers and the three plain-data
+    DeepSpeed types allowed here, never code to run."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        # the plain-data types DeepSpeed's ZeRO optimizer states hold (restored by setting fields)
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        torch.load = original
 
 
 def latest_complete_tag(root: Path):

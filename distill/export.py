@@ -14,7 +14,6 @@ logits against PyTorch with onnxruntime on the run's validation batches.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Dict, Optional
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from distill.checkpointing import only_tensors
 from distill.config import read_run_config
 from distill.outputs import check_output, written_folder
 
@@ -40,24 +40,6 @@ def latest_tag(checkpoint_dir: Path) -> str:
     return latest.read_text(encoding="utf-8").strip()
 
 
-@contextlib.contextmanager
-def _only_tensors():
-    """While DeepSpeed reads a checkpoint: torch.load with weights_only=True, whatever the caller
-    asks (DeepSpeed's zero_to_fp32 asks for weights_only=False). A handed-over checkpoint is a
-    pickle: with weights_only it can hold tensors and plain containers, never code to run."""
-    original = torch.load
-
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = original
-
-
 def consolidated_state_dict(checkpoint_dir: Path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """Full fp32 weights of the student from a DeepSpeed checkpoint of any ZeRO stage, read with
     weights_only=True (a crafted pickle in it is refused, not run)."""
@@ -68,7 +50,7 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: Optional[str] = None) -> 
     if not folder.is_dir():
         raise ExportError(f"checkpoint {folder} does not exist")
     try:
-        with _only_tensors():
+        with only_tensors():
             if any(folder.glob("*optim_states.pt")) and any(folder.glob("zero_pp_rank_*")):
                 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 import distill.distributed as distributed
 from distill.checkpointing import (MANIFEST, CheckpointWriteError, ResumableSampler, content_hash,
-                                   input_hashes, latest_complete_tag, load_rng_state, read_manifest, restore_latest,
+                                   input_hashes, latest_complete_tag, load_rng_state, only_tensors, read_manifest, restore_latest,
                                    save_rng_state, unsafe_changes, write_manifest)
 from distill.config import ConfigError, DistillConfig, to_yaml
 from distill.data import SOURCE
@@ -120,6 +120,7 @@ class Trainer:
         reference, key = task.student_source()
         self.teacher_plans = task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
         self._check_before_writing()
+        self._refuse_links_leaving()
         check_run_directory(self.run_dir)
         self.resume_from = self._find_resume_point()
         if distributed.is_main():  # the first write: nothing above writes, everything above can refuse
@@ -202,12 +203,14 @@ class Trainer:
         return {"kd_alpha": value_at(schedules.kd_alpha, cfg.loss.kd_alpha, step, self.total_steps),
                 "temperature": temperature, "teacher_weights": weights, "teacher_temperatures": teacher_temperatures}
 
-    def _find_resume_point(self) -> Optional[Path]:
+    def _refuse_links_leaving(self) -> None:
         escapes = links_leaving(self.run_dir)
         if escapes:
             link, target = escapes[0]
             raise ConfigError(f"output_dir: {link} is a symbolic link to {target}, outside the run directory; "
                               "distill writes only inside output_dir: remove the link or choose another output_dir")
+
+    def _find_resume_point(self) -> Optional[Path]:
         checkpoints = self.run_dir / CHECKPOINTS
         has_checkpoint = (checkpoints / "latest").is_file()
         if self.cfg.training.resume == "auto":
@@ -279,7 +282,8 @@ class Trainer:
                                                config=ds_config)
         self.start_epoch, self.skip_batches = 0, 0
         if self.resume_from is not None:
-            path, client_state = self.engine.load_checkpoint(str(self.resume_from))
+            with only_tensors():  # a handed-over run directory's pickles hold data, never code to run
+                path, client_state = self.engine.load_checkpoint(str(self.resume_from))
             self.start_epoch = client_state["epoch"]
             self.skip_batches = client_state["batches_in_epoch"]
             load_rng_state(Path(path).parent if Path(path).is_file() else Path(path), distributed.rank())
