@@ -307,8 +307,8 @@ def read_run_config(path: str | os.PathLike) -> DistillConfig:
 def _check_kinds(schema, layer, prefix: str, source: Path) -> None:
     """A mapping where the schema has a list (or the reverse) is named with its key and file, instead
     of omegaconf's 'Cannot merge incompatible container types'."""
-    if not isinstance(layer, DictConfig) or not isinstance(schema, DictConfig):
-        return
+    if not isinstance(layer, DictConfig) or not isinstance(schema, DictConfig) or schema._is_none():
+        return  # an Optional section that is None in the schema: the merge checks what is given
     for key in layer.keys():
         if key not in schema:
             continue  # an unknown key: the merge names it

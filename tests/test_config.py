@@ -163,3 +163,15 @@ def test_settings_the_chosen_task_ignores_are_refused(config_path, overrides, me
 @pytest.mark.parametrize("key", ["teachers.micro_batch_size=8", "student.num_labels=3"])
 def test_keys_nothing_reads_are_gone_from_the_schema(config_path, key):
     _fails(config_path, [key], r"unknown config key")
+
+
+def test_optional_sections_given_in_a_file_load(config_path, tmp_path):
+    """Sections that are None in the schema (schedules.*) given as mappings in a YAML file."""
+    child = tmp_path / "scheduled.yaml"
+    child.write_text(f"include: {config_path}\nschedules:\n  kd_alpha: {{kind: linear, start: 0.1, end: 0.9}}\n"
+                     "  teacher_weights: {kind: cosine, start: [1.0, 0.0], end: [0.5, 0.5]}\n")
+    cfg = load_config(child)
+    assert cfg.schedules.kd_alpha.end == 0.9 and list(cfg.schedules.teacher_weights.start) == [1.0, 0.0]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"include: {config_path}\nschedules:\n  kd_alpha: [0.1, 0.9]\n")
+    _fails(bad, [], r"schedules.kd_alpha must be a mapping")

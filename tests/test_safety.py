@@ -252,3 +252,24 @@ def test_config_and_data_errors_come_before_the_run_directory(tiny, tmp_path, ov
     result = run_cli(["train", tiny_config_yaml(tiny, run), override])
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert not run.exists()
+
+
+def test_a_second_train_on_a_running_directory_is_refused_with_the_holders_pid(tiny, tmp_path):
+    import sys
+    import time
+
+    run = tmp_path / "busy"
+    config = tiny_config_yaml(tiny, run)
+    first = subprocess.Popen([sys.executable, "-m", "distill.cli", "train", config, "training.max_steps=400",
+                              "training.checkpoint_every=400"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / ".distill.lock").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert (run / ".distill.lock").exists() and first.poll() is None
+        second = run_cli(["train", config, "training.resume=auto"])
+        assert second.returncode == 2 and f"is in use by process {first.pid}" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
