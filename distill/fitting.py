@@ -250,7 +250,7 @@ def fit_jointly_streamed(chunks: Chunks, method: str, weights: Tensor, temperatu
     """Joint (weights, temperatures) minimising the `method` mixture's validation NLL, temperatures
     kept inside `bounds` (a sigmoid in log T). Starts from the given (e.g. sequentially fitted)
     values and keeps them if L-BFGS does not improve on them: never worse than its start."""
-    mix = linear_mixture if method == "linear" else geometric_mixture
+    mix = mixture_formula(method)
     start_weights = normalize_weights(weights.double().clamp_min(1e-12))
     start_temperatures = temperatures.double().clamp(*bounds)
     weight_logits = start_weights.log().clone().requires_grad_(True)
@@ -296,7 +296,7 @@ def fit_jointly(logits: Tensor, labels: Tensor, method: str, weights: Tensor, te
 def mixture_scores(chunks: Chunks, method: str, weights: Tensor, temperatures: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Per labelled row of the `method` mixture (or one teacher: a one-hot weight): log p(y),
     whether its arg-max is y, and its largest probability; all [N]."""
-    mix = linear_mixture if method == "linear" else geometric_mixture
+    mix = mixture_formula(method)
     gold, correct, confidence = [], [], []
     for logits, labels in chunks():
         mixed = mix(teacher_log_probs(logits.double(), temperatures.double()), weights.double())
@@ -364,6 +364,6 @@ def expected_calibration_error(log_probs: Tensor, labels: Tensor = None, bins: i
     return total
 
 
-def mixture_log_probs(method: str, log_probs: Tensor, weights: Tensor) -> Tensor:
-    """Helper for reports: the linear or geometric mixture at fixed weights."""
-    return linear_mixture(log_probs, weights) if method == "linear" else geometric_mixture(log_probs, weights)
+def mixture_formula(method: str):
+    """The mixture a fit or a table row scores: `linear` (of probabilities) or `geometric`."""
+    return linear_mixture if method == "linear" else geometric_mixture

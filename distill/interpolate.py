@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from distill.fitting import (Chunks, fit_gate, fit_geometric_weights_streamed, fit_linear_weights_em,
-                             fit_temperature_streamed, gate_inputs, gold_log_probs_over)
+                             fit_temperature_streamed, gate_inputs, gold_log_probs_over, mixture_formula)
 from distill.registry import registrar
 from distill.mixing import (GateNetwork, confidence_weights, geometric_mixture, linear_mixture, linear_mixture_probs_,
                             logit_mean, resolve_gate_features, sparse_linear_mixture, teacher_log_probs)
@@ -151,8 +151,7 @@ class ConfidenceInterpolation(Interpolation):
 
     def __call__(self, teacher_logits, weights, temperatures, labels=None):
         per_sample = self.sample_weights(teacher_logits, weights, labels)
-        mix = linear_mixture if self.combine == "linear" else geometric_mixture
-        return mix(teacher_log_probs(teacher_logits, temperatures), per_sample)
+        return mixture_formula(self.combine)(teacher_log_probs(teacher_logits, temperatures), per_sample)
 
 
 @register_interpolation("learned_gate")

@@ -17,6 +17,7 @@ def write_json(path: Path, data) -> None:
 
 def build_report(cfg: DistillConfig, plans, teacher_params: List[int], student_params: int,
                  metrics: Dict[str, Dict[str, float]], summary: Dict, train_set, validation_set) -> Dict:
+    """report.json: each teacher, the interpolated target and the student with the task's figures."""
     teachers = []
     for plan, params in zip(plans, teacher_params):
         teachers.append({"name": plan.name, "path": plan.path, "params": params, "weight": plan.weight,
@@ -25,11 +26,11 @@ def build_report(cfg: DistillConfig, plans, teacher_params: List[int], student_p
     report = {
         "task": cfg.task,
         "teachers": teachers,
-        "target": {"interpolation": cfg.interpolation.method, **metrics.get("target", {})} if plans else None,
+        "target": {"interpolation": cfg.interpolation.method, **metrics["target"]} if "target" in metrics else None,
         "student": {"params": student_params, **metrics.get("student", {}),
                     "compression_vs_largest_teacher": (student_params / largest) if largest else None},
         "loss": {"kd_alpha": cfg.loss.kd_alpha, "temperature": cfg.loss.temperature,
-                 "label_smoothing": cfg.loss.label_smoothing},
+                 "label_smoothing": cfg.loss.label_smoothing, "divergence": cfg.loss.divergence},
         "training": {"steps": summary["steps"], "seconds": round(summary["seconds"], 1),
                      "zero_stage": cfg.deepspeed.zero_stage, "train_rows": len(train_set),
                      "validation_rows": len(validation_set)},
@@ -145,26 +146,6 @@ model = AutoModelForSequenceClassification.from_pretrained("PATH")
 tokenizer = AutoTokenizer.from_pretrained("PATH")
 ```
 """
-
-
-def causal_lm_report(cfg, plans, teacher_params: List[int], student_params: int,
-                     metrics: Dict[str, Dict[str, float]], summary: Dict, train_set, validation_set) -> Dict:
-    teachers = [{"name": plan.name, "path": plan.path, "params": params, "weight": plan.weight,
-                 "temperature": plan.temperature, **metrics.get(plan.name, {})}
-                for plan, params in zip(plans, teacher_params)]
-    largest = max(teacher_params) if teacher_params else None
-    return {
-        "task": cfg.task,
-        "teachers": teachers,
-        "target": {"interpolation": cfg.interpolation.method, **metrics["target"]} if "target" in metrics else None,
-        "student": {"params": student_params, **metrics["student"],
-                    "compression_vs_largest_teacher": (student_params / largest) if largest else None},
-        "loss": {"kd_alpha": cfg.loss.kd_alpha, "temperature": cfg.loss.temperature,
-                 "label_smoothing": cfg.loss.label_smoothing, "divergence": cfg.loss.divergence},
-        "training": {"steps": summary["steps"], "seconds": round(summary["seconds"], 1),
-                     "zero_stage": cfg.deepspeed.zero_stage, "train_rows": len(train_set),
-                     "validation_rows": len(validation_set)},
-    }
 
 
 def _bits(figures: Dict) -> str:

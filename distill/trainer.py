@@ -128,7 +128,6 @@ class Trainer:
         self._make_run_dir()
 
         student, tokenizer = task.build_student(self.splits)
-        self.tokenizer = tokenizer
         if distributed.is_main():  # the initial student, whole: export rebuilds from it, WiSE-FT mixes with it
             student.save_pretrained(self.run_dir / STUDENT_INIT)
             tokenizer.save_pretrained(self.run_dir / STUDENT_INIT)
@@ -138,8 +137,8 @@ class Trainer:
 
         self.teacher_params = []
         if self.teacher_plans:
-            self.teacher_dtype = teacher_dtype(cfg.teachers.dtype, self.device)
-            self.ensemble, self.source = task.load_teachers(self.teacher_plans, self.device, self.teacher_dtype)
+            dtype = teacher_dtype(cfg.teachers.dtype, self.device)
+            self.ensemble, self.source = task.load_teachers(self.teacher_plans, self.device, dtype)
             self.teacher_params = self.ensemble.parameter_counts
             self._prepare_interpolation()
         task.prepare_training(self.device, self.ensemble)

@@ -109,7 +109,8 @@ class Task:
         """(loss terms with .total/.kd/.ce, StepFigures) of one micro-batch; the trainer runs backward and step."""
         raise NotImplementedError
 
-    def evaluate(self, model, ensemble, source, device, teachers_too: bool) -> Dict[str, Dict[str, float]]:
+    def evaluate(self, model, ensemble, source, device):
+        """(figures per model on validation, {domain: figures per model}); model may be None (teachers only)."""
         raise NotImplementedError
 
     def validation_bytes(self):
@@ -122,7 +123,11 @@ class Task:
 
     # description ---------------------------------------------------------------------------
     def report(self, plans, teacher_params, student_params, metrics, summary, train_set, validation_set) -> Dict:
-        raise NotImplementedError
+        """report.json's content: the teachers, target and student with this task's figures."""
+        from distill.report import build_report
+
+        return build_report(self.cfg, plans, teacher_params, student_params, metrics, summary, train_set,
+                            validation_set)
 
     def format_table(self, report: Dict) -> str:
         raise NotImplementedError

@@ -26,7 +26,7 @@ from distill.evaluation import validation_loader
 from distill.lm_data import LMCollator, domain_rows, encode_lm, read_lm_splits
 from distill.losses import IGNORE_INDEX, build_divergence
 from distill.paths import resolve_path
-from distill.report import causal_lm_card, causal_lm_report, format_lm_table
+from distill.report import causal_lm_card, format_lm_table
 from distill.signals import CachedTopK, HiddenStateSignal, LiveLanguageModels, Targets, body_and_head
 from distill.tasks.base import StepFigures, Task, refuse_unused, register_task
 
@@ -134,7 +134,9 @@ class CausalLM(Task):
         self.domain_sets: Dict[str, object] = {}
         self.bytes: Dict[str, int] = {}
         self.cache = None
-        self.teacher_metrics = None  # frozen teachers: evaluated once (or read from the cache)
+        # frozen teachers: their (and the target's) figures per evaluated set, computed once (or read
+        # from the cache for the validation set)
+        self.teacher_figures: Dict[str, Dict[str, Dict[str, float]]] = {}
         self._encoded: Dict[str, object] = {}
 
     # data ----------------------------------------------------------------------------------
@@ -256,9 +258,9 @@ class CausalLM(Task):
             ensemble.on_nonfinite = cfg.teachers.on_nonfinite
             cached = self.cache.meta["teachers"]
             ensemble.parameter_counts = [teacher["params"] for teacher in cached]
-            self.teacher_metrics = {teacher["name"]: {key: teacher[key] for key in ("nll", "perplexity", "tokens")}
-                                    for teacher in cached}
-            self.teacher_metrics["target"] = self.cache.meta["target"]
+            figures = {teacher["name"]: {key: teacher[key] for key in ("nll", "perplexity", "tokens", "bits_per_byte")
+                                         if key in teacher} for teacher in cached}
+            self.teacher_figures["validation"] = {**figures, "target": self.cache.meta["target"]}
             return ensemble, CachedTopK(self.cache)
 
         def load(plan, teacher_dtype):
@@ -315,20 +317,19 @@ class CausalLM(Task):
         return terms, StepFigures(terms.total.item() * scale, terms.kd.item() * scale, terms.ce.item() * scale,
                                   batch["input_ids"].shape[0], targets.skipped if targets is not None else 0)
 
-    def evaluate(self, model, ensemble, source, device, teachers_too: bool = True):
+    def evaluate(self, model, ensemble, source, device):
         """(figures per model on validation, figures per evaluation domain and model)."""
         live = ensemble is not None and self.cache is None
         sets = {"validation": self.validation_set, **self.domain_sets}
         results = {}
         for name, dataset in sets.items():
             loader = validation_loader(dataset, self.collator(), self.cfg.training.eval_batch_size)
-            with_teachers = live and (name != "validation" or self.teacher_metrics is None)
+            with_teachers = live and name not in self.teacher_figures
             figures = perplexities(loader, model, ensemble if with_teachers else None, source, device,
                                    self.bytes.get(name))
-            if name == "validation" and ensemble is not None:
-                if self.teacher_metrics is None:
-                    self.teacher_metrics = {k: v for k, v in figures.items() if k != "student"}
-                figures.update(self.teacher_metrics)
+            if with_teachers:
+                self.teacher_figures[name] = {k: v for k, v in figures.items() if k != "student"}
+            figures.update(self.teacher_figures.get(name, {}))
             results[name] = figures
         return results.pop("validation"), results
 
@@ -382,13 +383,6 @@ class CausalLM(Task):
         return {name: figures[name] for name in ("perplexity", "nll", "bits_per_byte")}
 
     # description ---------------------------------------------------------------------------
-    def report(self, plans, teacher_params, student_params, metrics, summary, train_set, validation_set):
-        return causal_lm_report(self.cfg, plans, teacher_params, student_params, metrics, summary, train_set,
-                                validation_set)
-
-    def write_outputs(self, run_dir) -> None:
-        pass
-
     def format_table(self, report: Dict) -> str:
         return format_lm_table(report)
 

@@ -18,7 +18,7 @@ from distill.evaluation import (Predictions, collect_teacher_logits, predict, st
 from distill.fitting import in_memory
 from distill.losses import IGNORE_INDEX, build_divergence, distillation_loss, per_teacher_kl
 from distill.modeling import check_positions, load_model_config, load_sequence_classifier
-from distill.report import build_report, format_table, model_card, write_json
+from distill.report import format_table, model_card, write_json
 from distill.signals import LiveClassifiers, Targets
 from distill.student import build_student, check_student_labels
 from distill.tasks.base import StepFigures, Task, refuse_unused, register_task
@@ -124,7 +124,7 @@ class SequenceClassification(Task):
         return terms, StepFigures(terms.total.item(), terms.kd.item(), terms.ce.item(), len(labels), skipped,
                                   teacher_kl, teacher_correct, int(labelled_rows.sum()))
 
-    def evaluate(self, model, ensemble, source, device, teachers_too: bool = True):
+    def evaluate(self, model, ensemble, source, device):
         """(metrics per model, metrics per evaluation domain and model): accuracy and macro-F1."""
         loader = validation_loader(self.validation_set, self.collator(), self.cfg.training.eval_batch_size)
         functions = {"student": student_logits_fn(model, device)}
@@ -168,10 +168,6 @@ class SequenceClassification(Task):
         return score_classifier(model, loader, num_labels)
 
     # description ---------------------------------------------------------------------------
-    def report(self, plans, teacher_params, student_params, metrics, summary, train_set, validation_set):
-        return build_report(self.cfg, plans, teacher_params, student_params, metrics, summary, train_set,
-                            validation_set)
-
     def write_outputs(self, run_dir) -> None:
         predictions: Predictions = self.last_predictions
         write_json(run_dir / "eval" / "predictions.json", {
