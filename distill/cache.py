@@ -90,12 +90,10 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512) -> dict:
         raise ConfigError("teachers.cache is set: distill cache runs the live teachers; remove teachers.cache")
     splits = task.read_splits()
     reference, key = task.student_source()
-    tokenizer = load_tokenizer(reference, key, cfg.trust_remote_code)
-    plans = task.plan_teachers(tokenizer)
+    plans = task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
     vocab = plans[0].vocab_size
     if not 1 <= top_k <= vocab:
         raise ConfigError(f"--top-k must lie in [1, {vocab}] (the vocabulary), got {top_k}")
-    task.tokenizer = tokenizer
     train = task.encode(splits.train, "train")
     task.encode(splits.validation, "validation")
     device = local_device()

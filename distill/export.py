@@ -115,12 +115,15 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
     model.config.dtype = _DTYPES[dtype]
     with written_folder(out_dir) as folder:
         model.save_pretrained(folder, safe_serialization=True)
-        AutoTokenizer.from_pretrained(init_dir).save_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(init_dir)
+        tokenizer.save_pretrained(folder)
         parity = None
+        # the validation split with the exported tokenizer, read and encoded once for both checks
+        batches = task.saved_model_batches(tokenizer) if onnx or quantize else None
         if onnx:  # from the unquantized module, before quantize_folder replaces the weights
-            parity = export_onnx(task, model, folder)
+            parity = export_onnx(task, model, folder, batches)
             (folder / "onnx_parity.json").write_text(json.dumps(parity, indent=2), encoding="utf-8")
-        compression = quantize_folder(task, folder, quantize) if quantize else None
+        compression = quantize_folder(task, folder, quantize, batches) if quantize else None
         report_path = run_dir / "report.json"
         if report_path.is_file():
             report = json.loads(report_path.read_text(encoding="utf-8"))
@@ -151,12 +154,11 @@ class _CausalLogits(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
-def export_onnx(task, model, out_dir: Path) -> Dict:
+def export_onnx(task, model, out_dir: Path, loader) -> Dict:
     """`model.onnx` (dynamic batch and sequence axes) next to the safetensors, checked against the
     PyTorch module with onnxruntime on the run's validation batches: the largest logit difference."""
     import onnxruntime
 
-    loader = task.saved_model_batches(AutoTokenizer.from_pretrained(out_dir))
     example = next(iter(loader))
     names = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in example]
     model = model.float().eval()
@@ -189,7 +191,7 @@ def weight_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
-def quantize_folder(task, folder: Path, method: str) -> Dict:
+def quantize_folder(task, folder: Path, method: str, batches) -> Dict:
     """Replace the fp32 weights in `folder` by their int8 form; measure both with the task's
     validation figures. Returns what the model card reports: sizes, parameter counts, figures."""
     from transformers import TorchAoConfig
@@ -204,11 +206,10 @@ def quantize_folder(task, folder: Path, method: str) -> Dict:
     quantized = auto.from_pretrained(folder, quantization_config=TorchAoConfig(Int8WeightOnlyConfig())).eval()
     linear_params = sum(module.weight.numel() for module in full.modules() if isinstance(module, torch.nn.Linear))
     before_bytes = weight_bytes(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     scores = []
     for model in (full, quantized):
         started = time.perf_counter()
-        scores.append(task.score_saved_model(model, tokenizer))
+        scores.append(task.score_saved_model(model, batches))
         scores[-1]["seconds"] = round(time.perf_counter() - started, 2)
     before, after = scores
     for path in folder.glob("*.safetensors"):

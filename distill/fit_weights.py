@@ -60,7 +60,7 @@ def _row(name: str, chunks: Chunks, method: str, weights: Tensor, temperatures: 
          text_bytes: Optional[int] = None) -> Dict:
     gold, correct, confidence = mixture_scores(chunks, method, weights, temperatures)
     nll = float(-gold.mean())
-    row = {"name": name, "nll": nll, "perplexity": math.exp(min(nll, 700.0)),
+    row = {"name": name, "rows": int(gold.shape[0]), "nll": nll, "perplexity": math.exp(min(nll, 700.0)),
            "accuracy": float(correct.double().mean()),
            "ece": expected_calibration_error(None, confidence=confidence, correct=correct),
            "weights": [float(w) for w in weights], "temperatures": [float(t) for t in temperatures]}
@@ -192,9 +192,9 @@ def run_fit_weights(cfg, out_dir: Path, fit_temperatures: bool = False, method: 
     table = comparison_table(names, chunks, fit_temperatures, task.validation_bytes())
     out_dir.mkdir(parents=True, exist_ok=True)
     fit = table["fits"][method + (" joint" if fit_temperatures else "")]
-    rows = sum(labels.shape[0] for _, labels in chunks())
+    # every row was scored on the same labelled rows (tokens): no extra pass over the teachers to count them
     (out_dir / "fit_weights.json").write_text(json.dumps({"rows": table["rows"], "method": method, "task": cfg.task,
-                                                          "validation_rows": rows}, indent=2))
+                                                          "validation_rows": table["rows"][0]["rows"]}, indent=2))
     plot_fit_table(table["rows"], out_dir / "fit_weights.png", task.fit_columns)
     (out_dir / "weights.yaml").write_text(weights_fragment(cfg, names, fit, method, fit_temperatures))
     return {"table": format_fit_table(table["rows"], task.fit_columns), "out_dir": str(out_dir), "fit": fit}

@@ -121,6 +121,18 @@ class Task:
         """fitting.Chunks over the validation rows with a label (the teachers' logits, a chunk at a time)."""
         raise NotImplementedError
 
+    # saved models (eval, export) -------------------------------------------------------------
+    def load_saved_student(self, path, key: str):
+        raise NotImplementedError
+
+    def saved_model_batches(self, tokenizer):
+        """The validation split encoded with a saved model's tokenizer."""
+        raise NotImplementedError
+
+    def score_saved_model(self, model, batches) -> Dict[str, float]:
+        """The task's validation figures of a saved model over saved_model_batches' batches."""
+        raise NotImplementedError
+
     # description ---------------------------------------------------------------------------
     def report(self, plans, teacher_params, student_params, metrics, summary, train_set, validation_set) -> Dict:
         """report.json's content: the teachers, target and student with this task's figures."""

@@ -377,9 +377,8 @@ class CausalLM(Task):
         self.encode(self.read_splits().validation, "validation")
         return validation_loader(self.validation_set, self.collator(), self.cfg.training.eval_batch_size)
 
-    def score_saved_model(self, model, tokenizer) -> Dict[str, float]:
-        loader = self.saved_model_batches(tokenizer)
-        figures = perplexities(loader, model, None, None, torch.device("cpu"), self.bytes["validation"])["student"]
+    def score_saved_model(self, model, batches) -> Dict[str, float]:
+        figures = perplexities(batches, model, None, None, torch.device("cpu"), self.bytes["validation"])["student"]
         return {name: figures[name] for name in ("perplexity", "nll", "bits_per_byte")}
 
     # description ---------------------------------------------------------------------------

@@ -157,15 +157,16 @@ class SequenceClassification(Task):
         return model
 
     def saved_model_batches(self, tokenizer):
+        """The validation split encoded with a saved model's tokenizer (what score_saved_model reads)."""
         from distill.evaluation import validation_batches
 
-        return validation_batches(self.cfg, tokenizer)[0]
+        loader, self.num_labels = validation_batches(self.cfg, tokenizer)
+        return loader
 
-    def score_saved_model(self, model, tokenizer) -> Dict[str, float]:
-        from distill.evaluation import score_classifier, validation_batches
+    def score_saved_model(self, model, batches) -> Dict[str, float]:
+        from distill.evaluation import score_classifier
 
-        loader, num_labels = validation_batches(self.cfg, tokenizer)
-        return score_classifier(model, loader, num_labels)
+        return score_classifier(model, batches, self.num_labels)
 
     # description ---------------------------------------------------------------------------
     def write_outputs(self, run_dir) -> None:
