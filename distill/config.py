@@ -52,11 +52,32 @@ class TeachersConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Importance-guided structured pruning of the student before distillation (distill/pruning.py).
+    Off until target_params is set."""
+    # the student's size as a fraction of the model it is cut from (the teacher with
+    # student.from_teacher, else student.path), counted after trim_vocab: 0.5 = half the parameters
+    target_params: Optional[float] = None
+    depth: bool = False  # drop whole layers, the least important first
+    width: bool = True  # shrink every layer: MLP channels (and attention heads, hidden size below)
+    heads: bool = True  # with width: query heads (grouped-query attention keeps every key/value head)
+    hidden: bool = False  # with width: the hidden size too (Llama-family decoders)
+    depth_share: float = 0.5  # with depth and width: the share of the parameters to remove taken by depth
+    depth_metric: str = "loss"  # loss: loss rise when a layer is skipped | block_influence: 1 - cos(in, out)
+    calibration_samples: int = 256  # training rows (blocks, for a causal LM) importance is measured on
+
+
+@dataclass
 class StudentConfig:
     path: Optional[str] = None  # an existing checkpoint to train
     from_teacher: Optional[str] = None  # or: build the student from this teacher (name or index)
-    layers: Optional[List[int]] = None  # teacher layers to keep; default every other layer
-    trim_vocab: bool = False  # keep only the vocabulary rows the training text uses
+    # teacher layers to keep; default every other layer (every layer when student.prune is set)
+    layers: Optional[List[int]] = None
+    # keep only the vocabulary the training text uses (inside the model's window), the special
+    # tokens and what any text still needs to encode (distill/vocabulary.py)
+    trim_vocab: bool = False
+    trim_vocab_floor: int = 0  # with trim_vocab: keep at least this many tokens (the original's lowest ids)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     config_overrides: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -434,6 +455,7 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
         _require(not fixed, f"student.config_overrides: {fixed} cannot be applied to weights copied from a teacher "
                  "(they change the weights' shapes or what they compute): choose the depth with student.layers, "
                  "or start from student.path")
+    _validate_prune(student)
     if student.layers is not None:
         _require(len(student.layers) > 0, "student.layers is empty: keep at least one layer")
         _require(all(layer >= 0 for layer in student.layers), "student.layers must be >= 0")
@@ -512,6 +534,31 @@ DEEPSPEED_KEYS = frozenset({
     "aio", "checkpoint", "data_types", "dump_state", "memory_breakdown", "dataloader_drop_last",
     "disable_allgather", "use_node_local_storage", "torch_autocast", "timers", "compile", "nebula",
     "elasticity", "autotuning", "data_efficiency", "compression_training", "graph_harvesting"})
+
+
+def _validate_prune(student) -> None:
+    prune = student.prune
+    defaults = PruneConfig()
+    if prune.target_params is None:
+        changed = [f"student.prune.{key}" for key in vars(defaults) if key != "target_params"
+                   and getattr(prune, key) != getattr(defaults, key)]
+        _require(not changed, f"{changed} set without student.prune.target_params: set the budget "
+                 "(e.g. student.prune.target_params=0.5) or remove them")
+    else:
+        _require(0 < prune.target_params <= 1, "student.prune.target_params must be in (0, 1] (a fraction of the "
+                 "parameters of the model the student is cut from)")
+        _require(prune.depth or prune.width, "student.prune: set depth, width or both to true")
+        _require(prune.depth_metric in ("loss", "block_influence"),
+                 f"student.prune.depth_metric={prune.depth_metric!r}: use loss or block_influence")
+        _require(0 <= prune.depth_share <= 1, "student.prune.depth_share must be in [0, 1]")
+        _require(prune.calibration_samples >= 1, "student.prune.calibration_samples must be >= 1")
+        _require(not (prune.depth and student.layers is not None),
+                 "student.layers and student.prune.depth both choose the layers: keep one")
+        _require(prune.width or not (prune.hidden or not prune.heads),
+                 "student.prune.heads / hidden shape the width: set student.prune.width=true or leave them unset")
+    _require(student.trim_vocab_floor >= 0, "student.trim_vocab_floor must be >= 0")
+    _require(student.trim_vocab or student.trim_vocab_floor == 0,
+             "student.trim_vocab_floor is read only with student.trim_vocab=true: set it or remove the floor")
 
 
 def _validate_task(cfg) -> None:

@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoTokenizer
 from distill.checkpointing import only_tensors
 from distill.config import read_run_config
 from distill.outputs import check_output, written_folder
+from distill.report import how_it_was_built
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -116,6 +117,8 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
     with written_folder(out_dir) as folder:
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer = AutoTokenizer.from_pretrained(init_dir)
+        # a user scoring with the defaults then feeds the model the length it was trained on
+        tokenizer.model_max_length = task.trained_length()
         tokenizer.save_pretrained(folder)
         parity = None
         # the validation split with the exported tokenizer, read and encoded once for both checks
@@ -127,8 +130,9 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
         report_path = run_dir / "report.json"
         if report_path.is_file():
             report = json.loads(report_path.read_text(encoding="utf-8"))
-            (folder / "README.md").write_text(task.model_card(report, config, dtype, compression, parity),
-                                              encoding="utf-8")
+            card = task.model_card(report, config, dtype, compression, parity)
+            card = card.replace("## How to load", how_it_was_built(config, task.trained_length()) + "## How to load", 1)
+            (folder / "README.md").write_text(card, encoding="utf-8")
         if compression is not None:
             (folder / "compression.json").write_text(json.dumps(compression, indent=2), encoding="utf-8")
     return out_dir

@@ -221,3 +221,26 @@ model = AutoModelForCausalLM.from_pretrained("PATH")
 tokenizer = AutoTokenizer.from_pretrained("PATH")
 ```
 """
+
+
+def how_it_was_built(model_config, trained_length: int) -> str:
+    """The model card's account of the student's construction: the teacher it was cut from, the
+    layers kept, pruning and vocabulary trimming (from the config's distill_* records)."""
+    lines = []
+    built = getattr(model_config, "distill_student_of", None) or {}
+    if built:
+        lines.append(f"- Cut from `{built.get('teacher')}`, keeping its layers {built.get('layers')}.")
+    pruned = built.get("pruned")
+    if pruned:
+        width = pruned.get("width") or {}
+        shape = ", ".join(f"{key} {value}" for key, value in width.items() if value is not None)
+        lines.append(f"- Pruned by importance on calibration text (distill/pruning.py): {pruned['parameters_before']:,} -> "
+                     f"{pruned['parameters_after']:,} parameters" + (f"; width: {shape}" if shape else "") + ".")
+    vocabulary = getattr(model_config, "distill_vocabulary", None)
+    if vocabulary:
+        lines.append(f"- Vocabulary trimmed to the {len(vocabulary['kept_ids']):,} tokens its training text uses (plus "
+                     "special tokens and the byte alphabet: any text still encodes); `distill_vocabulary.kept_ids` in "
+                     "config.json maps its ids to the original tokenizer's.")
+    lines.append(f"- Trained on sequences of {trained_length} tokens: the tokenizer's `model_max_length` is "
+                 f"{trained_length}.")
+    return "## How the student was built\n\n" + "\n".join(lines) + "\n\n"

@@ -116,14 +116,23 @@ class LiveClassifiers:
 
 class LiveLanguageModels:
     """Live causal-LM teachers: their bodies run once per batch (inference mode, or no_grad where
-    ZeRO-3 gathers parameters in place); their output layers are applied per chunk by `Targets`."""
+    ZeRO-3 gathers parameters in place); their output layers are applied per chunk by `Targets`.
+    With a trimmed student vocabulary (vocabulary.TeacherVocabulary) the teachers read the student's
+    ids mapped back to theirs and their output layers keep the kept tokens' rows only: their
+    distributions are renormalised over the kept tokens."""
 
-    def __init__(self, ensemble):
+    def __init__(self, ensemble, vocabulary=None):
         self.ensemble = ensemble
+        self.vocabulary = vocabulary
         self.heads = [whole_layer(body_and_head(model)[1]) for model in ensemble.models]
+        if vocabulary is not None:
+            self.heads = [vocabulary.head(head) for head in self.heads]
 
     def signal(self, batch: Dict, device: torch.device) -> HiddenStateSignal:
-        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        input_ids = batch["input_ids"].to(device)
+        if self.vocabulary is not None:
+            input_ids = self.vocabulary.teacher_ids(input_ids)
+        inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"].to(device)}
         return HiddenStateSignal(teacher_hidden_states(self.ensemble, inputs), self.heads)
 
 

@@ -1,25 +1,24 @@
 """The student: an existing checkpoint, or a smaller copy of a teacher.
 
 A copy keeps a subset of the teacher's transformer layers (every other one by default, as
-DistilBERT did), applies `student.config_overrides`, and with `student.trim_vocab` keeps only the
-embedding rows (and tokenizer entries) that the training text uses: on small-vocabulary domains the
-embedding matrix is most of an encoder's parameters.
+DistilBERT did; all of them when `student.prune` chooses), applies `student.config_overrides`, with
+`student.trim_vocab` keeps only the embedding rows (and tokenizer entries) that the training text
+uses (vocabulary.py: on small-vocabulary domains the embedding matrix is most of a small model's
+parameters), and with `student.prune` is cut to a parameter budget by importance (pruning.py).
 """
 from __future__ import annotations
 
 import copy
-import json
-import string
-import tempfile
-from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
 
+import distill.distributed as distributed
 from distill.config import ConfigError, DistillConfig, resolve_teacher_index
 from distill.modeling import (label_config, label_names_of, load_model_config, load_sequence_classifier,
                               load_tokenizer)
+from distill.vocabulary import remap_special_ids, trim_model_vocabulary, trim_tokenizer, used_token_ids
 
 
 def check_student_layers(cfg) -> None:
@@ -67,52 +66,94 @@ def keep_layers(model: nn.Module, layers: Sequence[int]) -> nn.Module:
     return student
 
 
-def _always_kept_tokens(vocab: dict) -> List[str]:
-    """Single printable ASCII characters (and their '##' forms) so any ASCII word still tokenizes."""
-    characters = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
-    wanted = set(characters) | {"##" + c for c in characters}
-    return [token for token in vocab if token in wanted]
+def trim_vocabulary(model: nn.Module, tokenizer, texts: Sequence[str], max_length: Optional[int] = None,
+                    floor: int = 0, used_ids: Optional[Set[int]] = None):
+    """Keep the vocabulary the texts use inside the model's window (or `used_ids`), the special
+    tokens and what any text needs to still encode (vocabulary.py); remap the embedding (and an
+    untied output layer). On the texts, the trimmed tokenizer produces the original's tokens.
+    Returns (model, tokenizer, kept original ids: new id i is original id kept[i])."""
+    used = used_ids if used_ids is not None else used_token_ids(tokenizer, texts, max_length)
+    trimmed, kept = trim_tokenizer(tokenizer, used, floor)
+    remap_special_ids(model.config, kept)
+    trim_model_vocabulary(model, kept, trimmed.pad_token_id)
+    return model, trimmed, kept
 
 
-def trim_vocabulary(model: nn.Module, tokenizer, texts: Sequence[str]):
-    """Keep the vocabulary entries the texts use (+ specials + ASCII characters); remap embeddings.
+def calibration_batches(dataset, collator, count: int, seed: int, batch_size: int = 16) -> List[Dict]:
+    """`count` rows of `dataset` drawn without replacement (seeded), collated in batches: the text
+    student.prune measures importance on."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(dataset), generator=generator)[:count].sort().values.tolist()
+    return [collator([dataset[i] for i in rows[start:start + batch_size]])
+            for start in range(0, len(rows), batch_size)]
 
-    On the given texts, the trimmed WordPiece tokenizer produces the same tokens as the original:
-    greedy longest-match only ever picks tokens that occurred, and all of them are kept.
-    Returns (model, tokenizer, kept_old_ids).
-    """
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    if backend["model"]["type"] != "WordPiece":
-        raise ConfigError(f"student.trim_vocab supports WordPiece tokenizers, this one is {backend['model']['type']}")
-    vocab = backend["model"]["vocab"]
-    used = {token_id for ids in tokenizer(list(texts), truncation=False)["input_ids"] for token_id in ids}
-    used |= set(tokenizer.all_special_ids)
-    used |= {vocab[token] for token in _always_kept_tokens(vocab)}
-    kept_old_ids = sorted(used)
-    id_to_token = {token_id: token for token, token_id in vocab.items()}
-    new_ids = {old: new for new, old in enumerate(kept_old_ids)}
-    backend["model"]["vocab"] = {id_to_token[old]: new for old, new in new_ids.items()}
-    for added in backend.get("added_tokens", []):
-        added["id"] = new_ids[added["id"]]
-    special_tokens = (backend.get("post_processor") or {}).get("special_tokens", {})
-    for special in special_tokens.values():
-        special["ids"] = [new_ids[i] for i in special["ids"]]
 
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer.save_pretrained(folder)
-        (Path(folder) / "tokenizer.json").write_text(json.dumps(backend), encoding="utf-8")
-        trimmed_tokenizer = type(tokenizer).from_pretrained(folder)
+def source_parameter_count(cfg: DistillConfig, auto_class) -> int:
+    """Parameters of the model the student is cut from (the teacher it copies, or student.path),
+    counted from its config on the meta device: the reference of student.prune.target_params."""
+    if cfg.student.path is not None:
+        path, key = cfg.student.path, "student.path"
+    else:
+        index = resolve_teacher_index(cfg, cfg.student.from_teacher)
+        path, key = cfg.teachers.models[index].path, f"teachers.models[{index}].path"
+    config = load_model_config(path, key, cfg.trust_remote_code)
+    with torch.device("meta"):
+        shell = auto_class.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    return sum(p.numel() for p in shell.parameters())
 
-    old_embeddings = model.get_input_embeddings()
-    index = torch.tensor(kept_old_ids, dtype=torch.long)
-    new_embeddings = nn.Embedding(len(kept_old_ids), old_embeddings.embedding_dim,
-                                  padding_idx=trimmed_tokenizer.pad_token_id)
-    new_embeddings.weight.data.copy_(old_embeddings.weight.data[index])
-    model.set_input_embeddings(new_embeddings)
-    model.config.vocab_size = len(kept_old_ids)
-    if trimmed_tokenizer.pad_token_id is not None:
-        model.config.pad_token_id = trimmed_tokenizer.pad_token_id
-    return model, trimmed_tokenizer, kept_old_ids
+
+def check_prune_budget(cfg: DistillConfig, auto_class) -> None:
+    """student.prune.target_params against the smallest model pruning can reach (one layer or the
+    chosen ones, the narrowest widths), from configs alone, before anything is written. With
+    trim_vocab the vocabulary is not known yet and the check is left to the pruning itself."""
+    spec = cfg.student.prune
+    if spec.target_params is None or cfg.student.trim_vocab:
+        return
+    from distill.pruning import count_parameters_of_config, width_plan_for_ratio
+
+    if cfg.student.path is not None:
+        path, key = cfg.student.path, "student.path"
+    else:
+        index = resolve_teacher_index(cfg, cfg.student.from_teacher)
+        path, key = cfg.teachers.models[index].path, f"teachers.models[{index}].path"
+    config = load_model_config(path, key, cfg.trust_remote_code)
+    with torch.device("meta"):
+        shell = auto_class.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    layers = default_layers(cfg.student, config.num_hidden_layers) if cfg.student.path is None else None
+    changes = {"num_hidden_layers": 1 if spec.depth else len(layers or range(config.num_hidden_layers))}
+    if spec.width:
+        try:
+            changes.update(width_plan_for_ratio(config, 0.0, spec.heads, spec.hidden).config_changes(config))
+        except AttributeError:  # a config without the width keys: pruning itself names the problem
+            return
+    smallest = count_parameters_of_config(shell, changes)
+    budget = int(spec.target_params * sum(p.numel() for p in shell.parameters()))
+    if smallest > budget:
+        raise ConfigError(f"student.prune.target_params={spec.target_params}: the smallest student pruning can make "
+                          f"here has {smallest:,} parameters, over the budget of {budget:,} (the embeddings alone may "
+                          "be larger): raise target_params, enable depth/width/hidden, or set student.trim_vocab")
+
+
+def prune_student(model: nn.Module, cfg: DistillConfig, batches: Sequence[Dict], reference_params: int,
+                  loss_fn: Optional[Callable] = None) -> nn.Module:
+    """`student.prune`: the model cut to target_params x `reference_params` (pruning.py), the
+    result recorded in its config and printed."""
+    from distill.pruning import prune
+
+    spec = cfg.student.prune
+    budget = int(spec.target_params * reference_params)
+    pruned, report = prune(model, spec, batches, budget, loss_fn, keep_layers)
+    record = dict(getattr(model.config, "distill_student_of", None) or {})
+    if "layers" in record:  # the teacher's layers the pruned student holds
+        record["layers"] = [record["layers"][i] for i in report.layers]
+    record["pruned"] = report.as_dict()
+    pruned.config.distill_student_of = record
+    width = report.width.as_dict() if report.width is not None else {}
+    if distributed.is_main():
+        print(f"pruned the student: {report.parameters_before:,} -> {report.parameters_after:,} parameters "
+              f"({report.parameters_after / reference_params:.3f}x), {len(report.layers)} layers"
+              + "".join(f", {key} {value}" for key, value in width.items() if value is not None), flush=True)
+    return pruned
 
 
 def apply_config_overrides(model: nn.Module, overrides: dict) -> nn.Module:
@@ -151,7 +192,7 @@ def build_student(cfg: DistillConfig, label_names: List[str], train_texts: Optio
         from distill.teachers import label_permutation
 
         order = label_permutation(teacher_model.config, label_names, key)
-        layers = list(spec.layers) if spec.layers is not None else list(range(0, teacher_model.config.num_hidden_layers, 2))
+        layers = default_layers(spec, teacher_model.config.num_hidden_layers)
         model = keep_layers(teacher_model, layers)
         del teacher_model
         _reorder_classifier(model, order)
@@ -162,8 +203,15 @@ def build_student(cfg: DistillConfig, label_names: List[str], train_texts: Optio
     if spec.trim_vocab:
         if not train_texts:
             raise ConfigError("student.trim_vocab needs training text")
-        model, tokenizer, _ = trim_vocabulary(model, tokenizer, train_texts)
+        model, tokenizer, _ = trim_vocabulary(model, tokenizer, train_texts, cfg.data.max_length, spec.trim_vocab_floor)
     return model, tokenizer
+
+
+def default_layers(spec, total: int) -> List[int]:
+    """student.layers, or every other layer; every layer when student.prune chooses the cut."""
+    if spec.layers is not None:
+        return list(spec.layers)
+    return list(range(total)) if spec.prune.target_params is not None else list(range(0, total, 2))
 
 
 def _reorder_classifier(model: nn.Module, order: Optional[List[int]]) -> None:

@@ -38,7 +38,7 @@ from distill.modeling import count_parameters, load_tokenizer
 from distill.outputs import RUN_MARKER, RunLock, check_run_directory
 from distill.paths import links_leaving
 from distill.report import write_json
-from distill.student import check_student_layers
+from distill.student import check_prune_budget, check_student_layers
 from distill.schedules import value_at
 from distill.tasks import build_task
 from distill.tasks.base import StepFigures
@@ -127,10 +127,14 @@ class Trainer:
             self.lock.acquire()
         self._make_run_dir()
 
-        student, tokenizer = task.build_student(self.splits)
-        if distributed.is_main():  # the initial student, whole: export rebuilds from it, WiSE-FT mixes with it
-            student.save_pretrained(self.run_dir / STUDENT_INIT)
-            tokenizer.save_pretrained(self.run_dir / STUDENT_INIT)
+        initial = self.run_dir / STUDENT_INIT
+        if self.resume_from is not None and (initial / "config.json").is_file():
+            student, tokenizer = task.resume_student(initial)  # built once: trimming/pruning not redone
+        else:
+            student, tokenizer = task.build_student(self.splits)
+            if distributed.is_main():  # the initial student, whole: export rebuilds from it, WiSE-FT mixes with it
+                student.save_pretrained(initial)
+                tokenizer.save_pretrained(initial)
         self.train_set = task.encode(self.splits.train, "train")
         self.validation_set = task.encode(self.splits.validation, "validation")
         self.collator = task.collator()
@@ -152,6 +156,7 @@ class Trainer:
         cfg = self.cfg
         build_deepspeed_config(cfg, distributed.world_size())
         check_student_layers(cfg)
+        check_prune_budget(cfg, self.task.auto_model_class)
         if not cfg.data.mixture_sources:  # a mixture draws with replacement: any batch size goes
             rows, batch = self.task.training_rows(self.splits), cfg.training.micro_batch_size
             if rows < batch * distributed.world_size():

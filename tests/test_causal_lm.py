@@ -111,8 +111,8 @@ def test_a_teacher_with_another_vocabulary_is_named(tiny_lm, tmp_path):
 
 def test_unsupported_settings_are_refused_for_causal_lm(tiny_lm, tmp_path):
     config = tiny_lm_config_yaml(tiny_lm, tmp_path / "run")
-    result = run_cli(["train", config, "student.trim_vocab=true"])
-    assert result.returncode == 2 and "task causal_lm does not support ['student.trim_vocab'] yet" in result.stderr
+    result = run_cli(["train", config, "student.trim_vocab=true", f"teachers.cache={tmp_path}"])
+    assert result.returncode == 2 and "student.trim_vocab with teachers.cache" in result.stderr
     ignored = run_cli(["train", config, "data.label_names=[a,b]"])
     assert ignored.returncode == 2 and "task causal_lm does not read ['data.label_names']" in ignored.stderr
     assert not (tmp_path / "run").exists()
@@ -508,3 +508,48 @@ def test_text_sources_of_different_file_formats_mix(tiny_lm, tmp_path):
     assert splits.source_names == ["more", "base"] and sorted(set(splits.train["source"])) == [0, 1]
     blocks = encode_lm(splits.train, tiny_lm["tokenizer"], cfg.data, "train")
     assert sorted(set(blocks["source"])) == [0, 1]
+
+
+def test_a_trimmed_and_pruned_student_trains_resumes_from_its_saved_build_and_exports_in_int8(tiny_lm, tmp_path):
+    """student.trim_vocab + student.prune for a causal LM: the student is at most half the teacher,
+    holds only the kept tokens, resumes from the run's saved initial student (not re-pruned), and
+    its int8 export loads with plain transformers, generates, encodes any text, and states the
+    perplexity change, the pruning and the trimming in its card."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = tmp_path / "run"
+    config = tiny_lm_config_yaml(tiny_lm, run_dir, extra="deepspeed: {zero_stage: 0}")
+    narrow = tmp_path / "narrow.jsonl"  # text with few distinct words: most of the vocabulary goes
+    words = ["the car", "a road", "the ride", "a car"]
+    narrow.write_text("".join(json.dumps({"text": f"{words[i % 4]} and {words[(i * 3) % 4]} {i % 10}"}) + "\n"
+                              for i in range(300)), encoding="utf-8")
+    options = [f"data.train.path={narrow}", "student.layers=null", "student.trim_vocab=true", "student.prune.target_params=0.5",
+               "student.prune.depth=true", "student.prune.calibration_samples=8", "training.max_steps=4"]
+    first = run_cli(["train", config, *options])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "pruned the student" in first.stdout and "trimmed the student's vocabulary" in first.stdout
+    report = json.loads((run_dir / "report.json").read_text())
+    teacher_params = report["teachers"][0]["params"]
+    assert report["student"]["params"] <= 0.5 * teacher_params
+    built = json.loads((run_dir / "student_init" / "config.json").read_text())
+    kept = built["distill_vocabulary"]["kept_ids"]
+    assert built["vocab_size"] == len(kept) < len(tiny_lm["tokenizer"])
+    assert built["distill_student_of"]["pruned"]["parameters_after"] == report["student"]["params"]
+    assert math.isfinite(report["student"]["perplexity"]) and report["target"]["perplexity"] > 1
+    resumed = run_cli(["train", config, *options[:-1], "training.max_steps=6", "training.resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 4" in resumed.stdout and "pruned the student" not in resumed.stdout
+    out = tmp_path / "int8"
+    done = run_cli(["export", run_dir, out, "--quantize", "int8"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = (out / "README.md").read_text()
+    compression = json.loads((out / "compression.json").read_text())
+    assert f"{compression['validation_after']['perplexity']:.4f}" in card
+    assert "Pruned by importance" in card and f"Vocabulary trimmed to the {len(kept):,} tokens" in card
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.model_max_length == 32 and len(tokenizer) == len(kept)
+    text = "the car ünïcödé 🙂 zzz"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    generated = model.generate(**tokenizer("the car", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] > len(tokenizer("the car")["input_ids"])

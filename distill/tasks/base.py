@@ -121,6 +121,18 @@ class Task:
         """fitting.Chunks over the validation rows with a label (the teachers' logits, a chunk at a time)."""
         raise NotImplementedError
 
+    def trained_length(self) -> int:
+        """The longest sequence the student was trained on (the exported tokenizer's model_max_length)."""
+        return self.cfg.data.max_length
+
+    def resume_student(self, path):
+        """(model in fp32, tokenizer) on resume: the initial student the run saved in its directory, so
+        trimming and pruning are not redone (the checkpoint then restores the trained weights)."""
+        from distill.modeling import load_tokenizer
+
+        model = self.load_saved_student(path, f"{path} (the run's initial student)")
+        return model, load_tokenizer(str(path), str(path), self.cfg.trust_remote_code)
+
     # saved models (eval, export) -------------------------------------------------------------
     def load_saved_student(self, path, key: str):
         raise NotImplementedError

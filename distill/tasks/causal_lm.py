@@ -107,12 +107,13 @@ class CausalLM(Task):
             "data.label_field": data.label_field != DataConfig.label_field,
             "data.text_fields (a pair)": len(data.text_fields) > 1,
         }, " (classification settings: a causal LM learns the next token of its text)")
-        later = {"student.trim_vocab": cfg.student.trim_vocab,
-                 "teachers.tokenization=per_model": cfg.teachers.tokenization == "per_model"}
-        named = [key for key, is_set in later.items() if is_set]
-        if named:
-            raise ConfigError(f"task causal_lm does not support {named} yet (teachers and student share one "
-                              "tokenizer): remove them")
+        if cfg.teachers.tokenization == "per_model":
+            raise ConfigError("task causal_lm does not support teachers.tokenization=per_model yet (teachers and student "
+                              "share one tokenizer; with student.trim_vocab the teachers read the kept ids mapped back "
+                              "to theirs): remove it")
+        if cfg.student.trim_vocab and cfg.teachers.cache is not None:
+            raise ConfigError("student.trim_vocab with teachers.cache: the cache holds the teachers' top-k over their "
+                              "full vocabulary, not renormalised over the kept tokens; drop one of them")
         if cfg.teachers.cache is not None:
             if not resolve_path(cfg.teachers.cache).is_dir():
                 raise ConfigError(f"teachers.cache: {cfg.teachers.cache} is not a folder written by `distill cache`")
@@ -138,6 +139,7 @@ class CausalLM(Task):
         # from the cache for the validation set)
         self.teacher_figures: Dict[str, Dict[str, Dict[str, float]]] = {}
         self._encoded: Dict[str, object] = {}
+        self.vocabulary = None  # with student.trim_vocab: the kept ids in the teachers' numbering
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
@@ -218,9 +220,11 @@ class CausalLM(Task):
         return plans
 
     def build_student(self, splits):
-        """(model in fp32, tokenizer): a checkpoint, or a copy of a teacher keeping some of its layers."""
+        """(model in fp32, tokenizer): a checkpoint, or a copy of a teacher keeping some of its layers;
+        then its vocabulary trimmed to the training blocks' tokens and pruned to its budget."""
         from distill.modeling import load_causal_lm, load_tokenizer
-        from distill.student import apply_config_overrides, keep_layers
+        from distill.student import (apply_config_overrides, calibration_batches, default_layers, keep_layers,
+                                     prune_student, source_parameter_count, trim_vocabulary)
 
         cfg = self.cfg
         spec, trust = cfg.student, cfg.trust_remote_code
@@ -234,8 +238,7 @@ class CausalLM(Task):
             teacher = cfg.teachers.models[index]
             key = f"teachers.models[{index}].path"
             teacher_model = load_causal_lm(teacher.path, key, trust, torch.float32, cfg.allow_pickled_weights)
-            total = teacher_model.config.num_hidden_layers
-            layers = list(spec.layers) if spec.layers is not None else list(range(0, total, 2))
+            layers = default_layers(spec, teacher_model.config.num_hidden_layers)
             model = apply_config_overrides(keep_layers(teacher_model, layers), spec.config_overrides)
             del teacher_model
             model.config.distill_student_of = {"teacher": teacher.path, "layers": layers}
@@ -245,6 +248,38 @@ class CausalLM(Task):
                 raise ConfigError(f"{plan.key} has {plan.vocab_size} output tokens, the student "
                                   f"{model.config.vocab_size}: they must predict the same vocabulary")
         check_head_reproduces_logits(model, key)
+        self.tokenizer = tokenizer
+        if spec.trim_vocab:  # the ids of the training blocks: exactly the tokens inside the window
+            blocks = self.encode(splits.train, "train")
+            used = {token for ids in blocks["input_ids"] for token in ids}
+            model, tokenizer, kept = trim_vocabulary(model, tokenizer, (), used_ids=used,
+                                                     floor=spec.trim_vocab_floor)
+            model.config.distill_vocabulary = {"kept_ids": kept}
+            self._use_vocabulary(kept)
+            self.tokenizer = tokenizer
+            if distributed.is_main():
+                print(f"trimmed the student's vocabulary: {len(kept):,} tokens kept", flush=True)
+        if spec.prune.target_params is not None:
+            rows = self.encode(splits.train, "train")
+            batches = calibration_batches(rows, self.collator(), spec.prune.calibration_samples, cfg.seed)
+            model = prune_student(model, cfg, batches, source_parameter_count(cfg, self.auto_model_class),
+                                  next_token_loss)
+        return model, tokenizer
+
+    def trained_length(self) -> int:
+        return self.cfg.data.max_length if self.cfg.data.prompt_field else self.cfg.data.block_size
+
+    def _use_vocabulary(self, kept_ids) -> None:
+        from distill.vocabulary import TeacherVocabulary
+
+        self.vocabulary = TeacherVocabulary(kept_ids)
+
+    def resume_student(self, path):
+        """The initial student saved in the run directory (trimmed, pruned), with its tokenizer."""
+        model, tokenizer = super().resume_student(path)
+        kept = (getattr(model.config, "distill_vocabulary", None) or {}).get("kept_ids")
+        if kept is not None:
+            self._use_vocabulary(kept)
         self.tokenizer = tokenizer
         return model, tokenizer
 
@@ -271,7 +306,7 @@ class CausalLM(Task):
             return model
 
         ensemble = load_teachers(cfg, plans, device, dtype, load)
-        return ensemble, LiveLanguageModels(ensemble)
+        return ensemble, LiveLanguageModels(ensemble, self.vocabulary)
 
     def prepare_training(self, device, ensemble) -> None:
         """Run-wide settings of the loss: fused or not, the chunk size, the reused workspace."""
@@ -441,6 +476,13 @@ def perplexities(loader, student, ensemble, source, device: torch.device,
         if text_bytes_total:
             result[name]["bits_per_byte"] = total / math.log(2) / text_bytes_total
     return result
+
+
+def next_token_loss(model: nn.Module, batch: Dict) -> Tensor:
+    """Mean next-token cross-entropy of the batch's labelled tokens (student.prune's depth_metric=loss)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[LABELS].reshape(-1),
+                                       ignore_index=IGNORE_INDEX)
 
 
 def token_nll_sum(logits: Tensor, labels: Tensor) -> float:

@@ -20,7 +20,8 @@ from distill.losses import IGNORE_INDEX, build_divergence, distillation_loss, pe
 from distill.modeling import check_positions, load_model_config, load_sequence_classifier
 from distill.report import format_table, model_card, write_json
 from distill.signals import LiveClassifiers, Targets
-from distill.student import build_student, check_student_labels
+from distill.student import (build_student, calibration_batches, check_student_labels, prune_student,
+                             source_parameter_count)
 from distill.tasks.base import StepFigures, Task, refuse_unused, register_task
 from distill.teachers import load_teachers, plan_teachers
 
@@ -85,6 +86,17 @@ class SequenceClassification(Task):
     def build_student(self, splits):
         cfg = self.cfg
         student, tokenizer = build_student(cfg, self.label_names, texts_of(splits.train, cfg.data.text_fields))
+        self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
+        if cfg.student.prune.target_params is not None:
+            group = [TokenizerGroup(prefix="", tokenizer=tokenizer)]
+            rows = tokenize(splits.train, group, cfg.data.text_fields, cfg.data.max_length)
+            batches = calibration_batches(rows, Collator(group), cfg.student.prune.calibration_samples, cfg.seed)
+            student = prune_student(student, cfg, batches, source_parameter_count(cfg, self.auto_model_class),
+                                    classification_loss)
+        return student, tokenizer
+
+    def resume_student(self, path):
+        student, tokenizer = super().resume_student(path)
         self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
         return student, tokenizer
 
@@ -180,3 +192,9 @@ class SequenceClassification(Task):
     def model_card(self, report: Dict, model_config, dtype: str, compression=None, parity=None) -> str:
         names = [model_config.id2label[i] for i in sorted(model_config.id2label)]
         return model_card(report, names, dtype, compression, parity)
+
+
+def classification_loss(model, batch) -> torch.Tensor:
+    """Cross-entropy of the model's logits on the batch's labels (student.prune's depth_metric=loss)."""
+    logits = model(**model_inputs(batch)).logits.float()
+    return torch.nn.functional.cross_entropy(logits, batch[LABELS], ignore_index=IGNORE_INDEX)
