@@ -16,6 +16,8 @@ from typing import List, Optional
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description=__doc__.splitlines()[0])
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own notices and progress bars (silenced by default)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="distil (or fine-tune with loss.kd_alpha=0) from a YAML config")
@@ -99,10 +101,16 @@ def evaluate_saved_model(cfg, model_path: Path):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from distill.quiet import quiet_start, verbose_requested
+
+    words = list(sys.argv[1:] if argv is None else argv)
+    if not verbose_requested(words):
+        quiet_start()
+    words = [word for word in words if word != "--verbose"]  # accepted anywhere on the line
     parser = _parser()
     # Overrides may come before or after options (argparse stops a '*' positional at the first
     # option), so leftover key=value words are overrides too; anything else is an error.
-    args, leftover = parser.parse_known_args(_strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
+    args, leftover = parser.parse_known_args(_strip_launcher_args(words))
     unknown = [word for word in leftover if word.startswith("-") or "=" not in word]
     if unknown or (leftover and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or leftover)}")

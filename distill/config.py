@@ -221,6 +221,10 @@ class TrainingConfig:
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
     micro_batch_size: int = 16  # per rank
     gradient_accumulation_steps: int = 1
+    # rows (sequences, for a causal LM) per optimizer step over all ranks; when set, the
+    # accumulation steps follow from it (global / (micro_batch_size x ranks), exact), so the data
+    # seen per step stays the same when the rank count changes
+    global_batch_size: Optional[int] = None
     eval_batch_size: int = 64
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
@@ -231,6 +235,9 @@ class TrainingConfig:
     log_every: int = 10
     eval_every: int = 0  # optimizer steps; 0 evaluates at the end only
     checkpoint_every: int = 200  # optimizer steps; a checkpoint is always written at the end
+    # the newest N checkpoints are kept; 0: only the newest while training (what a resume needs),
+    # none once the run has exported its student (a checkpoint holds the optimizer's states: about
+    # 12 bytes per student parameter with Adam in fp32, beside the 4 of the weights)
     keep_checkpoints: int = 2
     resume: str = "never"  # never, or auto: continue from the newest checkpoint in output_dir
     progress_bar: bool = True
@@ -484,8 +491,15 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
 
     training = cfg.training
     for key in ("micro_batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every",
-                "checkpoint_every", "keep_checkpoints"):
+                "checkpoint_every"):
         _require(training[key] > 0, f"training.{key} must be > 0, got {training[key]}")
+    _require(training.keep_checkpoints >= 0, "training.keep_checkpoints must be >= 0 (0: none after the export)")
+    if training.global_batch_size is not None:
+        per_rank = training.micro_batch_size * training.gradient_accumulation_steps
+        _require(training.global_batch_size > 0 and training.global_batch_size % per_rank == 0,
+                 f"training.global_batch_size={training.global_batch_size} must be a positive multiple of "
+                 f"training.micro_batch_size x gradient_accumulation_steps = {per_rank} (leave the accumulation "
+                 "steps unset: they follow from the global batch and the rank count)")
     _require(training.epochs > 0 or training.max_steps, "training.epochs must be > 0")
     if training.max_steps is not None:
         _require(training.max_steps > 0, f"training.max_steps must be > 0, got {training.max_steps}")

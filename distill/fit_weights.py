@@ -69,15 +69,23 @@ def _row(name: str, chunks: Chunks, method: str, weights: Tensor, temperatures: 
     return row
 
 
-def comparison_table(names: List[str], chunks: Chunks, fit_temperatures: bool, text_bytes: Optional[int] = None) -> Dict:
-    """Rows for each teacher alone, the uniform mixes and the fitted mixes, at temperature 1 (and,
-    with fit_temperatures, at each teacher's fitted temperature, then jointly)."""
+TRAINING_T = " @train T"  # the suffix of the rows fitted at the temperatures training mixes at
+
+
+def comparison_table(names: List[str], chunks: Chunks, fit_temperatures: bool, text_bytes: Optional[int] = None,
+                     training_temperatures: Optional[Tensor] = None) -> Dict:
+    """Rows for each teacher alone, the uniform mixes and the fitted mixes, at temperature 1, at the
+    temperatures training mixes the teachers at (`training_temperatures`, when not all 1: the
+    target the student learns is that mixture), and with fit_temperatures at each teacher's fitted
+    temperature, then jointly."""
     count = len(names)
     ones = torch.ones(count, dtype=torch.float64)
     uniform = ones / count
     rows = [_row(f"teacher {name}", chunks, "linear", torch.eye(count, dtype=torch.float64)[k], ones, text_bytes)
             for k, name in enumerate(names)]
     variants = [("", ones)]
+    if training_temperatures is not None and not torch.allclose(training_temperatures.double(), ones):
+        variants.append((TRAINING_T, training_temperatures.double()))
     if fit_temperatures:
         fitted = fitted_temperatures(chunks, ones, True)
         rows += [_row(f"teacher {name} (T={fitted[k]:.2f})", chunks, "linear", torch.eye(count, dtype=torch.float64)[k],
@@ -94,7 +102,7 @@ def comparison_table(names: List[str], chunks: Chunks, fit_temperatures: bool, t
                 row["em_log_likelihood_trace"] = state["em_log_likelihood_trace"]
             rows.append(row)
             fits[f"{method}{suffix}"] = row
-            if suffix:  # temperatures and weights fitted jointly, from the sequential fit
+            if suffix == " +T":  # temperatures and weights fitted jointly, from the sequential fit
                 joint_weights, joint_temperatures = fit_jointly_streamed(
                     chunks, method, torch.tensor(state["weights"], dtype=torch.float64), temperatures)
                 joint = _row(f"fitted {method} joint", chunks, method, joint_weights, joint_temperatures, text_bytes)
@@ -189,12 +197,20 @@ def run_fit_weights(cfg, out_dir: Path, fit_temperatures: bool = False, method: 
     ensemble, source = task.load_teachers(plans, device, teacher_dtype(cfg.teachers.dtype, device))
     chunks = task.validation_chunks(ensemble, source, device)
     names = [teacher_display_name(t, i) for i, t in enumerate(cfg.teachers.models)]
-    table = comparison_table(names, chunks, fit_temperatures, task.validation_bytes())
+    training = torch.tensor([plan.temperature for plan in plans], dtype=torch.float64)
+    table = comparison_table(names, chunks, fit_temperatures, task.validation_bytes(), training)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fit = table["fits"][method + (" joint" if fit_temperatures else "")]
+    # weights.yaml takes the weights for the distributions the target mixes: at the teachers'
+    # training temperatures, or with --temperatures the joint fit (which then sets the temperatures)
+    chosen = method + (" joint" if fit_temperatures else TRAINING_T if method + TRAINING_T in table["fits"] else "")
+    fit = table["fits"][chosen]
     # every row was scored on the same labelled rows (tokens): no extra pass over the teachers to count them
-    (out_dir / "fit_weights.json").write_text(json.dumps({"rows": table["rows"], "method": method, "task": cfg.task,
-                                                          "validation_rows": table["rows"][0]["rows"]}, indent=2))
     plot_fit_table(table["rows"], out_dir / "fit_weights.png", task.fit_columns)
     (out_dir / "weights.yaml").write_text(weights_fragment(cfg, names, fit, method, fit_temperatures))
-    return {"table": format_fit_table(table["rows"], task.fit_columns), "out_dir": str(out_dir), "fit": fit}
+    temperatures = ", ".join(f"{t:g}" for t in fit["temperatures"])
+    note = f"weights.yaml takes '{fit['name']}' (teachers at T = {temperatures}, as training mixes them)"
+    (out_dir / "fit_weights.json").write_text(json.dumps({"rows": table["rows"], "method": method, "task": cfg.task,
+                                                          "validation_rows": table["rows"][0]["rows"],
+                                                          "weights_yaml_takes": fit["name"]}, indent=2))
+    return {"table": format_fit_table(table["rows"], task.fit_columns) + "\n" + note, "out_dir": str(out_dir),
+            "fit": fit}

@@ -175,3 +175,14 @@ def per_teacher_kl(teacher_log_probs: Tensor, student_logits: Tensor, temperatur
     """[K] mean KL(teacher_k || student_T) for each teacher: a monitoring figure, not a loss."""
     student_log_probs = torch.log_softmax(student_logits.detach() / temperature, dim=-1)
     return kl_divergence(teacher_log_probs.to(student_log_probs.dtype), student_log_probs.unsqueeze(0)).mean(dim=-1)
+
+
+def mean_kl(reference_logits: Tensor, logits: Tensor, chunk: int = 256) -> float:
+    """mean over rows of KL(softmax(reference) || softmax(logits)) in float64, a chunk of rows at a
+    time: how far a teacher run in lower precision is from its fp32 self (a figure, not a loss)."""
+    total, rows = 0.0, reference_logits.shape[0]
+    for start in range(0, rows, chunk):
+        reference = torch.log_softmax(reference_logits[start:start + chunk].double(), dim=-1)
+        other = torch.log_softmax(logits[start:start + chunk].double(), dim=-1)
+        total += float((reference.exp() * (reference - other)).sum())
+    return total / max(rows, 1)

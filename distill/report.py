@@ -18,13 +18,18 @@ def write_json(path: Path, data) -> None:
 def build_report(cfg: DistillConfig, plans, teacher_params: List[int], student_params: int,
                  metrics: Dict[str, Dict[str, float]], summary: Dict, train_set, validation_set) -> Dict:
     """report.json: each teacher, the interpolated target and the student with the task's figures."""
+    precision = summary.get("teacher_precision") or {}
     teachers = []
     for plan, params in zip(plans, teacher_params):
         teachers.append({"name": plan.name, "path": plan.path, "params": params, "weight": plan.weight,
-                         "temperature": plan.temperature, **metrics.get(plan.name, {})})
+                         "temperature": plan.temperature, "dtype": precision.get("dtype"),
+                         "kl_to_fp32": (precision.get("kl_to_fp32") or {}).get(plan.name),
+                         **metrics.get(plan.name, {})})
     largest = max(teacher_params) if teacher_params else None
+    fine_tune = not plans or (cfg.loss.kd_alpha == 0 and cfg.schedules.kd_alpha is None)
     report = {
         "task": cfg.task,
+        "kind": "fine-tune" if fine_tune else "distillation",
         "teachers": teachers,
         "target": {"interpolation": cfg.interpolation.method, **metrics["target"]} if "target" in metrics else None,
         "student": {"params": student_params, **metrics.get("student", {}),
@@ -32,10 +37,46 @@ def build_report(cfg: DistillConfig, plans, teacher_params: List[int], student_p
         "loss": {"kd_alpha": cfg.loss.kd_alpha, "temperature": cfg.loss.temperature,
                  "label_smoothing": cfg.loss.label_smoothing, "divergence": cfg.loss.divergence},
         "training": {"steps": summary["steps"], "seconds": round(summary["seconds"], 1),
-                     "zero_stage": cfg.deepspeed.zero_stage, "train_rows": len(train_set),
+                     "zero_stage": cfg.deepspeed.zero_stage, "global_batch": summary.get("global_batch"),
+                     "train_rows": len(train_set),
                      "validation_rows": len(validation_set)},
     }
     return report
+
+
+_SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def teacher_note(teacher: Dict) -> str:
+    """w, T and the precision the teacher's figures were computed in (with its KL to fp32)."""
+    note = f"w={teacher['weight']:g} T={teacher['temperature']:g}"
+    if teacher.get("dtype"):
+        note += f" {_SHORT_DTYPES.get(teacher['dtype'], teacher['dtype'])}"
+        if teacher.get("kl_to_fp32") is not None:
+            note += f" (KL to fp32 {teacher['kl_to_fp32']:.1e})"
+    return note
+
+
+def student_label(report: Dict) -> str:
+    return "student (fine-tuned, no KD)" if report.get("kind") == "fine-tune" else "student"
+
+
+def trained_by(report: Dict, how: str) -> str:
+    """The card's first sentence: distilled from N teachers, or fine-tuned without any."""
+    if report.get("kind") == "fine-tune":
+        return ("Fine-tuned by `distill` on the labels alone (no knowledge distillation: "
+                + ("no teachers" if not report["teachers"] else "loss.kd_alpha 0, the teachers only scored") + ")")
+    return f"Distilled by `distill` from {len(report['teachers'])} teacher(s){how}"
+
+
+def precision_line(report: Dict) -> str:
+    teachers = [t for t in report["teachers"] if t.get("dtype")]
+    if not teachers:
+        return ""
+    drift = ", ".join(f"{t['name']} {t['kl_to_fp32']:.2e}" for t in teachers if t.get("kl_to_fp32") is not None)
+    return (f"Teacher figures were computed in {teachers[0]['dtype']}"
+            + (f"; KL(fp32 || {teachers[0]['dtype']}) on a validation batch: {drift} nats per row." if drift else ".")
+            + "\n")
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -53,14 +94,14 @@ def format_table(report: Dict) -> str:
     for teacher in report["teachers"]:
         rows.append((f"teacher {teacher['name']}", f"{teacher['params'] / 1e6:.2f}M",
                      f"{teacher.get('accuracy', float('nan')):.4f}", f"{teacher.get('macro_f1', float('nan')):.4f}",
-                     f"w={teacher['weight']:g} T={teacher['temperature']:g}"))
+                     teacher_note(teacher)))
     if report.get("target"):
         target = report["target"]
         rows.append(("target (interpolated)", "-", f"{target['accuracy']:.4f}", f"{target['macro_f1']:.4f}",
                      target["interpolation"]))
     student = report["student"]
     ratio = student.get("compression_vs_largest_teacher")
-    rows.append(("student", f"{student['params'] / 1e6:.2f}M", f"{student['accuracy']:.4f}",
+    rows.append((student_label(report), f"{student['params'] / 1e6:.2f}M", f"{student['accuracy']:.4f}",
                  f"{student['macro_f1']:.4f}", f"{ratio:.2f}x largest teacher" if ratio else ""))
     return text_table(("model", "params", "accuracy", "macro-F1", "note"), rows)
 
@@ -112,9 +153,9 @@ tags:
 - knowledge-distillation
 ---
 
-# Distilled student
+# {"Fine-tuned" if report.get("kind") == "fine-tune" else "Distilled"} student
 
-Trained by `distill` from {len(report['teachers'])} teacher(s), exported in {dtype}{" + " + compression["method"] if compression else ""}.
+{trained_by(report, "")}, exported in {dtype}{" + " + compression["method"] if compression else ""}.
 
 | metric (validation, {report['training']['validation_rows']} rows) | value |
 |---|---|
@@ -130,7 +171,7 @@ Trained by `distill` from {len(report['teachers'])} teacher(s), exported in {dty
 {teacher_lines}
 
 {target_line}
-
+{precision_line(report)}
 Loss: `kd_alpha * T^2 * KL(target_T || student_T) + (1 - kd_alpha) * CE`, with kd_alpha
 {report['loss']['kd_alpha']}, T {report['loss']['temperature']}, label smoothing {report['loss']['label_smoothing']}.
 Training: {report['training']['steps']} optimizer steps, DeepSpeed ZeRO stage {report['training']['zero_stage']}.
@@ -154,14 +195,14 @@ def _bits(figures: Dict) -> str:
 
 def format_lm_table(report: Dict) -> str:
     rows = [(f"teacher {t['name']}", f"{t['params'] / 1e6:.2f}M", f"{t['perplexity']:.3f}", f"{t['nll']:.4f}", _bits(t),
-             f"w={t['weight']:g} T={t['temperature']:g}") for t in report["teachers"]]
+             teacher_note(t)) for t in report["teachers"]]
     if report.get("target"):
         target = report["target"]
         rows.append(("target (interpolated)", "-", f"{target['perplexity']:.3f}", f"{target['nll']:.4f}", _bits(target),
                      f"{target['interpolation']}, T=1"))
     student = report["student"]
     ratio = student.get("compression_vs_largest_teacher")
-    rows.append(("student", f"{student['params'] / 1e6:.2f}M", f"{student['perplexity']:.3f}", f"{student['nll']:.4f}",
+    rows.append((student_label(report), f"{student['params'] / 1e6:.2f}M", f"{student['perplexity']:.3f}", f"{student['nll']:.4f}",
                  _bits(student), f"{ratio:.2f}x largest teacher" if ratio else ""))
     return text_table(("model", "params", "perplexity", "nll/token", "bits/byte", "note"), rows)
 
@@ -187,9 +228,9 @@ tags:
 - knowledge-distillation
 ---
 
-# Distilled causal-LM student
+# {"Fine-tuned" if report.get("kind") == "fine-tune" else "Distilled"} causal-LM student
 
-Trained by `distill` from {len(report['teachers'])} teacher(s), token by token, exported in {exported}.
+{trained_by(report, ", token by token")}, exported in {exported}.
 
 | metric (validation, {student['tokens']:,} tokens) | value |
 |---|---|
@@ -206,7 +247,7 @@ Trained by `distill` from {len(report['teachers'])} teacher(s), token by token, 
 {teacher_lines}
 
 {target_line}
-
+{precision_line(report)}
 Loss: `kd_alpha * T^2 * D(target_T || student_T) + (1 - kd_alpha) * CE`, D = {loss['divergence']}, kd_alpha
 {loss['kd_alpha']}, T {loss['temperature']}, label smoothing {loss['label_smoothing']}, averaged over the
 labelled tokens of each optimizer step. Training: {report['training']['steps']} optimizer steps, DeepSpeed

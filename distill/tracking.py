@@ -80,11 +80,16 @@ def plot_curves(metrics_path: Path, out_path: Path, title: Optional[str] = None,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(13, 4.2))
     steps = [r["step"] for r in train]
-    for key, label in (("loss", "total"), ("kd", "KD (T^2 KL)"), ("ce", "CE")):
+    marker = "o" if len(steps) < 4 else None  # a line of one point draws nothing
+    distilled = any(r.get("kd", 0) != 0 for r in train)
+    # without KD the total is the CE: one curve, named so, instead of two on top of each other
+    curves = ((("loss", "total", "-"), ("kd", "KD (T^2 KL)", "-"), ("ce", "CE", "--")) if distilled
+              else (("ce", "CE (fine-tuning: the whole loss)", "-"),))
+    for key, label, style in curves:
         if key in train[0]:
-            loss_axis.plot(steps, [r[key] for r in train], label=label)
+            loss_axis.plot(steps, [r[key] for r in train], linestyle=style, marker=marker, label=label)
     loss_axis.set_xlabel("optimizer step")
     loss_axis.set_ylabel("loss")
     loss_axis.legend()
@@ -103,11 +108,19 @@ def plot_curves(metrics_path: Path, out_path: Path, title: Optional[str] = None,
                       and key != f"student/{metric}"]
         for number, key in enumerate(references):  # the target dotted and wider: it may sit on a teacher's line
             target = key.startswith("target/")
+            # the value in the label: lines that coincide (a target equal to its best teacher) stay told apart
             metric_axis.axhline(evals[-1][key], linestyle=":" if target else "--", linewidth=2.6 if target else 1.2,
-                                color=colours[(number + 1) % len(colours)], label=key.split("/")[0])
-        metric_axis.legend(fontsize=8)
+                                color=colours[(number + 1) % len(colours)],
+                                label=f"{key.split('/')[0]} ({evals[-1][key]:.4g})")
+        metric_axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, never over, the curves
     if not higher_is_better:
         metric_axis.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    last = max(steps + [r["step"] for r in evals])
+    for axis in (loss_axis, metric_axis):  # one step axis for both panels, whole steps only
+        axis.set_xlim(0, last * 1.04 + 0.5)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     metric_axis.set_xlabel("optimizer step")
     metric_axis.set_ylabel(f"validation {metric} ({'higher' if higher_is_better else 'lower'} is better)")
     metric_axis.set_title("validation")

@@ -98,6 +98,33 @@ class LogWindow:
         return values
 
 
+def apply_global_batch(training, world_size: int) -> None:
+    """training.global_batch_size -> the accumulation steps for this rank count (exact, or refused)."""
+    if training.global_batch_size is None:
+        return
+    per_step = training.micro_batch_size * world_size
+    if training.global_batch_size % per_step:
+        raise ConfigError(f"training.global_batch_size={training.global_batch_size} is not a multiple of "
+                          f"micro_batch_size {training.micro_batch_size} x {world_size} rank(s) = {per_step}: change "
+                          "one of them")
+    steps = training.global_batch_size // per_step
+    if training.gradient_accumulation_steps not in (1, steps):  # a run's saved config, resumed on other ranks
+        raise ConfigError(f"training.gradient_accumulation_steps={training.gradient_accumulation_steps} and "
+                          f"global_batch_size={training.global_batch_size} disagree on {world_size} rank(s) "
+                          f"({steps} steps needed): remove training.gradient_accumulation_steps")
+    from omegaconf import read_write
+
+    with read_write(training):  # the one value derived after load: it needs the rank count
+        training.gradient_accumulation_steps = training.global_batch_size // per_step
+
+
+def describe_global_batch(training, world_size: int, unit: str) -> str:
+    total = training.micro_batch_size * training.gradient_accumulation_steps * world_size
+    return (f"effective global batch: {training.micro_batch_size} {unit}s per micro-batch x "
+            f"{training.gradient_accumulation_steps} accumulation step(s) x {world_size} rank(s) = {total} {unit}s "
+            "per optimizer step")
+
+
 class Trainer:
     def __init__(self, cfg: DistillConfig):
         self.cfg = cfg
@@ -116,6 +143,7 @@ class Trainer:
         cfg, task = self.cfg, self.task
         distributed.init_distributed()
         seed_everything(cfg.seed)
+        apply_global_batch(cfg.training, distributed.world_size())
         self.splits = task.read_splits()
         reference, key = task.student_source()
         self.teacher_plans = task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
@@ -140,14 +168,32 @@ class Trainer:
         self.collator = task.collator()
 
         self.teacher_params = []
+        self.teacher_precision = None  # the teachers' dtype and what it changes against fp32
         if self.teacher_plans:
             dtype = teacher_dtype(cfg.teachers.dtype, self.device)
             self.ensemble, self.source = task.load_teachers(self.teacher_plans, self.device, dtype)
             self.teacher_params = self.ensemble.parameter_counts
+            self.teacher_precision = self._measure_teacher_precision(dtype)
             self._prepare_interpolation()
         task.prepare_training(self.device, self.ensemble)
         self.student_params = count_parameters(student)
         self._build_engine(student)
+        if distributed.is_main():
+            print(describe_global_batch(cfg.training, distributed.world_size(), task.batch_unit), flush=True)
+
+    def _measure_teacher_precision(self, dtype) -> Dict:
+        """{dtype, kl_to_fp32 per teacher}: with teachers below fp32, KL(fp32 teacher || teacher as
+        run) on one validation batch, measured once at start (the task loads each teacher again in
+        fp32 for it) and logged; None per teacher where it cannot be measured (cache, ZeRO-3)."""
+        name = str(dtype).replace("torch.", "")
+        drift = {plan.name: None for plan in self.teacher_plans}
+        if dtype != torch.float32 and self.cfg.teachers.placement == "replicated":
+            drift = self.task.teacher_precision_drift(self.ensemble, self.source, self.teacher_plans, self.device)
+            if drift and distributed.is_main():
+                figures = ", ".join(f"{teacher} {value:.2e}" for teacher, value in drift.items() if value is not None)
+                print(f"teachers run in {name}: KL(fp32 || {name}) per {self.task.row_unit} on a validation batch: "
+                      f"{figures} nats", flush=True)
+        return {"dtype": name, "kl_to_fp32": drift}
 
     def _check_before_writing(self) -> None:
         """What the config and the data can refuse without weights: the DeepSpeed config's
@@ -414,7 +460,7 @@ class Trainer:
                 "training.resume=auto.") from error
         if distributed.is_main():
             tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
-            for old in tags[:-self.cfg.training.keep_checkpoints]:
+            for old in tags[:-max(self.cfg.training.keep_checkpoints, 1)]:
                 shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
 
@@ -463,6 +509,9 @@ class Trainer:
         report = None
         if distributed.is_main():
             self.task.write_outputs(self.run_dir)
+            summary["global_batch"] = (self.cfg.training.micro_batch_size * self.cfg.training.gradient_accumulation_steps
+                                       * distributed.world_size())
+            summary["teacher_precision"] = self.teacher_precision
             report = self.task.report(self.teacher_plans, self.teacher_params, self.student_params, metrics, summary,
                                       self.train_set, self.validation_set)
             write_json(self.run_dir / "report.json", report)
@@ -476,11 +525,27 @@ class Trainer:
 
             export_dir = export_run(self.run_dir, self.run_dir / "student", dtype=self.cfg.export.dtype, overwrite=True)
             report["export_dir"] = str(export_dir)
+            if self.cfg.training.keep_checkpoints == 0:  # the exported student is the result
+                self._drop_checkpoints()
+                report["checkpoints"] = "removed after the export (training.keep_checkpoints=0)"
             write_json(self.run_dir / "report.json", report)
             print(self.task.format_table(report), flush=True)
         # no barrier after the export: the other ranks have nothing left to do, and a long export
         # (a big model) must not run into their collective timeout
         return report
+
+
+    def _drop_checkpoints(self) -> None:
+        """The run's checkpoint tags (step*) and DeepSpeed's `latest`, written by this run; the
+        folder goes only if nothing else is left in it."""
+        root = self.run_dir / CHECKPOINTS
+        for tag in root.glob("step*"):
+            if tag.is_dir():
+                shutil.rmtree(tag)
+        for name in ("latest", "zero_to_fp32.py"):
+            (root / name).unlink(missing_ok=True)
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
 
 
 def train(cfg: DistillConfig) -> Optional[Dict]:

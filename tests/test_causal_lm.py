@@ -524,10 +524,14 @@ def test_a_trimmed_and_pruned_student_trains_resumes_from_its_saved_build_and_ex
     narrow.write_text("".join(json.dumps({"text": f"{words[i % 4]} and {words[(i * 3) % 4]} {i % 10}"}) + "\n"
                               for i in range(300)), encoding="utf-8")
     options = [f"data.train.path={narrow}", "student.layers=null", "student.trim_vocab=true", "student.prune.target_params=0.5",
-               "student.prune.depth=true", "student.prune.calibration_samples=8", "training.max_steps=4"]
+               "student.prune.depth=true", "student.prune.calibration_samples=8", "teachers.dtype=bfloat16",
+               "training.max_steps=4"]
     first = run_cli(["train", config, *options])
     assert first.returncode == 0, first.stderr[-3000:]
     assert "pruned the student" in first.stdout and "trimmed the student's vocabulary" in first.stdout
+    # the teachers' precision is named, and what bf16 changes against fp32 measured once at start
+    assert "teachers run in bfloat16: KL(fp32 || bfloat16) per token on a validation batch" in first.stdout
+    assert "bf16 (KL to fp32" in first.stdout
     report = json.loads((run_dir / "report.json").read_text())
     teacher_params = report["teachers"][0]["params"]
     assert report["student"]["params"] <= 0.5 * teacher_params
@@ -536,6 +540,7 @@ def test_a_trimmed_and_pruned_student_trains_resumes_from_its_saved_build_and_ex
     assert built["vocab_size"] == len(kept) < len(tiny_lm["tokenizer"])
     assert built["distill_student_of"]["pruned"]["parameters_after"] == report["student"]["params"]
     assert math.isfinite(report["student"]["perplexity"]) and report["target"]["perplexity"] > 1
+    assert all(t["dtype"] == "bfloat16" and 0 < t["kl_to_fp32"] < 0.1 for t in report["teachers"])
     resumed = run_cli(["train", config, *options[:-1], "training.max_steps=6", "training.resume=auto"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 4" in resumed.stdout and "pruned the student" not in resumed.stdout
@@ -546,6 +551,7 @@ def test_a_trimmed_and_pruned_student_trains_resumes_from_its_saved_build_and_ex
     compression = json.loads((out / "compression.json").read_text())
     assert f"{compression['validation_after']['perplexity']:.4f}" in card
     assert "Pruned by importance" in card and f"Vocabulary trimmed to the {len(kept):,} tokens" in card
+    assert "Teacher figures were computed in bfloat16; KL(fp32 || bfloat16)" in card
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.model_max_length == 32 and len(tokenizer) == len(kept)

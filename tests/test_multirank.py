@@ -41,8 +41,10 @@ def test_data_dependent_interpolation_is_identical_on_every_rank(tiny, tmp_path)
     config = tiny_config_yaml(tiny, run_dir)
     result = run_deepspeed(2, [config, "interpolation.method=learned_gate", "interpolation.fit_on=validation",
                                "interpolation.fit_temperatures=true", "interpolation.learned_gate.epochs=30",
-                               "training.max_steps=4", "training.micro_batch_size=4"])
+                               "training.max_steps=4", "training.micro_batch_size=4", "training.global_batch_size=16"])
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    # the same global batch as one rank with 4 accumulation steps: 2 ranks x 2 steps here
+    assert "4 rows per micro-batch x 2 accumulation step(s) x 2 rank(s) = 16 rows per optimizer step" in result.stdout
     import re
 
     # ranks print concurrently through the launcher, so two reports may share one output line

@@ -210,6 +210,53 @@ def test_fit_weights_writes_table_chart_and_a_fragment_train_accepts(tiny, tmp_p
     assert [t["temperature"] for t in report["teachers"]] == pytest.approx(fitted["temperatures"], abs=1e-5)
 
 
+def test_fit_weights_fits_the_mix_at_the_temperatures_training_uses(tiny, tmp_path):
+    """The target mixes the teachers at teachers[].temperature (2.0 and 1.5 here): weights.yaml
+    takes the weights fitted for those softened distributions, and says so; the T = 1 fit stays in
+    the table for comparison."""
+    import yaml
+
+    config = tiny_config_yaml(tiny, tmp_path / "run")
+    fit_dir = tmp_path / "fit"
+    result = run_cli(["fit-weights", config, "--out", fit_dir])
+    assert result.returncode == 0, result.stderr[-4000:]
+    table = json.loads((fit_dir / "fit_weights.json").read_text())
+    rows = {row["name"]: row for row in table["rows"]}
+    at_training = rows["fitted linear @train T"]
+    assert at_training["temperatures"] == [2.0, 1.5] and rows["fitted linear"]["temperatures"] == [1.0, 1.0]
+    assert table["weights_yaml_takes"] == "fitted linear @train T"
+    assert "weights.yaml takes 'fitted linear @train T' (teachers at T = 2, 1.5" in result.stdout
+    assert at_training["nll"] <= rows["uniform linear @train T"]["nll"] + 1e-9
+    fragment = yaml.safe_load((fit_dir / "weights.yaml").read_text())
+    assert [m["weight"] for m in fragment["teachers"]["models"]] == pytest.approx(at_training["weights"], abs=1e-6)
+    assert [m["temperature"] for m in fragment["teachers"]["models"]] == [2.0, 1.5]
+
+
+def test_a_run_without_teachers_is_called_a_fine_tune_and_keep_checkpoints_0_leaves_the_export(tiny, tmp_path):
+    """No teachers: the table, report, card and plot say fine-tune (no 'from 0 teacher(s)', no flat
+    KD line); the effective global batch is printed and training.global_batch_size sets the
+    accumulation; keep_checkpoints=0 removes the checkpoints once the student is exported."""
+    run_dir = tmp_path / "finetune"
+    config = tiny_config_yaml(tiny, run_dir)
+    done = run_cli(["train", config, "teachers.models=[]", "student.from_teacher=null", f"student.path={tiny['teacher_a']}",
+                    "student.layers=null", "loss.kd_alpha=0", "training.keep_checkpoints=0",
+                    "training.micro_batch_size=4", "training.global_batch_size=8", "training.max_steps=4",
+                    "training.checkpoint_every=2"])
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "effective global batch: 4 rows per micro-batch x 2 accumulation step(s) x 1 rank(s) = 8 rows" in done.stdout
+    assert "student (fine-tuned, no KD)" in done.stdout
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["kind"] == "fine-tune" and report["training"]["global_batch"] == 8
+    assert not (run_dir / "checkpoints").exists() and (run_dir / "student" / "model.safetensors").is_file()
+    card = (run_dir / "student" / "README.md").read_text()
+    assert card.count("# Fine-tuned student") == 1 and "teacher(s)" not in card
+    assert "Fine-tuned by `distill` on the labels alone (no knowledge distillation: no teachers)" in card
+    assert (run_dir / "training_curves.png").is_file()
+    refused = run_cli(["train", config, "training.global_batch_size=12", "training.micro_batch_size=8",
+                       f"output_dir={tmp_path / 'other'}"])
+    assert refused.returncode == 2 and "training.global_batch_size=12 must be a positive multiple of training.micro_batch_size" in refused.stderr
+
+
 def test_fit_on_validation_is_saved_and_reused_on_resume(tiny, tmp_path):
     run_dir = tmp_path / "gate"
     config = tiny_config_yaml(tiny, run_dir)

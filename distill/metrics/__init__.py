@@ -23,8 +23,11 @@ def load_metric(name: str):
 
 
 def classification_metrics(predictions: Sequence[int], references: Sequence[int], num_labels: int) -> Dict[str, float]:
-    """accuracy and macro-F1 through the packaged `evaluate` modules."""
+    """accuracy and macro-F1 through the packaged `evaluate` modules. Macro-F1 averages over the
+    labels present in the gold or the predicted labels (scikit-learn's `f1_score(average="macro")`):
+    a configured label that never occurs and is never predicted does not count as an F1 of 0."""
     accuracy = load_metric("accuracy").compute(predictions=predictions, references=references)["accuracy"]
+    present = sorted(set(int(p) for p in predictions) | set(int(r) for r in references))
     f1 = load_metric("f1").compute(predictions=predictions, references=references, average="macro",
-                                   labels=list(range(num_labels)))["f1"]
+                                   labels=present)["f1"]
     return {"accuracy": float(accuracy), "macro_f1": float(f1)}

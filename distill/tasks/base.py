@@ -1,9 +1,11 @@
 """The task interface and its registry (the package's __init__ finds the tasks)."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
+import torch
 from torch import Tensor
 
 from distill.config import ConfigError
@@ -41,6 +43,7 @@ class Task:
     name = "base"
     # the unit of a row of the teachers' signal, in messages ('row', 'token')
     row_unit = "row"
+    batch_unit = "row"  # what micro_batch_size counts
     # the figures `distill fit-weights` shows for each mix, besides the weights and temperatures
     fit_columns = ("nll", "accuracy", "ece")
     # the validation figure training_curves.png follows
@@ -124,6 +127,30 @@ class Task:
     def trained_length(self) -> int:
         """The longest sequence the student was trained on (the exported tokenizer's model_max_length)."""
         return self.cfg.data.max_length
+
+    def teacher_precision_drift(self, ensemble, source, plans, device) -> Dict[str, float]:
+        """KL(teacher in fp32 || teacher as loaded) per teacher: mean over the KD rows of one validation
+        batch (tokens, or examples). Each teacher is loaded once more in fp32 for it, then dropped."""
+        from distill.evaluation import validation_loader
+        from distill.losses import mean_kl
+
+        batch = next(iter(validation_loader(self.validation_set, self.collator(), self.cfg.training.eval_batch_size)))
+        low = source.signal(batch, device)
+        low_logits = low.logits(0, low.rows)
+        rows = self.kd_rows(batch).to(low_logits.device)
+        drift = {}
+        for k, plan in enumerate(plans):
+            alone = copy.copy(plan)
+            alone.weight = 1.0  # one teacher on its own (its mixture weight may be 0)
+            reference, reference_source = self.load_teachers([alone], device, torch.float32)
+            signal = reference_source.signal(batch, device)
+            drift[plan.name] = mean_kl(signal.logits(0, signal.rows)[0][rows], low_logits[k][rows])
+            del reference, reference_source, signal
+        return drift
+
+    def kd_rows(self, batch) -> Tensor:
+        """[rows] bool: the rows of a collated batch the KD term reads (every example here)."""
+        return torch.ones(batch["input_ids"].shape[0], dtype=torch.bool)
 
     def resume_student(self, path):
         """(model in fp32, tokenizer) on resume: the initial student the run saved in its directory, so

@@ -94,6 +94,7 @@ def step_groups(stream: Iterator, accumulation: int, micro_steps_done: Callable[
 @register_task("causal_lm")
 class CausalLM(Task):
     row_unit = "token"
+    batch_unit = "sequence"
     auto_model_class = AutoModelForCausalLM
     fit_columns = ("nll", "perplexity", "bits_per_byte")
     curve_metric, curve_higher_is_better = "perplexity", False
@@ -265,6 +266,9 @@ class CausalLM(Task):
             model = prune_student(model, cfg, batches, source_parameter_count(cfg, self.auto_model_class),
                                   next_token_loss)
         return model, tokenizer
+
+    def kd_rows(self, batch) -> Tensor:
+        return batch[LABELS].reshape(-1) != IGNORE_INDEX
 
     def trained_length(self) -> int:
         return self.cfg.data.max_length if self.cfg.data.prompt_field else self.cfg.data.block_size
