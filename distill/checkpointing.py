@@ -146,6 +146,8 @@ def content_hash(model_dir: str) -> str:
     if not is_local_reference(model_dir):
         return f"hub:{model_dir}"
     folder = resolve_path(model_dir)
+    if folder.is_file():  # a black-box teacher's outputs file
+        return file_hash(folder)
     digest = hashlib.sha256()
     for path in sorted(folder.glob("*")):
         if path.suffix in (".safetensors", ".json") and path.is_file():

@@ -24,10 +24,23 @@ class ConfigError(ValueError):
 
 @dataclass
 class TeacherConfig:
-    path: str = MISSING  # local directory, `pkg://package/sub/dir`, or a hub id
+    path: Optional[str] = None  # local directory, `pkg://package/sub/dir`, or a hub id
+    # classification, or instead of path: a black-box teacher's outputs, a csv/jsonl/parquet file
+    # with the column data.id_field and one column per label name (logits, or probabilities with
+    # outputs: probabilities), e.g. from an API or another framework
+    logits: Optional[str] = None
+    outputs: str = "logits"  # logits | probabilities (of a `logits` file)
     name: Optional[str] = None  # shown in logs and reports; defaults to the path's last part
     weight: float = 1.0  # prior mixture weight; all weights are normalised to sum to one
     temperature: Optional[float] = None  # softening of this teacher; defaults to loss.temperature
+    # classification: a linear head on pooled encoder states (sentence-embedding classifiers):
+    # pooling cls | mean over the unpadded tokens, optionally L2-normalised; with `head`, a
+    # safetensors file (weight [labels, hidden], optional bias; metadata "labels": a JSON list of
+    # the label names in row order) on top of the encoder at `path`; without it, the classifier
+    # layer of the model at `path` is applied to the pooled states
+    pooling: Optional[str] = None
+    normalize: bool = False
+    head: Optional[str] = None
 
 
 @dataclass
@@ -78,6 +91,10 @@ class StudentConfig:
     trim_vocab: bool = False
     trim_vocab_floor: int = 0  # with trim_vocab: keep at least this many tokens (the original's lowest ids)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    # classification: the student classifies pooled encoder states (cls | mean, optionally
+    # L2-normalised) with a linear head; exported with its code (loads with trust_remote_code)
+    pooling: Optional[str] = None
+    normalize: bool = False
     config_overrides: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -119,6 +136,8 @@ class DataConfig:
     validation_fraction: float = 0.1  # carved out of train (stratified, seeded) when no validation path
     text_fields: List[str] = field(default_factory=lambda: ["text"])  # one field, or a pair
     label_field: str = "label"
+    # a column naming each example (kept through tokenization): black-box teachers' files are keyed by it
+    id_field: Optional[str] = None
     label_names: Optional[List[str]] = None  # order of the label ids; inferred (sorted) if unset
     max_length: int = 128
     # task causal_lm: text is packed into blocks of block_size tokens (every token predicted once);
@@ -439,7 +458,19 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
         _require(teacher.weight >= 0, f"{key}.weight must be >= 0, got {teacher.weight}")
         if teacher.temperature is not None:
             _require(teacher.temperature > 0, f"{key}.temperature must be > 0, got {teacher.temperature}")
-        _check_model_reference(teacher.path, f"{key}.path", cfg.allow_pickled_weights)
+        _require((teacher.path is None) != (teacher.logits is None),
+                 f"{key}: set exactly one of {key}.path (a model) or {key}.logits (a file of its outputs)")
+        _require(teacher.outputs in ("logits", "probabilities"),
+                 f"{key}.outputs={teacher.outputs!r}: use logits or probabilities")
+        if teacher.logits is not None:
+            _require(resolve_path(teacher.logits).is_file(), f"{key}.logits: {teacher.logits} is not a file")
+            _require(cfg.data.id_field is not None, f"{key}.logits is keyed by example: set data.id_field to the "
+                     "column that names each example in the data and in the file")
+            _require(teacher.pooling is None and student_source_is_not(cfg, index),
+                     f"{key}: a black-box teacher has no weights: it cannot be pooled or be student.from_teacher")
+        else:
+            _require(teacher.outputs == "logits", f"{key}.outputs is read only with {key}.logits: remove it")
+            _check_model_reference(teacher.path, f"{key}.path", cfg.allow_pickled_weights)
     if teachers:
         _require(sum(t.weight for t in teachers) > 0,
                  "teachers.models[*].weight are all zero: at least one teacher needs a positive weight")
@@ -463,6 +494,12 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
                  "(they change the weights' shapes or what they compute): choose the depth with student.layers, "
                  "or start from student.path")
     _validate_prune(student)
+    _validate_pooling("student", student)
+    for index, teacher in enumerate(cfg.teachers.models):
+        _validate_pooling(f"teachers.models[{index}]", teacher)
+        if teacher.head is not None:
+            _require(resolve_path(teacher.head).is_file() and str(teacher.head).endswith(".safetensors"),
+                     f"teachers.models[{index}].head: {teacher.head} is not a .safetensors file")
     if student.layers is not None:
         _require(len(student.layers) > 0, "student.layers is empty: keep at least one layer")
         _require(all(layer >= 0 for layer in student.layers), "student.layers must be >= 0")
@@ -548,6 +585,13 @@ DEEPSPEED_KEYS = frozenset({
     "aio", "checkpoint", "data_types", "dump_state", "memory_breakdown", "dataloader_drop_last",
     "disable_allgather", "use_node_local_storage", "torch_autocast", "timers", "compile", "nebula",
     "elasticity", "autotuning", "data_efficiency", "compression_training", "graph_harvesting"})
+
+
+def _validate_pooling(key: str, section) -> None:
+    _require(section.pooling in (None, "cls", "mean"), f"{key}.pooling={section.pooling!r}: use cls or mean")
+    unused = [name for name in ("normalize", "head") if getattr(section, name, None) not in (None, False)]
+    _require(section.pooling is not None or not unused,
+             f"{key}: {unused} apply to pooled states: set {key}.pooling (cls or mean) or remove them")
 
 
 def _validate_prune(student) -> None:
@@ -717,7 +761,17 @@ def _check_pattern(pattern: Optional[str], key: str) -> None:
 def teacher_display_name(teacher: TeacherConfig, index: int) -> str:
     if teacher.name:
         return teacher.name
-    return Path(str(teacher.path).rstrip("/")).name or f"teacher{index}"
+    reference = teacher.path if teacher.path is not None else Path(str(teacher.logits)).stem
+    return Path(str(reference).rstrip("/")).name or f"teacher{index}"
+
+
+def student_source_is_not(cfg, index: int) -> bool:
+    """student.from_teacher does not name teacher `index`."""
+    reference = cfg.student.from_teacher
+    if reference is None:
+        return True
+    teacher = cfg.teachers.models[index]
+    return str(reference) not in (str(index), teacher.name or teacher_display_name(teacher, index))
 
 
 def resolve_teacher_index(cfg: DistillConfig, reference: str) -> int:

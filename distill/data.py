@@ -22,6 +22,7 @@ from distill.paths import is_local_reference, resolve_path
 _FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 LABELS = "labels"
 INDEX = "index"
+EXAMPLE_ID = "example_id"  # data.id_field's value, as a string: black-box teachers' files are keyed by it
 SOURCE = "source"
 
 
@@ -140,6 +141,12 @@ def _normalise(dataset: Dataset, cfg: DataConfig, label_names: Optional[List[str
     keep = [i for i in range(len(dataset)) if texts[cfg.text_fields[0]][i].strip()]
     columns = {field: [texts[field][i] for i in keep] for field in cfg.text_fields}
     columns[LABELS] = [labels[i] for i in keep]
+    if cfg.id_field is not None:
+        if cfg.id_field not in dataset.column_names:
+            raise ConfigError(f"data.id_field: the {key} data has no column {cfg.id_field!r} "
+                              f"(columns: {dataset.column_names})")
+        ids = dataset[cfg.id_field]
+        columns[EXAMPLE_ID] = [str(ids[i]) for i in keep]
     return Dataset.from_dict(columns)
 
 
@@ -303,6 +310,8 @@ class Collator:
                  INDEX: torch.tensor([row[INDEX] for row in rows], dtype=torch.long)}
         if SOURCE in rows[0]:
             batch[SOURCE] = torch.tensor([row[SOURCE] for row in rows], dtype=torch.long)
+        if EXAMPLE_ID in rows[0]:
+            batch[EXAMPLE_ID] = [row[EXAMPLE_ID] for row in rows]
         for group in self.groups:
             names = group.tokenizer.model_input_names
             features = [{name: row[group.prefix + name] for name in names if group.prefix + name in row}

@@ -15,6 +15,7 @@ logits against PyTorch with onnxruntime on the run's validation batches.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -104,9 +105,10 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
 
     run_config = read_run_config(run_dir / "config.yaml")
     task = task_class(run_config.task)(run_config)
-    config = AutoConfig.from_pretrained(init_dir)
+    trust = run_config.trust_remote_code  # a model with its own code: the run allowed it, export follows
+    config = AutoConfig.from_pretrained(init_dir, trust_remote_code=trust)
     state_dict = consolidated_state_dict(checkpoints, tag)
-    model = task.auto_model_class.from_config(config)
+    model = task.auto_model_class.from_config(config, trust_remote_code=trust)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [key for key in missing if key not in tied]
@@ -116,7 +118,10 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
     model.config.dtype = _DTYPES[dtype]
     with written_folder(out_dir) as folder:
         model.save_pretrained(folder, safe_serialization=True)
-        tokenizer = AutoTokenizer.from_pretrained(init_dir)
+        for code in init_dir.glob("*.py"):  # a model with its own code: the folder carries it (auto_map)
+            if not (folder / code.name).exists():
+                shutil.copy2(code, folder / code.name)
+        tokenizer = AutoTokenizer.from_pretrained(init_dir, trust_remote_code=trust)
         # a user scoring with the defaults then feeds the model the length it was trained on
         tokenizer.model_max_length = task.trained_length()
         tokenizer.save_pretrained(folder)
@@ -126,12 +131,14 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
         if onnx:  # from the unquantized module, before quantize_folder replaces the weights
             parity = export_onnx(task, model, folder, batches)
             (folder / "onnx_parity.json").write_text(json.dumps(parity, indent=2), encoding="utf-8")
-        compression = quantize_folder(task, folder, quantize, batches) if quantize else None
+        compression = quantize_folder(task, folder, quantize, batches, trust) if quantize else None
         report_path = run_dir / "report.json"
         if report_path.is_file():
             report = json.loads(report_path.read_text(encoding="utf-8"))
             card = task.model_card(report, config, dtype, compression, parity)
             card = card.replace("## How to load", how_it_was_built(config, task.trained_length()) + "## How to load", 1)
+            if getattr(config, "auto_map", None):  # the folder carries its model code: loading runs it
+                card = card.replace('from_pretrained("PATH")', 'from_pretrained("PATH", trust_remote_code=True)')
             (folder / "README.md").write_text(card, encoding="utf-8")
         if compression is not None:
             (folder / "compression.json").write_text(json.dumps(compression, indent=2), encoding="utf-8")
@@ -195,7 +202,7 @@ def weight_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
-def quantize_folder(task, folder: Path, method: str, batches) -> Dict:
+def quantize_folder(task, folder: Path, method: str, batches, trust_remote_code: bool = False) -> Dict:
     """Replace the fp32 weights in `folder` by their int8 form; measure both with the task's
     validation figures. Returns what the model card reports: sizes, parameter counts, figures."""
     from transformers import TorchAoConfig
@@ -206,8 +213,9 @@ def quantize_folder(task, folder: Path, method: str, batches) -> Dict:
     from distill.modeling import count_parameters
 
     auto = task.auto_model_class
-    full = auto.from_pretrained(folder).eval()
-    quantized = auto.from_pretrained(folder, quantization_config=TorchAoConfig(Int8WeightOnlyConfig())).eval()
+    full = auto.from_pretrained(folder, trust_remote_code=trust_remote_code).eval()
+    quantized = auto.from_pretrained(folder, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
+                                     trust_remote_code=trust_remote_code).eval()
     linear_params = sum(module.weight.numel() for module in full.modules() if isinstance(module, torch.nn.Linear))
     before_bytes = weight_bytes(folder)
     scores = []

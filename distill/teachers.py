@@ -19,10 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from distill.config import ConfigError, DistillConfig, teacher_display_name
-from distill.data import TokenizerGroup, model_inputs
+from distill.data import EXAMPLE_ID, TokenizerGroup, model_inputs
 from distill.interpolate import build_interpolation
 from distill.mixing import normalize_weights, teacher_log_probs
-from distill.modeling import check_positions, count_parameters, label_names_of, load_model_config, load_tokenizer, same_vocabulary
+from distill.modeling import (check_positions, count_parameters, head_labels, label_names_of, labels_only_config,
+                              load_model_config, load_tokenizer, same_vocabulary)
+from distill.paths import resolve_path
 from distill.signals import NonFiniteLogitsError
 
 
@@ -56,6 +58,10 @@ class TeacherPlan:
     temperature: float
     label_order: Optional[List[int]]
     input_prefix: str  # '' reads the student's input ids; 't<k>__' its own encoding
+    outputs: Optional[str] = None  # a black-box teacher (path is its file): logits | probabilities
+    pooling: Optional[str] = None  # a linear head on pooled encoder states (classification)
+    normalize: bool = False
+    head: Optional[str] = None
 
 
 def plan_teachers(cfg: DistillConfig, label_names: List[str], student_tokenizer) -> tuple[List[TeacherPlan], List[TokenizerGroup]]:
@@ -66,10 +72,18 @@ def plan_teachers(cfg: DistillConfig, label_names: List[str], student_tokenizer)
     vocabulary is trimmed, or there is no student): each teacher encodes the text itself."""
     plans, groups = [], []
     for index, teacher in enumerate(cfg.teachers.models):
+        temperature = teacher.temperature if teacher.temperature is not None else cfg.loss.temperature
+        if teacher.logits is not None:  # a black-box teacher: its file is checked when it is read
+            key = f"teachers.models[{index}] ({teacher.logits})"
+            plans.append(TeacherPlan(name=teacher_display_name(teacher, index), path=teacher.logits, key=key,
+                                     weight=teacher.weight, temperature=temperature, label_order=None,
+                                     input_prefix="", outputs=teacher.outputs))
+            continue
         key = f"teachers.models[{index}] ({teacher.path})"
         model_config = load_model_config(teacher.path, key, cfg.trust_remote_code)
         check_positions(model_config, cfg.data.max_length, "data.max_length", key)
-        order = label_permutation(model_config, label_names, key)
+        labelled = labels_only_config(head_labels(teacher.head, key)) if teacher.head else model_config
+        order = label_permutation(labelled, label_names, key)
         tokenizer = load_tokenizer(teacher.path, key, cfg.trust_remote_code)
         prefix = ""
         if student_tokenizer is None or not same_vocabulary(tokenizer, student_tokenizer):
@@ -86,7 +100,8 @@ def plan_teachers(cfg: DistillConfig, label_names: List[str], student_tokenizer)
         temperature = teacher.temperature if teacher.temperature is not None else cfg.loss.temperature
         plans.append(TeacherPlan(name=teacher_display_name(teacher, index), path=teacher.path, key=key,
                                  weight=teacher.weight, temperature=temperature, label_order=order,
-                                 input_prefix=prefix))
+                                 input_prefix=prefix, pooling=teacher.pooling, normalize=teacher.normalize,
+                                 head=None if teacher.head is None else str(resolve_path(teacher.head))))
     return plans, groups
 
 
@@ -118,8 +133,11 @@ class TeacherEnsemble:
         outputs = []
         with context():
             for plan, model in zip(self.plans, self.models):
-                inputs = {k: v.to(device) for k, v in model_inputs(batch, plan.input_prefix).items()}
-                logits = model(**inputs).logits.float()
+                if getattr(model, "reads_example_ids", False):  # a black-box teacher's stored outputs
+                    logits = model.example_logits(batch[EXAMPLE_ID]).to(device)
+                else:
+                    inputs = {k: v.to(device) for k, v in model_inputs(batch, plan.input_prefix).items()}
+                    logits = model(**inputs).logits.float()
                 if plan.label_order is not None:
                     logits = logits[:, plan.label_order]
                 if self.on_nonfinite == "stop" and not torch.isfinite(logits).all():
@@ -199,3 +217,71 @@ def _partition_zero3(model: nn.Module, cfg: DistillConfig, dtype: torch.dtype) -
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.module.eval()
     return engine.module
+
+
+class StoredOutputsTeacher(nn.Module):
+    """A black-box teacher: per example id, the logits (or log-probabilities) a file holds, in the
+    data's label order. No weights: it counts 0 parameters and runs nothing."""
+
+    reads_example_ids = True
+
+    def __init__(self, table: Tensor, row_of: Dict[str, int], key: str):
+        super().__init__()
+        self.register_buffer("table", table, persistent=False)
+        self.row_of, self.key = row_of, key
+
+    def example_logits(self, example_ids: List[str]) -> Tensor:
+        missing = [i for i in example_ids if i not in self.row_of]
+        if missing:
+            raise ConfigError(f"{self.key}: no row for example ids {missing[:5]}")
+        return self.table[[self.row_of[i] for i in example_ids]].float()
+
+    def to(self, *args, **kwargs):  # stored outputs stay float32 whatever dtype the teachers run in
+        kwargs.pop("dtype", None)
+        args = tuple(a for a in args if not isinstance(a, torch.dtype))
+        return super().to(*args, **kwargs)
+
+
+def read_stored_outputs(path: str, id_field: str, label_names: List[str], outputs: str, key: str):
+    """(table [rows, labels] float32 in label_names' order, id -> row) from a csv/jsonl/parquet file,
+    or ConfigError naming the file and what is wrong (no id column, labels missing or unknown,
+    repeated ids, probabilities outside [0, 1])."""
+    import pandas
+
+    file = resolve_path(path)
+    suffix = file.suffix.lower()
+    readers = {".csv": pandas.read_csv, ".parquet": pandas.read_parquet,
+               ".jsonl": lambda f: pandas.read_json(f, lines=True), ".json": lambda f: pandas.read_json(f, lines=True)}
+    if suffix not in readers:
+        raise ConfigError(f"{key}: {file.name} is not a csv, jsonl or parquet file")
+    frame = readers[suffix](file)
+    if id_field not in frame.columns:
+        raise ConfigError(f"{key}: {file.name} has no column {id_field!r} (data.id_field); columns: {list(frame.columns)}")
+    columns = [c for c in frame.columns if c != id_field]
+    missing = [name for name in label_names if name not in columns]
+    unknown = [name for name in columns if name not in label_names]
+    if missing or unknown:
+        raise ConfigError(f"{key}: {file.name} must have one column per label {list(label_names)}: missing {missing}, "
+                          f"not labels {unknown}")
+    ids = [str(value) for value in frame[id_field].tolist()]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{key}: {file.name} repeats example ids in {id_field!r}")
+    table = torch.tensor(frame[list(label_names)].to_numpy(dtype="float64"), dtype=torch.float64)
+    if outputs == "probabilities":
+        if bool(((table < 0) | (table > 1)).any()):
+            raise ConfigError(f"{key}: {file.name} holds values outside [0, 1] but outputs: probabilities")
+        table = table.clamp(min=1e-12).log()  # log-probabilities are valid logits
+    return table.float(), {example_id: row for row, example_id in enumerate(ids)}
+
+
+def check_stored_outputs_cover(cfg: DistillConfig, plans: List[TeacherPlan], label_names: List[str], splits) -> None:
+    """Every example id of the training and validation rows has a row in each black-box teacher's file."""
+    for plan in plans:
+        if plan.outputs is None:
+            continue
+        _, row_of = read_stored_outputs(plan.path, cfg.data.id_field, label_names, plan.outputs, plan.key)
+        for name, split in (("train", splits.train), ("validation", splits.validation)):
+            absent = [i for i in split[EXAMPLE_ID] if i not in row_of]
+            if absent:
+                raise ConfigError(f"{plan.key}: {len(absent)} example id(s) of the {name} split have no row in the "
+                                  f"file, e.g. {absent[:3]}: add them or remove those rows from the data")

@@ -74,8 +74,8 @@ def used_token_ids(tokenizer, texts: Iterable[str], max_length: int = None) -> S
     used: Set[int] = set()
     texts = list(texts)
     for start in range(0, len(texts), 1024):
-        for ids in tokenizer(texts[start:start + 1024], add_special_tokens=False, verbose=False,
-                             **options)["input_ids"]:
+        # with the special tokens, as the model reads the text: the window counts them too
+        for ids in tokenizer(texts[start:start + 1024], verbose=False, **options)["input_ids"]:
             used.update(ids)
     return used
 

@@ -101,3 +101,18 @@ def test_auto_teacher_dtype_is_fp32_without_native_bf16(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
     assert teacher_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert teacher_dtype("float32", torch.device("cpu")) == torch.float32
+
+
+def test_trim_vocab_counts_only_the_tokens_inside_the_window_and_warns_nothing(tiny, caplog):
+    import logging
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["teacher_a"])
+    tokenizer = tiny["tokenizer"]
+    texts = ["great ride " + "superb monday paper grey " * 200]  # far longer than the model's window
+    head = set(tokenizer(texts[0], truncation=True, max_length=4)["input_ids"])
+    tail = set(tokenizer("superb monday paper grey", add_special_tokens=False)["input_ids"]) - head
+    with caplog.at_level(logging.WARNING):
+        _, trimmed, kept = trim_vocabulary(model, tokenizer, texts, max_length=4)
+    assert tail and not any(tokenizer.convert_ids_to_tokens(i) in trimmed.get_vocab() and i in tail
+                            for i in kept if i in tail)
+    assert not [r for r in caplog.records if "longer than the specified maximum" in r.getMessage()]

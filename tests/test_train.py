@@ -245,6 +245,10 @@ def test_a_run_without_teachers_is_called_a_fine_tune_and_keep_checkpoints_0_lea
     assert done.returncode == 0, done.stderr[-4000:]
     assert "effective global batch: 4 rows per micro-batch x 2 accumulation step(s) x 1 rank(s) = 8 rows" in done.stdout
     assert "student (fine-tuned, no KD)" in done.stdout
+    # a quiet start: none of the libraries' notices a user cannot act on
+    for notice in ("Failed to load", "Setting accelerator to CPU", "LOAD REPORT", "is an Enum subclass",
+                   "Loading weights"):
+        assert notice not in done.stdout + done.stderr, notice
     report = json.loads((run_dir / "report.json").read_text())
     assert report["kind"] == "fine-tune" and report["training"]["global_batch"] == 8
     assert not (run_dir / "checkpoints").exists() and (run_dir / "student" / "model.safetensors").is_file()

@@ -107,6 +107,10 @@ class CausalLM(Task):
             "data.label_names": data.label_names is not None,
             "data.label_field": data.label_field != DataConfig.label_field,
             "data.text_fields (a pair)": len(data.text_fields) > 1,
+            "student.pooling": cfg.student.pooling is not None,
+            "data.id_field": data.id_field is not None,
+            **{f"teachers.models[{i}].logits": True for i, t in enumerate(cfg.teachers.models) if t.logits},
+            **{f"teachers.models[{i}].pooling": True for i, t in enumerate(cfg.teachers.models) if t.pooling},
         }, " (classification settings: a causal LM learns the next token of its text)")
         if cfg.teachers.tokenization == "per_model":
             raise ConfigError("task causal_lm does not support teachers.tokenization=per_model yet (teachers and student "

@@ -17,13 +17,15 @@ from distill.evaluation import (Predictions, collect_teacher_logits, predict, st
                                 validation_loader)
 from distill.fitting import in_memory
 from distill.losses import IGNORE_INDEX, build_divergence, distillation_loss, per_teacher_kl
-from distill.modeling import check_positions, load_model_config, load_sequence_classifier
+from distill.modeling import (check_positions, load_model_config, load_pooled_classifier, load_sequence_classifier,
+                              to_pooled_student)
 from distill.report import format_table, model_card, write_json
 from distill.signals import LiveClassifiers, Targets
 from distill.student import (build_student, calibration_batches, check_student_labels, prune_student,
                              source_parameter_count)
 from distill.tasks.base import StepFigures, Task, refuse_unused, register_task
-from distill.teachers import load_teachers, plan_teachers
+from distill.teachers import (StoredOutputsTeacher, check_stored_outputs_cover, load_teachers, plan_teachers,
+                              read_stored_outputs)
 
 
 @register_task("sequence_classification")
@@ -83,6 +85,10 @@ class SequenceClassification(Task):
         self.groups = [TokenizerGroup(prefix="", tokenizer=student_tokenizer)] + self.teacher_groups
         return self.plans
 
+    def check_before_writing(self, splits) -> None:
+        """Black-box teachers' files cover every training and validation example."""
+        check_stored_outputs_cover(self.cfg, self.plans, self.label_names, splits)
+
     def build_student(self, splits):
         cfg = self.cfg
         student, tokenizer = build_student(cfg, self.label_names, texts_of(splits.train, cfg.data.text_fields))
@@ -93,6 +99,8 @@ class SequenceClassification(Task):
             batches = calibration_batches(rows, Collator(group), cfg.student.prune.calibration_samples, cfg.seed)
             student = prune_student(student, cfg, batches, source_parameter_count(cfg, self.auto_model_class),
                                     classification_loss)
+        if cfg.student.pooling is not None:
+            student = to_pooled_student(student, cfg.student.pooling, cfg.student.normalize)
         return student, tokenizer
 
     def resume_student(self, path):
@@ -104,6 +112,13 @@ class SequenceClassification(Task):
         cfg = self.cfg
 
         def load(plan, teacher_dtype):
+            if plan.outputs is not None:  # a black-box teacher: its stored outputs
+                table, row_of = read_stored_outputs(plan.path, cfg.data.id_field, self.label_names, plan.outputs,
+                                                    plan.key)
+                return StoredOutputsTeacher(table, row_of, plan.key)
+            if plan.pooling is not None:
+                return load_pooled_classifier(plan.path, plan.key, cfg.trust_remote_code, teacher_dtype, plan.pooling,
+                                              plan.normalize, plan.head)
             return load_sequence_classifier(plan.path, plan.key, cfg.trust_remote_code, teacher_dtype,
                                             cfg.allow_pickled_weights)
 
