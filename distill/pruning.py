@@ -153,6 +153,17 @@ def _run(model: nn.Module, batches: Iterable[Dict], collector: Optional[_Collect
             model(input_ids=batch["input_ids"], attention_mask=mask)
 
 
+def _measure(model: nn.Module, batches: Sequence[Dict], collector: _Collector) -> int:
+    """Run the calibration batches through the model with the collector's hooks (removed after):
+    the number of valid tokens the sums are over."""
+    try:
+        model.eval()
+        _run(model, batches, collector)
+    finally:
+        collector.remove()
+    return max(collector.tokens, 1)
+
+
 def width_importance(model: nn.Module, batches: Sequence[Dict], hidden: bool = False) -> Dict[str, List[Tensor]]:
     """Per layer: MLP channel and attention channel importance; with `hidden`, hidden-channel
     importance over every normalisation output (a list of one tensor)."""
@@ -169,12 +180,7 @@ def width_importance(model: nn.Module, batches: Sequence[Dict], hidden: bool = F
         final = _final_norm(model)
         if final is not None:
             collector.on_output(final, "hidden")
-    try:
-        model.eval()
-        _run(model, batches, collector)
-    finally:
-        collector.remove()
-    tokens = max(collector.tokens, 1)
+    tokens = _measure(model, batches, collector)
     result = {"mlp": [collector.sums[f"mlp.{i}"] / tokens for i in range(len(layers))],
               "attention": [collector.sums[f"attention.{i}"] / tokens for i in range(len(layers))]}
     if hidden:
@@ -193,12 +199,7 @@ def block_influence(model: nn.Module, batches: Sequence[Dict]) -> Tensor:
     collector = _Collector()
     for index, layer in enumerate(layers):
         collector.on_block(layer, f"block.{index}")
-    try:
-        model.eval()
-        _run(model, batches, collector)
-    finally:
-        collector.remove()
-    tokens = max(collector.tokens, 1)
+    tokens = _measure(model, batches, collector)
     return torch.cat([collector.sums[f"block.{i}"] for i in range(len(layers))]) / tokens
 
 

@@ -88,9 +88,9 @@ def calibration_batches(dataset, collator, count: int, seed: int, batch_size: in
             for start in range(0, len(rows), batch_size)]
 
 
-def source_parameter_count(cfg: DistillConfig, auto_class) -> int:
-    """Parameters of the model the student is cut from (the teacher it copies, or student.path),
-    counted from its config on the meta device: the reference of student.prune.target_params."""
+def _source_shell(cfg: DistillConfig, auto_class):
+    """(config, weightless model on the meta device) of the model the student is cut from: the
+    teacher it copies, or student.path."""
     if cfg.student.path is not None:
         path, key = cfg.student.path, "student.path"
     else:
@@ -99,7 +99,13 @@ def source_parameter_count(cfg: DistillConfig, auto_class) -> int:
     config = load_model_config(path, key, cfg.trust_remote_code)
     with torch.device("meta"):
         shell = auto_class.from_config(config, trust_remote_code=cfg.trust_remote_code)
-    return sum(p.numel() for p in shell.parameters())
+    return config, shell
+
+
+def source_parameter_count(cfg: DistillConfig, auto_class) -> int:
+    """Parameters of the model the student is cut from, counted from its config on the meta
+    device: the reference of student.prune.target_params."""
+    return sum(p.numel() for p in _source_shell(cfg, auto_class)[1].parameters())
 
 
 def check_prune_budget(cfg: DistillConfig, auto_class) -> None:
@@ -111,14 +117,7 @@ def check_prune_budget(cfg: DistillConfig, auto_class) -> None:
         return
     from distill.pruning import count_parameters_of_config, width_plan_for_ratio
 
-    if cfg.student.path is not None:
-        path, key = cfg.student.path, "student.path"
-    else:
-        index = resolve_teacher_index(cfg, cfg.student.from_teacher)
-        path, key = cfg.teachers.models[index].path, f"teachers.models[{index}].path"
-    config = load_model_config(path, key, cfg.trust_remote_code)
-    with torch.device("meta"):
-        shell = auto_class.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    config, shell = _source_shell(cfg, auto_class)
     layers = default_layers(cfg.student, config.num_hidden_layers) if cfg.student.path is None else None
     changes = {"num_hidden_layers": 1 if spec.depth else len(layers or range(config.num_hidden_layers))}
     if spec.width:
