@@ -190,6 +190,8 @@ class Trainer:
         if dtype != torch.float32 and self.cfg.teachers.placement == "replicated":
             drift = self.task.teacher_precision_drift(self.ensemble, self.source, self.teacher_plans, self.device)
             if drift and distributed.is_main():
+                self.logger.log(0, {f"{teacher}/kl_to_fp32": value for teacher, value in drift.items()
+                                    if value is not None}, kind="precision")
                 figures = ", ".join(f"{teacher} {value:.2e}" for teacher, value in drift.items() if value is not None)
                 print(f"teachers run in {name}: KL(fp32 || {name}) per {self.task.row_unit} on a validation batch: "
                       f"{figures} nats", flush=True)

@@ -552,6 +552,10 @@ def test_a_trimmed_and_pruned_student_trains_resumes_from_its_saved_build_and_ex
     assert f"{compression['validation_after']['perplexity']:.4f}" in card
     assert "Pruned by importance" in card and f"Vocabulary trimmed to the {len(kept):,} tokens" in card
     assert "Teacher figures were computed in bfloat16; KL(fp32 || bfloat16)" in card
+    assert "the tokenizer's `model_max_length` is 32" in card
+    precision = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                 if '"precision"' in line]
+    assert precision and precision[0]["a/kl_to_fp32"] == pytest.approx(report["teachers"][0]["kl_to_fp32"])
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.model_max_length == 32 and len(tokenizer) == len(kept)
