@@ -40,11 +40,26 @@ def init_distributed() -> None:
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
     import deepspeed
 
+    if os.environ.get("WORLD_SIZE") == "1" and not torch.cuda.is_available():
+        _skip_shared_memory_op()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
     atexit.register(_remove_shared_memory, os.environ["MASTER_PORT"], os.environ["RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _skip_shared_memory_op() -> None:
+    """A world of one has no peer to share memory with, yet DeepSpeed's CPU communication backend
+    JIT-compiles its shared-memory allreduce op when it starts (60-110 s on a fresh machine, again
+    whenever another environment touched the extensions cache). Its backend falls back to
+    torch.distributed when the op is None, so a single process goes without it."""
+    import importlib
+
+    # by its module path: `deepspeed.comm.torch` as an attribute is the torch package itself
+    backend_module = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(backend_module, "build_shm_op"):
+        backend_module.build_shm_op = lambda: None
 
 
 def rank() -> int:

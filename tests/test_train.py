@@ -241,10 +241,12 @@ def test_a_run_without_teachers_is_called_a_fine_tune_and_keep_checkpoints_0_lea
     done = run_cli(["train", config, "teachers.models=[]", "student.from_teacher=null", f"student.path={tiny['teacher_a']}",
                     "student.layers=null", "loss.kd_alpha=0", "training.keep_checkpoints=0",
                     "training.micro_batch_size=4", "training.global_batch_size=8", "training.max_steps=4",
-                    "training.checkpoint_every=2"])
+                    "training.checkpoint_every=2"], env_extra={"TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")})
     assert done.returncode == 0, done.stderr[-4000:]
     assert "effective global batch: 4 rows per micro-batch x 2 accumulation step(s) x 1 rank(s) = 8 rows" in done.stdout
     assert "student (fine-tuned, no KD)" in done.stdout
+    # one process has no peer: DeepSpeed's CPU shared-memory op is neither compiled nor loaded
+    assert not (tmp_path / "extensions").exists() and "shm_comm_op built" not in done.stdout
     # a quiet start: none of the libraries' notices a user cannot act on
     for notice in ("Failed to load", "Setting accelerator to CPU", "LOAD REPORT", "is an Enum subclass",
                    "Loading weights"):
@@ -254,6 +256,10 @@ def test_a_run_without_teachers_is_called_a_fine_tune_and_keep_checkpoints_0_lea
     assert not (run_dir / "checkpoints").exists() and (run_dir / "student" / "model.safetensors").is_file()
     card = (run_dir / "student" / "README.md").read_text()
     assert card.count("# Fine-tuned student") == 1 and "teacher(s)" not in card
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(run_dir / "student").model_max_length == 32  # data.max_length
+    assert "the tokenizer's `model_max_length` is 32" in card
     assert "Fine-tuned by `distill` on the labels alone (no knowledge distillation: no teachers)" in card
     assert (run_dir / "training_curves.png").is_file()
     refused = run_cli(["train", config, "training.global_batch_size=12", "training.micro_batch_size=8",
