@@ -183,7 +183,9 @@ def load_teachers(cfg: DistillConfig, plans: List[TeacherPlan], device: torch.de
         models.append(model)
     interpolation = build_configured_interpolation(cfg)
     if cfg.teachers.placement == "zero3":
-        ensemble = TeacherEnsemble(plans, [_partition_zero3(model, cfg, dtype) for model in models], interpolation,
+        # a teacher without weights (stored outputs) has nothing to partition: every rank holds its table
+        ensemble = TeacherEnsemble(plans, [_partition_zero3(model, cfg, dtype) if any(True for _ in model.parameters())
+                                           else model.to(device) for model in models], interpolation,
                                    use_inference_mode=False)
     else:
         ensemble = TeacherEnsemble(plans, [m.to(device) for m in models], interpolation)
@@ -235,11 +237,6 @@ class StoredOutputsTeacher(nn.Module):
         if missing:
             raise ConfigError(f"{self.key}: no row for example ids {missing[:5]}")
         return self.table[[self.row_of[i] for i in example_ids]].float()
-
-    def to(self, *args, **kwargs):  # stored outputs stay float32 whatever dtype the teachers run in
-        kwargs.pop("dtype", None)
-        args = tuple(a for a in args if not isinstance(a, torch.dtype))
-        return super().to(*args, **kwargs)
 
 
 def read_stored_outputs(path: str, id_field: str, label_names: List[str], outputs: str, key: str):

@@ -188,7 +188,11 @@ class Trainer:
         name = str(dtype).replace("torch.", "")
         drift = {plan.name: None for plan in self.teacher_plans}
         if dtype != torch.float32 and self.cfg.teachers.placement == "replicated":
-            drift = self.task.teacher_precision_drift(self.ensemble, self.source, self.teacher_plans, self.device)
+            # loading the fp32 copies initialises modules: the training's random streams must not notice
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                drift = self.task.teacher_precision_drift(self.ensemble, self.source, self.teacher_plans,
+                                                           self.device)
             if drift and distributed.is_main():
                 self.logger.log(0, {f"{teacher}/kl_to_fp32": value for teacher, value in drift.items()
                                     if value is not None}, kind="precision")
