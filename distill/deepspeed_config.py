@@ -14,12 +14,17 @@ import torch
 from distill.config import ConfigError, DistillConfig, TrainingConfig
 
 
+def global_batch(training, world_size: int) -> int:
+    """Rows (sequences) per optimizer step over all ranks."""
+    return training.micro_batch_size * training.gradient_accumulation_steps * world_size
+
+
 def build_deepspeed_config(cfg: DistillConfig, world_size: int) -> Dict[str, Any]:
     training = cfg.training
     generated: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": training.micro_batch_size,
         "gradient_accumulation_steps": training.gradient_accumulation_steps,
-        "train_batch_size": training.micro_batch_size * training.gradient_accumulation_steps * world_size,
+        "train_batch_size": global_batch(training, world_size),
         "gradient_clipping": training.max_grad_norm,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": training.precision == "bf16"},

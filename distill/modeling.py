@@ -43,8 +43,12 @@ def load_tokenizer(reference: str, key: str, trust_remote_code: bool):
 
 def load_sequence_classifier(reference: str, key: str, trust_remote_code: bool,
                              dtype: torch.dtype = torch.float32, allow_pickled_weights: bool = False,
+                             pooling: Optional[str] = None, normalize: bool = False, head: Optional[str] = None,
                              **config_kwargs):
-    """safetensors only, unless allow_pickled_weights (then safetensors are still preferred)."""
+    """safetensors only, unless allow_pickled_weights (then safetensors are still preferred). With
+    `pooling` (a teacher's or student's pooling/normalize/head settings): a PooledClassifier."""
+    if pooling is not None:
+        return load_pooled_classifier(reference, key, trust_remote_code, dtype, pooling, normalize, head)
     return _load(AutoModelForSequenceClassification, reference, key, trust_remote_code, dtype, allow_pickled_weights,
                  **config_kwargs)
 

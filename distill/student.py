@@ -187,13 +187,8 @@ def build_student(cfg: DistillConfig, label_names: List[str], train_texts: Optio
         index = resolve_teacher_index(cfg, spec.from_teacher)
         teacher = cfg.teachers.models[index]
         key = f"teachers.models[{index}].path"
-        if teacher.pooling is not None:  # a sentence-embedding teacher: its encoder and head, pooled
-            from distill.modeling import load_pooled_classifier
-
-            teacher_model = load_pooled_classifier(teacher.path, key, trust, torch.float32, teacher.pooling,
-                                                   teacher.normalize, teacher.head)
-        else:
-            teacher_model = load_sequence_classifier(teacher.path, key, trust, torch.float32, cfg.allow_pickled_weights)
+        teacher_model = load_sequence_classifier(teacher.path, key, trust, torch.float32, cfg.allow_pickled_weights,
+                                                 teacher.pooling, teacher.normalize, teacher.head)
         from distill.teachers import label_permutation
 
         order = label_permutation(teacher_model.config, label_names, key)

@@ -29,7 +29,7 @@ from distill.checkpointing import (MANIFEST, CheckpointWriteError, ResumableSamp
                                    save_rng_state, unsafe_changes, write_manifest)
 from distill.config import ConfigError, DistillConfig, to_yaml
 from distill.data import SOURCE
-from distill.deepspeed_config import build_deepspeed_config, build_optimizer, build_scheduler
+from distill.deepspeed_config import build_deepspeed_config, build_optimizer, build_scheduler, global_batch
 from distill.fit_weights import load_state, save_state, state_digest
 from distill.hardware import local_device, teacher_dtype
 from distill.mixing import normalize_weights
@@ -115,11 +115,11 @@ def apply_global_batch(training, world_size: int) -> None:
     from omegaconf import read_write
 
     with read_write(training):  # the one value derived after load: it needs the rank count
-        training.gradient_accumulation_steps = training.global_batch_size // per_step
+        training.gradient_accumulation_steps = steps
 
 
 def describe_global_batch(training, world_size: int, unit: str) -> str:
-    total = training.micro_batch_size * training.gradient_accumulation_steps * world_size
+    total = global_batch(training, world_size)
     return (f"effective global batch: {training.micro_batch_size} {unit}s per micro-batch x "
             f"{training.gradient_accumulation_steps} accumulation step(s) x {world_size} rank(s) = {total} {unit}s "
             "per optimizer step")
@@ -515,8 +515,7 @@ class Trainer:
         report = None
         if distributed.is_main():
             self.task.write_outputs(self.run_dir)
-            summary["global_batch"] = (self.cfg.training.micro_batch_size * self.cfg.training.gradient_accumulation_steps
-                                       * distributed.world_size())
+            summary["global_batch"] = global_batch(self.cfg.training, distributed.world_size())
             summary["teacher_precision"] = self.teacher_precision
             report = self.task.report(self.teacher_plans, self.teacher_params, self.student_params, metrics, summary,
                                       self.train_set, self.validation_set)

@@ -147,6 +147,17 @@ def kept_rows(weight: Tensor, kept_ids: Sequence[int]) -> Tensor:
     return weight.detach()[torch.as_tensor(kept_ids, dtype=torch.long, device=weight.device)].clone()
 
 
+def restricted_linear(layer: nn.Linear, kept_ids: Sequence[int]) -> nn.Linear:
+    """A copy of an output layer holding only the kept ids' rows (and bias entries), in the kept order."""
+    restricted = nn.Linear(layer.in_features, len(kept_ids), bias=layer.bias is not None,
+                           device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        restricted.weight.copy_(kept_rows(layer.weight, kept_ids))
+        if layer.bias is not None:
+            restricted.bias.copy_(kept_rows(layer.bias, kept_ids))
+    return restricted
+
+
 def trim_model_vocabulary(model: nn.Module, kept_ids: Sequence[int], pad_token_id=None) -> nn.Module:
     """Keep the embedding rows (and an untied output layer's rows) of the kept ids."""
     old_embeddings = model.get_input_embeddings()
@@ -156,10 +167,9 @@ def trim_model_vocabulary(model: nn.Module, kept_ids: Sequence[int], pad_token_i
     tied = head is not None and head.weight is old_embeddings.weight
     model.set_input_embeddings(new_embeddings)
     if isinstance(head, nn.Linear) and head.out_features == old_embeddings.num_embeddings:
-        new_head = nn.Linear(head.in_features, len(kept_ids), bias=head.bias is not None)
-        new_head.weight = new_embeddings.weight if tied else nn.Parameter(kept_rows(head.weight, kept_ids))
-        if head.bias is not None:
-            new_head.bias = nn.Parameter(kept_rows(head.bias.unsqueeze(-1), kept_ids).squeeze(-1))
+        new_head = restricted_linear(head, kept_ids)
+        if tied:
+            new_head.weight = new_embeddings.weight
         model.set_output_embeddings(new_head)
     model.config.vocab_size = len(kept_ids)
     if pad_token_id is not None:
@@ -189,10 +199,4 @@ class TeacherVocabulary:
         return self.kept_ids.to(student_ids.device)[student_ids]
 
     def head(self, layer: nn.Linear) -> nn.Linear:
-        restricted = nn.Linear(layer.in_features, len(self.kept_ids), bias=layer.bias is not None,
-                               device=layer.weight.device, dtype=layer.weight.dtype)
-        with torch.no_grad():
-            restricted.weight.copy_(kept_rows(layer.weight, self.kept_ids))
-            if layer.bias is not None:
-                restricted.bias.copy_(layer.bias.detach()[self.kept_ids.to(layer.bias.device)])
-        return restricted.requires_grad_(False)
+        return restricted_linear(layer, self.kept_ids).requires_grad_(False)

@@ -17,8 +17,7 @@ from distill.evaluation import (Predictions, collect_teacher_logits, predict, st
                                 validation_loader)
 from distill.fitting import in_memory
 from distill.losses import IGNORE_INDEX, build_divergence, distillation_loss, per_teacher_kl
-from distill.modeling import (check_positions, load_model_config, load_pooled_classifier, load_sequence_classifier,
-                              to_pooled_student)
+from distill.modeling import check_positions, load_model_config, load_sequence_classifier, to_pooled_student
 from distill.report import format_table, model_card, write_json
 from distill.signals import LiveClassifiers, Targets
 from distill.student import (build_student, calibration_batches, check_student_labels, prune_student,
@@ -116,11 +115,8 @@ class SequenceClassification(Task):
                 table, row_of = read_stored_outputs(plan.path, cfg.data.id_field, self.label_names, plan.outputs,
                                                     plan.key)
                 return StoredOutputsTeacher(table, row_of, plan.key)
-            if plan.pooling is not None:
-                return load_pooled_classifier(plan.path, plan.key, cfg.trust_remote_code, teacher_dtype, plan.pooling,
-                                              plan.normalize, plan.head)
             return load_sequence_classifier(plan.path, plan.key, cfg.trust_remote_code, teacher_dtype,
-                                            cfg.allow_pickled_weights)
+                                            cfg.allow_pickled_weights, plan.pooling, plan.normalize, plan.head)
 
         ensemble = load_teachers(cfg, plans, device, dtype, load)
         return ensemble, LiveClassifiers(ensemble)
