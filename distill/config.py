@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distill.paths import is_local_reference, resolve_path
@@ -217,6 +217,30 @@ class SchedulesConfig:
 
 
 @dataclass
+class IntermediateConfig:
+    """Intermediate-layer terms against one teacher (distill/intermediate.py), added to the loss
+    as weight * that teacher's current interpolation weight * term: the teacher that weighs more in
+    the target also weighs more inside. Both models must read the same tokens (shared tokenizer;
+    with per_model tokenization, rows whose tokens differ are left out of these terms and counted)."""
+    teacher: str = MISSING  # a teacher's name or index in teachers.models (a live model, not a file)
+    # hidden states: 1 - cos (DistilBERT) or the MSE (TinyBERT) between student layer s, projected by
+    # a learned linear map to the teacher's width where the widths differ (trained with the student,
+    # saved in checkpoints, dropped at export), and teacher layer t. 0 turns the term off.
+    hidden_weight: float = 0.0
+    hidden_loss: str = "cosine"  # cosine | mse
+    # uniform (TinyBERT: the embeddings 0 -> 0, student layer m -> teacher layer round(m N / M)), or
+    # pairs [[s, t], ...]; layers count from 1 (the output of block i), 0 is the embeddings
+    layer_map: Any = "uniform"
+    # self-attention relations (MiniLMv2): KL between the teacher's and the student's
+    # softmax(A A^T / sqrt(d)) for A the query, key and value vectors, split into relation_heads
+    # (default: the largest count <= the student's heads that divides every width). No projection.
+    relation_weight: float = 0.0
+    relations: List[str] = field(default_factory=lambda: ["query", "key", "value"])
+    relation_heads: Optional[int] = None
+    relation_layers: Any = "last"  # last (the last student layer -> the teacher's last) or pairs [[s, t], ...]
+
+
+@dataclass
 class LossConfig:
     kd_alpha: float = 0.5  # weight of the distillation term; 0 is plain fine-tuning
     temperature: float = 2.0  # student temperature T, and the T^2 gradient-scale factor
@@ -232,6 +256,8 @@ class LossConfig:
     # student's last hidden states (distill/chunked_loss.py).
     chunk_tokens: int = 1024
     fused: bool = True
+    # intermediate-layer distillation, one entry per teacher it reads (IntermediateConfig above)
+    intermediate: List[IntermediateConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -524,6 +550,7 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
     _validate_interpolation(cfg)
     _validate_schedules(cfg)
     _validate_divergence(cfg.loss)
+    _validate_intermediate(cfg)
     _validate_task(cfg)
 
     training = cfg.training
@@ -634,6 +661,56 @@ def _validate_divergence(loss) -> None:
              f"loss.divergence: {loss.divergence!r} is not one of {available_divergences()}")
     _require(0.0 < loss.jsd_beta < 1.0, f"loss.jsd_beta must lie in (0, 1), got {loss.jsd_beta}")
     _require(0.0 <= loss.skew < 1.0, f"loss.skew must lie in [0, 1), got {loss.skew}")
+
+
+def _layer_pairs(value, key: str, names: tuple) -> None:
+    """A layer map: one of `names`, or a non-empty list of [student_layer, teacher_layer] pairs >= 0."""
+    if isinstance(value, str):
+        _require(value in names, f"{key}={value!r}: use {' or '.join(names)}, or pairs [[student, teacher], ...]")
+        return
+    pairs = list(value) if isinstance(value, (list, tuple, ListConfig)) else None
+    _require(bool(pairs) and all(isinstance(p, (list, tuple, ListConfig)) and len(p) == 2
+                                 and all(isinstance(i, int) and i >= 0 for i in p) for p in pairs),
+             f"{key}={value!r}: give {' or '.join(names)}, or pairs [[student_layer, teacher_layer], ...] of layers "
+             ">= 0 (0 the embeddings, i the output of block i)")
+
+
+def _validate_intermediate(cfg) -> None:
+    from distill.intermediate import HIDDEN_LOSSES, RELATIONS
+
+    seen = set()
+    for index, entry in enumerate(cfg.loss.intermediate):
+        key = f"loss.intermediate[{index}]"
+        teacher = resolve_teacher_index(cfg, entry.teacher, f"{key}.teacher")
+        _require(teacher not in seen, f"{key}.teacher: teacher {entry.teacher!r} has two entries: merge them")
+        seen.add(teacher)
+        _require(cfg.teachers.models[teacher].logits is None,
+                 f"{key}.teacher: {entry.teacher!r} is a black-box teacher (a file of outputs): it has no layers to "
+                 "distil from; remove this entry")
+        _require(entry.hidden_weight >= 0 and entry.relation_weight >= 0,
+                 f"{key}: hidden_weight and relation_weight must be >= 0")
+        _require(entry.hidden_weight > 0 or entry.relation_weight > 0,
+                 f"{key}: hidden_weight and relation_weight are both 0: set one, or remove the entry")
+        _require(entry.hidden_loss in HIDDEN_LOSSES, f"{key}.hidden_loss={entry.hidden_loss!r}: use one of "
+                 f"{list(HIDDEN_LOSSES)}")
+        _layer_pairs(entry.layer_map, f"{key}.layer_map", ("uniform",))
+        _layer_pairs(entry.relation_layers, f"{key}.relation_layers", ("last",))
+        if not isinstance(entry.relation_layers, str):
+            _require(all(pair[0] >= 1 and pair[1] >= 1 for pair in entry.relation_layers),
+                     f"{key}.relation_layers: relations are read inside blocks: layers count from 1")
+        _require(len(entry.relations) > 0 and set(entry.relations) <= set(RELATIONS)
+                 and len(set(entry.relations)) == len(entry.relations),
+                 f"{key}.relations={list(entry.relations)}: a non-empty subset of {list(RELATIONS)}")
+        _require(entry.relation_heads is None or entry.relation_heads > 0, f"{key}.relation_heads must be > 0")
+        defaults = IntermediateConfig(teacher="")
+        if entry.hidden_weight == 0:
+            unused = [n for n in ("hidden_loss", "layer_map") if entry[n] != getattr(defaults, n)]
+            _require(not unused, f"{key}: {unused} are read only with {key}.hidden_weight > 0: set it or remove them")
+        if entry.relation_weight == 0:
+            unused = [n for n in ("relations", "relation_heads", "relation_layers")
+                      if entry[n] != getattr(defaults, n)]
+            _require(not unused, f"{key}: {unused} are read only with {key}.relation_weight > 0: set it or remove "
+                     "them")
 
 
 def _validate_interpolation(cfg) -> None:
@@ -774,14 +851,14 @@ def student_source_is_not(cfg, index: int) -> bool:
     return str(reference) not in (str(index), teacher.name or teacher_display_name(teacher, index))
 
 
-def resolve_teacher_index(cfg: DistillConfig, reference: str) -> int:
-    """student.from_teacher names a teacher by its name or its index in teachers.models."""
+def resolve_teacher_index(cfg: DistillConfig, reference: str, key: str = "student.from_teacher") -> int:
+    """`key` (student.from_teacher, ...) names a teacher by its name or its index in teachers.models."""
     names = [teacher_display_name(t, i) for i, t in enumerate(cfg.teachers.models)]
     if reference in names:
         return names.index(reference)
     if str(reference).isdigit() and int(reference) < len(names):
         return int(reference)
-    raise ConfigError(f"student.from_teacher: {reference!r} is neither a teacher name {names} "
+    raise ConfigError(f"{key}: {reference!r} is neither a teacher name {names} "
                       f"nor an index below {len(names)}")
 
 

@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from distill.checkpointing import only_tensors
 from distill.config import read_run_config
+from distill.layer_distillation import drop_training_modules
 from distill.outputs import check_output, written_folder
 from distill.report import how_it_was_built
 
@@ -107,7 +108,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
     task = task_class(run_config.task)(run_config)
     trust = run_config.trust_remote_code  # a model with its own code: the run allowed it, export follows
     config = AutoConfig.from_pretrained(init_dir, trust_remote_code=trust)
-    state_dict = consolidated_state_dict(checkpoints, tag)
+    state_dict = drop_training_modules(consolidated_state_dict(checkpoints, tag))  # no projections exported
     model = task.auto_model_class.from_config(config, trust_remote_code=trust)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])

@@ -24,7 +24,7 @@ from distill.fitting import (Chunks, fit_gate, fit_geometric_weights_streamed, f
                              fit_temperature_streamed, gate_inputs, gold_log_probs_over, mixture_formula)
 from distill.registry import registrar
 from distill.mixing import (GateNetwork, confidence_weights, geometric_mixture, linear_mixture, linear_mixture_probs_,
-                            logit_mean, resolve_gate_features, sparse_linear_mixture, teacher_log_probs)
+                            logit_mean, normalize_weights, resolve_gate_features, sparse_linear_mixture, teacher_log_probs)
 
 _INTERPOLATIONS: Dict[str, type] = {}
 register_interpolation = registrar(_INTERPOLATIONS, "interpolation")
@@ -65,6 +65,12 @@ class Interpolation:
     name = "base"
     fittable = False  # implements fit(): interpolation.fit_on and `distill fit-weights` may use it
     needs_fit = False  # unusable before fit() (a learned gate)
+    weights_per_row = False  # row_weights depends on the teachers' outputs row by row
+
+    def row_weights(self, teacher_logits: Tensor, weights: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """[K, rows] each teacher's weight in each row's target (here the given weights, the same for
+        every row): what weighs that teacher's intermediate-layer terms (layer_distillation.py)."""
+        return normalize_weights(weights.to(teacher_logits))[:, None].expand(-1, teacher_logits.shape[1])
 
     def fit(self, chunks: Chunks, weights: Tensor, temperatures: Tensor, fit_temperatures: bool = False,
             seed: int = 0) -> Dict:
@@ -145,9 +151,14 @@ class ConfidenceInterpolation(Interpolation):
             raise ValueError(f"confidence combine must be linear or geometric, got {combine!r}")
         self.sharpness, self.combine, self.use_labels = sharpness, combine, use_labels
 
+    weights_per_row = True
+
     def sample_weights(self, teacher_logits, weights, labels=None) -> Tensor:
         native = torch.log_softmax(teacher_logits, dim=-1)
         return confidence_weights(native, weights, self.sharpness, labels if self.use_labels else None)
+
+    def row_weights(self, teacher_logits, weights, labels=None) -> Tensor:
+        return self.sample_weights(teacher_logits, weights, labels)
 
     def __call__(self, teacher_logits, weights, temperatures, labels=None):
         per_sample = self.sample_weights(teacher_logits, weights, labels)
@@ -163,6 +174,7 @@ class LearnedGateInterpolation(Interpolation):
     then frozen."""
 
     fittable = needs_fit = True
+    weights_per_row = True
     FEATURE_CODES = {"distribution": 0, "summary": 1}
 
     def __init__(self, hidden: int = 32, use_entropy: bool = True, epochs: int = 200, learning_rate: float = 1e-2,
@@ -182,6 +194,9 @@ class LearnedGateInterpolation(Interpolation):
             raise RuntimeError("learned_gate has not been fitted: run it with interpolation.fit_on=validation")
         native = torch.log_softmax(teacher_logits, dim=-1)
         return self.gate(native).to(teacher_logits.dtype)
+
+    def row_weights(self, teacher_logits, weights, labels=None) -> Tensor:
+        return self.sample_weights(teacher_logits)
 
     def __call__(self, teacher_logits, weights, temperatures, labels=None):
         log_probs = teacher_log_probs(teacher_logits, temperatures)

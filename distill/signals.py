@@ -35,9 +35,10 @@ class NonFiniteLogitsError(RuntimeError):
 class DenseSignal:
     """Logits already in memory: [K, rows, V] (classification teachers' outputs)."""
 
-    def __init__(self, logits: Tensor):
+    def __init__(self, logits: Tensor, records: Optional[Dict[int, Dict]] = None):
         self.all_logits = logits
         self.rows = logits.shape[1]
+        self.records = records or {}  # per teacher: hidden states / attention vectors (layer_distillation)
 
     def logits(self, start: int, end: int) -> Tensor:
         return self.all_logits[:, start:end]
@@ -67,8 +68,9 @@ class HiddenStateSignal:
     """Live LM teachers: each teacher's last hidden states [rows, H_k] and its output layer; logits
     exist only a chunk at a time."""
 
-    def __init__(self, hidden_states: List[Tensor], heads: List[nn.Module]):
+    def __init__(self, hidden_states: List[Tensor], heads: List[nn.Module], records: Optional[Dict[int, Dict]] = None):
         self.hidden_states, self.heads = hidden_states, heads
+        self.records = records or {}  # per teacher: inner layers' records (layer_distillation)
         self.rows = hidden_states[0].shape[0]
         self.vocab_size = heads[0].weight.shape[0]
 
@@ -111,7 +113,7 @@ class LiveClassifiers:
         self.ensemble = ensemble
 
     def signal(self, batch: Dict, device: torch.device) -> DenseSignal:
-        return DenseSignal(self.ensemble.logits(batch, device))
+        return DenseSignal(*self.ensemble.run(batch, device))
 
 
 class LiveLanguageModels:
@@ -133,7 +135,8 @@ class LiveLanguageModels:
         if self.vocabulary is not None:
             input_ids = self.vocabulary.teacher_ids(input_ids)
         inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"].to(device)}
-        return HiddenStateSignal(teacher_hidden_states(self.ensemble, inputs), self.heads)
+        records = {}
+        return HiddenStateSignal(teacher_hidden_states(self.ensemble, inputs, records), self.heads, records)
 
 
 def whole_layer(layer: nn.Linear) -> nn.Linear:
@@ -155,15 +158,26 @@ def whole_layer(layer: nn.Linear) -> nn.Linear:
     return copy.requires_grad_(False)
 
 
-def teacher_hidden_states(ensemble, inputs: Dict[str, Tensor]) -> List[Tensor]:
-    """Each teacher's last hidden states, flattened to [B * S, H_k] (the token order of the labels)."""
+def teacher_hidden_states(ensemble, inputs: Dict[str, Tensor], records: Optional[Dict[int, Dict]] = None) -> List[Tensor]:
+    """Each teacher's last hidden states, flattened to [B * S, H_k] (the token order of the labels);
+    teachers named in ensemble.inner_requests also fill `records` (layer_distillation.Capture)."""
+    from distill.layer_distillation import Capture, detached_copy
+
     context = torch.inference_mode if ensemble.use_inference_mode else torch.no_grad
-    states = []
+    states, requests = [], getattr(ensemble, "inner_requests", {})
     with context():
-        for model in ensemble.models:
+        for k, model in enumerate(ensemble.models):
             body, _ = body_and_head(model)
-            hidden = body(**inputs).last_hidden_state
+            if k in requests and records is not None:
+                with Capture(body, requests[k], ensemble.plans[k].key) as capture:
+                    outputs = body(**inputs, output_hidden_states=bool(requests[k].hidden))
+                    records[k] = capture.collect(outputs)
+            else:
+                outputs = body(**inputs)
+            hidden = outputs.last_hidden_state
             states.append(hidden.reshape(-1, hidden.shape[-1]))
+    if records:
+        records.update({k: detached_copy(record) for k, record in records.items()})
     if ensemble.use_inference_mode:
         return [state.clone() for state in states]  # normal tensors, usable outside inference mode
     return states

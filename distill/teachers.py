@@ -117,6 +117,7 @@ class TeacherEnsemble:
         self.temperatures = torch.tensor([p.temperature for p in plans], dtype=torch.float32)
         self.use_inference_mode = use_inference_mode
         self.on_nonfinite = "stop"
+        self.inner_requests: Dict = {}  # teacher index -> what its forward records (intermediate-layer terms)
         # per teacher; a cached ensemble (no models loaded) takes them from the cache's record
         self.parameter_counts = [count_parameters(model) for model in models]
 
@@ -129,12 +130,26 @@ class TeacherEnsemble:
 
     def logits(self, batch: Dict, device: torch.device) -> Tensor:
         """[K, B, C] float32 logits, columns in the student's label order; raises on NaN/inf."""
+        return self.run(batch, device, record=False)[0]
+
+    def run(self, batch: Dict, device: torch.device, record: bool = True) -> tuple[Tensor, Dict[int, Dict]]:
+        """(logits as `logits` returns them, {k: what teacher k recorded for the intermediate-layer
+        terms}) for the teachers `inner_requests` names (layer_distillation.Request)."""
+        from distill.layer_distillation import Capture, detached_copy
+
         context = torch.inference_mode if self.use_inference_mode else torch.no_grad
-        outputs = []
+        outputs, records = [], {}
         with context():
-            for plan, model in zip(self.plans, self.models):
+            for k, (plan, model) in enumerate(zip(self.plans, self.models)):
                 if getattr(model, "reads_example_ids", False):  # a black-box teacher's stored outputs
                     logits = model.example_logits(batch[EXAMPLE_ID]).to(device)
+                elif record and k in self.inner_requests:
+                    inputs = {k: v.to(device) for k, v in model_inputs(batch, plan.input_prefix).items()}
+                    request = self.inner_requests[k]
+                    with Capture(model, request, plan.key) as capture:
+                        result = model(**inputs, output_hidden_states=bool(request.hidden))
+                        records[k] = capture.collect(result)
+                    logits = result.logits.float()
                 else:
                     inputs = {k: v.to(device) for k, v in model_inputs(batch, plan.input_prefix).items()}
                     logits = model(**inputs).logits.float()
@@ -146,7 +161,8 @@ class TeacherEnsemble:
                                                f"{bad_rows[:8]}: set teachers.on_nonfinite=skip to leave such rows "
                                                "out of the KD term")
                 outputs.append(logits)
-        return torch.stack(outputs).clone()  # clone: leave inference mode with a normal tensor
+        # clone: leave inference mode with normal tensors
+        return torch.stack(outputs).clone(), {k: detached_copy(record) for k, record in records.items()}
 
     def log_probs(self, logits: Tensor) -> Tensor:
         """[K, B, C] log softmax(z_k / T_k)."""

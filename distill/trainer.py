@@ -71,12 +71,15 @@ class LogWindow:
         self.samples = 0
         self.started = time.perf_counter()
         self.sums = torch.zeros(3 + 3 * len(self.teacher_names), dtype=torch.float64)
+        self.extras: Dict[str, float] = {}  # the same names on every rank (the same terms run there)
 
     def add(self, figures: StepFigures) -> None:
         self.micro_batches += 1
         self.samples += figures.samples
         count = len(self.teacher_names)
         self.sums[:3] += torch.tensor([figures.loss, figures.kd, figures.ce], dtype=torch.float64)
+        for name, value in (figures.extra or {}).items():
+            self.extras[name] = self.extras.get(name, 0.0) + value
         if figures.teacher_kl is not None and count:
             self.sums[3:3 + count] += figures.teacher_kl.double().cpu()
             self.sums[3 + count:3 + 2 * count] += figures.teacher_correct.double().cpu()
@@ -89,6 +92,10 @@ class LogWindow:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         values = {"loss": sums[0].item() / micro, "kd": sums[1].item() / micro, "ce": sums[2].item() / micro,
                   "samples_per_s": self.samples * distributed.world_size() / elapsed}
+        if self.extras:
+            names = sorted(self.extras)
+            means = distributed.mean_across_ranks(torch.tensor([self.extras[n] for n in names], dtype=torch.float64))
+            values.update({name: value / micro for name, value in zip(names, means.tolist())})
         count = len(self.teacher_names)
         for k, name in enumerate(self.teacher_names):
             labelled = sums[3 + 2 * count + k].item()
@@ -176,7 +183,11 @@ class Trainer:
             self.teacher_precision = self._measure_teacher_precision(dtype)
             self._prepare_interpolation()
         task.prepare_training(self.device, self.ensemble)
-        self.student_params = count_parameters(student)
+        self.student_params = count_parameters(student)  # what is exported: without training-only modules
+        projection_params = task.attach_layer_terms(student, self.ensemble) if self.ensemble is not None else 0
+        if projection_params and distributed.is_main():
+            print(f"intermediate-layer terms: {projection_params:,} projection parameters train with the student "
+                  "(checkpointed, not exported)", flush=True)
         self._build_engine(student)
         if distributed.is_main():
             print(describe_global_batch(cfg.training, distributed.world_size(), task.batch_unit), flush=True)
@@ -209,6 +220,10 @@ class Trainer:
         build_deepspeed_config(cfg, distributed.world_size())
         check_student_layers(cfg)
         check_prune_budget(cfg, self.task.auto_model_class)
+        if cfg.loss.intermediate:
+            from distill.layer_distillation import check_layer_maps
+
+            check_layer_maps(cfg)
         if not cfg.data.mixture_sources:  # a mixture draws with replacement: any batch size goes
             rows, batch = self.task.training_rows(self.splits), cfg.training.micro_batch_size
             if rows < batch * distributed.world_size():

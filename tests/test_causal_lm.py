@@ -130,11 +130,13 @@ def test_two_rank_zero3_causal_lm_run_trains_checkpoints_and_exports(tiny_lm, tm
     config = tiny_lm_config_yaml(tiny_lm, run_dir)
     result = run_deepspeed(2, [config, "deepspeed.zero_stage=3", "training.micro_batch_size=2",
                                "teachers.placement=zero3", "interpolation.method=geometric",
-                               "interpolation.fit_on=validation"])
+                               "interpolation.fit_on=validation",
+                               "loss.intermediate=[{teacher: b, hidden_weight: 1.0, relation_weight: 1.0}]"])
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     assert shared_memory_left(result.master_port) == []
     states = dict(re.findall(r"interpolation state rank (\d): (\w+)", result.stdout))
     assert sorted(states) == ["0", "1"] and states["0"] == states["1"], result.stdout[-3000:]
+    assert all(row["hidden"] > 0 and row["relation"] > 0 for row in train_losses(run_dir))  # ZeRO-3 both sides
     fitted = json.loads((run_dir / "interpolation" / "state.json").read_text())
     assert fitted["method"] == "geometric" and sum(fitted["weights"]) == pytest.approx(1.0)
     assert (run_dir / "checkpoints" / "step0000008").is_dir()

@@ -48,6 +48,7 @@ def task_class(name: str) -> type:
 def build_task(cfg) -> Task:
     cls = task_class(cfg.task)
     cls.check_config(cfg)
+    cls.check_layer_terms(cfg)
     return cls(cfg)
 
 
@@ -55,4 +56,5 @@ def load_task_config(path, overrides: Optional[List[str]] = None, fragments: Seq
     """load_config, then the chosen task's own checks: every entry point reads configs through this."""
     cfg = load_config(path, overrides, fragments)
     task_class(cfg.task).check_config(cfg)
+    task_class(cfg.task).check_layer_terms(cfg)
     return cfg

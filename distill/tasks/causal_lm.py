@@ -128,10 +128,22 @@ class CausalLM(Task):
                                   "teachers.cache")
             if cfg.teachers.placement != "replicated":
                 raise ConfigError("teachers.placement is for live teachers; with teachers.cache no teacher is loaded")
+        from distill.interpolate import interpolation_class
+
+        if cfg.loss.intermediate and interpolation_class(cfg.interpolation.method).weights_per_row:
+            raise ConfigError(f"loss.intermediate with interpolation.method={cfg.interpolation.method}: its per-token "
+                              "weights exist only a chunk of the vocabulary at a time here, so the intermediate terms "
+                              "cannot follow them; use linear, geometric or logit_mean (fitted or scheduled weights "
+                              "are followed), or remove loss.intermediate")
         for index, source in enumerate(data.mixture_sources):
             if source.from_split not in (None, "train") or (source.path is None and source.name == "unlabeled"):
                 raise ConfigError(f"data.mixture_sources[{index}]: task causal_lm reads sources from a path or from "
                                   "the train split (from_split: train)")
+
+    causal = True  # relation terms: a position relates only to itself and earlier ones
+
+    def layer_chunk(self) -> Optional[int]:
+        return self.cfg.loss.chunk_tokens
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -336,9 +348,11 @@ class CausalLM(Task):
     def loss(self, engine, batch, ensemble, source, now: Dict, workspace=None):
         cfg = self.cfg
         labels = batch[LABELS].reshape(-1).to(engine.device)
-        targets = None
-        if ensemble is not None and now["kd_alpha"] > 0:
-            targets = Targets(ensemble, source.signal(batch, engine.device), labels, labels != IGNORE_INDEX,
+        targets = signal = None
+        if ensemble is not None and (now["kd_alpha"] > 0 or self.layer_terms is not None):
+            signal = source.signal(batch, engine.device)
+        if signal is not None and now["kd_alpha"] > 0:
+            targets = Targets(ensemble, signal, labels, labels != IGNORE_INDEX,
                               now["teacher_weights"], now["teacher_temperatures"], streamed=self.streamed,
                               workspace=self.workspace, unit=self.row_unit)
         normalizer = batch["token_normalizer"]
@@ -349,16 +363,32 @@ class CausalLM(Task):
                        chunk_size=self.chunk_size, normalizer=normalizer)
         if self.fused:  # ZeRO 0-2: every rank holds the whole output layer
             body, head = body_and_head(engine.module)
-            hidden = body(**inputs).last_hidden_state
+            outputs, record = self.student_forward(body, body, **inputs)
+            hidden = outputs.last_hidden_state
             terms = fused_token_distillation(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, targets,
                                              bias=head.bias, workspace=self.workspace, **options)
         else:
-            logits = engine(**inputs).logits
+            outputs, record = self.student_forward(engine.module, engine, **inputs)
+            logits = outputs.logits
             terms = chunked_target_distillation(logits.reshape(-1, logits.shape[-1]), labels, targets, **options)
+        extra = None
+        if self.layer_terms is not None and signal is not None:
+            # per-row interpolation weights exist only chunk by chunk here (check_config refuses them)
+            weights = torch.as_tensor(now["teacher_weights"], dtype=torch.float32)
+            rows = inputs["input_ids"].shape[0]
+            row_weights = (weights / weights.sum())[:, None].expand(-1, rows).to(engine.device)
+            aligned = {plan.teacher: torch.ones(rows, dtype=torch.bool, device=engine.device)
+                       for plan in self.layer_terms.plans}  # teachers read the student's ids (mapped back)
+            terms, extra = self.add_layer_terms(terms, engine.module, record, signal, inputs["attention_mask"],
+                                                row_weights, aligned)
         # logged per token of this micro-batch (the loss itself is scaled for the whole step)
         scale = normalizer / max(int((labels != IGNORE_INDEX).sum()), 1)
-        return terms, StepFigures(terms.total.item() * scale, terms.kd.item() * scale, terms.ce.item() * scale,
-                                  batch["input_ids"].shape[0], targets.skipped if targets is not None else 0)
+        # the intermediate terms are a mean over this micro-batch already: not rescaled
+        inner = extra["intermediate"] if extra else 0.0
+        return terms, StepFigures((terms.total.item() - inner) * scale + inner, terms.kd.item() * scale,
+                                  terms.ce.item() * scale,
+                                  batch["input_ids"].shape[0], targets.skipped if targets is not None else 0,
+                                  extra=extra)
 
     def evaluate(self, model, ensemble, source, device):
         """(figures per model on validation, figures per evaluation domain and model)."""

@@ -54,6 +54,7 @@ class SequenceClassification(Task):
         self.divergence = build_divergence(cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta, skew=cfg.loss.skew)
         self.teacher_predictions = None
         self.last_predictions = None
+        self.token_maps = {}  # teacher tokenizer prefix -> student id to teacher id (aligned rows)
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
@@ -126,26 +127,56 @@ class SequenceClassification(Task):
         cfg = self.cfg
         inputs = {k: v.to(engine.device) for k, v in model_inputs(batch).items()}
         labels = batch[LABELS].to(engine.device)
-        student_logits = engine(**inputs).logits.float()
-        target = keep = teacher_logits = None
+        outputs, record = self.student_forward(engine.module, engine, **inputs)
+        student_logits = outputs.logits.float()
+        target = keep = teacher_logits = signal = None
         skipped = 0
-        if ensemble is not None and now["kd_alpha"] > 0:
+        if ensemble is not None and (now["kd_alpha"] > 0 or self.layer_terms is not None):
             signal = source.signal(batch, engine.device)
             teacher_logits = signal.logits(0, signal.rows)
+        if signal is not None and now["kd_alpha"] > 0:
             # every row reads the KD term, unlabelled transfer rows included
             targets = Targets(ensemble, signal, labels, torch.ones_like(labels, dtype=torch.bool),
                               now["teacher_weights"], now["teacher_temperatures"], unit=self.row_unit)
-            target, keep = targets.target(teacher_logits, 0, signal.rows)
+            target, keep = targets.target(teacher_logits.clone(), 0, signal.rows)
             skipped = targets.skipped
         terms = distillation_loss(student_logits, target, labels, now["kd_alpha"], now["temperature"],
                                   cfg.loss.label_smoothing, keep, self.divergence)
+        extra = None
+        if self.layer_terms is not None and signal is not None:
+            weights = torch.as_tensor(now["teacher_weights"], dtype=torch.float32, device=teacher_logits.device)
+            row_weights = ensemble.interpolation.row_weights(teacher_logits, weights, labels)
+            aligned = self.aligned_rows(batch, engine.device)
+            terms, extra = self.add_layer_terms(terms, engine.module, record, signal, inputs["attention_mask"],
+                                                row_weights, aligned)
+            extra.update({f"{ensemble.names[k]}/aligned_rows": float(rows.float().mean())
+                          for k, rows in aligned.items()})
         teacher_kl = teacher_correct = None
         labelled_rows = labels != IGNORE_INDEX
         if teacher_logits is not None and keep is None:
             teacher_kl = per_teacher_kl(ensemble.log_probs(teacher_logits), student_logits, now["temperature"])
             teacher_correct = ((teacher_logits.argmax(-1) == labels) & labelled_rows).sum(dim=-1)
         return terms, StepFigures(terms.total.item(), terms.kd.item(), terms.ce.item(), len(labels), skipped,
-                                  teacher_kl, teacher_correct, int(labelled_rows.sum()))
+                                  teacher_kl, teacher_correct, int(labelled_rows.sum()), extra)
+
+    def aligned_rows(self, batch, device) -> Dict[int, torch.Tensor]:
+        """{teacher k of loss.intermediate: [B] rows where it read the student's tokens}: every row for a
+        teacher reading the student's ids; with its own encoding, rows that match token for token."""
+        from distill.layer_distillation import aligned_rows, token_map
+
+        rows = {}
+        student_ids, student_mask = batch["input_ids"], batch["attention_mask"]
+        for plan in self.layer_terms.plans:
+            prefix = self.plans[plan.teacher].input_prefix
+            if prefix == "":
+                rows[plan.teacher] = torch.ones(student_ids.shape[0], dtype=torch.bool, device=device)
+                continue
+            if prefix not in self.token_maps:
+                teacher_tokenizer = next(g.tokenizer for g in self.groups if g.prefix == prefix)
+                self.token_maps[prefix] = token_map(self.groups[0].tokenizer, teacher_tokenizer)
+            rows[plan.teacher] = aligned_rows(student_ids, student_mask, batch[prefix + "input_ids"],
+                                              batch[prefix + "attention_mask"], self.token_maps[prefix]).to(device)
+        return rows
 
     def evaluate(self, model, ensemble, source, device):
         """(metrics per model, metrics per evaluation domain and model): accuracy and macro-F1."""
