@@ -129,6 +129,21 @@ class DomainConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Classification: new KD-only transfer rows from the labelled training text (distill/augment.py):
+    per text, `copies` perturbed versions (masked-LM replacement, word dropout, swaps), seeded,
+    written once to the run directory and read back on resume. Off while copies is 0."""
+    copies: int = 0
+    word_dropout: float = 0.1  # each word dropped with this probability
+    swap: float = 0.1  # round(swap x words) random pairs of words trade places
+    # a share of the words replaced by a masked LM's top-5 sample: needs mlm_model, a model with a
+    # trained masked-LM head (AutoModelForMaskedLM); no MiniLM package here ships one
+    mask_replace: float = 0.0
+    mlm_model: Optional[str] = None
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     train: DataSourceConfig = field(default_factory=DataSourceConfig)
     validation: DataSourceConfig = field(default_factory=lambda: DataSourceConfig(split="validation"))
@@ -153,6 +168,7 @@ class DataConfig:
     mixture_sources: List[MixtureSourceConfig] = field(default_factory=list)
     # Validation metrics are also logged per domain (a regex over the first text field).
     eval_domains: List[DomainConfig] = field(default_factory=list)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -547,6 +563,7 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
         _require(len(set(data.label_names)) == len(data.label_names) >= 2,
                  f"data.label_names must hold at least two distinct names, got {list(data.label_names)}")
 
+    _validate_augment(cfg)
     _validate_interpolation(cfg)
     _validate_schedules(cfg)
     _validate_divergence(cfg.loss)
@@ -673,6 +690,28 @@ def _layer_pairs(value, key: str, names: tuple) -> None:
                                  and all(isinstance(i, int) and i >= 0 for i in p) for p in pairs),
              f"{key}={value!r}: give {' or '.join(names)}, or pairs [[student_layer, teacher_layer], ...] of layers "
              ">= 0 (0 the embeddings, i the output of block i)")
+
+
+def _validate_augment(cfg) -> None:
+    augment = cfg.data.augment
+    _require(augment.copies >= 0, f"data.augment.copies must be >= 0, got {augment.copies}")
+    if augment.copies == 0:
+        changed = [f"data.augment.{key}" for key, value in vars(AugmentConfig()).items()
+                   if key != "copies" and augment[key] != value]
+        _require(not changed, f"{changed} set with data.augment.copies=0 (augmentation off): set copies or remove them")
+        return
+    for key in ("word_dropout", "swap", "mask_replace"):
+        _require(0 <= augment[key] < 1, f"data.augment.{key} must lie in [0, 1), got {augment[key]}")
+    _require((augment.mask_replace > 0) == (augment.mlm_model is not None),
+             "data.augment.mask_replace and data.augment.mlm_model go together: a share of words to replace needs "
+             "a masked-LM model, and the model needs a share")
+    if augment.mlm_model is not None:
+        _check_model_reference(augment.mlm_model, "data.augment.mlm_model", cfg.allow_pickled_weights)
+    _require(not cfg.data.mixture_sources, "data.augment with data.mixture_sources: augmented rows belong to no "
+             "source; add them as a source file instead, or remove one of them")
+    black_box = [i for i, teacher in enumerate(cfg.teachers.models) if teacher.logits is not None]
+    _require(not black_box, f"data.augment: teachers.models{black_box} are black-box files with no rows for new "
+             "text; remove data.augment or those teachers")
 
 
 def _validate_intermediate(cfg) -> None:

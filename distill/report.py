@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from omegaconf import OmegaConf
+
 from distill.config import DistillConfig
 
 
@@ -41,6 +43,10 @@ def build_report(cfg: DistillConfig, plans, teacher_params: List[int], student_p
                      "train_rows": len(train_set),
                      "validation_rows": len(validation_set)},
     }
+    if "labels" in train_set.column_names and cfg.task != "causal_lm":  # transfer rows (unlabelled, augmented)
+        report["training"]["kd_only_rows"] = sum(1 for label in train_set["labels"] if label == -100)
+    if cfg.loss.intermediate:
+        report["loss"]["intermediate"] = OmegaConf.to_container(cfg.loss.intermediate, resolve=True)
     return report
 
 

@@ -71,6 +71,10 @@ class Task:
         """How many training rows (examples, or blocks) the encoded train split will hold."""
         return len(splits.train)
 
+    def extend_training_data(self, run_dir) -> None:
+        """Training rows made once the run directory exists (data.augment), before the student is
+        built: none by default."""
+
     def check_before_writing(self, splits) -> None:
         """The task's own checks on config and data once the teachers are planned, before the run
         directory is written (none by default)."""

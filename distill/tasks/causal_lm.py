@@ -109,6 +109,7 @@ class CausalLM(Task):
             "data.text_fields (a pair)": len(data.text_fields) > 1,
             "student.pooling": cfg.student.pooling is not None,
             "data.id_field": data.id_field is not None,
+            "data.augment.copies": data.augment.copies != 0,
             **{f"teachers.models[{i}].logits": True for i, t in enumerate(cfg.teachers.models) if t.logits},
             **{f"teachers.models[{i}].pooling": True for i, t in enumerate(cfg.teachers.models) if t.pooling},
         }, " (classification settings: a causal LM learns the next token of its text)")

@@ -55,12 +55,42 @@ class SequenceClassification(Task):
         self.teacher_predictions = None
         self.last_predictions = None
         self.token_maps = {}  # teacher tokenizer prefix -> student id to teacher id (aligned rows)
+        self.replacer = None  # data.augment's masked LM, once checked
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
         self.splits = read_splits(self.cfg.data)
         self.label_names = self.splits.label_names
         return self.splits
+
+    def extend_training_data(self, run_dir) -> None:
+        """data.augment: KD-only copies of the labelled training texts (augment.py), a source of their own."""
+        if self.cfg.data.augment.copies == 0:
+            return
+        from datasets import Dataset, concatenate_datasets
+
+        import distill.distributed as distributed
+        from distill.augment import augmented_rows
+        from distill.data import EXAMPLE_ID, INDEX, SOURCE
+
+        train, fields = self.splits.train, list(self.cfg.data.text_fields)
+        labelled = [i for i, label in enumerate(train[LABELS]) if label != IGNORE_INDEX]
+        columns = {name: train[name] for name in fields}
+        texts = [[columns[name][i] for i in labelled] for name in fields]
+        new = augmented_rows(self.cfg, texts, run_dir / "augmented", distributed.is_main(), distributed.barrier,
+                             self.replacer)
+        count = len(new[0])
+        rows = {name: new[j] for j, name in enumerate(fields)}
+        rows.update({LABELS: [IGNORE_INDEX] * count, SOURCE: [len(self.splits.source_names)] * count,
+                     INDEX: list(range(len(train), len(train) + count))})
+        if EXAMPLE_ID in train.column_names:
+            rows[EXAMPLE_ID] = [f"augmented-{i}" for i in range(count)]
+        extra = Dataset.from_dict({name: rows[name] for name in train.column_names}).cast(train.features)
+        self.splits.train = concatenate_datasets([train, extra])
+        self.splits.source_names.append("augmented")
+        if distributed.is_main():
+            print(f"data.augment: {count} transfer rows from {len(labelled)} labelled texts "
+                  f"({run_dir / 'augmented'})", flush=True)
 
     def encode(self, split, key: str):
         data = self.cfg.data
@@ -86,8 +116,14 @@ class SequenceClassification(Task):
         return self.plans
 
     def check_before_writing(self, splits) -> None:
-        """Black-box teachers' files cover every training and validation example."""
+        """Black-box teachers' files cover every training and validation example; data.augment's
+        masked LM loads and has its head (rank 0 keeps it for the augmentation)."""
         check_stored_outputs_cover(self.cfg, self.plans, self.label_names, splits)
+        augment = self.cfg.data.augment
+        if augment.copies and augment.mlm_model:
+            from distill.augment import MaskedLMReplacer
+
+            self.replacer = MaskedLMReplacer(augment.mlm_model, "data.augment.mlm_model", self.cfg.trust_remote_code)
 
     def build_student(self, splits):
         cfg = self.cfg
