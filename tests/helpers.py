@@ -23,6 +23,14 @@ def run_cli(args, timeout=600, env_extra=None, preexec_fn=None):
                           capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
 
 
+def assert_refused_before_writing(config: Path, run_dir: Path, overrides, message: str) -> None:
+    """`distill train CONFIG OVERRIDES` exits 2 with `message` in its one-line error and writes nothing."""
+    result = run_cli(["train", config, *overrides])
+    assert result.returncode == 2, (overrides, result.stderr[-2000:])
+    assert message in result.stderr, (overrides, result.stderr[-2000:])
+    assert not run_dir.exists(), overrides
+
+
 def run_deepspeed(ranks: int, args, timeout=900):
     """`launch/train.sh CONFIG --ranks N ...`: the project's thin wrapper over the deepspeed launcher."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")

@@ -7,7 +7,7 @@ import pytest
 
 from distill.augment import augment_texts, perturb_words
 from tests.conftest import save_with_tokenizer, tiny_config_yaml
-from tests.helpers import run_cli
+from tests.helpers import assert_refused_before_writing, run_cli
 
 
 def test_word_operations_keep_the_multiset_or_drop_words_and_never_empty_a_text():
@@ -103,10 +103,7 @@ def test_augment_settings_are_refused_before_anything_is_written(tiny, tiny_lm, 
     ]
     for overrides, message in cases:
         run_dir = tmp_path / f"refused{len(message)}"
-        result = run_cli(["train", tiny_config_yaml(tiny, run_dir), *overrides])
-        assert result.returncode == 2, (overrides, result.stderr[-2000:])
-        assert message in result.stderr, (overrides, result.stderr[-2000:])
-        assert not run_dir.exists()
+        assert_refused_before_writing(tiny_config_yaml(tiny, run_dir), run_dir, overrides, message)
     run_dir = tmp_path / "lm"
-    result = run_cli(["train", tiny_lm_config_yaml(tiny_lm, run_dir), "data.augment.copies=1"])
-    assert result.returncode == 2 and "data.augment.copies" in result.stderr and not run_dir.exists()
+    assert_refused_before_writing(tiny_lm_config_yaml(tiny_lm, run_dir), run_dir, ["data.augment.copies=1"],
+                                  "data.augment.copies")

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import make_bert_classifier, make_llama, tiny_config_yaml, tiny_lm_config_yaml
-from tests.helpers import run_cli, train_losses
+from tests.helpers import assert_refused_before_writing, run_cli, train_losses
 
 CLASSIFICATION = """
 loss:
@@ -169,11 +169,7 @@ def test_intermediate_settings_are_refused_before_anything_is_written(tiny, tiny
     ]
     for overrides, message in cases:
         run_dir = tmp_path / f"refused{len(message)}"
-        result = run_cli(["train", tiny_config_yaml(tiny, run_dir), *overrides])
-        assert result.returncode == 2, (overrides, result.stderr[-2000:])
-        assert message in result.stderr, (overrides, result.stderr[-2000:])
-        assert not run_dir.exists()
+        assert_refused_before_writing(tiny_config_yaml(tiny, run_dir), run_dir, overrides, message)
     run_dir = tmp_path / "lm_confidence"
-    result = run_cli(["train", tiny_lm_config_yaml(tiny_lm, run_dir), "interpolation.method=confidence",
-                      "loss.intermediate=[{teacher: a, hidden_weight: 1.0}]"])
-    assert result.returncode == 2 and "per-token" in result.stderr and not run_dir.exists()
+    assert_refused_before_writing(tiny_lm_config_yaml(tiny_lm, run_dir), run_dir, [
+        "interpolation.method=confidence", "loss.intermediate=[{teacher: a, hidden_weight: 1.0}]"], "per-token")
