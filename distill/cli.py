@@ -49,11 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     mix.add_argument("--config", default=None, help="config whose data section gives the validation split")
     mix.add_argument("--overwrite", action="store_true")
 
-    cache = commands.add_parser("cache", help="run the teachers once, store their top-k log-probs per token (causal LM)")
+    cache = commands.add_parser("cache", help="run the teachers once: every logit per example (classification), or "
+                                              "the top-k log-probs per token (causal LM)")
     cache.add_argument("config")
     cache.add_argument("overrides", nargs="*")
     cache.add_argument("--out", required=True, help="the cache folder (then train with teachers.cache=FOLDER)")
-    cache.add_argument("--top-k", type=int, default=64, help="log-probabilities kept per token and teacher")
+    cache.add_argument("--top-k", type=int, default=None, help="causal LM: log-probabilities kept per token and "
+                                                                 "teacher (default 64)")
 
     export = commands.add_parser("export", help="consolidate a run's checkpoint into a save_pretrained folder")
     export.add_argument("run_dir")
@@ -161,8 +163,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"best alpha {result['best']['alpha']} written to {out} (alpha_sweep.json, alpha_sweep.png)")
         elif args.command == "cache":
             meta = build_task(load_task_config(args.config, args.overrides)).write_cache(Path(args.out), args.top_k)
-            print(f"cached top-{meta['top_k']} of {len(meta['teachers'])} teacher(s) over {meta['rows']} blocks "
-                  f"in {meta['shards']} shard(s): {args.out} (train with teachers.cache={args.out})")
+            what = (f"top-{meta['top_k']} of {len(meta['teachers'])} teacher(s) over {meta['rows']} blocks in "
+                    f"{meta['shards']} shard(s)" if "top_k" in meta else
+                    f"the logits of {len(meta['teachers'])} teacher(s) for {meta['rows']} rows")
+            print(f"cached {what}: {args.out} (train with teachers.cache={args.out})")
         elif args.command == "export":
             from distill.export import export_run
 

@@ -709,6 +709,8 @@ def _validate_augment(cfg) -> None:
         _check_model_reference(augment.mlm_model, "data.augment.mlm_model", cfg.allow_pickled_weights)
     _require(not cfg.data.mixture_sources, "data.augment with data.mixture_sources: augmented rows belong to no "
              "source; add them as a source file instead, or remove one of them")
+    _require(cfg.teachers.cache is None, "data.augment with teachers.cache: the cache holds no augmented rows (they "
+             "are made per run); remove one of them")
     black_box = [i for i, teacher in enumerate(cfg.teachers.models) if teacher.logits is not None]
     _require(not black_box, f"data.augment: teachers.models{black_box} are black-box files with no rows for new "
              "text; remove data.augment or those teachers")

@@ -24,6 +24,14 @@ LABELS = "labels"
 INDEX = "index"
 EXAMPLE_ID = "example_id"  # data.id_field's value, as a string: black-box teachers' files are keyed by it
 SOURCE = "source"
+TEXT_KEY = "text_key"  # a digest of a row's text fields: cached classification teachers are keyed by it
+
+
+def text_key(*texts: str) -> str:
+    """16 hex digits of sha256 over the text fields (the same text is the same key in any split)."""
+    import hashlib
+
+    return hashlib.sha256("\x1f".join(texts).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 @dataclass
@@ -283,10 +291,10 @@ class TokenizerGroup:
 
 def tokenize(dataset: Dataset, groups: Sequence[TokenizerGroup], text_fields: Sequence[str],
              max_length: int) -> Dataset:
-    """Encode the text fields once per tokenizer group; keeps `labels` and `index`."""
+    """Encode the text fields once per tokenizer group; keeps `labels` and `index`, adds `text_key`."""
 
     def encode(batch):
-        out = {}
+        out = {TEXT_KEY: [text_key(*texts) for texts in zip(*(batch[field] for field in text_fields))]}
         for group in groups:
             encoded = group.tokenizer(*[batch[field] for field in text_fields], truncation=True,
                                       max_length=max_length)
@@ -310,8 +318,9 @@ class Collator:
                  INDEX: torch.tensor([row[INDEX] for row in rows], dtype=torch.long)}
         if SOURCE in rows[0]:
             batch[SOURCE] = torch.tensor([row[SOURCE] for row in rows], dtype=torch.long)
-        if EXAMPLE_ID in rows[0]:
-            batch[EXAMPLE_ID] = [row[EXAMPLE_ID] for row in rows]
+        for column in (EXAMPLE_ID, TEXT_KEY):  # keys of stored teacher outputs
+            if column in rows[0]:
+                batch[column] = [row[column] for row in rows]
         for group in self.groups:
             names = group.tokenizer.model_input_names
             features = [{name: row[group.prefix + name] for name in names if group.prefix + name in row}

@@ -183,14 +183,15 @@ def run_fit_weights(cfg, out_dir: Path, fit_temperatures: bool = False, method: 
 
     if not cfg.teachers.models:
         raise ConfigError("teachers.models is empty: fit-weights needs at least one teacher")
-    if cfg.teachers.cache is not None:
-        raise ConfigError("fit-weights runs the teachers on the validation split, which teachers.cache does not "
-                          "hold: remove teachers.cache for this command")
     method = method or (cfg.interpolation.method if cfg.interpolation.method in ("linear", "geometric") else "linear")
     task = build_task(cfg)
+    if cfg.teachers.cache is not None and not task.cache_holds_validation:
+        raise ConfigError("fit-weights runs the teachers on the validation split, which teachers.cache does not "
+                          "hold: remove teachers.cache for this command")
     splits = task.read_splits()
     reference, key = task.student_source()
     plans = task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
+    task.check_before_writing(splits)  # a cache is opened and checked here
     task.encode(splits.validation, "validation")
     init_distributed()
     device = local_device()

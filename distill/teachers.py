@@ -141,8 +141,8 @@ class TeacherEnsemble:
         outputs, records = [], {}
         with context():
             for k, (plan, model) in enumerate(zip(self.plans, self.models)):
-                if getattr(model, "reads_example_ids", False):  # a black-box teacher's stored outputs
-                    logits = model.example_logits(batch[EXAMPLE_ID]).to(device)
+                if getattr(model, "reads_example_ids", False):  # stored outputs: a black-box file, or a cache
+                    logits = model.example_logits(batch[model.key_column]).to(device)
                 elif record and k in self.inner_requests:
                     inputs = {k: v.to(device) for k, v in model_inputs(batch, plan.input_prefix).items()}
                     request = self.inner_requests[k]
@@ -243,10 +243,10 @@ class StoredOutputsTeacher(nn.Module):
 
     reads_example_ids = True
 
-    def __init__(self, table: Tensor, row_of: Dict[str, int], key: str):
+    def __init__(self, table: Tensor, row_of: Dict[str, int], key: str, key_column: str = EXAMPLE_ID):
         super().__init__()
         self.register_buffer("table", table, persistent=False)
-        self.row_of, self.key = row_of, key
+        self.row_of, self.key, self.key_column = row_of, key, key_column
 
     def example_logits(self, example_ids: List[str]) -> Tensor:
         missing = [i for i in example_ids if i not in self.row_of]

@@ -167,7 +167,9 @@ class Task:
     def write_outputs(self, run_dir) -> None:
         """Files of the task's own beside report.json (e.g. validation predictions); none by default."""
 
-    def write_cache(self, out_dir, top_k: int):
+    cache_holds_validation = False  # the task's teacher cache holds the validation split's outputs too
+
+    def write_cache(self, out_dir, top_k):
         raise ConfigError(f"distill cache is not available for task {self.name} yet")
 
     # loss and evaluation -------------------------------------------------------------------

@@ -463,10 +463,10 @@ class CausalLM(Task):
         return causal_lm_card(report, dtype, compression, parity)
 
     # the teacher cache ---------------------------------------------------------------------
-    def write_cache(self, out_dir, top_k: int):
+    def write_cache(self, out_dir, top_k):
         from distill.cache import write_cache
 
-        return write_cache(self, out_dir, top_k)
+        return write_cache(self, out_dir, 64 if top_k is None else top_k)
 
 
 def perplexities(loader, student, ensemble, source, device: torch.device,

@@ -41,10 +41,14 @@ class SequenceClassification(Task):
             "data.response_field": data.response_field is not None,
             "loss.chunk_tokens": loss.chunk_tokens != LossConfig.chunk_tokens,
             "loss.fused": loss.fused != LossConfig.fused,
-            "teachers.cache": cfg.teachers.cache is not None,
             **{f"data.eval_domains[{i}].path": True for i, domain in enumerate(data.eval_domains)
                if domain.path is not None},
         }, " (causal-LM settings)")
+        if cfg.teachers.cache is not None and cfg.teachers.placement != "replicated":
+            raise ConfigError("teachers.placement is for live teachers; with teachers.cache no teacher is loaded")
+        if cfg.teachers.cache is not None and any(t.logits for t in cfg.teachers.models):
+            raise ConfigError("teachers.cache holds live teachers' logits; black-box teachers (teachers.models[*].logits) "
+                              "are read from their own files: drop teachers.cache or those teachers")
         if cfg.student.trim_vocab and cfg.teachers.models and cfg.teachers.tokenization == "shared":
             raise ConfigError("student.trim_vocab gives the student its own vocabulary: "
                               "set teachers.tokenization=per_model so each teacher encodes the text itself")
@@ -56,6 +60,7 @@ class SequenceClassification(Task):
         self.last_predictions = None
         self.token_maps = {}  # teacher tokenizer prefix -> student id to teacher id (aligned rows)
         self.replacer = None  # data.augment's masked LM, once checked
+        self.cache = None  # teachers.cache (classifier_cache.ClassifierCache), once checked
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
@@ -119,6 +124,15 @@ class SequenceClassification(Task):
         """Black-box teachers' files cover every training and validation example; data.augment's
         masked LM loads and has its head (rank 0 keeps it for the augmentation)."""
         check_stored_outputs_cover(self.cfg, self.plans, self.label_names, splits)
+        if self.cfg.teachers.cache is not None:
+            from distill.classifier_cache import ClassifierCache
+            from distill.data import text_key
+            from distill.paths import resolve_path
+
+            self.cache = ClassifierCache(resolve_path(self.cfg.teachers.cache), self.cfg, self.plans, self.label_names)
+            fields = self.cfg.data.text_fields
+            for name, split in (("train", splits.train), ("validation", splits.validation)):
+                self.cache.check_covers(name, [text_key(*texts) for texts in zip(*(split[f] for f in fields))])
         augment = self.cfg.data.augment
         if augment.copies and augment.mlm_model:
             from distill.augment import MaskedLMReplacer
@@ -155,8 +169,35 @@ class SequenceClassification(Task):
             return load_sequence_classifier(plan.path, plan.key, cfg.trust_remote_code, teacher_dtype,
                                             cfg.allow_pickled_weights, plan.pooling, plan.normalize, plan.head)
 
+        if self.cache is not None:  # no teacher weights load: each teacher is its cached logits
+            from distill.teachers import TeacherEnsemble, build_configured_interpolation
+
+            import dataclasses
+
+            models, parameter_counts = self.cache.teachers(plans)
+            # the cache holds the logits in the data's label order already
+            in_order = [dataclasses.replace(plan, label_order=None) for plan in plans]
+            ensemble = TeacherEnsemble(in_order, models, build_configured_interpolation(cfg))
+            # the dtype the teachers ran in when the cache was written
+            ensemble.parameter_counts, ensemble.dtype = parameter_counts, getattr(torch, self.cache.meta["dtype"])
+            ensemble.on_nonfinite = cfg.teachers.on_nonfinite
+            return ensemble, LiveClassifiers(ensemble)
         ensemble = load_teachers(cfg, plans, device, dtype, load)
         return ensemble, LiveClassifiers(ensemble)
+
+    def teacher_precision_drift(self, ensemble, source, plans, device):
+        if self.cache is not None:  # the cache's dtype is in its meta; no live teacher to compare
+            return {plan.name: None for plan in plans}
+        return super().teacher_precision_drift(ensemble, source, plans, device)
+
+    cache_holds_validation = True  # distill fit-weights and interpolation.fit_on can read a cache
+
+    def write_cache(self, out_dir, top_k):
+        if top_k is not None:
+            raise ConfigError("--top-k is for causal-LM caches: a classification cache keeps every logit; remove it")
+        from distill.classifier_cache import write_classifier_cache
+
+        return write_classifier_cache(self, out_dir)
 
     # loss and evaluation -------------------------------------------------------------------
     def loss(self, engine, batch, ensemble, source, now: Dict, workspace=None):

@@ -1,0 +1,139 @@
+"""Cached classification teachers: every teacher's logits per example, computed once.
+
+A classification teacher's output is C numbers per example, so the cache keeps them whole (exact,
+no top-k): `distill cache` runs the live teachers over the training and validation rows and writes
+
+    meta.json           format, teachers (name, path, content hash, parameters), label names, text
+                        fields, max_length, the teachers' dtype, rows
+    logits.safetensors  keys [N] (row -> text key) as a JSON list in the metadata, logits [N, K, C]
+                        float32 in the data's label order
+
+Rows are keyed by the digest of their text fields (data.TEXT_KEY), so the same text is found in any
+split and the data's order does not matter. Training with `teachers.cache=DIR` then reads each
+teacher as stored outputs (teachers.StoredOutputsTeacher, the black-box teachers' machinery): no
+teacher weight loads, evaluation, `interpolation.fit_on` and `distill fit-weights` read the cached
+validation logits. A cache is checked against the config and the data before anything is written:
+other teachers (name, path or content), labels, text fields or max_length, or a row it lacks, is
+refused by name.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from distill.config import ConfigError
+
+FORMAT = "classification_logits"
+META, LOGITS = "meta.json", "logits.safetensors"
+
+
+def settings_of(cfg) -> Dict:
+    """What a cache's logits depend on besides the teachers: the text the teachers read."""
+    return {"text_fields": list(cfg.data.text_fields), "max_length": cfg.data.max_length,
+            "tokenization": cfg.teachers.tokenization}
+
+
+def write_classifier_cache(task, out_dir: Path) -> Dict:
+    """Run the task's live teachers once over its training and validation rows; write the folder
+    beside and rename it into place. Returns the meta."""
+    from safetensors.torch import save_file
+    from torch.utils.data import DataLoader
+
+    from distill.checkpointing import content_hash
+    from distill.data import TEXT_KEY
+    from distill.hardware import local_device, teacher_dtype
+    from distill.modeling import load_tokenizer
+    from distill.outputs import written_folder
+
+    cfg = task.cfg
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"cache target {out_dir} exists and is not empty: remove it or choose another --out")
+    if not cfg.teachers.models:
+        raise ConfigError("teachers.models is empty: there is nothing to cache")
+    if cfg.teachers.cache is not None:
+        raise ConfigError("teachers.cache is set: distill cache runs the live teachers; remove teachers.cache")
+    splits = task.read_splits()
+    reference, key = task.student_source()
+    plans = task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
+    device = local_device()
+    dtype = teacher_dtype(cfg.teachers.dtype, device)
+    ensemble, _ = task.load_teachers(plans, device, dtype)
+    keys: List[str] = []
+    seen = set()
+    logits = []
+    for name, split in (("train", splits.train), ("validation", splits.validation)):
+        encoded = task.encode(split, name)
+        loader = DataLoader(encoded, batch_size=cfg.training.eval_batch_size, collate_fn=task.collator())
+        for batch in loader:
+            values = ensemble.logits(batch, device).transpose(0, 1).float().cpu()  # [B, K, C]
+            for row, row_key in enumerate(batch[TEXT_KEY]):
+                if row_key not in seen:
+                    seen.add(row_key)
+                    keys.append(row_key)
+                    logits.append(values[row])
+    meta = {"format": FORMAT, "label_names": list(task.label_names), **settings_of(cfg),
+            "dtype": str(dtype).replace("torch.", ""), "rows": len(keys),
+            "teachers": [{"name": plan.name, "path": plan.path, "hash": content_hash(plan.path), "params": params}
+                         for plan, params in zip(plans, ensemble.parameter_counts)]}
+    with written_folder(out_dir) as folder:
+        save_file({"logits": torch.stack(logits).contiguous()}, str(folder / LOGITS), metadata={"keys": json.dumps(keys)})
+        (folder / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return meta
+
+
+class ClassifierCache:
+    """A cache folder, checked against the run's config and teachers when opened."""
+
+    def __init__(self, folder: Path, cfg, plans, label_names: List[str]):
+        from safetensors import safe_open
+
+        from distill.checkpointing import content_hash
+
+        self.folder = Path(folder)
+        meta_path, logits_path = self.folder / META, self.folder / LOGITS
+        if not meta_path.is_file() or not logits_path.is_file():
+            raise ConfigError(f"teachers.cache: {self.folder} is not a folder written by `distill cache` "
+                              f"(no {META} / {LOGITS})")
+        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if self.meta.get("format") != FORMAT:
+            raise ConfigError(f"teachers.cache: {self.folder} holds a {self.meta.get('format', 'causal-LM top-k')} "
+                              "cache, not classification logits: rerun distill cache with this config")
+        cached = [(t["name"], t["path"]) for t in self.meta["teachers"]]
+        wanted = [(plan.name, plan.path) for plan in plans]
+        if cached != wanted:
+            raise ConfigError(f"teachers.cache: {self.folder} holds teachers {cached}, the config names {wanted}: "
+                              "rerun distill cache")
+        for teacher in self.meta["teachers"]:
+            if content_hash(teacher["path"]) != teacher["hash"]:
+                raise ConfigError(f"teachers.cache: teacher {teacher['name']} ({teacher['path']}) changed on disk since "
+                                  "the cache was written: rerun distill cache")
+        if self.meta["label_names"] != list(label_names):
+            raise ConfigError(f"teachers.cache: {self.folder} has labels {self.meta['label_names']}, the data "
+                              f"{list(label_names)}: rerun distill cache")
+        now = settings_of(cfg)
+        changed = [f"{name} ({self.meta[name]} -> {value})" for name, value in now.items() if self.meta[name] != value]
+        if changed:
+            raise ConfigError(f"teachers.cache: {self.folder} was written with other {changed}: the teachers read "
+                              "other text; rerun distill cache")
+        with safe_open(str(logits_path), framework="pt") as handle:
+            self.keys = json.loads(handle.metadata()["keys"])
+            self.logits = handle.get_tensor("logits")
+        self.row_of = {key: row for row, key in enumerate(self.keys)}
+
+    def check_covers(self, name: str, keys) -> None:
+        missing = [key for key in keys if key not in self.row_of]
+        if missing:
+            raise ConfigError(f"teachers.cache: {len(missing)} {name} row(s) are not in {self.folder} (the data changed "
+                              "since it was written): rerun distill cache")
+
+    def teachers(self, plans):
+        """One stored-outputs teacher per plan, read by text key, and their parameter counts."""
+        from distill.data import TEXT_KEY
+        from distill.teachers import StoredOutputsTeacher
+
+        models = [StoredOutputsTeacher(self.logits[:, k].contiguous(), self.row_of, plan.key, TEXT_KEY)
+                  for k, plan in enumerate(plans)]
+        return models, [teacher["params"] for teacher in self.meta["teachers"]]
