@@ -50,7 +50,9 @@ class TeachersConfig:
     # ranks by its own optimizer-less DeepSpeed ZeRO-3 engine (for teachers too big for one device).
     placement: str = "replicated"
     # auto: bf16 on GPUs and on CPUs with AMX / avx512_bf16, fp32 elsewhere (bf16 is emulated
-    # and far slower there). Or float32, bfloat16, float16.
+    # and far slower there). Or float32, bfloat16, float16, or int8 (CPU: the linear layers
+    # quantized dynamically, int8 weights and per-batch int8 activations; the run prints the
+    # measured KL to the fp32 teachers; causal LMs keep their output layer in fp32).
     dtype: str = "auto"
     # shared: teachers must use the student's vocabulary and read the student's input ids.
     # per_model: each distinct tokenizer encodes the text itself (classification only), e.g. for a
@@ -336,7 +338,7 @@ class DistillConfig:
 
 
 PLACEMENTS = ("replicated", "zero3")
-TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 TOKENIZATIONS = ("shared", "per_model")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -480,6 +482,8 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
              f"teachers.placement: {cfg.teachers.placement!r} is not one of {list(PLACEMENTS)}")
     _require(cfg.teachers.dtype in TEACHER_DTYPES,
              f"teachers.dtype: {cfg.teachers.dtype!r} is not one of {list(TEACHER_DTYPES)}")
+    _require(cfg.teachers.dtype != "int8" or cfg.teachers.placement == "replicated",
+             "teachers.dtype=int8 with teachers.placement=zero3: quantized teachers are not partitioned; use one of them")
     _require(cfg.teachers.on_nonfinite in ("stop", "skip"),
              f"teachers.on_nonfinite: {cfg.teachers.on_nonfinite!r} is not one of ['stop', 'skip']")
     _require(cfg.teachers.tokenization in TOKENIZATIONS,

@@ -32,7 +32,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def teacher_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """`auto` -> bf16 on GPUs with bf16 and on CPUs with AMX/avx512_bf16, else fp32."""
+    """`auto` -> bf16 on GPUs with bf16 and on CPUs with AMX/avx512_bf16, else fp32. `int8` ->
+    torch.qint8: the teachers load in fp32 and their linear layers are quantized dynamically (CPU)."""
+    if choice == "int8":
+        if device.type != "cpu":
+            from distill.config import ConfigError
+
+            raise ConfigError("teachers.dtype=int8 quantizes the teachers' linear layers for CPU inference; on "
+                              f"{device.type} use auto, bfloat16 or float16")
+        return torch.qint8
     if choice != "auto":
         return _DTYPES[choice]
     if device.type == "cuda":

@@ -50,7 +50,7 @@ def build_report(cfg: DistillConfig, plans, teacher_params: List[int], student_p
     return report
 
 
-_SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "qint8": "int8"}
 
 
 def teacher_note(teacher: Dict) -> str:

@@ -119,7 +119,8 @@ class TeacherEnsemble:
         self.on_nonfinite = "stop"
         self.inner_requests: Dict = {}  # teacher index -> what its forward records (intermediate-layer terms)
         # per teacher; a cached ensemble (no models loaded) takes them from the cache's record
-        self.parameter_counts = [count_parameters(model) for model in models]
+        self.parameter_counts = [getattr(model, "parameters_before_quantization", None) or count_parameters(model)
+                                 for model in models]
 
     @property
     def names(self) -> List[str]:
@@ -194,7 +195,10 @@ def load_teachers(cfg: DistillConfig, plans: List[TeacherPlan], device: torch.de
     rank's device (replicated), or partitioned across ranks by ZeRO-3 (teachers.placement)."""
     models = []
     for plan in plans:
-        model = load_model(plan, dtype)
+        if dtype == torch.qint8:  # int8: loaded in fp32, then its linear layers quantized
+            model = quantize_linear_layers(load_model(plan, torch.float32).eval())
+        else:
+            model = load_model(plan, dtype)
         model.eval().requires_grad_(False)
         models.append(model)
     interpolation = build_configured_interpolation(cfg)
@@ -208,6 +212,25 @@ def load_teachers(cfg: DistillConfig, plans: List[TeacherPlan], device: torch.de
     ensemble.on_nonfinite = cfg.teachers.on_nonfinite
     ensemble.dtype = dtype
     return ensemble
+
+
+def quantize_linear_layers(model: nn.Module) -> nn.Module:
+    """Dynamic int8 quantization of the model's linear layers (int8 weights, activations quantized
+    per batch; CPU), except an output layer over a vocabulary: the causal-LM loss reads that one's
+    weight chunk by chunk, in full precision."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {name for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head
+             and not getattr(module, "weight", None) is getattr(head, "weight", object())}
+    parameters = count_parameters(model)  # packed int8 weights are no longer parameters: count them before
+    with warnings.catch_warnings():  # torch.ao's deprecation notice: the API works, and nothing here can act on it
+        warnings.simplefilter("ignore")
+        quantized = quantize_dynamic(model, names, dtype=torch.qint8)
+    quantized.parameters_before_quantization = parameters
+    return quantized
 
 
 def build_configured_interpolation(cfg: DistillConfig):

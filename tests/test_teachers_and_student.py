@@ -116,3 +116,28 @@ def test_trim_vocab_counts_only_the_tokens_inside_the_window_and_warns_nothing(t
     assert tail and not any(tokenizer.convert_ids_to_tokens(i) in trimmed.get_vocab() and i in tail
                             for i in kept if i in tail)
     assert not [r for r in caplog.records if "longer than the specified maximum" in r.getMessage()]
+
+
+def test_int8_teachers_quantize_every_linear_but_a_vocabulary_head_and_stay_close_to_fp32(tiny, tiny_lm):
+    """teachers.dtype=int8: dynamic int8 linear layers (CPU); parameters counted as loaded; logits
+    near the fp32 teacher's (KL in float64); a causal LM keeps its output layer whole for the token loss."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from distill.losses import mean_kl
+    from distill.modeling import count_parameters
+    from distill.teachers import quantize_linear_layers
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["teacher_a"]).eval()
+    parameters = count_parameters(model)
+    ids = tiny["tokenizer"](["the car drives itself today", "awful broken road"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        reference = model(**ids).logits
+    quantized = quantize_linear_layers(model)
+    assert not any(type(m) is torch.nn.Linear for m in quantized.modules())
+    assert quantized.parameters_before_quantization == parameters
+    with torch.no_grad():
+        assert 0 < mean_kl(reference, quantized(**ids).logits) < 1e-3
+    lm = quantize_linear_layers(AutoModelForCausalLM.from_pretrained(tiny_lm["teacher_b"]).eval())
+    assert type(lm.get_output_embeddings()) is torch.nn.Linear
+    assert type(lm.model.layers[0].mlp.up_proj) is not torch.nn.Linear
