@@ -1,11 +1,14 @@
-"""Cached teacher logits: the teachers run once, training reads their top-k from disk.
+"""Cached causal-LM teachers: the teachers run once, training reads their top-k or hidden states.
 
 The format (this file) knows nothing of tasks: `write_cache` drives a task's own data and teachers,
 and `LogitCache` serves rows by example id (signals.CachedTopK turns them into a teacher signal).
 
-Per token and per teacher the cache keeps the k largest log-probabilities (at temperature 1) and
-their token ids. The probability mass outside the top k (the tail bucket) is spread evenly over the
-other V - k tokens when the distribution is rebuilt; with k = V nothing is approximated.
+Per token and per teacher the `topk` store keeps the k largest log-probabilities (at temperature 1)
+and their token ids. The probability mass outside the top k (the tail bucket) is spread evenly over
+the other V - k tokens when the distribution is rebuilt; with k = V nothing is approximated. The
+`hidden` store keeps each teacher's last hidden state per token and its output layer once: training
+rebuilds the exact distribution a chunk of tokens at a time (signals.HiddenStateSignal, as for live
+teachers), with no teacher body run.
 """
 from __future__ import annotations
 
@@ -37,10 +40,13 @@ def topk_target_log_probs(top_ids: Tensor, top_log_probs: Tensor, vocab_size: in
 
 # --------------------------------------------------------------------------- writing, reading
 # Layout of a cache folder:
-#   meta.json                 teachers (name, path, hash, params), vocab_size, top_k, fingerprint of
-#                             the training blocks, the teachers' validation perplexities
-#   shard_00000.safetensors   index [n] (example ids), offsets [n + 1] into the token axis,
-#                             ids [T, K, k] int32, log_probs [T, K, k] float32, tail [T, K] float32
+#   meta.json                 store (topk | hidden), teachers (name, path, hash, params), vocab_size,
+#                             top_k or hidden_dtype, fingerprint of the training blocks, the teachers'
+#                             validation perplexities
+#   shard_00000.safetensors   index [n] (example ids), offsets [n + 1] into the token axis, and
+#                             topk: ids [T, K, k] int32, log_probs [T, K, k] float32, tail [T, K] float32
+#                             hidden: hidden<k> [T, H_k] per teacher (after the final norm)
+#   heads.safetensors         hidden: weight<k> [V, H_k] (and bias<k>) of each teacher's output layer
 # Rows are found by example id (the block's `index`), never by step or position in an epoch.
 META = "meta.json"
 
@@ -67,8 +73,16 @@ def top_k_of(logits: Tensor, k: int):
     return ids.to(torch.int32), values, tail
 
 
-def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512) -> dict:
-    """Run the task's teachers once over its training blocks and store their top-k per token."""
+STORES = ("topk", "hidden")
+HIDDEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HEADS = "heads.safetensors"
+
+
+def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str = "topk",
+                hidden_dtype: str | None = None) -> dict:
+    """Run the task's teachers once over its training blocks and store, per token, their top-k
+    (store=topk) or their last hidden states (store=hidden: the output layers are stored once, and
+    training rebuilds the exact distributions a chunk at a time)."""
     import json
     from pathlib import Path
 
@@ -92,15 +106,21 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512) -> dict:
     reference, key = task.student_source()
     plans = task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
     vocab = plans[0].vocab_size
-    if not 1 <= top_k <= vocab:
+    if store not in STORES:
+        raise ConfigError(f"--store must be one of {list(STORES)}, got {store!r}")
+    if store == "topk" and not 1 <= top_k <= vocab:
         raise ConfigError(f"--top-k must lie in [1, {vocab}] (the vocabulary), got {top_k}")
+    if hidden_dtype is not None and hidden_dtype not in HIDDEN_DTYPES:
+        raise ConfigError(f"--hidden-dtype must be one of {list(HIDDEN_DTYPES)}, got {hidden_dtype!r}")
     train = task.encode(splits.train, "train")
     task.encode(splits.validation, "validation")
     device = local_device()
     ensemble, source = task.load_teachers(plans, device, teacher_dtype(cfg.teachers.dtype, device))
     loader = DataLoader(train, batch_size=cfg.training.eval_batch_size, collate_fn=task.collator(), shuffle=False)
     out_dir.mkdir(parents=True)
-    shard: dict = {"index": [], "lengths": [], "ids": [], "log_probs": [], "tail": []}
+    count = len(plans)
+    parts = ["ids", "log_probs", "tail"] if store == "topk" else [f"hidden{k}" for k in range(count)]
+    shard: dict = {"index": [], "lengths": [], **{part: [] for part in parts}}
     shards = 0
 
     def flush():
@@ -109,30 +129,46 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512) -> dict:
             return
         offsets = torch.tensor([0] + shard["lengths"]).cumsum(0)
         save_file({"index": torch.tensor(shard["index"], dtype=torch.int64), "offsets": offsets,
-                   "ids": torch.cat(shard["ids"]), "log_probs": torch.cat(shard["log_probs"]),
-                   "tail": torch.cat(shard["tail"])}, str(out_dir / f"shard_{shards:05d}.safetensors"))
+                   **{part: torch.cat(shard[part]) for part in parts}},
+                  str(out_dir / f"shard_{shards:05d}.safetensors"))
         shards += 1
         for values in shard.values():
             values.clear()
 
+    if store == "hidden":  # each teacher's output layer, once (restricted rows are not cached: no trim_vocab)
+        heads = {}
+        for k, head in enumerate(source.heads):
+            heads[f"weight{k}"] = head.weight.detach().cpu().contiguous()
+            if head.bias is not None:
+                heads[f"bias{k}"] = head.bias.detach().cpu().contiguous()
+        save_file(heads, str(out_dir / HEADS))
     for batch in loader:
         signal = source.signal(batch, device)
         sequence = batch["input_ids"].shape[1]
         for row, index in enumerate(batch["index"].tolist()):
             length = int(batch["attention_mask"][row].sum())
             start = row * sequence
-            logits = signal.logits(start, start + length)  # [K, L, V]
-            parts = [top_k_of(logits[k], top_k) for k in range(logits.shape[0])]
             shard["index"].append(index)
             shard["lengths"].append(length)
-            shard["ids"].append(torch.stack([p[0] for p in parts], dim=1).cpu())  # [L, K, k]
-            shard["log_probs"].append(torch.stack([p[1] for p in parts], dim=1).float().cpu())  # float32 on disk
-            shard["tail"].append(torch.stack([p[2] for p in parts], dim=1).float().cpu())  # [L, K]
+            if store == "hidden":
+                for k, hidden in enumerate(signal.hidden_states):
+                    states = hidden[start:start + length]
+                    shard[f"hidden{k}"].append(states.to(HIDDEN_DTYPES[hidden_dtype] if hidden_dtype else
+                                                         states.dtype).cpu())  # [L, H_k]
+            else:
+                logits = signal.logits(start, start + length)  # [K, L, V]
+                found = [top_k_of(logits[k], top_k) for k in range(logits.shape[0])]
+                shard["ids"].append(torch.stack([p[0] for p in found], dim=1).cpu())  # [L, K, k]
+                shard["log_probs"].append(torch.stack([p[1] for p in found], dim=1).float().cpu())  # float32 on disk
+                shard["tail"].append(torch.stack([p[2] for p in found], dim=1).float().cpu())  # [L, K]
             if len(shard["index"]) >= rows_per_shard:
                 flush()
     flush()
     figures, _ = task.evaluate(None, ensemble, source, device)  # teachers and target only
-    meta = {"vocab_size": vocab, "top_k": top_k, "fingerprint": fingerprint(train), "rows": len(train),
+    stored = ({"top_k": top_k} if store == "topk" else
+              {"hidden_dtype": str(source.heads[0].weight.dtype if hidden_dtype is None
+                                   else HIDDEN_DTYPES[hidden_dtype]).replace("torch.", "")})
+    meta = {"store": store, **stored, "vocab_size": vocab, "fingerprint": fingerprint(train), "rows": len(train),
             "shards": shards, "interpolation": cfg.interpolation.method,
             "teachers": [{"name": plan.name, "path": plan.path, "hash": content_hash(plan.path),
                           "params": params, **figures[plan.name]}
@@ -166,6 +202,19 @@ class LogitCache:
             raise ConfigError(f"teachers.cache: {self.folder} was written for other training blocks (data, "
                               "tokenizer or data.block_size changed): rerun distill cache")
         self.vocab_size = self.meta["vocab_size"]
+        self.store = self.meta.get("store", "topk")
+        self.heads = []
+        if self.store == "hidden":
+            with safe_open(str(self.folder / HEADS), framework="pt") as handle:
+                stored = {name: handle.get_tensor(name) for name in handle.keys()}
+            for k in range(len(cached)):
+                weight, bias = stored[f"weight{k}"], stored.get(f"bias{k}")
+                head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+                with torch.no_grad():
+                    head.weight.copy_(weight)
+                    if bias is not None:
+                        head.bias.copy_(bias)
+                self.heads.append(head.requires_grad_(False))
         self.shards = []
         self.where = {}
         for number in range(self.meta["shards"]):
@@ -174,6 +223,25 @@ class LogitCache:
             self.shards.append(tensors)
             for row, index in enumerate(tensors["index"].tolist()):
                 self.where[index] = (number, row)
+
+    def hidden_rows(self, indices, length: int):
+        """Per teacher, the stored last hidden states [B, length, H_k] (zeros at padding, never read)."""
+        first = self.shards[0]
+        out = [torch.zeros(len(indices), length, first[f"hidden{k}"].shape[1], dtype=first[f"hidden{k}"].dtype)
+               for k in range(len(self.heads))]
+        for position, index in enumerate(indices):
+            number, row = self._where(index)
+            shard = self.shards[number]
+            start, end = int(shard["offsets"][row]), int(shard["offsets"][row + 1])
+            n = min(end - start, length)
+            for k, states in enumerate(out):
+                states[position, :n] = shard[f"hidden{k}"][start:start + n]
+        return out
+
+    def _where(self, index):
+        if index not in self.where:
+            raise KeyError(f"example {index} is not in the cache {self.folder}")
+        return self.where[index]
 
     def rows(self, indices, length: int):
         """ids [B, length, K, k] (int64), log_probs [B, length, K, k], tail [B, length, K]."""
@@ -184,9 +252,7 @@ class LogitCache:
         log_probs[..., 0] = 0.0  # padding: all mass on token 0, never read (its labels are -100)
         tail = torch.full((len(indices), length, teachers), -1e30)
         for position, index in enumerate(indices):
-            if index not in self.where:
-                raise KeyError(f"example {index} is not in the cache {self.folder}")
-            number, row = self.where[index]
+            number, row = self._where(index)
             shard = self.shards[number]
             start, end = int(shard["offsets"][row]), int(shard["offsets"][row + 1])
             n = min(end - start, length)

@@ -54,8 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("config")
     cache.add_argument("overrides", nargs="*")
     cache.add_argument("--out", required=True, help="the cache folder (then train with teachers.cache=FOLDER)")
-    cache.add_argument("--top-k", type=int, default=None, help="causal LM: log-probabilities kept per token and "
-                                                                 "teacher (default 64)")
+    cache.add_argument("--top-k", type=int, default=None, help="causal LM, --store topk: log-probabilities kept per "
+                                                                 "token and teacher (default 64)")
+    cache.add_argument("--store", default="topk", choices=["topk", "hidden"],
+                       help="causal LM: topk (sparse, approximate) or hidden (last hidden states + output layers: exact)")
+    cache.add_argument("--hidden-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="causal LM, --store hidden: the stored states' dtype (default: the teachers')")
 
     export = commands.add_parser("export", help="consolidate a run's checkpoint into a save_pretrained folder")
     export.add_argument("run_dir")
@@ -162,10 +166,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(weight_interpolation.format_sweep(result["rows"], result["best"]["alpha"]))
                 print(f"best alpha {result['best']['alpha']} written to {out} (alpha_sweep.json, alpha_sweep.png)")
         elif args.command == "cache":
-            meta = build_task(load_task_config(args.config, args.overrides)).write_cache(Path(args.out), args.top_k)
-            what = (f"top-{meta['top_k']} of {len(meta['teachers'])} teacher(s) over {meta['rows']} blocks in "
-                    f"{meta['shards']} shard(s)" if "top_k" in meta else
-                    f"the logits of {len(meta['teachers'])} teacher(s) for {meta['rows']} rows")
+            meta = build_task(load_task_config(args.config, args.overrides)).write_cache(
+                Path(args.out), args.top_k, args.store, args.hidden_dtype)
+            stored = (f"top-{meta['top_k']}" if "top_k" in meta else
+                      f"{meta['hidden_dtype']} hidden states" if "hidden_dtype" in meta else "the logits")
+            unit = f"blocks in {meta['shards']} shard(s)" if "shards" in meta else "rows"
+            what = f"{stored} of {len(meta['teachers'])} teacher(s) over {meta['rows']} {unit}"
             print(f"cached {what}: {args.out} (train with teachers.cache={args.out})")
         elif args.command == "export":
             from distill.export import export_run

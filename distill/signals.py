@@ -183,6 +183,19 @@ def teacher_hidden_states(ensemble, inputs: Dict[str, Tensor], records: Optional
     return states
 
 
+class CachedHidden:
+    """Teachers' last hidden states read from a `distill cache --store hidden` folder, with their
+    stored output layers: the same signal live teachers give, without running a teacher body."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def signal(self, batch: Dict, device: torch.device) -> HiddenStateSignal:
+        states = self.cache.hidden_rows(batch["index"].tolist(), batch["input_ids"].shape[1])
+        heads = [head.to(device) for head in self.cache.heads]
+        return HiddenStateSignal([s.reshape(-1, s.shape[-1]).to(device) for s in states], heads)
+
+
 class CachedTopK:
     """Teachers read from a `distill cache` folder by example id: no teacher runs."""
 

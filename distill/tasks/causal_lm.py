@@ -27,7 +27,7 @@ from distill.lm_data import LMCollator, domain_rows, encode_lm, read_lm_splits
 from distill.losses import IGNORE_INDEX, build_divergence
 from distill.paths import resolve_path
 from distill.report import causal_lm_card, format_lm_table
-from distill.signals import CachedTopK, HiddenStateSignal, LiveLanguageModels, Targets, body_and_head
+from distill.signals import CachedHidden, CachedTopK, HiddenStateSignal, LiveLanguageModels, Targets, body_and_head
 from distill.tasks.base import StepFigures, Task, refuse_unused, register_task
 
 
@@ -317,7 +317,7 @@ class CausalLM(Task):
             figures = {teacher["name"]: {key: teacher[key] for key in ("nll", "perplexity", "tokens", "bits_per_byte")
                                          if key in teacher} for teacher in cached}
             self.teacher_figures["validation"] = {**figures, "target": self.cache.meta["target"]}
-            return ensemble, CachedTopK(self.cache)
+            return ensemble, (CachedHidden if self.cache.store == "hidden" else CachedTopK)(self.cache)
 
         def load(plan, teacher_dtype):
             from distill.modeling import load_causal_lm
@@ -463,10 +463,14 @@ class CausalLM(Task):
         return causal_lm_card(report, dtype, compression, parity)
 
     # the teacher cache ---------------------------------------------------------------------
-    def write_cache(self, out_dir, top_k):
+    def write_cache(self, out_dir, top_k, store="topk", hidden_dtype=None):
         from distill.cache import write_cache
 
-        return write_cache(self, out_dir, 64 if top_k is None else top_k)
+        if store == "hidden" and top_k is not None:
+            raise ConfigError("--top-k is for --store topk: the hidden store keeps the whole distribution; remove it")
+        if store != "hidden" and hidden_dtype is not None:
+            raise ConfigError("--hidden-dtype is for --store hidden: remove it")
+        return write_cache(self, out_dir, 64 if top_k is None else top_k, store=store, hidden_dtype=hidden_dtype)
 
 
 def perplexities(loader, student, ensemble, source, device: torch.device,
