@@ -6,7 +6,9 @@ and `LogitCache` serves rows by example id (signals.CachedTopK turns them into a
 Per token and per teacher the `topk` store keeps the k largest log-probabilities (at temperature 1)
 and their token ids. The probability mass outside the top k (the tail bucket) is spread evenly over
 the other V - k tokens when the distribution is rebuilt; with k = V nothing is approximated. The
-`hidden` store keeps each teacher's last hidden state per token and its output layer once: training
+`sampled` store keeps N draws per token from each teacher's distribution at its training
+temperature, with their counts: an unbiased sparse target (only the linear mixture and the forward
+KL keep it unbiased, so they are required). The `hidden` store keeps each teacher's last hidden state per token and its output layer once: training
 rebuilds the exact distribution a chunk of tokens at a time (signals.HiddenStateSignal, as for live
 teachers), with no teacher body run.
 """
@@ -40,11 +42,12 @@ def topk_target_log_probs(top_ids: Tensor, top_log_probs: Tensor, vocab_size: in
 
 # --------------------------------------------------------------------------- writing, reading
 # Layout of a cache folder:
-#   meta.json                 store (topk | hidden), teachers (name, path, hash, params), vocab_size,
-#                             top_k or hidden_dtype, fingerprint of the training blocks, the teachers'
-#                             validation perplexities
+#   meta.json                 store (topk | sampled | hidden), teachers (name, path, hash, params),
+#                             vocab_size, top_k, samples and temperatures, or hidden_dtype, fingerprint
+#                             of the training blocks, the teachers' validation perplexities
 #   shard_00000.safetensors   index [n] (example ids), offsets [n + 1] into the token axis, and
 #                             topk: ids [T, K, k] int32, log_probs [T, K, k] float32, tail [T, K] float32
+#                             sampled: the same layout, k = N draws (log(count / N); -inf: not drawn)
 #                             hidden: hidden<k> [T, H_k] per teacher (after the final norm)
 #   heads.safetensors         hidden: weight<k> [V, H_k] (and bias<k>) of each teacher's output layer
 # Rows are found by example id (the block's `index`), never by step or position in an epoch.
@@ -73,13 +76,28 @@ def top_k_of(logits: Tensor, k: int):
     return ids.to(torch.int32), values, tail
 
 
-STORES = ("topk", "hidden")
+def sampled_of(logits: Tensor, temperature: float, draws: int, generator: torch.Generator):
+    """(ids int32 [rows, N], log-probs [rows, N], tail [rows]) of N draws with replacement from
+    softmax(logits / T) per row (Sparse Logit Sampling, Anshumann et al. 2025): each distinct id
+    once at log(count / N), the other slots ids not drawn at -inf, no tail. The empirical distribution is an
+    unbiased estimate of the tempered teacher, so the forward-KL gradient (linear in the target) is
+    an unbiased estimate of the dense one."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    drawn = torch.multinomial(probs.cpu(), draws, replacement=True, generator=generator)  # [rows, N]
+    counts = torch.zeros(probs.shape, dtype=torch.float32).scatter_add_(-1, drawn, torch.ones(drawn.shape))
+    values, ids = counts.topk(draws, dim=-1)
+    # topk returns N distinct ids: the drawn ones, then ids that were not drawn, at zero mass
+    log_probs = torch.where(values > 0, (values / draws).log(), torch.full_like(values, -math.inf))
+    return ids.to(torch.int32), log_probs, torch.full(values.shape[:-1], -1e30)
+
+
+STORES = ("topk", "hidden", "sampled")
 HIDDEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HEADS = "heads.safetensors"
 
 
 def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str = "topk",
-                hidden_dtype: str | None = None) -> dict:
+                hidden_dtype: str | None = None, samples: int = 16) -> dict:
     """Run the task's teachers once over its training blocks and store, per token, their top-k
     (store=topk) or their last hidden states (store=hidden: the output layers are stored once, and
     training rebuilds the exact distributions a chunk at a time)."""
@@ -108,6 +126,8 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str
     vocab = plans[0].vocab_size
     if store not in STORES:
         raise ConfigError(f"--store must be one of {list(STORES)}, got {store!r}")
+    if store == "sampled" and samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {samples}")
     if store == "topk" and not 1 <= top_k <= vocab:
         raise ConfigError(f"--top-k must lie in [1, {vocab}] (the vocabulary), got {top_k}")
     if hidden_dtype is not None and hidden_dtype not in HIDDEN_DTYPES:
@@ -119,7 +139,8 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str
     loader = DataLoader(train, batch_size=cfg.training.eval_batch_size, collate_fn=task.collator(), shuffle=False)
     out_dir.mkdir(parents=True)
     count = len(plans)
-    parts = ["ids", "log_probs", "tail"] if store == "topk" else [f"hidden{k}" for k in range(count)]
+    parts = [f"hidden{k}" for k in range(count)] if store == "hidden" else ["ids", "log_probs", "tail"]
+    generator = torch.Generator().manual_seed(cfg.seed)  # sampled: the same draws on every machine
     shard: dict = {"index": [], "lengths": [], **{part: [] for part in parts}}
     shards = 0
 
@@ -157,7 +178,10 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str
                                                          states.dtype).cpu())  # [L, H_k]
             else:
                 logits = signal.logits(start, start + length)  # [K, L, V]
-                found = [top_k_of(logits[k], top_k) for k in range(logits.shape[0])]
+                if store == "sampled":  # drawn at each teacher's training temperature
+                    found = [sampled_of(logits[k], plan.temperature, samples, generator) for k, plan in enumerate(plans)]
+                else:
+                    found = [top_k_of(logits[k], top_k) for k in range(logits.shape[0])]
                 shard["ids"].append(torch.stack([p[0] for p in found], dim=1).cpu())  # [L, K, k]
                 shard["log_probs"].append(torch.stack([p[1] for p in found], dim=1).float().cpu())  # float32 on disk
                 shard["tail"].append(torch.stack([p[2] for p in found], dim=1).float().cpu())  # [L, K]
@@ -166,6 +190,7 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str
     flush()
     figures, _ = task.evaluate(None, ensemble, source, device)  # teachers and target only
     stored = ({"top_k": top_k} if store == "topk" else
+              {"samples": samples, "temperatures": [plan.temperature for plan in plans]} if store == "sampled" else
               {"hidden_dtype": str(source.heads[0].weight.dtype if hidden_dtype is None
                                    else HIDDEN_DTYPES[hidden_dtype]).replace("torch.", "")})
     meta = {"store": store, **stored, "vocab_size": vocab, "fingerprint": fingerprint(train), "rows": len(train),

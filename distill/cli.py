@@ -56,8 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("--out", required=True, help="the cache folder (then train with teachers.cache=FOLDER)")
     cache.add_argument("--top-k", type=int, default=None, help="causal LM, --store topk: log-probabilities kept per "
                                                                  "token and teacher (default 64)")
-    cache.add_argument("--store", default="topk", choices=["topk", "hidden"],
-                       help="causal LM: topk (sparse, approximate) or hidden (last hidden states + output layers: exact)")
+    cache.add_argument("--store", default="topk", choices=["topk", "sampled", "hidden"],
+                       help="causal LM: topk (sparse, biased), sampled (sparse, unbiased draws) or hidden (last hidden "
+                            "states + output layers: exact)")
+    cache.add_argument("--samples", type=int, default=None, help="causal LM, --store sampled: draws per token and "
+                                                                 "teacher (default 16)")
     cache.add_argument("--hidden-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="causal LM, --store hidden: the stored states' dtype (default: the teachers')")
 
@@ -167,8 +170,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"best alpha {result['best']['alpha']} written to {out} (alpha_sweep.json, alpha_sweep.png)")
         elif args.command == "cache":
             meta = build_task(load_task_config(args.config, args.overrides)).write_cache(
-                Path(args.out), args.top_k, args.store, args.hidden_dtype)
-            stored = (f"top-{meta['top_k']}" if "top_k" in meta else
+                Path(args.out), args.top_k, args.store, args.hidden_dtype, args.samples)
+            stored = (f"top-{meta['top_k']}" if "top_k" in meta else f"{meta['samples']} draws" if "samples" in meta else
                       f"{meta['hidden_dtype']} hidden states" if "hidden_dtype" in meta else "the logits")
             unit = f"blocks in {meta['shards']} shard(s)" if "shards" in meta else "rows"
             what = f"{stored} of {len(meta['teachers'])} teacher(s) over {meta['rows']} {unit}"

@@ -598,3 +598,57 @@ def test_a_trimmed_and_pruned_student_trains_resumes_from_its_saved_build_and_ex
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
     generated = model.generate(**tokenizer("the car", return_tensors="pt"), max_new_tokens=3, do_sample=False)
     assert generated.shape[1] > len(tokenizer("the car")["input_ids"])
+
+
+def test_sampled_targets_give_an_unbiased_kd_gradient():
+    """The mean of many sampled-store gradients equals the dense gradient within a few standard
+    errors, coordinate by coordinate; the top-k store's gradient at equal bytes stays off by far more."""
+    from distill.cache import sampled_of, top_k_of, topk_target_log_probs
+    from distill.losses import kl_divergence
+
+    torch.manual_seed(0)
+    vocab, temperature, draws, rounds = 40, 2.0, 8, 4000
+    teacher = torch.randn(1, vocab, dtype=torch.float64) * 3
+    student = torch.randn(1, vocab, dtype=torch.float64, requires_grad=True)
+
+    def gradient(target_log_probs):
+        loss = temperature ** 2 * kl_divergence(target_log_probs, torch.log_softmax(student / temperature, dim=-1)).sum()
+        return torch.autograd.grad(loss, student)[0][0]
+
+    dense = gradient(torch.log_softmax(teacher / temperature, dim=-1))
+    generator = torch.Generator().manual_seed(1)
+    grads = []
+    for _ in range(rounds):
+        ids, log_probs, tail = sampled_of(teacher, temperature, draws, generator)
+        assert ids.unique().numel() == draws  # distinct slots: drawn ids, then zero-mass ones
+        grads.append(gradient(topk_target_log_probs(ids, log_probs.double(), vocab, tail.double())))
+    grads = torch.stack(grads)
+    error = (grads.mean(0) - dense).abs()
+    standard_error = grads.std(0) / math.sqrt(rounds)
+    assert bool((error <= 4 * standard_error + 1e-12).all()), (error / standard_error).max()
+    # top-k at the same bytes (k = N) rebuilds the tail evenly: a bias the same test would catch
+    ids, log_probs, tail = top_k_of(teacher, draws)
+    softened = torch.log_softmax(topk_target_log_probs(ids, log_probs.double(), vocab, tail.double()) / temperature, -1)
+    assert not bool(((gradient(softened) - dense).abs() <= 4 * standard_error + 1e-12).all())
+
+
+def test_a_sampled_cache_trains_and_refuses_what_samples_cannot_express(lm_run, tiny_lm, tmp_path):
+    _, config, _ = lm_run
+    cache = tmp_path / "sampled"
+    written = run_cli(["cache", config, "--out", cache, "--store", "sampled", "--samples", "8"])
+    assert written.returncode == 0, written.stderr[-3000:]
+    assert "8 draws of 2 teacher(s)" in written.stdout
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["store"] == "sampled" and meta["temperatures"] == [2.0, 1.5]
+    run_dir = tmp_path / "run"
+    trained = run_cli(["train", config, f"output_dir={run_dir}", f"teachers.cache={cache}"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert all(math.isfinite(row["loss"]) and row["kd"] > 0 for row in train_losses(run_dir))
+    from tests.helpers import assert_refused_before_writing
+
+    for overrides, message in [(["interpolation.method=geometric"], "only the linear mixture stays unbiased"),
+                               (["loss.divergence=reverse_kl"], "is not linear in the target"),
+                               (["teachers.models.0.temperature=1.0"], "drawn at teacher temperatures")]:
+        refused_dir = tmp_path / f"refused{len(message)}"
+        assert_refused_before_writing(config, refused_dir, [f"output_dir={refused_dir}", f"teachers.cache={cache}",
+                                                            *overrides], message)

@@ -201,7 +201,26 @@ class CausalLM(Task):
         if self.cache is None:
             self.cache = LogitCache(resolve_path(self.cfg.teachers.cache), [p.name for p in self.plans],
                                     fingerprint(train_set))
+            if self.cache.store == "sampled":
+                self._check_sampled_store(self.cache.meta)
         return self.cache
+
+    def _check_sampled_store(self, meta) -> None:
+        """Samples are an unbiased target only for a linear mixture under the forward KL, at the
+        temperatures they were drawn at: anything else is refused by name."""
+        cfg, key = self.cfg, f"teachers.cache ({self.cfg.teachers.cache}, sampled)"
+        if cfg.interpolation.method != "linear":
+            raise ConfigError(f"{key}: interpolation.method={cfg.interpolation.method} needs whole distributions; "
+                              "from samples only the linear mixture stays unbiased: use linear, or a topk/hidden cache")
+        if cfg.loss.divergence != "forward_kl":
+            raise ConfigError(f"{key}: loss.divergence={cfg.loss.divergence} is not linear in the target, so samples "
+                              "would bias it: use forward_kl, or a hidden cache")
+        if cfg.schedules.temperature is not None:
+            raise ConfigError(f"{key}: the samples were drawn at fixed temperatures; remove schedules.temperature")
+        now = [plan.temperature for plan in self.plans]
+        if [float(t) for t in meta["temperatures"]] != [float(t) for t in now]:
+            raise ConfigError(f"{key}: drawn at teacher temperatures {meta['temperatures']}, the config has {now}: "
+                              "rerun distill cache")
 
     def batches(self, stream, micro_steps_done):
         return step_groups(stream, self.cfg.training.gradient_accumulation_steps, micro_steps_done)
@@ -317,6 +336,8 @@ class CausalLM(Task):
             figures = {teacher["name"]: {key: teacher[key] for key in ("nll", "perplexity", "tokens", "bits_per_byte")
                                          if key in teacher} for teacher in cached}
             self.teacher_figures["validation"] = {**figures, "target": self.cache.meta["target"]}
+            if self.cache.store == "sampled":  # drawn at the teachers' temperatures already: not softened again
+                ensemble.temperatures = torch.ones(len(plans))
             return ensemble, (CachedHidden if self.cache.store == "hidden" else CachedTopK)(self.cache)
 
         def load(plan, teacher_dtype):
@@ -463,14 +484,17 @@ class CausalLM(Task):
         return causal_lm_card(report, dtype, compression, parity)
 
     # the teacher cache ---------------------------------------------------------------------
-    def write_cache(self, out_dir, top_k, store="topk", hidden_dtype=None):
+    def write_cache(self, out_dir, top_k, store="topk", hidden_dtype=None, samples=None):
         from distill.cache import write_cache
 
-        if store == "hidden" and top_k is not None:
-            raise ConfigError("--top-k is for --store topk: the hidden store keeps the whole distribution; remove it")
+        if store != "topk" and top_k is not None:
+            raise ConfigError(f"--top-k is for --store topk, not {store}: remove it")
         if store != "hidden" and hidden_dtype is not None:
             raise ConfigError("--hidden-dtype is for --store hidden: remove it")
-        return write_cache(self, out_dir, 64 if top_k is None else top_k, store=store, hidden_dtype=hidden_dtype)
+        if store != "sampled" and samples is not None:
+            raise ConfigError("--samples is for --store sampled: remove it")
+        return write_cache(self, out_dir, 64 if top_k is None else top_k, store=store, hidden_dtype=hidden_dtype,
+                           samples=16 if samples is None else samples)
 
 
 def perplexities(loader, student, ensemble, source, device: torch.device,

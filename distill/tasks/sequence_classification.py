@@ -192,10 +192,10 @@ class SequenceClassification(Task):
 
     cache_holds_validation = True  # distill fit-weights and interpolation.fit_on can read a cache
 
-    def write_cache(self, out_dir, top_k, store="topk", hidden_dtype=None):
-        if top_k is not None or store != "topk" or hidden_dtype is not None:
-            raise ConfigError("--top-k, --store and --hidden-dtype are for causal-LM caches: a classification cache "
-                              "keeps every logit; remove them")
+    def write_cache(self, out_dir, top_k, store="topk", hidden_dtype=None, samples=None):
+        if top_k is not None or store != "topk" or hidden_dtype is not None or samples is not None:
+            raise ConfigError("--top-k, --store, --hidden-dtype and --samples are for causal-LM caches: a "
+                              "classification cache keeps every logit; remove them")
         from distill.classifier_cache import write_classifier_cache
 
         return write_classifier_cache(self, out_dir)
