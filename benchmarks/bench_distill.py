@@ -8,6 +8,8 @@ Same student, data and batch in every variant (one process each, fresh):
   live K      distillation from K = 1, 2, 4 live teachers (their forwards in inference mode,
               the fused chunked loss); the teachers' own forwards are also timed alone
   cached      distillation from 2 teachers' cached top-k (k = --top-k) log-probabilities
+  cached_sampled   from 2 teachers' cached samples (N = --top-k draws at T = 2: the same bytes)
+  cached_hidden    from 2 teachers' cached last hidden states and output layers (exact; no teacher body)
 
 Each variant: 3 warm-up steps, then --steps timed optimizer steps (AdamW), in --rounds fresh
 processes taken round-robin over the variants (each keeps its round with the lowest p50: on a
@@ -22,7 +24,6 @@ t2 - t1 and (t4 - t1) / 3 are printed too). Prints a table, hardware and version
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -35,7 +36,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from measure import (add_variant_arguments, current_rss_bytes, emit_rows, measure_in_rounds,  # noqa: E402
                      peak_rss_bytes, quantiles, ran_one_variant)
-VARIANTS = [("plain", 0), ("live", 1), ("live", 2), ("live", 4), ("cached", 2)]
+VARIANTS = [("plain", 0), ("live", 1), ("live", 2), ("live", 4), ("cached", 2), ("cached_sampled", 2),
+            ("cached_hidden", 2)]
 
 
 def _llama(vocab: int, hidden: int, layers: int, seed: int):
@@ -62,9 +64,10 @@ class _InMemoryCache:
 def run_variant(variant: str, teachers: int, args) -> dict:
     import torch
 
-    from distill.cache import top_k_of
+    from distill.cache import sampled_of, top_k_of
     from distill.chunked_loss import Workspace, fused_token_distillation
-    from distill.signals import CachedTopK, LiveLanguageModels, Targets, body_and_head, teacher_hidden_states
+    from distill.signals import (CachedTopK, HiddenStateSignal, LiveLanguageModels, Targets, body_and_head,
+                                 teacher_hidden_states)
     from distill.teachers import TeacherEnsemble, TeacherPlan
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,10 +85,18 @@ def run_variant(variant: str, teachers: int, args) -> dict:
               .requires_grad_(False) for k in range(count)]
     ensemble = TeacherEnsemble(plans, models if variant == "live" else [], "linear") if count else None
     inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"]}
-    cache = None
-    if variant == "cached":  # the teachers' top-k for this batch, computed once, as `distill cache` does
+    cache = stored_hidden = None
+    if variant == "cached_hidden":  # the teachers' last hidden states and output layers, as --store hidden keeps them
         hidden = teacher_hidden_states(TeacherEnsemble(plans, models, "linear"), inputs)
-        parts = [top_k_of(body_and_head(m)[1](h), args.top_k) for m, h in zip(models, hidden)]
+        stored_hidden = HiddenStateSignal(hidden, [body_and_head(m)[1] for m in models])
+        del models
+    if variant in ("cached", "cached_sampled"):  # top-k, or N = --top-k draws at T = 2, computed once
+        hidden = teacher_hidden_states(TeacherEnsemble(plans, models, "linear"), inputs)
+        generator = torch.Generator().manual_seed(0)
+        parts = [top_k_of(body_and_head(m)[1](h), args.top_k) if variant == "cached" else
+                 sampled_of(body_and_head(m)[1](h), 2.0, args.top_k, generator) for m, h in zip(models, hidden)]
+        if variant == "cached_sampled":
+            ensemble.temperatures = torch.ones(count)  # drawn at the temperature already
         shape = (args.batch, args.seq, count)
         cache = _InMemoryCache(torch.stack([p[0] for p in parts], 1).long().reshape(*shape, args.top_k),
                                torch.stack([p[1] for p in parts], 1).reshape(*shape, args.top_k),
@@ -100,9 +111,9 @@ def run_variant(variant: str, teachers: int, args) -> dict:
         if variant == "plain":
             loss = student(**inputs, labels=ids).loss
         else:
-            source = live if variant == "live" else CachedTopK(cache)
-            targets = Targets(ensemble, source.signal(batch, device), flat_labels, flat_labels != -100, streamed=True,
-                              workspace=workspace)
+            signal = (live.signal(batch, device) if variant == "live" else stored_hidden if stored_hidden is not None
+                      else CachedTopK(cache).signal(batch, device))
+            targets = Targets(ensemble, signal, flat_labels, flat_labels != -100, streamed=True, workspace=workspace)
             body, head = body_and_head(student)
             hidden = body(**inputs).last_hidden_state
             loss = fused_token_distillation(hidden.reshape(-1, hidden.shape[-1]), head.weight, flat_labels, targets,

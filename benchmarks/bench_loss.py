@@ -23,7 +23,6 @@ JSON rows with the ratios the README states: fused / materialised memory and tim
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time

@@ -1,5 +1,8 @@
-"""What a top-k logit cache costs in accuracy: the target rebuilt from each teacher's top k (plus the
-tail mass spread evenly over the other tokens, as `distill cache` stores it) against the exact one.
+"""What each teacher cache store costs in accuracy, against the exact target: top-k (each teacher's
+top k plus the tail mass spread evenly over the other tokens), sampled (N draws per token at the
+temperature, with counts: unbiased) at the same bytes as top-k with k = N, and hidden (the last
+hidden states in bf16 times the fp32 output layer), as `distill cache --store topk|sampled|hidden`
+stores them.
 
     python benchmarks/topk_effect.py CONFIG [--blocks 32] [--k 8 32 64 256 1024] [--temperature 1 2]
 
@@ -11,7 +14,11 @@ source), per k and temperature T:
                 top k hold all the mass to float precision and the tail gets none)
   KD loss       T^2 KL(target || student_T) with the top-k target, relative to the exact one
   grad cosine   cosine between the KD gradients with respect to the student's logits
+  grad error    ||g - g_exact|| / ||g_exact|| of that gradient (top-k: a bias; sampled: noise of one
+                draw set, whose mean over draws is g_exact)
   mass          mean probability mass the teachers' top k hold (T = 1)
+  bytes/token   per teacher: top-k and sampled 8 k (int32 id + float32 value), hidden 2 H (bf16),
+                dense logits 4 V
 Prints a table and JSON rows; runs offline on CPU in a minute or two for SmolLM2-135M.
 """
 from __future__ import annotations
@@ -38,7 +45,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.cache import top_k_of, topk_target_log_probs
+    from distill.cache import sampled_of, top_k_of, topk_target_log_probs
     from distill.lm_data import encode_lm, read_lm_splits
     from distill.config import load_config
     from distill.interpolate import build_interpolation
@@ -61,9 +68,31 @@ def main() -> None:
     with torch.no_grad():
         teacher_logits = torch.stack([m(input_ids=ids).logits.reshape(-1, m.config.vocab_size)[valid] for m in teachers])
         student_logits = student(input_ids=ids).logits.reshape(-1, student.config.vocab_size)[valid]
+        # the hidden store: final hidden states rounded to bf16, times each teacher's fp32 output layer
+        hidden_logits = []
+        for model in teachers:
+            states = model.get_decoder()(input_ids=ids).last_hidden_state.reshape(-1, model.config.hidden_size)[valid]
+            hidden_logits.append(model.get_output_embeddings()(states.bfloat16().float()))
+        hidden_logits = torch.stack(hidden_logits)
     vocab = teacher_logits.shape[-1]
+    width = max(m.config.hidden_size for m in teachers)
     log_p = torch.log_softmax(teacher_logits, dim=-1)  # what the cache stores is at T = 1
+    generator = torch.Generator().manual_seed(0)
     rows = []
+
+    def compare(store, k, temperature, approx, exact_loss, exact_grad, mass, stored_bytes):
+        logits = student_logits.clone().requires_grad_(True)
+        loss = temperature ** 2 * kl_divergence(approx, torch.log_softmax(logits / temperature, dim=-1)).mean()
+        (grad,) = torch.autograd.grad(loss, [logits])
+        cosine = torch.nn.functional.cosine_similarity(grad.double().reshape(1, -1),
+                                                       exact_grad.double().reshape(1, -1)).item()
+        error = ((grad.double() - exact_grad.double()).norm() / exact_grad.double().norm()).item()
+        rows.append({"store": store, "k": k, "temperature": temperature, "tokens": int(valid.sum()), "vocab": vocab,
+                     "bytes_per_token": stored_bytes, "target_tv": 0.5 * (exact.exp() - approx.exp()).abs().sum(-1).mean().item(),
+                     "kd_loss_exact": exact_loss.item(), "kd_loss_store": loss.item(),
+                     "kd_loss_ratio": loss.item() / exact_loss.item(), "grad_cosine": cosine, "grad_rel_error": error,
+                     "top_k_mass": mass})
+
     for temperature in args.temperature:
         temps = torch.full((len(teachers),), temperature)
         exact = interpolation(teacher_logits, weights, temps)
@@ -74,22 +103,24 @@ def main() -> None:
         for k in args.k:
             top_ids, top_values, tail = zip(*(top_k_of(lp, k) for lp in log_p))
             rebuilt = topk_target_log_probs(torch.stack(top_ids).long(), torch.stack(top_values), vocab, torch.stack(tail))
-            approx = interpolation(rebuilt, weights, temps)
-            logits = student_logits.clone().requires_grad_(True)
-            loss = temperature ** 2 * kl_divergence(approx, torch.log_softmax(logits / temperature, dim=-1)).mean()
-            (grad,) = torch.autograd.grad(loss, [logits])
-            cosine = torch.nn.functional.cosine_similarity(grad.double().reshape(1, -1),
-                                                           exact_grad.double().reshape(1, -1)).item()
             mass = torch.stack(top_values).exp().sum(-1).mean().item()
-            rows.append({"k": k, "temperature": temperature, "tokens": int(valid.sum()), "vocab": vocab,
-                         "target_tv": 0.5 * (exact.exp() - approx.exp()).abs().sum(-1).mean().item(), "kd_loss_exact": exact_loss.item(),
-                         "kd_loss_topk": loss.item(), "kd_loss_ratio": loss.item() / exact_loss.item(),
-                         "grad_cosine": cosine, "top_k_mass": mass})
-    print(f"{len(teachers)} teacher(s), {int(valid.sum())} validation tokens, V = {vocab}, student {student_path}")
-    print(f"{'T':>4}{'k':>7}{'top-k mass':>12}{'target TV':>12}{'KD loss':>10}{'vs exact':>10}{'grad cos':>10}")
+            compare("topk", k, temperature, interpolation(rebuilt, weights, temps), exact_loss, exact_grad, mass, 8 * k)
+            # sampled: drawn at the temperature, so mixed untempered (as training reads such a store)
+            drawn = [sampled_of(z, temperature, k, generator) for z in teacher_logits]
+            rebuilt = topk_target_log_probs(torch.stack([d[0] for d in drawn]).long(), torch.stack([d[1] for d in drawn]),
+                                            vocab, torch.stack([d[2] for d in drawn]))
+            compare("sampled", k, temperature, interpolation(rebuilt, weights, torch.ones_like(temps)), exact_loss,
+                    exact_grad, float("nan"), 8 * k)
+        compare("hidden bf16", 0, temperature, interpolation(hidden_logits, weights, temps), exact_loss, exact_grad,
+                1.0, 2 * width)
+    print(f"{len(teachers)} teacher(s), {int(valid.sum())} validation tokens, V = {vocab}, student {student_path}; "
+          f"dense logits: {4 * vocab} bytes per token and teacher")
+    print(f"{'store':>12}{'T':>4}{'k/N':>6}{'bytes':>7}{'target TV':>11}{'KD loss':>9}{'vs exact':>10}{'grad cos':>10}"
+          f"{'grad err':>10}")
     for row in rows:
-        print(f"{row['temperature']:>4.1f}{row['k']:>7}{row['top_k_mass']:>12.4f}{row['target_tv']:>12.4f}"
-              f"{row['kd_loss_topk']:>10.4f}{row['kd_loss_ratio']:>9.4f}x{row['grad_cosine']:>10.5f}")
+        print(f"{row['store']:>12}{row['temperature']:>4.1f}{row['k']:>6}{row['bytes_per_token']:>7}{row['target_tv']:>11.4f}"
+              f"{row['kd_loss_store']:>9.4f}{row['kd_loss_ratio']:>9.4f}x{row['grad_cosine']:>10.5f}"
+              f"{row['grad_rel_error']:>10.4f}")
     for row in rows:
         print(json.dumps(row))
 
