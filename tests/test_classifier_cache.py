@@ -79,5 +79,5 @@ def test_a_cache_of_other_teachers_text_or_rows_is_refused_before_anything_is_wr
         run_dir = tmp_path / f"refused{len(message)}"
         assert_refused_before_writing(tiny_config_yaml(tiny, run_dir), run_dir, overrides, message)
     result = run_cli(["cache", tiny_config_yaml(tiny, tmp_path / "x"), "--out", tmp_path / "k", "--top-k", "4"])
-    assert result.returncode == 2 and "--top-k is for causal-LM caches" in result.stderr
+    assert result.returncode == 2 and "are for causal-LM caches" in result.stderr
     assert not (tmp_path / "k").exists()
