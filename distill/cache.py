@@ -91,6 +91,24 @@ def sampled_of(logits: Tensor, temperature: float, draws: int, generator: torch.
     return ids.to(torch.int32), log_probs, torch.full(values.shape[:-1], -1e30)
 
 
+def plan_cache_run(task, out_dir):
+    """(splits, teacher plans) for `distill cache` of any task, after the checks every cache shares:
+    an empty or new --out, teachers to run, and live ones (not a cache)."""
+    from distill.config import ConfigError
+    from distill.modeling import load_tokenizer
+
+    cfg = task.cfg
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"cache target {out_dir} exists and is not empty: remove it or choose another --out")
+    if not cfg.teachers.models:
+        raise ConfigError("teachers.models is empty: there is nothing to cache")
+    if cfg.teachers.cache is not None:
+        raise ConfigError("teachers.cache is set: distill cache runs the live teachers; remove teachers.cache")
+    splits = task.read_splits()
+    reference, key = task.student_source()
+    return splits, task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
+
+
 STORES = ("topk", "hidden", "sampled")
 HIDDEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HEADS = "heads.safetensors"
@@ -110,19 +128,10 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str
     from distill.checkpointing import content_hash
     from distill.config import ConfigError
     from distill.hardware import local_device, teacher_dtype
-    from distill.modeling import load_tokenizer
 
     cfg = task.cfg
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"cache target {out_dir} exists and is not empty: remove it or choose another --out")
-    if not cfg.teachers.models:
-        raise ConfigError("teachers.models is empty: there is nothing to cache")
-    if cfg.teachers.cache is not None:
-        raise ConfigError("teachers.cache is set: distill cache runs the live teachers; remove teachers.cache")
-    splits = task.read_splits()
-    reference, key = task.student_source()
-    plans = task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
+    splits, plans = plan_cache_run(task, out_dir)
     vocab = plans[0].vocab_size
     if store not in STORES:
         raise ConfigError(f"--store must be one of {list(STORES)}, got {store!r}")

@@ -42,22 +42,14 @@ def write_classifier_cache(task, out_dir: Path) -> Dict:
     from safetensors.torch import save_file
     from torch.utils.data import DataLoader
 
+    from distill.cache import plan_cache_run
     from distill.checkpointing import content_hash
     from distill.data import TEXT_KEY
     from distill.hardware import local_device, teacher_dtype
-    from distill.modeling import load_tokenizer
     from distill.outputs import written_folder
 
     cfg = task.cfg
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"cache target {out_dir} exists and is not empty: remove it or choose another --out")
-    if not cfg.teachers.models:
-        raise ConfigError("teachers.models is empty: there is nothing to cache")
-    if cfg.teachers.cache is not None:
-        raise ConfigError("teachers.cache is set: distill cache runs the live teachers; remove teachers.cache")
-    splits = task.read_splits()
-    reference, key = task.student_source()
-    plans = task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
+    splits, plans = plan_cache_run(task, Path(out_dir))
     device = local_device()
     dtype = teacher_dtype(cfg.teachers.dtype, device)
     ensemble, _ = task.load_teachers(plans, device, dtype)
