@@ -67,7 +67,7 @@ def attention_parts(model: nn.Module, key: str):
                       "whose attention vectors the relation terms know how to read: set relation_weight=0")
 
 
-def _pairs(value, default: List[Tuple[int, int]], student_depth: int, teacher_depth: int, key: str):
+def layer_pairs(value, default: List[Tuple[int, int]], student_depth: int, teacher_depth: int, key: str):
     pairs = default if isinstance(value, str) else [(int(s), int(t)) for s, t in value]
     for student_layer, teacher_layer in pairs:
         if student_layer > student_depth or teacher_layer > teacher_depth:
@@ -93,10 +93,10 @@ def plan_layer_terms(cfg, student: nn.Module, teachers: Sequence[Optional[nn.Mod
         plan = LayerTermsPlan(
             teacher=k, key=f"{key} ({teacher_display_name(cfg.teachers.models[k], k)})",
             hidden_weight=entry.hidden_weight, hidden_loss=entry.hidden_loss,
-            hidden_pairs=_pairs(entry.layer_map, uniform_layer_map(student_depth, teacher_depth), student_depth,
+            hidden_pairs=layer_pairs(entry.layer_map, uniform_layer_map(student_depth, teacher_depth), student_depth,
                                 teacher_depth, f"{key}.layer_map") if entry.hidden_weight > 0 else [],
             relation_weight=entry.relation_weight, relation_kinds=list(entry.relations),
-            relation_pairs=_pairs(entry.relation_layers, [(student_depth, teacher_depth)], student_depth,
+            relation_pairs=layer_pairs(entry.relation_layers, [(student_depth, teacher_depth)], student_depth,
                                   teacher_depth, f"{key}.relation_layers") if entry.relation_weight > 0 else [])
         if plan.relation_pairs:
             widths = [_vector_width(model, pair[side], kind, key) for pair in plan.relation_pairs
@@ -109,33 +109,6 @@ def plan_layer_terms(cfg, student: nn.Module, teachers: Sequence[Optional[nn.Mod
             plan.relation_heads = heads
         plans.append(plan)
     return plans
-
-
-def check_layer_maps(cfg) -> None:
-    """Explicit layer pairs against the models' depths from their configs alone (before anything
-    is written): the teacher's always; the student's where the config fixes it (student.path,
-    student.layers, or every other layer of its teacher without pruning)."""
-    from distill.modeling import load_model_config
-    from distill.student import default_layers
-
-    def layers_of(path: str, key: str) -> int:
-        return int(load_model_config(path, key, cfg.trust_remote_code).num_hidden_layers)
-
-    student_depth = None
-    if cfg.student.path is not None:
-        student_depth = layers_of(cfg.student.path, "student.path")
-    elif not (cfg.student.prune.target_params is not None and cfg.student.prune.depth):
-        index = resolve_teacher_index(cfg, cfg.student.from_teacher)
-        total = layers_of(cfg.teachers.models[index].path, f"teachers.models[{index}].path")
-        student_depth = len(default_layers(cfg.student, total))
-    for index, entry in enumerate(cfg.loss.intermediate):
-        key = f"loss.intermediate[{index}]"
-        k = resolve_teacher_index(cfg, entry.teacher, f"{key}.teacher")
-        teacher_depth = layers_of(cfg.teachers.models[k].path, f"teachers.models[{k}].path")
-        for name in ("layer_map", "relation_layers"):
-            if not isinstance(entry[name], str):
-                _pairs(entry[name], [], student_depth if student_depth is not None else 10 ** 9, teacher_depth,
-                       f"{key}.{name}")
 
 
 def requests(plans: Sequence[LayerTermsPlan]) -> Tuple[Request, Dict[int, Request]]:

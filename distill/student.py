@@ -229,3 +229,29 @@ def _reorder_classifier(model: nn.Module, order: Optional[List[int]]) -> None:
     head.weight.data = head.weight.data[index].clone()
     if head.bias is not None:
         head.bias.data = head.bias.data[index].clone()
+
+
+def check_layer_maps(cfg) -> None:
+    """Explicit layer pairs against the models' depths from their configs alone (before anything
+    is written): the teacher's always; the student's where the config fixes it (student.path,
+    student.layers, or every other layer of its teacher without pruning)."""
+    from distill.layer_distillation import layer_pairs
+
+    def layers_of(path: str, key: str) -> int:
+        return int(load_model_config(path, key, cfg.trust_remote_code).num_hidden_layers)
+
+    student_depth = None
+    if cfg.student.path is not None:
+        student_depth = layers_of(cfg.student.path, "student.path")
+    elif not (cfg.student.prune.target_params is not None and cfg.student.prune.depth):
+        index = resolve_teacher_index(cfg, cfg.student.from_teacher)
+        total = layers_of(cfg.teachers.models[index].path, f"teachers.models[{index}].path")
+        student_depth = len(default_layers(cfg.student, total))
+    for index, entry in enumerate(cfg.loss.intermediate):
+        key = f"loss.intermediate[{index}]"
+        k = resolve_teacher_index(cfg, entry.teacher, f"{key}.teacher")
+        teacher_depth = layers_of(cfg.teachers.models[k].path, f"teachers.models[{k}].path")
+        for name in ("layer_map", "relation_layers"):
+            if not isinstance(entry[name], str):
+                layer_pairs(entry[name], [], student_depth if student_depth is not None else 10 ** 9, teacher_depth,
+                       f"{key}.{name}")

@@ -38,7 +38,7 @@ from distill.modeling import count_parameters, load_tokenizer
 from distill.outputs import RUN_MARKER, RunLock, check_run_directory
 from distill.paths import links_leaving
 from distill.report import write_json
-from distill.student import check_prune_budget, check_student_layers
+from distill.student import check_layer_maps, check_prune_budget, check_student_layers
 from distill.schedules import value_at
 from distill.tasks import build_task
 from distill.tasks.base import StepFigures
@@ -223,8 +223,6 @@ class Trainer:
         check_student_layers(cfg)
         check_prune_budget(cfg, self.task.auto_model_class)
         if cfg.loss.intermediate:
-            from distill.layer_distillation import check_layer_maps
-
             check_layer_maps(cfg)
         if not cfg.data.mixture_sources:  # a mixture draws with replacement: any batch size goes
             rows, batch = self.task.training_rows(self.splits), cfg.training.micro_batch_size
