@@ -482,6 +482,8 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
              f"teachers.placement: {cfg.teachers.placement!r} is not one of {list(PLACEMENTS)}")
     _require(cfg.teachers.dtype in TEACHER_DTYPES,
              f"teachers.dtype: {cfg.teachers.dtype!r} is not one of {list(TEACHER_DTYPES)}")
+    _require(cfg.teachers.cache is None or cfg.teachers.placement == "replicated",
+             "teachers.placement is for live teachers; with teachers.cache no teacher is loaded")
     _require(cfg.teachers.dtype != "int8" or cfg.teachers.placement == "replicated",
              "teachers.dtype=int8 with teachers.placement=zero3: quantized teachers are not partitioned; use one of them")
     _require(cfg.teachers.on_nonfinite in ("stop", "skip"),

@@ -127,8 +127,6 @@ class CausalLM(Task):
                 raise ConfigError("interpolation.fit_on reads the teachers on validation tokens, which teachers.cache "
                                   "does not hold: fit with `distill fit-weights` and pass its weights.yaml, or drop "
                                   "teachers.cache")
-            if cfg.teachers.placement != "replicated":
-                raise ConfigError("teachers.placement is for live teachers; with teachers.cache no teacher is loaded")
         from distill.interpolate import interpolation_class
 
         if cfg.loss.intermediate and interpolation_class(cfg.interpolation.method).weights_per_row:

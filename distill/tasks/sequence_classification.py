@@ -44,8 +44,6 @@ class SequenceClassification(Task):
             **{f"data.eval_domains[{i}].path": True for i, domain in enumerate(data.eval_domains)
                if domain.path is not None},
         }, " (causal-LM settings)")
-        if cfg.teachers.cache is not None and cfg.teachers.placement != "replicated":
-            raise ConfigError("teachers.placement is for live teachers; with teachers.cache no teacher is loaded")
         if cfg.teachers.cache is not None and any(t.logits for t in cfg.teachers.models):
             raise ConfigError("teachers.cache holds live teachers' logits; black-box teachers (teachers.models[*].logits) "
                               "are read from their own files: drop teachers.cache or those teachers")
