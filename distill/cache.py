@@ -41,7 +41,8 @@ def topk_target_log_probs(top_ids: Tensor, top_log_probs: Tensor, vocab_size: in
 
 
 # --------------------------------------------------------------------------- writing, reading
-# Layout of a cache folder:
+# Layout of a cache folder (written shard by shard, resumable: cache_writing.py):
+#   plan.json                 what the shards depend on (written first)
 #   meta.json                 store (topk | sampled | hidden), teachers (name, path, hash, params),
 #                             vocab_size, top_k, samples and temperatures, or hidden_dtype, fingerprint
 #                             of the training blocks, the teachers' validation perplexities
@@ -51,9 +52,6 @@ def topk_target_log_probs(top_ids: Tensor, top_log_probs: Tensor, vocab_size: in
 #                             hidden: hidden<k> [T, H_k] per teacher (after the final norm)
 #   heads.safetensors         hidden: weight<k> [V, H_k] (and bias<k>) of each teacher's output layer
 # Rows are found by example id (the block's `index`), never by step or position in an epoch.
-META = "meta.json"
-
-
 def fingerprint(dataset) -> str:
     """sha256 of the encoded training blocks: a cache is only valid for the exact same tokens."""
     import hashlib
@@ -91,22 +89,33 @@ def sampled_of(logits: Tensor, temperature: float, draws: int, generator: torch.
     return ids.to(torch.int32), log_probs, torch.full(values.shape[:-1], -1e30)
 
 
-def plan_cache_run(task, out_dir):
-    """(splits, teacher plans) for `distill cache` of any task, after the checks every cache shares:
-    an empty or new --out, teachers to run, and live ones (not a cache)."""
+def plan_cache_run(task):
+    """(splits, teacher plans, their content hashes) for `distill cache` of any task, after the
+    checks every cache shares: teachers to run, live ones (not a cache), and on several ranks
+    teachers each rank holds whole (each rank runs its own shards)."""
+    from distill.checkpointing import content_hash
     from distill.config import ConfigError
+    from distill.distributed import world_size
     from distill.modeling import load_tokenizer
 
     cfg = task.cfg
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"cache target {out_dir} exists and is not empty: remove it or choose another --out")
     if not cfg.teachers.models:
         raise ConfigError("teachers.models is empty: there is nothing to cache")
     if cfg.teachers.cache is not None:
         raise ConfigError("teachers.cache is set: distill cache runs the live teachers; remove teachers.cache")
+    if cfg.teachers.placement != "replicated" and world_size() > 1:
+        raise ConfigError("teachers.placement: zero3 with distill cache on several ranks: each rank caches its own "
+                          "shards with whole teachers; set teachers.placement=replicated (or run one rank)")
     splits = task.read_splits()
     reference, key = task.student_source()
-    return splits, task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
+    plans = task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
+    return splits, plans, [content_hash(plan.path) for plan in plans]
+
+
+def teacher_signature(plans, hashes, dtype) -> dict:
+    """What a cache's teachers are: names, paths, content hashes and the dtype they ran in."""
+    return {"teachers": [[plan.name, plan.path, digest] for plan, digest in zip(plans, hashes)],
+            "teacher_dtype": str(dtype).replace("torch.", "")}
 
 
 STORES = ("topk", "hidden", "sampled")
@@ -117,21 +126,19 @@ HEADS = "heads.safetensors"
 def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str = "topk",
                 hidden_dtype: str | None = None, samples: int = 16) -> dict:
     """Run the task's teachers once over its training blocks and store, per token, their top-k
-    (store=topk) or their last hidden states (store=hidden: the output layers are stored once, and
-    training rebuilds the exact distributions a chunk at a time)."""
-    import json
+    (store=topk), N draws (store=sampled) or their last hidden states (store=hidden: the output
+    layers are stored once, and training rebuilds the exact distributions a chunk at a time).
+    Resumable and multi-rank (cache_writing.ShardedWriter)."""
     from pathlib import Path
 
-    from safetensors.torch import save_file
     from torch.utils.data import DataLoader
 
-    from distill.checkpointing import content_hash
+    from distill.cache_writing import ShardedWriter
     from distill.config import ConfigError
     from distill.hardware import local_device, teacher_dtype
 
     cfg = task.cfg
-    out_dir = Path(out_dir)
-    splits, plans = plan_cache_run(task, out_dir)
+    splits, plans, hashes = plan_cache_run(task)
     vocab = plans[0].vocab_size
     if store not in STORES:
         raise ConfigError(f"--store must be one of {list(STORES)}, got {store!r}")
@@ -144,72 +151,74 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str
     train = task.encode(splits.train, "train")
     task.encode(splits.validation, "validation")
     device = local_device()
-    ensemble, source = task.load_teachers(plans, device, teacher_dtype(cfg.teachers.dtype, device))
-    loader = DataLoader(train, batch_size=cfg.training.eval_batch_size, collate_fn=task.collator(), shuffle=False)
-    out_dir.mkdir(parents=True)
-    count = len(plans)
-    parts = [f"hidden{k}" for k in range(count)] if store == "hidden" else ["ids", "log_probs", "tail"]
-    generator = torch.Generator().manual_seed(cfg.seed)  # sampled: the same draws on every machine
-    shard: dict = {"index": [], "lengths": [], **{part: [] for part in parts}}
-    shards = 0
-
-    def flush():
-        nonlocal shards
-        if not shard["index"]:
-            return
-        offsets = torch.tensor([0] + shard["lengths"]).cumsum(0)
-        save_file({"index": torch.tensor(shard["index"], dtype=torch.int64), "offsets": offsets,
-                   **{part: torch.cat(shard[part]) for part in parts}},
-                  str(out_dir / f"shard_{shards:05d}.safetensors"))
-        shards += 1
-        for values in shard.values():
-            values.clear()
-
-    if store == "hidden":  # each teacher's output layer, once (restricted rows are not cached: no trim_vocab)
-        heads = {}
-        for k, head in enumerate(source.heads):
-            heads[f"weight{k}"] = head.weight.detach().cpu().contiguous()
-            if head.bias is not None:
-                heads[f"bias{k}"] = head.bias.detach().cpu().contiguous()
-        save_file(heads, str(out_dir / HEADS))
-    for batch in loader:
-        signal = source.signal(batch, device)
-        sequence = batch["input_ids"].shape[1]
-        for row, index in enumerate(batch["index"].tolist()):
-            length = int(batch["attention_mask"][row].sum())
-            start = row * sequence
-            shard["index"].append(index)
-            shard["lengths"].append(length)
-            if store == "hidden":
-                for k, hidden in enumerate(signal.hidden_states):
-                    states = hidden[start:start + length]
-                    shard[f"hidden{k}"].append(states.to(HIDDEN_DTYPES[hidden_dtype] if hidden_dtype else
-                                                         states.dtype).cpu())  # [L, H_k]
-            else:
-                logits = signal.logits(start, start + length)  # [K, L, V]
-                if store == "sampled":  # drawn at each teacher's training temperature
-                    found = [sampled_of(logits[k], plan.temperature, samples, generator) for k, plan in enumerate(plans)]
-                else:
-                    found = [top_k_of(logits[k], top_k) for k in range(logits.shape[0])]
-                shard["ids"].append(torch.stack([p[0] for p in found], dim=1).cpu())  # [L, K, k]
-                shard["log_probs"].append(torch.stack([p[1] for p in found], dim=1).float().cpu())  # float32 on disk
-                shard["tail"].append(torch.stack([p[2] for p in found], dim=1).float().cpu())  # [L, K]
-            if len(shard["index"]) >= rows_per_shard:
-                flush()
-    flush()
-    figures, _ = task.evaluate(None, ensemble, source, device)  # teachers and target only
+    dtype = teacher_dtype(cfg.teachers.dtype, device)
     stored = ({"top_k": top_k} if store == "topk" else
-              {"samples": samples, "temperatures": [plan.temperature for plan in plans]} if store == "sampled" else
-              {"hidden_dtype": str(source.heads[0].weight.dtype if hidden_dtype is None
-                                   else HIDDEN_DTYPES[hidden_dtype]).replace("torch.", "")})
-    meta = {"store": store, **stored, "vocab_size": vocab, "fingerprint": fingerprint(train), "rows": len(train),
-            "shards": shards, "interpolation": cfg.interpolation.method,
-            "teachers": [{"name": plan.name, "path": plan.path, "hash": content_hash(plan.path),
-                          "params": params, **figures[plan.name]}
-                         for plan, params in zip(plans, ensemble.parameter_counts)],
-            "target": figures["target"]}
-    (out_dir / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    return meta
+              {"samples": samples, "temperatures": [plan.temperature for plan in plans], "seed": cfg.seed}
+              if store == "sampled" else {"hidden_dtype": hidden_dtype})
+    dataset_fingerprint = fingerprint(train)
+    writer = ShardedWriter.open(Path(out_dir), {"store": store, **stored, "fingerprint": dataset_fingerprint,
+                                                **teacher_signature(plans, hashes, dtype)},
+                                [len(train)], rows_per_shard)
+    try:
+        ensemble, source = task.load_teachers(plans, device, dtype)
+        parts = [f"hidden{k}" for k in range(len(plans))] if store == "hidden" else ["ids", "log_probs", "tail"]
+        if store == "hidden":  # each teacher's output layer, once (restricted rows are not cached: no trim_vocab)
+            heads = {}
+            for k, head in enumerate(source.heads):
+                heads[f"weight{k}"] = head.weight.detach().cpu().contiguous()
+                if head.bias is not None:
+                    heads[f"bias{k}"] = head.bias.detach().cpu().contiguous()
+            writer.write_once(HEADS, heads)
+        for number in writer.mine():
+            _, start, end = writer.slices[number]
+            # sampled: the draws of shard n come from a generator of its own, whichever rank or run writes it
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + number)
+            shard = {"index": [], "lengths": [], **{part: [] for part in parts}}
+            loader = DataLoader(train.select(range(start, end)), batch_size=cfg.training.eval_batch_size,
+                                collate_fn=task.collator(), shuffle=False)
+            for batch in loader:
+                _cache_batch(batch, source.signal(batch, device), store, plans, shard, top_k, samples,
+                             hidden_dtype, generator)
+            offsets = torch.tensor([0] + shard["lengths"]).cumsum(0)
+            writer.write(number, {"index": torch.tensor(shard["index"], dtype=torch.int64), "offsets": offsets,
+                                  **{part: torch.cat(shard[part]) for part in parts}})
+        figures, _ = task.evaluate(None, ensemble, source, device)  # teachers and target only (every rank)
+        kept = (stored if store != "hidden" else
+                {"hidden_dtype": str(source.heads[0].weight.dtype if hidden_dtype is None
+                                     else HIDDEN_DTYPES[hidden_dtype]).replace("torch.", "")})
+        meta = {"store": store, **kept, "vocab_size": vocab, "fingerprint": dataset_fingerprint, "rows": len(train),
+                "interpolation": cfg.interpolation.method,
+                "teachers": [{"name": plan.name, "path": plan.path, "hash": digest, "params": params,
+                              **figures[plan.name]}
+                             for plan, digest, params in zip(plans, hashes, ensemble.parameter_counts)],
+                "target": figures["target"]}
+        return writer.finish(meta)
+    finally:
+        writer.close()
+
+
+def _cache_batch(batch, signal, store, plans, shard, top_k, samples, hidden_dtype, generator) -> None:
+    """Append one batch's rows (each row's real tokens only) to the shard being built."""
+    sequence = batch["input_ids"].shape[1]
+    for row, index in enumerate(batch["index"].tolist()):
+        length = int(batch["attention_mask"][row].sum())
+        start = row * sequence
+        shard["index"].append(index)
+        shard["lengths"].append(length)
+        if store == "hidden":
+            for k, hidden in enumerate(signal.hidden_states):
+                states = hidden[start:start + length]
+                shard[f"hidden{k}"].append(states.to(HIDDEN_DTYPES[hidden_dtype] if hidden_dtype else
+                                                     states.dtype).cpu())  # [L, H_k]
+            continue
+        logits = signal.logits(start, start + length)  # [K, L, V]
+        if store == "sampled":  # drawn at each teacher's training temperature
+            found = [sampled_of(logits[k], plan.temperature, samples, generator) for k, plan in enumerate(plans)]
+        else:
+            found = [top_k_of(logits[k], top_k) for k in range(logits.shape[0])]
+        shard["ids"].append(torch.stack([p[0] for p in found], dim=1).cpu())  # [L, K, k]
+        shard["log_probs"].append(torch.stack([p[1] for p in found], dim=1).float().cpu())  # float32 on disk
+        shard["tail"].append(torch.stack([p[2] for p in found], dim=1).float().cpu())  # [L, K]
 
 
 class LogitCache:
@@ -221,12 +230,14 @@ class LogitCache:
 
         from safetensors import safe_open
 
+        from distill.cache_writing import META, shard_name
         from distill.config import ConfigError
 
         self.folder = Path(folder)
         meta_path = self.folder / META
         if not meta_path.is_file():
-            raise ConfigError(f"teachers.cache: {self.folder} has no {META}; write it with `distill cache`")
+            raise ConfigError(f"teachers.cache: {self.folder} has no {META} (not a cache, or one still being written): "
+                              "write or finish it with `distill cache`")
         self.meta = json.loads(meta_path.read_text())
         cached = [t["name"] for t in self.meta["teachers"]]
         if cached != list(teacher_names):
@@ -252,7 +263,7 @@ class LogitCache:
         self.shards = []
         self.where = {}
         for number in range(self.meta["shards"]):
-            with safe_open(str(self.folder / f"shard_{number:05d}.safetensors"), framework="pt") as handle:
+            with safe_open(str(self.folder / shard_name(number)), framework="pt") as handle:
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
             self.shards.append(tensors)
             for row, index in enumerate(tensors["index"].tolist()):

@@ -3,10 +3,12 @@
 A classification teacher's output is C numbers per example, so the cache keeps them whole (exact,
 no top-k): `distill cache` runs the live teachers over the training and validation rows and writes
 
+    plan.json           what the shards depend on (written first; the cache is resumable and
+                        multi-rank: cache_writing.py)
     meta.json           format, teachers (name, path, content hash, parameters), label names, text
-                        fields, max_length, the teachers' dtype, rows
-    logits.safetensors  keys [N] (row -> text key) as a JSON list in the metadata, logits [N, K, C]
-                        float32 in the data's label order
+                        fields, max_length, the teachers' dtype, rows, shards (written last)
+    shard_NNNNN.safetensors  keys [n] (row -> text key) as a JSON list in the metadata, logits
+                        [n, K, C] float32 in the data's label order (training rows, then validation)
 
 Rows are keyed by the digest of their text fields (data.TEXT_KEY), so the same text is found in any
 split and the data's order does not matter. Training with `teachers.cache=DIR` then reads each
@@ -18,16 +20,17 @@ refused by name.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Dict, List
 
 import torch
 
+from distill.cache_writing import META
 from distill.config import ConfigError
 
 FORMAT = "classification_logits"
-META, LOGITS = "meta.json", "logits.safetensors"
 
 
 def settings_of(cfg) -> Dict:
@@ -36,44 +39,44 @@ def settings_of(cfg) -> Dict:
             "tokenization": cfg.teachers.tokenization}
 
 
-def write_classifier_cache(task, out_dir: Path) -> Dict:
-    """Run the task's live teachers once over its training and validation rows; write the folder
-    beside and rename it into place. Returns the meta."""
-    from safetensors.torch import save_file
+def write_classifier_cache(task, out_dir: Path, rows_per_shard: int = 4096) -> Dict:
+    """Run the task's live teachers once over its training and validation rows, shard by shard
+    (resumable, multi-rank: cache_writing.ShardedWriter). Returns the meta."""
     from torch.utils.data import DataLoader
 
-    from distill.cache import plan_cache_run
-    from distill.checkpointing import content_hash
+    from distill.cache import plan_cache_run, teacher_signature
+    from distill.cache_writing import ShardedWriter
     from distill.data import TEXT_KEY
     from distill.hardware import local_device, teacher_dtype
-    from distill.outputs import written_folder
 
     cfg = task.cfg
-    splits, plans = plan_cache_run(task, Path(out_dir))
+    splits, plans, hashes = plan_cache_run(task)
     device = local_device()
     dtype = teacher_dtype(cfg.teachers.dtype, device)
-    ensemble, _ = task.load_teachers(plans, device, dtype)
-    keys: List[str] = []
-    seen = set()
-    logits = []
-    for name, split in (("train", splits.train), ("validation", splits.validation)):
-        encoded = task.encode(split, name)
-        loader = DataLoader(encoded, batch_size=cfg.training.eval_batch_size, collate_fn=task.collator())
-        for batch in loader:
-            values = ensemble.logits(batch, device).transpose(0, 1).float().cpu()  # [B, K, C]
-            for row, row_key in enumerate(batch[TEXT_KEY]):
-                if row_key not in seen:
-                    seen.add(row_key)
-                    keys.append(row_key)
-                    logits.append(values[row])
-    meta = {"format": FORMAT, "label_names": list(task.label_names), **settings_of(cfg),
-            "dtype": str(dtype).replace("torch.", ""), "rows": len(keys),
-            "teachers": [{"name": plan.name, "path": plan.path, "hash": content_hash(plan.path), "params": params}
-                         for plan, params in zip(plans, ensemble.parameter_counts)]}
-    with written_folder(out_dir) as folder:
-        save_file({"logits": torch.stack(logits).contiguous()}, str(folder / LOGITS), metadata={"keys": json.dumps(keys)})
-        (folder / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    return meta
+    parts = [task.encode(splits.train, "train"), task.encode(splits.validation, "validation")]
+    rows = json.dumps([list(part[TEXT_KEY]) for part in parts])  # which texts, in which order
+    signature = {"format": FORMAT, "label_names": list(task.label_names), **settings_of(cfg),
+                 "rows": hashlib.sha256(rows.encode()).hexdigest(), **teacher_signature(plans, hashes, dtype)}
+    writer = ShardedWriter.open(Path(out_dir), signature, [len(part) for part in parts], rows_per_shard)
+    try:
+        ensemble, _ = task.load_teachers(plans, device, dtype)
+        for number in writer.mine():
+            part, start, end = writer.slices[number]
+            loader = DataLoader(parts[part].select(range(start, end)), batch_size=cfg.training.eval_batch_size,
+                                collate_fn=task.collator())
+            keys: List[str] = []
+            logits = []
+            for batch in loader:
+                logits.append(ensemble.logits(batch, device).transpose(0, 1).float().cpu())  # [B, K, C]
+                keys.extend(batch[TEXT_KEY])
+            writer.write(number, {"logits": torch.cat(logits).contiguous()}, metadata={"keys": json.dumps(keys)})
+        meta = {"format": FORMAT, "label_names": list(task.label_names), **settings_of(cfg),
+                "dtype": str(dtype).replace("torch.", ""), "rows": sum(len(part) for part in parts),
+                "teachers": [{"name": plan.name, "path": plan.path, "hash": digest, "params": params}
+                             for plan, digest, params in zip(plans, hashes, ensemble.parameter_counts)]}
+        return writer.finish(meta)
+    finally:
+        writer.close()
 
 
 class ClassifierCache:
@@ -82,13 +85,14 @@ class ClassifierCache:
     def __init__(self, folder: Path, cfg, plans, label_names: List[str]):
         from safetensors import safe_open
 
+        from distill.cache_writing import shard_name
         from distill.checkpointing import content_hash
 
         self.folder = Path(folder)
-        meta_path, logits_path = self.folder / META, self.folder / LOGITS
-        if not meta_path.is_file() or not logits_path.is_file():
-            raise ConfigError(f"teachers.cache: {self.folder} is not a folder written by `distill cache` "
-                              f"(no {META} / {LOGITS})")
+        meta_path = self.folder / META
+        if not meta_path.is_file():
+            raise ConfigError(f"teachers.cache: {self.folder} has no {META} (not a cache, or one still being written): "
+                              "write or finish it with `distill cache`")
         self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if self.meta.get("format") != FORMAT:
             raise ConfigError(f"teachers.cache: {self.folder} holds a {self.meta.get('format', 'causal-LM top-k')} "
@@ -110,9 +114,12 @@ class ClassifierCache:
         if changed:
             raise ConfigError(f"teachers.cache: {self.folder} was written with other {changed}: the teachers read "
                               "other text; rerun distill cache")
-        with safe_open(str(logits_path), framework="pt") as handle:
-            self.keys = json.loads(handle.metadata()["keys"])
-            self.logits = handle.get_tensor("logits")
+        self.keys, logits = [], []
+        for number in range(self.meta["shards"]):
+            with safe_open(str(self.folder / shard_name(number)), framework="pt") as handle:
+                self.keys.extend(json.loads(handle.metadata()["keys"]))
+                logits.append(handle.get_tensor("logits"))
+        self.logits = torch.cat(logits)
         self.row_of = {key: row for row, key in enumerate(self.keys)}
 
     def check_covers(self, name: str, keys) -> None:

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                                                                  "teacher (default 16)")
     cache.add_argument("--hidden-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="causal LM, --store hidden: the stored states' dtype (default: the teachers')")
+    cache.add_argument("--rows-per-shard", type=int, default=None,
+                       help="rows (blocks or examples) per shard file: the unit a resumed or multi-rank cache writes "
+                            "(default 512 blocks, 4096 examples)")
 
     export = commands.add_parser("export", help="consolidate a run's checkpoint into a save_pretrained folder")
     export.add_argument("run_dir")
@@ -169,8 +172,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(weight_interpolation.format_sweep(result["rows"], result["best"]["alpha"]))
                 print(f"best alpha {result['best']['alpha']} written to {out} (alpha_sweep.json, alpha_sweep.png)")
         elif args.command == "cache":
+            import os
+
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under the deepspeed launcher: each rank its shards
+                from distill.distributed import init_distributed
+
+                init_distributed()
             meta = build_task(load_task_config(args.config, args.overrides)).write_cache(
-                Path(args.out), args.top_k, args.store, args.hidden_dtype, args.samples)
+                Path(args.out), args.top_k, args.store, args.hidden_dtype, args.samples, args.rows_per_shard)
             stored = (f"top-{meta['top_k']}" if "top_k" in meta else f"{meta['samples']} draws" if "samples" in meta else
                       f"{meta['hidden_dtype']} hidden states" if "hidden_dtype" in meta else "the logits")
             unit = f"blocks in {meta['shards']} shard(s)" if "shards" in meta else "rows"

@@ -104,8 +104,9 @@ class RunLock:
     """`output_dir/.distill.lock` holding host and PID while a run uses the folder. A second run is
     refused naming the holder; a lock whose process is gone (on this host) is stale and taken over."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, what: str = "output_dir"):
         self.path = Path(folder) / LOCK
+        self.what = what
         self.held = False
 
     def acquire(self) -> None:
@@ -119,15 +120,15 @@ class RunLock:
                 if holder is not None:
                     host, pid = holder
                     if host != socket.gethostname() or _alive(pid):
-                        raise ConfigError(f"output_dir {self.path.parent} is in use by process {pid} on {host} "
-                                          f"(its lock {self.path}): wait for it, or choose another output_dir")
+                        raise ConfigError(f"{self.what} {self.path.parent} is in use by process {pid} on {host} "
+                                          f"(its lock {self.path}): wait for it, or choose another {self.what}")
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             with os.fdopen(descriptor, "w") as stream:
                 stream.write(me)
             self.held = True
             return
-        raise ConfigError(f"output_dir {self.path.parent}: could not take its lock {self.path}")
+        raise ConfigError(f"{self.what} {self.path.parent}: could not take its lock {self.path}")
 
     def _holder(self) -> Optional[tuple]:
         try:

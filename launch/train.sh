@@ -5,48 +5,4 @@
 #
 # --ranks N       ranks per node (GPUs per node; on a CPU-only machine, CPU ranks over gloo)
 # --hostfile FILE DeepSpeed hostfile ("host slots=N" per line) for several nodes
-set -euo pipefail
-if [ $# -lt 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
-    exit 0
-fi
-config="$1"; shift
-ranks=1; hostfile=""; port="${MASTER_PORT:-29500}"; overrides=()
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --ranks|--hostfile|--master-port)
-            [ $# -ge 2 ] || { echo "launch/train.sh: $1 needs a value" >&2; exit 2; }
-            case "$1" in
-                --ranks) ranks="$2" ;;
-                --hostfile) hostfile="$2" ;;
-                --master-port) port="$2" ;;
-            esac
-            shift 2 ;;
-        -*) echo "launch/train.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
-        *) overrides+=("$1"); shift ;;
-    esac
-done
-positive_integer() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || { echo "launch/train.sh: $1 takes a whole number >= 1, got '$2'" >&2; exit 2; }; }
-positive_integer --ranks "$ranks"
-positive_integer --master-port "$port"
-[ -f "$config" ] || { echo "launch/train.sh: config file $config not found" >&2; exit 2; }
-launcher=(deepspeed --master_port "$port" --num_gpus "$ranks")
-if [ -n "$hostfile" ]; then
-    [ -f "$hostfile" ] || { echo "launch/train.sh: hostfile $hostfile not found" >&2; exit 2; }
-    launcher+=(--hostfile "$hostfile")
-fi
-# CPU ranks share the cores: one rank per core group instead of every rank taking them all.
-if ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / ranks > 0 ? $(nproc) / ranks : 1 ))}"
-fi
-# DeepSpeed's CPU shared-memory allreduce (0.19) creates a 66 MB /dev/shm segment per rank and
-# never unlinks it: /dev/shm is RAM, and a few dozen runs exhausted a 24 GiB machine. Its names end
-# in _<master port>_<rank>; remove this job's segments however the job ends.
-cleanup_shm() { rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$port"_* 2>/dev/null || true; }
-trap cleanup_shm EXIT
-status=0
-"${launcher[@]}" --module distill.cli train "$config" "${overrides[@]}" || status=$?
-if [ "$status" -ne 0 ]; then
-    echo "launch/train.sh: the job failed (exit code $status); the launcher's log above names the rank (--local_rank=N) that ended first" >&2
-fi
-exit "$status"
+exec bash "$(dirname "$0")/ranks.sh" train "$@"

@@ -31,11 +31,12 @@ def assert_refused_before_writing(config: Path, run_dir: Path, overrides, messag
     assert not run_dir.exists(), overrides
 
 
-def run_deepspeed(ranks: int, args, timeout=900):
-    """`launch/train.sh CONFIG --ranks N ...`: the project's thin wrapper over the deepspeed launcher."""
+def run_deepspeed(ranks: int, args, timeout=900, script="train.sh"):
+    """`launch/train.sh CONFIG --ranks N ...` (or launch/cache.sh): the project's thin wrappers over
+    the deepspeed launcher."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     port = free_port()
-    command = ["bash", str(ROOT / "launch" / "train.sh"), str(args[0]), "--ranks", str(ranks),
+    command = ["bash", str(ROOT / "launch" / script), str(args[0]), "--ranks", str(ranks),
                "--master-port", str(port), *map(str, args[1:])]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     result.master_port = port

@@ -73,7 +73,7 @@ def test_a_cache_of_other_teachers_text_or_rows_is_refused_before_anything_is_wr
         ([cache, f"data.train.path={grown}"], "row(s) are not in"),
         ([cache, "data.augment.copies=1"], "the cache holds no augmented rows"),
         ([cache, "teachers.placement=zero3"], "teachers.placement is for live teachers"),
-        (["teachers.cache=" + str(tmp_path)], "not a folder written by `distill cache`"),
+        (["teachers.cache=" + str(tmp_path)], "not a cache, or one still being written"),
     ]
     for overrides, message in cases:
         run_dir = tmp_path / f"refused{len(message)}"

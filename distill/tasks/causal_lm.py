@@ -482,7 +482,7 @@ class CausalLM(Task):
         return causal_lm_card(report, dtype, compression, parity)
 
     # the teacher cache ---------------------------------------------------------------------
-    def write_cache(self, out_dir, top_k, store="topk", hidden_dtype=None, samples=None):
+    def write_cache(self, out_dir, top_k, store="topk", hidden_dtype=None, samples=None, rows_per_shard=None):
         from distill.cache import write_cache
 
         if store != "topk" and top_k is not None:
@@ -492,7 +492,8 @@ class CausalLM(Task):
         if store != "sampled" and samples is not None:
             raise ConfigError("--samples is for --store sampled: remove it")
         return write_cache(self, out_dir, 64 if top_k is None else top_k, store=store, hidden_dtype=hidden_dtype,
-                           samples=16 if samples is None else samples)
+                           samples=16 if samples is None else samples,
+                           rows_per_shard=512 if rows_per_shard is None else rows_per_shard)
 
 
 def perplexities(loader, student, ensemble, source, device: torch.device,
