@@ -190,9 +190,10 @@ class TeacherEnsemble:
 
 
 def load_teachers(cfg: DistillConfig, plans: List[TeacherPlan], device: torch.device, dtype: torch.dtype,
-                  load_model: Callable[[TeacherPlan, torch.dtype], nn.Module]) -> TeacherEnsemble:
+                  load_model: Callable[[TeacherPlan, torch.dtype], nn.Module], eager: bool = False) -> TeacherEnsemble:
     """Each planned teacher loaded by the task's `load_model`, frozen, and placed: whole on this
-    rank's device (replicated), or partitioned across ranks by ZeRO-3 (teachers.placement)."""
+    rank's device (replicated), or partitioned across ranks by ZeRO-3 (teachers.placement); its body
+    compiled with teachers.compile unless `eager` (the fp32 reference of the precision drift)."""
     models = []
     for plan in plans:
         if dtype == torch.qint8:  # int8: loaded in fp32, then its linear layers quantized
@@ -208,10 +209,26 @@ def load_teachers(cfg: DistillConfig, plans: List[TeacherPlan], device: torch.de
                                            else model.to(device) for model in models], interpolation,
                                    use_inference_mode=False)
     else:
-        ensemble = TeacherEnsemble(plans, [m.to(device) for m in models], interpolation)
+        models = [m.to(device) for m in models]
+        if cfg.teachers.compile and not eager:
+            models = [compile_body(model) for model in models]
+        ensemble = TeacherEnsemble(plans, models, interpolation)
     ensemble.on_nonfinite = cfg.teachers.on_nonfinite
     ensemble.dtype = dtype
+    ensemble.compiled = cfg.teachers.compile and not eager
     return ensemble
+
+
+def compile_body(model: nn.Module) -> nn.Module:
+    """The model with its body's forward (`base_model`: the transformer without its head, which the
+    causal-LM loss reads a chunk at a time) replaced by torch.compile's, in place: the module, its
+    parameters and its output layer stay what they were. Shapes are dynamic (every batch has its own
+    length). A teacher of stored outputs has nothing to compile."""
+    if getattr(model, "reads_example_ids", False):
+        return model
+    body = getattr(model, "base_model", model)
+    body.forward = torch.compile(body.forward, dynamic=True)
+    return model
 
 
 def quantize_linear_layers(model: nn.Module) -> nn.Module:

@@ -198,9 +198,10 @@ class Trainer:
         run) on one validation batch, measured once at start (the task loads each teacher again in
         fp32 for it) and logged; None per teacher where it cannot be measured (cache, ZeRO-3)."""
         dtype = getattr(self.ensemble, "dtype", dtype)  # a cache's teachers ran in the dtype it records
-        name = str(dtype).replace("torch.", "")
+        compiled = getattr(self.ensemble, "compiled", False)
+        name = str(dtype).replace("torch.", "") + (" compiled" if compiled else "")
         drift = {plan.name: None for plan in self.teacher_plans}
-        if dtype != torch.float32 and self.cfg.teachers.placement == "replicated":
+        if (dtype != torch.float32 or compiled) and self.cfg.teachers.placement == "replicated":
             # loading the fp32 copies initialises modules: the training's random streams must not notice
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):

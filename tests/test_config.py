@@ -57,6 +57,9 @@ def test_list_index_override(config_path, tiny):
     (["teachers.models.0.name=../../etc"], r"teachers.models\[0\].name: '../../etc' is not a safe name"),
     (["data.eval_domains=[{name: a/b, match: x}]"], r"data.eval_domains\[0\].name: 'a/b' is not a safe name"),
     (["training.resume=sometimes"], r"training.resume"),
+    (["teachers.compile=true", "teachers.placement=zero3"], r"teachers.compile with teachers.placement=zero3"),
+    (["teachers.compile=true", "teachers.cache=/tmp"], r"teachers.compile with teachers.cache: no teacher runs"),
+    (["teachers.compile=true", "loss.intermediate=[{teacher: a}]"], r"teachers.compile with loss.intermediate"),
     (["nokey"], r"must look like dotted.key=value"),
 ])
 def test_bad_values_are_named(config_path, overrides, message):

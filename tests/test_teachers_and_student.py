@@ -1,4 +1,6 @@
 """Teachers are checked against the student; students are built from teachers faithfully."""
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -141,3 +143,27 @@ def test_int8_teachers_quantize_every_linear_but_a_vocabulary_head_and_stay_clos
     lm = quantize_linear_layers(AutoModelForCausalLM.from_pretrained(tiny_lm["teacher_b"]).eval())
     assert type(lm.get_output_embeddings()) is torch.nn.Linear
     assert type(lm.model.layers[0].mlp.up_proj) is not torch.nn.Linear
+
+
+def test_compiled_teachers_train_like_eager_ones_and_report_their_drift(tiny, tmp_path):
+    """teachers.compile: the teachers' bodies run through torch.compile (dynamic shapes); the run
+    prints the KL to the eager fp32 teachers (here both fp32: rounding only), the report names the
+    compiled dtype, and the losses follow the eager run's."""
+    from tests.conftest import tiny_config_yaml
+    from tests.helpers import run_cli, train_losses
+
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["teachers.compile=true"])):
+        run_dir = tmp_path / name
+        result = run_cli(["train", tiny_config_yaml(tiny, run_dir), "teachers.dtype=float32", "training.max_steps=4",
+                          *extra])
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = (result, train_losses(run_dir), json.loads((run_dir / "report.json").read_text()))
+    result, losses, report = runs["compiled"]
+    assert "teachers run in float32 compiled: KL(fp32 || float32 compiled)" in result.stdout
+    for teacher in report["teachers"]:
+        assert teacher["dtype"] == "float32 compiled" and abs(teacher["kl_to_fp32"]) < 1e-8  # rounding only
+    assert "teachers run in" not in runs["eager"][0].stdout  # fp32 eager: nothing to measure
+    for eager_row, compiled_row in zip(runs["eager"][1], losses):
+        assert compiled_row["loss"] == pytest.approx(eager_row["loss"], rel=1e-4)
+    assert "Warning" not in result.stderr  # a quiet start: no compiler notices the user cannot act on

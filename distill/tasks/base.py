@@ -99,8 +99,8 @@ class Task:
     def build_student(self, splits):
         raise NotImplementedError
 
-    def load_teachers(self, plans, device, dtype):
-        """(TeacherEnsemble, signal source) for the planned teachers."""
+    def load_teachers(self, plans, device, dtype, eager=False):
+        """(TeacherEnsemble, signal source) for the planned teachers (`eager`: never compiled)."""
         raise NotImplementedError
 
     def prepare_training(self, device, ensemble) -> None:
@@ -195,7 +195,7 @@ class Task:
 
     def teacher_precision_drift(self, ensemble, source, plans, device) -> Dict[str, float]:
         """KL(teacher in fp32 || teacher as loaded) per teacher: mean over the KD rows of one validation
-        batch (tokens, or examples). Each teacher is loaded once more in fp32 for it, then dropped."""
+        batch (tokens, or examples). Each teacher is loaded once more in fp32, eager, for it, then dropped."""
         from distill.evaluation import validation_loader
         from distill.losses import mean_kl
 
@@ -207,7 +207,7 @@ class Task:
         for k, plan in enumerate(plans):
             alone = copy.copy(plan)
             alone.weight = 1.0  # one teacher on its own (its mixture weight may be 0)
-            reference, reference_source = self.load_teachers([alone], device, torch.float32)
+            reference, reference_source = self.load_teachers([alone], device, torch.float32, eager=True)
             signal = reference_source.signal(batch, device)
             drift[plan.name] = mean_kl(signal.logits(0, signal.rows)[0][rows], low_logits[k][rows])
             del reference, reference_source, signal

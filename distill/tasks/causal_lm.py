@@ -321,7 +321,7 @@ class CausalLM(Task):
         self.tokenizer = tokenizer
         return model, tokenizer
 
-    def load_teachers(self, plans, device, dtype):
+    def load_teachers(self, plans, device, dtype, eager=False):
         cfg = self.cfg
         from distill.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers
 
@@ -345,7 +345,7 @@ class CausalLM(Task):
             check_head_reproduces_logits(model, plan.key)
             return model
 
-        ensemble = load_teachers(cfg, plans, device, dtype, load)
+        ensemble = load_teachers(cfg, plans, device, dtype, load, eager)
         return ensemble, LiveLanguageModels(ensemble, self.vocabulary)
 
     def prepare_training(self, device, ensemble) -> None:

@@ -156,7 +156,7 @@ class SequenceClassification(Task):
         self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
         return student, tokenizer
 
-    def load_teachers(self, plans, device, dtype):
+    def load_teachers(self, plans, device, dtype, eager=False):
         cfg = self.cfg
 
         def load(plan, teacher_dtype):
@@ -180,7 +180,7 @@ class SequenceClassification(Task):
             ensemble.parameter_counts, ensemble.dtype = parameter_counts, getattr(torch, self.cache.meta["dtype"])
             ensemble.on_nonfinite = cfg.teachers.on_nonfinite
             return ensemble, LiveClassifiers(ensemble)
-        ensemble = load_teachers(cfg, plans, device, dtype, load)
+        ensemble = load_teachers(cfg, plans, device, dtype, load, eager)
         return ensemble, LiveClassifiers(ensemble)
 
     def teacher_precision_drift(self, ensemble, source, plans, device):
