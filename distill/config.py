@@ -55,9 +55,9 @@ class TeachersConfig:
     # measured KL to the fp32 teachers; causal LMs keep their output layer in fp32).
     dtype: str = "auto"
     # torch.compile each teacher's body (dynamic shapes; replicated live teachers). The first
-    # batches pay the compilation (seconds to a minute); measured on a 2-core avx512_bf16 CPU, int8
-    # MiniLM teachers ran 1.4x faster compiled, fp32 1.1x, bf16 within noise. The run prints the KL to
-    # the eager fp32 teachers, as for dtype.
+    # batches pay the compilation (seconds to a minute). On a 2-core avx512_bf16 CPU an int8 MiniLM
+    # forward alone ran 1.25x faster compiled, but whole distillation steps did not gain
+    # (docs/benchmarks.md). The run prints the KL to the eager fp32 teachers, as for dtype.
     compile: bool = False
     # shared: teachers must use the student's vocabulary and read the student's input ids.
     # per_model: each distinct tokenizer encodes the text itself (classification only), e.g. for a
