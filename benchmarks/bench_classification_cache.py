@@ -21,7 +21,8 @@ example on a validation batch, as the run measured it.
 
 Samples/s is the median of the logged windows after the first (start-up and warm-up excluded), in
 --rounds rounds taken round-robin (each variant keeps its best round: a burst of load on a shared
-machine spoils one round, not the comparison). Prints a table and JSON rows.
+machine spoils one round, not the comparison). Prints a table and JSON rows (also written to
+benchmarks/results_classification_cache.json).
 """
 from __future__ import annotations
 
@@ -184,6 +185,7 @@ def main() -> None:
         print(f"| {row['variant']} | {row['samples_per_s']} | {row['ratio_to_plain']:.2f}x | "
               f"{row['ratio_to_direct_loop']:.2f}x | {kl} |")
     print(json.dumps(rows))
+    (ROOT / "benchmarks" / "results_classification_cache.json").write_text(json.dumps(rows) + "\n")
 
 
 if __name__ == "__main__":
