@@ -1,0 +1,143 @@
+"""Teachers with another tokenizer: positions matched by text, distributions moved onto the
+student's vocabulary (the pure core of cross-tokenizer causal-LM distillation).
+
+Positions. A causal LM's position i has read the text up to the end of its token i and predicts
+what follows. Student position i and teacher position j have read the same text exactly when
+their tokens end at the same character offset (`shared_boundaries`); only there is the teacher's
+next-token distribution a distribution over the same continuation. Positions inside a teacher
+token (the student has cut the text finer there) are not covered by that teacher.
+
+Vocabulary. Every token is a byte string (`vocabulary_bytes`: byte-level BPE through GPT-2's byte
+alphabet, SentencePiece-style `▁` and `<0xNN>` byte pieces). A teacher token goes to the student
+token that begins its text (`first_piece_map`): its own string where the student has that token
+(an exact match), else the longest student token that is a prefix of it (the first-piece
+marginal: the student's next token is the first piece of whatever the teacher predicts). A teacher
+token with no such prefix (no shared byte at all; special tokens) is unmapped; its probability is
+left out and the mapped distribution renormalised over the rest (`map_log_probs`), and the share
+left out is returned so that it can be logged. What the mapping cannot express: a teacher token
+that is a proper prefix of the student's next token (the student cuts coarser there) puts its
+mass on that shorter student token, which the student would only emit if the text ended or broke
+there; no per-token correction is made for it.
+
+Nothing here knows DeepSpeed, configs or models; tensors in, tensors out.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _tokenizer_scheme(backend: Dict) -> Optional[str]:
+    """'byte_level', 'metaspace' or None, from a tokenizer.json's pre-tokenizer and decoder."""
+    def kinds(part) -> List[str]:
+        if not part:
+            return []
+        found = [part.get("type")]
+        for child in (part.get("pretokenizers") or []) + (part.get("decoders") or []):
+            found.extend(kinds(child))
+        return found
+
+    seen = kinds(backend.get("pre_tokenizer")) + kinds(backend.get("decoder"))
+    if "ByteLevel" in seen:
+        return "byte_level"
+    if "Metaspace" in seen or "\u2581" in json.dumps(backend.get("decoder"), ensure_ascii=False):
+        return "metaspace"
+    return None
+
+
+def vocabulary_bytes(tokenizer) -> List[Optional[bytes]]:
+    """The bytes each token id stands for in text (None: a special token, or one that stands for no
+    text). Raises ValueError for a tokenizer whose tokens cannot be read as text this way."""
+    from distill.vocabulary import byte_alphabet
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    scheme = _tokenizer_scheme(backend)
+    if scheme is None:
+        raise ValueError("its tokens are neither byte-level BPE nor SentencePiece-style pieces, so their text "
+                         "cannot be read off the vocabulary")
+    special = set(tokenizer.all_special_ids) | {item["id"] for item in backend.get("added_tokens", [])
+                                                 if item.get("special")}
+    byte_of = {symbol: byte for byte, symbol in enumerate(byte_alphabet())}
+    out: List[Optional[bytes]] = [None] * len(tokenizer)
+    for token, index in tokenizer.get_vocab().items():
+        if index in special or index >= len(out):
+            continue
+        if scheme == "byte_level":
+            if all(symbol in byte_of for symbol in token):
+                out[index] = bytes(byte_of[symbol] for symbol in token)
+            else:  # an added, non-special token is stored as its text
+                out[index] = token.encode("utf-8")
+        else:
+            piece = BYTE_PIECE.fullmatch(token)
+            out[index] = bytes([int(piece.group(1), 16)]) if piece else token.replace("\u2581", " ").encode("utf-8")
+        if out[index] == b"":
+            out[index] = None
+    return out
+
+
+def first_piece_map(teacher_bytes: Sequence[Optional[bytes]],
+                    student_bytes: Sequence[Optional[bytes]]) -> Tuple[Tensor, Tensor]:
+    """(student id per teacher id [V_T] int64, -1 where unmapped; exact [V_T] bool: the teacher
+    token's bytes are a student token). A teacher token maps to the longest student token whose
+    bytes begin it."""
+    student_of: Dict[bytes, int] = {}
+    for index, text in enumerate(student_bytes):
+        if text is not None and text not in student_of:  # the lowest id wins among duplicates
+            student_of[text] = index
+    longest = max((len(text) for text in student_of), default=0)
+    ids = torch.full((len(teacher_bytes),), -1, dtype=torch.long)
+    exact = torch.zeros(len(teacher_bytes), dtype=torch.bool)
+    for index, text in enumerate(teacher_bytes):
+        if text is None:
+            continue
+        for length in range(min(len(text), longest), 0, -1):
+            found = student_of.get(text[:length])
+            if found is not None:
+                ids[index] = found
+                exact[index] = length == len(text)
+                break
+    return ids, exact
+
+
+def map_log_probs(log_probs: Tensor, student_ids: Tensor, student_vocab: int) -> Tuple[Tensor, Tensor]:
+    """(mapped [n, V_S] log-probabilities, mapped mass [n]) of teacher log-probabilities [n, V_T]:
+
+        q(u) = sum_{v: m(v) = u} p(v) / sum_{v: m(v) >= 0} p(v),   mass = sum_{v: m(v) >= 0} p(v)
+
+    with m = `student_ids` (first_piece_map). Computed relative to each row's largest mapped
+    log-probability, so tiny probabilities do not underflow before the sum. A row with no mapped
+    mass comes back uniform, with mass 0 (callers leave such rows out)."""
+    keep = student_ids >= 0
+    kept = log_probs[:, keep].float()
+    targets = student_ids[keep].to(log_probs.device)
+    shift = kept.max(dim=-1, keepdim=True).values.clamp(min=-1e30)  # all -inf rows: no shift
+    summed = torch.zeros(log_probs.shape[0], student_vocab, device=log_probs.device).index_add_(
+        1, targets, (kept - shift).exp())
+    total = summed.sum(dim=-1, keepdim=True)
+    empty = total <= 0
+    mapped = torch.where(empty, torch.full_like(summed, -torch.log(torch.tensor(float(student_vocab))).item()),
+                         summed.log() - total.log())
+    mass = torch.where(empty.squeeze(-1), torch.zeros_like(total.squeeze(-1)), (total.log() + shift).squeeze(-1).exp())
+    return mapped, mass
+
+
+def shared_boundaries(student_ends: Tensor, teacher_ends: Tensor) -> Tuple[Tensor, Tensor]:
+    """(student positions, teacher positions) whose tokens end at the same text offset. Ends are
+    non-decreasing character offsets of each real token (padding and special tokens left out by
+    the caller); where several teacher tokens end at one offset (pieces of one character), the
+    last of them, the one after which that text is complete, is the teacher's position."""
+    if student_ends.numel() == 0 or teacher_ends.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty
+    last = torch.searchsorted(teacher_ends.contiguous(), student_ends.contiguous(), right=True) - 1
+    found = (last >= 0) & (teacher_ends[last.clamp(min=0)] == student_ends)
+    if student_ends.numel() > 1:  # likewise the student's last token at an offset
+        found &= torch.cat([student_ends[1:] != student_ends[:-1], torch.ones(1, dtype=torch.bool)])
+    positions = torch.nonzero(found).squeeze(-1)
+    return positions, last[positions]

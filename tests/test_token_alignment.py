@@ -1,0 +1,125 @@
+"""The pure core of cross-tokenizer distillation (distill/token_alignment.py): token bytes that
+spell the text, positions matched by text offsets, the first-piece vocabulary map and the mapped
+distributions against a float64 reference; identical and permuted vocabularies map exactly."""
+import math
+
+import pytest
+import torch
+
+from distill.token_alignment import first_piece_map, map_log_probs, shared_boundaries, vocabulary_bytes
+from tests.conftest import make_rows, train_lm_tokenizer
+
+TEXTS = ["the car drives itself today", "café ☕ at noon, naïve crème", "  two  spaces and\ttabs\n"]
+
+
+def metaspace_tokenizer(folder, texts, vocab_size=300):
+    """A SentencePiece-style (metaspace) BPE tokenizer with byte fallback, trained here."""
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = SentencePieceBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=["<pad>", "</s>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>")
+    folder.mkdir(parents=True, exist_ok=True)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("alignment")
+    texts = [row["text"] for row in make_rows(200, seed=3)] + TEXTS
+    return {"student": train_lm_tokenizer(root / "student", texts, vocab_size=320),
+            "teacher": train_lm_tokenizer(root / "teacher", texts[::-1], vocab_size=420),
+            "metaspace": metaspace_tokenizer(root / "metaspace", texts)}
+
+
+@pytest.mark.parametrize("name", ["student", "teacher", "metaspace"])
+def test_token_bytes_spell_out_the_text(tokenizers, name):
+    tokenizer = tokenizers[name]
+    spelled = vocabulary_bytes(tokenizer)
+    assert spelled[tokenizer.pad_token_id] is None and spelled[tokenizer.eos_token_id] is None
+    for text in TEXTS:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if any(spelled[i] is None for i in ids):  # an unknown piece (metaspace without byte fallback)
+            assert name == "metaspace"
+            continue
+        joined = b"".join(spelled[i] for i in ids).decode("utf-8")
+        # SentencePiece-style tokenizers mark the start of the text as a word start
+        assert joined == text or (name == "metaspace" and joined.lstrip(" ") == text.lstrip(" ")), (name, joined)
+
+
+def test_first_piece_map_by_hand():
+    student = [b"a", b"b", b"ab", b" ", b" c", None, b"ab"]
+    teacher = [b"abc", b"ab", b"x", b" cd", None, b"b", b" "]
+    ids, exact = first_piece_map(teacher, student)
+    assert ids.tolist() == [2, 2, -1, 4, -1, 1, 3]  # the longest prefix; the lowest id among duplicates
+    assert exact.tolist() == [False, True, False, False, False, True, True]
+
+
+def reference_map(log_probs, student_ids, vocab):
+    """Float64, one token at a time."""
+    out = []
+    for row in log_probs.double().tolist():
+        sums = [0.0] * vocab
+        for v, lp in enumerate(row):
+            if student_ids[v] >= 0:
+                sums[student_ids[v]] += math.exp(lp)
+        total = sum(sums)
+        out.append(([math.log(x / total) if x > 0 else -math.inf for x in sums], total))
+    return out
+
+
+def test_map_log_probs_matches_a_float64_reference_and_keeps_tiny_rows_finite():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 9) * 3
+    logits[5] = torch.tensor([0.0] + [-200.0] * 8)  # the mapped tokens hold e^-200 of the mass
+    log_probs = logits.log_softmax(-1)
+    student_ids = torch.tensor([-1, 0, 2, 2, 1, -1, 3, 0, 2])
+    mapped, mass = map_log_probs(log_probs, student_ids, 5)
+    for row, (expected, total) in enumerate(reference_map(log_probs, student_ids, 5)):
+        for u in range(5):
+            if expected[u] == -math.inf:
+                assert mapped[row, u] == -math.inf
+            else:
+                assert mapped[row, u].item() == pytest.approx(expected[u], abs=1e-5)
+        assert mass[row].item() == pytest.approx(total, rel=1e-5, abs=1e-30)
+    assert torch.allclose(mapped.exp().sum(-1), torch.ones(6))  # row 5 included: renormalised, not lost
+
+
+def test_identical_and_permuted_vocabularies_map_exactly(tokenizers):
+    student = vocabulary_bytes(tokenizers["student"])
+    ids, exact = first_piece_map(student, student)
+    real = torch.tensor([b is not None for b in student])
+    assert torch.equal(ids[real], torch.arange(len(student))[real]) and exact[real].all()
+    permutation = torch.randperm(len(student), generator=torch.Generator().manual_seed(1))
+    teacher = [student[i] for i in permutation.tolist()]  # teacher id t is student id permutation[t]
+    ids, exact = first_piece_map(teacher, student)
+    assert torch.equal(ids[real[permutation]], permutation[real[permutation]])
+    logits = torch.randn(4, len(student))
+    logits[:, ~real] = -math.inf  # no mass on special tokens
+    log_probs = logits.log_softmax(-1)
+    mapped, mass = map_log_probs(log_probs[:, permutation], ids, len(student))
+    torch.testing.assert_close(mapped[:, real], log_probs[:, real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(mass, torch.ones(4))
+
+
+def test_shared_boundaries_by_hand():
+    student, teacher = shared_boundaries(torch.tensor([1, 3, 3, 5, 8]), torch.tensor([3, 4, 8, 8]))
+    assert student.tolist() == [2, 4] and teacher.tolist() == [0, 3]
+    none = shared_boundaries(torch.tensor([2, 4]), torch.tensor([1, 3, 5]))
+    assert none[0].numel() == 0
+
+
+def test_two_tokenizers_share_every_word_end(tokenizers):
+    """Both byte-level tokenizers split at spaces first, so a token ending before a space ends there
+    in both: every such student position is covered, and the matched text prefixes are equal."""
+    text = " ".join(row["text"] for row in make_rows(20, seed=9))
+    ends = {}
+    for name in ("student", "teacher"):
+        encoded = tokenizers[name](text, add_special_tokens=False, return_offsets_mapping=True)
+        ends[name] = torch.tensor([end for _, end in encoded["offset_mapping"]])
+    student, teacher = shared_boundaries(ends["student"], ends["teacher"])
+    assert torch.equal(ends["student"][student], ends["teacher"][teacher])
+    word_ends = {i for i, end in enumerate(ends["student"].tolist()) if end < len(text) and text[end] == " "}
+    assert word_ends <= set(student.tolist())
+    assert len(student) < len(ends["student"])  # and some positions inside words are not covered
