@@ -141,3 +141,48 @@ def shared_boundaries(student_ends: Tensor, teacher_ends: Tensor) -> Tuple[Tenso
         found &= torch.cat([student_ends[1:] != student_ends[:-1], torch.ones(1, dtype=torch.bool)])
     positions = torch.nonzero(found).squeeze(-1)
     return positions, last[positions]
+
+
+# ------------------------------------------------------------------------------ packed blocks
+# A packed stream joins texts, each followed by EOS. To compare two tokenizations of it, every token
+# gets a *global end*: the offset where it ends in the stream of texts, each text taking its length
+# plus one place for its EOS. Both tokenizers' EOS then end at the same place, and a BOS (a token
+# of no text) ends where its text starts.
+
+def stream_spans(token_spans: Sequence[Sequence[Tuple[int, int]]], text_lengths: Sequence[int]
+                 ) -> Tuple[List[int], List[int]]:
+    """(global starts, global ends) of a packed stream's tokens: the (start, end) character offsets
+    of text t's tokens shifted by start_t, then its EOS over [start_t + length_t, start_t +
+    length_t + 1), with start_t the sum of (length + 1) over the texts before it."""
+    starts, ends, offset = [], [], 0
+    for spans, length in zip(token_spans, text_lengths):
+        for start, end in spans:
+            starts.append(offset + start)
+            ends.append(offset + end)
+        starts.append(offset + length)
+        ends.append(offset + length + 1)
+        offset += length + 1
+    return starts, ends
+
+
+def teacher_window(block_start: int, block_end: int, teacher_ends: Sequence[int], teacher_starts: Sequence[int]
+                   ) -> Tuple[int, int]:
+    """[first, last) of the teacher stream's tokens inside the text a student block reads: those that
+    start at or after `block_start` (a teacher token straddling the block's start is left out: the
+    student block has no context before it either) and end at or before `block_end`."""
+    import bisect
+
+    first = bisect.bisect_left(teacher_starts, block_start)
+    last = bisect.bisect_right(teacher_ends, block_end)
+    return first, max(first, last)
+
+
+def aligned_positions(student_ends: Sequence[int], window_ends: Sequence[int]) -> List[int]:
+    """For each student position, the position in the teacher's window that has read the same text
+    (shared_boundaries), or -1."""
+    positions = [-1] * len(student_ends)
+    student, teacher = shared_boundaries(torch.tensor(student_ends, dtype=torch.long),
+                                         torch.tensor(window_ends, dtype=torch.long))
+    for s, t in zip(student.tolist(), teacher.tolist()):
+        positions[s] = t
+    return positions

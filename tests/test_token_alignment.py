@@ -123,3 +123,56 @@ def test_two_tokenizers_share_every_word_end(tokenizers):
     word_ends = {i for i, end in enumerate(ends["student"].tolist()) if end < len(text) and text[end] == " "}
     assert word_ends <= set(student.tolist())
     assert len(student) < len(ends["student"])  # and some positions inside words are not covered
+
+
+def packed(tokenizer, texts):
+    """(token ids with EOS after each text, global starts, global ends) of a packed stream."""
+    from distill.token_alignment import stream_spans
+
+    ids, spans = [], []
+    for text in texts:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids.extend(encoded["input_ids"] + [tokenizer.eos_token_id])
+        spans.append(encoded["offset_mapping"])
+    starts, ends = stream_spans(spans, [len(text) for text in texts])
+    return ids, starts, ends
+
+
+def test_stream_spans_by_hand():
+    from distill.token_alignment import stream_spans
+
+    starts, ends = stream_spans([[(0, 2), (2, 3)], [(0, 0), (0, 4)]], [3, 4])  # text 1 opens with a BOS
+    assert starts == [0, 2, 3, 4, 4, 8] and ends == [2, 3, 4, 4, 8, 9]
+
+
+def test_identical_tokenizers_give_a_teacher_window_equal_to_the_block(tokenizers):
+    from distill.token_alignment import aligned_positions, teacher_window
+
+    texts = [row["text"] for row in make_rows(12, seed=4)]
+    ids, starts, ends = packed(tokenizers["student"], texts)
+    block = 16
+    for first in range(0, len(ids) - block, block):
+        lo, hi = teacher_window(starts[first], ends[first + block - 1], ends, starts)
+        assert (lo, hi) == (first, first + block)
+        assert aligned_positions(ends[first:first + block], ends[lo:hi]) == list(range(block))
+
+
+def test_a_teacher_window_covers_the_blocks_text_and_aligns_every_eos(tokenizers):
+    from distill.token_alignment import aligned_positions, teacher_window
+
+    texts = [row["text"] for row in make_rows(12, seed=4)]
+    student_ids, s_starts, s_ends = packed(tokenizers["student"], texts)
+    teacher_ids, t_starts, t_ends = packed(tokenizers["teacher"], texts)
+    eos_s, eos_t = tokenizers["student"].eos_token_id, tokenizers["teacher"].eos_token_id
+    block, covered = 16, 0
+    for first in range(0, len(student_ids) - block, block):
+        lo, hi = teacher_window(s_starts[first], s_ends[first + block - 1], t_ends, t_starts)
+        assert s_starts[first] <= t_starts[lo] and t_ends[hi - 1] <= s_ends[first + block - 1]
+        positions = aligned_positions(s_ends[first:first + block], t_ends[lo:hi])
+        for i, j in enumerate(positions):
+            if student_ids[first + i] == eos_s:  # the end of a text is a boundary of both
+                assert j >= 0 and teacher_ids[lo + j] == eos_t
+            if j >= 0:
+                assert s_ends[first + i] == t_ends[lo + j]
+                covered += 1
+    assert covered > 0.5 * (len(student_ids) // block) * block
