@@ -66,6 +66,7 @@ class Interpolation:
     fittable = False  # implements fit(): interpolation.fit_on and `distill fit-weights` may use it
     needs_fit = False  # unusable before fit() (a learned gate)
     weights_per_row = False  # row_weights depends on the teachers' outputs row by row
+    needs_every_teacher = False  # cannot mix a subset of the teachers (token_alignment.covered_target)
 
     def row_weights(self, teacher_logits: Tensor, weights: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         """[K, rows] each teacher's weight in each row's target (here the given weights, the same for
@@ -174,6 +175,7 @@ class LearnedGateInterpolation(Interpolation):
     then frozen."""
 
     fittable = needs_fit = True
+    needs_every_teacher = True  # the gate network reads K teachers' features
     weights_per_row = True
     FEATURE_CODES = {"distribution": 0, "summary": 1}
 

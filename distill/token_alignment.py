@@ -186,3 +186,31 @@ def aligned_positions(student_ends: Sequence[int], window_ends: Sequence[int]) -
     for s, t in zip(student.tolist(), teacher.tolist()):
         positions[s] = t
     return positions
+
+
+# ------------------------------------------------------------------------- partial coverage
+def covered_target(interpolation, teacher_logits: Tensor, coverage: Tensor, weights: Tensor,
+                   temperatures: Tensor, labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(target log-probabilities [n, V], kept [n] bool) where teacher k covers row r only when
+    coverage[k, r]: each row's target is the strategy applied to the teachers that cover it, their
+    weights renormalised over them (a row all teachers cover gets exactly the usual target; a row
+    no teacher covers is not kept, its target row uniform). Rows are grouped by which teachers
+    cover them, so the strategy runs once per group. A strategy that needs every teacher (a gate
+    over K inputs) cannot take a subset: it raises ValueError for partial rows."""
+    count, rows, vocab = teacher_logits.shape
+    target = torch.full((rows, vocab), -torch.log(torch.tensor(float(vocab))).item(), device=teacher_logits.device,
+                        dtype=torch.promote_types(teacher_logits.dtype, torch.float32))
+    kept = coverage.any(dim=0)
+    patterns = torch.unique(coverage[:, kept].t(), dim=0) if kept.any() else coverage.new_zeros((0, count))
+    for pattern in patterns:
+        members = (coverage.t() == pattern).all(dim=1)
+        chosen = torch.nonzero(pattern).squeeze(-1)
+        if len(chosen) < count and getattr(interpolation, "needs_every_teacher", False):
+            raise ValueError(f"interpolation {interpolation.name!r} reads every teacher at every row; "
+                             f"{int(members.sum())} row(s) are covered by teachers {chosen.tolist()} only")
+        subset_weights = weights[chosen]
+        if float(subset_weights.sum()) <= 0:  # the covering teachers all weigh 0: mix them evenly
+            subset_weights = torch.ones_like(subset_weights)
+        target[members] = interpolation(teacher_logits[chosen][:, members], subset_weights / subset_weights.sum(),
+                                        temperatures[chosen], None if labels is None else labels[members])
+    return target, kept

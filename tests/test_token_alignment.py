@@ -176,3 +176,37 @@ def test_a_teacher_window_covers_the_blocks_text_and_aligns_every_eos(tokenizers
                 assert s_ends[first + i] == t_ends[lo + j]
                 covered += 1
     assert covered > 0.5 * (len(student_ids) // block) * block
+
+
+@pytest.mark.parametrize("method", ["linear", "geometric", "logit_mean", "confidence"])
+def test_a_row_some_teachers_cover_mixes_them_with_renormalised_weights(method):
+    from distill.interpolate import build_interpolation
+    from distill.token_alignment import covered_target
+
+    torch.manual_seed(2)
+    logits = torch.randn(3, 7, 5, dtype=torch.float64)
+    weights = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    temperatures = torch.tensor([2.0, 1.0, 1.5], dtype=torch.float64)
+    coverage = torch.tensor([[1, 1, 0, 1, 0, 0, 1], [1, 0, 1, 1, 0, 0, 1], [1, 1, 1, 0, 1, 0, 1]], dtype=torch.bool)
+    strategy = build_interpolation(method)
+    target, kept = covered_target(strategy, logits, coverage, weights, temperatures)
+    assert kept.tolist() == [True, True, True, True, True, False, True]
+    full = strategy(logits, weights, temperatures)
+    torch.testing.assert_close(target[[0, 6]], full[[0, 6]])  # every teacher covers them: the usual target
+    for row in (1, 2, 3, 4):
+        chosen = coverage[:, row].nonzero().squeeze(-1)
+        expected = strategy(logits[chosen][:, [row]], weights[chosen] / weights[chosen].sum(), temperatures[chosen])
+        torch.testing.assert_close(target[row], expected[0])
+    if method == "linear":  # row 1: teachers 0 and 2, weights 0.5 / 0.7 and 0.2 / 0.7, by the formula
+        probs = [torch.softmax(logits[k, 1] / temperatures[k], dim=-1) for k in (0, 2)]
+        torch.testing.assert_close(target[1].exp(), (0.5 * probs[0] + 0.2 * probs[1]) / 0.7)
+
+
+def test_a_gate_over_every_teacher_refuses_rows_only_some_cover():
+    from distill.interpolate import build_interpolation
+    from distill.token_alignment import covered_target
+
+    gate = build_interpolation("learned_gate")
+    coverage = torch.tensor([[True, True], [True, False]])
+    with pytest.raises(ValueError, match=r"reads every teacher at every row; 1 row\(s\) are covered by teachers \[0\]"):
+        covered_target(gate, torch.randn(2, 2, 4), coverage, torch.tensor([0.5, 0.5]), torch.ones(2))
