@@ -3,6 +3,7 @@ continues to the very same shards, a folder of another plan is refused before an
 and two ranks through the DeepSpeed launcher write one cache equal to one rank's."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -115,3 +116,22 @@ def test_two_ranks_write_one_cache_equal_to_one_ranks(tiny_lm, tmp_path):
     assert one_meta["rows"] == two_meta["rows"] and one_meta["shards"] == two_meta["shards"]
     for mine, theirs in zip(one_meta["teachers"], two_meta["teachers"]):  # evaluated on both ranks, gathered
         assert theirs["perplexity"] == pytest.approx(mine["perplexity"], rel=1e-5)
+
+
+def test_a_folder_that_is_not_this_cache_or_is_in_use_is_refused_and_left_alone(tiny, tmp_path):
+    config = tiny_config_yaml(tiny, tmp_path / "unused")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    refused = run_cli(["cache", config, "--out", foreign])
+    assert refused.returncode == 2 and "is not a cache distill is writing" in refused.stderr
+    assert [path.name for path in foreign.iterdir()] == ["notes.txt"]
+    whole = tmp_path / "whole"
+    assert run_cli(["cache", config, "--out", whole]).returncode == 0
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / PLAN).write_text((whole / PLAN).read_text())  # the same plan, part-written...
+    (busy / ".distill.lock").write_text(f"{socket.gethostname()} {os.getpid()}\n")  # ...by a live process
+    held = run_cli(["cache", config, "--out", busy])
+    assert held.returncode == 2 and f"cache target {busy} is in use by process {os.getpid()}" in held.stderr
+    assert sorted(path.name for path in busy.iterdir()) == [".distill.lock", PLAN]
