@@ -214,3 +214,29 @@ def covered_target(interpolation, teacher_logits: Tensor, coverage: Tensor, weig
         target[members] = interpolation(teacher_logits[chosen][:, members], subset_weights / subset_weights.sum(),
                                         temperatures[chosen], None if labels is None else labels[members])
     return target, kept
+
+
+def pack_aligned_blocks(student_texts: Sequence[Sequence[int]], student_spans: Sequence[Sequence[Tuple[int, int]]],
+                        teacher_texts: Sequence[Sequence[int]], teacher_spans: Sequence[Sequence[Tuple[int, int]]],
+                        text_lengths: Sequence[int], student_eos: int, teacher_eos: int, block_size: int) -> Dict:
+    """Packed blocks of the student's tokens (as lm_data.pack_blocks cuts them: block i reads inputs
+    i*block_size .. and predicts the next token of each) and, per block, the teacher's window over the
+    same text: `teacher_input_ids` (its tokens inside the block's text, EOS included) and
+    `teacher_positions` (per student input, the window position that has read the same text, -1
+    where none has)."""
+    student_stream = [token for tokens in student_texts for token in (*tokens, student_eos)]
+    teacher_stream = [token for tokens in teacher_texts for token in (*tokens, teacher_eos)]
+    s_starts, s_ends = stream_spans(student_spans, text_lengths)
+    t_starts, t_ends = stream_spans(teacher_spans, text_lengths)
+    out: Dict[str, List[List[int]]] = {"input_ids": [], "labels": [], "teacher_input_ids": [], "teacher_positions": []}
+    for start in range(0, max(len(student_stream) - 1, 0), block_size):
+        piece = student_stream[start:start + block_size + 1]
+        if len(piece) < 2:
+            break
+        inputs = len(piece) - 1
+        first, last = teacher_window(s_starts[start], s_ends[start + inputs - 1], t_ends, t_starts)
+        out["input_ids"].append(piece[:-1])
+        out["labels"].append(piece[1:])
+        out["teacher_input_ids"].append(teacher_stream[first:last])
+        out["teacher_positions"].append(aligned_positions(s_ends[start:start + inputs], t_ends[first:last]))
+    return out

@@ -210,3 +210,40 @@ def test_a_gate_over_every_teacher_refuses_rows_only_some_cover():
     coverage = torch.tensor([[True, True], [True, False]])
     with pytest.raises(ValueError, match=r"reads every teacher at every row; 1 row\(s\) are covered by teachers \[0\]"):
         covered_target(gate, torch.randn(2, 2, 4), coverage, torch.tensor([0.5, 0.5]), torch.ones(2))
+
+
+def encoded(tokenizer, texts):
+    ids, spans = [], []
+    for text in texts:
+        result = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids.append(result["input_ids"])
+        spans.append(result["offset_mapping"])
+    return ids, spans
+
+
+def test_aligned_blocks_are_the_packed_blocks_plus_each_teachers_window(tokenizers):
+    from distill.lm_data import pack_blocks
+    from distill.token_alignment import pack_aligned_blocks
+
+    texts = [row["text"] for row in make_rows(15, seed=6)]
+    lengths = [len(text) for text in texts]
+    student, teacher = tokenizers["student"], tokenizers["teacher"]
+    s_ids, s_spans = encoded(student, texts)
+    t_ids, t_spans = encoded(teacher, texts)
+    blocks = pack_aligned_blocks(s_ids, s_spans, t_ids, t_spans, lengths, student.eos_token_id, teacher.eos_token_id, 16)
+    plain = pack_blocks(s_ids, student.eos_token_id, 16)
+    assert blocks["input_ids"] == plain["input_ids"] and blocks["labels"] == plain["labels"]  # the student's path
+    for inputs, window, positions in zip(blocks["input_ids"], blocks["teacher_input_ids"], blocks["teacher_positions"]):
+        assert len(positions) == len(inputs)
+        # a covered position has read the same text as its teacher position: the teacher's window may
+        # start a little later (a teacher token straddling the block's start is left out), so its
+        # text is the end of the student's
+        checked = 0
+        for i, j in enumerate(positions):
+            if j >= 0 and student.eos_token_id not in inputs[:i + 1] and teacher.eos_token_id not in window[:j + 1]:
+                assert student.decode(inputs[:i + 1]).endswith(teacher.decode(window[:j + 1]))
+                checked += 1
+        assert checked > 0 or student.eos_token_id in inputs[:2]
+    same = pack_aligned_blocks(s_ids, s_spans, s_ids, s_spans, lengths, student.eos_token_id, student.eos_token_id, 16)
+    assert same["teacher_input_ids"] == same["input_ids"]
+    assert all(p == list(range(len(p))) for p in same["teacher_positions"])
