@@ -59,6 +59,6 @@ trap cleanup_shm EXIT
 status=0
 "${launcher[@]}" --module distill.cli "$command" "$config" "${arguments[@]}" || status=$?
 if [ "$status" -ne 0 ]; then
-    echo "$name: the job failed (exit code $status); the launcher's log above names the rank (--local_rank=N) that ended first" >&2
+    echo "$name: the job failed (exit code $status); each rank's own error is in the log above (the launcher's line shows the return code of the first failed rank it saw: -9 is a kill)" >&2
 fi
 exit "$status"
