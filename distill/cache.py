@@ -156,10 +156,9 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str
               {"samples": samples, "temperatures": [plan.temperature for plan in plans], "seed": cfg.seed}
               if store == "sampled" else {"hidden_dtype": hidden_dtype})
     dataset_fingerprint = fingerprint(train)
-    writer = ShardedWriter.open(Path(out_dir), {"store": store, **stored, "fingerprint": dataset_fingerprint,
-                                                **teacher_signature(plans, hashes, dtype)},
-                                [len(train)], rows_per_shard)
-    try:
+    with ShardedWriter.open(Path(out_dir), {"store": store, **stored, "fingerprint": dataset_fingerprint,
+                                            **teacher_signature(plans, hashes, dtype)},
+                            [len(train)], rows_per_shard) as writer:
         ensemble, source = task.load_teachers(plans, device, dtype)
         parts = [f"hidden{k}" for k in range(len(plans))] if store == "hidden" else ["ids", "log_probs", "tail"]
         if store == "hidden":  # each teacher's output layer, once (restricted rows are not cached: no trim_vocab)
@@ -193,8 +192,6 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str
                              for plan, digest, params in zip(plans, hashes, ensemble.parameter_counts)],
                 "target": figures["target"]}
         return writer.finish(meta)
-    finally:
-        writer.close()
 
 
 def _cache_batch(batch, signal, store, plans, shard, top_k, samples, hidden_dtype, generator) -> None:
@@ -225,20 +222,15 @@ class LogitCache:
     """Reads a cache folder: rows by example id, padded to a batch's length."""
 
     def __init__(self, folder, teacher_names, dataset_fingerprint: str):
-        import json
         from pathlib import Path
 
         from safetensors import safe_open
 
-        from distill.cache_writing import META, shard_name
+        from distill.cache_writing import read_meta, shard_name
         from distill.config import ConfigError
 
         self.folder = Path(folder)
-        meta_path = self.folder / META
-        if not meta_path.is_file():
-            raise ConfigError(f"teachers.cache: {self.folder} has no {META} (not a cache, or one still being written): "
-                              "write or finish it with `distill cache`")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_meta(self.folder)
         cached = [t["name"] for t in self.meta["teachers"]]
         if cached != list(teacher_names):
             raise ConfigError(f"teachers.cache: {self.folder} holds teachers {cached}, the config names "

@@ -44,6 +44,16 @@ def shard_slices(sizes: Sequence[int], rows_per_shard: int) -> List[Tuple[int, i
     return slices
 
 
+def read_meta(folder: Path) -> Dict:
+    """A finished cache's meta.json (both formats); a folder without one is refused: not a cache, or
+    one still being written."""
+    path = Path(folder) / META
+    if not path.is_file():
+        raise ConfigError(f"teachers.cache: {folder} has no {META} (not a cache, or one still being written): "
+                          "write or finish it with `distill cache`")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def _write_json(path: Path, value) -> None:
     partial = path.with_name(f"{path.name}{PARTIAL}{os.getpid()}")
     partial.write_text(json.dumps(value, indent=2), encoding="utf-8")
@@ -55,8 +65,8 @@ def _changed_keys(before: Dict, now: Dict) -> List[str]:
 
 
 class ShardedWriter:
-    """One cache folder being written (see the module's docstring). `open` is collective: every
-    rank calls it and gets the same answer (or the same ConfigError)."""
+    """One cache folder being written (see the module's docstring), used as a context manager.
+    `open` is collective: every rank calls it and gets the same answer (or the same ConfigError)."""
 
     def __init__(self, folder: Path, signature: Dict, slices: List[Tuple[int, int, int]], lock=None):
         self.folder = folder
@@ -165,6 +175,12 @@ class ShardedWriter:
         self.close()
         barrier()
         return meta
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, *failure) -> None:
+        self.close()  # a failed run lets go of the folder; what it wrote stays, for the next run to continue
 
     def close(self) -> None:
         if self.lock is not None:

@@ -27,7 +27,7 @@ from typing import Dict, List
 
 import torch
 
-from distill.cache_writing import META
+from distill.cache_writing import read_meta
 from distill.config import ConfigError
 
 FORMAT = "classification_logits"
@@ -57,8 +57,7 @@ def write_classifier_cache(task, out_dir: Path, rows_per_shard: int = 4096) -> D
     rows = json.dumps([list(part[TEXT_KEY]) for part in parts])  # which texts, in which order
     signature = {"format": FORMAT, "label_names": list(task.label_names), **settings_of(cfg),
                  "rows": hashlib.sha256(rows.encode()).hexdigest(), **teacher_signature(plans, hashes, dtype)}
-    writer = ShardedWriter.open(Path(out_dir), signature, [len(part) for part in parts], rows_per_shard)
-    try:
+    with ShardedWriter.open(Path(out_dir), signature, [len(part) for part in parts], rows_per_shard) as writer:
         ensemble, _ = task.load_teachers(plans, device, dtype)
         for number in writer.mine():
             part, start, end = writer.slices[number]
@@ -75,8 +74,6 @@ def write_classifier_cache(task, out_dir: Path, rows_per_shard: int = 4096) -> D
                 "teachers": [{"name": plan.name, "path": plan.path, "hash": digest, "params": params}
                              for plan, digest, params in zip(plans, hashes, ensemble.parameter_counts)]}
         return writer.finish(meta)
-    finally:
-        writer.close()
 
 
 class ClassifierCache:
@@ -89,11 +86,7 @@ class ClassifierCache:
         from distill.checkpointing import content_hash
 
         self.folder = Path(folder)
-        meta_path = self.folder / META
-        if not meta_path.is_file():
-            raise ConfigError(f"teachers.cache: {self.folder} has no {META} (not a cache, or one still being written): "
-                              "write or finish it with `distill cache`")
-        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        self.meta = read_meta(self.folder)
         if self.meta.get("format") != FORMAT:
             raise ConfigError(f"teachers.cache: {self.folder} holds a {self.meta.get('format', 'causal-LM top-k')} "
                               "cache, not classification logits: rerun distill cache with this config")
