@@ -127,17 +127,46 @@ def _encode_rows(dataset: Dataset, tokenizer, data) -> Dict[str, List[List[int]]
     return pack_blocks(tokenizer(list(dataset[data.text_fields[0]]))["input_ids"], eos, data.block_size)
 
 
-def encode_lm(dataset: Dataset, tokenizer, data, key: str) -> Dataset:
-    """Blocks (input_ids, labels, index, source) of a split; a `source` column is packed source by source."""
+def _encode_aligned(dataset: Dataset, tokenizer, data, teacher_groups) -> Dict[str, List[List[int]]]:
+    """Packed blocks as `pack_blocks` cuts them plus, per teacher tokenizer group, the teacher's own
+    tokens of each block's text (`<prefix>input_ids`, at most `group.max_length` of them) and per
+    student position the window position that has read the same text (`<prefix>positions`, -1
+    where none has): token_alignment.pack_aligned_blocks."""
+    from distill.token_alignment import pack_aligned_blocks
+
+    texts = list(dataset[data.text_fields[0]])
+    lengths = [len(text) for text in texts]
+    student = tokenizer(texts, return_offsets_mapping=True)
+    out: Dict[str, List[List[int]]] = {}
+    for group in teacher_groups:
+        teacher = group.tokenizer(texts, return_offsets_mapping=True)
+        blocks = pack_aligned_blocks(student["input_ids"], student["offset_mapping"], teacher["input_ids"],
+                                     teacher["offset_mapping"], lengths, eos_token_id(tokenizer),
+                                     group.tokenizer.eos_token_id, data.block_size)
+        limit = group.max_length
+        out[group.prefix + "input_ids"] = [window[:limit] for window in blocks["teacher_input_ids"]]
+        out[group.prefix + "positions"] = [[j if j < limit else -1 for j in positions]
+                                           for positions in blocks["teacher_positions"]]
+        out["input_ids"], out[LABELS] = blocks["input_ids"], blocks[LABELS]
+    return out
+
+
+def encode_lm(dataset: Dataset, tokenizer, data, key: str, teacher_groups: Sequence = ()) -> Dataset:
+    """Blocks (input_ids, labels, index, source) of a split; a `source` column is packed source by
+    source. With `teacher_groups` (teachers with other tokenizers) each block also carries every
+    group's aligned window (_encode_aligned)."""
     groups = [(0, dataset)]
     if SOURCE in dataset.column_names:
         ids = dataset[SOURCE]
         groups = [(s, dataset.select([i for i, v in enumerate(ids) if v == s])) for s in sorted(set(ids))]
     columns: Dict[str, list] = {"input_ids": [], LABELS: [], SOURCE: []}
+    for group in teacher_groups:
+        columns[group.prefix + "input_ids"], columns[group.prefix + "positions"] = [], []
     for source, rows in groups:
-        encoded = _encode_rows(rows, tokenizer, data)
-        columns["input_ids"] += encoded["input_ids"]
-        columns[LABELS] += encoded[LABELS]
+        encoded = (_encode_aligned(rows, tokenizer, data, teacher_groups) if teacher_groups
+                   else _encode_rows(rows, tokenizer, data))
+        for name, values in encoded.items():
+            columns[name] += values
         columns[SOURCE] += [source] * len(encoded["input_ids"])
     if not columns["input_ids"] or not any(label != IGNORE_INDEX for row in columns[LABELS] for label in row):
         raise ConfigError(f"data.{key}: no token to learn after tokenization (empty texts or all-prompt rows)")
@@ -154,10 +183,24 @@ def domain_rows(dataset: Dataset, data, domain, index: int) -> Dataset:
 
 
 class LMCollator:
-    """Right-pads a batch: input ids with the pad (or EOS) id, attention mask 0, labels -100."""
+    """Right-pads a batch: input ids with the pad (or EOS) id, attention mask 0, labels -100; each
+    teacher group's window (`<prefix>input_ids`) likewise with its own attention mask, and its
+    aligned positions with -1."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, teacher_groups: Sequence = ()):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id(tokenizer)
+        self.prefixes = [group.prefix for group in teacher_groups]
+
+    @staticmethod
+    def _padded(rows: List[Dict], name: str, fill: int):
+        length = max(1, max(len(row[name]) for row in rows))
+        values = torch.full((len(rows), length), fill, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row[name]:
+                values[i, :len(row[name])] = torch.tensor(row[name])
+                mask[i, :len(row[name])] = 1
+        return values, mask
 
     def __call__(self, rows: List[Dict]) -> Dict:
         length = max(len(row["input_ids"]) for row in rows)
@@ -173,4 +216,7 @@ class LMCollator:
                  INDEX: torch.tensor([row[INDEX] for row in rows], dtype=torch.long)}
         if SOURCE in rows[0]:
             batch[SOURCE] = torch.tensor([row[SOURCE] for row in rows], dtype=torch.long)
+        for prefix in self.prefixes:  # the teacher's pad id never reaches it: masked, and not a gathered position
+            batch[prefix + "input_ids"], batch[prefix + "attention_mask"] = self._padded(rows, prefix + "input_ids", 0)
+            batch[prefix + "positions"], _ = self._padded(rows, prefix + "positions", -1)
         return batch

@@ -201,16 +201,29 @@ def _bits(figures: Dict) -> str:
 
 def format_lm_table(report: Dict) -> str:
     rows = [(f"teacher {t['name']}", f"{t['params'] / 1e6:.2f}M", f"{t['perplexity']:.3f}", f"{t['nll']:.4f}", _bits(t),
-             teacher_note(t)) for t in report["teachers"]]
+             teacher_note(t) + _coverage_note(t)) for t in report["teachers"]]
     if report.get("target"):
         target = report["target"]
         rows.append(("target (interpolated)", "-", f"{target['perplexity']:.3f}", f"{target['nll']:.4f}", _bits(target),
-                     f"{target['interpolation']}, T=1"))
+                     f"{target['interpolation']}, T=1" + _coverage_note(target)))
     student = report["student"]
     ratio = student.get("compression_vs_largest_teacher")
     rows.append((student_label(report), f"{student['params'] / 1e6:.2f}M", f"{student['perplexity']:.3f}", f"{student['nll']:.4f}",
                  _bits(student), f"{ratio:.2f}x largest teacher" if ratio else ""))
     return text_table(("model", "params", "perplexity", "nll/token", "bits/byte", "note"), rows)
+
+
+def _coverage_note(figures: Dict) -> str:
+    """A teacher with another tokenizer (or a target it feeds): the share of student tokens it has read
+    the text of (its perplexity is over those), the mapped probability mass, its own perplexity."""
+    parts = []
+    if figures.get("coverage") is not None:
+        parts.append(f"covers {figures['coverage']:.0%} of tokens")
+    if figures.get("mapped_mass") is not None:
+        parts.append(f"mass mapped {figures['mapped_mass']:.3f}")
+    if figures.get("own_perplexity") is not None:
+        parts.append(f"own-tokenizer ppl {figures['own_perplexity']:.2f}")
+    return ("; " + ", ".join(parts)) if parts else ""
 
 
 def causal_lm_card(report: Dict, dtype: str, compression: Optional[Dict] = None,

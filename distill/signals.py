@@ -158,15 +158,17 @@ def whole_layer(layer: nn.Linear) -> nn.Linear:
     return copy.requires_grad_(False)
 
 
-def teacher_hidden_states(ensemble, inputs: Dict[str, Tensor], records: Optional[Dict[int, Dict]] = None) -> List[Tensor]:
+def teacher_hidden_states(ensemble, inputs, records: Optional[Dict[int, Dict]] = None) -> List[Tensor]:
     """Each teacher's last hidden states, flattened to [B * S, H_k] (the token order of the labels);
-    teachers named in ensemble.inner_requests also fill `records` (layer_distillation.Capture)."""
+    `inputs` is one dict for all teachers or a list with one per teacher (teachers with their own
+    tokenizers). Teachers named in ensemble.inner_requests also fill `records` (layer_distillation.Capture)."""
     from distill.layer_distillation import Capture, detached_copy
 
     context = torch.inference_mode if ensemble.use_inference_mode else torch.no_grad
     states, requests = [], getattr(ensemble, "inner_requests", {})
+    per_teacher = inputs if isinstance(inputs, list) else [inputs] * len(ensemble.models)
     with context():
-        for k, model in enumerate(ensemble.models):
+        for k, (model, inputs) in enumerate(zip(ensemble.models, per_teacher)):
             body, _ = body_and_head(model)
             if k in requests and records is not None:
                 with Capture(body, requests[k], ensemble.plans[k].key) as capture:
@@ -289,6 +291,15 @@ class Targets:
             keep = finite.all(dim=0)
             self.skipped += int((~keep & kd_rows).sum())
             logits = torch.where(keep[None, :, None], logits, torch.zeros_like(logits))
+        coverage = getattr(self.signal, "coverage", None)  # teachers with other tokenizers (cross_tokenizer.py)
+        if coverage is not None and not bool(coverage(start, end).all()):
+            from distill.token_alignment import covered_target
+
+            with torch.no_grad():  # a row mixes the teachers that have read its text, weights renormalised
+                target, covered = covered_target(self.ensemble.interpolation, logits, coverage(start, end).to(logits.device),
+                                                 self.weights.to(logits.device), self.temperatures.to(logits.device),
+                                                 self.labels[start:end])
+            return target, covered if keep is None else keep & covered
         with torch.no_grad():
             if self.stream_probabilities:  # the caller takes probabilities: no log pass
                 return ProbabilityTarget(self.ensemble.interpolation.probabilities_(

@@ -209,7 +209,8 @@ class Task:
             alone.weight = 1.0  # one teacher on its own (its mixture weight may be 0)
             reference, reference_source = self.load_teachers([alone], device, torch.float32, eager=True)
             signal = reference_source.signal(batch, device)
-            drift[plan.name] = mean_kl(signal.logits(0, signal.rows)[0][rows], low_logits[k][rows])
+            read = rows & low.coverage(0, low.rows)[k].to(rows.device) if hasattr(low, "coverage") else rows
+            drift[plan.name] = mean_kl(signal.logits(0, signal.rows)[0][read], low_logits[k][read])
             del reference, reference_source, signal
         return drift
 

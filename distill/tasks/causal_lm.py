@@ -113,10 +113,14 @@ class CausalLM(Task):
             **{f"teachers.models[{i}].logits": True for i, t in enumerate(cfg.teachers.models) if t.logits},
             **{f"teachers.models[{i}].pooling": True for i, t in enumerate(cfg.teachers.models) if t.pooling},
         }, " (classification settings: a causal LM learns the next token of its text)")
-        if cfg.teachers.tokenization == "per_model":
-            raise ConfigError("task causal_lm does not support teachers.tokenization=per_model yet (teachers and student "
-                              "share one tokenizer; with student.trim_vocab the teachers read the kept ids mapped back "
-                              "to theirs): remove it")
+        if cfg.teachers.tokenization == "per_model":  # teachers with other tokenizers (cross_tokenizer.py)
+            refuse_unused(cfg, {
+                "data.prompt_field": data.prompt_field is not None,
+                "teachers.cache": cfg.teachers.cache is not None,
+                "loss.intermediate": bool(cfg.loss.intermediate),
+                "student.trim_vocab": cfg.student.trim_vocab,
+            }, " with teachers.tokenization=per_model (teachers with other tokenizers read packed text, live, "
+               "and map onto the student's whole vocabulary; set teachers.tokenization=shared to use it)")
         if cfg.student.trim_vocab and cfg.teachers.cache is not None:
             raise ConfigError("student.trim_vocab with teachers.cache: the cache holds the teachers' top-k over their "
                               "full vocabulary, not renormalised over the kept tokens; drop one of them")
@@ -156,6 +160,10 @@ class CausalLM(Task):
         self.teacher_figures: Dict[str, Dict[str, Dict[str, float]]] = {}
         self._encoded: Dict[str, object] = {}
         self.vocabulary = None  # with student.trim_vocab: the kept ids in the teachers' numbering
+        self.teacher_groups: List = []  # teachers.tokenization=per_model: one per other tokenizer
+        self.student_vocab_size: Optional[int] = None
+        self.student_bytes = None  # bytes per student token id (per_model: the target's bits per byte)
+        self.fit_bytes: Optional[int] = None  # bytes of the validation tokens the interpolation fit reads
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
@@ -168,7 +176,7 @@ class CausalLM(Task):
         memo = (key, id(split), id(self.tokenizer))  # blocks counted before the run directory are reused
         if self._encoded.get("key") == memo:
             return self._encoded["blocks"]
-        encoded = encode_lm(split, self.tokenizer, data, key)
+        encoded = encode_lm(split, self.tokenizer, data, key, self.teacher_groups)
         if key == "train":
             self._encoded = {"key": memo, "blocks": encoded}
         if key == "train":
@@ -178,12 +186,13 @@ class CausalLM(Task):
             for index, domain in enumerate(data.eval_domains):
                 rows = domain_rows(split, data, domain, index)
                 if len(rows):
-                    self.domain_sets[domain.name] = encode_lm(rows, self.tokenizer, data, f"eval_domains.{domain.name}")
+                    self.domain_sets[domain.name] = encode_lm(rows, self.tokenizer, data, f"eval_domains.{domain.name}",
+                                                              self.teacher_groups)
                     self.bytes[domain.name] = text_bytes(rows, data)
         return encoded
 
     def collator(self):
-        return LMCollator(self.tokenizer)
+        return LMCollator(self.tokenizer, self.teacher_groups)
 
     def training_rows(self, splits) -> int:
         return len(self.encode(splits.train, "train"))
@@ -225,34 +234,69 @@ class CausalLM(Task):
 
     # models --------------------------------------------------------------------------------
     def plan_teachers(self, student_tokenizer):
-        """Teachers must share the student's tokenizer: identical vocabularies, checked on tokenizers
-        and configs before any weights load."""
+        """Teachers share the student's tokenizer (identical vocabularies), or, with
+        teachers.tokenization=per_model, bring their own: then their vocabulary is mapped onto the
+        student's (cross_tokenizer.build_token_map), all checked before any weights load."""
+        from distill.data import TokenizerGroup
         from distill.modeling import check_positions, load_model_config, load_tokenizer, same_vocabulary
         from distill.teachers import TeacherPlan
 
         cfg = self.cfg
+        per_model = cfg.teachers.tokenization == "per_model"
         length, length_key = ((cfg.data.max_length, "data.max_length") if cfg.data.prompt_field
                               else (cfg.data.block_size, "data.block_size"))
+        reference, reference_key = self.student_source()
+        student_config = load_model_config(reference, reference_key, cfg.trust_remote_code)
         if cfg.student.path is not None:
-            check_positions(load_model_config(cfg.student.path, "student.path", cfg.trust_remote_code), length,
-                            length_key, f"student.path ({cfg.student.path})")
-        plans = []
+            check_positions(student_config, length, length_key, f"student.path ({cfg.student.path})")
+        self.student_vocab_size = student_config.vocab_size
+        plans, self.teacher_groups = [], []
         for index, teacher in enumerate(cfg.teachers.models):
             key = f"teachers.models[{index}] ({teacher.path})"
             tokenizer = load_tokenizer(teacher.path, key, cfg.trust_remote_code)
-            if not same_vocabulary(tokenizer, student_tokenizer):
-                raise ConfigError(f"{key} has a different vocabulary ({len(tokenizer)} tokens) from the student "
-                                  f"({len(student_tokenizer)} tokens): token-level distillation needs one shared "
-                                  "tokenizer; use teachers of the same model family")
             model_config = load_model_config(teacher.path, key, cfg.trust_remote_code)
-            check_positions(model_config, length, length_key, key)
             temperature = teacher.temperature if teacher.temperature is not None else cfg.loss.temperature
             plan = TeacherPlan(name=teacher_display_name(teacher, index), path=teacher.path, key=key,
                                weight=teacher.weight, temperature=temperature, label_order=None, input_prefix="")
-            plan.vocab_size = model_config.vocab_size
+            plan.vocab_size, plan.token_map = model_config.vocab_size, None
+            if not same_vocabulary(tokenizer, student_tokenizer):
+                if not per_model:
+                    raise ConfigError(f"{key} has a different vocabulary ({len(tokenizer)} tokens) from the student "
+                                      f"({len(student_tokenizer)} tokens): use a teacher of the student's model "
+                                      "family, or set teachers.tokenization=per_model to map its distributions onto "
+                                      "the student's tokens by text")
+                plan.token_map = self._token_map(tokenizer, student_tokenizer, key, model_config.vocab_size)
+                group = next((g for g in self.teacher_groups if same_vocabulary(g.tokenizer, tokenizer)), None)
+                if group is None:
+                    group = TokenizerGroup(prefix=f"t{len(self.teacher_groups)}__", tokenizer=tokenizer)
+                    group.max_length = getattr(model_config, "max_position_embeddings", None)
+                    self.teacher_groups.append(group)
+                plan.input_prefix = group.prefix
+                if distributed.is_main():
+                    print(f"{plan.name}: another tokenizer ({len(tokenizer):,} tokens), mapped onto the student's by "
+                          f"text: {plan.token_map.describe()}", flush=True)
+            else:
+                check_positions(model_config, length, length_key, key)
             plans.append(plan)
+        if self.teacher_groups:
+            from distill.interpolate import interpolation_class
+
+            if interpolation_class(cfg.interpolation.method).needs_every_teacher:
+                other = next(plan for plan in plans if plan.token_map is not None)
+                raise ConfigError(f"interpolation.method={cfg.interpolation.method} reads every teacher at every "
+                                  f"token, but {other.key} has another tokenizer and has not read the text of every "
+                                  "student position: use linear, geometric, logit_mean or confidence")
         self.plans, self.tokenizer = plans, student_tokenizer
         return plans
+
+    def _token_map(self, tokenizer, student_tokenizer, key: str, output_size: int):
+        from distill.cross_tokenizer import build_token_map, spelled
+
+        if self.student_bytes is None:
+            reference, reference_key = self.student_source()
+            spelling = spelled(student_tokenizer, f"{reference_key} ({reference}), the student")
+            self.student_bytes = (list(spelling) + [None] * self.student_vocab_size)[:self.student_vocab_size]
+        return build_token_map(tokenizer, student_tokenizer, self.student_bytes, key, output_size)
 
     def build_student(self, splits):
         """(model in fp32, tokenizer): a checkpoint, or a copy of a teacher keeping some of its layers;
@@ -279,7 +323,7 @@ class CausalLM(Task):
             model.config.distill_student_of = {"teacher": teacher.path, "layers": layers}
             tokenizer = load_tokenizer(teacher.path, key, trust)
         for plan in self.plans:
-            if plan.vocab_size != model.config.vocab_size:
+            if plan.token_map is None and plan.vocab_size != model.config.vocab_size:
                 raise ConfigError(f"{plan.key} has {plan.vocab_size} output tokens, the student "
                                   f"{model.config.vocab_size}: they must predict the same vocabulary")
         check_head_reproduces_logits(model, key)
@@ -346,6 +390,11 @@ class CausalLM(Task):
             return model
 
         ensemble = load_teachers(cfg, plans, device, dtype, load, eager)
+        if any(plan.token_map is not None for plan in plans):
+            from distill.cross_tokenizer import AlignedLanguageModels
+
+            return ensemble, AlignedLanguageModels(ensemble, [plan.token_map for plan in plans],
+                                                   self.student_vocab_size, self.vocabulary)
         return ensemble, LiveLanguageModels(ensemble, self.vocabulary)
 
     def prepare_training(self, device, ensemble) -> None:
@@ -401,10 +450,12 @@ class CausalLM(Task):
                        for plan in self.layer_terms.plans}  # teachers read the student's ids (mapped back)
             terms, extra = self.add_layer_terms(terms, engine.module, record, signal, inputs["attention_mask"],
                                                 row_weights, aligned)
+        if hasattr(signal, "shares"):  # teachers with other tokenizers: coverage and mapped mass
+            extra = {**(extra or {}), **signal.shares(ensemble.names)}
         # logged per token of this micro-batch (the loss itself is scaled for the whole step)
         scale = normalizer / max(int((labels != IGNORE_INDEX).sum()), 1)
         # the intermediate terms are a mean over this micro-batch already: not rescaled
-        inner = extra["intermediate"] if extra else 0.0
+        inner = (extra or {}).get("intermediate", 0.0)
         return terms, StepFigures((terms.total.item() - inner) * scale + inner, terms.kd.item() * scale,
                                   terms.ce.item() * scale,
                                   batch["input_ids"].shape[0], targets.skipped if targets is not None else 0,
@@ -419,7 +470,7 @@ class CausalLM(Task):
             loader = validation_loader(dataset, self.collator(), self.cfg.training.eval_batch_size)
             with_teachers = live and name not in self.teacher_figures
             figures = perplexities(loader, model, ensemble if with_teachers else None, source, device,
-                                   self.bytes.get(name))
+                                   self.bytes.get(name), self._student_byte_lengths())
             if with_teachers:
                 self.teacher_figures[name] = {k: v for k, v in figures.items() if k != "student"}
             figures.update(self.teacher_figures.get(name, {}))
@@ -427,7 +478,12 @@ class CausalLM(Task):
         return results.pop("validation"), results
 
     def validation_bytes(self):
-        return self.bytes["validation"]
+        return self.bytes["validation"] if self.fit_bytes is None else self.fit_bytes
+
+    def _student_byte_lengths(self) -> Optional[Tensor]:
+        if self.student_bytes is None:
+            return None
+        return torch.tensor([len(text) if text is not None else 0 for text in self.student_bytes], dtype=torch.long)
 
     def validation_chunks(self, ensemble, source, device):
         """The teachers' last hidden states at every labelled validation token (gathered from all
@@ -439,8 +495,10 @@ class CausalLM(Task):
             labels = batch[LABELS]
             length = labels.shape[1]
             for row, index in enumerate(batch[INDEX].tolist()):
-                valid = labels[row] != IGNORE_INDEX
                 rows = slice(row * length, (row + 1) * length)
+                valid = labels[row] != IGNORE_INDEX
+                if hasattr(signal, "coverage"):  # other tokenizers: fit where every teacher has read the text
+                    valid &= signal.coverage(rows.start, rows.stop).all(dim=0).cpu()
                 local[index] = ([hidden[rows][valid.to(hidden.device)].float().cpu() for hidden in signal.hidden_states],
                                 labels[row][valid])
         merged: Dict[int, Tuple[List[Tensor], Tensor]] = {}
@@ -449,7 +507,17 @@ class CausalLM(Task):
         order = sorted(merged)
         hidden = [torch.cat([merged[i][0][k] for i in order]).to(device) for k in range(len(ensemble))]
         labels = torch.cat([merged[i][1] for i in order]).to(device)
-        signal = HiddenStateSignal(hidden, source.heads)
+        if hasattr(source, "maps"):
+            from distill.cross_tokenizer import AlignedSignal
+
+            every = torch.ones(len(ensemble), labels.shape[0], dtype=torch.bool, device=device)
+            signal = AlignedSignal(hidden, source.heads, source.maps, every, every[0], source.vocab_size)
+            self.fit_bytes = int(self._student_byte_lengths()[labels.cpu()].sum())
+            if distributed.is_main():
+                print(f"the interpolation is fitted on the {labels.shape[0]:,} validation tokens every teacher has "
+                      "read the text of (teachers with other tokenizers)", flush=True)
+        else:
+            signal = HiddenStateSignal(hidden, source.heads)
         size = self.cfg.loss.chunk_tokens
 
         def chunks():
@@ -485,6 +553,10 @@ class CausalLM(Task):
     def write_cache(self, out_dir, top_k, store="topk", hidden_dtype=None, samples=None, rows_per_shard=None):
         from distill.cache import write_cache
 
+        if self.cfg.teachers.tokenization == "per_model":
+            raise ConfigError("teachers.tokenization=per_model: a cache holds distributions over the student's tokens "
+                              "at every position, which teachers with other tokenizers do not give; train with live "
+                              "teachers")
         if store != "topk" and top_k is not None:
             raise ConfigError(f"--top-k is for --store topk, not {store}: remove it")
         if store != "hidden" and hidden_dtype is not None:
@@ -497,50 +569,94 @@ class CausalLM(Task):
 
 
 def perplexities(loader, student, ensemble, source, device: torch.device,
-                 text_bytes_total: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+                 text_bytes_total: Optional[int] = None, student_bytes: Optional[Tensor] = None
+                 ) -> Dict[str, Dict[str, float]]:
     """Per model ('student' unless it is None, each teacher and 'target' = the interpolated teachers
     at temperature 1, when `ensemble` is given): mean NLL per labelled token, its exp, and bits per
     byte of the text (when its byte count is given), over the loader, gathered across ranks (rows a
-    DistributedSampler repeats are counted once)."""
-    teacher_names = (ensemble.names + ["target"]) if ensemble is not None else []
-    per_row: Dict[int, List[float]] = {}  # index -> [labelled tokens, student NLL?, teachers' NLL..., target NLL]
-    for batch in loader:
-        labels = batch[LABELS].to(device)
-        student_logits = None
-        if student is not None:
-            with torch.no_grad():
-                student_logits = student(input_ids=batch["input_ids"].to(device),
-                                         attention_mask=batch["attention_mask"].to(device)).logits
-        targets = None
-        if teacher_names:
-            flat = labels.reshape(-1)
-            targets = Targets(ensemble, source.signal(batch, device), flat, flat != IGNORE_INDEX,
-                              temperatures=torch.ones(len(ensemble)))
-        sequence = labels.shape[1]
-        for row, index in enumerate(batch[INDEX].tolist()):
-            valid = labels[row] != IGNORE_INDEX
-            sums = [int(valid.sum())]
-            if student_logits is not None:
-                sums.append(token_nll_sum(student_logits[row], labels[row]))
-            if targets is not None:
-                start, end = row * sequence, (row + 1) * sequence
-                logits = targets.signal.logits(start, end)  # [K, S, V]: one row at a time
-                sums += [token_nll_sum(logits[k], labels[row]) for k in range(len(ensemble))]
-                target, _ = targets.target(logits, start, end)
-                sums.append(float(-target[valid].gather(-1, labels[row][valid].unsqueeze(-1)).sum()))
-            per_row[index] = sums
-    merged: Dict[int, List[float]] = {}
+    DistributedSampler repeats are counted once).
+
+    Teachers with other tokenizers (a signal with `coverage`): their NLL and perplexity are those of
+    their mapped distributions on the student's tokens they have read the text of (`tokens`,
+    `coverage`), with `mapped_mass`; their bits per byte and `own_perplexity` are of their own
+    tokens (cross_tokenizer.AlignedSignal.own_tokenization). The target is scored on the tokens some
+    teacher covers; its bits per byte divide by those tokens' bytes (`student_bytes`: bytes per
+    student id) when that is not every token."""
+    names = (["student"] if student is not None else []) + ((ensemble.names + ["target"]) if ensemble is not None else [])
+    # index -> {name: [NLL sum, tokens]} plus "" -> [labelled tokens], "own k" -> [NLL, tokens, bytes],
+    # "mass k" -> [mapped mass], "bytes target" -> [bytes of the covered tokens]
+    per_row: Dict[int, Dict[str, List[float]]] = {}
+    if ensemble is not None and hasattr(source, "keep_windows"):
+        source.keep_windows = True
+    try:
+        for batch in loader:
+            labels = batch[LABELS].to(device)
+            student_logits = None
+            if student is not None:
+                with torch.no_grad():
+                    student_logits = student(input_ids=batch["input_ids"].to(device),
+                                             attention_mask=batch["attention_mask"].to(device)).logits
+            targets = coverage = None
+            if ensemble is not None:
+                flat = labels.reshape(-1)
+                targets = Targets(ensemble, source.signal(batch, device), flat, flat != IGNORE_INDEX,
+                                  temperatures=torch.ones(len(ensemble)))
+                coverage = getattr(targets.signal, "coverage", None)
+            sequence = labels.shape[1]
+            for row, index in enumerate(batch[INDEX].tolist()):
+                valid = labels[row] != IGNORE_INDEX
+                sums: Dict[str, List[float]] = {"": [int(valid.sum())]}
+                if student_logits is not None:
+                    sums["student"] = [token_nll_sum(student_logits[row], labels[row]), int(valid.sum())]
+                if targets is not None:
+                    start, end = row * sequence, (row + 1) * sequence
+                    signal = targets.signal
+                    covered = (coverage(start, end).to(device) if coverage is not None
+                               else torch.ones(len(ensemble), sequence, dtype=torch.bool, device=device))
+                    mass_before = signal.mass.clone() if coverage is not None else None
+                    logits = signal.logits(start, end)  # [K, S, V]: one row at a time
+                    for k, name in enumerate(ensemble.names):
+                        read = valid & covered[k]
+                        sums[name] = [token_nll_sum(logits[k][read], labels[row][read]), int(read.sum())]
+                        if coverage is not None and signal.maps[k] is not None:
+                            sums[f"own {k}"] = list(signal.own_tokenization(k, row))
+                            sums[f"mass {k}"] = [float(signal.mass[k] - mass_before[k])]
+                    target, keep = targets.target(logits, start, end)
+                    read = valid if keep is None else valid & keep.to(device)
+                    sums["target"] = [float(-target[read].gather(-1, labels[row][read].unsqueeze(-1)).sum()),
+                                      int(read.sum())]
+                    if student_bytes is not None:
+                        sums["bytes target"] = [int(student_bytes[labels[row][read].cpu()].sum())]
+                per_row[index] = sums
+    finally:
+        if ensemble is not None and hasattr(source, "keep_windows"):
+            source.keep_windows = False
+    merged: Dict[int, Dict[str, List[float]]] = {}
     for part in distributed.gather_objects(per_row):
         merged.update(part)
-    tokens = sum(sums[0] for sums in merged.values())
-    names = (["student"] if student is not None else []) + teacher_names
+
+    def total(key: str, column: int = 0) -> float:
+        return sum(sums[key][column] for sums in merged.values() if key in sums)
+
+    tokens = int(total(""))
     result = {}
-    for column, name in enumerate(names, start=1):
-        total = sum(sums[column] for sums in merged.values())
-        nll = total / max(tokens, 1)
-        result[name] = {"nll": nll, "perplexity": math.exp(min(nll, 700.0)), "tokens": tokens}
-        if text_bytes_total:
-            result[name]["bits_per_byte"] = total / math.log(2) / text_bytes_total
+    for name in names:
+        nll_sum, counted = total(name), int(total(name, 1))
+        nll = nll_sum / max(counted, 1)
+        result[name] = {"nll": nll, "perplexity": math.exp(min(nll, 700.0)), "tokens": counted}
+        if text_bytes_total and counted == tokens:
+            result[name]["bits_per_byte"] = nll_sum / math.log(2) / text_bytes_total
+        if counted < tokens:
+            result[name]["coverage"] = counted / max(tokens, 1)
+    for k, name in enumerate(ensemble.names if ensemble is not None else []):
+        if any(f"own {k}" in sums for sums in merged.values()):
+            own_nll, own_tokens, own_bytes = (total(f"own {k}", c) for c in range(3))
+            result[name].update(own_perplexity=math.exp(min(own_nll / max(own_tokens, 1), 700.0)),
+                                own_tokens=int(own_tokens), bits_per_byte=own_nll / math.log(2) / max(own_bytes, 1),
+                                coverage=result[name]["tokens"] / max(tokens, 1),
+                                mapped_mass=total(f"mass {k}") / max(result[name]["tokens"], 1))
+    if "target" in result and "bits_per_byte" not in result["target"] and student_bytes is not None:
+        result["target"]["bits_per_byte"] = total("target") / math.log(2) / max(total("bytes target"), 1)
     return result
 
 
