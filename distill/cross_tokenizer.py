@@ -6,7 +6,8 @@ Each block carries, per teacher tokenizer group, the teacher's window over the b
 per student position, the window position that has read the same text (lm_data._encode_aligned,
 token_alignment.pack_aligned_blocks). A teacher's last hidden states are gathered at those
 positions, so a chunk of student rows needs that teacher's output layer over the chunk only; its
-log-probabilities [chunk, V_teacher] are mapped onto the student's vocabulary (first-piece map,
+log-probabilities [chunk, V_teacher] are mapped onto the student's vocabulary (classes of the
+student's tokens; inside a class the shared-vocabulary teachers split the mass:
 token_alignment.map_log_probs) and dropped before the next teacher's: never a [K, tokens,
 V_teacher] tensor. Teachers that share the student's vocabulary read the student's ids, exactly as
 without per_model. The signal declares `coverage(start, end)`, which teachers have read the text
@@ -19,6 +20,7 @@ too (bits per byte of its window tokens).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -29,15 +31,17 @@ from distill.config import ConfigError
 from distill.data import LABELS, model_inputs
 from distill.losses import IGNORE_INDEX
 from distill.signals import body_and_head, teacher_hidden_states, whole_layer, write_head
-from distill.token_alignment import first_piece_map, map_log_probs, vocabulary_bytes
+from distill.token_alignment import first_piece_map, map_log_probs, token_classes, vocabulary_bytes
 
 
 @dataclass
 class TokenMap:
-    """How one teacher vocabulary lands on the student's: student id per teacher id (-1: unmapped),
-    and the bytes each teacher token spells (its own-tokenization bits per byte)."""
+    """How one teacher vocabulary lands on the student's (token_alignment.token_classes): the class
+    each teacher token is routed to [V_T] and each student token belongs to [V_S] (-1: none), and
+    the bytes each teacher token spells (its own-tokenization bits per byte)."""
 
-    student_ids: Tensor  # [V_T] int64
+    routes: Tensor  # [V_T] int64
+    classes: Tensor  # [V_S] int64
     byte_lengths: Tensor  # [V_T] int64, 0 for special tokens
     exact: int  # teacher tokens whose text is a student token
     prefix: int  # teacher tokens mapped to a student token that begins them
@@ -45,8 +49,8 @@ class TokenMap:
 
     def describe(self) -> str:
         total = self.exact + self.prefix + self.unmapped
-        return (f"{self.exact / total:.1%} of its tokens are student tokens, {self.prefix / total:.1%} map to their "
-                f"first piece, {self.unmapped / total:.1%} unmapped")
+        return (f"{self.exact / total:.1%} of its tokens are student tokens too, {self.prefix / total:.1%} go to a "
+                f"class of student tokens, {self.unmapped / total:.1%} unmapped")
 
 
 def spelled(tokenizer, key: str) -> List[Optional[bytes]]:
@@ -72,18 +76,22 @@ def build_token_map(teacher_tokenizer, student_tokenizer, student_bytes: Sequenc
                           "set eos_token in its tokenizer_config.json")
     teacher_bytes = (list(teacher_bytes) + [None] * output_size)[:output_size]  # rows of its output layer
     ids, exact = first_piece_map(teacher_bytes, student_bytes)
-    if not bool((ids >= 0).any()):
-        raise ConfigError(f"{key}: no token of its vocabulary begins with a student token (no overlap), so its "
-                          "distributions cannot be mapped onto the student's vocabulary: use a teacher whose text "
-                          "pieces the student can spell")
+    routes, classes = token_classes(teacher_bytes, student_bytes)
+    if not bool((routes >= 0).any()):
+        raise ConfigError(f"{key}: no token of its vocabulary begins a student token or starts with one (no "
+                          "overlap), so its distributions cannot be mapped onto the student's vocabulary: use a "
+                          "teacher whose text pieces the student can spell")
     student_vocab = student_tokenizer.get_vocab()
-    for token, index in teacher_tokenizer.get_vocab().items():
-        if index < output_size and teacher_bytes[index] is None and student_vocab.get(token, output_size) < len(student_bytes):
-            ids[index], exact[index] = student_vocab[token], True
-    ids[teacher_tokenizer.eos_token_id], exact[teacher_tokenizer.eos_token_id] = student_tokenizer.eos_token_id, True
-    mapped = ids >= 0
+    namesakes = {index: student_vocab[token] for token, index in teacher_tokenizer.get_vocab().items()
+                 if index < output_size and teacher_bytes[index] is None
+                 and student_vocab.get(token, len(student_bytes)) < len(student_bytes)}
+    namesakes[teacher_tokenizer.eos_token_id] = student_tokenizer.eos_token_id
+    for teacher_id, student_id in namesakes.items():  # a special token is a class of its own
+        routes[teacher_id], classes[student_id] = teacher_id, teacher_id
+        ids[teacher_id], exact[teacher_id] = student_id, True
+    mapped = routes >= 0
     lengths = torch.tensor([len(text) if text is not None else 0 for text in teacher_bytes], dtype=torch.long)
-    return TokenMap(student_ids=ids, byte_lengths=lengths, exact=int((mapped & exact).sum()),
+    return TokenMap(routes=routes, classes=classes, byte_lengths=lengths, exact=int((mapped & exact).sum()),
                     prefix=int((mapped & ~exact).sum()), unmapped=int((~mapped).sum()))
 
 
@@ -95,8 +103,15 @@ class AlignedSignal:
     mass seen so far (logged)."""
 
     def __init__(self, hidden_states: List[Tensor], heads: List[nn.Module], maps: List[Optional[TokenMap]],
-                 coverage: Tensor, labelled: Tensor, vocab_size: int, windows: Optional[Dict[int, Dict]] = None):
+                 coverage: Tensor, labelled: Tensor, vocab_size: int, windows: Optional[Dict[int, Dict]] = None,
+                 reference_weights: Optional[Sequence[float]] = None):
         self.hidden_states, self.heads, self.maps = hidden_states, heads, maps
+        # the shared-vocabulary teachers' mixture splits a class's mass among its student tokens
+        shared = [k for k, token_map in enumerate(maps) if token_map is None]
+        weights = torch.tensor([float(reference_weights[k]) if reference_weights is not None else 1.0 for k in shared])
+        if shared and float(weights.sum()) <= 0:
+            weights = torch.ones(len(shared))
+        self.reference = list(zip(shared, (weights / weights.sum()).tolist())) if shared else []
         self.covered = coverage  # [K, rows] bool
         self.labelled = labelled  # [rows] bool
         self.rows, self.vocab_size = hidden_states[0].shape[0], vocab_size
@@ -108,21 +123,36 @@ class AlignedSignal:
     def coverage(self, start: int, end: int) -> Tensor:
         return self.covered[:, start:end]
 
+    def _reference(self, out: Tensor) -> Optional[Tensor]:
+        """log of the shared-vocabulary teachers' linear mixture (T = 1) of the chunk, or None."""
+        if not self.reference:
+            return None
+        parts = [torch.log_softmax(out[k], dim=-1) + math.log(weight) for k, weight in self.reference if weight > 0]
+        return torch.logsumexp(torch.stack(parts), dim=0) if len(parts) > 1 else parts[0]
+
     def logits(self, start: int, end: int) -> Tensor:
         with torch.no_grad():
             out = self.hidden_states[0].new_empty((len(self.heads), end - start, self.vocab_size), dtype=torch.float32)
             for k, (head, token_map) in enumerate(zip(self.heads, self.maps)):
-                rows = self.hidden_states[k][start:end]
                 if token_map is None:
-                    write_head(head, rows, out[k])
+                    write_head(head, self.hidden_states[k][start:end], out[k])
+            reference = self._reference(out)
+            for k, (head, token_map) in enumerate(zip(self.heads, self.maps)):
+                if token_map is None:
                     continue
-                log_probs = torch.log_softmax(head(rows.to(head.weight.dtype)).float(), dim=-1)  # one [c, V_T]
-                out[k], mass = map_log_probs(log_probs, token_map.student_ids.to(log_probs.device), self.vocab_size)
+                log_probs = self.own_log_probs(k, start, end)  # one [c, V_T] at a time
+                out[k], mass = map_log_probs(log_probs, token_map.routes, token_map.classes, reference)
                 del log_probs
                 counted = (self.covered[k, start:end] & self.labelled[start:end]).to(mass.device)
                 self.mass[k] += float(mass[counted].double().sum())
                 self.mapped_rows[k] += int(counted.sum())
             return out
+
+    def own_log_probs(self, k: int, start: int, end: int) -> Tensor:
+        """Teacher k's next-token log-probabilities over its own vocabulary at rows start..end-1."""
+        head = self.heads[k]
+        with torch.no_grad():
+            return torch.log_softmax(head(self.hidden_states[k][start:end].to(head.weight.dtype)).float(), dim=-1)
 
     def shares(self, names: Sequence[str]) -> Dict[str, float]:
         """coverage/<teacher> (share of labelled rows it has read) and mapped_mass/<teacher> (mean
@@ -193,4 +223,5 @@ class AlignedLanguageModels:
             coverage[k] = found.reshape(-1)
             if self.keep_windows:
                 windows[k] = {"hidden": state, **inputs[k]}
-        return AlignedSignal(hidden, self.heads, self.maps, coverage, labelled, self.vocab_size, windows)
+        return AlignedSignal(hidden, self.heads, self.maps, coverage, labelled, self.vocab_size, windows,
+                             [plan.weight for plan in self.ensemble.plans])

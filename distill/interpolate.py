@@ -175,7 +175,7 @@ class LearnedGateInterpolation(Interpolation):
     then frozen."""
 
     fittable = needs_fit = True
-    needs_every_teacher = True  # the gate network reads K teachers' features
+    needs_every_teacher = True  # the gate network reads K teachers' features (`covered` masks its weights)
     weights_per_row = True
     FEATURE_CODES = {"distribution": 0, "summary": 1}
 
@@ -205,6 +205,14 @@ class LearnedGateInterpolation(Interpolation):
         if log_probs.shape[0] == 1:
             return log_probs[0]
         return linear_mixture(log_probs, self.sample_weights(teacher_logits))
+
+    def covered(self, teacher_logits, covering: Tensor, temperatures) -> Tensor:
+        """The mixture of the rows only the teachers marked in `covering` [K] have read (teachers with
+        other tokenizers): the gate reads every teacher's features as always, the weights of the
+        others are set to 0 and the rest renormalised."""
+        gate = self.sample_weights(teacher_logits) * covering.to(teacher_logits.dtype).reshape(-1, 1)
+        gate = gate / gate.sum(dim=0, keepdim=True).clamp(min=torch.finfo(gate.dtype).tiny)
+        return linear_mixture(teacher_log_probs(teacher_logits, temperatures), gate)
 
     def fit(self, chunks, weights, temperatures, fit_temperatures=False, seed=0):
         """The gate trained on features and gold-label probabilities gathered in one pass (fitting.fit_gate)."""

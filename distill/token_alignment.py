@@ -8,16 +8,17 @@ next-token distribution a distribution over the same continuation. Positions ins
 token (the student has cut the text finer there) are not covered by that teacher.
 
 Vocabulary. Every token is a byte string (`vocabulary_bytes`: byte-level BPE through GPT-2's byte
-alphabet, SentencePiece-style `▁` and `<0xNN>` byte pieces). A teacher token goes to the student
-token that begins its text (`first_piece_map`): its own string where the student has that token
-(an exact match), else the longest student token that is a prefix of it (the first-piece
-marginal: the student's next token is the first piece of whatever the teacher predicts). A teacher
-token with no such prefix (no shared byte at all; special tokens) is unmapped; its probability is
-left out and the mapped distribution renormalised over the rest (`map_log_probs`), and the share
-left out is returned so that it can be logged. What the mapping cannot express: a teacher token
-that is a proper prefix of the student's next token (the student cuts coarser there) puts its
-mass on that shorter student token, which the student would only emit if the text ended or broke
-there; no per-token correction is made for it.
+alphabet, SentencePiece-style `▁` and `<0xNN>` byte pieces). The two vocabularies are compared on a
+common partition of the student's (`token_classes`): a student token's class is the longest
+teacher token that begins it; a teacher token's probability goes to its own class when the student
+has tokens there, else to the class of its first piece in the student's vocabulary (the longest
+student token that begins it). Within a class the mass is
+split as a reference distribution over the student's vocabulary splits it (the teachers that share
+the student's tokenizer), evenly without one (`map_log_probs`). So the teacher decides what text
+comes next at its own granularity and the reference decides how the student's (possibly longer)
+tokens extend it; a student token longer than any teacher token still gets mass. A teacher token
+with no class (no shared first byte; special tokens without a namesake) is left out and the rest
+renormalised; the share left out is returned so that it can be logged.
 
 Nothing here knows DeepSpeed, configs or models; tensors in, tensors out.
 """
@@ -105,25 +106,69 @@ def first_piece_map(teacher_bytes: Sequence[Optional[bytes]],
     return ids, exact
 
 
-def map_log_probs(log_probs: Tensor, student_ids: Tensor, student_vocab: int) -> Tuple[Tensor, Tensor]:
+ZERO_LOG = -1.0e4  # log q of a student token its class got no mass for: exp() is exactly 0, sums stay finite
+
+
+def token_classes(teacher_bytes: Sequence[Optional[bytes]], student_bytes: Sequence[Optional[bytes]]
+                  ) -> Tuple[Tensor, Tensor]:
+    """(routes [V_T], classes [V_S]): the common partition two vocabularies are compared on.
+
+    A student token's *class* is the longest teacher token that begins its bytes (every student
+    token whose text the teacher would start with that piece). A teacher token is *routed* to its
+    own class when that class has student tokens (its twin, or student tokens that extend it: the
+    student's next token when the text goes on with it); else to the class of its first piece in the
+    student's vocabulary (the longest student token that begins it: the teacher cuts coarser). So
+    every class with student tokens receives its teacher token's mass. -1: no class (no shared
+    first byte; special tokens, which callers route by name)."""
+    first_pieces, _ = first_piece_map(teacher_bytes, student_bytes)
+    classes, _ = first_piece_map(student_bytes, teacher_bytes)  # the same question, roles swapped
+    routes = torch.where(first_pieces >= 0, classes[first_pieces.clamp(min=0)], first_pieces)
+    owners = torch.zeros(len(teacher_bytes), dtype=torch.bool)
+    owners[classes[classes >= 0]] = True
+    routes[owners] = torch.nonzero(owners).squeeze(-1)
+    return routes, classes
+
+
+def map_log_probs(log_probs: Tensor, routes: Tensor, classes: Tensor, reference: Optional[Tensor] = None
+                  ) -> Tuple[Tensor, Tensor]:
     """(mapped [n, V_S] log-probabilities, mapped mass [n]) of teacher log-probabilities [n, V_T]:
 
-        q(u) = sum_{v: m(v) = u} p(v) / sum_{v: m(v) >= 0} p(v),   mass = sum_{v: m(v) >= 0} p(v)
+        Q(c) = sum_{v: route(v) = c} p(v) / sum_{v: route(v) >= 0} p(v)
+        q(u) = Q(class(u)) * r(u) / sum_{u': class(u') = class(u)} r(u')
 
-    with m = `student_ids` (first_piece_map). Computed relative to each row's largest mapped
-    log-probability, so tiny probabilities do not underflow before the sum. A row with no mapped
-    mass comes back uniform, with mass 0 (callers leave such rows out)."""
-    keep = student_ids >= 0
+    The teacher decides how much probability each class gets; within a class the split follows the
+    `reference` distribution r over the student's vocabulary ([n, V_S] log-probabilities: the
+    teachers that share the student's tokenizer), or is even when there is none. When every class
+    holds one student token (identical or permuted vocabularies) q is p, renumbered. Computed
+    relative to each row's largest log-probability, so tiny probabilities do not underflow before
+    the sums. A student token in no class, or in a class that got no mass, gets ZERO_LOG; a row
+    with no mapped mass comes back uniform, with mass 0 (callers leave such rows out)."""
+    rows, student_vocab = log_probs.shape[0], classes.shape[0]
+    device = log_probs.device
+    routes, classes = routes.to(device), classes.to(device)
+    keep = routes >= 0
     kept = log_probs[:, keep].float()
-    targets = student_ids[keep].to(log_probs.device)
     shift = kept.max(dim=-1, keepdim=True).values.clamp(min=-1e30)  # all -inf rows: no shift
-    summed = torch.zeros(log_probs.shape[0], student_vocab, device=log_probs.device).index_add_(
-        1, targets, (kept - shift).exp())
-    total = summed.sum(dim=-1, keepdim=True)
-    empty = total <= 0
-    mapped = torch.where(empty, torch.full_like(summed, -torch.log(torch.tensor(float(student_vocab))).item()),
-                         summed.log() - total.log())
-    mass = torch.where(empty.squeeze(-1), torch.zeros_like(total.squeeze(-1)), (total.log() + shift).squeeze(-1).exp())
+    class_mass = torch.zeros(rows, log_probs.shape[1], device=device).index_add_(1, routes[keep], (kept - shift).exp())
+    total = class_mass.sum(dim=-1, keepdim=True)
+    member = classes >= 0
+    owner = classes[member]
+    if reference is None:
+        reference = torch.zeros(rows, student_vocab, device=device)
+    inside = reference[:, member].float().clamp(min=-1e30)
+    index = owner.expand(rows, -1)
+    # log sum_{u in c} r(u) per class, shifted by the class's own largest r so no class underflows
+    class_top = torch.full_like(class_mass, -torch.inf).scatter_reduce_(1, index, inside, "amax").gather(1, index)
+    class_reference = torch.zeros_like(class_mass).index_add_(1, owner, (inside - class_top).exp())
+    mapped = torch.full((rows, student_vocab), ZERO_LOG, device=device)
+    with torch.no_grad():
+        spread = (class_mass.gather(1, index).log() - total.log() + (inside - class_top)
+                  - class_reference.gather(1, index).log())
+        mapped[:, member] = spread.clamp(min=ZERO_LOG)
+    empty = (total <= 0).squeeze(-1)
+    if bool(empty.any()):
+        mapped[empty] = -torch.log(torch.tensor(float(student_vocab))).item()
+    mass = torch.where(empty, torch.zeros_like(total.squeeze(-1)), (total.log() + shift).squeeze(-1).exp())
     return mapped, mass
 
 
@@ -196,7 +241,8 @@ def covered_target(interpolation, teacher_logits: Tensor, coverage: Tensor, weig
     weights renormalised over them (a row all teachers cover gets exactly the usual target; a row
     no teacher covers is not kept, its target row uniform). Rows are grouped by which teachers
     cover them, so the strategy runs once per group. A strategy that needs every teacher (a gate
-    over K inputs) cannot take a subset: it raises ValueError for partial rows."""
+    over K inputs) reads all of them and masks the others' weights (its `covered`), or, without
+    that, raises ValueError for partial rows."""
     count, rows, vocab = teacher_logits.shape
     target = torch.full((rows, vocab), -torch.log(torch.tensor(float(vocab))).item(), device=teacher_logits.device,
                         dtype=torch.promote_types(teacher_logits.dtype, torch.float32))
@@ -206,8 +252,11 @@ def covered_target(interpolation, teacher_logits: Tensor, coverage: Tensor, weig
         members = (coverage.t() == pattern).all(dim=1)
         chosen = torch.nonzero(pattern).squeeze(-1)
         if len(chosen) < count and getattr(interpolation, "needs_every_teacher", False):
-            raise ValueError(f"interpolation {interpolation.name!r} reads every teacher at every row; "
-                             f"{int(members.sum())} row(s) are covered by teachers {chosen.tolist()} only")
+            if not hasattr(interpolation, "covered"):
+                raise ValueError(f"interpolation {interpolation.name!r} reads every teacher at every row; "
+                                 f"{int(members.sum())} row(s) are covered by teachers {chosen.tolist()} only")
+            target[members] = interpolation.covered(teacher_logits[:, members], pattern, temperatures)
+            continue
         subset_weights = weights[chosen]
         if float(subset_weights.sum()) <= 0:  # the covering teachers all weigh 0: mix them evenly
             subset_weights = torch.ones_like(subset_weights)

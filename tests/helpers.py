@@ -77,3 +77,28 @@ def exported_predictions(model_dir: Path, config_path: Path):
 def assert_export_matches_run(run_dir: Path, config_path: Path, model_dir: Path = None):
     recorded = json.loads((run_dir / "eval" / "predictions.json").read_text())
     assert exported_predictions(model_dir or run_dir / "student", config_path) == recorded["student"]
+
+
+def permuted_copy(folder, tokenizer, model_dir, seed: int):
+    """The model at `model_dir` with every token id permuted, tokenizer and (tied) embeddings alike:
+    the same model, another numbering of its vocabulary (tests/test_cross_tokenizer.py,
+    benchmarks/cross_tokenizer.py)."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    perm = torch.randperm(len(tokenizer), generator=torch.Generator().manual_seed(seed))  # new id of old id i
+    spec["model"]["vocab"] = {token: int(perm[index]) for token, index in spec["model"]["vocab"].items()}
+    for added in spec["added_tokens"]:
+        added["id"] = int(perm[added["id"]])
+    permuted = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                       eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        old = model.get_input_embeddings().weight.clone()
+        model.get_input_embeddings().weight[perm] = old
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    model.config.eos_token_id, model.config.pad_token_id = permuted.eos_token_id, permuted.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    permuted.save_pretrained(folder)
+    return folder

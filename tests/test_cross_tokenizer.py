@@ -9,33 +9,9 @@ import torch
 
 from distill.losses import IGNORE_INDEX
 from tests.conftest import make_llama, make_rows, tiny_lm_config_yaml, train_lm_tokenizer
-from tests.helpers import assert_refused_before_writing, run_cli, train_losses
+from tests.helpers import assert_refused_before_writing, permuted_copy, run_cli, train_losses
 
 CPU = torch.device("cpu")
-
-
-def permuted_copy(folder, tokenizer, model_dir, seed: int):
-    """The teacher at `model_dir` with every token id permuted, tokenizer and (tied) embeddings alike:
-    the same model, another numbering of its vocabulary."""
-    from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    perm = torch.randperm(len(tokenizer), generator=torch.Generator().manual_seed(seed))  # new id of old id i
-    spec["model"]["vocab"] = {token: int(perm[index]) for token, index in spec["model"]["vocab"].items()}
-    for added in spec["added_tokens"]:
-        added["id"] = int(perm[added["id"]])
-    permuted = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="</s>",
-                                       pad_token="<pad>")
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    with torch.no_grad():
-        old = model.get_input_embeddings().weight.clone()
-        model.get_input_embeddings().weight[perm] = old
-    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    model.config.eos_token_id, model.config.pad_token_id = permuted.eos_token_id, permuted.pad_token_id
-    model.save_pretrained(folder, safe_serialization=True)
-    permuted.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -159,10 +135,11 @@ def test_own_tokenization_bits_per_byte_equal_the_teacher_run_directly(tiny_lm, 
     assert size == text_bytes
 
 
-def test_a_run_with_an_own_bpe_teacher_logs_coverage_fits_and_reports_bits_per_byte(tiny_lm, cross, tmp_path):
+@pytest.mark.parametrize("method", ["linear", "learned_gate"])
+def test_a_run_with_an_own_bpe_teacher_logs_coverage_fits_and_reports_bits_per_byte(tiny_lm, cross, tmp_path, method):
     config = tiny_lm_config_yaml(tiny_lm, tmp_path / "run", extra="deepspeed: {zero_stage: 0}")
     result = run_cli(["train", config, f"teachers.models.1.path={cross['own']}", "teachers.tokenization=per_model",
-                      "interpolation.fit_on=validation"])
+                      "interpolation.fit_on=validation", f"interpolation.method={method}"])
     assert result.returncode == 0, result.stderr[-4000:]
     assert "another tokenizer" in result.stdout and "every teacher has read the text of" in result.stdout
     rows = train_losses(tmp_path / "run")
@@ -214,13 +191,16 @@ def test_cross_tokenizer_refusals_name_the_teacher(tiny_lm, cross, tmp_path):
 
     config = tiny_lm_config_yaml(tiny_lm, tmp_path / "run")
     own = [f"teachers.models.1.path={cross['own']}", "teachers.tokenization=per_model"]
-    assert_refused_before_writing(config, tmp_path / "run", [*own, "interpolation.method=learned_gate", "interpolation.fit_on=validation"],
-                                  f"teachers.models[1] ({cross['own']}) has another tokenizer")
     assert_refused_before_writing(config, tmp_path / "run", [*own, "student.trim_vocab=true"],
                                   "student.trim_vocab")
     # a Python (slow) tokenizer gives no offsets; a vocabulary the student cannot spell maps nothing
     with pytest.raises(ConfigError, match=r"teachers.models\[1\] \(x\): its tokenizer is a slow"):
         spelled(CharacterTokenizer(), "teachers.models[1] (x)")
-    teacher = train_lm_tokenizer(tmp_path / "t", ["abc abc"], vocab_size=270)
-    with pytest.raises(ConfigError, match=r"teachers.models\[0\] \(y\): no token of its vocabulary begins"):
-        build_token_map(teacher, tiny_lm["tokenizer"], [b"\x00\x01\x02"] * 3, "teachers.models[0] (y)", len(teacher))
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = SentencePieceBPETokenizer()  # no byte fallback: its alphabet is the characters it saw
+    pieces.train_from_iterator(["abc abc cab"], vocab_size=30, min_frequency=1, special_tokens=["</s>"])
+    teacher = PreTrainedTokenizerFast(tokenizer_object=pieces, eos_token="</s>")
+    with pytest.raises(ConfigError, match=r"teachers.models\[0\] \(y\): no token of its vocabulary begins a student token"):
+        build_token_map(teacher, tiny_lm["tokenizer"], [b"xyz", b"q"], "teachers.models[0] (y)", len(teacher))

@@ -56,37 +56,66 @@ def test_first_piece_map_by_hand():
     assert exact.tolist() == [False, True, False, False, False, True, True]
 
 
-def reference_map(log_probs, student_ids, vocab):
-    """Float64, one token at a time."""
+def test_token_classes_by_hand():
+    from distill.token_alignment import token_classes
+
+    student = [b"a", b"ab", b"abc", b" ", b"x", b" yes", b" y"]
+    teacher = [b"ab", b"a", b"abcd", b" ", b"q", None, b" ye"]
+    routes, classes = token_classes(teacher, student)
+    # a student token's class: the longest teacher token that begins it ("abc" -> "ab"; "x": none;
+    # " yes" -> " ye", which the student lacks)
+    assert classes.tolist() == [1, 0, 0, 3, -1, 6, 3]
+    # a teacher token goes to its own class when the student has tokens there (" ye": " yes"), else to
+    # the class of its longest student prefix ("abcd" -> "abc" -> class "ab")
+    assert routes.tolist() == [0, 1, 0, 3, -1, -1, 6]
+
+
+def reference_map(log_probs, routes, classes, reference):
+    """Float64, one token at a time: Q(c) from the teacher, split within c as the reference splits it."""
     out = []
-    for row in log_probs.double().tolist():
-        sums = [0.0] * vocab
+    for row, ref in zip(log_probs.double().tolist(), reference.double().tolist()):
+        mass = {}
         for v, lp in enumerate(row):
-            if student_ids[v] >= 0:
-                sums[student_ids[v]] += math.exp(lp)
-        total = sum(sums)
-        out.append(([math.log(x / total) if x > 0 else -math.inf for x in sums], total))
+            if routes[v] >= 0:
+                mass[routes[v]] = mass.get(routes[v], 0.0) + math.exp(lp)
+        total = sum(mass.values())
+        inside = {}
+        for u, c in enumerate(classes):
+            if c >= 0:
+                inside[c] = inside.get(c, 0.0) + math.exp(ref[u])
+        out.append(([math.log(mass.get(c, 0.0) / total * math.exp(ref[u]) / inside[c]) if c >= 0 and mass.get(c, 0.0) > 0
+                     else None for u, c in enumerate(classes)], total))
     return out
 
 
 def test_map_log_probs_matches_a_float64_reference_and_keeps_tiny_rows_finite():
+    from distill.token_alignment import ZERO_LOG
+
     torch.manual_seed(0)
     logits = torch.randn(6, 9) * 3
     logits[5] = torch.tensor([0.0] + [-200.0] * 8)  # the mapped tokens hold e^-200 of the mass
     log_probs = logits.log_softmax(-1)
-    student_ids = torch.tensor([-1, 0, 2, 2, 1, -1, 3, 0, 2])
-    mapped, mass = map_log_probs(log_probs, student_ids, 5)
-    for row, (expected, total) in enumerate(reference_map(log_probs, student_ids, 5)):
-        for u in range(5):
-            if expected[u] == -math.inf:
-                assert mapped[row, u] == -math.inf
-            else:
-                assert mapped[row, u].item() == pytest.approx(expected[u], abs=1e-5)
-        assert mass[row].item() == pytest.approx(total, rel=1e-5, abs=1e-30)
-    assert torch.allclose(mapped.exp().sum(-1), torch.ones(6))  # row 5 included: renormalised, not lost
+    routes = [-1, 0, 2, 2, 1, -1, 3, 0, 2]  # teacher token -> class
+    classes = [0, 2, 2, 1, 3, 0, -1]  # student token -> class (class 2 holds two student tokens)
+    reference = (torch.randn(6, 7) * 2).log_softmax(-1)
+    for ref in (reference, None):
+        mapped, mass = map_log_probs(log_probs, torch.tensor(routes), torch.tensor(classes), ref)
+        even = torch.zeros(6, 7) if ref is None else ref
+        for row, (expected, total) in enumerate(reference_map(log_probs, routes, classes, even)):
+            for u in range(7):
+                if expected[u] is None:
+                    assert mapped[row, u].item() == ZERO_LOG
+                else:
+                    assert mapped[row, u].item() == pytest.approx(expected[u], abs=1e-4)
+            assert mass[row].item() == pytest.approx(total, rel=1e-5, abs=1e-30)
+        assert torch.allclose(mapped.exp().sum(-1), torch.ones(6))  # row 5 included: renormalised, not lost
+    # the last pass had no reference: the two student tokens of class 2 share its mass equally
+    torch.testing.assert_close(mapped[:, 1], mapped[:, 2])
 
 
 def test_identical_and_permuted_vocabularies_map_exactly(tokenizers):
+    from distill.token_alignment import token_classes
+
     student = vocabulary_bytes(tokenizers["student"])
     ids, exact = first_piece_map(student, student)
     real = torch.tensor([b is not None for b in student])
@@ -98,7 +127,9 @@ def test_identical_and_permuted_vocabularies_map_exactly(tokenizers):
     logits = torch.randn(4, len(student))
     logits[:, ~real] = -math.inf  # no mass on special tokens
     log_probs = logits.log_softmax(-1)
-    mapped, mass = map_log_probs(log_probs[:, permutation], ids, len(student))
+    routes, classes = token_classes(teacher, student)  # every class holds one token: any reference gives p
+    reference = torch.randn(4, len(student)).log_softmax(-1)
+    mapped, mass = map_log_probs(log_probs[:, permutation], routes, classes, reference)
     torch.testing.assert_close(mapped[:, real], log_probs[:, real], rtol=0, atol=1e-5)
     torch.testing.assert_close(mass, torch.ones(4))
 
@@ -202,14 +233,27 @@ def test_a_row_some_teachers_cover_mixes_them_with_renormalised_weights(method):
         torch.testing.assert_close(target[1].exp(), (0.5 * probs[0] + 0.2 * probs[1]) / 0.7)
 
 
-def test_a_gate_over_every_teacher_refuses_rows_only_some_cover():
+def test_a_gate_mixes_the_covering_teachers_with_its_own_weights_renormalised():
     from distill.interpolate import build_interpolation
     from distill.token_alignment import covered_target
 
+    torch.manual_seed(3)
     gate = build_interpolation("learned_gate")
-    coverage = torch.tensor([[True, True], [True, False]])
+    gate.build(2, 6)
+    logits = torch.randn(2, 3, 6)
+    coverage = torch.tensor([[True, True, False], [True, False, True]])
+    temperatures = torch.tensor([1.0, 2.0])
+    target, kept = covered_target(gate, logits, coverage, torch.tensor([0.5, 0.5]), temperatures)
+    assert kept.all()
+    torch.testing.assert_close(target[0], gate(logits[:, :1], None, temperatures)[0])  # both: the usual gate
+    for row, k in ((1, 0), (2, 1)):  # one teacher: its weight renormalised to 1, whatever the gate said
+        torch.testing.assert_close(target[row], torch.log_softmax(logits[k, row] / temperatures[k], dim=-1))
+    weights = gate.sample_weights(logits)  # [K, rows]
+    assert bool(((weights > 0.01) & (weights < 0.99)).all())  # the gate mixes: the cases above are not trivial
     with pytest.raises(ValueError, match=r"reads every teacher at every row; 1 row\(s\) are covered by teachers \[0\]"):
-        covered_target(gate, torch.randn(2, 2, 4), coverage, torch.tensor([0.5, 0.5]), torch.ones(2))
+        plain = build_interpolation("linear")
+        plain.needs_every_teacher = True
+        covered_target(plain, logits[:, :2], coverage[:, :2], torch.tensor([0.5, 0.5]), temperatures)
 
 
 def encoded(tokenizer, texts):

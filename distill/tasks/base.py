@@ -209,8 +209,12 @@ class Task:
             alone.weight = 1.0  # one teacher on its own (its mixture weight may be 0)
             reference, reference_source = self.load_teachers([alone], device, torch.float32, eager=True)
             signal = reference_source.signal(batch, device)
-            read = rows & low.coverage(0, low.rows)[k].to(rows.device) if hasattr(low, "coverage") else rows
-            drift[plan.name] = mean_kl(signal.logits(0, signal.rows)[0][read], low_logits[k][read])
+            if getattr(plan, "token_map", None) is not None:  # another tokenizer: in its own vocabulary, where it reads
+                read = rows & low.coverage(0, low.rows)[k].to(rows.device)
+                drift[plan.name] = mean_kl(signal.own_log_probs(0, 0, signal.rows)[read],
+                                           low.own_log_probs(k, 0, low.rows)[read])
+            else:
+                drift[plan.name] = mean_kl(signal.logits(0, signal.rows)[0][rows], low_logits[k][rows])
             del reference, reference_source, signal
         return drift
 

@@ -278,14 +278,6 @@ class CausalLM(Task):
             else:
                 check_positions(model_config, length, length_key, key)
             plans.append(plan)
-        if self.teacher_groups:
-            from distill.interpolate import interpolation_class
-
-            if interpolation_class(cfg.interpolation.method).needs_every_teacher:
-                other = next(plan for plan in plans if plan.token_map is not None)
-                raise ConfigError(f"interpolation.method={cfg.interpolation.method} reads every teacher at every "
-                                  f"token, but {other.key} has another tokenizer and has not read the text of every "
-                                  "student position: use linear, geometric, logit_mean or confidence")
         self.plans, self.tokenizer = plans, student_tokenizer
         return plans
 
@@ -511,7 +503,8 @@ class CausalLM(Task):
             from distill.cross_tokenizer import AlignedSignal
 
             every = torch.ones(len(ensemble), labels.shape[0], dtype=torch.bool, device=device)
-            signal = AlignedSignal(hidden, source.heads, source.maps, every, every[0], source.vocab_size)
+            signal = AlignedSignal(hidden, source.heads, source.maps, every, every[0], source.vocab_size,
+                                   reference_weights=[plan.weight for plan in ensemble.plans])
             self.fit_bytes = int(self._student_byte_lengths()[labels.cpu()].sum())
             if distributed.is_main():
                 print(f"the interpolation is fitted on the {labels.shape[0]:,} validation tokens every teacher has "
