@@ -127,21 +127,28 @@ def _encode_rows(dataset: Dataset, tokenizer, data) -> Dict[str, List[List[int]]
     return pack_blocks(tokenizer(list(dataset[data.text_fields[0]]))["input_ids"], eos, data.block_size)
 
 
-def _encode_aligned(dataset: Dataset, tokenizer, data, teacher_groups) -> Dict[str, List[List[int]]]:
+def _encode_aligned(dataset: Dataset, tokenizer, data, teacher_groups, student_byte_lengths: Sequence[int]
+                    ) -> Dict[str, List[List[int]]]:
     """Packed blocks as `pack_blocks` cuts them plus, per teacher tokenizer group, the teacher's own
     tokens of each block's text (`<prefix>input_ids`, at most `group.max_length` of them) and per
     student position the window position that has read the same text (`<prefix>positions`, -1
     where none has): token_alignment.pack_aligned_blocks."""
-    from distill.token_alignment import pack_aligned_blocks
+    from distill.token_alignment import byte_spans, pack_aligned_blocks
 
     texts = list(dataset[data.text_fields[0]])
-    lengths = [len(text) for text in texts]
+    lengths = [len(text.encode("utf-8")) for text in texts]
+
+    def spans(encoded, byte_lengths):  # offsets in bytes, pieces of one character told apart
+        return [byte_spans(offsets, [byte_lengths[i] for i in ids], text)
+                for ids, offsets, text in zip(encoded["input_ids"], encoded["offset_mapping"], texts)]
+
     student = tokenizer(texts, return_offsets_mapping=True)
+    student_spans = spans(student, student_byte_lengths)
     out: Dict[str, List[List[int]]] = {}
     for group in teacher_groups:
         teacher = group.tokenizer(texts, return_offsets_mapping=True)
-        blocks = pack_aligned_blocks(student["input_ids"], student["offset_mapping"], teacher["input_ids"],
-                                     teacher["offset_mapping"], lengths, eos_token_id(tokenizer),
+        blocks = pack_aligned_blocks(student["input_ids"], student_spans, teacher["input_ids"],
+                                     spans(teacher, group.byte_lengths), lengths, eos_token_id(tokenizer),
                                      group.tokenizer.eos_token_id, data.block_size)
         limit = group.max_length
         out[group.prefix + "input_ids"] = [window[:limit] for window in blocks["teacher_input_ids"]]
@@ -151,10 +158,12 @@ def _encode_aligned(dataset: Dataset, tokenizer, data, teacher_groups) -> Dict[s
     return out
 
 
-def encode_lm(dataset: Dataset, tokenizer, data, key: str, teacher_groups: Sequence = ()) -> Dataset:
+def encode_lm(dataset: Dataset, tokenizer, data, key: str, teacher_groups: Sequence = (),
+              student_byte_lengths: Sequence[int] = ()) -> Dataset:
     """Blocks (input_ids, labels, index, source) of a split; a `source` column is packed source by
     source. With `teacher_groups` (teachers with other tokenizers) each block also carries every
-    group's aligned window (_encode_aligned)."""
+    group's aligned window (_encode_aligned; `student_byte_lengths` and each group's `byte_lengths`:
+    the bytes each token id spells)."""
     groups = [(0, dataset)]
     if SOURCE in dataset.column_names:
         ids = dataset[SOURCE]
@@ -163,7 +172,7 @@ def encode_lm(dataset: Dataset, tokenizer, data, key: str, teacher_groups: Seque
     for group in teacher_groups:
         columns[group.prefix + "input_ids"], columns[group.prefix + "positions"] = [], []
     for source, rows in groups:
-        encoded = (_encode_aligned(rows, tokenizer, data, teacher_groups) if teacher_groups
+        encoded = (_encode_aligned(rows, tokenizer, data, teacher_groups, student_byte_lengths) if teacher_groups
                    else _encode_rows(rows, tokenizer, data))
         for name, values in encoded.items():
             columns[name] += values

@@ -3,8 +3,8 @@ student's vocabulary (the pure core of cross-tokenizer causal-LM distillation).
 
 Positions. A causal LM's position i has read the text up to the end of its token i and predicts
 what follows. Student position i and teacher position j have read the same text exactly when
-their tokens end at the same character offset (`shared_boundaries`); only there is the teacher's
-next-token distribution a distribution over the same continuation. Positions inside a teacher
+their tokens end at the same byte of it (`shared_boundaries`, over `byte_spans`); only there is
+the teacher's next-token distribution a distribution over the same continuation. Positions inside a teacher
 token (the student has cut the text finer there) are not covered by that teacher.
 
 Vocabulary. Every token is a byte string (`vocabulary_bytes`: byte-level BPE through GPT-2's byte
@@ -152,19 +152,27 @@ def map_log_probs(log_probs: Tensor, routes: Tensor, classes: Tensor, reference:
     class_mass = torch.zeros(rows, log_probs.shape[1], device=device).index_add_(1, routes[keep], (kept - shift).exp())
     total = class_mass.sum(dim=-1, keepdim=True)
     member = classes >= 0
-    owner = classes[member]
-    if reference is None:
-        reference = torch.zeros(rows, student_vocab, device=device)
-    inside = reference[:, member].float().clamp(min=-1e30)
+    everyone = bool(member.all())
+    owner = classes if everyone else classes[member]
     index = owner.expand(rows, -1)
-    # log sum_{u in c} r(u) per class, shifted by the class's own largest r so no class underflows
-    class_top = torch.full_like(class_mass, -torch.inf).scatter_reduce_(1, index, inside, "amax").gather(1, index)
-    class_reference = torch.zeros_like(class_mass).index_add_(1, owner, (inside - class_top).exp())
-    mapped = torch.full((rows, student_vocab), ZERO_LOG, device=device)
     with torch.no_grad():
-        spread = (class_mass.gather(1, index).log() - total.log() + (inside - class_top)
-                  - class_reference.gather(1, index).log())
-        mapped[:, member] = spread.clamp(min=ZERO_LOG)
+        # per class (a small [n, V_T] table): log Q(c) - log sum_{u in c} r(u), gathered once to the
+        # student's tokens and added to their log r(u) relative to their class's largest
+        if reference is None:
+            inside_size = torch.bincount(owner, minlength=class_mass.shape[1]).to(class_mass.dtype)
+            spread = (class_mass.log() - total.log() - inside_size.log()).gather(1, index)
+        else:
+            inside = (reference if everyone else reference[:, member]).float()
+            class_top = torch.full_like(class_mass, -torch.inf).scatter_reduce_(1, index, inside, "amax")
+            spread = inside - class_top.gather(1, index)
+            class_reference = torch.zeros_like(class_mass).index_add_(1, owner, spread.exp())
+            spread += (class_mass.log() - total.log() - class_reference.log()).gather(1, index)
+        spread.clamp_(min=ZERO_LOG).nan_to_num_(nan=ZERO_LOG)  # a reference of -inf everywhere in a class
+    if everyone:
+        mapped = spread
+    else:
+        mapped = torch.full((rows, student_vocab), ZERO_LOG, device=device)
+        mapped[:, member] = spread
     empty = (total <= 0).squeeze(-1)
     if bool(empty.any()):
         mapped[empty] = -torch.log(torch.tensor(float(student_vocab))).item()
@@ -193,6 +201,31 @@ def shared_boundaries(student_ends: Tensor, teacher_ends: Tensor) -> Tuple[Tenso
 # gets a *global end*: the offset where it ends in the stream of texts, each text taking its length
 # plus one place for its EOS. Both tokenizers' EOS then end at the same place, and a BOS (a token
 # of no text) ends where its text starts.
+
+def byte_spans(offsets: Sequence[Tuple[int, int]], lengths: Sequence[int], text: str) -> List[Tuple[int, int]]:
+    """Token spans in UTF-8 bytes of `text` from a fast tokenizer's character `offsets` and each
+    token's byte length (`lengths`, 0 for special tokens). Character offsets cannot tell the
+    pieces of one multi-byte character apart (byte-level BPE splits an emoji into several tokens
+    that all end at the same character); inside such a run each piece ends where its bytes do, so
+    two tokenizations that cut a character at the same byte share that boundary too."""
+    places = [0]
+    for character in text:
+        places.append(places[-1] + len(character.encode("utf-8")))
+    spans = [(places[start], places[end]) for start, end in offsets]
+    index = len(spans) - 1
+    while index > 0:
+        first = index
+        while first > 0 and offsets[first - 1][1] == offsets[index][1] and offsets[first - 1][1] > offsets[first - 1][0]:
+            first -= 1
+        run = range(first, index + 1)
+        if index > first and offsets[index][1] > offsets[index][0] and all(lengths[i] > 0 for i in run):
+            end = spans[index][1]
+            for i in reversed(run):  # the last piece ends with the character; each earlier one before the next's bytes
+                spans[i] = (spans[i][0] if i == first else end - lengths[i], end)
+                end -= lengths[i]
+        index = first - 1
+    return spans
+
 
 def stream_spans(token_spans: Sequence[Sequence[Tuple[int, int]]], text_lengths: Sequence[int]
                  ) -> Tuple[List[int], List[int]]:

@@ -204,3 +204,32 @@ def test_cross_tokenizer_refusals_name_the_teacher(tiny_lm, cross, tmp_path):
     teacher = PreTrainedTokenizerFast(tokenizer_object=pieces, eos_token="</s>")
     with pytest.raises(ConfigError, match=r"teachers.models\[0\] \(y\): no token of its vocabulary begins a student token"):
         build_token_map(teacher, tiny_lm["tokenizer"], [b"xyz", b"q"], "teachers.models[0] (y)", len(teacher))
+
+
+def test_the_mapping_holds_one_chunk_of_teacher_logits_at_a_time(tiny_lm, cross, tmp_path):
+    """Memory stays bounded: the other-tokenizer teacher's output layer only ever sees one chunk of
+    rows, and each mapped chunk equals the same rows mapped all at once."""
+    from distill.signals import Targets
+
+    config = tiny_lm_config_yaml(tiny_lm, tmp_path / "run")
+    _, _, labels, task, signal, _, ensemble = task_targets(
+        config, [f"teachers.models.1.path={cross['own']}", "teachers.tokenization=per_model"])
+    seen = []
+    head = signal.heads[1]
+
+    class Recording(torch.nn.Module):
+        weight = head.weight
+
+        def forward(self, rows):
+            seen.append(tuple(rows.shape))
+            return head(rows)
+
+    whole = signal.logits(0, labels.shape[0])
+    signal.heads[1] = Recording()
+    targets = Targets(ensemble, signal, labels, labels != IGNORE_INDEX)
+    chunk = 16
+    for start in range(0, labels.shape[0], chunk):
+        end = min(start + chunk, labels.shape[0])
+        torch.testing.assert_close(signal.logits(start, end), whole[:, start:end])
+        targets(start, end)
+    assert seen and max(rows for rows, _ in seen) <= chunk  # never more than a chunk of [rows, V_teacher]

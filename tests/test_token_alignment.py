@@ -291,3 +291,29 @@ def test_aligned_blocks_are_the_packed_blocks_plus_each_teachers_window(tokenize
     same = pack_aligned_blocks(s_ids, s_spans, s_ids, s_spans, lengths, student.eos_token_id, student.eos_token_id, 16)
     assert same["teacher_input_ids"] == same["input_ids"]
     assert all(p == list(range(len(p))) for p in same["teacher_positions"])
+
+
+def test_byte_spans_tell_the_pieces_of_one_character_apart():
+    from distill.token_alignment import byte_spans
+
+    # "a ☕": byte-level BPE cuts the emoji's 3 bytes into " \xe2", "\x98", "\x95", all ending at character 3
+    offsets, lengths = [(0, 1), (1, 3), (2, 3), (2, 3)], [1, 2, 1, 1]
+    assert byte_spans(offsets, lengths, "a ☕") == [(0, 1), (1, 3), (3, 4), (4, 5)]
+    assert byte_spans([(0, 0), (0, 1), (1, 2)], [0, 1, 2], "aé") == [(0, 0), (0, 1), (1, 3)]  # a BOS; no run
+
+
+def test_identical_tokenizers_cover_every_piece_of_a_split_emoji(tokenizers):
+    from distill.token_alignment import aligned_positions, byte_spans, stream_spans
+
+    tokenizer = tokenizers["student"]
+    texts = ["x 🚗 y ☕☕ z", "naïve 🚦 stop"]  # characters the tokenizer never merged: byte pieces
+    lengths = [len(b) if b is not None else 0 for b in vocabulary_bytes(tokenizer)]
+    spans, ids = [], []
+    for text in texts:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert len(encoded["input_ids"]) > len(text.split())  # split below the character
+        spans.append(byte_spans(encoded["offset_mapping"], [lengths[i] for i in encoded["input_ids"]], text))
+        ids += encoded["input_ids"] + [tokenizer.eos_token_id]
+    _, ends = stream_spans(spans, [len(text.encode("utf-8")) for text in texts])
+    assert ends == sorted(ends) and len(set(ends)) == len(ends)  # every token ends at its own byte
+    assert aligned_positions(ends, ends) == list(range(len(ends)))

@@ -176,7 +176,7 @@ class CausalLM(Task):
         memo = (key, id(split), id(self.tokenizer))  # blocks counted before the run directory are reused
         if self._encoded.get("key") == memo:
             return self._encoded["blocks"]
-        encoded = encode_lm(split, self.tokenizer, data, key, self.teacher_groups)
+        encoded = encode_lm(split, self.tokenizer, data, key, self.teacher_groups, self._byte_lengths())
         if key == "train":
             self._encoded = {"key": memo, "blocks": encoded}
         if key == "train":
@@ -187,7 +187,7 @@ class CausalLM(Task):
                 rows = domain_rows(split, data, domain, index)
                 if len(rows):
                     self.domain_sets[domain.name] = encode_lm(rows, self.tokenizer, data, f"eval_domains.{domain.name}",
-                                                              self.teacher_groups)
+                                                              self.teacher_groups, self._byte_lengths())
                     self.bytes[domain.name] = text_bytes(rows, data)
         return encoded
 
@@ -270,6 +270,7 @@ class CausalLM(Task):
                 if group is None:
                     group = TokenizerGroup(prefix=f"t{len(self.teacher_groups)}__", tokenizer=tokenizer)
                     group.max_length = getattr(model_config, "max_position_embeddings", None)
+                    group.byte_lengths = plan.token_map.byte_lengths.tolist()
                     self.teacher_groups.append(group)
                 plan.input_prefix = group.prefix
                 if distributed.is_main():
@@ -472,10 +473,12 @@ class CausalLM(Task):
     def validation_bytes(self):
         return self.bytes["validation"] if self.fit_bytes is None else self.fit_bytes
 
+    def _byte_lengths(self) -> List[int]:
+        """Bytes each student token id spells (0: special), with teachers of other tokenizers."""
+        return [len(text) if text is not None else 0 for text in self.student_bytes or ()]
+
     def _student_byte_lengths(self) -> Optional[Tensor]:
-        if self.student_bytes is None:
-            return None
-        return torch.tensor([len(text) if text is not None else 0 for text in self.student_bytes], dtype=torch.long)
+        return torch.tensor(self._byte_lengths(), dtype=torch.long) if self.student_bytes is not None else None
 
     def validation_chunks(self, ensemble, source, device):
         """The teachers' last hidden states at every labelled validation token (gathered from all
