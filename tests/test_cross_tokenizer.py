@@ -153,8 +153,14 @@ def test_a_run_with_an_own_bpe_teacher_logs_coverage_fits_and_reports_bits_per_b
         assert 0 < figures["bits_per_byte"] < 20
     assert 1 < b["own_perplexity"] < 2 * 420 and b["own_tokens"] > 0
     assert "covers" in result.stdout and "own-tokenizer ppl" in result.stdout
-    fitted = (tmp_path / "run" / "interpolation")
-    assert fitted.exists()
+    assert (tmp_path / "run" / "interpolation").exists()
+    if method == "linear":  # `distill eval` scores the saved student next to the same teachers
+        evaluated = run_cli(["eval", tmp_path / "run", config, f"teachers.models.1.path={cross['own']}",
+                             "teachers.tokenization=per_model"])
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        for figures in (report["student"], b):
+            assert f"{figures['perplexity']:.3f}" in evaluated.stdout
+        assert f"own-tokenizer ppl {b['own_perplexity']:.2f}" in evaluated.stdout
 
 
 class CharacterTokenizer:
@@ -233,3 +239,25 @@ def test_the_mapping_holds_one_chunk_of_teacher_logits_at_a_time(tiny_lm, cross,
         torch.testing.assert_close(signal.logits(start, end), whole[:, start:end])
         targets(start, end)
     assert seen and max(rows for rows, _ in seen) <= chunk  # never more than a chunk of [rows, V_teacher]
+
+
+@pytest.mark.multirank
+def test_two_ranks_give_the_one_rank_figures_of_a_teacher_with_another_tokenizer(tiny_lm, cross, tmp_path):
+    """Coverage, mapped mass, own-tokenization bits per byte and the target's figures are gathered
+    over ranks with every validation block counted once: two ranks report what one does."""
+    from tests.helpers import run_deepspeed
+
+    own = [f"teachers.models.1.path={cross['own']}", "teachers.tokenization=per_model", "training.max_steps=2",
+           "training.micro_batch_size=2", "training.gradient_accumulation_steps=1"]
+    one = tiny_lm_config_yaml(tiny_lm, tmp_path / "one", extra="deepspeed: {zero_stage: 2}")
+    result = run_cli(["train", one, *own])
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = tiny_lm_config_yaml(tiny_lm, tmp_path / "two", extra="deepspeed: {zero_stage: 2}")
+    result = run_deepspeed(2, [two, *own])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two")]
+    for key in ("tokens", "coverage", "mapped_mass", "own_perplexity", "own_tokens", "bits_per_byte", "perplexity"):
+        assert reports[1]["teachers"][1][key] == pytest.approx(reports[0]["teachers"][1][key], rel=1e-5), key
+    for key in ("tokens", "perplexity", "bits_per_byte"):
+        assert reports[1]["target"][key] == pytest.approx(reports[0]["target"][key], rel=1e-5), key
+    assert all(0 < row["coverage/b"] < 1 for row in train_losses(tmp_path / "two"))
