@@ -163,8 +163,9 @@ class AlignedSignal:
             if self.maps[k] is None:
                 continue
             figures[f"coverage/{name}"] = int((self.covered[k] & self.labelled.to(self.covered.device)).sum()) / labelled
-            if int(self.mapped_rows[k]):
-                figures[f"mapped_mass/{name}"] = float(self.mass[k]) / int(self.mapped_rows[k])
+            # every rank logs the same names (their means are all-reduced): no row mapped, nothing lost
+            rows = int(self.mapped_rows[k])
+            figures[f"mapped_mass/{name}"] = float(self.mass[k]) / rows if rows else 1.0
         return figures
 
     def own_tokenization(self, k: int, row: int) -> tuple[float, int, int]:

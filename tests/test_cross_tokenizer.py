@@ -38,7 +38,7 @@ def task_targets(config_path, overrides=(), rows=6):
     plans = task.plan_teachers(load_tokenizer(reference, key, False))
     blocks = task.encode(splits.validation, "validation")
     ensemble, source = task.load_teachers(plans, CPU, torch.float32)
-    batch = task.collator()([blocks[i] for i in range(rows)])
+    batch = task.collator()([blocks[i] for i in range(min(rows, len(blocks)))])
     flat = batch["labels"].reshape(-1)
     signal = source.signal(batch, CPU)
     target, keep = Targets(ensemble, signal, flat, flat != IGNORE_INDEX)(0, flat.shape[0])
@@ -261,3 +261,23 @@ def test_two_ranks_give_the_one_rank_figures_of_a_teacher_with_another_tokenizer
     for key in ("tokens", "perplexity", "bits_per_byte"):
         assert reports[1]["target"][key] == pytest.approx(reports[0]["target"][key], rel=1e-5), key
     assert all(0 < row["coverage/b"] < 1 for row in train_losses(tmp_path / "two"))
+
+
+def test_fit_weights_reads_the_tokens_every_teacher_covers(tiny_lm, cross, tmp_path):
+    config = tiny_lm_config_yaml(tiny_lm, tmp_path / "run")
+    own = [f"teachers.models.1.path={cross['own']}", "teachers.tokenization=per_model"]
+    result = run_cli(["fit-weights", config, "--out", tmp_path / "fit", *own])
+    assert result.returncode == 0, result.stderr[-3000:]
+    fitted = json.loads((tmp_path / "fit" / "fit_weights.json").read_text())
+    rows = {row["name"]: row for row in fitted["rows"]}
+    assert rows["fitted linear"]["nll"] <= min(rows["teacher a"]["nll"], rows["teacher b"]["nll"]) + 1e-9
+    assert all(0 < row["bits_per_byte"] < 20 for row in fitted["rows"])
+    # fitted on fewer tokens than validation holds: those both teachers have read the text of
+    _, _, labels, _, signal, _, _ = task_targets(config, own, rows=10 ** 6)
+    every = int((signal.covered.all(dim=0) & (labels != IGNORE_INDEX)).sum())
+    assert fitted["validation_rows"] == every < int((labels != IGNORE_INDEX).sum())
+    import yaml
+
+    models = yaml.safe_load((tmp_path / "fit" / "weights.yaml").read_text())["teachers"]["models"]
+    assert sum(model["weight"] for model in models) == pytest.approx(1.0)
+
