@@ -20,7 +20,6 @@ too (bits per byte of its window tokens).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -31,7 +30,8 @@ from distill.config import ConfigError
 from distill.data import LABELS, model_inputs
 from distill.losses import IGNORE_INDEX
 from distill.signals import body_and_head, teacher_hidden_states, whole_layer, write_head
-from distill.token_alignment import first_piece_map, map_log_probs, token_classes, vocabulary_bytes
+from distill.mixing import linear_mixture, normalize_weights
+from distill.token_alignment import map_log_probs, token_classes, vocabulary_bytes
 
 
 @dataclass
@@ -67,7 +67,7 @@ def spelled(tokenizer, key: str) -> List[Optional[bytes]]:
 
 def build_token_map(teacher_tokenizer, student_tokenizer, student_bytes: Sequence[Optional[bytes]], key: str,
                     output_size: int) -> TokenMap:
-    """The first-piece map of a teacher onto the student's tokens; refused when nothing maps. Special
+    """The classes a teacher's tokens go to among the student's (token_classes); refused when nothing maps. Special
     tokens spell no text: the teacher's EOS goes to the student's (both end each text of a packed
     stream at the same place), another special token to the student's token of the same name, if any."""
     teacher_bytes = spelled(teacher_tokenizer, key)
@@ -75,8 +75,7 @@ def build_token_map(teacher_tokenizer, student_tokenizer, student_bytes: Sequenc
         raise ConfigError(f"{key}: its tokenizer has no EOS token, which ends every text of a packed stream: "
                           "set eos_token in its tokenizer_config.json")
     teacher_bytes = (list(teacher_bytes) + [None] * output_size)[:output_size]  # rows of its output layer
-    ids, exact = first_piece_map(teacher_bytes, student_bytes)
-    routes, classes = token_classes(teacher_bytes, student_bytes)
+    routes, classes, exact = token_classes(teacher_bytes, student_bytes)
     if not bool((routes >= 0).any()):
         raise ConfigError(f"{key}: no token of its vocabulary begins a student token or starts with one (no "
                           "overlap), so its distributions cannot be mapped onto the student's vocabulary: use a "
@@ -87,8 +86,7 @@ def build_token_map(teacher_tokenizer, student_tokenizer, student_bytes: Sequenc
                  and student_vocab.get(token, len(student_bytes)) < len(student_bytes)}
     namesakes[teacher_tokenizer.eos_token_id] = student_tokenizer.eos_token_id
     for teacher_id, student_id in namesakes.items():  # a special token is a class of its own
-        routes[teacher_id], classes[student_id] = teacher_id, teacher_id
-        ids[teacher_id], exact[teacher_id] = student_id, True
+        routes[teacher_id], classes[student_id], exact[teacher_id] = teacher_id, teacher_id, True
     mapped = routes >= 0
     lengths = torch.tensor([len(text) if text is not None else 0 for text in teacher_bytes], dtype=torch.long)
     return TokenMap(routes=routes, classes=classes, byte_lengths=lengths, exact=int((mapped & exact).sum()),
@@ -111,7 +109,7 @@ class AlignedSignal:
         weights = torch.tensor([float(reference_weights[k]) if reference_weights is not None else 1.0 for k in shared])
         if shared and float(weights.sum()) <= 0:
             weights = torch.ones(len(shared))
-        self.reference = list(zip(shared, (weights / weights.sum()).tolist())) if shared else []
+        self.reference = (shared, normalize_weights(weights)) if shared else None
         self.covered = coverage  # [K, rows] bool
         self.labelled = labelled  # [rows] bool
         self.rows, self.vocab_size = hidden_states[0].shape[0], vocab_size
@@ -125,10 +123,10 @@ class AlignedSignal:
 
     def _reference(self, out: Tensor) -> Optional[Tensor]:
         """log of the shared-vocabulary teachers' linear mixture (T = 1) of the chunk, or None."""
-        if not self.reference:
+        if self.reference is None:
             return None
-        parts = [torch.log_softmax(out[k], dim=-1) + math.log(weight) for k, weight in self.reference if weight > 0]
-        return torch.logsumexp(torch.stack(parts), dim=0) if len(parts) > 1 else parts[0]
+        shared, weights = self.reference
+        return linear_mixture(torch.log_softmax(out[shared], dim=-1), weights.to(out.device))
 
     def logits(self, start: int, end: int) -> Tensor:
         with torch.no_grad():

@@ -110,8 +110,9 @@ ZERO_LOG = -1.0e4  # log q of a student token its class got no mass for: exp() i
 
 
 def token_classes(teacher_bytes: Sequence[Optional[bytes]], student_bytes: Sequence[Optional[bytes]]
-                  ) -> Tuple[Tensor, Tensor]:
-    """(routes [V_T], classes [V_S]): the common partition two vocabularies are compared on.
+                  ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(routes [V_T], classes [V_S], exact [V_T]): the common partition two vocabularies are
+    compared on, and which teacher tokens are student tokens too (first_piece_map's `exact`).
 
     A student token's *class* is the longest teacher token that begins its bytes (every student
     token whose text the teacher would start with that piece). A teacher token is *routed* to its
@@ -120,13 +121,13 @@ def token_classes(teacher_bytes: Sequence[Optional[bytes]], student_bytes: Seque
     student's vocabulary (the longest student token that begins it: the teacher cuts coarser). So
     every class with student tokens receives its teacher token's mass. -1: no class (no shared
     first byte; special tokens, which callers route by name)."""
-    first_pieces, _ = first_piece_map(teacher_bytes, student_bytes)
+    first_pieces, exact = first_piece_map(teacher_bytes, student_bytes)
     classes, _ = first_piece_map(student_bytes, teacher_bytes)  # the same question, roles swapped
     routes = torch.where(first_pieces >= 0, classes[first_pieces.clamp(min=0)], first_pieces)
     owners = torch.zeros(len(teacher_bytes), dtype=torch.bool)
     owners[classes[classes >= 0]] = True
     routes[owners] = torch.nonzero(owners).squeeze(-1)
-    return routes, classes
+    return routes, classes, exact
 
 
 def map_log_probs(log_probs: Tensor, routes: Tensor, classes: Tensor, reference: Optional[Tensor] = None

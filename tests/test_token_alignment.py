@@ -61,7 +61,8 @@ def test_token_classes_by_hand():
 
     student = [b"a", b"ab", b"abc", b" ", b"x", b" yes", b" y"]
     teacher = [b"ab", b"a", b"abcd", b" ", b"q", None, b" ye"]
-    routes, classes = token_classes(teacher, student)
+    routes, classes, exact = token_classes(teacher, student)
+    assert exact.tolist() == [True, True, False, True, False, False, False]  # teacher tokens that are student tokens
     # a student token's class: the longest teacher token that begins it ("abc" -> "ab"; "x": none;
     # " yes" -> " ye", which the student lacks)
     assert classes.tolist() == [1, 0, 0, 3, -1, 6, 3]
@@ -127,7 +128,7 @@ def test_identical_and_permuted_vocabularies_map_exactly(tokenizers):
     logits = torch.randn(4, len(student))
     logits[:, ~real] = -math.inf  # no mass on special tokens
     log_probs = logits.log_softmax(-1)
-    routes, classes = token_classes(teacher, student)  # every class holds one token: any reference gives p
+    routes, classes, _ = token_classes(teacher, student)  # every class holds one token: any reference gives p
     reference = torch.randn(4, len(student)).log_softmax(-1)
     mapped, mass = map_log_probs(log_probs[:, permutation], routes, classes, reference)
     torch.testing.assert_close(mapped[:, real], log_probs[:, real], rtol=0, atol=1e-5)
