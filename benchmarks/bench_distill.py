@@ -10,6 +10,10 @@ Same student, data and batch in every variant (one process each, fresh):
   cached      distillation from 2 teachers' cached top-k (k = --top-k) log-probabilities
   cached_sampled   from 2 teachers' cached samples (N = --top-k draws at T = 2: the same bytes)
   cached_hidden    from 2 teachers' cached last hidden states and output layers (exact; no teacher body)
+  on_policy   2 live teachers on the student's own samples (training.on_policy.fraction = 1): the first
+              half of each row is the prompt, the student samples the second half (distill.on_policy,
+              no EOS stop, so every step samples seq/2 tokens); the step's time split into generation,
+              the teachers' forwards and the student's step, next to the same split of live K=2
 
 Each variant: 3 warm-up steps, then --steps timed optimizer steps (AdamW), in --rounds fresh
 processes taken round-robin over the variants (each keeps its round with the lowest p50: on a
@@ -37,7 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from measure import (add_variant_arguments, current_rss_bytes, emit_rows, measure_in_rounds,  # noqa: E402
                      peak_rss_bytes, quantiles, ran_one_variant)
 VARIANTS = [("plain", 0), ("live", 1), ("live", 2), ("live", 4), ("cached", 2), ("cached_sampled", 2),
-            ("cached_hidden", 2)]
+            ("cached_hidden", 2), ("on_policy", 2)]
 
 
 def _llama(vocab: int, hidden: int, layers: int, seed: int):
@@ -102,17 +106,36 @@ def run_variant(variant: str, teachers: int, args) -> dict:
                                torch.stack([p[1] for p in parts], 1).reshape(*shape, args.top_k),
                                torch.stack([p[2] for p in parts], 1).reshape(shape), args.vocab)
         del models, hidden
-    live = LiveLanguageModels(ensemble) if variant == "live" else None
+    live = LiveLanguageModels(ensemble) if variant in ("live", "on_policy") else None
+    if variant == "on_policy":
+        from types import SimpleNamespace
+
+        from distill.on_policy import OnPolicySampler
+
+        prompt_length = args.seq // 2
+        settings = SimpleNamespace(fraction=1.0, max_new_tokens=args.seq - prompt_length, temperature=1.0, top_p=1.0)
+        sampler = OnPolicySampler(settings, 0, SimpleNamespace(eos_token_id=None, pad_token_id=0), args.seq, None, 0, 0)
+        prompts = ids[:, :prompt_length].tolist()
+        labels[:, :prompt_length - 1] = -100  # only the sampled half is learned
+        flat_labels = labels.reshape(-1)
+    phases = {"generation": [], "teachers": [], "student": []}
     chunk = args.chunk  # forward KL + linear: training keeps the chunk whatever K is (chunk_size_for)
     workspace = Workspace() if device.type == "cpu" else None  # as the causal-LM task keeps it
 
     def step():
         optimizer.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        if variant == "on_policy":  # the sampled half replaces the second half of each row
+            sampled = sampler.generate(SimpleNamespace(module=student), prompts, micro_step=0)
+            ids[:, prompt_length:] = torch.tensor(sampled, device=device)[:, :args.seq - prompt_length]
+            labels[:, prompt_length - 1:-1] = ids[:, prompt_length:]
+        generated = time.perf_counter()
         if variant == "plain":
             loss = student(**inputs, labels=ids).loss
         else:
-            signal = (live.signal(batch, device) if variant == "live" else stored_hidden if stored_hidden is not None
-                      else CachedTopK(cache).signal(batch, device))
+            signal = (live.signal(batch, device) if variant in ("live", "on_policy") else stored_hidden
+                      if stored_hidden is not None else CachedTopK(cache).signal(batch, device))
+            taught = time.perf_counter()
             targets = Targets(ensemble, signal, flat_labels, flat_labels != -100, streamed=True, workspace=workspace)
             body, head = body_and_head(student)
             hidden = body(**inputs).last_hidden_state
@@ -120,6 +143,11 @@ def run_variant(variant: str, teachers: int, args) -> dict:
                                             kd_alpha=0.5, temperature=2.0, chunk_size=chunk, workspace=workspace).total
         loss.backward()
         optimizer.step()
+        if variant != "plain":
+            done = time.perf_counter()
+            phases["generation"].append(generated - started)
+            phases["teachers"].append(taught - generated)
+            phases["student"].append(done - taught)
 
     def teachers_alone():  # each teacher's own inference forward: its body and its output layer
         live.signal(batch, device).logits(0, flat_labels.shape[0])
@@ -153,6 +181,8 @@ def run_variant(variant: str, teachers: int, args) -> dict:
     row = {"variant": variant if variant == "plain" else f"{variant} K={count}", "teachers": count,
            "p20_s": p20, "p50_s": p50, "p80_s": p80, "samples_per_s": args.batch / p50,
            "tokens_per_s": args.batch * args.seq / p50}
+    if variant in ("live", "on_policy") and count == 2:  # where the step's time goes (timed steps only)
+        row.update({f"{name}_p50_s": quantiles(times[3:])[1] for name, times in phases.items()})
     if variant == "live":
         row["teacher_forward_p50_s"] = timed(teachers_alone, args.steps)[1]
     return row
@@ -211,11 +241,17 @@ def main() -> None:
                  if "teacher_forward_p50_s" in row else "")
         print(f"{row['variant']:<12}{row['p20_s']:>8.3f}{row['p50_s']:>8.3f}{row['p80_s']:>8.3f}{row['samples_per_s']:>11.2f}"
               f"{row['tokens_per_s']:>10.0f}{row['peak_bytes'] / 2**20:>10.1f}{row['vs_plain']:>9.2f}x{extra}")
-    live = {row["teachers"]: row["p50_s"] for row in rows if row["variant"].startswith("live")}
+    live = {row["teachers"]: row["p50_s"] for row in rows if row["variant"].startswith("live ")}
     per_teacher_12, per_teacher_14 = live[2] - live[1], (live[4] - live[1]) / 3
+    for row in rows:
+        if "generation_p50_s" in row:
+            print(f"cost split of {row['variant']}: generation {row['generation_p50_s']:.3f} s, teachers' bodies "
+                  f"{row['teachers_p50_s']:.3f} s, student step (forward, fused loss with the teachers' output layers, "
+                  f"backward, AdamW) {row['student_p50_s']:.3f} s")
     cached = next(row for row in rows if row["variant"].startswith("cached"))
     print(f"cached: {cached['vs_plain']:.2f}x plain (target <= 1.10x); live vs plain + the teachers' own forwards: "
-          + ", ".join(f"K={r['teachers']} {r['vs_plain_plus_teacher_forwards']:.2f}x" for r in rows if r["variant"].startswith("live"))
+          + ", ".join(f"K={r['teachers']} {r['vs_plain_plus_teacher_forwards']:.2f}x" for r in rows
+                      if r["variant"].startswith("live "))
           + " (target <= 1.10x)")
     fitted, worst = linear_fit(live)
     print(f"step time vs K: least-squares line {fitted[0]:.3f} s + {fitted[1]:.3f} s x K; the measured p50s lie "

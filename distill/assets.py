@@ -24,7 +24,9 @@ Run as `python -m distill.assets OUT_DIR` to write the converted encoder,
 `python -m distill.assets smollm2 OUT_DIR` for the causal LM,
 `python -m distill.assets general-text OUT_DIR` for the prose (train.jsonl, validation.jsonl),
 `python -m distill.assets tweets OUT_DIR` for the tweets (train.jsonl, validation.jsonl), or
-`python -m distill.assets own-bpe-lm TRAIN_JSONL OUT_DIR` for the untrained own-tokenizer model.
+`python -m distill.assets own-bpe-lm TRAIN_JSONL OUT_DIR` for the untrained own-tokenizer model, or
+`python -m distill.assets routed-pairs GENERAL_DIR TWEETS_DIR OUT_DIR` for prompt/response rows of both,
+with a `domain` column (the routing and on-policy demo).
 """
 from __future__ import annotations
 
@@ -201,6 +203,40 @@ def tweets(out_dir: Path, validation_rows: int = 400, seed: int = 11) -> Path:
     return out_dir
 
 
+def routed_pairs(general_dir: Path, tweets_dir: Path, out_dir: Path, train_rows: int = 600,
+                 validation_rows: int = 100) -> Path:
+    """train.jsonl / validation.jsonl of prompt/response rows with a `domain` column (general |
+    tweets): each text of the prose (general_text) and of the tweets (tweets()) cut after its first
+    third of words (at least 3) into a prompt and the response to continue it; train_rows and
+    validation_rows of each domain, from those assets' own train and validation files."""
+    import json
+
+    out_dir = Path(out_dir)
+    if (out_dir / "validation.jsonl").is_file():
+        return out_dir
+
+    def pairs(path: Path, domain: str, count: int):
+        rows = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            words = json.loads(line)["text"].split()
+            cut = max(3, len(words) // 3)
+            if len(words) > cut + 1:
+                rows.append({"prompt": " ".join(words[:cut]), "response": " " + " ".join(words[cut:]),
+                             "domain": domain})
+            if len(rows) == count:
+                break
+        return rows
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, count in (("train", train_rows), ("validation", validation_rows)):
+        rows = pairs(Path(general_dir) / f"{name}.jsonl", "general", count) + \
+            pairs(Path(tweets_dir) / f"{name}.jsonl", "tweets", count)
+        temporary = out_dir / f"{name}.jsonl.tmp"
+        temporary.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        temporary.replace(out_dir / f"{name}.jsonl")
+    return out_dir
+
+
 def own_bpe_lm(train_file: Path, out_dir: Path, vocab_size: int = 4096, layers: int = 4, hidden: int = 256,
                seed: int = 0) -> Path:
     """An untrained Llama over a byte-level BPE tokenizer trained on the texts of `train_file` (JSON
@@ -239,9 +275,12 @@ if __name__ == "__main__":
         print(tweets(Path(sys.argv[2])))
     elif len(sys.argv) == 4 and sys.argv[1] == "own-bpe-lm":
         print(own_bpe_lm(Path(sys.argv[2]), Path(sys.argv[3])))
+    elif len(sys.argv) == 5 and sys.argv[1] == "routed-pairs":
+        print(routed_pairs(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])))
     elif len(sys.argv) == 2:
         print(convert_minilm_l3(Path(sys.argv[1])))
     else:
         sys.exit("usage: python -m distill.assets OUT_DIR  |  python -m distill.assets smollm2 OUT_DIR  |  "
                  "python -m distill.assets general-text OUT_DIR  |  python -m distill.assets tweets OUT_DIR  |  "
-                 "python -m distill.assets own-bpe-lm TRAIN_JSONL OUT_DIR")
+                 "python -m distill.assets own-bpe-lm TRAIN_JSONL OUT_DIR  |  "
+                 "python -m distill.assets routed-pairs GENERAL_DIR TWEETS_DIR OUT_DIR")

@@ -136,8 +136,9 @@ class TokenLossTerms:
 
 def token_loss_sums(student_logits: Tensor, target_log_probs: Optional[Tensor], labels: Tensor,
                     temperature: float, label_smoothing: float = 0.0, divergence: Divergence = kl_divergence,
-                    kd_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """(sum_t T^2 D(target_t || softmax(z_t / T)), sum_t CE_eps(z_t, y_t)) over tokens with a label.
+                    kd_mask: Optional[Tensor] = None, row_kd: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(sum_t T^2 D(target_t || softmax(z_t / T)), sum_t CE_eps(z_t, y_t)) over tokens with a label;
+    `row_kd` [N], when given, receives each token's T^2 D (0 where the KD term does not read it).
 
     Tokens outside the label mask (or outside `kd_mask`, for the KD term) contribute exactly zero,
     and no gradient: their target is replaced by the detached student before D is taken, so a -inf
@@ -157,8 +158,10 @@ def token_loss_sums(student_logits: Tensor, target_log_probs: Optional[Tensor], 
     keep = valid if kd_mask is None else valid & kd_mask
     target = torch.where(keep.unsqueeze(-1), target_log_probs.to(student.dtype), student.detach())
     per_token_kd = divergence(target, student)
-    kd = temperature ** 2 * torch.where(keep, per_token_kd, torch.zeros_like(per_token_kd)).sum()
-    return kd, ce
+    per_token_kd = temperature ** 2 * torch.where(keep, per_token_kd, torch.zeros_like(per_token_kd))
+    if row_kd is not None:
+        row_kd.copy_(per_token_kd.detach())
+    return per_token_kd.sum(), ce
 
 
 def materialized_token_distillation(student_logits: Tensor, target_log_probs: Optional[Tensor], labels: Tensor, *,
@@ -175,9 +178,10 @@ def materialized_token_distillation(student_logits: Tensor, target_log_probs: Op
 
 def chunked_target_distillation(student_logits: Tensor, labels: Tensor, target_fn, *, kd_alpha: float,
                                 temperature: float, label_smoothing: float, divergence, chunk_size: int,
-                                normalizer: float) -> TokenLossTerms:
+                                normalizer: float, row_kd: Optional[Tensor] = None) -> TokenLossTerms:
     """The loss over materialised student logits [N, V] (when the output layer cannot be used
-    directly, as under ZeRO-3) with the teachers' target still built one chunk at a time."""
+    directly, as under ZeRO-3) with the teachers' target still built one chunk at a time; `row_kd`
+    as in token_loss_sums."""
     kd_total = ce_total = student_logits.new_zeros((), dtype=torch.float32)
     for start in range(0, labels.shape[0], chunk_size):
         end = min(start + chunk_size, labels.shape[0])
@@ -187,7 +191,7 @@ def chunked_target_distillation(student_logits: Tensor, labels: Tensor, target_f
         if isinstance(target, (SparseTarget, ProbabilityTarget)):
             target = target.dense_log_probs(student_logits.shape[-1])
         kd, ce = token_loss_sums(student_logits[start:end], target, labels[start:end], temperature, label_smoothing,
-                                 divergence, keep)
+                                 divergence, keep, None if row_kd is None else row_kd[start:end])
         kd_total, ce_total = kd_total + kd, ce_total + ce
     total = (kd_alpha * kd_total + (1.0 - kd_alpha) * ce_total) / normalizer
     return TokenLossTerms(total=total, kd=kd_total.detach() / normalizer, ce=ce_total.detach() / normalizer)
@@ -209,7 +213,8 @@ def _default_normalizer(labels: Tensor) -> float:
 
 def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Optional[Tensor], *, kd_alpha: float,
                            temperature: float, label_smoothing: float, divergence: str, normalizer: float,
-                           workspace: Optional[Workspace] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                           workspace: Optional[Workspace] = None, row_kd: Optional[Tensor] = None
+                           ) -> Tuple[Tensor, Tensor, Tensor]:
     """(T^2 * summed divergence, summed CE_eps, d loss / d logits) for one chunk of student logits
     [c, V], the gradient written in closed form rather than by autograd, with u = z / T,
     q = softmax(u), p the target, and s_kd = kd_alpha * T / normalizer, s_ce = (1 - kd_alpha) / normalizer:
@@ -222,8 +227,8 @@ def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Opti
     `target` is dense log-probabilities [c, V], a ProbabilityTarget or SparseTarget (forward KL
     only), or None. This is the fused loss's hot loop: `logits` is CONSUMED (what reads z comes
     first, then z becomes exp(z - max z) in place), the other [c, V] temporaries live in `workspace`
-    buffers, and the returned gradient is one of them. Tested against the autograd reference in
-    float64 (tests/test_chunked_loss.py)."""
+    buffers, and the returned gradient is one of them. `row_kd` [c], when given, receives each
+    row's T^2 D. Tested against the autograd reference in float64 (tests/test_chunked_loss.py)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     workspace = Workspace() if workspace is None else workspace
@@ -317,7 +322,10 @@ def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Opti
 
             def kd_part(grad):
                 grad.add_(gap)
-        kd = temperature ** 2 * torch.where(keep, rows, torch.zeros_like(rows)).sum()
+        per_row = temperature ** 2 * torch.where(keep, rows, torch.zeros_like(rows))
+        if row_kd is not None:
+            row_kd.copy_(per_row)
+        kd = per_row.sum()
     if shared:
         grad = exps.mul_(q_scale + ce_scale / total)
     else:
@@ -333,7 +341,7 @@ def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Opti
 class _FusedTokenDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, target_fn, kd_alpha, temperature, label_smoothing, divergence,
-                chunk_size, normalizer, workspace):
+                chunk_size, normalizer, workspace, row_kd):
         accumulate = _accumulation_dtype(weight.dtype)
         closed_form = getattr(divergence, "closed_form", None)
         grad_hidden = torch.zeros_like(hidden)
@@ -361,14 +369,14 @@ class _FusedTokenDistillation(torch.autograd.Function):
                     kd, ce, grad_logits = closed_form_token_loss(
                         logits, target, chunk_labels, kd_mask, kd_alpha=kd_alpha, temperature=temperature,
                         label_smoothing=label_smoothing, divergence=closed_form or "forward_kl", normalizer=normalizer,
-                        workspace=workspace)
+                        workspace=workspace, row_kd=None if row_kd is None else row_kd[start:end])
             else:
                 with torch.no_grad():
                     logits = F.linear(h, weight, bias).to(accumulate)
                 with torch.enable_grad():  # autograd only through softmax and divergence, over [chunk, V]
                     logits.requires_grad_(True)
                     kd, ce = token_loss_sums(logits, target, chunk_labels, temperature, label_smoothing, divergence,
-                                             kd_mask)
+                                             kd_mask, None if row_kd is None else row_kd[start:end])
                     (grad_logits,) = torch.autograd.grad((kd_alpha * kd + (1.0 - kd_alpha) * ce) / normalizer,
                                                          [logits])
             # the output layer's gradients by hand: no [V, H] temporary per chunk, nothing kept for backward
@@ -392,21 +400,22 @@ class _FusedTokenDistillation(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         return (grad_hidden * grad_total, grad_weight * grad_total,
                 grad_bias * grad_total if ctx.has_bias else None,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)
 
 
 def fused_token_distillation(hidden: Tensor, weight: Tensor, labels: Tensor, target_fn: Optional[TargetFn] = None, *,
                              kd_alpha: float, temperature: float, label_smoothing: float = 0.0,
                              divergence: Divergence = kl_divergence, bias: Optional[Tensor] = None,
                              chunk_size: int = 1024, normalizer: Optional[float] = None,
-                             workspace: Optional[Workspace] = None) -> TokenLossTerms:
+                             workspace: Optional[Workspace] = None, row_kd: Optional[Tensor] = None) -> TokenLossTerms:
     """The loss above from the student's last hidden states `hidden` [N, H] and output layer
     `weight` [V, H] (`bias` [V]), `labels` [N] (next-token ids, -100 where nothing is learned).
 
     `target_fn(start, end)` returns the teachers' interpolated target for tokens start..end-1 (at
     the distillation temperature, no gradient) and an optional KD mask; None means kd_alpha = 0.
     `workspace` holds the chunks' [chunk, V] temporaries (a fresh one per call if None; a trainer
-    keeps one for the whole run)."""
+    keeps one for the whole run). `row_kd` [N], when given, receives each token's T^2 D (0 where the
+    KD term does not read it): per-route figures."""
     if target_fn is None and kd_alpha != 0:
         raise ValueError("kd_alpha > 0 needs a teacher target (target_fn)")
     if chunk_size < 1:
@@ -414,5 +423,5 @@ def fused_token_distillation(hidden: Tensor, weight: Tensor, labels: Tensor, tar
     normalizer = _default_normalizer(labels) if normalizer is None else float(normalizer)
     total, kd, ce = _FusedTokenDistillation.apply(hidden, weight, bias, labels, target_fn, kd_alpha, temperature,
                                                   label_smoothing, divergence, chunk_size, normalizer,
-                                                  Workspace() if workspace is None else workspace)
+                                                  Workspace() if workspace is None else workspace, row_kd)
     return TokenLossTerms(total=total, kd=kd, ce=ce)

@@ -41,6 +41,8 @@ class TeacherConfig:
     pooling: Optional[str] = None
     normalize: bool = False
     head: Optional[str] = None
+    # with teachers.route_by: the values of that column whose rows this teacher distils
+    routes: Optional[List[str]] = None
 
 
 @dataclass
@@ -69,6 +71,15 @@ class TeachersConfig:
     # stop: a NaN/inf in any teacher's logits ends the run, naming the teacher. skip: rows with
     # non-finite teacher logits leave the KD term (their labels still count) and are counted.
     on_nonfinite: str = "stop"
+    # Routing (distill/routing.py): a data column naming each row's domain; a row is distilled
+    # from the teachers whose `routes` list its value, mixed by the configured interpolation with
+    # weights of their own per route (route_weights, or fitted per route on that route's validation rows).
+    route_by: Optional[str] = None
+    # rows whose value no teacher lists: refuse (an error at start, naming the values) or
+    # labels_only (they learn from their labels alone: no KD term)
+    unrouted: str = "refuse"
+    # per route value, a weight per teacher name serving it (default: teachers.models[*].weight)
+    route_weights: Dict[str, Dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -284,6 +295,18 @@ class LossConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """task causal_lm with prompt/response data (distill/on_policy.py): a share of the micro-batches
+    replace each response by the student's own sampled continuation of the prompt (seeded by the
+    micro-step, so a resumed run samples the same tokens; stops at EOS), and the teachers' target
+    is computed on those tokens. Off while fraction is 0."""
+    fraction: float = 0.0  # 0: every micro-batch reads the data's responses; 1: fully on-policy
+    max_new_tokens: int = 64  # also capped by data.max_length
+    temperature: float = 1.0  # of the student's sampling (not the distillation temperature)
+    top_p: float = 1.0  # nucleus sampling; 1 samples from the whole distribution
+
+
+@dataclass
 class TrainingConfig:
     epochs: float = 1.0
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
@@ -309,6 +332,7 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     resume: str = "never"  # never, or auto: continue from the newest checkpoint in output_dir
     progress_bar: bool = True
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
 
 @dataclass
@@ -541,6 +565,8 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
         _require(len(set(names)) == len(names), f"teachers.models: names must be unique, got {names}")
         reserved = sorted(set(names) & {"student", "target"})
         _require(not reserved, f"teachers.models: the names {reserved} are reserved; set teachers.models[i].name")
+    _validate_routes(cfg)
+    _validate_on_policy(cfg.training.on_policy)
 
     student = cfg.student
     _require((student.path is None) != (student.from_teacher is None),
@@ -688,6 +714,61 @@ def _validate_task(cfg) -> None:
     _require(cfg.loss.chunk_tokens > 0, f"loss.chunk_tokens must be > 0, got {cfg.loss.chunk_tokens}")
     _require((data.prompt_field is None) == (data.response_field is None),
              "data.prompt_field and data.response_field go together: set both (prompt/response pairs) or neither")
+
+
+def _validate_routes(cfg) -> None:
+    teachers, route_by = cfg.teachers, cfg.teachers.route_by
+    names = [teacher_display_name(t, i) for i, t in enumerate(teachers.models)]
+    if route_by is None:
+        listed = [f"teachers.models[{i}].routes" for i, t in enumerate(teachers.models) if t.routes is not None]
+        unused = listed + (["teachers.unrouted"] if teachers.unrouted != "refuse" else []) + \
+            (["teachers.route_weights"] if teachers.route_weights else [])
+        _require(not unused, f"{unused} set without teachers.route_by: name the data column that routes rows, or "
+                 "remove them")
+        return
+    _require(bool(teachers.models), "teachers.route_by without teachers.models: name the teachers of each route")
+    _require(teachers.unrouted in ("refuse", "labels_only"),
+             f"teachers.unrouted: {teachers.unrouted!r} is not refuse or labels_only")
+    for index, teacher in enumerate(teachers.models):
+        key = f"teachers.models[{index}].routes"
+        _require(teacher.routes is not None and len(teacher.routes) > 0,
+                 f"{key}: with teachers.route_by={route_by} every teacher lists the values of column {route_by!r} "
+                 "it serves, e.g. routes: [news]")
+        for value in teacher.routes:
+            _check_name(str(value), key)
+        _require(len(set(teacher.routes)) == len(teacher.routes), f"{key}: {list(teacher.routes)} lists a value twice")
+    served = {str(v) for t in teachers.models for v in t.routes}
+    for value, weights in teachers.route_weights.items():
+        key = f"teachers.route_weights.{value}"
+        _require(value in served, f"{key}: no teacher lists route {value!r} (routes: {sorted(served)})")
+        serving = [n for n, t in zip(names, teachers.models) if value in t.routes]
+        _require(set(weights) == set(serving), f"{key}: give a weight for each teacher of the route, {serving}; "
+                 f"got {sorted(weights)}")
+        _require(all(w >= 0 for w in weights.values()) and sum(weights.values()) > 0,
+                 f"{key}: weights must be >= 0 with a positive sum, got {dict(weights)}")
+    _require(not teachers.route_weights or cfg.interpolation.fit_on is None,
+             "teachers.route_weights and interpolation.fit_on both set the routes' weights: choose one")
+    _require(not cfg.interpolation.fit_temperatures,
+             "interpolation.fit_temperatures with teachers.route_by: a teacher keeps one temperature across the routes "
+             "it serves; fit the weights per route only (remove fit_temperatures)")
+    _require(teachers.cache is None, "teachers.route_by with teachers.cache: routed targets are built from live "
+             "teachers; remove teachers.cache")
+    _require(not cfg.loss.intermediate, "teachers.route_by with loss.intermediate: the intermediate terms follow one "
+             "weight per teacher, not per route; remove one of them")
+    _require(cfg.data.augment.copies == 0, "teachers.route_by with data.augment: augmented rows carry no route; "
+             "remove one of them")
+
+
+def _validate_on_policy(on_policy) -> None:
+    _require(0.0 <= on_policy.fraction <= 1.0, f"training.on_policy.fraction must lie in [0, 1], got {on_policy.fraction}")
+    if on_policy.fraction == 0:
+        changed = [f"training.on_policy.{key}" for key, value in vars(OnPolicyConfig()).items()
+                   if key != "fraction" and on_policy[key] != value]
+        _require(not changed, f"{changed} set with training.on_policy.fraction=0 (off): set the fraction or remove them")
+        return
+    _require(on_policy.max_new_tokens > 0, f"training.on_policy.max_new_tokens must be > 0, got {on_policy.max_new_tokens}")
+    _require(on_policy.temperature > 0, f"training.on_policy.temperature must be > 0, got {on_policy.temperature}")
+    _require(0.0 < on_policy.top_p <= 1.0, f"training.on_policy.top_p must lie in (0, 1], got {on_policy.top_p}")
 
 
 def _validate_divergence(loss) -> None:

@@ -24,6 +24,7 @@ LABELS = "labels"
 INDEX = "index"
 EXAMPLE_ID = "example_id"  # data.id_field's value, as a string: black-box teachers' files are keyed by it
 SOURCE = "source"
+ROUTE = "route"  # teachers.route_by's value (read as text), then its route id (routing.py; -1: unrouted)
 TEXT_KEY = "text_key"  # a digest of a row's text fields: cached classification teachers are keyed by it
 
 
@@ -138,8 +139,19 @@ def _to_label_ids(values: Sequence, label_names: List[str], key: str) -> List[in
     return ids
 
 
-def _normalise(dataset: Dataset, cfg: DataConfig, label_names: Optional[List[str]], key: str) -> Dataset:
-    """Keep the text fields, map labels to ids (or -100), drop rows whose text is empty."""
+def route_values(dataset: Dataset, route_by: str, key: str) -> List[str]:
+    """Each row's value of the routing column as text ('' where it is missing)."""
+    if route_by not in dataset.column_names:
+        raise ConfigError(f"teachers.route_by: the {key} data has no column {route_by!r} (columns: "
+                          f"{dataset.column_names}); add it, or set teachers.route_by to the column naming each row's "
+                          "domain")
+    return ["" if is_missing(value) else str(value) for value in dataset[route_by]]
+
+
+def _normalise(dataset: Dataset, cfg: DataConfig, label_names: Optional[List[str]], key: str,
+               route_by: Optional[str] = None) -> Dataset:
+    """Keep the text fields (and the routing column's values), map labels to ids (or -100), drop
+    rows whose text is empty."""
     check_fields(dataset, cfg.text_fields, key)
     if cfg.label_field in dataset.column_names and label_names is not None:
         labels = _to_label_ids(dataset[cfg.label_field], label_names, key)
@@ -155,6 +167,9 @@ def _normalise(dataset: Dataset, cfg: DataConfig, label_names: Optional[List[str
                               f"(columns: {dataset.column_names})")
         ids = dataset[cfg.id_field]
         columns[EXAMPLE_ID] = [str(ids[i]) for i in keep]
+    if route_by is not None:
+        values = route_values(dataset, route_by, key)
+        columns[ROUTE] = [values[i] for i in keep]
     return Dataset.from_dict(columns)
 
 
@@ -196,8 +211,9 @@ def _with_index(dataset: Dataset) -> Dataset:
     return dataset.add_column(INDEX, list(range(len(dataset))))
 
 
-def read_splits(cfg: DataConfig) -> Splits:
-    """Load train / validation / unlabeled sources into labelled text splits, or raise ConfigError."""
+def read_splits(cfg: DataConfig, route_by: Optional[str] = None) -> Splits:
+    """Load train / validation / unlabeled sources into labelled text splits, or raise ConfigError;
+    with `route_by` every row keeps that column's value (ROUTE)."""
     seed = cfg.seed
     raw_train = load_source(cfg.train, "train")
     if len(raw_train) == 0:
@@ -209,11 +225,11 @@ def read_splits(cfg: DataConfig) -> Splits:
     if len(label_names) < 2:
         raise ConfigError(f"data.train: column {cfg.label_field!r} holds fewer than two distinct labels")
 
-    train = _normalise(raw_train, cfg, label_names, "train")
+    train = _normalise(raw_train, cfg, label_names, "train", route_by)
     if cfg.drop_duplicate_texts:
         train = drop_duplicates(train, cfg.text_fields)
     if raw_validation is not None:
-        validation = _normalise(raw_validation, cfg, label_names, "validation")
+        validation = _normalise(raw_validation, cfg, label_names, "validation", route_by)
         if cfg.drop_duplicate_texts:
             validation = drop_duplicates(validation, cfg.text_fields)
     else:
@@ -226,13 +242,14 @@ def read_splits(cfg: DataConfig) -> Splits:
 
     named = {"train": train}
     if cfg.unlabeled.path:
-        named["unlabeled"] = _extra_source(cfg, cfg.unlabeled, "unlabeled", None, [validation, train], seed)
+        named["unlabeled"] = _extra_source(cfg, cfg.unlabeled, "unlabeled", None, [validation, train], seed, route_by)
     if cfg.mixture_sources:
         parts = []
         for index, source in enumerate(cfg.mixture_sources):
             key = f"mixture_sources[{index}]"
             split = mixture_source_split(source)
-            part = named[split] if split is not None else _extra_source(cfg, source, key, label_names, [validation], seed)
+            part = named[split] if split is not None else _extra_source(cfg, source, key, label_names, [validation], seed,
+                                                                               route_by)
             if source.match is not None:
                 part = part.select(rows_matching(part[cfg.text_fields[0]], source.match, source.invert_match))
                 if len(part) == 0:
@@ -255,9 +272,10 @@ def read_splits(cfg: DataConfig) -> Splits:
                   source_names=source_names)
 
 
-def _extra_source(cfg: DataConfig, source, key: str, label_names, exclude: Sequence[Dataset], seed: int) -> Dataset:
+def _extra_source(cfg: DataConfig, source, key: str, label_names, exclude: Sequence[Dataset], seed: int,
+                  route_by: Optional[str] = None) -> Dataset:
     """An unlabelled (or, with a label column, labelled) source, without texts already in `exclude`."""
-    rows = _normalise(load_source(source, key), cfg, label_names, key)
+    rows = _normalise(load_source(source, key), cfg, label_names, key, route_by)
     if cfg.drop_duplicate_texts:
         seen = set().union(*(set(text_keys(split, cfg.text_fields)) for split in exclude))
         rows = drop_duplicates(rows, cfg.text_fields, exclude=seen)
@@ -316,8 +334,9 @@ class Collator:
 
         batch = {LABELS: torch.tensor([row[LABELS] for row in rows], dtype=torch.long),
                  INDEX: torch.tensor([row[INDEX] for row in rows], dtype=torch.long)}
-        if SOURCE in rows[0]:
-            batch[SOURCE] = torch.tensor([row[SOURCE] for row in rows], dtype=torch.long)
+        for column in (SOURCE, ROUTE):
+            if column in rows[0]:
+                batch[column] = torch.tensor([row[column] for row in rows], dtype=torch.long)
         for column in (EXAMPLE_ID, TEXT_KEY):  # keys of stored teacher outputs
             if column in rows[0]:
                 batch[column] = [row[column] for row in rows]

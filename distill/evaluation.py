@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from distill.data import INDEX, LABELS, model_inputs
+from distill.data import INDEX, LABELS, ROUTE, model_inputs
 from distill.distributed import gather_objects, rank, world_size
 from distill.losses import IGNORE_INDEX
 from distill.metrics import classification_metrics
@@ -76,7 +76,7 @@ def teacher_logit_fns(ensemble, device: torch.device) -> Dict[str, Callable[[Dic
         return cache["logits"]
 
     fns = {name: (lambda batch, k=k: teacher_logits(batch)[k]) for k, name in enumerate(ensemble.names)}
-    fns["target"] = lambda batch: ensemble.target(teacher_logits(batch))
+    fns["target"] = lambda batch: ensemble.target(teacher_logits(batch), routes=batch.get(ROUTE))
     return fns
 
 

@@ -30,7 +30,8 @@ from distill.interpolate import build_interpolation, fitted_temperatures
 
 def state_digest(state: Dict) -> str:
     """A short hash of a fitted state, printed by every rank so agreement can be checked."""
-    digest = hashlib.sha256(json.dumps({k: state[k] for k in ("weights", "temperatures")}).encode())
+    digest = hashlib.sha256(json.dumps({k: state[k] for k in ("weights", "temperatures", "routes")
+                                        if k in state}).encode())
     for name in sorted(state.get("gate", {})):
         digest.update(state["gate"][name].float().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -196,8 +197,10 @@ def run_fit_weights(cfg, out_dir: Path, fit_temperatures: bool = False, method: 
     init_distributed()
     device = local_device()
     ensemble, source = task.load_teachers(plans, device, teacher_dtype(cfg.teachers.dtype, device))
-    chunks = task.validation_chunks(ensemble, source, device)
     names = [teacher_display_name(t, i) for i, t in enumerate(cfg.teachers.models)]
+    if ensemble.routing is not None:
+        return _fit_routes(cfg, task, ensemble, source, device, names, out_dir, method)
+    chunks = task.validation_chunks(ensemble, source, device)
     training = torch.tensor([plan.temperature for plan in plans], dtype=torch.float64)
     table = comparison_table(names, chunks, fit_temperatures, task.validation_bytes(), training)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -215,3 +218,40 @@ def run_fit_weights(cfg, out_dir: Path, fit_temperatures: bool = False, method: 
                                                           "weights_yaml_takes": fit["name"]}, indent=2))
     return {"table": format_fit_table(table["rows"], task.fit_columns) + "\n" + note, "out_dir": str(out_dir),
             "fit": fit}
+
+
+def _fit_routes(cfg, task, ensemble, source, device, names: List[str], out_dir: Path, method: str) -> Dict:
+    """fit-weights with teachers.route_by: one table per route with several teachers, over that
+    route's validation rows and its own teachers; weights.yaml sets teachers.route_weights."""
+    import yaml
+
+    from distill.config import ConfigError
+
+    routing = ensemble.routing
+    if not routing.fitted_routes():
+        raise ConfigError(f"teachers.route_by={routing.routes.column}: every route has one teacher; there are no "
+                          "weights to fit")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables, fragments, report = [], {}, {}
+    for route in routing.fitted_routes():
+        value, chosen = routing.routes.values[route], routing.routes.teachers_of(route)
+        whole = task.validation_chunks(ensemble, source, device, route=route)
+
+        def chunks(whole=whole, chosen=chosen):
+            for logits, labels in whole():
+                yield logits[chosen], labels
+
+        table = comparison_table([names[k] for k in chosen], chunks, False, task.route_bytes(value),
+                                 ensemble.temperatures[chosen].double())
+        fit = table["fits"][method + TRAINING_T if method + TRAINING_T in table["fits"] else method]
+        plot_fit_table(table["rows"], out_dir / f"fit_weights_{value}.png", task.fit_columns)
+        fragments[value] = {names[k]: round(float(w), 6) for k, w in zip(chosen, fit["weights"])}
+        report[value] = {"rows": table["rows"], "weights_yaml_takes": fit["name"]}
+        tables.append(f"route {value} ({table['rows'][0]['rows']} validation rows):\n"
+                      + format_fit_table(table["rows"], task.fit_columns))
+    (out_dir / "weights.yaml").write_text(yaml.safe_dump({"teachers": {"route_weights": fragments},
+                                                          "interpolation": {"method": method}}, sort_keys=False))
+    (out_dir / "fit_weights.json").write_text(json.dumps({"routes": report, "method": method, "task": cfg.task},
+                                                         indent=2))
+    return {"table": "\n\n".join(tables) + f"\nweights.yaml sets teachers.route_weights from the fitted {method} "
+            "mix of each route", "out_dir": str(out_dir), "fit": None}

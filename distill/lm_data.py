@@ -19,8 +19,8 @@ import torch
 from datasets import Dataset, Value, concatenate_datasets
 
 from distill.config import ConfigError, DataSourceConfig, mixture_source_split
-from distill.data import (INDEX, LABELS, SOURCE, Splits, check_fields, drop_duplicates, is_missing, load_source,
-                          rows_matching, subsample, text_keys)
+from distill.data import (INDEX, LABELS, ROUTE, SOURCE, Splits, check_fields, drop_duplicates, is_missing,
+                          load_source, route_values, rows_matching, subsample, text_keys)
 from distill.losses import IGNORE_INDEX
 
 
@@ -28,12 +28,16 @@ def lm_fields(data) -> List[str]:
     return [data.prompt_field, data.response_field] if data.prompt_field else [data.text_fields[0]]
 
 
-def _read(source, key: str, data) -> Dataset:
+def _read(source, key: str, data, route_by=None) -> Dataset:
     dataset = load_source(source, key)
     fields = lm_fields(data)
     check_fields(dataset, fields, key)
+    if route_by is not None:  # the routing column's values, as text (before rows are dropped)
+        values = route_values(dataset, route_by, key)
+        dataset = dataset.remove_columns([ROUTE]) if ROUTE in dataset.column_names else dataset
+        dataset = dataset.add_column(ROUTE, values)
     dataset = dataset.filter(lambda row: not any(is_missing(row[f]) for f in fields), desc="drop empty rows")
-    dataset = dataset.select_columns(fields)
+    dataset = dataset.select_columns(fields + ([ROUTE] if route_by is not None else []))
     for field in fields:  # csv reads large_string, json string: one type, so sources concatenate
         if dataset.features[field] != Value("string"):
             dataset = dataset.cast_column(field, Value("string"))
@@ -44,14 +48,15 @@ def _read(source, key: str, data) -> Dataset:
     return subsample(dataset, source.max_samples, data.seed)
 
 
-def read_lm_splits(data) -> Splits:
+def read_lm_splits(data, route_by=None) -> Splits:
     """Raw train/validation rows (text, or prompt/response); validation is carved out of train
     (seeded) when data.validation.path is not set. With data.mixture_sources, train is the
-    concatenation of the sources, each row tagged with its source id."""
+    concatenation of the sources, each row tagged with its source id; with `route_by`, each row
+    keeps that column's value (ROUTE)."""
     fields = lm_fields(data)
-    train = _read(data.train, "train", data)
+    train = _read(data.train, "train", data, route_by)
     if data.validation.path is not None:
-        validation = _read(data.validation, "validation", data)
+        validation = _read(data.validation, "validation", data, route_by)
     else:
         if len(train) < 2:
             raise ConfigError(f"data.train.path: {data.train.path} has {len(train)} row(s); a validation split "
@@ -71,7 +76,7 @@ def read_lm_splits(data) -> Splits:
         if split not in (None, "train"):
             raise ConfigError(f"data.{key}: task causal_lm reads mixture sources from a path or from_split=train, "
                               f"not {split!r}")
-        part = train if split == "train" else _read(source, key, data)
+        part = train if split == "train" else _read(source, key, data, route_by)
         if split is None and data.drop_duplicate_texts:
             part = drop_duplicates(part, fields, exclude=set(text_keys(validation, fields)))
         if source.match is not None:
@@ -164,30 +169,32 @@ def encode_lm(dataset: Dataset, tokenizer, data, key: str, teacher_groups: Seque
     source. With `teacher_groups` (teachers with other tokenizers) each block also carries every
     group's aligned window (_encode_aligned; `student_byte_lengths` and each group's `byte_lengths`:
     the bytes each token id spells)."""
-    groups = [(0, dataset)]
-    if SOURCE in dataset.column_names:
-        ids = dataset[SOURCE]
-        groups = [(s, dataset.select([i for i, v in enumerate(ids) if v == s])) for s in sorted(set(ids))]
-    columns: Dict[str, list] = {"input_ids": [], LABELS: [], SOURCE: []}
+    # packed source by source and route by route: a block never mixes two sources or two routes
+    keys = [name for name in (SOURCE, ROUTE) if name in dataset.column_names]
+    tags = list(zip(*(dataset[name] for name in keys))) if keys else [()] * len(dataset)
+    groups = [(tag, dataset.select([i for i, t in enumerate(tags) if t == tag])) for tag in sorted(set(tags))]
+    columns: Dict[str, list] = {"input_ids": [], LABELS: [], SOURCE: [], **({ROUTE: []} if ROUTE in keys else {})}
     for group in teacher_groups:
         columns[group.prefix + "input_ids"], columns[group.prefix + "positions"] = [], []
-    for source, rows in groups:
+    for tag, rows in groups:
         encoded = (_encode_aligned(rows, tokenizer, data, teacher_groups, student_byte_lengths) if teacher_groups
                    else _encode_rows(rows, tokenizer, data))
         for name, values in encoded.items():
             columns[name] += values
-        columns[SOURCE] += [source] * len(encoded["input_ids"])
+        for name in (SOURCE, ROUTE):
+            if name in columns:
+                columns[name] += [dict(zip(keys, tag)).get(name, 0)] * len(encoded["input_ids"])
     if not columns["input_ids"] or not any(label != IGNORE_INDEX for row in columns[LABELS] for label in row):
         raise ConfigError(f"data.{key}: no token to learn after tokenization (empty texts or all-prompt rows)")
     columns[INDEX] = list(range(len(columns["input_ids"])))
     return Dataset.from_dict(columns)
 
 
-def domain_rows(dataset: Dataset, data, domain, index: int) -> Dataset:
-    """The rows of one evaluation domain: its own file, or the validation rows whose first text
-    field matches its regex."""
+def domain_rows(dataset: Dataset, data, domain, index: int, route_by=None) -> Dataset:
+    """The rows of one evaluation domain: its own file (with the routing column, when rows are
+    routed), or the validation rows whose first text field matches its regex."""
     if domain.path is not None:
-        return _read(DataSourceConfig(path=domain.path), f"eval_domains[{index}]", data)
+        return _read(DataSourceConfig(path=domain.path), f"eval_domains[{index}]", data, route_by)
     return dataset.select(rows_matching(dataset[lm_fields(data)[0]], domain.match, domain.invert_match))
 
 
@@ -223,8 +230,9 @@ class LMCollator:
             mask[i, :n] = 1
         batch = {"input_ids": ids, "attention_mask": mask, LABELS: labels,
                  INDEX: torch.tensor([row[INDEX] for row in rows], dtype=torch.long)}
-        if SOURCE in rows[0]:
-            batch[SOURCE] = torch.tensor([row[SOURCE] for row in rows], dtype=torch.long)
+        for column in (SOURCE, ROUTE):
+            if column in rows[0]:
+                batch[column] = torch.tensor([row[column] for row in rows], dtype=torch.long)
         for prefix in self.prefixes:  # the teacher's pad id never reaches it: masked, and not a gathered position
             batch[prefix + "input_ids"], batch[prefix + "attention_mask"] = self._padded(rows, prefix + "input_ids", 0)
             batch[prefix + "positions"], _ = self._padded(rows, prefix + "positions", -1)

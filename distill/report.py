@@ -47,6 +47,10 @@ def build_report(cfg: DistillConfig, plans, teacher_params: List[int], student_p
         report["training"]["kd_only_rows"] = sum(1 for label in train_set["labels"] if label == -100)
     if cfg.loss.intermediate:
         report["loss"]["intermediate"] = OmegaConf.to_container(cfg.loss.intermediate, resolve=True)
+    if summary.get("routes"):  # teachers.route_by: each route's teachers, weights and validation figures
+        report["routes"] = {"column": cfg.teachers.route_by, "unrouted": cfg.teachers.unrouted, **summary["routes"]}
+    if cfg.training.on_policy.fraction > 0:
+        report["training"]["on_policy"] = OmegaConf.to_container(cfg.training.on_policy, resolve=True)
     return report
 
 

@@ -231,6 +231,11 @@ class Targets:
         self.temperatures = (ensemble.temperatures if temperatures is None
                              else torch.as_tensor(temperatures, dtype=torch.float32))
         strategy = ensemble.interpolation
+        # teachers.route_by: each row mixes its route's teachers (routing.py), through the general path
+        self.routing = getattr(ensemble, "routing", None) if hasattr(signal, "route_rows") else None
+        if self.routing is not None:
+            self.route_weights = self.routing.weights_now(None if weights is None else self.weights)
+            streamed = False
         self.stream_probabilities = (streamed and hasattr(strategy, "probabilities_")
                                      and hasattr(signal, "write_logits"))
         self.sparse = streamed and hasattr(strategy, "sparse_") and hasattr(signal, "top_k")
@@ -292,6 +297,12 @@ class Targets:
             self.skipped += int((~keep & kd_rows).sum())
             logits = torch.where(keep[None, :, None], logits, torch.zeros_like(logits))
         coverage = getattr(self.signal, "coverage", None)  # teachers with other tokenizers (cross_tokenizer.py)
+        if self.routing is not None:
+            with torch.no_grad():
+                target, routed = self.routing.target(logits, self.signal.route_rows[start:end], self.route_weights,
+                                                     self.temperatures, self.labels[start:end],
+                                                     None if coverage is None else coverage(start, end))
+            return target, routed if keep is None else keep & routed
         if coverage is not None and not bool(coverage(start, end).all()):
             from distill.token_alignment import covered_target
 

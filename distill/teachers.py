@@ -118,6 +118,7 @@ class TeacherEnsemble:
         self.use_inference_mode = use_inference_mode
         self.on_nonfinite = "stop"
         self.inner_requests: Dict = {}  # teacher index -> what its forward records (intermediate-layer terms)
+        self.routing = None  # routing.Routing with teachers.route_by: a strategy and weights per route
         # per teacher; a cached ensemble (no models loaded) takes them from the cache's record
         self.parameter_counts = [getattr(model, "parameters_before_quantization", None) or count_parameters(model)
                                  for model in models]
@@ -169,22 +170,33 @@ class TeacherEnsemble:
         """[K, B, C] log softmax(z_k / T_k)."""
         return teacher_log_probs(logits, self.temperatures.to(logits.device))
 
-    def target(self, logits: Tensor, labels: Optional[Tensor] = None, weights: Optional[Tensor] = None) -> Tensor:
+    def target(self, logits: Tensor, labels: Optional[Tensor] = None, weights: Optional[Tensor] = None,
+               routes: Optional[Tensor] = None) -> Tensor:
         """[B, C] log-probabilities of the interpolated target distribution.
 
         `weights` replaces the prior weights (a schedule's current value); `labels` feeds strategies
-        that score teachers by the gold label."""
+        that score teachers by the gold label; `routes` [B]: each row's route (teachers.route_by)."""
+        if self.routing is not None and routes is not None:
+            return self.routing.target(logits, routes, self.routing.weights, self.temperatures.to(logits.device),
+                                       labels)[0]
         weights = self.weights if weights is None else normalize_weights(torch.as_tensor(weights, dtype=torch.float32))
         return self.interpolation(logits, weights.to(logits.device), self.temperatures.to(logits.device), labels)
 
     def interpolation_state(self) -> Dict:
         """What fitting changed, to save in the run directory and reload on resume."""
-        return {"weights": self.weights.tolist(), "temperatures": self.temperatures.tolist(),
-                "gate": self.interpolation.state_dict()}
+        state = {"weights": self.weights.tolist(), "temperatures": self.temperatures.tolist(),
+                 "gate": self.interpolation.state_dict()}
+        if self.routing is not None:  # the routes' own weights and fitted strategies
+            routed = self.routing.state()
+            state["routes"], state["gate"] = routed["routes"], {**state["gate"], **routed["gate"]}
+        return state
 
     def load_interpolation_state(self, state: Dict) -> None:
         self.weights = torch.tensor(state["weights"], dtype=torch.float32)
         self.temperatures = torch.tensor(state["temperatures"], dtype=torch.float32)
+        if self.routing is not None:
+            self.routing.load_state(state)
+            return
         if state.get("gate"):
             self.interpolation.load_state_dict(state["gate"])
 

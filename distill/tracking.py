@@ -67,8 +67,8 @@ def read_metrics(path: Path) -> List[Dict]:
 
 def plot_curves(metrics_path: Path, out_path: Path, title: Optional[str] = None, metric: str = "accuracy",
                 higher_is_better: bool = True) -> Optional[Path]:
-    """Training losses (total, KD, CE) and the validation `metric` (the task's: accuracy, or
-    perplexity on a log scale) of the student, per evaluation domain too, against optimizer step,
+    """Training losses (total, KD, CE, and KD per route) and the validation `metric` (the task's:
+    accuracy, or perplexity on a log scale) of the student, per evaluation domain and route too, against optimizer step,
     with each teacher's and the target's value as dashed references; a PNG."""
     rows = read_metrics(metrics_path)
     train = [r for r in rows if r["kind"] == "train"]
@@ -90,6 +90,10 @@ def plot_curves(metrics_path: Path, out_path: Path, title: Optional[str] = None,
     for key, label, style in curves:
         if key in train[0]:
             loss_axis.plot(steps, [r[key] for r in train], linestyle=style, marker=marker, label=label)
+    routes = sorted({key for r in train for key in r if key.startswith("route/") and key.endswith("/kd")})
+    for key in routes:  # the KD term per route (teachers.route_by): each route's own teachers' target
+        loss_axis.plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r], linestyle=":",
+                       marker=marker, label=f"KD on route {key.split('/')[1]}")
     loss_axis.set_xlabel("optimizer step")
     loss_axis.set_ylabel("loss")
     loss_axis.legend()

@@ -72,6 +72,7 @@ class LogWindow:
         self.started = time.perf_counter()
         self.sums = torch.zeros(3 + 3 * len(self.teacher_names), dtype=torch.float64)
         self.extras: Dict[str, float] = {}  # the same names on every rank (the same terms run there)
+        self.ratios: Dict[str, List[float]] = {}  # name -> [sum, count]
 
     def add(self, figures: StepFigures) -> None:
         self.micro_batches += 1
@@ -80,6 +81,10 @@ class LogWindow:
         self.sums[:3] += torch.tensor([figures.loss, figures.kd, figures.ce], dtype=torch.float64)
         for name, value in (figures.extra or {}).items():
             self.extras[name] = self.extras.get(name, 0.0) + value
+        for name, (total, counted) in (figures.ratios or {}).items():
+            held = self.ratios.setdefault(name, [0.0, 0.0])
+            held[0] += total
+            held[1] += counted
         if figures.teacher_kl is not None and count:
             self.sums[3:3 + count] += figures.teacher_kl.double().cpu()
             self.sums[3 + count:3 + 2 * count] += figures.teacher_correct.double().cpu()
@@ -96,6 +101,10 @@ class LogWindow:
             names = sorted(self.extras)
             means = distributed.mean_across_ranks(torch.tensor([self.extras[n] for n in names], dtype=torch.float64))
             values.update({name: value / micro for name, value in zip(names, means.tolist())})
+        if self.ratios:  # sums and counts over every rank, then their ratio (none where nothing was counted)
+            names = sorted(self.ratios)
+            held = distributed.mean_across_ranks(torch.tensor([self.ratios[n] for n in names], dtype=torch.float64))
+            values.update({name: total / count for name, (total, count) in zip(names, held.tolist()) if count > 0})
         count = len(self.teacher_names)
         for k, name in enumerate(self.teacher_names):
             labelled = sums[3 + 2 * count + k].item()
@@ -238,18 +247,33 @@ class Trainer:
         cfg = self.cfg
         folder = self.run_dir / INTERPOLATION
         state = load_state(folder) if self.resume_from is not None else None
+        routing = self.ensemble.routing
         if state is None and cfg.interpolation.fit_on == "validation":
-            chunks = self.task.validation_chunks(self.ensemble, self.source, self.device)
-            if distributed.is_main():
-                state = self.ensemble.interpolation.fit(chunks, self.ensemble.weights.double(),
-                                                        self.ensemble.temperatures.double(),
-                                                        cfg.interpolation.fit_temperatures, seed=cfg.seed)
+            if routing is not None:  # each route on its own validation rows
+                from distill.routing import fit_routes
+
+                state = fit_routes(routing, lambda route: self.task.validation_chunks(
+                    self.ensemble, self.source, self.device, route=route), self.ensemble.temperatures, cfg.seed,
+                    distributed.is_main())
+                if state is not None:
+                    state.update(weights=self.ensemble.weights.tolist(),
+                                 temperatures=self.ensemble.temperatures.tolist())
+            else:
+                chunks = self.task.validation_chunks(self.ensemble, self.source, self.device)
+                if distributed.is_main():
+                    state = self.ensemble.interpolation.fit(chunks, self.ensemble.weights.double(),
+                                                            self.ensemble.temperatures.double(),
+                                                            cfg.interpolation.fit_temperatures, seed=cfg.seed)
             state = distributed.broadcast_object(state)
             if distributed.is_main():
                 save_state(state, folder)
         if state is None:
+            if routing is not None and distributed.is_main():
+                print(f"routes ({routing.routes.column}): {routing.describe()}", flush=True)
             return
         self.ensemble.load_interpolation_state(state)
+        if routing is not None and distributed.is_main():
+            print(f"routes ({routing.routes.column}), fitted per route: {routing.describe()}", flush=True)
         for plan, weight, temperature in zip(self.teacher_plans, state["weights"], state["temperatures"]):
             plan.weight, plan.temperature = weight, temperature
         # one write: under the launcher, ranks share stdout, and print() writes text and newline apart
@@ -407,7 +431,7 @@ class Trainer:
         drawn_sources = torch.zeros(len(self.splits.source_names), dtype=torch.float64)
         scheduled_sources = torch.zeros_like(drawn_sources)
         self.engine.train()
-        batches = self.task.batches(self._stream(), lambda: self.engine.micro_steps)
+        batches = self.task.batches(self._stream(), self.engine)
         for epoch, position, batch in batches:
             if self.engine.global_steps >= self.total_steps:
                 break
@@ -515,6 +539,7 @@ class Trainer:
             logged.update({f"{model}/{domain}/{name}": value for model, figures in by_model.items()
                            for name, value in figures.items() if name != "tokens"})
         self.logger.log(step, logged, kind="eval")
+        self.last_domains = domains
         return metrics
 
     # ----------------------------------------------------------------------------- the run
@@ -533,6 +558,11 @@ class Trainer:
             self.task.write_outputs(self.run_dir)
             summary["global_batch"] = global_batch(self.cfg.training, distributed.world_size())
             summary["teacher_precision"] = self.teacher_precision
+            if self.ensemble is not None and self.ensemble.routing is not None:  # per route: its teachers and figures
+                routing = self.ensemble.routing
+                summary["routes"] = {value: {
+                    "teachers": {self.ensemble.names[k]: float(routing.weights[r, k]) for k in routing.routes.teachers_of(r)},
+                    **self.last_domains.get(f"route.{value}", {})} for r, value in enumerate(routing.routes.values)}
             report = self.task.report(self.teacher_plans, self.teacher_params, self.student_params, metrics, summary,
                                       self.train_set, self.validation_set)
             write_json(self.run_dir / "report.json", report)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -29,6 +29,8 @@ class StepFigures:
     teacher_correct: Optional[Tensor] = None
     labelled: int = 0
     extra: Optional[Dict[str, float]] = None  # more terms to log (intermediate-layer terms, aligned shares)
+    # means to log over the window as sum / count (per-route KD, on-policy lengths): the same keys on every rank
+    ratios: Optional[Dict[str, Tuple[float, float]]] = None
 
 
 def refuse_unused(cfg, unused: Dict[str, bool], why: str = "") -> None:
@@ -79,8 +81,10 @@ class Task:
         """The task's own checks on config and data once the teachers are planned, before the run
         directory is written (none by default)."""
 
-    def batches(self, stream, micro_steps_done: Callable[[], int]):
-        """The training micro-batches, as (epoch, position, batch) from `stream`; by default as they come."""
+    def batches(self, stream, engine):
+        """The training micro-batches, as (epoch, position, batch) from `stream`; by default as they
+        come (a task may annotate them, or replace them by the student's own samples: it is handed
+        the engine, whose `micro_steps` counts the micro-batches done)."""
         return stream
 
     # models --------------------------------------------------------------------------------
@@ -102,6 +106,40 @@ class Task:
     def load_teachers(self, plans, device, dtype, eager=False):
         """(TeacherEnsemble, signal source) for the planned teachers (`eager`: never compiled)."""
         raise NotImplementedError
+
+    def routed(self, ensemble, source):
+        """(ensemble, source) with teachers.route_by: the ensemble gets its routes' strategies and
+        weights, the source's signals each row's route (routing.py); unchanged without it."""
+        from distill.routing import RoutedSource, attach_routing
+
+        if len(ensemble.plans) != len(self.cfg.teachers.models):  # one teacher alone (its precision drift)
+            return ensemble, source
+        if attach_routing(self.cfg, ensemble) is None:
+            return ensemble, source
+        return ensemble, RoutedSource(source)
+
+    def index_routes(self, splits) -> None:
+        """teachers.route_by: each row's value -> its route id; unrouted rows refused or counted."""
+        from distill.routing import index_routes, plan_routes
+
+        self.routes = plan_routes(self.cfg)
+        if self.routes is None:
+            return
+        unrouted = index_routes(splits, self.routes)
+        if unrouted["train"]:
+            import distill.distributed as distributed
+
+            if distributed.is_main():
+                print(f"teachers.route_by={self.routes.column}: {unrouted['train']} training row(s) have a value no "
+                      "teacher lists: they learn from their labels alone (teachers.unrouted=labels_only)", flush=True)
+
+    routes = None  # routing.Routes with teachers.route_by
+
+    def route_rows(self, dataset, route: int) -> List[int]:
+        """Positions of a dataset's rows (blocks) routed to `route`."""
+        from distill.data import ROUTE
+
+        return [i for i, value in enumerate(dataset[ROUTE]) if value == route]
 
     def prepare_training(self, device, ensemble) -> None:
         """Run-wide loss settings, once the teachers are known (a no-op by default)."""
@@ -181,12 +219,17 @@ class Task:
         """(figures per model on validation, {domain: figures per model}); model may be None (teachers only)."""
         raise NotImplementedError
 
+    def route_bytes(self, value: str):
+        """UTF-8 bytes of one route's validation text (bits per byte of its fit), or None."""
+        return None
+
     def validation_bytes(self):
         """UTF-8 bytes of the validation text whose tokens are predicted (for bits per byte), or None."""
         return None
 
-    def validation_chunks(self, ensemble, source, device):
-        """fitting.Chunks over the validation rows with a label (the teachers' logits, a chunk at a time)."""
+    def validation_chunks(self, ensemble, source, device, route: Optional[int] = None):
+        """fitting.Chunks over the validation rows with a label (the teachers' logits, a chunk at a
+        time); with `route`, over that route's rows only (every teacher's logits: the route picks)."""
         raise NotImplementedError
 
     def trained_length(self) -> int:

@@ -11,6 +11,7 @@ interpolated target (at temperature 1), on validation and on each evaluation dom
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -25,6 +26,7 @@ from distill.data import INDEX, LABELS
 from distill.evaluation import validation_loader
 from distill.lm_data import LMCollator, domain_rows, encode_lm, read_lm_splits
 from distill.losses import IGNORE_INDEX, build_divergence
+from distill.on_policy import ON_POLICY, on_policy_figures
 from distill.paths import resolve_path
 from distill.report import causal_lm_card, format_lm_table
 from distill.signals import CachedHidden, CachedTopK, HiddenStateSignal, LiveLanguageModels, Targets, body_and_head
@@ -68,18 +70,23 @@ def step_normalizer(total_tokens: int, accumulation: int, world_size: int) -> fl
 
 
 def step_groups(stream: Iterator, accumulation: int, micro_steps_done: Callable[[], int],
-                count: Callable[[Sequence[Dict]], int] = count_step_tokens, world_size: Optional[int] = None):
+                count: Callable[[Sequence[Dict]], int] = count_step_tokens, world_size: Optional[int] = None,
+                transform: Optional[Callable[[Dict, int], Dict]] = None):
     """Yield (epoch, position, batch) from `stream` with `batch['token_normalizer']`, looking ahead
     at the rest of the optimizer step (aligned with the engine's micro-step counter) to count its
-    tokens once, across an epoch boundary too."""
+    tokens once, across an epoch boundary too. `transform(batch, micro_step)` replaces each batch
+    first (on-policy samples: the weights do not change inside an optimizer step)."""
     world_size = distributed.world_size() if world_size is None else world_size
     while True:
-        size = accumulation - (micro_steps_done() % accumulation)
+        done = micro_steps_done()
+        size = accumulation - (done % accumulation)
         group = []
-        for _ in range(size):
+        for offset in range(size):
             item = next(stream, None)
             if item is None:
                 break
+            if transform is not None:
+                item = (item[0], item[1], transform(item[2], done + offset))
             group.append(item)
         if not group:
             return
@@ -121,6 +128,16 @@ class CausalLM(Task):
                 "student.trim_vocab": cfg.student.trim_vocab,
             }, " with teachers.tokenization=per_model (teachers with other tokenizers read packed text, live, "
                "and map onto the student's whole vocabulary; set teachers.tokenization=shared to use it)")
+        if cfg.training.on_policy.fraction > 0:
+            if data.prompt_field is None:
+                raise ConfigError("training.on_policy samples continuations of prompts: set data.prompt_field and "
+                                  "data.response_field (prompt/response rows), or remove training.on_policy")
+            if cfg.teachers.cache is not None or not cfg.teachers.models:
+                raise ConfigError("training.on_policy: the student's own samples are scored by live teachers; "
+                                  + ("remove teachers.cache" if cfg.teachers.models else "name teachers.models"))
+            if cfg.loss.kd_alpha == 0 and cfg.schedules.kd_alpha is None:
+                raise ConfigError("training.on_policy with loss.kd_alpha=0: on-policy micro-batches learn from the "
+                                  "teachers alone, the others from nothing but labels; set loss.kd_alpha > 0")
         if cfg.student.trim_vocab and cfg.teachers.cache is not None:
             raise ConfigError("student.trim_vocab with teachers.cache: the cache holds the teachers' top-k over their "
                               "full vocabulary, not renormalised over the kept tokens; drop one of them")
@@ -167,8 +184,9 @@ class CausalLM(Task):
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
-        self.splits = read_lm_splits(self.cfg.data)
+        self.splits = read_lm_splits(self.cfg.data, self.cfg.teachers.route_by)
         self.bytes["validation"] = text_bytes(self.splits.validation, self.cfg.data)
+        self.index_routes(self.splits)
         return self.splits
 
     def encode(self, split, key: str):
@@ -183,12 +201,20 @@ class CausalLM(Task):
             self.train_set = encoded
         if key == "validation":
             self.validation_set = encoded
-            for index, domain in enumerate(data.eval_domains):
-                rows = domain_rows(split, data, domain, index)
+            named = [(domain.name, domain_rows(split, data, domain, index, self.cfg.teachers.route_by))
+                     for index, domain in enumerate(data.eval_domains)]
+            if self.routes is not None:  # each route's validation text, and domain files' routes as ids
+                from distill.routing import index_route_column
+
+                named = [(name, rows if domain.path is None else index_route_column(rows, self.routes))
+                         for (name, rows), domain in zip(named, data.eval_domains)]
+                named += [(f"route.{value}", split.select(self.route_rows(split, route)))
+                          for route, value in enumerate(self.routes.values)]
+            for name, rows in named:
                 if len(rows):
-                    self.domain_sets[domain.name] = encode_lm(rows, self.tokenizer, data, f"eval_domains.{domain.name}",
-                                                              self.teacher_groups, self._byte_lengths())
-                    self.bytes[domain.name] = text_bytes(rows, data)
+                    self.domain_sets[name] = encode_lm(rows, self.tokenizer, data, f"eval_domains.{name}",
+                                                       self.teacher_groups, self._byte_lengths())
+                    self.bytes[name] = text_bytes(rows, data)
         return encoded
 
     def collator(self):
@@ -229,8 +255,20 @@ class CausalLM(Task):
             raise ConfigError(f"{key}: drawn at teacher temperatures {meta['temperatures']}, the config has {now}: "
                               "rerun distill cache")
 
-    def batches(self, stream, micro_steps_done):
-        return step_groups(stream, self.cfg.training.gradient_accumulation_steps, micro_steps_done)
+    def batches(self, stream, engine):
+        transform = None
+        if self.cfg.training.on_policy.fraction > 0:  # a share of the micro-batches: the student's own samples
+            from distill.on_policy import OnPolicySampler
+
+            sampler = OnPolicySampler(self.cfg.training.on_policy, self.cfg.seed, self.tokenizer,
+                                      self.cfg.data.max_length, self.collator(), self.cfg.deepspeed.zero_stage,
+                                      distributed.rank())
+            transform = functools.partial(sampler, engine)
+        accumulation = self.cfg.training.gradient_accumulation_steps
+        # DeepSpeed restores global_steps from a checkpoint, not micro_steps: count from the former
+        return step_groups(stream, accumulation,
+                           lambda: engine.global_steps * accumulation + engine.micro_steps % accumulation,
+                           transform=transform)
 
     # models --------------------------------------------------------------------------------
     def plan_teachers(self, student_tokenizer):
@@ -386,9 +424,9 @@ class CausalLM(Task):
         if any(plan.token_map is not None for plan in plans):
             from distill.cross_tokenizer import AlignedLanguageModels
 
-            return ensemble, AlignedLanguageModels(ensemble, [plan.token_map for plan in plans],
-                                                   self.student_vocab_size, self.vocabulary)
-        return ensemble, LiveLanguageModels(ensemble, self.vocabulary)
+            return self.routed(ensemble, AlignedLanguageModels(ensemble, [plan.token_map for plan in plans],
+                                                               self.student_vocab_size, self.vocabulary))
+        return self.routed(ensemble, LiveLanguageModels(ensemble, self.vocabulary))
 
     def prepare_training(self, device, ensemble) -> None:
         """Run-wide settings of the loss: fused or not, the chunk size, the reused workspace."""
@@ -398,7 +436,7 @@ class CausalLM(Task):
         # strategy declares such a fast path; both hold O(chunk x V) whatever K is, so only the
         # general path shrinks the chunk with the teacher count
         self.streamed = (self.fused and getattr(self.divergence, "closed_form", None) == "forward_kl"
-                         and ensemble is not None and (hasattr(ensemble.interpolation, "probabilities_")
+                         and ensemble is not None and ensemble.routing is None and (hasattr(ensemble.interpolation, "probabilities_")
                                                        or hasattr(ensemble.interpolation, "sparse_")))
         teachers = len(ensemble) if ensemble is not None else 1
         self.chunk_size = tokens_per_chunk(cfg.loss.chunk_tokens, 1 if self.streamed else teachers)
@@ -409,6 +447,10 @@ class CausalLM(Task):
     # loss and evaluation -------------------------------------------------------------------
     def loss(self, engine, batch, ensemble, source, now: Dict, workspace=None):
         cfg = self.cfg
+        if cfg.training.on_policy.fraction > 0 and ON_POLICY in batch:
+            # the student's own samples: it learns them from the teachers alone (GKD); its sampled
+            # tokens are no labels to imitate
+            now = {**now, "kd_alpha": 1.0}
         labels = batch[LABELS].reshape(-1).to(engine.device)
         targets = signal = None
         if ensemble is not None and (now["kd_alpha"] > 0 or self.layer_terms is not None):
@@ -420,9 +462,11 @@ class CausalLM(Task):
         normalizer = batch["token_normalizer"]
         inputs = {"input_ids": batch["input_ids"].to(engine.device),
                   "attention_mask": batch["attention_mask"].to(engine.device)}
+        routed = targets is not None and targets.routing is not None
+        row_kd = torch.zeros(labels.shape[0], device=engine.device) if routed else None  # per-route figures
         options = dict(kd_alpha=now["kd_alpha"], temperature=now["temperature"],
                        label_smoothing=cfg.loss.label_smoothing, divergence=self.divergence,
-                       chunk_size=self.chunk_size, normalizer=normalizer)
+                       chunk_size=self.chunk_size, normalizer=normalizer, row_kd=row_kd)
         if self.fused:  # ZeRO 0-2: every rank holds the whole output layer
             body, head = body_and_head(engine.module)
             outputs, record = self.student_forward(body, body, **inputs)
@@ -433,6 +477,12 @@ class CausalLM(Task):
             outputs, record = self.student_forward(engine.module, engine, **inputs)
             logits = outputs.logits
             terms = chunked_target_distillation(logits.reshape(-1, logits.shape[-1]), labels, targets, **options)
+        ratios = on_policy_figures(batch) if cfg.training.on_policy.fraction > 0 else None
+        if routed:  # the KD term per labelled token of each route (a figure, not the loss)
+            from distill.routing import route_sums
+
+            ratios = {**(ratios or {}), **route_sums(row_kd, signal.route_rows, (labels != IGNORE_INDEX) & (signal.route_rows >= 0),
+                                self.routes, "kd")}
         extra = None
         if self.layer_terms is not None and signal is not None:
             # per-row interpolation weights exist only chunk by chunk here (check_config refuses them)
@@ -452,7 +502,7 @@ class CausalLM(Task):
         return terms, StepFigures((terms.total.item() - inner) * scale + inner, terms.kd.item() * scale,
                                   terms.ce.item() * scale,
                                   batch["input_ids"].shape[0], targets.skipped if targets is not None else 0,
-                                  extra=extra)
+                                  extra=extra, ratios=ratios)
 
     def evaluate(self, model, ensemble, source, device):
         """(figures per model on validation, figures per evaluation domain and model)."""
@@ -473,6 +523,9 @@ class CausalLM(Task):
     def validation_bytes(self):
         return self.bytes["validation"] if self.fit_bytes is None else self.fit_bytes
 
+    def route_bytes(self, value: str):
+        return self.bytes.get(f"route.{value}")
+
     def _byte_lengths(self) -> List[int]:
         """Bytes each student token id spells (0: special), with teachers of other tokenizers."""
         return [len(text) if text is not None else 0 for text in self.student_bytes or ()]
@@ -480,10 +533,13 @@ class CausalLM(Task):
     def _student_byte_lengths(self) -> Optional[Tensor]:
         return torch.tensor(self._byte_lengths(), dtype=torch.long) if self.student_bytes is not None else None
 
-    def validation_chunks(self, ensemble, source, device):
+    def validation_chunks(self, ensemble, source, device, route=None):
         """The teachers' last hidden states at every labelled validation token (gathered from all
-        ranks, in a fixed order) and the labels; chunks rebuild the logits with the output layers."""
-        loader = validation_loader(self.validation_set, self.collator(), self.cfg.training.eval_batch_size)
+        ranks, in a fixed order) and the labels; chunks rebuild the logits with the output layers.
+        With `route`: the tokens of that route's validation blocks only."""
+        blocks = self.validation_set if route is None else self.validation_set.select(
+            self.route_rows(self.validation_set, route))
+        loader = validation_loader(blocks, self.collator(), self.cfg.training.eval_batch_size)
         local: Dict[int, Tuple[List[Tensor], Tensor]] = {}
         for batch in loader:
             signal = source.signal(batch, device)

@@ -41,6 +41,7 @@ class SequenceClassification(Task):
             "data.response_field": data.response_field is not None,
             "loss.chunk_tokens": loss.chunk_tokens != LossConfig.chunk_tokens,
             "loss.fused": loss.fused != LossConfig.fused,
+            "training.on_policy.fraction": cfg.training.on_policy.fraction != 0,
             **{f"data.eval_domains[{i}].path": True for i, domain in enumerate(data.eval_domains)
                if domain.path is not None},
         }, " (causal-LM settings)")
@@ -62,8 +63,9 @@ class SequenceClassification(Task):
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
-        self.splits = read_splits(self.cfg.data)
+        self.splits = read_splits(self.cfg.data, self.cfg.teachers.route_by)
         self.label_names = self.splits.label_names
+        self.index_routes(self.splits)
         return self.splits
 
     def extend_training_data(self, run_dir) -> None:
@@ -181,7 +183,7 @@ class SequenceClassification(Task):
             ensemble.on_nonfinite = cfg.teachers.on_nonfinite
             return ensemble, LiveClassifiers(ensemble)
         ensemble = load_teachers(cfg, plans, device, dtype, load, eager)
-        return ensemble, LiveClassifiers(ensemble)
+        return self.routed(ensemble, LiveClassifiers(ensemble))
 
     def teacher_precision_drift(self, ensemble, source, plans, device):
         if self.cache is not None:  # the cache's dtype is in its meta; no live teacher to compare
@@ -218,6 +220,17 @@ class SequenceClassification(Task):
             skipped = targets.skipped
         terms = distillation_loss(student_logits, target, labels, now["kd_alpha"], now["temperature"],
                                   cfg.loss.label_smoothing, keep, self.divergence)
+        ratios = None
+        if target is not None and self.routes is not None:  # the KD term per route (a figure, not the loss)
+            from distill.routing import route_sums
+
+            with torch.no_grad():
+                student_log_probs = torch.log_softmax(student_logits / now["temperature"], dim=-1)
+                kept = torch.ones_like(labels, dtype=torch.bool) if keep is None else keep
+                per_row = now["temperature"] ** 2 * self.divergence(
+                    torch.where(kept.unsqueeze(-1), target.to(student_log_probs.dtype), student_log_probs),
+                    student_log_probs)
+            ratios = route_sums(per_row, signal.route_rows, kept, self.routes, "kd")
         extra = None
         if self.layer_terms is not None and signal is not None:
             weights = torch.as_tensor(now["teacher_weights"], dtype=torch.float32, device=teacher_logits.device)
@@ -229,11 +242,11 @@ class SequenceClassification(Task):
                           for k, rows in aligned.items()})
         teacher_kl = teacher_correct = None
         labelled_rows = labels != IGNORE_INDEX
-        if teacher_logits is not None and keep is None:
+        if teacher_logits is not None and (keep is None or bool(keep.all())):
             teacher_kl = per_teacher_kl(ensemble.log_probs(teacher_logits), student_logits, now["temperature"])
             teacher_correct = ((teacher_logits.argmax(-1) == labels) & labelled_rows).sum(dim=-1)
         return terms, StepFigures(terms.total.item(), terms.kd.item(), terms.ce.item(), len(labels), skipped,
-                                  teacher_kl, teacher_correct, int(labelled_rows.sum()), extra)
+                                  teacher_kl, teacher_correct, int(labelled_rows.sum()), extra, ratios)
 
     def aligned_rows(self, batch, device) -> Dict[int, torch.Tensor]:
         """{teacher k of loss.intermediate: [B] rows where it read the student's tokens}: every row for a
@@ -273,10 +286,16 @@ class SequenceClassification(Task):
             rows = set(rows_matching(texts, domain.match, domain.invert_match))
             if rows:
                 domains[domain.name] = predictions.metrics(count, rows)
+        for route, value in enumerate(self.routes.values if self.routes is not None else []):
+            rows = set(self.route_rows(self.validation_set, route))
+            if rows:  # each route's validation rows (teachers.route_by)
+                domains[f"route.{value}"] = predictions.metrics(count, rows)
         return predictions.metrics(count), domains
 
-    def validation_chunks(self, ensemble, source, device):
-        loader = validation_loader(self.validation_set, self.collator(), self.cfg.training.eval_batch_size)
+    def validation_chunks(self, ensemble, source, device, route=None):
+        rows = self.validation_set if route is None else self.validation_set.select(
+            self.route_rows(self.validation_set, route))
+        loader = validation_loader(rows, self.collator(), self.cfg.training.eval_batch_size)
         logits, labels = collect_teacher_logits(loader, ensemble, device)
         return in_memory(logits, labels)
 
