@@ -113,7 +113,7 @@ def format_table(report: Dict) -> str:
     ratio = student.get("compression_vs_largest_teacher")
     rows.append((student_label(report), f"{student['params'] / 1e6:.2f}M", f"{student['accuracy']:.4f}",
                  f"{student['macro_f1']:.4f}", f"{ratio:.2f}x largest teacher" if ratio else ""))
-    return text_table(("model", "params", "accuracy", "macro-F1", "note"), rows)
+    return text_table(("model", "params", "accuracy", "macro-F1", "note"), rows) + routes_lines(report, "accuracy")
 
 
 def compression_section(compression: Dict) -> str:
@@ -214,7 +214,25 @@ def format_lm_table(report: Dict) -> str:
     ratio = student.get("compression_vs_largest_teacher")
     rows.append((student_label(report), f"{student['params'] / 1e6:.2f}M", f"{student['perplexity']:.3f}", f"{student['nll']:.4f}",
                  _bits(student), f"{ratio:.2f}x largest teacher" if ratio else ""))
-    return text_table(("model", "params", "perplexity", "nll/token", "bits/byte", "note"), rows)
+    return text_table(("model", "params", "perplexity", "nll/token", "bits/byte", "note"), rows) + \
+        routes_lines(report, "perplexity")
+
+
+def routes_lines(report: Dict, metric: str) -> str:
+    """teachers.route_by: a line per route, its teachers' weights and the target's and student's
+    validation `metric` on its rows ('' without routes)."""
+    routes = report.get("routes")
+    if not routes:
+        return ""
+    lines = [f"routes by {routes['column']}:"]
+    for value, route in routes.items():
+        if value in ("column", "unrouted"):
+            continue
+        teachers = ", ".join(f"{name} {weight:.3f}" for name, weight in route["teachers"].items())
+        figures = "  ".join(f"{model} {route[model][metric]:.4g}" for model in ("target", "student")
+                            if metric in route.get(model, {}))
+        lines.append(f"  {value:<12} {teachers:<34} {metric}: {figures}")
+    return "\n" + "\n".join(lines)
 
 
 def _coverage_note(figures: Dict) -> str:

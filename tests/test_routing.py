@@ -136,6 +136,7 @@ def test_a_routed_causal_lm_run_fits_each_route_and_reports_per_route_figures(ti
     assert report["column"] == "domain" and report["news"]["teachers"] == {"a": 1.0}
     assert report["reviews"]["teachers"]["b"] == pytest.approx(reviews[1], rel=1e-6)
     assert report["reviews"]["student"]["perplexity"] == final["student/route.reviews/perplexity"]
+    assert (run_dir / "training_curves.png").stat().st_size > 0  # with the KD term per route drawn
 
 
 def test_unrouted_rows_are_refused_at_start_or_learn_from_labels_alone(tiny_lm, routed_lm_data, tmp_path):
