@@ -87,7 +87,7 @@ def run_variant(variant: str, teachers: int, args) -> dict:
                          input_prefix="") for k in range(count)]
     models = [_llama(args.vocab, args.teacher_hidden, args.teacher_layers, seed=k + 1).to(device).eval()
               .requires_grad_(False) for k in range(count)]
-    ensemble = TeacherEnsemble(plans, models if variant == "live" else [], "linear") if count else None
+    ensemble = TeacherEnsemble(plans, models if variant in ("live", "on_policy") else [], "linear") if count else None
     inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"]}
     cache = stored_hidden = None
     if variant == "cached_hidden":  # the teachers' last hidden states and output layers, as --store hidden keeps them
