@@ -52,7 +52,7 @@ def plan_routes(cfg) -> Optional[Routes]:
     return Routes(teachers.route_by, values, cover, teachers.unrouted)
 
 
-def index_routes(splits, routes: Routes, labelled_key: str = "train") -> Dict[str, int]:
+def index_routes(splits, routes: Routes) -> Dict[str, int]:
     """Replace every split's ROUTE values (text) by route ids (-1: no teacher serves the value);
     refuse unrouted training rows unless teachers.unrouted=labels_only. Returns the unrouted row
     counts per split."""
@@ -173,6 +173,12 @@ class Routing:
                    if name.startswith(prefix)}
             if own:
                 self.strategies[r].load_state_dict(own)
+
+    def summary(self, domains: Dict[str, Dict]) -> Dict[str, Dict]:
+        """{value: {'teachers': {name: weight}, model: figures...}} for report.json: each route's
+        teachers and weights, with the figures evaluation logged on its rows (`domains`)."""
+        return {value: {"teachers": {self.names[k]: float(self.weights[r, k]) for k in self.routes.teachers_of(r)},
+                        **domains.get(f"route.{value}", {})} for r, value in enumerate(self.routes.values)}
 
     def describe(self) -> str:
         parts = []

@@ -559,10 +559,7 @@ class Trainer:
             summary["global_batch"] = global_batch(self.cfg.training, distributed.world_size())
             summary["teacher_precision"] = self.teacher_precision
             if self.ensemble is not None and self.ensemble.routing is not None:  # per route: its teachers and figures
-                routing = self.ensemble.routing
-                summary["routes"] = {value: {
-                    "teachers": {self.ensemble.names[k]: float(routing.weights[r, k]) for k in routing.routes.teachers_of(r)},
-                    **self.last_domains.get(f"route.{value}", {})} for r, value in enumerate(routing.routes.values)}
+                summary["routes"] = self.ensemble.routing.summary(self.last_domains)
             report = self.task.report(self.teacher_plans, self.teacher_params, self.student_params, metrics, summary,
                                       self.train_set, self.validation_set)
             write_json(self.run_dir / "report.json", report)

@@ -201,5 +201,25 @@ def test_reverse_kl_and_jsd_with_every_strategy_match_a_float64_reference(method
     total = (0.7 * kd + 0.3 * ce) / normalizer
     total.backward()
     assert float(terms.kd) == pytest.approx(float(kd.detach()) / normalizer, rel=1e-4)
-    assert float(terms.total) == pytest.approx(float(total.detach()), rel=1e-4)
+    assert float(terms.total.detach()) == pytest.approx(float(total.detach()), rel=1e-4)
     assert torch.allclose(student_hidden.grad.double(), hidden64.grad, atol=1e-5)
+
+
+def test_on_policy_samples_are_scored_by_their_routes_teachers(tiny_lm, tmp_path):
+    """Routing and on-policy together: every micro-batch is the student's own samples, and the KD
+    term is logged per route (each row's target from its route's teachers)."""
+    rows = [json.loads(line) for line in tiny_lm["pairs"].read_text().splitlines()]
+    data = tmp_path / "routed_pairs.jsonl"
+    data.write_text("".join(json.dumps({**row, "domain": "praise" if "positive" in row["prompt"] else "other"}) + "\n"
+                            for row in rows), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    config = _pairs_config(tiny_lm, run_dir)
+    text = config.read_text().replace(str(tiny_lm["pairs"]), str(data))
+    text = text.replace("temperature: 2.0}", "temperature: 2.0, routes: [praise, other]}")
+    text = text.replace("temperature: 1.5}", "temperature: 1.5, routes: [praise]}")
+    config.write_text(text.replace("teachers:\n", "teachers:\n  route_by: domain\n", 1))
+    result = run_cli(["train", config, *PAIRS, "training.on_policy={fraction: 1.0, max_new_tokens: 6}",
+                      "training.max_steps=2", "training.log_every=1", "loss.divergence=reverse_kl"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    for row in train_losses(run_dir):
+        assert row["on_policy/share"] == 1.0 and row["route/praise/kd"] > 0 and row["route/other/kd"] > 0

@@ -216,3 +216,24 @@ def test_fit_weights_fits_each_route_and_train_takes_its_route_weights(tiny_lm, 
     run = run_cli(["train", config, "--weights", tmp_path / "fit" / "weights.yaml", "training.max_steps=1"])
     assert run.returncode == 0, run.stderr[-4000:]
     assert f"reviews: a {weights['a']:.3f}, b {weights['b']:.3f}" in run.stdout
+
+
+def test_a_learned_gate_per_route_is_saved_and_reloaded_on_resume(tiny_lm, routed_lm_data, tmp_path):
+    """learned_gate with routes: the reviews route (two teachers) gets a gate of its own, fitted on its
+    rows and saved under its route's name; the news route (one teacher) has none; a resumed run
+    reloads the state instead of fitting again."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    config = _routed_lm_config(tiny_lm, routed_lm_data, run_dir, "interpolation: {method: learned_gate, fit_on: "
+                               "validation, learned_gate: {epochs: 5}}\ndeepspeed: {zero_stage: 0}")
+    first = run_cli(["train", config, "training.max_steps=4", "training.lr_schedule=constant"])
+    assert first.returncode == 0, first.stderr[-4000:]
+    gate = load_file(str(run_dir / "interpolation" / "gate.safetensors"))
+    assert gate and all(name.startswith("route.reviews.") for name in gate)
+    (run_dir / "report.json").unlink()
+    resumed = run_cli(["train", config, "training.max_steps=8", "training.lr_schedule=constant",
+                       "training.resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    digests = [line for line in (first.stdout + resumed.stdout).splitlines() if "interpolation state rank 0" in line]
+    assert len(digests) == 2 and digests[0] == digests[1]  # the same state, reloaded

@@ -84,7 +84,7 @@ class Task:
     def batches(self, stream, engine):
         """The training micro-batches, as (epoch, position, batch) from `stream`; by default as they
         come (a task may annotate them, or replace them by the student's own samples: it is handed
-        the engine, whose `micro_steps` counts the micro-batches done)."""
+        the engine, whose restored `global_steps` and `micro_steps` say how many micro-batches are done)."""
         return stream
 
     # models --------------------------------------------------------------------------------
