@@ -141,6 +141,12 @@ class Task:
 
         return [i for i, value in enumerate(dataset[ROUTE]) if value == route]
 
+    def validation_of(self, route: Optional[int] = None):
+        """The encoded validation set, or its rows (blocks) of one route."""
+        if route is None:
+            return self.validation_set
+        return self.validation_set.select(self.route_rows(self.validation_set, route))
+
     def prepare_training(self, device, ensemble) -> None:
         """Run-wide loss settings, once the teachers are known (a no-op by default)."""
 

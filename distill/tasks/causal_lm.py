@@ -436,8 +436,9 @@ class CausalLM(Task):
         # strategy declares such a fast path; both hold O(chunk x V) whatever K is, so only the
         # general path shrinks the chunk with the teacher count
         self.streamed = (self.fused and getattr(self.divergence, "closed_form", None) == "forward_kl"
-                         and ensemble is not None and ensemble.routing is None and (hasattr(ensemble.interpolation, "probabilities_")
-                                                       or hasattr(ensemble.interpolation, "sparse_")))
+                         and ensemble is not None and ensemble.routing is None
+                         and (hasattr(ensemble.interpolation, "probabilities_")
+                              or hasattr(ensemble.interpolation, "sparse_")))
         teachers = len(ensemble) if ensemble is not None else 1
         self.chunk_size = tokens_per_chunk(cfg.loss.chunk_tokens, 1 if self.streamed else teachers)
         # the loss's [chunk, V] temporaries, kept over the run: on a CPU each fresh one costs page
@@ -481,8 +482,8 @@ class CausalLM(Task):
         if routed:  # the KD term per labelled token of each route (a figure, not the loss)
             from distill.routing import route_sums
 
-            ratios = {**(ratios or {}), **route_sums(row_kd, signal.route_rows, (labels != IGNORE_INDEX) & (signal.route_rows >= 0),
-                                self.routes, "kd")}
+            counted = (labels != IGNORE_INDEX) & (signal.route_rows >= 0)
+            ratios = {**(ratios or {}), **route_sums(row_kd, signal.route_rows, counted, self.routes, "kd")}
         extra = None
         if self.layer_terms is not None and signal is not None:
             # per-row interpolation weights exist only chunk by chunk here (check_config refuses them)
@@ -537,9 +538,7 @@ class CausalLM(Task):
         """The teachers' last hidden states at every labelled validation token (gathered from all
         ranks, in a fixed order) and the labels; chunks rebuild the logits with the output layers.
         With `route`: the tokens of that route's validation blocks only."""
-        blocks = self.validation_set if route is None else self.validation_set.select(
-            self.route_rows(self.validation_set, route))
-        loader = validation_loader(blocks, self.collator(), self.cfg.training.eval_batch_size)
+        loader = validation_loader(self.validation_of(route), self.collator(), self.cfg.training.eval_batch_size)
         local: Dict[int, Tuple[List[Tensor], Tensor]] = {}
         for batch in loader:
             signal = source.signal(batch, device)

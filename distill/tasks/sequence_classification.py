@@ -293,9 +293,7 @@ class SequenceClassification(Task):
         return predictions.metrics(count), domains
 
     def validation_chunks(self, ensemble, source, device, route=None):
-        rows = self.validation_set if route is None else self.validation_set.select(
-            self.route_rows(self.validation_set, route))
-        loader = validation_loader(rows, self.collator(), self.cfg.training.eval_batch_size)
+        loader = validation_loader(self.validation_of(route), self.collator(), self.cfg.training.eval_batch_size)
         logits, labels = collect_teacher_logits(loader, ensemble, device)
         return in_memory(logits, labels)
 
