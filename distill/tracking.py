@@ -85,7 +85,7 @@ def plot_curves(metrics_path: Path, out_path: Path, title: Optional[str] = None,
     marker = "o" if len(steps) < 4 else None  # a line of one point draws nothing
     distilled = any(r.get("kd", 0) != 0 for r in train)
     # without KD the total is the CE: one curve, named so, instead of two on top of each other
-    curves = ((("loss", "total", "-"), ("kd", "KD (T^2 KL)", "-"), ("ce", "CE", "--")) if distilled
+    curves = ((("loss", "total", "-"), ("kd", "KD (T^2 D)", "-"), ("ce", "CE", "--")) if distilled
               else (("ce", "CE (fine-tuning: the whole loss)", "-"),))
     for key, label, style in curves:
         if key in train[0]:
