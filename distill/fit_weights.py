@@ -235,12 +235,7 @@ def _fit_routes(cfg, task, ensemble, source, device, names: List[str], out_dir: 
     tables, fragments, report = [], {}, {}
     for route in routing.fitted_routes():
         value, chosen = routing.routes.values[route], routing.routes.teachers_of(route)
-        whole = task.validation_chunks(ensemble, source, device, route=route)
-
-        def chunks(whole=whole, chosen=chosen):
-            for logits, labels in whole():
-                yield logits[chosen], labels
-
+        chunks = routing.route_chunks(route, task.validation_chunks(ensemble, source, device, route=route))
         table = comparison_table([names[k] for k in chosen], chunks, False, task.route_bytes(value),
                                  ensemble.temperatures[chosen].double())
         fit = table["fits"][method + TRAINING_T if method + TRAINING_T in table["fits"] else method]

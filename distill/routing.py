@@ -61,14 +61,14 @@ def index_routes(splits, routes: Routes) -> Dict[str, int]:
         split = getattr(splits, name)
         values = split[ROUTE]
         missing = sorted({v for v in values if str(v) not in routes.values})
-        ids = routes.ids(values)
-        unrouted[name] = sum(1 for i in ids if i == UNROUTED)
+        indexed = index_route_column(split, routes)
+        unrouted[name] = sum(1 for i in indexed[ROUTE] if i == UNROUTED)
         if missing and routes.unrouted == "refuse":
             shown = ", ".join(repr(v) for v in missing[:6]) + (" ..." if len(missing) > 6 else "")
             raise ConfigError(f"teachers.route_by={routes.column}: {unrouted[name]} {name} row(s) have values no "
                               f"teacher lists ({shown}; routes: {routes.values}): add them to a teacher's routes, or "
                               "set teachers.unrouted=labels_only to train those rows on their labels alone")
-        setattr(splits, name, split.remove_columns([ROUTE]).add_column(ROUTE, ids))
+        setattr(splits, name, indexed)
     return unrouted
 
 
@@ -142,18 +142,22 @@ class Routing:
         """Routes with more than one teacher: the only ones with something to fit."""
         return [r for r in range(len(self.routes.values)) if len(self.routes.teachers_of(r)) > 1]
 
+    def route_chunks(self, route: int, chunks):
+        """Chunks of ALL teachers' logits over a route's rows -> chunks of the route's teachers' only."""
+        chosen = self.routes.teachers_of(route)
+
+        def selected():
+            for logits, labels in chunks():
+                yield logits[chosen], labels
+
+        return selected
+
     def fit_route(self, route: int, chunks, temperatures: Tensor, seed: int) -> Dict:
         """Fit route `route`'s strategy on chunks of ALL teachers' logits over that route's
         validation rows (the other teachers' are dropped here); returns its state."""
         chosen = self.routes.teachers_of(route)
-
-        def route_chunks():
-            for logits, labels in chunks():
-                yield logits[chosen], labels
-
-        state = self.strategies[route].fit(route_chunks, self.weights[route, chosen].double(),
-                                           temperatures[chosen].double(), False, seed=seed)
-        return state
+        return self.strategies[route].fit(self.route_chunks(route, chunks), self.weights[route, chosen].double(),
+                                          temperatures[chosen].double(), False, seed=seed)
 
     def state(self) -> Dict:
         """{'routes': {value: {'weights': [K]}}, 'gate': {'route.<value>.<name>': tensor}}: what fits changed."""
