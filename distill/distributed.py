@@ -32,6 +32,16 @@ def _remove_shared_memory(port: str, rank: str) -> None:
             pass
 
 
+def _at_exit(port: str, rank: str) -> None:
+    """Close the process group while the interpreter is still whole. Left to interpreter
+    finalization, gloo's worker threads can still hold tensors whose release needs the GIL that is
+    being torn down; the process then aborts ("terminate called without an active exception",
+    SIGABRT) after a run that succeeded: pytorch/pytorch#190489, seen here on a ZeRO-3 rank."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _remove_shared_memory(port, rank)
+
+
 def init_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         return
@@ -44,7 +54,7 @@ def init_distributed() -> None:
         _skip_shared_memory_op()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
-    atexit.register(_remove_shared_memory, os.environ["MASTER_PORT"], os.environ["RANK"])
+    atexit.register(_at_exit, os.environ["MASTER_PORT"], os.environ["RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 

@@ -89,3 +89,20 @@ def test_a_dying_rank_ends_the_job_with_an_error_naming_it(tiny, tmp_path):
     assert "--local_rank=1" in output
     assert "exits with return code = -9" in output or "exits with return code = 1" in output
     assert "the job failed" in output
+
+
+def test_the_process_group_is_closed_before_the_interpreter_ends(tmp_path):
+    """Left to interpreter finalization, a gloo group can abort a rank whose run succeeded (SIGABRT,
+    "terminate called without an active exception"): the exit hook closes it first."""
+    import subprocess
+    import sys
+
+    script = ("import os, torch.distributed as d\n"
+              "from distill import distributed\n"
+              "distributed.init_distributed()\n"
+              "assert d.is_initialized()\n"
+              "distributed._at_exit(os.environ['MASTER_PORT'], os.environ['RANK'])\n"
+              "print('open' if d.is_initialized() else 'closed')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "closed"
