@@ -8,6 +8,11 @@ order, per word:
   words only: pieces and special tokens are never drawn; the original word is excluded);
 - word dropout: each word is dropped with probability `word_dropout` (one word is always kept);
 - swaps: round(swap x words) random pairs of words trade places.
+With `lm_model` (a causal LM), each copy first keeps the first `lm_prefix` share of the text's
+words and has the LM write the rest (TinyBERT perturbs words; generating from a language model, as
+in data-free or generated-transfer-set distillation, gives the teachers whole new sentences to
+speak about): sampled with top-p `lm_top_p`, about as many tokens as the words it replaces, cut at
+the first line break. The other operations then apply to the new text.
 Everything is drawn from one seeded generator, text by text in order, so the rows are the same on
 every machine; the trainer writes them once to the run directory (`augmented/rows.jsonl`, with a
 fingerprint of the training text and the settings) and a resumed run reads them back.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -84,14 +90,73 @@ class MaskedLMReplacer:
         return results
 
 
+class LMContinuer:
+    """Rewrites the end of each text with a causal LM's sampled continuation of its beginning."""
+
+    MAX_NEW_TOKENS = 64
+
+    def __init__(self, path: str, key: str, prefix: float, top_p: float, trust_remote_code: bool = False):
+        from transformers import AutoModelForCausalLM
+
+        from distill.modeling import load_tokenizer
+
+        try:  # float32 whatever the machine: bf16 sampling would make the rows depend on the CPU
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
+                                                               trust_remote_code=trust_remote_code)
+        except ValueError as error:  # transformers: "Unrecognized configuration class ... for AutoModelForCausalLM"
+            raise ConfigError(f"{key}: {path} is not a causal language model ({str(error).splitlines()[0][:120]}); "
+                              "give one that generates text (e.g. a causal-LM teacher)") from error
+        if info["missing_keys"]:  # e.g. an encoder classifier: transformers would give it a random LM head
+            raise ConfigError(f"{key}: {path} has no trained language-model head (missing "
+                              f"{sorted(info['missing_keys'])[:3]}); give a causal LM that generates text")
+        self.model = model.eval()
+        self.tokenizer = load_tokenizer(path, key, trust_remote_code)
+        self.tokenizer.padding_side = "left"  # generation continues from the last real token
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.prefix, self.top_p = prefix, top_p
+
+    def split(self, words: List[str]) -> int:
+        """How many leading words a text keeps as the prompt (at least one, never all of a longer text)."""
+        return min(max(1, math.ceil(len(words) * self.prefix)), max(1, len(words) - 1))
+
+    @torch.no_grad()
+    def rewrite(self, texts: Sequence[List[str]], rng: random.Random) -> List[List[str]]:
+        """Each text's first words followed by the LM's continuation (texts are word lists)."""
+        prompts, budgets, kept = [], [], []
+        for words in texts:
+            keep = self.split(words)
+            kept.append(words[:keep])
+            prompts.append(" ".join(words[:keep]))
+            rest = " " + " ".join(words[keep:]) if words[keep:] else ""
+            budgets.append(min(max(len(self.tokenizer(rest, add_special_tokens=False)["input_ids"]), 4),
+                               self.MAX_NEW_TOKENS))
+        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng.randrange(2 ** 31))
+            generated = self.model.generate(**encoded, do_sample=True, top_p=self.top_p, top_k=0, temperature=1.0,
+                                            max_new_tokens=max(budgets), pad_token_id=self.tokenizer.pad_token_id)
+        new = generated[:, encoded["input_ids"].shape[1]:]
+        results = []
+        for words, budget, row in zip(kept, budgets, new):
+            # the prompt's words stay whole (a continuation may start mid-word: it becomes a word of
+            # its own); a multi-byte character cut by the budget decodes to U+FFFD and is dropped
+            continuation = self.tokenizer.decode(row[:budget], skip_special_tokens=True).split("\n")[0]
+            results.append(words + continuation.replace("\ufffd", "").split())
+        return results
+
+
 def augment_texts(texts: Sequence[str], copies: int, word_dropout: float, swap: float, mask_replace: float,
-                  seed: int, replacer: Optional[MaskedLMReplacer] = None, batch_size: int = 64) -> List[str]:
+                  seed: int, replacer: Optional[MaskedLMReplacer] = None, batch_size: int = 64,
+                  continuer: Optional[LMContinuer] = None) -> List[str]:
     """`copies` perturbed versions of every text, in order (text 0's copies first)."""
     rng = random.Random(seed)
     jobs = [(text.split(), copy) for text in texts for copy in range(copies)]
     out = []
     for start in range(0, len(jobs), batch_size):
         words = [job[0] for job in jobs[start:start + batch_size]]
+        if continuer is not None:
+            words = continuer.rewrite(words, rng)
         if replacer is not None and mask_replace > 0:
             chosen = [[i for i in range(len(w)) if rng.random() < mask_replace] for w in words]
             words = replacer.replace(words, chosen, rng)
@@ -107,7 +172,8 @@ def fingerprint(texts: Sequence[str], settings: dict) -> str:
 
 
 def augmented_rows(cfg, texts: Sequence[List[str]], folder: Path, is_main: bool, barrier,
-                   replacer: Optional[MaskedLMReplacer] = None) -> List[List[str]]:
+                   replacer: Optional[MaskedLMReplacer] = None,
+                   continuer: Optional[LMContinuer] = None) -> List[List[str]]:
     """Per text field, the augmented texts of `texts` (one list per field): made by rank 0 and
     written to `folder` (beside, then renamed), or read back from there when a resumed run finds
     them with the same fingerprint; every rank reads the file."""
@@ -124,7 +190,8 @@ def augmented_rows(cfg, texts: Sequence[List[str]], folder: Path, is_main: bool,
                                   f"{saved['fingerprint']}, now {stamp}): start a new output_dir")
             augment = cfg.data.augment
             fields = [augment_texts(field, augment.copies, augment.word_dropout, augment.swap, augment.mask_replace,
-                                    augment.seed + index, replacer) for index, field in enumerate(texts)]
+                                    augment.seed + index, replacer, continuer=continuer)
+                      for index, field in enumerate(texts)]
             folder.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(ROWS + ".partial")
             with partial.open("w", encoding="utf-8") as stream:

@@ -158,6 +158,12 @@ class AugmentConfig:
     # trained masked-LM head (AutoModelForMaskedLM); no MiniLM package here ships one
     mask_replace: float = 0.0
     mlm_model: Optional[str] = None
+    # with lm_model (a causal LM, e.g. a teacher's): each copy keeps the first lm_prefix share of
+    # the text's words and the LM writes the rest (sampled, top-p lm_top_p, about as many tokens as
+    # it replaces): new text near the training distribution, which the teachers then label
+    lm_model: Optional[str] = None
+    lm_prefix: float = 0.5
+    lm_top_p: float = 0.95
     seed: int = 0
 
 
@@ -807,6 +813,16 @@ def _validate_augment(cfg) -> None:
              "a masked-LM model, and the model needs a share")
     if augment.mlm_model is not None:
         _check_model_reference(augment.mlm_model, "data.augment.mlm_model", cfg.allow_pickled_weights)
+    if augment.lm_model is None:
+        defaults = AugmentConfig()
+        changed = [f"data.augment.{key}" for key in ("lm_prefix", "lm_top_p") if augment[key] != getattr(defaults, key)]
+        _require(not changed, f"{changed} set without data.augment.lm_model: they shape its continuations; "
+                 "set lm_model (a causal LM) or remove them")
+    else:
+        _check_model_reference(augment.lm_model, "data.augment.lm_model", cfg.allow_pickled_weights)
+        _require(0 < augment.lm_prefix < 1, "data.augment.lm_prefix (the share of each text's words kept as the "
+                 f"prompt) must lie in (0, 1), got {augment.lm_prefix}")
+        _require(0 < augment.lm_top_p <= 1, f"data.augment.lm_top_p must lie in (0, 1], got {augment.lm_top_p}")
     _require(not cfg.data.mixture_sources, "data.augment with data.mixture_sources: augmented rows belong to no "
              "source; add them as a source file instead, or remove one of them")
     _require(cfg.teachers.cache is None, "data.augment with teachers.cache: the cache holds no augmented rows (they "

@@ -100,6 +100,11 @@ def test_augment_settings_are_refused_before_anything_is_written(tiny, tiny_lm, 
         (["data.augment.copies=2", "data.augment.word_dropout=1.5"], "data.augment.word_dropout"),
         (["data.augment.copies=2", f"data.augment.mlm_model={masked_lm['no_head']}", "data.augment.mask_replace=0.2"],
          "no trained masked-LM head"),
+        (["data.augment.copies=1", "data.augment.lm_prefix=0.3"],
+         "['data.augment.lm_prefix'] set without data.augment.lm_model"),
+        (["data.augment.copies=1", f"data.augment.lm_model={tiny_lm['teacher_a']}", "data.augment.lm_prefix=1.0"],
+         "data.augment.lm_prefix (the share of each text's words kept as the prompt) must lie in (0, 1)"),
+        (["data.augment.copies=1", f"data.augment.lm_model={tiny['teacher_a']}"], "no trained language-model head"),
     ]
     for overrides, message in cases:
         run_dir = tmp_path / f"refused{len(message)}"
@@ -107,3 +112,43 @@ def test_augment_settings_are_refused_before_anything_is_written(tiny, tiny_lm, 
     run_dir = tmp_path / "lm"
     assert_refused_before_writing(tiny_lm_config_yaml(tiny_lm, run_dir), run_dir, ["data.augment.copies=1"],
                                   "data.augment.copies")
+
+
+def test_lm_continuation_keeps_the_prompt_words_is_seeded_and_leaves_the_global_stream_alone(tiny_lm):
+    import torch
+
+    from distill.augment import LMContinuer
+
+    continuer = LMContinuer(str(tiny_lm["teacher_a"]), "data.augment.lm_model", prefix=0.5, top_p=1.0)
+    # the prompt: ceil(share x words), at least one word, never the whole of a longer text
+    assert [continuer.split(["w"] * n) for n in (1, 2, 5, 6)] == [1, 1, 3, 3]
+    continuer.prefix = 0.99
+    assert continuer.split(["w"] * 4) == 3
+    continuer.prefix = 0.5
+    texts = [row.split() for row in ("the car drives itself today on the road", "lovely road in the city",
+                                     "awful broken table")]
+    state = torch.get_rng_state()
+    first = continuer.rewrite(texts, random.Random(0))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first == continuer.rewrite(texts, random.Random(0))
+    assert first != continuer.rewrite(texts, random.Random(1))
+    for words, new in zip(texts, first):
+        keep = continuer.split(words)
+        assert new[:keep] == words[:keep] and new != words  # the prompt kept, the rest the LM's
+    assert all("\n" not in " ".join(new) for new in first)
+
+
+def test_lm_augmented_rows_are_made_in_a_run(tiny, tiny_lm, tmp_path):
+    run_dir = tmp_path / "lm_augment"
+    config = tiny_config_yaml(tiny, run_dir)
+    extra = f"""  augment: {{copies: 1, word_dropout: 0.0, swap: 0.0, lm_model: {tiny_lm['teacher_a']}, lm_prefix: 0.4}}
+"""
+    config.write_text(config.read_text().replace("  max_length: 32\n", "  max_length: 32\n" + extra))
+    result = run_cli(["train", config, "training.max_steps=2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (run_dir / "augmented" / "rows.jsonl").read_text().splitlines()
+    header, rows = json.loads(lines[0]), [json.loads(line)[0] for line in lines[1:]]
+    assert header["settings"]["lm_model"] == str(tiny_lm["teacher_a"]) and len(rows) > 0
+    assert f"data.augment: {len(rows)} transfer rows from {len(rows)} labelled texts" in result.stdout
+    training = json.loads((run_dir / "report.json").read_text())["training"]
+    assert training["kd_only_rows"] >= len(rows)

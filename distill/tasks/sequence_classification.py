@@ -59,6 +59,7 @@ class SequenceClassification(Task):
         self.last_predictions = None
         self.token_maps = {}  # teacher tokenizer prefix -> student id to teacher id (aligned rows)
         self.replacer = None  # data.augment's masked LM, once checked
+        self.continuer = None  # data.augment's causal LM, once loaded
         self.cache = None  # teachers.cache (classifier_cache.ClassifierCache), once checked
 
     # data ----------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ class SequenceClassification(Task):
         columns = {name: train[name] for name in fields}
         texts = [[columns[name][i] for i in labelled] for name in fields]
         new = augmented_rows(self.cfg, texts, run_dir / "augmented", distributed.is_main(), distributed.barrier,
-                             self.replacer)
+                             self.replacer, self.continuer)
         count = len(new[0])
         rows = {name: new[j] for j, name in enumerate(fields)}
         rows.update({LABELS: [IGNORE_INDEX] * count, SOURCE: [len(self.splits.source_names)] * count,
@@ -138,6 +139,11 @@ class SequenceClassification(Task):
             from distill.augment import MaskedLMReplacer
 
             self.replacer = MaskedLMReplacer(augment.mlm_model, "data.augment.mlm_model", self.cfg.trust_remote_code)
+        if augment.copies and augment.lm_model:
+            from distill.augment import LMContinuer
+
+            self.continuer = LMContinuer(augment.lm_model, "data.augment.lm_model", augment.lm_prefix,
+                                         augment.lm_top_p, self.cfg.trust_remote_code)
 
     def build_student(self, splits):
         cfg = self.cfg
