@@ -149,8 +149,8 @@ class DomainConfig:
 @dataclass
 class AugmentConfig:
     """Classification: new KD-only transfer rows from the labelled training text (distill/augment.py):
-    per text, `copies` perturbed versions (masked-LM replacement, word dropout, swaps), seeded,
-    written once to the run directory and read back on resume. Off while copies is 0."""
+    per text, `copies` new versions (causal-LM continuation, masked-LM replacement, word dropout,
+    swaps), seeded, written once to the run directory and read back on resume. Off while copies is 0."""
     copies: int = 0
     word_dropout: float = 0.1  # each word dropped with this probability
     swap: float = 0.1  # round(swap x words) random pairs of words trade places
