@@ -8,15 +8,18 @@ Sets (built here, offline, deterministic):
   (torch, pandas, numpy, the Python standard library): 250 / 100 / 300 per class in train /
   validation / test, texts found in two libraries dropped.
 
-For each set: two teachers fine-tuned on its train file (MiniLM-L6, MiniLM-L3; plain fine-tuning),
-then four students, each 3 layers cut from the fine-tuned L6 with the vocabulary trimmed, for 5
-seeds: hard labels only (loss.kd_alpha=0), output KD (linear mix of both teachers), output +
-intermediate (hidden-state cosine on the uniform layer map + MiniLMv2 relations, for both teachers),
-output + intermediate + augmentation (1 KD-only copy per training text: word dropout and swaps;
-no masked-LM replacement, since no model with a trained MLM head ships offline). Every arm takes the
-same number of optimizer steps (2 epochs of the train file; the augmented arm 1 epoch of 2x the
-rows). Accuracy and macro-F1 on the test file of each exported student, mean and standard deviation
-over the seeds, next to the teachers'.
+For each set: two teachers fine-tuned on its train file for 8 epochs (MiniLM-L6, MiniLM-L3; plain
+fine-tuning), then four students, each 3 layers cut from the fine-tuned L6 with the vocabulary
+trimmed, for 5 seeds: hard labels only (loss.kd_alpha=0), output KD (the teachers' linear mix, its
+weights fitted on the validation file: interpolation.fit_on), output + intermediate (hidden-state
+cosine on the uniform layer map + MiniLMv2 relations, for both teachers, each weighted by its fitted
+weight), output + intermediate + augmentation (1 KD-only copy per training text whose second half
+SmolLM2-135M rewrote: data.augment.lm_model; no masked-LM replacement, since no model with a
+trained MLM head ships offline). Every arm takes the same number of optimizer steps (8 epochs of the
+train file). The augmented rows (augment.seed is fixed) are made once, by the first seed's run; the
+other seeds read the same rows as KD-only text (data.unlabeled), since generating them takes minutes. Accuracy
+and macro-F1 on the test file of each exported student, mean and standard deviation over the seeds,
+next to the teachers'.
 
     python benchmarks/intermediate_kd.py [--sets tweets docstrings] [--seeds 1 2 3 4 5] [--work runs/bench_intermediate]
 
@@ -42,6 +45,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results_intermediate_kd.json"
+TEACHER_EPOCHS = 8
+STUDENT_EPOCHS = 8
 ARMS = ("hard labels", "output KD", "output + intermediate", "output + intermediate + augmentation")
 LABELS = {"tweets": ["negative", "neutral", "positive"], "docstrings": ["numpy", "pandas", "stdlib", "torch"]}
 STDLIB = ("asyncio email http xml json logging urllib collections concurrent multiprocessing unittest sqlite3 argparse "
@@ -183,7 +188,7 @@ def teachers(work: Path, name: str, data: str) -> dict:
 seed: 1
 student: {{path: {path}}}
 loss: {{kd_alpha: 0.0}}
-{data}{_training(2 if name == 'tweets' else 3)}""")
+{data}{_training(TEACHER_EPOCHS)}""")
             _train(config)
         out[teacher] = run / "student"
     return out
@@ -200,19 +205,34 @@ student:
   from_teacher: l6
   layers: [0, 2, 4]
   trim_vocab: true
-loss: {{kd_alpha: 0.7, temperature: 2.0}}
-{data}{_training(2)}""")
+loss: {{kd_alpha: 0.9, temperature: 2.0}}
+interpolation: {{fit_on: validation}}
+{data}{_training(STUDENT_EPOCHS)}""")
 
 
 INTERMEDIATE = ("loss.intermediate=[{teacher: l6, hidden_weight: 1.0, relation_weight: 1.0}, "
                 "{teacher: l3, hidden_weight: 1.0, relation_weight: 1.0}]")
-ARM_OVERRIDES = {
-    "hard labels": ["loss.kd_alpha=0.0"],
-    "output KD": [],
-    "output + intermediate": [INTERMEDIATE],
-    "output + intermediate + augmentation": [INTERMEDIATE, "data.augment.copies=1", "data.augment.word_dropout=0.1",
-                                             "data.augment.swap=0.1", "training.epochs=1"],
-}
+
+
+def arm_overrides(arm: str, work: Path, train_rows: int) -> list:
+    """The overrides of an arm; every arm takes the same number of optimizer steps (the augmented
+    arm reads twice the rows per epoch)."""
+    steps = [f"training.max_steps={STUDENT_EPOCHS * -(-train_rows // 32)}"]
+    augment = (f"data.augment={{copies: 1, word_dropout: 0.0, swap: 0.0, lm_model: {work / 'smollm2-135m'}, "
+               "lm_prefix: 0.5}")
+    return {"hard labels": ["loss.kd_alpha=0.0", "interpolation.fit_on=null"],
+            "output KD": [],
+            "output + intermediate": [INTERMEDIATE],
+            "output + intermediate + augmentation": [INTERMEDIATE, augment]}[arm] + steps
+
+
+def _rows_as_csv(rows: Path, out: Path) -> Path:
+    """A run's augmented rows (augmented/rows.jsonl: a header, then one JSON list of texts per row)
+    as a one-column CSV, read by the other seeds as data.unlabeled: the same KD-only rows without
+    making them again (a run directory holds only what its run wrote)."""
+    lines = rows.read_text(encoding="utf-8").splitlines()[1:]
+    _write(out, [{"text": json.loads(line)[0]} for line in lines], ["text"])
+    return out
 
 
 def score(model_dir: Path, test_file: Path, labels) -> dict:
@@ -257,6 +277,9 @@ def main() -> None:
     if not (work / "minilm-l3" / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "distill.assets", str(work / "minilm-l3")], cwd=ROOT, check=True,
                        capture_output=True)
+    if "output + intermediate + augmentation" in args.arms and not (work / "smollm2-135m" / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "distill.assets", "smollm2", str(work / "smollm2-135m")], cwd=ROOT,
+                       check=True, capture_output=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for name in args.sets:
         folder = work / name / "data"
@@ -268,12 +291,21 @@ def main() -> None:
         for teacher, path in teacher_paths.items():
             entry["teachers"][teacher] = score(path, folder / "test.csv", LABELS[name])
         config = student_config(work, name, data, teacher_paths)
+        with (folder / "train.csv").open(encoding="utf-8") as stream:
+            train_rows = sum(1 for _ in csv.DictReader(stream))
+        made = None  # the augmented rows as a CSV, made once (by the first seed's run) and read by the others
         for seed in args.seeds:  # every arm of a seed before the next seed: a cut-short run still compares
             for arm in args.arms:
                 runs = entry["arms"].setdefault(arm, {})
                 run = work / name / f"{arm.replace(' + ', '+').replace(' ', '_')}-seed{seed}"
+                overrides = arm_overrides(arm, work, train_rows)
+                if "augmentation" in arm and made is not None:  # the rows the first seed's run made, as KD-only text
+                    overrides = [o for o in overrides if not o.startswith("data.augment")]
+                    overrides.append(f"data.unlabeled.path={made}")
                 if not (run / "student" / "model.safetensors").is_file():
-                    _train(config, [f"output_dir={run}", f"seed={seed}", *ARM_OVERRIDES[arm]])
+                    _train(config, [f"output_dir={run}", f"seed={seed}", *overrides])
+                if "augmentation" in arm and made is None:
+                    made = _rows_as_csv(run / "augmented" / "rows.jsonl", work / name / "augmented.csv")
                 runs[str(seed)] = score(run / "student", folder / "test.csv", LABELS[name])
                 RESULTS.write_text(json.dumps(results, indent=2) + "\n")
                 print(f"{name} {arm} seed {seed}: {runs[str(seed)]}", flush=True)
