@@ -14,8 +14,9 @@ in data-free or generated-transfer-set distillation, gives the teachers whole ne
 speak about): sampled with top-p `lm_top_p`, about as many tokens as the words it replaces, cut at
 the first line break. The other operations then apply to the new text.
 Everything is drawn from one seeded generator, text by text in order, so the rows are the same on
-every machine; the trainer writes them once to the run directory (`augmented/rows.jsonl`, with a
-fingerprint of the training text and the settings) and a resumed run reads them back.
+every machine (the LM's samples: wherever its float32 kernels agree); the trainer writes them once
+to the run directory (`augmented/rows.jsonl`, with a fingerprint of the training text and the
+settings) and a resumed run reads them back.
 """
 from __future__ import annotations
 
@@ -45,6 +46,20 @@ def perturb_words(words: List[str], rng: random.Random, word_dropout: float, swa
     return kept
 
 
+def _with_trained_head(auto_class, path: str, key: str, trust_remote_code: bool, head: str, fix: str):
+    """`auto_class.from_pretrained(path)` in eval mode, refused (ConfigError naming `key`) where the
+    model is not of that kind or its `head` is missing: transformers would attach a random one (an
+    encoder saved without its MLM head, a BERT classifier loaded as a causal LM)."""
+    try:  # float32 whatever the machine: bf16 sampling would make the rows depend on the CPU
+        model, info = auto_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
+                                                 trust_remote_code=trust_remote_code)
+    except ValueError as error:  # transformers: "Unrecognized configuration class ... for AutoModelFor..."
+        raise ConfigError(f"{key}: {path} has no {head} ({str(error).splitlines()[0][:120]}); {fix}") from error
+    if info["missing_keys"]:
+        raise ConfigError(f"{key}: {path} has no trained {head} (missing {sorted(info['missing_keys'])[:3]}); {fix}")
+    return model.eval()
+
+
 class MaskedLMReplacer:
     """Replaces chosen words of a text by the masked-LM's sampled whole-word predictions."""
 
@@ -53,12 +68,8 @@ class MaskedLMReplacer:
 
         from distill.modeling import load_tokenizer
 
-        model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True,
-                                                           trust_remote_code=trust_remote_code)
-        if info["missing_keys"]:  # e.g. an encoder saved without its head: the head would be random
-            raise ConfigError(f"{key}: {path} has no trained masked-LM head (missing {sorted(info['missing_keys'])[:3]}); "
-                              "give a model trained for masked language modelling, or remove it")
-        self.model = model.eval()
+        self.model = _with_trained_head(AutoModelForMaskedLM, path, key, trust_remote_code, "masked-LM head",
+                                        "give a model trained for masked language modelling, or remove it")
         self.tokenizer = load_tokenizer(path, key, trust_remote_code)
         if self.tokenizer.mask_token is None:
             raise ConfigError(f"{key}: the tokenizer of {path} has no mask token")
@@ -100,16 +111,8 @@ class LMContinuer:
 
         from distill.modeling import load_tokenizer
 
-        try:  # float32 whatever the machine: bf16 sampling would make the rows depend on the CPU
-            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
-                                                               trust_remote_code=trust_remote_code)
-        except ValueError as error:  # transformers: "Unrecognized configuration class ... for AutoModelForCausalLM"
-            raise ConfigError(f"{key}: {path} is not a causal language model ({str(error).splitlines()[0][:120]}); "
-                              "give one that generates text (e.g. a causal-LM teacher)") from error
-        if info["missing_keys"]:  # e.g. an encoder classifier: transformers would give it a random LM head
-            raise ConfigError(f"{key}: {path} has no trained language-model head (missing "
-                              f"{sorted(info['missing_keys'])[:3]}); give a causal LM that generates text")
-        self.model = model.eval()
+        self.model = _with_trained_head(AutoModelForCausalLM, path, key, trust_remote_code, "language-model head",
+                                        "give a causal LM that generates text (e.g. a causal-LM teacher)")
         self.tokenizer = load_tokenizer(path, key, trust_remote_code)
         self.tokenizer.padding_side = "left"  # generation continues from the last real token
         if self.tokenizer.pad_token is None:

@@ -85,6 +85,7 @@ class SequenceClassification(Task):
         texts = [[columns[name][i] for i in labelled] for name in fields]
         new = augmented_rows(self.cfg, texts, run_dir / "augmented", distributed.is_main(), distributed.barrier,
                              self.replacer, self.continuer)
+        self.replacer = self.continuer = None  # their models are not needed again: free the memory
         count = len(new[0])
         rows = {name: new[j] for j, name in enumerate(fields)}
         rows.update({LABELS: [IGNORE_INDEX] * count, SOURCE: [len(self.splits.source_names)] * count,
