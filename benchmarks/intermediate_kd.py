@@ -17,9 +17,9 @@ weight), output + intermediate + augmentation (1 KD-only copy per training text 
 SmolLM2-135M rewrote: data.augment.lm_model; no masked-LM replacement, since no model with a
 trained MLM head ships offline). Every arm takes the same number of optimizer steps (8 epochs of the
 train file). The augmented rows (augment.seed is fixed) are made once, by the first seed's run; the
-other seeds read the same rows as KD-only text (data.unlabeled), since generating them takes minutes. Accuracy
-and macro-F1 on the test file of each exported student, mean and standard deviation over the seeds,
-next to the teachers'.
+other seeds read the same rows as KD-only text (data.unlabeled), since generating them takes
+minutes. Accuracy and macro-F1 on the test file of each exported student, mean and standard
+deviation over the seeds, next to the teachers'.
 
     python benchmarks/intermediate_kd.py [--sets tweets docstrings] [--seeds 1 2 3 4 5] [--work runs/bench_intermediate]
 
@@ -214,24 +214,25 @@ INTERMEDIATE = ("loss.intermediate=[{teacher: l6, hidden_weight: 1.0, relation_w
                 "{teacher: l3, hidden_weight: 1.0, relation_weight: 1.0}]")
 
 
-def arm_overrides(arm: str, work: Path, train_rows: int) -> list:
+def arm_overrides(arm: str, work: Path, train_rows: int, made: Path = None) -> list:
     """The overrides of an arm; every arm takes the same number of optimizer steps (the augmented
-    arm reads twice the rows per epoch)."""
+    arm reads twice the rows per epoch). The augmented arm makes its rows (data.augment), or reads
+    `made`, the rows an earlier seed's run made, as KD-only text (data.unlabeled)."""
     steps = [f"training.max_steps={STUDENT_EPOCHS * -(-train_rows // 32)}"]
     augment = (f"data.augment={{copies: 1, word_dropout: 0.0, swap: 0.0, lm_model: {work / 'smollm2-135m'}, "
-               "lm_prefix: 0.5}")
+               "lm_prefix: 0.5}" if made is None else f"data.unlabeled.path={made}")
     return {"hard labels": ["loss.kd_alpha=0.0", "interpolation.fit_on=null"],
             "output KD": [],
             "output + intermediate": [INTERMEDIATE],
             "output + intermediate + augmentation": [INTERMEDIATE, augment]}[arm] + steps
 
 
-def _rows_as_csv(rows: Path, out: Path) -> Path:
-    """A run's augmented rows (augmented/rows.jsonl: a header, then one JSON list of texts per row)
-    as a one-column CSV, read by the other seeds as data.unlabeled: the same KD-only rows without
-    making them again (a run directory holds only what its run wrote)."""
-    lines = rows.read_text(encoding="utf-8").splitlines()[1:]
-    _write(out, [{"text": json.loads(line)[0]} for line in lines], ["text"])
+def _rows_as_csv(run: Path, out: Path) -> Path:
+    """A run's augmented rows as a one-column CSV, read by the other seeds as data.unlabeled: the
+    same KD-only rows without making them again (a run directory holds only what its run wrote)."""
+    from distill.augment import ROWS, _read
+
+    _write(out, [{"text": row[0]} for row in _read(run / "augmented" / ROWS)["rows"]], ["text"])
     return out
 
 
@@ -298,14 +299,10 @@ def main() -> None:
             for arm in args.arms:
                 runs = entry["arms"].setdefault(arm, {})
                 run = work / name / f"{arm.replace(' + ', '+').replace(' ', '_')}-seed{seed}"
-                overrides = arm_overrides(arm, work, train_rows)
-                if "augmentation" in arm and made is not None:  # the rows the first seed's run made, as KD-only text
-                    overrides = [o for o in overrides if not o.startswith("data.augment")]
-                    overrides.append(f"data.unlabeled.path={made}")
                 if not (run / "student" / "model.safetensors").is_file():
-                    _train(config, [f"output_dir={run}", f"seed={seed}", *overrides])
+                    _train(config, [f"output_dir={run}", f"seed={seed}", *arm_overrides(arm, work, train_rows, made)])
                 if "augmentation" in arm and made is None:
-                    made = _rows_as_csv(run / "augmented" / "rows.jsonl", work / name / "augmented.csv")
+                    made = _rows_as_csv(run, work / name / "augmented.csv")
                 runs[str(seed)] = score(run / "student", folder / "test.csv", LABELS[name])
                 RESULTS.write_text(json.dumps(results, indent=2) + "\n")
                 print(f"{name} {arm} seed {seed}: {runs[str(seed)]}", flush=True)
