@@ -238,6 +238,9 @@ def _rows_as_csv(run: Path, out: Path) -> Path:
 
 def score(model_dir: Path, test_file: Path, labels) -> dict:
     """Accuracy and macro-F1 (over the labels present) of a saved classifier on the test file."""
+    from distill.quiet import quiet_start
+
+    quiet_start()  # before transformers loads: no torchao kernel notices or weight-loading bars per score
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
