@@ -1,5 +1,6 @@
 """Intermediate-layer losses against float64 references written with loops, gradcheck, chunked ==
-whole, the uniform layer map and relation heads by hand, and zero weights turning terms off exactly."""
+whole, the uniform layer map and relation heads by hand, zero weights turning terms off exactly, and
+each teacher's layer terms weighed by its weight in the row's target."""
 import math
 
 import pytest
@@ -177,3 +178,39 @@ def test_layer_terms_weigh_each_teacher_by_its_interpolation_weight_and_a_zero_w
     both = LayerTerms([_plan(hidden_weight=1.0, relation_weight=1.0)])
     total, figures = both(module, student, teachers, mask, torch.tensor([[0.0, 0.0], [1.0, 1.0]]), aligned)
     assert total.item() == 0.0 and not total.requires_grad and figures == {"hidden": 0.0, "relation": 0.0}
+
+
+@pytest.mark.parametrize("method,options", [("linear", {}), ("confidence", {"combine": "linear"}),
+                                            ("confidence", {"combine": "geometric"}), ("learned_gate", {})])
+def test_each_teachers_layer_weight_is_its_weight_in_that_rows_target(method, options):
+    """What scales teacher k's intermediate terms in row b (Interpolation.row_weights) is the weight
+    teacher k has in row b's target: rebuilding the target in float64 from those weights, by the
+    mixture's formula written out, gives the strategy's own target."""
+    from distill.interpolate import build_interpolation
+
+    torch.manual_seed(5)
+    logits = torch.randn(3, 6, 4, dtype=torch.float64) * 2
+    weights = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    temperatures = torch.tensor([2.0, 1.5, 3.0], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    strategy = build_interpolation(method, **options)
+    if method == "learned_gate":
+        strategy.build(num_teachers=3, num_classes=4).double()  # random gate weights: rows weigh differently
+    target = strategy(logits, weights, temperatures, labels)
+    row_weights = strategy.row_weights(logits, weights, labels).detach()
+    target = target.detach()
+    assert row_weights.shape == (3, 6) and torch.allclose(row_weights.sum(0), torch.ones(6, dtype=torch.float64))
+    if method == "linear":
+        assert torch.allclose(row_weights, (weights / weights.sum())[:, None].expand(3, 6))
+    else:
+        assert (row_weights.max(1).values - row_weights.min(1).values).max() > 1e-3  # they differ row by row
+    probs = [[[math.exp(logits[k, b, c] / temperatures[k]) for c in range(4)] for b in range(6)] for k in range(3)]
+    probs = [[[p / sum(row) for p in row] for row in teacher] for teacher in probs]
+    for b in range(6):
+        w = [float(row_weights[k, b]) for k in range(3)]
+        if options.get("combine") == "geometric":
+            mass = [math.exp(sum(w[k] * math.log(probs[k][b][c]) for k in range(3))) for c in range(4)]
+            expected = [m / sum(mass) for m in mass]
+        else:
+            expected = [sum(w[k] * probs[k][b][c] for k in range(3)) for c in range(4)]
+        assert target[b].exp().tolist() == pytest.approx(expected, rel=1e-9, abs=1e-12)
