@@ -81,12 +81,12 @@ def test_classification_with_hidden_and_relation_terms_resumes_exactly_and_expor
     assert all(torch.equal(exported[k], resumed_weights[k]) for k in exported)
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_classification_intermediate_terms_under_zero_2_and_3_follow_the_stage_0_run(tiny, wide_teachers, tmp_path,
-                                                                                      zero_stage):
-    """The same run under ZeRO-2 (sharded optimizer state) and ZeRO-3 (the student and its projection
-    partitioned, gathered for the forward): the same losses, hidden and relation terms as stage 0,
-    step for step, and a stock exported model."""
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_classification_intermediate_terms_under_zero_1_to_3_follow_the_stage_0_run(tiny, wide_teachers, tmp_path,
+                                                                                     zero_stage):
+    """The same run under ZeRO-1 and -2 (sharded optimizer state, and gradients) and ZeRO-3 (the student
+    and its projection partitioned, gathered for the forward): the same losses, hidden and relation
+    terms as stage 0, step for step, and a stock exported model."""
     runs = {}
     for stage in (0, zero_stage):
         run_dir = tmp_path / f"zero{stage}"
