@@ -196,9 +196,8 @@ def test_each_teachers_layer_weight_is_its_weight_in_that_rows_target(method, op
     strategy = build_interpolation(method, **options)
     if method == "learned_gate":
         strategy.build(num_teachers=3, num_classes=4).double()  # random gate weights: rows weigh differently
-    target = strategy(logits, weights, temperatures, labels)
+    target = strategy(logits, weights, temperatures, labels).detach()
     row_weights = strategy.row_weights(logits, weights, labels).detach()
-    target = target.detach()
     assert row_weights.shape == (3, 6) and torch.allclose(row_weights.sum(0), torch.ones(6, dtype=torch.float64))
     if method == "linear":
         assert torch.allclose(row_weights, (weights / weights.sum())[:, None].expand(3, 6))
