@@ -238,9 +238,6 @@ def _rows_as_csv(run: Path, out: Path) -> Path:
 
 def score(model_dir: Path, test_file: Path, labels) -> dict:
     """Accuracy and macro-F1 (over the labels present) of a saved classifier on the test file."""
-    from distill.quiet import quiet_start
-
-    quiet_start()  # before transformers loads: no torchao kernel notices or weight-loading bars per score
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -277,6 +274,9 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench_intermediate"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from distill.quiet import quiet_start
+
+    quiet_start()  # once, before transformers loads: no torchao kernel notices or weight-loading bars in scores
     work = Path(args.work).resolve()
     if not (work / "minilm-l3" / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "distill.assets", str(work / "minilm-l3")], cwd=ROOT, check=True,
