@@ -38,15 +38,19 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(tiny, tmp_path
     config = tiny_config_yaml(tiny, run_dir)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     port = free_port()
-    process = subprocess.Popen(["bash", str(ROOT / "launch" / "train.sh"), str(config), "--ranks", "2",
-                                "--master-port", str(port), *COMMON], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "killed.log"  # the launcher's output, shown if the run ends before it is killed
+    with log.open("wb") as stream:
+        process = subprocess.Popen(["bash", str(ROOT / "launch" / "train.sh"), str(config), "--ranks", "2",
+                                    "--master-port", str(port), *COMMON], cwd=ROOT, env=env,
+                                   stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
     latest = run_dir / "checkpoints" / "latest"
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         if latest.is_file() and latest.read_text().strip() >= "step0000010":
             break
         time.sleep(0.02)
+    assert process.poll() is None, f"the run ended (exit {process.returncode}) before it could be killed:\n" + \
+        log.read_text(errors="replace")[-5000:]
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
     for segment in shared_memory_left(port):  # SIGKILL took launch/train.sh's cleanup trap down too
