@@ -98,9 +98,9 @@ def direct_loop(config: Path, steps: int) -> float:
     import torch.nn.functional as F
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from distill.config import load_config
-    from distill.data import read_splits
-    from distill.paths import resolve_path
+    from distill.config.schema import load_config
+    from distill.data.text import read_splits
+    from distill.util.paths import resolve_path
 
     cfg = load_config(str(config))
     splits = read_splits(cfg.data)

@@ -11,7 +11,7 @@ Same student, data and batch in every variant (one process each, fresh):
   cached_sampled   from 2 teachers' cached samples (N = --top-k draws at T = 2: the same bytes)
   cached_hidden    from 2 teachers' cached last hidden states and output layers (exact; no teacher body)
   on_policy   2 live teachers on the student's own samples (training.on_policy.fraction = 1): the first
-              half of each row is the prompt, the student samples the second half (distill.on_policy,
+              half of each row is the prompt, the student samples the second half (distill.tasks.on_policy,
               no EOS stop, so every step samples seq/2 tokens); the step's time split into generation,
               the teachers' forwards and the student's step, next to the same split of live K=2
 
@@ -56,7 +56,7 @@ def _llama(vocab: int, hidden: int, layers: int, seed: int):
 
 
 class _InMemoryCache:
-    """What distill.cache.LogitCache.rows returns, for one fixed batch."""
+    """What distill.caches.lm_stores.LogitCache.rows returns, for one fixed batch."""
 
     def __init__(self, ids, log_probs, tail, vocab_size):
         self.ids, self.log_probs, self.tail, self.vocab_size = ids, log_probs, tail, vocab_size
@@ -68,11 +68,11 @@ class _InMemoryCache:
 def run_variant(variant: str, teachers: int, args) -> dict:
     import torch
 
-    from distill.cache import sampled_of, top_k_of
-    from distill.chunked_loss import Workspace, fused_token_distillation
-    from distill.signals import (CachedTopK, HiddenStateSignal, LiveLanguageModels, Targets, body_and_head,
+    from distill.caches.lm_stores import sampled_of, top_k_of
+    from distill.formulas.token_loss import Workspace, fused_token_distillation
+    from distill.signals.sources import (CachedTopK, HiddenStateSignal, LiveLanguageModels, Targets, body_and_head,
                                  teacher_hidden_states)
-    from distill.teachers import TeacherEnsemble, TeacherPlan
+    from distill.models.teachers import TeacherEnsemble, TeacherPlan
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -110,7 +110,7 @@ def run_variant(variant: str, teachers: int, args) -> dict:
     if variant == "on_policy":
         from types import SimpleNamespace
 
-        from distill.on_policy import OnPolicySampler
+        from distill.tasks.on_policy import OnPolicySampler
 
         prompt_length = args.seq // 2
         settings = SimpleNamespace(fraction=1.0, max_new_tokens=args.seq - prompt_length, temperature=1.0, top_p=1.0)

@@ -7,7 +7,7 @@ output layers are the inputs; the teachers' own bodies are not part of the loss)
 
   materialised  K x [N, V] teacher logits and [N, V] student logits, autograd through all of it
   recompute     chunks under torch.utils.checkpoint: bounded memory, the chunk recomputed in backward
-  fused         distill.chunked_loss as training runs it for forward KL + linear interpolation:
+  fused         distill.formulas.token_loss as training runs it for forward KL + linear interpolation:
                 chunk gradients in closed form inside the forward (no recomputation), the target
                 built one teacher at a time into two [chunk, V] buffers (the chunk does not shrink
                 with K; the recompute variant's does, to chunk / K)
@@ -41,11 +41,11 @@ def run_variant(variant: str, teachers: int, args) -> dict:
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    from distill.chunked_loss import (fused_token_distillation, materialized_token_distillation, token_loss_sums,
+    from distill.formulas.token_loss import (fused_token_distillation, materialized_token_distillation, token_loss_sums,
                                       tokens_per_chunk)
-    from distill.signals import HiddenStateSignal, Targets
-    from distill.interpolate import build_interpolation
-    from distill.teachers import TeacherEnsemble, TeacherPlan
+    from distill.signals.sources import HiddenStateSignal, Targets
+    from distill.interpolation.strategies import build_interpolation
+    from distill.models.teachers import TeacherEnsemble, TeacherPlan
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

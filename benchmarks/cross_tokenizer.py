@@ -2,7 +2,7 @@
 
     python benchmarks/cross_tokenizer.py [--steps 20] [--rounds 2] [--work runs/bench_cross_tokenizer]
 
-Needs SmolLM2 (`python -m distill.assets smollm2 runs/demo_lm/assets/smollm2-135m`) and, for the
+Needs SmolLM2 (`python -m distill.demo.assets smollm2 runs/demo_lm/assets/smollm2-135m`) and, for the
 third arm, the cross-tokenizer demo's tweets teacher (`./launch/demo_lm_cross.sh`, or its first steps).
 
 One SmolLM2-135M teacher, one student (SmolLM2 pruned by depth to half its parameters), the same
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--arms", default="shared,permuted,+tweets")
     args = parser.parse_args()
     if not SMOLLM2.is_dir():
-        raise SystemExit(f"{SMOLLM2} is missing: python -m distill.assets smollm2 {SMOLLM2.relative_to(ROOT)}")
+        raise SystemExit(f"{SMOLLM2} is missing: python -m distill.demo.assets smollm2 {SMOLLM2.relative_to(ROOT)}")
     work = ROOT / args.work
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "smollm2-permuted" / "model.safetensors").is_file():

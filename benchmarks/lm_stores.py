@@ -2,8 +2,8 @@
 
     python benchmarks/lm_stores.py [--steps 60] [--work runs/bench_lm_stores]
 
-Needs the demo's teachers (`./launch/demo_lm.sh`, or its first steps: `python -m distill.assets
-smollm2 ...`, `python -m distill.assets general-text ...` and `distill train configs/demo_lm_domain.yaml`).
+Needs the demo's teachers (`./launch/demo_lm.sh`, or its first steps: `python -m distill.demo.assets
+smollm2 ...`, `python -m distill.demo.assets general-text ...` and `distill train configs/demo_lm_domain.yaml`).
 
 Every variant is `configs/demo_lm.yaml` with `student.trim_vocab=false` (a cache holds the teachers'
 full vocabulary; trimming is refused with teachers.cache) and the config's 0.5 / 0.5 teacher weights

@@ -48,8 +48,8 @@ def measure(run_dir: Path, prompts_per_route: int, new_tokens: int, teachers_cac
     import torch
     from transformers import AutoTokenizer, GenerationConfig
 
-    from distill.config import read_run_config
-    from distill.on_policy import left_padded
+    from distill.config.schema import read_run_config
+    from distill.tasks.on_policy import left_padded
 
     cfg = read_run_config(run_dir / "config.yaml")
     report = json.loads((run_dir / "report.json").read_text())
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from distill.quiet import quiet_start
+    from distill.util.quiet import quiet_start
 
     quiet_start()
     cache, table = {}, []

@@ -24,10 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from distill.config import load_config  # noqa: E402
-from distill.modeling import load_causal_lm, load_tokenizer  # noqa: E402
-from distill.pruning import prune  # noqa: E402
-from distill.student import calibration_batches, keep_layers, trim_vocabulary  # noqa: E402
+from distill.config.schema import load_config  # noqa: E402
+from distill.models.loading import load_causal_lm, load_tokenizer  # noqa: E402
+from distill.models.pruning import prune  # noqa: E402
+from distill.models.student import calibration_batches, keep_layers, trim_vocabulary  # noqa: E402
 from distill.tasks import build_task  # noqa: E402
 from distill.tasks.causal_lm import next_token_loss  # noqa: E402
 

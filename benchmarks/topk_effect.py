@@ -45,12 +45,13 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.cache import sampled_of, top_k_of, topk_target_log_probs
-    from distill.lm_data import encode_lm, read_lm_splits
-    from distill.config import load_config
-    from distill.interpolate import build_interpolation
-    from distill.losses import IGNORE_INDEX, kl_divergence
-    from distill.paths import resolve_path
+    from distill.caches.lm_stores import sampled_of, top_k_of
+    from distill.formulas.mixtures import topk_target_log_probs
+    from distill.data.lm import encode_lm, read_lm_splits
+    from distill.config.schema import load_config
+    from distill.interpolation.strategies import build_interpolation
+    from distill.formulas.divergences import IGNORE_INDEX, kl_divergence
+    from distill.util.paths import resolve_path
 
     cfg = load_config(args.config)
     student_path = Path(args.student) if args.student else Path(resolve_path(cfg.output_dir)) / "student_init"

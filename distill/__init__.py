@@ -1,7 +1,14 @@
-"""distill: knowledge distillation from several interpolated teachers into a DeepSpeed student."""
+"""distill: knowledge distillation from several interpolated teachers into a DeepSpeed student.
+
+The Python API (`distill.api`, re-exported here): `load_config`, `train`, `evaluate`, `export`,
+`fit_weights`, `cache`. Importing this package loads no heavy library; each function does when called.
+"""
 import logging
 
+from distill.api import cache, evaluate, export, fit_weights, load_config, train
+
 __version__ = "0.1.0"
+__all__ = ["load_config", "train", "evaluate", "export", "fit_weights", "cache", "__version__"]
 
 # transformers imports torchao (the int8 export backend) whenever it is installed; torchao then logs
 # that its CUDA-only kernels do not load and torch logs a deprecation about torchao's enums. Neither

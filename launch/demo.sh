@@ -4,7 +4,7 @@
 # Extra arguments are dotted overrides for the distillation step (configs/demo.yaml).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/activate.sh"
-python -m distill.assets runs/demo/assets/minilm-l3 >/dev/null
+python -m distill.demo.assets runs/demo/assets/minilm-l3 >/dev/null
 for teacher in l6 l3; do
     if [ ! -f "runs/demo/teacher-$teacher/student/model.safetensors" ]; then
         echo "== preparing teacher $teacher (plain fine-tuning)"

@@ -7,8 +7,8 @@
 # Extra arguments are dotted overrides for the distillation step (configs/demo_lm.yaml).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/activate.sh"
-python -m distill.assets smollm2 runs/demo_lm/assets/smollm2-135m >/dev/null
-python -m distill.assets general-text runs/demo_lm/assets/general >/dev/null
+python -m distill.demo.assets smollm2 runs/demo_lm/assets/smollm2-135m >/dev/null
+python -m distill.demo.assets general-text runs/demo_lm/assets/general >/dev/null
 if [ ! -f runs/demo_lm/teacher-domain/student/model.safetensors ]; then
     echo "== adapting SmolLM2 to the tweets (the domain teacher)"
     rm -rf runs/demo_lm/teacher-domain

@@ -6,10 +6,10 @@
 # Extra arguments are dotted overrides for the distillation step (configs/demo_lm_cross.yaml).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/activate.sh"
-python -m distill.assets smollm2 runs/demo_lm/assets/smollm2-135m >/dev/null
-python -m distill.assets general-text runs/demo_lm/assets/general >/dev/null
-python -m distill.assets tweets runs/demo_lm_cross/assets/tweets >/dev/null
-python -m distill.assets own-bpe-lm runs/demo_lm_cross/assets/tweets/train.jsonl \
+python -m distill.demo.assets smollm2 runs/demo_lm/assets/smollm2-135m >/dev/null
+python -m distill.demo.assets general-text runs/demo_lm/assets/general >/dev/null
+python -m distill.demo.assets tweets runs/demo_lm_cross/assets/tweets >/dev/null
+python -m distill.demo.assets own-bpe-lm runs/demo_lm_cross/assets/tweets/train.jsonl \
     runs/demo_lm_cross/assets/tweets-bpe-lm >/dev/null
 if [ ! -f runs/demo_lm_cross/teacher-tweets/student/model.safetensors ]; then
     echo "== training the tweets teacher (its own 4,096-token BPE) from scratch"

@@ -7,10 +7,10 @@
 # Extra arguments are dotted overrides for both runs.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/activate.sh"
-python -m distill.assets smollm2 runs/demo_lm/assets/smollm2-135m >/dev/null
-python -m distill.assets general-text runs/demo_lm/assets/general >/dev/null
-python -m distill.assets tweets runs/demo_lm_cross/assets/tweets >/dev/null
-python -m distill.assets routed-pairs runs/demo_lm/assets/general runs/demo_lm_cross/assets/tweets \
+python -m distill.demo.assets smollm2 runs/demo_lm/assets/smollm2-135m >/dev/null
+python -m distill.demo.assets general-text runs/demo_lm/assets/general >/dev/null
+python -m distill.demo.assets tweets runs/demo_lm_cross/assets/tweets >/dev/null
+python -m distill.demo.assets routed-pairs runs/demo_lm/assets/general runs/demo_lm_cross/assets/tweets \
     runs/demo_lm_routed/assets >/dev/null
 if [ ! -f runs/demo_lm/teacher-domain/student/model.safetensors ]; then
     echo "== adapting SmolLM2 to the tweets (the domain teacher)"

@@ -1,4 +1,6 @@
 """Running the CLI as a user does, and checking an exported student against a run's predictions."""
+import contextlib
+import io
 import json
 import os
 import socket
@@ -23,9 +25,24 @@ def run_cli(args, timeout=600, env_extra=None, preexec_fn=None):
                           capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
 
 
+def run_cli_in_process(args):
+    """`distill ARGS` through `distill.cli.main` in this process (a CompletedProcess with its exit code,
+    stdout and stderr): for commands that stop at a refusal, where a fresh interpreter importing torch,
+    transformers and DeepSpeed is not what the test is about."""
+    from distill.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(arg) for arg in args])
+        except SystemExit as stop:  # argparse's refusals
+            code = stop.code
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 def assert_refused_before_writing(config: Path, run_dir: Path, overrides, message: str) -> None:
     """`distill train CONFIG OVERRIDES` exits 2 with `message` in its one-line error and writes nothing."""
-    result = run_cli(["train", config, *overrides])
+    result = run_cli_in_process(["train", config, *overrides])
     assert result.returncode == 2, (overrides, result.stderr[-2000:])
     assert message in result.stderr, (overrides, result.stderr[-2000:])
     assert not run_dir.exists(), overrides
@@ -57,8 +74,8 @@ def exported_predictions(model_dir: Path, config_path: Path):
     """Arg-max predictions of the exported folder, loaded with plain transformers, on validation."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from distill.config import load_config
-    from distill.data import read_splits
+    from distill.config.schema import load_config
+    from distill.data.text import read_splits
 
     cfg = load_config(config_path)
     splits = read_splits(cfg.data)
@@ -81,7 +98,7 @@ def assert_export_matches_run(run_dir: Path, config_path: Path, model_dir: Path 
 
 def permuted_copy(folder, tokenizer, model_dir, seed: int):
     """The model at `model_dir` with every token id permuted, tokenizer and (tied) embeddings alike:
-    the same model, another numbering of its vocabulary (tests/test_cross_tokenizer.py,
+    the same model, another numbering of its vocabulary (tests/signals/test_cross_tokenizer.py,
     benchmarks/cross_tokenizer.py)."""
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast

@@ -8,8 +8,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from distill.config import ConfigError
-from distill.registry import registrar
+from distill.errors import ConfigError
+from distill.util.registry import registrar
 
 TASKS: Dict[str, type] = {}
 register_task = registrar(TASKS, "task")
@@ -93,7 +93,7 @@ class Task:
         cfg = self.cfg
         if cfg.student.path is not None:
             return cfg.student.path, "student.path"
-        from distill.config import resolve_teacher_index
+        from distill.config.schema import resolve_teacher_index
 
         return cfg.teachers.models[resolve_teacher_index(cfg, cfg.student.from_teacher)].path, "student.from_teacher"
 
@@ -109,8 +109,8 @@ class Task:
 
     def routed(self, ensemble, source):
         """(ensemble, source) with teachers.route_by: the ensemble gets its routes' strategies and
-        weights, the source's signals each row's route (routing.py); unchanged without it."""
-        from distill.routing import RoutedSource, attach_routing
+        weights, the source's signals each row's route (interpolation/routing.py); unchanged without it."""
+        from distill.signals.routing import RoutedSource, attach_routing
 
         if len(ensemble.plans) != len(self.cfg.teachers.models):  # one teacher alone (its precision drift)
             return ensemble, source
@@ -120,14 +120,14 @@ class Task:
 
     def index_routes(self, splits) -> None:
         """teachers.route_by: each row's value -> its route id; unrouted rows refused or counted."""
-        from distill.routing import index_routes, plan_routes
+        from distill.signals.routing import index_routes, plan_routes
 
         self.routes = plan_routes(self.cfg)
         if self.routes is None:
             return
         unrouted = index_routes(splits, self.routes)
         if unrouted["train"]:
-            import distill.distributed as distributed
+            import distill.runtime.distributed as distributed
 
             if distributed.is_main():
                 print(f"teachers.route_by={self.routes.column}: {unrouted['train']} training row(s) have a value no "
@@ -137,7 +137,7 @@ class Task:
 
     def route_rows(self, dataset, route: int) -> List[int]:
         """Positions of a dataset's rows (blocks) routed to `route`."""
-        from distill.data import ROUTE
+        from distill.data.text import ROUTE
 
         return [i for i, value in enumerate(dataset[ROUTE]) if value == route]
 
@@ -150,7 +150,7 @@ class Task:
     def prepare_training(self, device, ensemble) -> None:
         """Run-wide loss settings, once the teachers are known (a no-op by default)."""
 
-    # intermediate-layer terms (loss.intermediate; layer_distillation.py) --------------------
+    # intermediate-layer terms (loss.intermediate; models/layer_hooks.py) --------------------
     layer_terms = None
     causal = False  # relation terms see no later position (a causal LM)
 
@@ -158,7 +158,7 @@ class Task:
     def check_layer_terms(cls, cfg) -> None:
         """Refuse loss.intermediate where the teachers' or student's insides are not there to read."""
         for index, entry in enumerate(cfg.loss.intermediate):
-            from distill.config import resolve_teacher_index
+            from distill.config.schema import resolve_teacher_index
 
             teacher = cfg.teachers.models[resolve_teacher_index(cfg, entry.teacher)]
             if teacher.pooling is not None:
@@ -181,7 +181,7 @@ class Task:
         projections' parameter count (0 without intermediate terms)."""
         if not self.cfg.loss.intermediate:
             return 0
-        from distill.layer_distillation import LayerTerms, attach_projections, plan_layer_terms
+        from distill.models.layer_hooks import LayerTerms, attach_projections, plan_layer_terms
 
         plans = plan_layer_terms(self.cfg, student, ensemble.models)
         added = attach_projections(student, plans, ensemble.models, self.cfg.seed)
@@ -193,7 +193,7 @@ class Task:
         """(outputs of call(**inputs), the student's record for the intermediate terms or None)."""
         if self.layer_terms is None:
             return call(**inputs), None
-        from distill.layer_distillation import Capture
+        from distill.models.layer_hooks import Capture
 
         request = self.layer_terms.student_request
         with Capture(module, request, "student") as capture:
@@ -202,7 +202,7 @@ class Task:
 
     def add_layer_terms(self, terms, module, record, signal, mask: Tensor, row_weights: Tensor, aligned: Dict):
         """(terms with the intermediate-layer loss added to the total, figures to log)."""
-        from distill.losses import LossTerms
+        from distill.formulas.divergences import LossTerms
 
         extra, figures = self.layer_terms(module, record, signal.records, mask, row_weights, aligned)
         figures["intermediate"] = float(extra.detach())  # what the total gained, config weights included
@@ -245,8 +245,8 @@ class Task:
     def teacher_precision_drift(self, ensemble, source, plans, device) -> Dict[str, float]:
         """KL(teacher in fp32 || teacher as loaded) per teacher: mean over the KD rows of one validation
         batch (tokens, or examples). Each teacher is loaded once more in fp32, eager, for it, then dropped."""
-        from distill.evaluation import validation_loader
-        from distill.losses import mean_kl
+        from distill.evaluation.predictions import validation_loader
+        from distill.formulas.divergences import mean_kl
 
         batch = next(iter(validation_loader(self.validation_set, self.collator(), self.cfg.training.eval_batch_size)))
         low = source.signal(batch, device)
@@ -274,7 +274,7 @@ class Task:
     def resume_student(self, path):
         """(model in fp32, tokenizer) on resume: the initial student the run saved in its directory, so
         trimming and pruning are not redone (the checkpoint then restores the trained weights)."""
-        from distill.modeling import load_tokenizer
+        from distill.models.loading import load_tokenizer
 
         model = self.load_saved_student(path, f"{path} (the run's initial student)")
         return model, load_tokenizer(str(path), str(path), self.cfg.trust_remote_code)
@@ -294,10 +294,20 @@ class Task:
     # description ---------------------------------------------------------------------------
     def report(self, plans, teacher_params, student_params, metrics, summary, train_set, validation_set) -> Dict:
         """report.json's content: the teachers, target and student with this task's figures."""
-        from distill.report import build_report
+        from distill.evaluation.report import build_report
 
         return build_report(self.cfg, plans, teacher_params, student_params, metrics, summary, train_set,
-                            validation_set)
+                            validation_set, self.kd_only_rows(train_set))
+
+    def kd_only_rows(self, train_set) -> Optional[int]:
+        """How many training rows carry no label (the KD term alone), for the report; None where the
+        task has no such rows (a causal LM predicts every token)."""
+        from distill.data.text import LABELS
+        from distill.formulas.divergences import IGNORE_INDEX
+
+        if LABELS not in train_set.column_names:
+            return None
+        return sum(1 for label in train_set[LABELS] if label == IGNORE_INDEX)
 
     def format_table(self, report: Dict) -> str:
         raise NotImplementedError

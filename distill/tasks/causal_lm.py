@@ -1,10 +1,10 @@
 """`task: causal_lm`: token-level distillation of language models.
 
-Data (lm_data.py): packed text blocks or prompt/response rows, labels shifted by one, -100 where
+Data (data/lm.py): packed text blocks or prompt/response rows, labels shifted by one, -100 where
 nothing is learned. Teachers and student share one tokenizer (checked before any weight loads).
 Live teachers return their last hidden states; the interpolated target of a chunk of tokens is
 built with each teacher's output layer only when the loss needs that chunk (signals.Targets), so
-no [K, B, S, V] tensor is ever held (chunked_loss.py). Every optimizer step's tokens are counted
+no [K, B, S, V] tensor is ever held (formulas/token_loss.py). Every optimizer step's tokens are counted
 across its micro-batches and ranks (and across an epoch boundary inside a step) so that each token
 weighs the same. Evaluation: perplexity and bits per byte of the student, each teacher and the
 interpolated target (at temperature 1), on validation and on each evaluation domain.
@@ -19,17 +19,18 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
-import distill.distributed as distributed
-from distill.chunked_loss import (Workspace, chunked_target_distillation, fused_token_distillation, tokens_per_chunk)
-from distill.config import ConfigError, DataConfig, resolve_teacher_index, teacher_display_name
-from distill.data import INDEX, LABELS
-from distill.evaluation import validation_loader
-from distill.lm_data import LMCollator, domain_rows, encode_lm, read_lm_splits
-from distill.losses import IGNORE_INDEX, build_divergence
-from distill.on_policy import ON_POLICY, on_policy_figures
-from distill.paths import resolve_path
-from distill.report import causal_lm_card, format_lm_table
-from distill.signals import CachedHidden, CachedTopK, HiddenStateSignal, LiveLanguageModels, Targets, body_and_head
+import distill.runtime.distributed as distributed
+from distill.formulas.token_loss import (Workspace, chunked_target_distillation, fused_token_distillation, tokens_per_chunk)
+from distill.config.schema import DataConfig, resolve_teacher_index, teacher_display_name
+from distill.errors import ConfigError
+from distill.data.text import INDEX, LABELS
+from distill.evaluation.predictions import validation_loader
+from distill.data.lm import LMCollator, domain_rows, encode_lm, read_lm_splits
+from distill.formulas.divergences import IGNORE_INDEX, build_divergence
+from distill.tasks.on_policy import ON_POLICY, on_policy_figures
+from distill.util.paths import resolve_path
+from distill.evaluation.report import causal_lm_card, format_lm_table
+from distill.signals.sources import CachedHidden, CachedTopK, HiddenStateSignal, LiveLanguageModels, Targets, body_and_head
 from distill.tasks.base import StepFigures, Task, refuse_unused, register_task
 
 
@@ -120,7 +121,7 @@ class CausalLM(Task):
             **{f"teachers.models[{i}].logits": True for i, t in enumerate(cfg.teachers.models) if t.logits},
             **{f"teachers.models[{i}].pooling": True for i, t in enumerate(cfg.teachers.models) if t.pooling},
         }, " (classification settings: a causal LM learns the next token of its text)")
-        if cfg.teachers.tokenization == "per_model":  # teachers with other tokenizers (cross_tokenizer.py)
+        if cfg.teachers.tokenization == "per_model":  # teachers with other tokenizers (signals/aligned.py)
             refuse_unused(cfg, {
                 "data.prompt_field": data.prompt_field is not None,
                 "teachers.cache": cfg.teachers.cache is not None,
@@ -148,7 +149,7 @@ class CausalLM(Task):
                 raise ConfigError("interpolation.fit_on reads the teachers on validation tokens, which teachers.cache "
                                   "does not hold: fit with `distill fit-weights` and pass its weights.yaml, or drop "
                                   "teachers.cache")
-        from distill.interpolate import interpolation_class
+        from distill.interpolation.strategies import interpolation_class
 
         if cfg.loss.intermediate and interpolation_class(cfg.interpolation.method).weights_per_row:
             raise ConfigError(f"loss.intermediate with interpolation.method={cfg.interpolation.method}: its per-token "
@@ -204,7 +205,7 @@ class CausalLM(Task):
             named = [(domain.name, domain_rows(split, data, domain, index, self.cfg.teachers.route_by))
                      for index, domain in enumerate(data.eval_domains)]
             if self.routes is not None:  # each route's validation text, and domain files' routes as ids
-                from distill.routing import index_route_column
+                from distill.signals.routing import index_route_column
 
                 named = [(name, rows if domain.path is None else index_route_column(rows, self.routes))
                          for (name, rows), domain in zip(named, data.eval_domains)]
@@ -229,7 +230,7 @@ class CausalLM(Task):
             self._open_cache(self.encode(splits.train, "train"))
 
     def _open_cache(self, train_set):
-        from distill.cache import LogitCache, fingerprint
+        from distill.caches.lm_stores import LogitCache, fingerprint
 
         if self.cache is None:
             self.cache = LogitCache(resolve_path(self.cfg.teachers.cache), [p.name for p in self.plans],
@@ -258,7 +259,7 @@ class CausalLM(Task):
     def batches(self, stream, engine):
         transform = None
         if self.cfg.training.on_policy.fraction > 0:  # a share of the micro-batches: the student's own samples
-            from distill.on_policy import OnPolicySampler
+            from distill.tasks.on_policy import OnPolicySampler
 
             sampler = OnPolicySampler(self.cfg.training.on_policy, self.cfg.seed, self.tokenizer,
                                       self.cfg.data.max_length, self.collator(), self.cfg.deepspeed.zero_stage,
@@ -275,9 +276,9 @@ class CausalLM(Task):
         """Teachers share the student's tokenizer (identical vocabularies), or, with
         teachers.tokenization=per_model, bring their own: then their vocabulary is mapped onto the
         student's (cross_tokenizer.build_token_map), all checked before any weights load."""
-        from distill.data import TokenizerGroup
-        from distill.modeling import check_positions, load_model_config, load_tokenizer, same_vocabulary
-        from distill.teachers import TeacherPlan
+        from distill.data.text import TokenizerGroup
+        from distill.models.loading import check_positions, load_model_config, load_tokenizer, same_vocabulary
+        from distill.models.teachers import TeacherPlan
 
         cfg = self.cfg
         per_model = cfg.teachers.tokenization == "per_model"
@@ -321,7 +322,7 @@ class CausalLM(Task):
         return plans
 
     def _token_map(self, tokenizer, student_tokenizer, key: str, output_size: int):
-        from distill.cross_tokenizer import build_token_map, spelled
+        from distill.signals.aligned import build_token_map, spelled
 
         if self.student_bytes is None:
             reference, reference_key = self.student_source()
@@ -332,8 +333,8 @@ class CausalLM(Task):
     def build_student(self, splits):
         """(model in fp32, tokenizer): a checkpoint, or a copy of a teacher keeping some of its layers;
         then its vocabulary trimmed to the training blocks' tokens and pruned to its budget."""
-        from distill.modeling import load_causal_lm, load_tokenizer
-        from distill.student import (apply_config_overrides, calibration_batches, default_layers, keep_layers,
+        from distill.models.loading import load_causal_lm, load_tokenizer
+        from distill.models.student import (apply_config_overrides, calibration_batches, default_layers, keep_layers,
                                      prune_student, source_parameter_count, trim_vocabulary)
 
         cfg = self.cfg
@@ -379,11 +380,15 @@ class CausalLM(Task):
     def kd_rows(self, batch) -> Tensor:
         return batch[LABELS].reshape(-1) != IGNORE_INDEX
 
+    def kd_only_rows(self, train_set):
+        """Every token of a block is predicted: no unlabelled rows to count."""
+        return None
+
     def trained_length(self) -> int:
         return self.cfg.data.max_length if self.cfg.data.prompt_field else self.cfg.data.block_size
 
     def _use_vocabulary(self, kept_ids) -> None:
-        from distill.vocabulary import TeacherVocabulary
+        from distill.tokens.vocabulary import TeacherVocabulary
 
         self.vocabulary = TeacherVocabulary(kept_ids)
 
@@ -398,7 +403,7 @@ class CausalLM(Task):
 
     def load_teachers(self, plans, device, dtype, eager=False):
         cfg = self.cfg
-        from distill.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers
+        from distill.models.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers
 
         if cfg.teachers.cache is not None:  # no teacher weights load at all
             self._open_cache(self.train_set)
@@ -414,7 +419,7 @@ class CausalLM(Task):
             return ensemble, (CachedHidden if self.cache.store == "hidden" else CachedTopK)(self.cache)
 
         def load(plan, teacher_dtype):
-            from distill.modeling import load_causal_lm
+            from distill.models.loading import load_causal_lm
 
             model = load_causal_lm(plan.path, plan.key, cfg.trust_remote_code, teacher_dtype, cfg.allow_pickled_weights)
             check_head_reproduces_logits(model, plan.key)
@@ -422,7 +427,7 @@ class CausalLM(Task):
 
         ensemble = load_teachers(cfg, plans, device, dtype, load, eager)
         if any(plan.token_map is not None for plan in plans):
-            from distill.cross_tokenizer import AlignedLanguageModels
+            from distill.signals.aligned import AlignedLanguageModels
 
             return self.routed(ensemble, AlignedLanguageModels(ensemble, [plan.token_map for plan in plans],
                                                                self.student_vocab_size, self.vocabulary))
@@ -480,7 +485,7 @@ class CausalLM(Task):
             terms = chunked_target_distillation(logits.reshape(-1, logits.shape[-1]), labels, targets, **options)
         ratios = on_policy_figures(batch) if cfg.training.on_policy.fraction > 0 else None
         if routed:  # the KD term per labelled token of each route (a figure, not the loss)
-            from distill.routing import route_sums
+            from distill.signals.routing import route_sums
 
             counted = (labels != IGNORE_INDEX) & (signal.route_rows >= 0)
             ratios = {**(ratios or {}), **route_sums(row_kd, signal.route_rows, counted, self.routes, "kd")}
@@ -558,7 +563,7 @@ class CausalLM(Task):
         hidden = [torch.cat([merged[i][0][k] for i in order]).to(device) for k in range(len(ensemble))]
         labels = torch.cat([merged[i][1] for i in order]).to(device)
         if hasattr(source, "maps"):
-            from distill.cross_tokenizer import AlignedSignal
+            from distill.signals.aligned import AlignedSignal
 
             every = torch.ones(len(ensemble), labels.shape[0], dtype=torch.bool, device=device)
             signal = AlignedSignal(hidden, source.heads, source.maps, every, every[0], source.vocab_size,
@@ -580,7 +585,7 @@ class CausalLM(Task):
 
     # saved models (eval, export) -------------------------------------------------------------
     def load_saved_student(self, path, key: str):
-        from distill.modeling import load_causal_lm
+        from distill.models.loading import load_causal_lm
 
         return load_causal_lm(str(path), key, self.cfg.trust_remote_code)
 
@@ -602,7 +607,7 @@ class CausalLM(Task):
 
     # the teacher cache ---------------------------------------------------------------------
     def write_cache(self, out_dir, top_k, store="topk", hidden_dtype=None, samples=None, rows_per_shard=None):
-        from distill.cache import write_cache
+        from distill.caches.lm_stores import write_cache
 
         if self.cfg.teachers.tokenization == "per_model":
             raise ConfigError("teachers.tokenization=per_model: a cache holds distributions over the student's tokens "

@@ -11,19 +11,21 @@ from typing import Dict
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from distill.config import ConfigError, LossConfig, DataConfig
-from distill.data import Collator, LABELS, TokenizerGroup, model_inputs, read_splits, rows_matching, texts_of, tokenize
-from distill.evaluation import (Predictions, collect_teacher_logits, predict, student_logits_fn, teacher_logit_fns,
+from distill.config.schema import LossConfig, DataConfig
+
+from distill.errors import ConfigError
+from distill.data.text import Collator, LABELS, TokenizerGroup, model_inputs, read_splits, rows_matching, texts_of, tokenize
+from distill.evaluation.predictions import (Predictions, collect_teacher_logits, predict, student_logits_fn, teacher_logit_fns,
                                 validation_loader)
-from distill.fitting import in_memory
-from distill.losses import IGNORE_INDEX, build_divergence, distillation_loss, per_teacher_kl
-from distill.modeling import check_positions, load_model_config, load_sequence_classifier, to_pooled_student
-from distill.report import format_table, model_card, write_json
-from distill.signals import LiveClassifiers, Targets
-from distill.student import (build_student, calibration_batches, check_student_labels, prune_student,
+from distill.formulas.fits import in_memory
+from distill.formulas.divergences import IGNORE_INDEX, build_divergence, distillation_loss, per_teacher_kl
+from distill.models.loading import check_positions, load_model_config, load_sequence_classifier, to_pooled_student
+from distill.evaluation.report import format_table, model_card, write_json
+from distill.signals.sources import LiveClassifiers, Targets
+from distill.models.student import (build_student, calibration_batches, check_student_labels, prune_student,
                              source_parameter_count)
 from distill.tasks.base import StepFigures, Task, refuse_unused, register_task
-from distill.teachers import (StoredOutputsTeacher, check_stored_outputs_cover, load_teachers, plan_teachers,
+from distill.models.teachers import (StoredOutputsTeacher, check_stored_outputs_cover, load_teachers, plan_teachers,
                               read_stored_outputs)
 
 
@@ -70,14 +72,14 @@ class SequenceClassification(Task):
         return self.splits
 
     def extend_training_data(self, run_dir) -> None:
-        """data.augment: KD-only copies of the labelled training texts (augment.py), a source of their own."""
+        """data.augment: KD-only copies of the labelled training texts (data/augment.py), a source of their own."""
         if self.cfg.data.augment.copies == 0:
             return
         from datasets import Dataset, concatenate_datasets
 
-        import distill.distributed as distributed
-        from distill.augment import augmented_rows
-        from distill.data import EXAMPLE_ID, INDEX, SOURCE
+        import distill.runtime.distributed as distributed
+        from distill.tasks.augment import augmented_rows
+        from distill.data.text import EXAMPLE_ID, INDEX, SOURCE
 
         train, fields = self.splits.train, list(self.cfg.data.text_fields)
         labelled = [i for i, label in enumerate(train[LABELS]) if label != IGNORE_INDEX]
@@ -127,9 +129,9 @@ class SequenceClassification(Task):
         masked LM loads and has its head (rank 0 keeps it for the augmentation)."""
         check_stored_outputs_cover(self.cfg, self.plans, self.label_names, splits)
         if self.cfg.teachers.cache is not None:
-            from distill.classifier_cache import ClassifierCache
-            from distill.data import text_key
-            from distill.paths import resolve_path
+            from distill.caches.classifier import ClassifierCache
+            from distill.data.text import text_key
+            from distill.util.paths import resolve_path
 
             self.cache = ClassifierCache(resolve_path(self.cfg.teachers.cache), self.cfg, self.plans, self.label_names)
             fields = self.cfg.data.text_fields
@@ -137,11 +139,11 @@ class SequenceClassification(Task):
                 self.cache.check_covers(name, [text_key(*texts) for texts in zip(*(split[f] for f in fields))])
         augment = self.cfg.data.augment
         if augment.copies and augment.mlm_model:
-            from distill.augment import MaskedLMReplacer
+            from distill.tasks.augment import MaskedLMReplacer
 
             self.replacer = MaskedLMReplacer(augment.mlm_model, "data.augment.mlm_model", self.cfg.trust_remote_code)
         if augment.copies and augment.lm_model:
-            from distill.augment import LMContinuer
+            from distill.tasks.augment import LMContinuer
 
             self.continuer = LMContinuer(augment.lm_model, "data.augment.lm_model", augment.lm_prefix,
                                          augment.lm_top_p, self.cfg.trust_remote_code)
@@ -177,7 +179,7 @@ class SequenceClassification(Task):
                                             cfg.allow_pickled_weights, plan.pooling, plan.normalize, plan.head)
 
         if self.cache is not None:  # no teacher weights load: each teacher is its cached logits
-            from distill.teachers import TeacherEnsemble, build_configured_interpolation
+            from distill.models.teachers import TeacherEnsemble, build_configured_interpolation
 
             import dataclasses
 
@@ -203,7 +205,7 @@ class SequenceClassification(Task):
         if top_k is not None or store != "topk" or hidden_dtype is not None or samples is not None:
             raise ConfigError("--top-k, --store, --hidden-dtype and --samples are for causal-LM caches: a "
                               "classification cache keeps every logit; remove them")
-        from distill.classifier_cache import write_classifier_cache
+        from distill.caches.classifier import write_classifier_cache
 
         return write_classifier_cache(self, out_dir, 4096 if rows_per_shard is None else rows_per_shard)
 
@@ -229,7 +231,7 @@ class SequenceClassification(Task):
                                   cfg.loss.label_smoothing, keep, self.divergence)
         ratios = None
         if target is not None and self.routes is not None:  # the KD term per route (a figure, not the loss)
-            from distill.routing import route_sums
+            from distill.signals.routing import route_sums
 
             with torch.no_grad():
                 student_log_probs = torch.log_softmax(student_logits / now["temperature"], dim=-1)
@@ -258,7 +260,7 @@ class SequenceClassification(Task):
     def aligned_rows(self, batch, device) -> Dict[int, torch.Tensor]:
         """{teacher k of loss.intermediate: [B] rows where it read the student's tokens}: every row for a
         teacher reading the student's ids; with its own encoding, rows that match token for token."""
-        from distill.layer_distillation import aligned_rows, token_map
+        from distill.models.layer_hooks import aligned_rows, token_map
 
         rows = {}
         student_ids, student_mask = batch["input_ids"], batch["attention_mask"]
@@ -312,13 +314,13 @@ class SequenceClassification(Task):
 
     def saved_model_batches(self, tokenizer):
         """The validation split encoded with a saved model's tokenizer (what score_saved_model reads)."""
-        from distill.evaluation import validation_batches
+        from distill.evaluation.predictions import validation_batches
 
         loader, self.num_labels = validation_batches(self.cfg, tokenizer)
         return loader
 
     def score_saved_model(self, model, batches) -> Dict[str, float]:
-        from distill.evaluation import score_classifier
+        from distill.evaluation.predictions import score_classifier
 
         return score_classifier(model, batches, self.num_labels)
 

@@ -1,0 +1,1 @@
+"""Teacher caches on disk: the shard life cycle and one store per format."""

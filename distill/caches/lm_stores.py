@@ -1,0 +1,279 @@
+"""Cached causal-LM teachers: the teachers run once, training reads their top-k or hidden states.
+
+The format (this file) knows nothing of tasks: `write_cache` drives a task's own data and teachers,
+and `LogitCache` serves rows by example id (signals.CachedTopK turns them into a teacher signal).
+
+Per token and per teacher the `topk` store keeps the k largest log-probabilities (at temperature 1)
+and their token ids. The probability mass outside the top k (the tail bucket) is spread evenly over
+the other V - k tokens when the distribution is rebuilt; with k = V nothing is approximated. The
+`sampled` store keeps N draws per token from each teacher's distribution at its training
+temperature, with their counts: an unbiased sparse target (only the linear mixture and the forward
+KL keep it unbiased, so they are required). The `hidden` store keeps each teacher's last hidden state per token and its output layer once: training
+rebuilds the exact distribution a chunk of tokens at a time (signals.HiddenStateSignal, as for live
+teachers), with no teacher body run.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+# --------------------------------------------------------------------------- writing, reading
+# Layout of a cache folder (written shard by shard, resumable: caches/shards.py):
+#   plan.json                 what the shards depend on (written first)
+#   meta.json                 store (topk | sampled | hidden), teachers (name, path, hash, params),
+#                             vocab_size, top_k, samples and temperatures, or hidden_dtype, fingerprint
+#                             of the training blocks, the teachers' validation perplexities
+#   shard_00000.safetensors   index [n] (example ids), offsets [n + 1] into the token axis, and
+#                             topk: ids [T, K, k] int32, log_probs [T, K, k] float32, tail [T, K] float32
+#                             sampled: the same layout, k = N draws (log(count / N); -inf: not drawn)
+#                             hidden: hidden<k> [T, H_k] per teacher (after the final norm)
+#   heads.safetensors         hidden: weight<k> [V, H_k] (and bias<k>) of each teacher's output layer
+# Rows are found by example id (the block's `index`), never by step or position in an epoch.
+def fingerprint(dataset) -> str:
+    """sha256 of the encoded training blocks: a cache is only valid for the exact same tokens."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for index, ids in zip(dataset["index"], dataset["input_ids"]):
+        digest.update(json.dumps([index, ids]).encode())
+    return digest.hexdigest()
+
+
+def top_k_of(logits: Tensor, k: int):
+    """(ids int32, log-probs, tail log-mass) of the k most likely tokens of log_softmax(logits)."""
+    log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    values, ids = log_probs.topk(k, dim=-1)
+    if k >= logits.shape[-1]:  # everything is kept: no tail, whatever the float rounding of the sum
+        return ids.to(torch.int32), values, torch.full(values.shape[:-1], -1e30, device=values.device)
+    covered = torch.logsumexp(values, dim=-1).clamp(max=0.0)
+    tail = torch.log(-torch.expm1(covered)).clamp(min=-1e30)
+    return ids.to(torch.int32), values, tail
+
+
+def sampled_of(logits: Tensor, temperature: float, draws: int, generator: torch.Generator):
+    """(ids int32 [rows, N], log-probs [rows, N], tail [rows]) of N draws with replacement from
+    softmax(logits / T) per row (Sparse Logit Sampling, Anshumann et al. 2025): each distinct id
+    once at log(count / N), the other slots ids not drawn at -inf, no tail. The empirical distribution is an
+    unbiased estimate of the tempered teacher, so the forward-KL gradient (linear in the target) is
+    an unbiased estimate of the dense one."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    drawn = torch.multinomial(probs.cpu(), draws, replacement=True, generator=generator)  # [rows, N]
+    counts = torch.zeros(probs.shape, dtype=torch.float32).scatter_add_(-1, drawn, torch.ones(drawn.shape))
+    values, ids = counts.topk(draws, dim=-1)
+    # topk returns N distinct ids: the drawn ones, then ids that were not drawn, at zero mass
+    log_probs = torch.where(values > 0, (values / draws).log(), torch.full_like(values, -math.inf))
+    return ids.to(torch.int32), log_probs, torch.full(values.shape[:-1], -1e30)
+
+
+def plan_cache_run(task):
+    """(splits, teacher plans, their content hashes) for `distill cache` of any task, after the
+    checks every cache shares: teachers to run, live ones (not a cache), and on several ranks
+    teachers each rank holds whole (each rank runs its own shards)."""
+    from distill.runtime.checkpointing import content_hash
+    from distill.errors import ConfigError
+    from distill.runtime.distributed import world_size
+    from distill.models.loading import load_tokenizer
+
+    cfg = task.cfg
+    if not cfg.teachers.models:
+        raise ConfigError("teachers.models is empty: there is nothing to cache")
+    if cfg.teachers.cache is not None:
+        raise ConfigError("teachers.cache is set: distill cache runs the live teachers; remove teachers.cache")
+    if cfg.teachers.placement != "replicated" and world_size() > 1:
+        raise ConfigError("teachers.placement: zero3 with distill cache on several ranks: each rank caches its own "
+                          "shards with whole teachers; set teachers.placement=replicated (or run one rank)")
+    splits = task.read_splits()
+    reference, key = task.student_source()
+    plans = task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
+    return splits, plans, [content_hash(plan.path) for plan in plans]
+
+
+def teacher_signature(plans, hashes, dtype) -> dict:
+    """What a cache's teachers are: names, paths, content hashes and the dtype they ran in."""
+    return {"teachers": [[plan.name, plan.path, digest] for plan, digest in zip(plans, hashes)],
+            "teacher_dtype": str(dtype).replace("torch.", "")}
+
+
+STORES = ("topk", "hidden", "sampled")
+HIDDEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HEADS = "heads.safetensors"
+
+
+def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str = "topk",
+                hidden_dtype: str | None = None, samples: int = 16) -> dict:
+    """Run the task's teachers once over its training blocks and store, per token, their top-k
+    (store=topk), N draws (store=sampled) or their last hidden states (store=hidden: the output
+    layers are stored once, and training rebuilds the exact distributions a chunk at a time).
+    Resumable and multi-rank (cache_writing.ShardedWriter)."""
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader
+
+    from distill.caches.shards import ShardedWriter
+    from distill.errors import ConfigError
+    from distill.runtime.hardware import local_device, teacher_dtype
+
+    cfg = task.cfg
+    splits, plans, hashes = plan_cache_run(task)
+    vocab = plans[0].vocab_size
+    if store not in STORES:
+        raise ConfigError(f"--store must be one of {list(STORES)}, got {store!r}")
+    if store == "sampled" and samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {samples}")
+    if store == "topk" and not 1 <= top_k <= vocab:
+        raise ConfigError(f"--top-k must lie in [1, {vocab}] (the vocabulary), got {top_k}")
+    if hidden_dtype is not None and hidden_dtype not in HIDDEN_DTYPES:
+        raise ConfigError(f"--hidden-dtype must be one of {list(HIDDEN_DTYPES)}, got {hidden_dtype!r}")
+    train = task.encode(splits.train, "train")
+    task.encode(splits.validation, "validation")
+    device = local_device()
+    dtype = teacher_dtype(cfg.teachers.dtype, device)
+    stored = ({"top_k": top_k} if store == "topk" else
+              {"samples": samples, "temperatures": [plan.temperature for plan in plans], "seed": cfg.seed}
+              if store == "sampled" else {"hidden_dtype": hidden_dtype})
+    dataset_fingerprint = fingerprint(train)
+    with ShardedWriter.open(Path(out_dir), {"store": store, **stored, "fingerprint": dataset_fingerprint,
+                                            **teacher_signature(plans, hashes, dtype)},
+                            [len(train)], rows_per_shard) as writer:
+        ensemble, source = task.load_teachers(plans, device, dtype)
+        parts = [f"hidden{k}" for k in range(len(plans))] if store == "hidden" else ["ids", "log_probs", "tail"]
+        if store == "hidden":  # each teacher's output layer, once (restricted rows are not cached: no trim_vocab)
+            heads = {}
+            for k, head in enumerate(source.heads):
+                heads[f"weight{k}"] = head.weight.detach().cpu().contiguous()
+                if head.bias is not None:
+                    heads[f"bias{k}"] = head.bias.detach().cpu().contiguous()
+            writer.write_once(HEADS, heads)
+        for number in writer.mine():
+            _, start, end = writer.slices[number]
+            # sampled: the draws of shard n come from a generator of its own, whichever rank or run writes it
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + number)
+            shard = {"index": [], "lengths": [], **{part: [] for part in parts}}
+            loader = DataLoader(train.select(range(start, end)), batch_size=cfg.training.eval_batch_size,
+                                collate_fn=task.collator(), shuffle=False)
+            for batch in loader:
+                _cache_batch(batch, source.signal(batch, device), store, plans, shard, top_k, samples,
+                             hidden_dtype, generator)
+            offsets = torch.tensor([0] + shard["lengths"]).cumsum(0)
+            writer.write(number, {"index": torch.tensor(shard["index"], dtype=torch.int64), "offsets": offsets,
+                                  **{part: torch.cat(shard[part]) for part in parts}})
+        figures, _ = task.evaluate(None, ensemble, source, device)  # teachers and target only (every rank)
+        kept = (stored if store != "hidden" else
+                {"hidden_dtype": str(source.heads[0].weight.dtype if hidden_dtype is None
+                                     else HIDDEN_DTYPES[hidden_dtype]).replace("torch.", "")})
+        meta = {"store": store, **kept, "vocab_size": vocab, "fingerprint": dataset_fingerprint, "rows": len(train),
+                "interpolation": cfg.interpolation.method,
+                "teachers": [{"name": plan.name, "path": plan.path, "hash": digest, "params": params,
+                              **figures[plan.name]}
+                             for plan, digest, params in zip(plans, hashes, ensemble.parameter_counts)],
+                "target": figures["target"]}
+        return writer.finish(meta)
+
+
+def _cache_batch(batch, signal, store, plans, shard, top_k, samples, hidden_dtype, generator) -> None:
+    """Append one batch's rows (each row's real tokens only) to the shard being built."""
+    sequence = batch["input_ids"].shape[1]
+    for row, index in enumerate(batch["index"].tolist()):
+        length = int(batch["attention_mask"][row].sum())
+        start = row * sequence
+        shard["index"].append(index)
+        shard["lengths"].append(length)
+        if store == "hidden":
+            for k, hidden in enumerate(signal.hidden_states):
+                states = hidden[start:start + length]
+                shard[f"hidden{k}"].append(states.to(HIDDEN_DTYPES[hidden_dtype] if hidden_dtype else
+                                                     states.dtype).cpu())  # [L, H_k]
+            continue
+        logits = signal.logits(start, start + length)  # [K, L, V]
+        if store == "sampled":  # drawn at each teacher's training temperature
+            found = [sampled_of(logits[k], plan.temperature, samples, generator) for k, plan in enumerate(plans)]
+        else:
+            found = [top_k_of(logits[k], top_k) for k in range(logits.shape[0])]
+        shard["ids"].append(torch.stack([p[0] for p in found], dim=1).cpu())  # [L, K, k]
+        shard["log_probs"].append(torch.stack([p[1] for p in found], dim=1).float().cpu())  # float32 on disk
+        shard["tail"].append(torch.stack([p[2] for p in found], dim=1).float().cpu())  # [L, K]
+
+
+class LogitCache:
+    """Reads a cache folder: rows by example id, padded to a batch's length."""
+
+    def __init__(self, folder, teacher_names, dataset_fingerprint: str):
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        from distill.caches.shards import read_meta, shard_name
+        from distill.errors import ConfigError
+
+        self.folder = Path(folder)
+        self.meta = read_meta(self.folder)
+        cached = [t["name"] for t in self.meta["teachers"]]
+        if cached != list(teacher_names):
+            raise ConfigError(f"teachers.cache: {self.folder} holds teachers {cached}, the config names "
+                              f"{list(teacher_names)}: rerun distill cache")
+        if self.meta["fingerprint"] != dataset_fingerprint:
+            raise ConfigError(f"teachers.cache: {self.folder} was written for other training blocks (data, "
+                              "tokenizer or data.block_size changed): rerun distill cache")
+        self.vocab_size = self.meta["vocab_size"]
+        self.store = self.meta.get("store", "topk")
+        self.heads = []
+        if self.store == "hidden":
+            with safe_open(str(self.folder / HEADS), framework="pt") as handle:
+                stored = {name: handle.get_tensor(name) for name in handle.keys()}
+            for k in range(len(cached)):
+                weight, bias = stored[f"weight{k}"], stored.get(f"bias{k}")
+                head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+                with torch.no_grad():
+                    head.weight.copy_(weight)
+                    if bias is not None:
+                        head.bias.copy_(bias)
+                self.heads.append(head.requires_grad_(False))
+        self.shards = []
+        self.where = {}
+        for number in range(self.meta["shards"]):
+            with safe_open(str(self.folder / shard_name(number)), framework="pt") as handle:
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            self.shards.append(tensors)
+            for row, index in enumerate(tensors["index"].tolist()):
+                self.where[index] = (number, row)
+
+    def hidden_rows(self, indices, length: int):
+        """Per teacher, the stored last hidden states [B, length, H_k] (zeros at padding, never read)."""
+        first = self.shards[0]
+        out = [torch.zeros(len(indices), length, first[f"hidden{k}"].shape[1], dtype=first[f"hidden{k}"].dtype)
+               for k in range(len(self.heads))]
+        for position, index in enumerate(indices):
+            number, row = self._where(index)
+            shard = self.shards[number]
+            start, end = int(shard["offsets"][row]), int(shard["offsets"][row + 1])
+            n = min(end - start, length)
+            for k, states in enumerate(out):
+                states[position, :n] = shard[f"hidden{k}"][start:start + n]
+        return out
+
+    def _where(self, index):
+        if index not in self.where:
+            raise KeyError(f"example {index} is not in the cache {self.folder}")
+        return self.where[index]
+
+    def rows(self, indices, length: int):
+        """ids [B, length, K, k] (int64), log_probs [B, length, K, k], tail [B, length, K]."""
+        first = self.shards[0]
+        teachers, k = first["ids"].shape[1], first["ids"].shape[2]
+        ids = torch.zeros(len(indices), length, teachers, k, dtype=torch.long)
+        log_probs = torch.full((len(indices), length, teachers, k), -math.inf)
+        log_probs[..., 0] = 0.0  # padding: all mass on token 0, never read (its labels are -100)
+        tail = torch.full((len(indices), length, teachers), -1e30)
+        for position, index in enumerate(indices):
+            number, row = self._where(index)
+            shard = self.shards[number]
+            start, end = int(shard["offsets"][row]), int(shard["offsets"][row + 1])
+            n = min(end - start, length)
+            ids[position, :n] = shard["ids"][start:start + n].long()
+            log_probs[position, :n] = shard["log_probs"][start:start + n]
+            tail[position, :n] = shard["tail"][start:start + n]
+        return ids, log_probs, tail

@@ -1,0 +1,1 @@
+"""The typed config: every key, its type and default, validated once at load."""

@@ -1,0 +1,1 @@
+"""The demos' packaged models and text, converted from installed registry packages."""

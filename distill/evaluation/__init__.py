@@ -1,0 +1,1 @@
+"""Predictions, metrics (shipped offline) and the report, table and model card."""

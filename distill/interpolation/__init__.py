@@ -1,0 +1,1 @@
+"""Teacher interpolation: one registered strategy class per name, each owning its fit; routing."""

@@ -1,0 +1,1 @@
+"""Where the code runs: the process group and collectives, the device and the teachers' dtype."""

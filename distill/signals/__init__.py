@@ -1,0 +1,1 @@
+"""Teacher signals: the sources that turn a batch into teacher distributions, and the interpolated target."""

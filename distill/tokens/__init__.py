@@ -1,0 +1,1 @@
+"""Vocabulary trimming and alignment between tokenizers (byte spans, first-piece maps)."""

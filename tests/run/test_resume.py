@@ -1,0 +1,92 @@
+"""Exact resume: a 2-rank ZeRO-2 run killed with SIGKILL mid-way and resumed ends with the same
+student, bit for bit, and logs the same losses after the resume point, as an uninterrupted run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import tiny_config_yaml
+from tests.helpers import ROOT, free_port, run_cli, run_deepspeed, shared_memory_left, run_cli_in_process
+
+
+COMMON = ["deepspeed.zero_stage=2", "training.max_steps=40", "training.checkpoint_every=5",
+          "training.micro_batch_size=4", "training.log_every=1", "training.keep_checkpoints=20"]
+
+
+def _last_rows_by_step(run_dir: Path):
+    rows = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["kind"] == "train":
+            rows[row["step"]] = row  # a resumed run re-logs steps after the resume point: keep the last
+    return rows
+
+
+@pytest.mark.multirank
+def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(tiny, tmp_path):
+    reference_dir = tmp_path / "uninterrupted"
+    reference = run_deepspeed(2, [tiny_config_yaml(tiny, reference_dir), *COMMON])
+    assert reference.returncode == 0, (reference.stdout + reference.stderr)[-5000:]
+
+    run_dir = tmp_path / "killed"
+    config = tiny_config_yaml(tiny, run_dir)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    port = free_port()
+    log = tmp_path / "killed.log"  # the launcher's output, shown if the run ends before it is killed
+    with log.open("wb") as stream:
+        process = subprocess.Popen(["bash", str(ROOT / "launch" / "train.sh"), str(config), "--ranks", "2",
+                                    "--master-port", str(port), *COMMON], cwd=ROOT, env=env,
+                                   stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if latest.is_file() and latest.read_text().strip() >= "step0000010":
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, f"the run ended (exit {process.returncode}) before it could be killed:\n" + \
+        log.read_text(errors="replace")[-5000:]
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    for segment in shared_memory_left(port):  # SIGKILL took launch/train.sh's cleanup trap down too
+        segment.unlink()
+    assert not (run_dir / "report.json").exists(), "the run finished before it could be killed"
+    killed_at = int(latest.read_text().strip()[4:])
+    assert 10 <= killed_at < 40
+
+    resumed = run_deepspeed(2, [config, *COMMON, "training.resume=auto"])
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-5000:]
+    assert f"resumed from step {killed_at}" in resumed.stdout
+
+    expected = load_file(str(reference_dir / "student" / "model.safetensors"))
+    actual = load_file(str(run_dir / "student" / "model.safetensors"))
+    assert expected.keys() == actual.keys()
+    different = [name for name in expected if not (expected[name] == actual[name]).all()]
+    assert not different, different
+
+    reference_rows, resumed_rows = _last_rows_by_step(reference_dir), _last_rows_by_step(run_dir)
+    after = [step for step in reference_rows if step > killed_at]
+    assert after and [reference_rows[s]["loss"] for s in after] == [resumed_rows[s]["loss"] for s in after]
+
+
+@pytest.mark.slow
+def test_resume_refuses_unsafe_changes_and_names_them(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny_config_yaml(tiny, run_dir)
+    first = run_cli(["train", config, "training.max_steps=4", "training.checkpoint_every=2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir / "report.json").unlink()
+    refused = run_cli_in_process(["train", config, "training.max_steps=6", "training.resume=auto", "loss.kd_alpha=0.9",
+                       "teachers.models.1.weight=0.1"])
+    assert refused.returncode == 2
+    assert "loss.kd_alpha" in refused.stderr and "teachers.models.1.weight" in refused.stderr
+    allowed = run_cli(["train", config, "training.max_steps=6", "training.resume=auto", "training.log_every=1"])
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    manifest = json.loads((run_dir / "checkpoints" / "step0000006" / "distill_manifest.json").read_text())
+    assert [t["name"] for t in manifest["teachers"]] == ["a", "b"] and len(manifest["teachers"][0]["hash"]) == 64
+    assert manifest["position"]["global_step"] == 6 and manifest["interpolation"]["weights"] == pytest.approx([0.6, 0.4])

@@ -1,0 +1,95 @@
+"""Black-box teachers (teachers.StoredOutputsTeacher): per-example logits or probabilities from a
+file, keyed by data.id_field, are a teacher like any other: matched by label name, interpolated,
+fitted; a file that does not cover the data, or names other labels, is refused at start."""
+import csv
+import json
+
+import pytest
+import torch
+
+from tests.conftest import LABELS, tiny_config_yaml
+from tests.helpers import run_cli, run_cli_in_process
+
+
+@pytest.fixture(scope="module")
+def with_ids(tiny, tmp_path_factory):
+    """The tiny training set with an id column, and teacher a's logits on every row in a file whose
+    label columns come in another order than the data's."""
+    from transformers import AutoModelForSequenceClassification
+
+    root = tmp_path_factory.mktemp("stored")
+    with open(tiny["train_csv"], newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    data = root / "train.csv"
+    with data.open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=["uid", "text", "sentiment"])
+        writer.writeheader()
+        writer.writerows({"uid": f"r{i}", **row} for i, row in enumerate(rows))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["teacher_a"]).eval()
+    order = [model.config.label2id[name] for name in LABELS]
+    with torch.no_grad():
+        logits = model(**tiny["tokenizer"]([r["text"] for r in rows], padding=True, truncation=True, max_length=32,
+                                          return_tensors="pt")).logits[:, order]
+    columns = ["positive", "uid", "negative", "neutral"]
+    outputs = root / "teacher_a_logits.jsonl"
+    outputs.write_text("".join(json.dumps({"uid": f"r{i}", **{name: float(logits[i, LABELS.index(name)])
+                                                              for name in LABELS}}, sort_keys=False) + "\n"
+                               for i in range(len(rows))))
+    probabilities = root / "teacher_a_probs.csv"
+    with probabilities.open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(columns)
+        soft = torch.softmax(logits.double(), -1)
+        for i in range(len(rows)):
+            writer.writerow([float(soft[i, 2]), f"r{i}", float(soft[i, 0]), float(soft[i, 1])])
+    return {"data": data, "logits": outputs, "probabilities": probabilities, "rows": len(rows)}
+
+
+def _fit(config, tmp_path, name, teachers, data):
+    out = tmp_path / name
+    done = run_cli(["fit-weights", config, teachers, *data, "teachers.dtype=float32", "--out", out])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {row["name"]: row for row in json.loads((out / "fit_weights.json").read_text())["rows"]}
+
+
+def test_a_black_box_teacher_scores_and_fits_exactly_as_the_live_model_it_came_from(tiny, with_ids, tmp_path):
+    config = tiny_config_yaml(tiny, tmp_path / "run")
+    data = [f"data.train.path={with_ids['data']}", "data.id_field=uid", "data.unlabeled.path=null",
+            "student.from_teacher=b", "student.layers=[0, 1]"]
+    live = _fit(config, tmp_path, "live", f"teachers.models=[{{name: a, path: {tiny['teacher_a']}}}, "
+                                          f"{{name: b, path: {tiny['teacher_b']}}}]", data)
+    for source, outputs in (("logits", "logits"), ("probabilities", "probabilities")):
+        teachers = (f"teachers.models=[{{name: a, logits: {with_ids[source]}, outputs: {outputs}}}, "
+                    f"{{name: b, path: {tiny['teacher_b']}}}]")
+        stored = _fit(config, tmp_path, source, teachers, data)
+        for row in ("teacher a", "fitted linear", "fitted geometric"):
+            assert stored[row]["nll"] == pytest.approx(live[row]["nll"], abs=2e-5), (source, row)
+            assert stored[row]["weights"] == pytest.approx(live[row]["weights"], abs=1e-3), (source, row)
+    run_dir = tmp_path / "trained"
+    trained = run_cli(["train", tiny_config_yaml(tiny, run_dir), *data,
+                       f"teachers.models=[{{name: a, logits: {with_ids['logits']}}}, {{name: b, path: {tiny['teacher_b']}}}]",
+                       "training.max_steps=4"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["teachers"][0]["params"] == 0 and report["teachers"][0]["accuracy"] == pytest.approx(
+        live["teacher a"]["accuracy"], abs=1e-9)
+
+
+def test_a_file_that_does_not_cover_the_data_or_names_other_labels_is_refused_at_start(tiny, with_ids, tmp_path):
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(line + "\n" for line in with_ids["logits"].read_text().splitlines()[:-5]))
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text(with_ids["logits"].read_text().replace('"neutral"', '"meh"'))
+    run_dir = tmp_path / "run"
+    config = tiny_config_yaml(tiny, run_dir)
+    base = [f"data.train.path={with_ids['data']}", "data.id_field=uid", "data.unlabeled.path=null",
+            "student.from_teacher=b", "student.layers=[0, 1]"]
+    cases = {short: "example id(s) of the", renamed: "missing ['neutral'], not labels ['meh']"}
+    for file, message in cases.items():
+        done = run_cli_in_process(["train", config, *base,
+                        f"teachers.models=[{{name: a, logits: {file}}}, {{name: b, path: {tiny['teacher_b']}}}]"])
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+        assert not run_dir.exists()
+    no_id = run_cli_in_process(["train", config, f"teachers.models=[{{name: a, logits: {with_ids['logits']}}}]",
+                     "student.from_teacher=null", f"student.path={tiny['teacher_b']}", "student.layers=null"])
+    assert no_id.returncode == 2 and "set data.id_field" in no_id.stderr
