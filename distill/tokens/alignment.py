@@ -205,26 +205,30 @@ def shared_boundaries(student_ends: Tensor, teacher_ends: Tensor) -> Tuple[Tenso
 
 def byte_spans(offsets: Sequence[Tuple[int, int]], lengths: Sequence[int], text: str) -> List[Tuple[int, int]]:
     """Token spans in UTF-8 bytes of `text` from a fast tokenizer's character `offsets` and each
-    token's byte length (`lengths`, 0 for special tokens). Character offsets cannot tell the
-    pieces of one multi-byte character apart (byte-level BPE splits an emoji into several tokens
-    that all end at the same character); inside such a run each piece ends where its bytes do, so
-    two tokenizations that cut a character at the same byte share that boundary too."""
+    token's byte length (`lengths`, 0 for special tokens).
+
+    Character offsets cannot tell the pieces of one multi-byte character apart: byte-level BPE may
+    end a token inside a character and start the next one there (an emoji in four one-byte tokens,
+    or "日本" as [one byte of 日] + [two bytes of 日 and all of 本], both reported as characters 0..1
+    and 0..2). A token whose characters hold exactly its bytes keeps that span. Otherwise, where
+    the tokens tile the text, a token starts where the previous one's bytes ended (`cursor`) if
+    that place lies before the end of its first character and its bytes then end inside its last
+    character; a token for which neither holds (normalized text, a special token) keeps its
+    characters' span."""
     places = [0]
     for character in text:
         places.append(places[-1] + len(character.encode("utf-8")))
-    spans = [(places[start], places[end]) for start, end in offsets]
-    index = len(spans) - 1
-    while index > 0:
-        first = index
-        while first > 0 and offsets[first - 1][1] == offsets[index][1] and offsets[first - 1][1] > offsets[first - 1][0]:
-            first -= 1
-        run = range(first, index + 1)
-        if index > first and offsets[index][1] > offsets[index][0] and all(lengths[i] > 0 for i in run):
-            end = spans[index][1]
-            for i in reversed(run):  # the last piece ends with the character; each earlier one before the next's bytes
-                spans[i] = (spans[i][0] if i == first else end - lengths[i], end)
-                end -= lengths[i]
-        index = first - 1
+    spans, cursor = [], 0
+    for (start, end), length in zip(offsets, lengths):
+        low, high = places[start], places[end]
+        span = (low, high)
+        if length > 0 and end > start and high - low != length:
+            first_end, last_start = places[start + 1], places[end - 1]
+            if cursor < first_end and last_start < cursor + length <= high:
+                span = (cursor, cursor + length)
+        spans.append(span)
+        if length > 0:
+            cursor = span[1]
     return spans
 
 

@@ -318,3 +318,63 @@ def test_identical_tokenizers_cover_every_piece_of_a_split_emoji(tokenizers):
     _, ends = stream_spans(spans, [len(text.encode("utf-8")) for text in texts])
     assert ends == sorted(ends) and len(set(ends)) == len(ends)  # every token ends at its own byte
     assert aligned_positions(ends, ends) == list(range(len(ends)))
+
+
+def test_byte_spans_of_a_token_ending_inside_a_character_and_the_next_running_on():
+    """Issue 30's case: "日本" as [the first byte of 日] + [its last two bytes and all of 本]."""
+    from distill.tokens.alignment import byte_spans
+
+    assert byte_spans([(0, 1), (0, 2)], [1, 5], "日本") == [(0, 1), (1, 6)]
+
+
+_SCRIPTS = ["abcdefghij klmnop", "éèçñüß ", "日本語中文字漢 ", "한국어글 ", "ру́сскийтекст ", "🚗☕😀🚦🎉 ", "ابتثج ", "0123 ,.!"]
+
+
+def _random_text(rng, length, words=None):
+    """Characters drawn from several scripts, or (with `words`) words of a small random lexicon, so
+    that byte pairs across character boundaries are frequent enough for BPE to merge them."""
+    if words:
+        return " ".join(rng.choice(words) for _ in range(max(1, length // 4)))
+    return "".join(rng.choice(rng.choice(_SCRIPTS)) for _ in range(length))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_byte_spans_equal_a_byte_exact_reference_on_random_multilingual_text(tmp_path, seed):
+    """Property: for byte-level BPE tokenizers trained here on random multilingual text (merges that
+    cross characters included), each token's span holds exactly its own bytes, and the spans tile
+    the text's bytes in order. The reference is the running sum of the tokens' byte lengths."""
+    import random
+
+    from distill.tokens.alignment import byte_spans
+
+    rng = random.Random(seed)
+    words = [_random_text(rng, rng.randint(2, 5)).replace(" ", "") or "x" for _ in range(40)]
+    corpus = [_random_text(rng, rng.randint(5, 60), words) for _ in range(300)]
+    corpus += [_random_text(rng, rng.randint(5, 60)) for _ in range(100)]
+    inside = 0
+    for vocab_size in (280, 330, 600):
+        tokenizer = train_lm_tokenizer(tmp_path / f"bpe{vocab_size}", corpus, vocab_size=vocab_size)
+        spelled = vocabulary_bytes(tokenizer)
+        for index in range(120):
+            text = _random_text(rng, rng.randint(1, 40), words if index % 2 else None)
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            pieces = [spelled[i] for i in encoded["input_ids"]]
+            assert b"".join(pieces) == text.encode("utf-8")
+            reference, place = [], 0
+            for piece in pieces:
+                reference.append((place, place + len(piece)))
+                place += len(piece)
+            got = byte_spans(encoded["offset_mapping"], [len(p) for p in pieces], text)
+            assert got == reference, (text, encoded["offset_mapping"], [len(p) for p in pieces])
+            raw = text.encode("utf-8")
+            assert [raw[a:b] for a, b in got] == pieces
+            inside += sum(1 for piece in pieces if _cuts_a_character(piece))
+    assert inside > 0  # the case the reference is about happened (tokens ending inside a character)
+
+
+def _cuts_a_character(piece: bytes) -> bool:
+    try:
+        piece.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return True
