@@ -249,9 +249,14 @@ def topk_target_log_probs(top_ids: Tensor, top_log_probs: Tensor, vocab_size: in
                           tail: Tensor | None = None) -> Tensor:
     """Dense log-probabilities [..., V] from the top-k [..., k]: the listed tokens keep their
     log-probability, the remaining V - k tokens share the tail mass 1 - sum(top) equally (`tail`
-    [...] is its log, as stored by the cache; computed from the top k when not given)."""
+    [...] is its log, as stored by the cache; computed from the top k when not given).
+
+    A listed log-probability of -inf (a sampled store's slot that was not drawn: probability 0) is
+    read as -1e30, whose exp is 0 as well: the dense rows stay finite, so the non-finite-teacher
+    check (which stops or skips rows with NaN/inf) does not mistake "never drawn" for a broken
+    teacher. NaN and +inf pass through unchanged and are caught there."""
     k = top_ids.shape[-1]
-    top_log_probs = top_log_probs.to(torch.promote_types(top_log_probs.dtype, torch.float32))
+    top_log_probs = top_log_probs.to(torch.promote_types(top_log_probs.dtype, torch.float32)).clamp(min=-1e30)
     if k < vocab_size and tail is None:
         covered = torch.logsumexp(top_log_probs, dim=-1, keepdim=True).clamp(max=0.0)
         # log(1 - exp(covered)), stable near covered = 0; very negative when the top k hold it all

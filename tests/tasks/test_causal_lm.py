@@ -644,7 +644,20 @@ def test_a_sampled_cache_trains_and_refuses_what_samples_cannot_express(lm_run, 
     run_dir = tmp_path / "run"
     trained = run_cli(["train", config, f"output_dir={run_dir}", f"teachers.cache={cache}"])
     assert trained.returncode == 0, trained.stderr[-3000:]
-    assert all(math.isfinite(row["loss"]) and row["kd"] > 0 for row in train_losses(run_dir))
+    fused = train_losses(run_dir)
+    assert all(math.isfinite(row["loss"]) and row["kd"] > 0 for row in fused)
+    # issue 30: slots never drawn are probability 0, not a broken teacher; the unfused token loss and
+    # ZeRO-3 read the same cache to the same losses (they stopped with exit 3 at their first step)
+    for name, overrides in (("unfused", ["loss.fused=false"]), ("zero3", ["deepspeed.zero_stage=3"])):
+        other_dir = tmp_path / name
+        other = run_cli(["train", config, f"output_dir={other_dir}", f"teachers.cache={cache}", *overrides])
+        assert other.returncode == 0, (name, other.stderr[-3000:])
+        rows = train_losses(other_dir)
+        assert [row["step"] for row in rows] == [row["step"] for row in fused]
+        for mine, reference in zip(rows, fused):
+            for key in ("loss", "kd", "ce"):
+                assert mine[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), (name, key, mine, reference)
+            assert mine.get("skipped_nonfinite_rows", 0) == 0
     from tests.helpers import assert_refused_before_writing
 
     for overrides, message in [(["interpolation.method=geometric"], "only the linear mixture stays unbiased"),
