@@ -353,6 +353,13 @@ class ExportConfig:
 
 
 @dataclass
+class TokenClassificationConfig:
+    """task token_classification (distill/tasks/token_classification.py): which sub-tokens of a word
+    carry its tag in the loss. Words are scored at their first sub-token either way."""
+    label_all_subtokens: bool = False  # false: the first sub-token of each word; true: every sub-token
+
+
+@dataclass
 class DistillConfig:
     task: str = "sequence_classification"
     output_dir: str = MISSING
@@ -368,6 +375,8 @@ class DistillConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    # a section named after a task belongs to it: set under another task, it is refused (tasks/__init__.py)
+    token_classification: TokenClassificationConfig = field(default_factory=TokenClassificationConfig)
 
 
 PLACEMENTS = ("replicated", "zero3")
