@@ -32,11 +32,22 @@ def run_cli_in_process(args):
     from distill.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(arg) for arg in args])
-        except SystemExit as stop:  # argparse's refusals
-            code = stop.code
+    environment = dict(os.environ)
+    try:
+        with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(arg) for arg in args])
+            except SystemExit as stop:  # argparse's refusals
+                code = stop.code
+    finally:
+        # a refusal after the process group started: close it and drop the rank variables it set, or
+        # every later subprocess would inherit this process's MASTER_PORT (held by its store)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 

@@ -157,7 +157,7 @@ def _task_refuses(config_path, overrides, message):
      r"does not read \['loss.chunk_tokens', 'loss.fused'\] \(causal-LM settings\)"),
     (["data.prompt_field=p", "data.response_field=r"], r"does not read \['data.prompt_field', 'data.response_field'\]"),
     (["task=causal_lm"], r"task causal_lm does not read \['data.unlabeled.path', 'data.label_names', 'data.label_field'\]"),
-    (["task=translation"], r"task: 'translation' is not one of \['causal_lm', 'sequence_classification'\]"),
+    (["task=translation"], r"task: 'translation' is not one of \['causal_lm', 'sequence_classification', 'token_classification'\]"),
 ])
 def test_settings_the_chosen_task_ignores_are_refused(config_path, overrides, message):
     _task_refuses(config_path, overrides, message)
