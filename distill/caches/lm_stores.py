@@ -143,7 +143,7 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str
         parts = [f"hidden{k}" for k in range(len(plans))] if store == "hidden" else ["ids", "log_probs", "tail"]
         if store == "hidden":  # each teacher's output layer, once (restricted rows are not cached: no trim_vocab)
             heads = {}
-            for k, head in enumerate(source.heads):
+            for k, head in enumerate(source.unwrap().heads):
                 heads[f"weight{k}"] = head.weight.detach().cpu().contiguous()
                 if head.bias is not None:
                     heads[f"bias{k}"] = head.bias.detach().cpu().contiguous()
@@ -163,7 +163,7 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str
                                   **{part: torch.cat(shard[part]) for part in parts}})
         figures, _ = task.evaluate(None, ensemble, source, device)  # teachers and target only (every rank)
         kept = (stored if store != "hidden" else
-                {"hidden_dtype": str(source.heads[0].weight.dtype if hidden_dtype is None
+                {"hidden_dtype": str(source.unwrap().heads[0].weight.dtype if hidden_dtype is None
                                      else HIDDEN_DTYPES[hidden_dtype]).replace("torch.", "")})
         meta = {"store": store, **kept, "vocab_size": vocab, "fingerprint": dataset_fingerprint, "rows": len(train),
                 "interpolation": cfg.interpolation.method,

@@ -307,6 +307,9 @@ class TokenizerGroup:
 
     prefix: str
     tokenizer: object
+    # causal LM, a teacher with its own tokenizer: the longest window it reads, its tokens' byte lengths
+    max_length: Optional[int] = None
+    byte_lengths: Optional[List[int]] = None
 
 
 def tokenize(dataset: Dataset, groups: Sequence[TokenizerGroup], text_fields: Sequence[str],

@@ -66,7 +66,15 @@ class Interpolation:
     fittable = False  # implements fit(): interpolation.fit_on and `distill fit-weights` may use it
     needs_fit = False  # unusable before fit() (a learned gate)
     weights_per_row = False  # row_weights depends on the teachers' outputs row by row
-    needs_every_teacher = False  # cannot mix a subset of the teachers (token_alignment.covered_target)
+    needs_every_teacher = False  # cannot mix a subset of the teachers (tokens.alignment.covered_target)
+    # the streamed forms Targets may use instead of the dense path: "probabilities" (probabilities_),
+    # "sparse" (sparse_ on a top-k target); declared, never probed
+    fast_paths: frozenset = frozenset()
+
+    def covered(self, teacher_logits: Tensor, covering: Tensor, temperatures: Tensor) -> Tensor:
+        """A strategy with needs_every_teacher: its target of rows only the teachers in `covering` read."""
+        raise ValueError(f"interpolation {self.name!r} reads every teacher at every row; {teacher_logits.shape[1]} "
+                         f"row(s) are covered by teachers {covering.nonzero().flatten().tolist()} only")
 
     def row_weights(self, teacher_logits: Tensor, weights: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         """[K, rows] each teacher's weight in each row's target (here the given weights, the same for
@@ -103,6 +111,7 @@ class LinearInterpolation(Interpolation):
         return linear_mixture(teacher_log_probs(teacher_logits, temperatures), weights)
 
     fittable = True
+    fast_paths = frozenset({"probabilities", "sparse"})
 
     def probabilities_(self, teacher_logits, weights, temperatures):
         """The same mixture as probabilities, computed in place over `teacher_logits` (consumed)."""

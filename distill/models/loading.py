@@ -155,14 +155,14 @@ def load_pooled_classifier(reference: str, key: str, trust_remote_code: bool, dt
         tensors = load_file(str(head))
         weight, bias = tensors["weight"], tensors.get("bias")
     else:
-        source = load_sequence_classifier(reference, key, trust_remote_code, torch.float32)
-        classifier = getattr(source, "classifier", None)
+        classifier_model = load_sequence_classifier(reference, key, trust_remote_code, torch.float32)
+        classifier = getattr(classifier_model, "classifier", None)
         if not isinstance(classifier, torch.nn.Linear):
             raise ConfigError(f"{key}: pooling needs a linear classifier layer on the hidden states; "
-                              f"{type(source).__name__} has none: give the head as a safetensors file ({key}.head)")
-        encoder = getattr(source, source.base_model_prefix)
+                              f"{type(classifier_model).__name__} has none: give the head as a safetensors file ({key}.head)")
+        encoder = getattr(classifier_model, classifier_model.base_model_prefix)
         weight, bias = classifier.weight.detach(), None if classifier.bias is None else classifier.bias.detach()
-        labels = label_names_of(source.config) or [f"LABEL_{i}" for i in range(weight.shape[0])]
+        labels = label_names_of(classifier_model.config) or [f"LABEL_{i}" for i in range(weight.shape[0])]
     if weight.shape[1] != encoder.config.hidden_size:
         raise ConfigError(f"{key}: the head reads {weight.shape[1]} features, the encoder gives {encoder.config.hidden_size}")
     config = PooledClassifierConfig(encoder=encoder.config.to_dict(), pooling=pooling, normalize=normalize,

@@ -64,6 +64,8 @@ class TeacherPlan:
     pooling: Optional[str] = None  # a linear head on pooled encoder states (classification)
     normalize: bool = False
     head: Optional[str] = None
+    vocab_size: Optional[int] = None  # causal LM: the teacher's vocabulary size
+    token_map: Optional[object] = None  # causal LM, another tokenizer: signals.aligned.TokenMap to the student's
 
 
 def plan_teachers(cfg: DistillConfig, label_names: List[str], student_tokenizer) -> tuple[List[TeacherPlan], List[TokenizerGroup]]:
@@ -121,6 +123,8 @@ class TeacherEnsemble:
         self.on_nonfinite = "stop"
         self.inner_requests: Dict = {}  # teacher index -> what its forward records (intermediate-layer terms)
         self.routing = None  # routing.Routing with teachers.route_by: a strategy and weights per route
+        self.dtype: Optional[torch.dtype] = None  # what the teachers run in (a cache: what they ran in)
+        self.compiled = False  # teachers.compile applied
         # per teacher; a cached ensemble (no models loaded) takes them from the cache's record
         self.parameter_counts = [getattr(model, "parameters_before_quantization", None) or count_parameters(model)
                                  for model in models]

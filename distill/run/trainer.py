@@ -205,8 +205,8 @@ class Trainer:
         """{dtype, kl_to_fp32 per teacher}: with teachers below fp32, KL(fp32 teacher || teacher as
         run) on one validation batch, measured once at start (the task loads each teacher again in
         fp32 for it) and logged; None per teacher where it cannot be measured (cache, ZeRO-3)."""
-        dtype = getattr(self.ensemble, "dtype", dtype)  # a cache's teachers ran in the dtype it records
-        compiled = getattr(self.ensemble, "compiled", False)
+        dtype = self.ensemble.dtype or dtype  # a cache's teachers ran in the dtype it records
+        compiled = self.ensemble.compiled
         name = str(dtype).replace("torch.", "") + (" compiled" if compiled else "")
         drift = {plan.name: None for plan in self.teacher_plans}
         if (dtype != torch.float32 or compiled) and self.cfg.teachers.placement == "replicated":

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from distill.signals.base import Capability, Signal, Source
 from distill.errors import ConfigError
 from distill.data.text import LABELS, model_inputs
 from distill.formulas.divergences import IGNORE_INDEX
@@ -93,16 +94,19 @@ def build_token_map(teacher_tokenizer, student_tokenizer, student_bytes: Sequenc
                     prefix=int((mapped & ~exact).sum()), unmapped=int((~mapped).sum()))
 
 
-class AlignedSignal:
+class AlignedSignal(Signal):
     """Teachers' last hidden states at the student's rows [rows, H_k] (zeros where teacher k has not
     read the row's text), their output layers, and per teacher a TokenMap (None: the student's own
     vocabulary). `logits(start, end)` -> [K, c, V_student]: raw logits for shared teachers, mapped
     log-probabilities for the others. Keeps, per teacher, the covered labelled rows and their mapped
     mass seen so far (logged)."""
 
+    capabilities = frozenset({Capability.COVERAGE, Capability.ALIGNED})
+
     def __init__(self, hidden_states: List[Tensor], heads: List[nn.Module], maps: List[Optional[TokenMap]],
                  coverage: Tensor, labelled: Tensor, vocab_size: int, windows: Optional[Dict[int, Dict]] = None,
                  reference_weights: Optional[Sequence[float]] = None):
+        super().__init__(hidden_states[0].shape[0])
         self.hidden_states, self.heads, self.maps = hidden_states, heads, maps
         # the shared-vocabulary teachers' mixture splits a class's mass among its student tokens
         shared = [k for k, token_map in enumerate(maps) if token_map is None]
@@ -112,9 +116,8 @@ class AlignedSignal:
         self.reference = (shared, normalize_weights(weights)) if shared else None
         self.covered = coverage  # [K, rows] bool
         self.labelled = labelled  # [rows] bool
-        self.rows, self.vocab_size = hidden_states[0].shape[0], vocab_size
+        self.vocab_size = vocab_size
         self.windows = windows or {}  # k -> {"hidden": [B, W, H], "input_ids", "attention_mask"} (evaluation)
-        self.records: Dict[int, Dict] = {}
         self.mass = torch.zeros(len(heads), dtype=torch.float64)  # summed over covered labelled rows
         self.mapped_rows = torch.zeros(len(heads), dtype=torch.long)
 
@@ -182,10 +185,12 @@ class AlignedSignal:
         return nll, int(ids.numel() - 1), int(token_map.byte_lengths[ids[1:].cpu()].sum())
 
 
-class AlignedLanguageModels:
+class AlignedLanguageModels(Source):
     """The source for causal-LM teachers when some have other tokenizers: shared-vocabulary teachers
     read the student's ids (through a trimmed vocabulary's map, if any), the others their own
     windows, gathered at the aligned positions."""
+
+    capabilities = frozenset({Capability.COVERAGE, Capability.ALIGNED})
 
     def __init__(self, ensemble, maps: List[Optional[TokenMap]], vocab_size: int, vocabulary=None):
         self.ensemble, self.maps, self.vocab_size, self.vocabulary = ensemble, maps, vocab_size, vocabulary

@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from distill.signals.base import Source
 from distill.config.schema import teacher_display_name
 
 from distill.errors import ConfigError
@@ -216,25 +217,22 @@ def attach_routing(cfg, ensemble):
     return ensemble.routing
 
 
-class RoutedSource:
+class RoutedSource(Source):
     """A teacher-signal source whose signals also carry `route_rows`: the route id of each of their
-    rows (a batch's ROUTE per example, repeated over its tokens for a causal LM). Everything else is
-    the wrapped source's."""
+    rows (a batch's ROUTE per example, repeated over its tokens for a causal LM). What its signals can
+    do is the wrapped source's; `unwrap()` gives that source."""
 
-    def __init__(self, inner):
-        object.__setattr__(self, "inner", inner)
+    def __init__(self, inner: Source):
+        self.inner = inner
+        self.capabilities = inner.capabilities
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def __setattr__(self, name, value):
-        setattr(self.inner, name, value)
+    def unwrap(self) -> Source:
+        return self.inner.unwrap()
 
     def signal(self, batch: Dict, device: torch.device):
         signal = self.inner.signal(batch, device)
         per_example = batch[ROUTE].to(device)
-        signal.route_rows = per_example.repeat_interleave(signal.rows // max(len(per_example), 1))
-        return signal
+        return signal.with_routes(per_example.repeat_interleave(signal.rows // max(len(per_example), 1)))
 
 
 def route_sums(values: Tensor, route_rows: Tensor, counted: Tensor, routes: Routes, name: str

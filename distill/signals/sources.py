@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 from distill.errors import NonFiniteLogitsError
+from distill.signals.base import Capability, Signal, Source
 
 from distill.formulas.token_loss import ProbabilityTarget, SparseTarget, Workspace, entropy_terms
 from distill.errors import ConfigError
@@ -30,13 +31,12 @@ from distill.formulas.mixtures import add_softened_, normalize_weights, softmax_
 
 
 # ------------------------------------------------------------------------------------ signals
-class DenseSignal:
+class DenseSignal(Signal):
     """Logits already in memory: [K, rows, V] (classification teachers' outputs)."""
 
     def __init__(self, logits: Tensor, records: Optional[Dict[int, Dict]] = None):
+        super().__init__(logits.shape[1], records)  # records: hidden states / attention vectors per teacher
         self.all_logits = logits
-        self.rows = logits.shape[1]
-        self.records = records or {}  # per teacher: hidden states / attention vectors (layer_distillation)
 
     def logits(self, start: int, end: int) -> Tensor:
         return self.all_logits[:, start:end]
@@ -62,14 +62,15 @@ def write_head(head: nn.Module, rows: Tensor, out: Tensor, scale: float = 1.0) -
             out.mul_(scale)
 
 
-class HiddenStateSignal:
+class HiddenStateSignal(Signal):
     """Live LM teachers: each teacher's last hidden states [rows, H_k] and its output layer; logits
     exist only a chunk at a time."""
 
+    capabilities = frozenset({Capability.WRITE_LOGITS})
+
     def __init__(self, hidden_states: List[Tensor], heads: List[nn.Module], records: Optional[Dict[int, Dict]] = None):
+        super().__init__(hidden_states[0].shape[0], records)  # records: inner layers' records per teacher
         self.hidden_states, self.heads = hidden_states, heads
-        self.records = records or {}  # per teacher: inner layers' records (layer_distillation)
-        self.rows = hidden_states[0].shape[0]
         self.vocab_size = heads[0].weight.shape[0]
 
     def write_logits(self, k: int, start: int, end: int, out: Tensor, scale: float = 1.0) -> None:
@@ -83,14 +84,17 @@ class HiddenStateSignal:
             return out
 
 
-class TopKSignal:
+class TopKSignal(Signal):
     """Cached teachers: per row and teacher the top-k log-probabilities (at T = 1), their ids and the
     log of the mass outside them (caches/lm_stores.py). Dense rebuild: the tail mass spread evenly over the
     other V - k tokens (exact when k = V)."""
 
+    capabilities = frozenset({Capability.TOP_K})
+
     def __init__(self, ids: Tensor, log_probs: Tensor, tail: Tensor, vocab_size: int):
+        super().__init__(ids.shape[0])
         self.ids, self.log_probs, self.tail = ids, log_probs, tail  # [rows, K, k], [rows, K, k], [rows, K]
-        self.rows, self.vocab_size = ids.shape[0], vocab_size
+        self.vocab_size = vocab_size
 
     def top_k(self, start: int, end: int) -> Tuple[Tensor, Tensor, Tensor]:
         return self.ids[start:end], self.log_probs[start:end], self.tail[start:end]
@@ -104,7 +108,7 @@ class TopKSignal:
 
 
 # ------------------------------------------------------------------------------------ sources
-class LiveClassifiers:
+class LiveClassifiers(Source):
     """Live classification teachers: logits [K, B, C] in the student's label order."""
 
     def __init__(self, ensemble):
@@ -114,12 +118,14 @@ class LiveClassifiers:
         return DenseSignal(*self.ensemble.run(batch, device))
 
 
-class LiveLanguageModels:
+class LiveLanguageModels(Source):
     """Live causal-LM teachers: their bodies run once per batch (inference mode, or no_grad where
     ZeRO-3 gathers parameters in place); their output layers are applied per chunk by `Targets`.
     With a trimmed student vocabulary (vocabulary.TeacherVocabulary) the teachers read the student's
     ids mapped back to theirs and their output layers keep the kept tokens' rows only: their
     distributions are renormalised over the kept tokens."""
+
+    capabilities = frozenset({Capability.WRITE_LOGITS})
 
     def __init__(self, ensemble, vocabulary=None):
         self.ensemble = ensemble
@@ -163,7 +169,7 @@ def teacher_hidden_states(ensemble, inputs, records: Optional[Dict[int, Dict]] =
     from distill.models.layer_hooks import Capture, detached_copy
 
     context = torch.inference_mode if ensemble.use_inference_mode else torch.no_grad
-    states, requests = [], getattr(ensemble, "inner_requests", {})
+    states, requests = [], ensemble.inner_requests
     per_teacher = inputs if isinstance(inputs, list) else [inputs] * len(ensemble.models)
     with context():
         for k, (model, inputs) in enumerate(zip(ensemble.models, per_teacher)):
@@ -183,9 +189,11 @@ def teacher_hidden_states(ensemble, inputs, records: Optional[Dict[int, Dict]] =
     return states
 
 
-class CachedHidden:
+class CachedHidden(Source):
     """Teachers' last hidden states read from a `distill cache --store hidden` folder, with their
     stored output layers: the same signal live teachers give, without running a teacher body."""
+
+    capabilities = frozenset({Capability.WRITE_LOGITS})
 
     def __init__(self, cache):
         self.cache = cache
@@ -196,8 +204,10 @@ class CachedHidden:
         return HiddenStateSignal([s.reshape(-1, s.shape[-1]).to(device) for s in states], heads)
 
 
-class CachedTopK:
+class CachedTopK(Source):
     """Teachers read from a `distill cache` folder by example id: no teacher runs."""
+
+    capabilities = frozenset({Capability.TOP_K})
 
     def __init__(self, cache):
         self.cache = cache
@@ -229,14 +239,14 @@ class Targets:
         self.temperatures = (ensemble.temperatures if temperatures is None
                              else torch.as_tensor(temperatures, dtype=torch.float32))
         strategy = ensemble.interpolation
-        # teachers.route_by: each row mixes its route's teachers (interpolation/routing.py), through the general path
-        self.routing = getattr(ensemble, "routing", None) if hasattr(signal, "route_rows") else None
+        # teachers.route_by: each row mixes its route's teachers (signals/routing.py), through the general path
+        self.routing = ensemble.routing if signal.route_rows is not None else None
         if self.routing is not None:
             self.route_weights = self.routing.weights_now(None if weights is None else self.weights)
             streamed = False
-        self.stream_probabilities = (streamed and hasattr(strategy, "probabilities_")
-                                     and hasattr(signal, "write_logits"))
-        self.sparse = streamed and hasattr(strategy, "sparse_") and hasattr(signal, "top_k")
+        self.stream_probabilities = (streamed and "probabilities" in strategy.fast_paths
+                                     and signal.can(Capability.WRITE_LOGITS))
+        self.sparse = streamed and "sparse" in strategy.fast_paths and signal.can(Capability.TOP_K)
         self.workspace = Workspace() if workspace is None else workspace
         self.unit = unit
         self.skipped = 0  # KD rows left out for non-finite teacher logits
@@ -294,7 +304,8 @@ class Targets:
             keep = finite.all(dim=0)
             self.skipped += int((~keep & kd_rows).sum())
             logits = torch.where(keep[None, :, None], logits, torch.zeros_like(logits))
-        coverage = getattr(self.signal, "coverage", None)  # teachers with other tokenizers (signals/aligned.py)
+        # teachers with other tokenizers (signals/aligned.py) or words (token classification)
+        coverage = self.signal.coverage if self.signal.can(Capability.COVERAGE) else None
         if self.routing is not None:
             with torch.no_grad():
                 target, routed = self.routing.target(logits, self.signal.route_rows[start:end], self.route_weights,

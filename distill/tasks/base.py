@@ -258,7 +258,7 @@ class Task:
             alone.weight = 1.0  # one teacher on its own (its mixture weight may be 0)
             reference, reference_source = self.load_teachers([alone], device, torch.float32, eager=True)
             signal = reference_source.signal(batch, device)
-            if getattr(plan, "token_map", None) is not None:  # another tokenizer: in its own vocabulary, where it reads
+            if plan.token_map is not None:  # another tokenizer: in its own vocabulary, where it reads
                 read = rows & low.coverage(0, low.rows)[k].to(rows.device)
                 drift[plan.name] = mean_kl(signal.own_log_probs(0, 0, signal.rows)[read],
                                            low.own_log_probs(k, 0, low.rows)[read])

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
 import distill.runtime.distributed as distributed
+from distill.signals.base import Capability
 from distill.formulas.token_loss import (Workspace, chunked_target_distillation, fused_token_distillation, tokens_per_chunk)
 from distill.config.schema import DataConfig, resolve_teacher_index, teacher_display_name
 from distill.errors import ConfigError
@@ -442,8 +443,7 @@ class CausalLM(Task):
         # general path shrinks the chunk with the teacher count
         self.streamed = (self.fused and getattr(self.divergence, "closed_form", None) == "forward_kl"
                          and ensemble is not None and ensemble.routing is None
-                         and (hasattr(ensemble.interpolation, "probabilities_")
-                              or hasattr(ensemble.interpolation, "sparse_")))
+                         and bool(ensemble.interpolation.fast_paths))
         teachers = len(ensemble) if ensemble is not None else 1
         self.chunk_size = tokens_per_chunk(cfg.loss.chunk_tokens, 1 if self.streamed else teachers)
         # the loss's [chunk, V] temporaries, kept over the run: on a CPU each fresh one costs page
@@ -499,7 +499,7 @@ class CausalLM(Task):
                        for plan in self.layer_terms.plans}  # teachers read the student's ids (mapped back)
             terms, extra = self.add_layer_terms(terms, engine.module, record, signal, inputs["attention_mask"],
                                                 row_weights, aligned)
-        if hasattr(signal, "shares"):  # teachers with other tokenizers: coverage and mapped mass
+        if signal.can(Capability.ALIGNED):  # teachers with other tokenizers: coverage and mapped mass
             extra = {**(extra or {}), **signal.shares(ensemble.names)}
         # logged per token of this micro-batch (the loss itself is scaled for the whole step)
         scale = normalizer / max(int((labels != IGNORE_INDEX).sum()), 1)
@@ -552,7 +552,7 @@ class CausalLM(Task):
             for row, index in enumerate(batch[INDEX].tolist()):
                 rows = slice(row * length, (row + 1) * length)
                 valid = labels[row] != IGNORE_INDEX
-                if hasattr(signal, "coverage"):  # other tokenizers: fit where every teacher has read the text
+                if signal.can(Capability.COVERAGE):  # other tokenizers: fit where every teacher has read the text
                     valid &= signal.coverage(rows.start, rows.stop).all(dim=0).cpu()
                 local[index] = ([hidden[rows][valid.to(hidden.device)].float().cpu() for hidden in signal.hidden_states],
                                 labels[row][valid])
@@ -562,18 +562,19 @@ class CausalLM(Task):
         order = sorted(merged)
         hidden = [torch.cat([merged[i][0][k] for i in order]).to(device) for k in range(len(ensemble))]
         labels = torch.cat([merged[i][1] for i in order]).to(device)
-        if hasattr(source, "maps"):
+        if source.can(Capability.ALIGNED):
             from distill.signals.aligned import AlignedSignal
 
+            aligned = source.unwrap()
             every = torch.ones(len(ensemble), labels.shape[0], dtype=torch.bool, device=device)
-            signal = AlignedSignal(hidden, source.heads, source.maps, every, every[0], source.vocab_size,
+            signal = AlignedSignal(hidden, aligned.heads, aligned.maps, every, every[0], aligned.vocab_size,
                                    reference_weights=[plan.weight for plan in ensemble.plans])
             self.fit_bytes = int(self._student_byte_lengths()[labels.cpu()].sum())
             if distributed.is_main():
                 print(f"the interpolation is fitted on the {labels.shape[0]:,} validation tokens every teacher has "
                       "read the text of (teachers with other tokenizers)", flush=True)
         else:
-            signal = HiddenStateSignal(hidden, source.heads)
+            signal = HiddenStateSignal(hidden, source.unwrap().heads)
         size = self.cfg.loss.chunk_tokens
 
         def chunks():
@@ -642,8 +643,9 @@ def perplexities(loader, student, ensemble, source, device: torch.device,
     # index -> {name: [NLL sum, tokens]} plus "" -> [labelled tokens], "own k" -> [NLL, tokens, bytes],
     # "mass k" -> [mapped mass], "bytes target" -> [bytes of the covered tokens]
     per_row: Dict[int, Dict[str, List[float]]] = {}
-    if ensemble is not None and hasattr(source, "keep_windows"):
-        source.keep_windows = True
+    windows = source.unwrap() if ensemble is not None and source.can(Capability.ALIGNED) else None
+    if windows is not None:
+        windows.keep_windows = True
     try:
         for batch in loader:
             labels = batch[LABELS].to(device)
@@ -657,7 +659,7 @@ def perplexities(loader, student, ensemble, source, device: torch.device,
                 flat = labels.reshape(-1)
                 targets = Targets(ensemble, source.signal(batch, device), flat, flat != IGNORE_INDEX,
                                   temperatures=torch.ones(len(ensemble)))
-                coverage = getattr(targets.signal, "coverage", None)
+                coverage = targets.signal.coverage if targets.signal.can(Capability.COVERAGE) else None
             sequence = labels.shape[1]
             for row, index in enumerate(batch[INDEX].tolist()):
                 valid = labels[row] != IGNORE_INDEX
@@ -685,8 +687,8 @@ def perplexities(loader, student, ensemble, source, device: torch.device,
                         sums["bytes target"] = [int(student_bytes[labels[row][read].cpu()].sum())]
                 per_row[index] = sums
     finally:
-        if ensemble is not None and hasattr(source, "keep_windows"):
-            source.keep_windows = False
+        if windows is not None:
+            windows.keep_windows = False
     merged: Dict[int, Dict[str, List[float]]] = {}
     for part in distributed.gather_objects(per_row):
         merged.update(part)

@@ -40,6 +40,7 @@ from distill.models.loading import check_positions, load_model_config, load_pret
 from distill.models.student import build_student, check_student_labels
 from distill.models.teachers import load_teachers, plan_teachers
 from distill.runtime.distributed import gather_objects
+from distill.signals.base import Capability, Signal, Source
 from distill.signals.sources import Targets
 from distill.tasks.base import StepFigures, Task, refuse_unused, register_task
 
@@ -118,11 +119,14 @@ def word_positions(word_ids: torch.Tensor, words: int) -> torch.Tensor:
     return table[:, :words]
 
 
-class WordSignal:
+class WordSignal(Signal):
     """Teachers' logits at the student's rows [K, rows, C], and which teacher read each row."""
 
+    capabilities = frozenset({Capability.COVERAGE})
+
     def __init__(self, logits: torch.Tensor, covered: torch.Tensor):
-        self.all_logits, self.covered, self.rows, self.records = logits, covered, logits.shape[1], {}
+        super().__init__(logits.shape[1])
+        self.all_logits, self.covered = logits, covered
 
     def logits(self, start: int, end: int) -> torch.Tensor:
         return self.all_logits[:, start:end]
@@ -131,9 +135,11 @@ class WordSignal:
         return self.covered[:, start:end]
 
 
-class WordAlignedTeachers:
+class WordAlignedTeachers(Source):
     """The teacher-signal source of this task: each live teacher over its own encoding of the words,
     its per-position logits (in the student's tag order) taken at each student row's word."""
+
+    capabilities = frozenset({Capability.COVERAGE})
 
     def __init__(self, ensemble):
         self.ensemble = ensemble
