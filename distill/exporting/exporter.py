@@ -35,10 +35,22 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def latest_tag(checkpoint_dir: Path) -> str:
-    latest = checkpoint_dir / "latest"
-    if not latest.is_file():
+    """The newest intact checkpoint of the run (every file's digest as recorded), saying which newer
+    ones were passed over and why; ExportError when there is none."""
+    from distill.errors import ConfigError
+    from distill.runtime.checkpointing import newest_intact_tag
+
+    if not (checkpoint_dir / "latest").is_file():
         raise ExportError(f"{checkpoint_dir} holds no complete checkpoint (no 'latest' file)")
-    return latest.read_text(encoding="utf-8").strip()
+    try:
+        tag, passed = newest_intact_tag(checkpoint_dir, require_manifest=False)  # weights need no manifest
+    except ConfigError as error:
+        raise ExportError(str(error)) from error
+    if tag is None:
+        raise ExportError(f"{checkpoint_dir} holds no intact checkpoint: " + "; ".join(passed))
+    if passed:
+        print("export: " + "; ".join(passed) + f": exporting {tag}, the newest intact one", flush=True)
+    return tag
 
 
 def consolidated_state_dict(checkpoint_dir: Path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
@@ -96,9 +108,16 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
     if not (init_dir / "config.json").is_file() or not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir} is not a distill run directory (no student_init/config.json or config.yaml)")
     checkpoints = run_dir / "checkpoints"
-    tag = tag or latest_tag(checkpoints)
+    from distill.util.outputs import RunLock
+
+    holder = RunLock(run_dir).other_holder()
+    if holder is not None:  # its checkpoints rotate while we read them: the run exports itself when done
+        raise ExportError(f"{run_dir} is still in use by process {holder[1]} on {holder[0]} (a training run): "
+                          f"export it when that process has finished (a finished run exports itself to "
+                          f"{run_dir / 'student'})")
     check_output(out_dir, [checkpoints, init_dir, run_dir / "config.yaml", run_dir / "report.json"], overwrite,
                  "export")
+    tag = tag or latest_tag(checkpoints)
 
     from distill.tasks import task_class
 

@@ -26,7 +26,8 @@ from omegaconf import OmegaConf
 
 import distill.runtime.distributed as distributed
 from distill.runtime.checkpointing import (MANIFEST, CheckpointWriteError, ResumableSampler, content_hash,
-                                   input_hashes, latest_complete_tag, load_rng_state, only_tensors, read_manifest, restore_latest,
+                                   input_hashes, latest_complete_tag, load_rng_state, newest_intact_tag, only_tensors,
+                                   read_manifest, restore_latest, seal_manifest,
                                    save_rng_state, unsafe_changes, write_manifest)
 from distill.config.schema import DistillConfig, to_yaml
 from distill.errors import ConfigError
@@ -165,6 +166,7 @@ class Trainer:
         self._check_before_writing()
         self._refuse_links_leaving()
         check_run_directory(self.run_dir)
+        self.resume_tag: Optional[str] = None  # the checkpoint a resume loads (_find_resume_point)
         self.resume_from = self._find_resume_point()
         if distributed.is_main():  # the first write: nothing above writes, everything above can refuse
             self.lock.acquire()
@@ -306,12 +308,24 @@ class Trainer:
                               "distill writes only inside output_dir: remove the link or choose another output_dir")
 
     def _find_resume_point(self) -> Optional[Path]:
+        """With training.resume=auto: the newest intact checkpoint of this run (every file's digest as
+        recorded when it was written), saying which newer ones were passed over and why."""
         checkpoints = self.run_dir / CHECKPOINTS
         has_checkpoint = (checkpoints / "latest").is_file()
         if self.cfg.training.resume == "auto":
-            if has_checkpoint:
-                self._check_resume_is_safe(checkpoints / (checkpoints / "latest").read_text().strip())
-            return checkpoints if has_checkpoint else None
+            written = has_checkpoint or (checkpoints.is_dir() and any(checkpoints.glob("step*")))
+            if not written:
+                return None
+            tag, passed = newest_intact_tag(checkpoints)
+            if tag is None:
+                raise ConfigError(f"training.resume=auto: no intact checkpoint in {checkpoints} ("
+                                  + "; ".join(passed or ["none was written"]) + "): start a new output_dir")
+            if passed and distributed.is_main():
+                print("training.resume=auto: " + "; ".join(passed) + f": resuming from {tag}, the newest intact one",
+                      flush=True)
+            self._check_resume_is_safe(checkpoints / tag)
+            self.resume_tag = tag
+            return checkpoints
         if has_checkpoint or (self.run_dir / "report.json").exists():
             raise ConfigError(f"output_dir {self.run_dir} already holds a run: choose another output_dir, "
                               "or set training.resume=auto to continue it")
@@ -378,7 +392,7 @@ class Trainer:
         self.start_epoch, self.skip_batches = 0, 0
         if self.resume_from is not None:
             with only_tensors():  # a handed-over run directory's pickles hold data, never code to run
-                path, client_state = self.engine.load_checkpoint(str(self.resume_from))
+                path, client_state = self.engine.load_checkpoint(str(self.resume_from), tag=self.resume_tag)
             self.start_epoch = client_state["epoch"]
             self.skip_batches = client_state["batches_in_epoch"]
             load_rng_state(Path(path).parent if Path(path).is_file() else Path(path), distributed.rank())
@@ -524,6 +538,9 @@ class Trainer:
                            self.input_hashes)
         distributed.barrier()
         self.engine.save_checkpoint(str(root), tag=tag, client_state=position)
+        distributed.barrier()
+        if distributed.is_main():  # every rank's files are there: their digests make the tag whole
+            seal_manifest(root / tag)
         distributed.barrier()
 
     # --------------------------------------------------------------------------- evaluation

@@ -15,7 +15,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -57,7 +57,81 @@ def latest_complete_tag(root: Path):
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
-    return tag if tag and (root / tag).is_dir() else None
+    return tag if is_plain_tag(tag) and (root / tag).is_dir() else None
+
+
+def is_plain_tag(tag: str) -> bool:
+    """A tag names a folder directly inside checkpoints/: no path separator, no '..', not empty."""
+    return bool(tag) and "/" not in tag and "\\" not in tag and tag not in (".", "..") and not tag.startswith("~")
+
+
+FILES = "files"  # the manifest's key: {relative path: sha256} of every file of the tag, written once it is whole
+
+
+def tag_files(folder: Path) -> Dict[str, str]:
+    """sha256 of every file in a tag's folder but the manifest itself, by path relative to it."""
+    return {str(path.relative_to(folder)): file_hash(path) for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name not in (MANIFEST, MANIFEST + ".tmp")}
+
+
+def seal_manifest(folder: Path) -> None:
+    """Record every file's digest in the tag's manifest, once all ranks have written (rank 0)."""
+    manifest = read_manifest(folder)
+    manifest[FILES] = tag_files(folder)
+    temporary = folder / (MANIFEST + ".tmp")
+    temporary.write_text(json.dumps(manifest, indent=2, default=str))
+    temporary.replace(folder / MANIFEST)
+
+
+def damage(folder: Path, require_manifest: bool = True) -> Optional[str]:
+    """Why the checkpoint in `folder` cannot be trusted, or None if it is whole: its manifest missing
+    (where a resume needs it) or unreadable, its digests never recorded (the write was cut), a file
+    missing or changed. A manifest of an earlier version (no digests at all) is taken as it is."""
+    if not folder.is_dir():
+        return "the folder does not exist"
+    path = folder / MANIFEST
+    if not path.is_file():
+        return f"it has no {MANIFEST}" if require_manifest else None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return f"{MANIFEST} is unreadable ({type(error).__name__})"
+    if FILES not in manifest:
+        return None  # written before digests were recorded: nothing to check against
+    recorded = manifest[FILES]
+    if not isinstance(recorded, dict):
+        return "its writing did not finish (no file digests were recorded)"
+    present = {str(p.relative_to(folder)) for p in folder.rglob("*")
+               if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp")}
+    for name in sorted(recorded):
+        if name not in present:
+            return f"{name} is missing"
+        if file_hash(folder / name) != recorded[name]:
+            return f"{name} differs from the digest recorded when it was written (truncated or altered)"
+    return None
+
+
+def newest_intact_tag(root: Path, require_manifest: bool = True) -> Tuple[Optional[str], List[str]]:
+    """(the newest whole checkpoint's tag or None, one line per newer tag passed over with its reason).
+    Only folders directly inside `root` count; `latest` names the newest, older `step*` tags follow."""
+    latest = root / LATEST
+    named = latest.read_text().strip() if latest.is_file() else ""
+    if named and not is_plain_tag(named):
+        from distill.errors import ConfigError
+
+        raise ConfigError(f"{latest} names {named!r}, which is not a checkpoint of this run (a tag is a folder "
+                          f"inside {root}): remove that file, or write the name of one of its step folders in it")
+    tags = sorted((p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step")), reverse=True) \
+        if root.is_dir() else []
+    if named:
+        tags = [named] + [tag for tag in tags if tag < named]
+    passed = []
+    for tag in tags:
+        reason = damage(root / tag, require_manifest)
+        if reason is None:
+            return tag, passed
+        passed.append(f"checkpoint {tag}: {reason}")
+    return None, passed
 
 
 def restore_latest(root: Path, tag) -> None:
@@ -204,8 +278,10 @@ def content_hash_of_tokenizer(model_dir: str) -> str:
 
 def write_manifest(folder: Path, config: Dict, teachers: List[Dict], interpolation: Dict, position: Dict,
                    inputs: Dict[str, str] = None) -> None:
+    """The tag's manifest, written before its files; `files` stays None until `seal_manifest` records
+    their digests, so a tag whose writing was cut is told from a whole one."""
     manifest = {"config": config, "teachers": teachers, "interpolation": interpolation, "position": position,
-                "inputs": inputs or {}}
+                "inputs": inputs or {}, FILES: None}
     temporary = folder / (MANIFEST + ".tmp")
     temporary.write_text(json.dumps(manifest, indent=2, default=str))
     temporary.replace(folder / MANIFEST)

@@ -56,6 +56,10 @@ def written_folder(out_dir: Path) -> Iterator[Path]:
     temporary = out.parent / f".{out.name}.writing-{os.getpid()}"
     if temporary.exists():
         shutil.rmtree(temporary)
+    for stale in out.parent.glob(f".{out.name}.writing-*"):  # left by a killed writer of this folder
+        pid = stale.name.rsplit("-", 1)[-1]
+        if stale.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     temporary.mkdir()
     try:
         yield temporary
@@ -129,6 +133,16 @@ class RunLock:
             self.held = True
             return
         raise ConfigError(f"{self.what} {self.path.parent}: could not take its lock {self.path}")
+
+    def other_holder(self) -> Optional[tuple]:
+        """(host, pid) of another live process holding this lock, or None (free, stale, or ours)."""
+        holder = self._holder()
+        if holder is None:
+            return None
+        host, pid = holder
+        if host == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
+            return None
+        return holder
 
     def _holder(self) -> Optional[tuple]:
         try:
