@@ -161,12 +161,17 @@ def plot_fit_table(rows: List[Dict], path: Path, columns: Sequence[str] = ("nll"
 
 
 def weights_fragment(cfg, names: List[str], fit: Dict, method: str, with_temperatures: bool) -> str:
-    """A YAML fragment for `distill train --weights`: the full teacher list with fitted values."""
+    """A YAML fragment for `distill train --weights`: the configured teachers, every key of each kept
+    (path, pooling, normalize, head, routes, ...), with the fitted weights (and temperatures) set.
+    A fragment replaces the teacher list as a whole, so an entry that left keys out lost them."""
     import yaml
+    from omegaconf import OmegaConf
 
     models = []
     for index, teacher in enumerate(cfg.teachers.models):
-        entry = {"name": names[index], "path": teacher.path, "weight": round(fit["weights"][index], 6)}
+        entry = {key: value for key, value in OmegaConf.to_container(teacher, resolve=True).items()
+                 if value is not None}
+        entry.update(name=names[index], weight=round(fit["weights"][index], 6))
         temperature = fit["temperatures"][index] if with_temperatures else teacher.temperature
         if temperature is not None:
             entry["temperature"] = round(float(temperature), 6)

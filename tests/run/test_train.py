@@ -317,3 +317,26 @@ def test_nan_teacher_rows_are_skipped_and_counted(tiny, tmp_path, nan_teacher):
     rows = train_losses(run_dir)
     assert rows[-1]["skipped_nonfinite_rows"] == 4 * 8  # every row of every micro-batch
     assert all(row["kd"] == 0.0 and row["loss"] == row["loss"] for row in rows)  # finite, KD left out
+
+
+def test_the_weights_fragment_sets_weights_and_temperatures_on_the_configured_teachers(tiny, tmp_path):
+    """issue 30: weights.yaml replaced the teacher list with name, path, weight and temperature only, so
+    pooled teachers lost pooling / normalize / head and `train --weights` failed on their labels."""
+    from omegaconf import OmegaConf
+
+    from distill.config.schema import DistillConfig
+    from distill.run.fit_weights import weights_fragment
+
+    head = str(tmp_path / "head.safetensors")
+    cfg = OmegaConf.merge(OmegaConf.structured(DistillConfig), {"output_dir": str(tmp_path / "run"), "teachers": {
+        "models": [{"name": "a", "path": str(tiny["teacher_a"]), "weight": 0.6, "temperature": 2.0, "pooling": "mean",
+                    "normalize": True, "head": head},
+                   {"name": "b", "path": str(tiny["teacher_b"]), "weight": 0.4, "temperature": 1.5}]}})
+    fragment = tmp_path / "weights.yaml"
+    fragment.write_text(weights_fragment(cfg, ["a", "b"], {"weights": [0.25, 0.75], "temperatures": [3.0, 1.0]},
+                                         "geometric", with_temperatures=True))
+    merged = OmegaConf.merge(cfg, OmegaConf.load(fragment))
+    first, second = merged.teachers.models
+    assert (first.pooling, first.normalize, first.head, first.path) == ("mean", True, head, str(tiny["teacher_a"]))
+    assert (first.weight, first.temperature, second.weight, second.temperature) == (0.25, 3.0, 0.75, 1.0)
+    assert second.pooling is None and merged.interpolation.method == "geometric"
