@@ -380,6 +380,8 @@ class DistillConfig:
 
 
 PLACEMENTS = ("replicated", "zero3")
+# softening temperatures that keep a distribution neither one-hot nor uniform in float32
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 100.0
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 TOKENIZATIONS = ("shared", "per_model")
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -543,7 +545,9 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
 
     loss = cfg.loss
     _require(0.0 <= loss.kd_alpha <= 1.0, f"loss.kd_alpha must lie in [0, 1], got {loss.kd_alpha}")
-    _require(loss.temperature > 0, f"loss.temperature must be > 0, got {loss.temperature}")
+    _require(MIN_TEMPERATURE <= loss.temperature <= MAX_TEMPERATURE,
+             f"loss.temperature={loss.temperature:g} is outside [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]: below it every "
+             "distribution is one-hot and the KD term is 0, above it every one is uniform; KD uses 1-10 (e.g. 2)")
     _require(0.0 <= loss.label_smoothing < 1.0,
              f"loss.label_smoothing must lie in [0, 1), got {loss.label_smoothing}")
 
@@ -555,7 +559,9 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
         key = f"teachers.models[{index}]"
         _require(teacher.weight >= 0, f"{key}.weight must be >= 0, got {teacher.weight}")
         if teacher.temperature is not None:
-            _require(teacher.temperature > 0, f"{key}.temperature must be > 0, got {teacher.temperature}")
+            _require(MIN_TEMPERATURE <= teacher.temperature <= MAX_TEMPERATURE,
+                     f"{key}.temperature={teacher.temperature:g} is outside [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]: "
+                     "use 1-10 (e.g. 2), or leave it out to take loss.temperature")
         _require((teacher.path is None) != (teacher.logits is None),
                  f"{key}: set exactly one of {key}.path (a model) or {key}.logits (a file of its outputs)")
         _require(teacher.outputs in ("logits", "probabilities"),

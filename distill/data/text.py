@@ -266,6 +266,11 @@ def read_splits(cfg: DataConfig, route_by: Optional[str] = None) -> Splits:
 
     if len(train) == 0:
         raise ConfigError(f"data.train: no training rows left from {cfg.train.path}")
+    present = sorted({label for label in train[LABELS] if label != IGNORE_INDEX})
+    if len(present) == 1:
+        raise ConfigError(f"data.train: every labelled training row has label {label_names[present[0]]!r} "
+                          f"({cfg.label_field}): a classifier learns nothing from one class; check "
+                          "data.label_field and the file, or add rows of the other labels")
     validation_labels = np.asarray(validation[LABELS]) if len(validation) else np.array([])
     if len(validation) == 0 or np.all(validation_labels == IGNORE_INDEX):
         raise ConfigError("data.validation: the validation split is empty or has no labels; "

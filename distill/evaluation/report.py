@@ -145,6 +145,32 @@ def onnx_line(parity: Dict) -> str:
             f"within {parity['max_abs_logit_difference']:.1e} in the logits (onnxruntime, CPU).\n")
 
 
+def loss_line(report: Dict, per: str = "") -> str:
+    """The card's loss sentence: the divergence, the intermediate-layer terms (each entry's teacher,
+    kind and weight) and the training rows that add the KD term only (no label)."""
+    loss, training = report["loss"], report["training"]
+    terms = loss.get("intermediate") or []
+    text = (f"Loss{per}: `kd_alpha * T^2 * D(target_T || student_T) + (1 - kd_alpha) * CE"
+            + (" + intermediate-layer terms" if terms else "") + f"`, D = {loss['divergence']}, kd_alpha "
+            f"{loss['kd_alpha']}, T {loss['temperature']}, label smoothing {loss['label_smoothing']}.")
+    parts = []
+    for entry in terms:
+        kinds = []
+        if entry.get("hidden_weight"):
+            kinds.append(f"hidden states ({entry.get('hidden_loss', 'cosine')}) x {entry['hidden_weight']:g}")
+        if entry.get("relation_weight"):
+            kinds.append(f"attention relations x {entry['relation_weight']:g}")
+        if kinds:
+            parts.append(f"teacher {entry['teacher']}: " + ", ".join(kinds))
+    if parts:
+        text += (" Intermediate terms, each scaled by its teacher's interpolation weight: " + "; ".join(parts)
+                 + " (projections trained with the student, not exported).")
+    if training.get("kd_only_rows"):
+        text += (f" {training['kd_only_rows']:,} of the {training['train_rows']:,} training rows have no label and "
+                 "add the KD term only.")
+    return text
+
+
 def model_card(report: Dict, label_names: List[str], dtype: str, compression: Optional[Dict] = None,
                onnx_parity: Optional[Dict] = None) -> str:
     """README.md for the exported student, with a Hugging Face metadata header."""
@@ -184,8 +210,7 @@ tags:
 
 {target_line}
 {precision_line(report)}
-Loss: `kd_alpha * T^2 * KL(target_T || student_T) + (1 - kd_alpha) * CE`, with kd_alpha
-{report['loss']['kd_alpha']}, T {report['loss']['temperature']}, label smoothing {report['loss']['label_smoothing']}.
+{loss_line(report)}
 Training: {report['training']['steps']} optimizer steps, DeepSpeed ZeRO stage {report['training']['zero_stage']}.
 
 Labels: {', '.join(label_names)}
@@ -291,9 +316,7 @@ tags:
 
 {target_line}
 {precision_line(report)}
-Loss: `kd_alpha * T^2 * D(target_T || student_T) + (1 - kd_alpha) * CE`, D = {loss['divergence']}, kd_alpha
-{loss['kd_alpha']}, T {loss['temperature']}, label smoothing {loss['label_smoothing']}, averaged over the
-labelled tokens of each optimizer step. Training: {report['training']['steps']} optimizer steps, DeepSpeed
+{loss_line(report, " (averaged over the labelled tokens of each optimizer step)")} Training: {report['training']['steps']} optimizer steps, DeepSpeed
 ZeRO stage {report['training']['zero_stage']}.
 
 {compression_section(compression) if compression else ""}{onnx_line(onnx_parity) if onnx_parity else ""}

@@ -325,7 +325,12 @@ def read_stored_outputs(path: str, id_field: str, label_names: List[str], output
                ".jsonl": lambda f: pandas.read_json(f, lines=True), ".json": lambda f: pandas.read_json(f, lines=True)}
     if suffix not in readers:
         raise ConfigError(f"{key}: {file.name} is not a csv, jsonl or parquet file")
-    frame = readers[suffix](file)
+    try:
+        frame = readers[suffix](file)
+    except Exception as error:  # pickle or other bytes under a .csv / .parquet name: pandas' own errors vary
+        raise ConfigError(f"{key}: {file.name} cannot be read as {suffix[1:]} ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:120] if str(error) else 'unreadable'}): give the teacher's "
+                          "outputs as a csv, jsonl or parquet table with one column per label") from error
     if id_field not in frame.columns:
         raise ConfigError(f"{key}: {file.name} has no column {id_field!r} (data.id_field); columns: {list(frame.columns)}")
     columns = [c for c in frame.columns if c != id_field]
@@ -337,10 +342,26 @@ def read_stored_outputs(path: str, id_field: str, label_names: List[str], output
     ids = [str(value) for value in frame[id_field].tolist()]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{key}: {file.name} repeats example ids in {id_field!r}")
-    table = torch.tensor(frame[list(label_names)].to_numpy(dtype="float64"), dtype=torch.float64)
+    try:
+        table = torch.tensor(frame[list(label_names)].to_numpy(dtype="float64"), dtype=torch.float64)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{key}: {file.name} has values that are not numbers in its label columns: fix them") from error
+    # the whole file is checked now, not when a bad row is first drawn (after checkpoints were written)
+    bad = ~torch.isfinite(table).all(dim=1)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        raise ConfigError(f"{key}: {file.name} has NaN or infinite values in {int(bad.sum())} row(s), the first with "
+                          f"{id_field} {ids[first]!r}: fix or drop them")
     if outputs == "probabilities":
         if bool(((table < 0) | (table > 1)).any()):
             raise ConfigError(f"{key}: {file.name} holds values outside [0, 1] but outputs: probabilities")
+        sums = table.sum(dim=1)
+        off = (sums - 1).abs() > 1e-3
+        if bool(off.any()):
+            first = int(off.nonzero()[0])
+            raise ConfigError(f"{key}: {file.name} has rows whose probabilities do not sum to 1 ({int(off.sum())} row(s); "
+                              f"{id_field} {ids[first]!r} sums to {float(sums[first]):.4g}): give each row's "
+                              "distribution over the labels, or set outputs: logits")
         table = table.clamp(min=1e-12).log()  # log-probabilities are valid logits
     return table.float(), {example_id: row for row, example_id in enumerate(ids)}
 

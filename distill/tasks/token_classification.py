@@ -32,8 +32,8 @@ from distill.data.text import EXAMPLE_ID, INDEX, LABELS, SOURCE, TokenizerGroup,
 from distill.errors import ConfigError
 from distill.evaluation.metrics import classification_metrics, load_metric
 from distill.evaluation.predictions import validation_loader
-from distill.evaluation.report import (compression_section, onnx_line, precision_line, student_label, teacher_note,
-                                       text_table, trained_by, write_json)
+from distill.evaluation.report import (compression_section, loss_line, onnx_line, precision_line, student_label,
+                                       teacher_note, text_table, trained_by, write_json)
 from distill.formulas.divergences import IGNORE_INDEX, build_divergence, distillation_loss, per_teacher_kl
 from distill.formulas.fits import in_memory
 from distill.models.loading import check_positions, load_model_config, load_pretrained, load_tokenizer
@@ -469,9 +469,7 @@ tags:
 
 {target_line}
 {precision_line(report)}
-Loss per tagged sub-token ({subtokens}): `kd_alpha * T^2 * D(target_T || student_T) + (1 - kd_alpha) * CE`,
-D {report['loss']['divergence']}, kd_alpha {report['loss']['kd_alpha']}, T {report['loss']['temperature']}, label
-smoothing {report['loss']['label_smoothing']}. Training: {report['training']['steps']} optimizer steps, DeepSpeed ZeRO
+{loss_line(report, f" per tagged sub-token ({subtokens})")} Training: {report['training']['steps']} optimizer steps, DeepSpeed ZeRO
 stage {report['training']['zero_stage']}. Entity figures follow the conlleval rules (IOB/IOB2/IOBES).
 
 Tags: {tags}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "DeepSpeed", "deepspeed", "accelerate",
@@ -31,6 +32,8 @@ def quiet_start() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*is an Enum subclass.*")
+    if "datasets" in sys.modules:  # imported already (the Python API): its environment variable came too late
+        sys.modules["datasets"].disable_progress_bars()
     if "DS_ACCELERATOR" not in os.environ:
         import torch
 

@@ -94,3 +94,12 @@ def test_collator_pads_each_tokenizer_group_dynamically(tiny):
     assert batch["t0__input_ids"].shape == (4, longest)
     assert batch["attention_mask"].sum().item() == sum(len(row["input_ids"]) for row in rows)
     assert batch["labels"].tolist() == [row["labels"] for row in rows]
+
+
+def test_a_training_set_of_one_class_is_refused_naming_it(tmp_path):
+    """issue 30: it trained to accuracy 1.0 without a word."""
+    rows = [{"text": f"t{i}", "sentiment": "pos"} for i in range(30)]
+    cfg = _data_config(train={"path": str(write_csv(tmp_path / "d.csv", rows))}, label_field="sentiment",
+                       label_names=["neg", "pos"])
+    with pytest.raises(ConfigError, match=r"data.train: every labelled training row has label 'pos' \(sentiment\)"):
+        read_splits(cfg)

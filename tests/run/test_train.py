@@ -49,6 +49,10 @@ def test_export_loads_in_plain_transformers_with_identical_predictions(finished_
     assert_export_matches_run(run_dir, config)
     card = (run_dir / "student" / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers") and "| a |" in card and "compression" in card
+    report = json.loads((run_dir / "report.json").read_text())
+    kd_only = report["training"]["kd_only_rows"]
+    assert kd_only > 0 and f"{kd_only:,} of the {report['training']['train_rows']:,} training rows have no label" in card
+    assert "D = forward_kl" in card
 
 
 def test_export_command_refuses_to_overwrite_and_writes_bf16(finished_run, tmp_path):
@@ -156,7 +160,7 @@ def test_bad_config_fails_before_writing_anything(tiny, tmp_path):
     run_dir = tmp_path / "never"
     config = tiny_config_yaml(tiny, run_dir)
     result = run_cli_in_process(["train", config, "loss.temperature=0"])
-    assert result.returncode == 2 and "loss.temperature must be > 0" in result.stderr
+    assert result.returncode == 2 and "loss.temperature=0 is outside [0.05, 100]" in result.stderr
     assert not run_dir.exists()
 
 
@@ -340,3 +344,18 @@ def test_the_weights_fragment_sets_weights_and_temperatures_on_the_configured_te
     assert (first.pooling, first.normalize, first.head, first.path) == ("mean", True, head, str(tiny["teacher_a"]))
     assert (first.weight, first.temperature, second.weight, second.temperature) == (0.25, 3.0, 0.75, 1.0)
     assert second.pooling is None and merged.interpolation.method == "geometric"
+
+
+def test_the_cards_loss_line_names_the_divergence_the_intermediate_terms_and_the_kd_only_rows():
+    from distill.evaluation.report import loss_line
+
+    report = {"loss": {"kd_alpha": 0.9, "temperature": 2.0, "label_smoothing": 0.1, "divergence": "jsd",
+                       "intermediate": [{"teacher": "a", "hidden_weight": 1.0, "hidden_loss": "mse", "relation_weight": 0.5},
+                                        {"teacher": "b", "hidden_weight": 0.0, "relation_weight": 0.0}]},
+              "training": {"kd_only_rows": 1200, "train_rows": 3000}}
+    line = loss_line(report)
+    assert "+ intermediate-layer terms`" in line and "D = jsd" in line and "kd_alpha 0.9" in line
+    assert "teacher a: hidden states (mse) x 1, attention relations x 0.5" in line and "teacher b" not in line
+    assert "1,200 of the 3,000 training rows have no label and add the KD term only" in line
+    plain = loss_line({"loss": {**report["loss"], "intermediate": []}, "training": {"train_rows": 10}})
+    assert "intermediate" not in plain and "no label" not in plain

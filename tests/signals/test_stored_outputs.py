@@ -93,3 +93,43 @@ def test_a_file_that_does_not_cover_the_data_or_names_other_labels_is_refused_at
     no_id = run_cli_in_process(["train", config, f"teachers.models=[{{name: a, logits: {with_ids['logits']}}}]",
                      "student.from_teacher=null", f"student.path={tiny['teacher_b']}", "student.layers=null"])
     assert no_id.returncode == 2 and "set data.id_field" in no_id.stderr
+
+
+def test_a_black_box_file_is_checked_whole_at_start(tiny, with_ids, tmp_path):
+    """issue 30: an inf in a row never drawn trained to exit 0, a NaN stopped the run only when its row
+    was drawn, probability rows summing to 2.7 were accepted, and pickle bytes under a .csv or .parquet
+    name gave pandas' tracebacks. Each is now one line at start, naming the file and the row."""
+    import pickle
+
+    config = tiny_config_yaml(tiny, tmp_path / "run")
+    lines = with_ids["logits"].read_text().splitlines()
+    broken = {}
+    for name, value in (("inf", "Infinity"), ("nan", "NaN")):
+        row = json.loads(lines[-1])
+        text = json.dumps(row).replace(str(row["negative"]), value, 1)
+        broken[name] = tmp_path / f"{name}.jsonl"
+        broken[name].write_text("\n".join(lines[:-1] + [text]) + "\n")
+    rows = list(csv.reader(with_ids["probabilities"].open()))
+    rows[5][0] = rows[5][2] = rows[5][3] = "0.9"  # row r4: each value a probability, together 2.7
+    heavy = tmp_path / "heavy.csv"
+    with heavy.open("w", newline="") as stream:
+        csv.writer(stream).writerows(rows)
+    pickled_csv, pickled_parquet = tmp_path / "pickled.csv", tmp_path / "pickled.parquet"
+    for path in (pickled_csv, pickled_parquet):
+        path.write_bytes(pickle.dumps({"not": "a table"}))
+    base = [f"data.train.path={with_ids['data']}", "data.id_field=uid", "data.unlabeled.path=null",
+            "student.from_teacher=b", "student.layers=[0, 1]"]
+    last_id = f"r{with_ids['rows'] - 1}"
+    cases = [(broken["inf"], "logits", f"has NaN or infinite values in 1 row(s), the first with uid '{last_id}'"),
+             (broken["nan"], "logits", f"has NaN or infinite values in 1 row(s), the first with uid '{last_id}'"),
+             (heavy, "probabilities", "has rows whose probabilities do not sum to 1 (1 row(s); uid 'r4' sums to 2.7"),
+             (pickled_csv, "logits", "pickled.csv cannot be read as csv"),
+             (pickled_parquet, "logits", "pickled.parquet cannot be read as parquet")]
+    for file, outputs, message in cases:
+        run_dir = tmp_path / "run"
+        result = run_cli_in_process(["train", config, *base, f"output_dir={run_dir}",
+                                     f"teachers.models=[{{name: a, logits: {file}, outputs: {outputs}}}, "
+                                     f"{{name: b, path: {tiny['teacher_b']}}}]"])
+        assert result.returncode == 2, (file.name, result.stderr[-2000:])
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, (file.name, result.stderr)
+        assert not run_dir.exists()
