@@ -1040,9 +1040,25 @@ def _check_model_reference(reference: str, key: str, allow_pickled_weights: bool
         _require(path.is_dir(), f"{key}: model directory {path} does not exist")
         _require((path / "config.json").is_file(), f"{key}: {path} holds no config.json")
         pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
-        if pickled and not any(path.glob("*.safetensors")) and not allow_pickled_weights:
+        safetensors = sorted(path.glob("*.safetensors"))
+        if pickled and not safetensors and not allow_pickled_weights:
             raise ConfigError(f"{key}: {path} holds only pickled weights {pickled}, which can run code when loaded; "
                               "convert them to safetensors, or set allow_pickled_weights=true if you trust the source")
+        if not pickled and not safetensors:
+            found = sorted(p.name for p in path.iterdir())[:8]
+            raise ConfigError(f"{key}: {path} holds no weights transformers reads (model.safetensors, or "
+                              f"pytorch_model.bin with allow_pickled_weights); it has {found}: save the model there "
+                              "with save_pretrained")
+        for file in safetensors:  # the header only: a pickle or a cut file under this name fails here, before any write
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(file), "pt"):
+                    pass
+            except Exception as error:
+                reason = str(error).splitlines()[0][:100] if str(error) else type(error).__name__
+                raise ConfigError(f"{key}: {file} is not a readable safetensors file ({reason}): save the model "
+                                  "again with save_pretrained") from error
 
 
 def _check_data_reference(reference: str, key: str) -> None:

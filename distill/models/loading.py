@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from distill.errors import ConfigError
-from distill.util.paths import resolve_reference
+from distill.util.paths import is_local_reference, resolve_path, resolve_reference
 
 _GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 
@@ -23,8 +23,17 @@ _register_pooled_classifier()
 
 
 def _explain(reference: str, key: str, error: Exception) -> ConfigError:
+    """A loading failure as one line that points at the real cause: a local folder whose model code
+    needs trust_remote_code, or whose files transformers cannot read, is not 'not found'."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if is_local_reference(reference) and resolve_path(reference).exists():
+        if "trust_remote_code" in str(error):
+            return ConfigError(f"{key}: {reference} carries its own model code, which runs only with "
+                               "trust_remote_code: true; set it if you trust this folder")
+        return ConfigError(f"{key}: transformers cannot load the folder {reference} ({type(error).__name__}: "
+                           f"{first[:200]}): check that it was saved with save_pretrained")
     offline = " (not found locally, and the hub is offline)" if os.environ.get("HF_HUB_OFFLINE") else ""
-    return ConfigError(f"{key}: cannot load {reference!r}{offline}: {error}")
+    return ConfigError(f"{key}: cannot load {reference!r}{offline}: {first[:300]}")
 
 
 def load_model_config(reference: str, key: str, trust_remote_code: bool):

@@ -167,3 +167,36 @@ def test_compiled_teachers_train_like_eager_ones_and_report_their_drift(tiny, tm
     for eager_row, compiled_row in zip(runs["eager"][1], losses):
         assert compiled_row["loss"] == pytest.approx(eager_row["loss"], rel=1e-4)
     assert "Warning" not in result.stderr  # a quiet start: no compiler notices the user cannot act on
+
+
+def test_teacher_folders_transformers_cannot_load_say_why_before_anything_is_written(tiny, tmp_path):
+    """issue 30: each of these said '(not found locally, and the hub is offline)', some after the run
+    directory was written."""
+    import json
+    import pickle
+    import shutil
+
+    from tests.conftest import tiny_config_yaml
+    from tests.helpers import assert_refused_before_writing
+
+    def folder(name):
+        copy = tmp_path / name
+        shutil.copytree(tiny["teacher_b"], copy)
+        return copy
+
+    ckpt_only = folder("ckpt_only")
+    (ckpt_only / "model.safetensors").rename(ckpt_only / "model.ckpt")
+    pickled = folder("pickled")
+    (pickled / "model.safetensors").write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    remote = folder("remote")
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="acme_bert", auto_map={"AutoConfig": "configuration_acme.AcmeConfig"})
+    (remote / "config.json").write_text(json.dumps(config))
+    (remote / "configuration_acme.py").write_text("raise SystemExit('this code must not run')\n")
+    cases = [(ckpt_only, "holds no weights transformers reads (model.safetensors"),
+             (pickled, "model.safetensors is not a readable safetensors file"),
+             (remote, "carries its own model code, which runs only with trust_remote_code: true")]
+    for path, message in cases:
+        run_dir = tmp_path / f"run_{path.name}"
+        assert_refused_before_writing(tiny_config_yaml(tiny, run_dir), run_dir,
+                                      [f"teachers.models.1.path={path}"], message)
