@@ -130,7 +130,8 @@ def _cache(args) -> None:
                  hidden_dtype=args.hidden_dtype, samples=args.samples, rows_per_shard=args.rows_per_shard)
     stored = (f"top-{meta['top_k']}" if "top_k" in meta else f"{meta['samples']} draws" if "samples" in meta else
               f"{meta['hidden_dtype']} hidden states" if "hidden_dtype" in meta else "the logits")
-    unit = f"blocks in {meta['shards']} shard(s)" if "shards" in meta else "rows"
+    rows = "blocks" if "store" in meta else "rows"  # a causal-LM store counts blocks, classification examples
+    unit = f"{rows} in {meta['shards']} shard(s)" if "shards" in meta else rows
     what = f"{stored} of {len(meta['teachers'])} teacher(s) over {meta['rows']} {unit}"
     print(f"cached {what}: {args.out} (train with teachers.cache={args.out})")
 

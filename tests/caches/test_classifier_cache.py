@@ -14,7 +14,8 @@ def cached(tiny, tmp_path_factory):
     config = tiny_config_yaml(tiny, root / "unused")
     result = run_cli(["cache", config, "teachers.dtype=float32", "--out", root / "cache"])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "cached the logits of 2 teacher(s)" in result.stdout
+    assert "cached the logits of 2 teacher(s) over " in result.stdout
+    assert " rows in 2 shard(s)" in result.stdout and "blocks" not in result.stdout  # issue 30: examples, not blocks
     return {"root": root, "cache": root / "cache"}
 
 

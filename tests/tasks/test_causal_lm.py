@@ -638,7 +638,7 @@ def test_a_sampled_cache_trains_and_refuses_what_samples_cannot_express(lm_run, 
     cache = tmp_path / "sampled"
     written = run_cli(["cache", config, "--out", cache, "--store", "sampled", "--samples", "8"])
     assert written.returncode == 0, written.stderr[-3000:]
-    assert "8 draws of 2 teacher(s)" in written.stdout
+    assert "8 draws of 2 teacher(s)" in written.stdout and " blocks in " in written.stdout
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["store"] == "sampled" and meta["temperatures"] == [2.0, 1.5]
     run_dir = tmp_path / "run"
