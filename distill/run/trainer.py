@@ -477,8 +477,10 @@ class Trainer:
                         values[f"mixture/{name}/drawn"] = fraction
                     drawn_sources.zero_()
                     scheduled_sources.zero_()
+                # teachers.on_nonfinite=skip: rows left out of the KD term since the run (re)started, all
+                # ranks together; a running total, not per window (the key says so)
                 skipped = distributed.mean_across_ranks(torch.tensor([float(self.skipped_rows)]))
-                values["skipped_nonfinite_rows"] = round(float(skipped) * distributed.world_size())
+                values["skipped_nonfinite_rows_total"] = round(float(skipped) * distributed.world_size())
                 now = self._scheduled(step)
                 values.update(kd_alpha=now["kd_alpha"], temperature=now["temperature"])
                 if names:

@@ -319,7 +319,7 @@ def test_nan_teacher_rows_are_skipped_and_counted(tiny, tmp_path, nan_teacher):
                       "training.max_steps=4"])
     assert result.returncode == 0, result.stderr[-3000:]
     rows = train_losses(run_dir)
-    assert rows[-1]["skipped_nonfinite_rows"] == 4 * 8  # every row of every micro-batch
+    assert rows[-1]["skipped_nonfinite_rows_total"] == 4 * 8  # every row of every micro-batch
     assert all(row["kd"] == 0.0 and row["loss"] == row["loss"] for row in rows)  # finite, KD left out
 
 
