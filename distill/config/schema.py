@@ -415,6 +415,7 @@ def load_config(path: Optional[str | os.PathLike], overrides: Optional[List[str]
             problem = str(getattr(error, "problem", None) or error).splitlines()[0]
             raise ConfigError(f"override {override!r}: its value is not valid YAML ({problem}); fix the brackets or "
                               f"quote it ({key}='...')") from error
+        _check_list_index(merged, key, override)
         try:  # update() understands list indices (teachers.models.0.path=...), from_dotlist does not
             OmegaConf.update(merged, key, value, merge=True)
         except (OmegaConfBaseException, TypeError, ValueError, IndexError) as error:
@@ -487,6 +488,27 @@ def _read_with_includes(config_path: Path, chain: List[Path], with_sources: bool
     return layers + [own]
 
 
+def _check_list_index(merged, key: str, override: str) -> None:
+    """An override that indexes past the end of a list (teachers.models.5.weight with two teachers)
+    is named with the list's length and the fix; omegaconf's own message spoke of dict types."""
+    parts = key.split(".")
+    node = merged
+    for depth, part in enumerate(parts[:-1]):
+        if OmegaConf.is_list(node) and part.isdigit():
+            if int(part) >= len(node):
+                listed = ".".join(parts[:depth])
+                raise ConfigError(f"override {override!r}: {listed} has {len(node)} entr{'y' if len(node) == 1 else 'ies'}"
+                                  f", so index {part} does not exist: use an index below {len(node)}, or add the "
+                                  f"entry to {listed} in the config file")
+            node = node[int(part)]
+        elif isinstance(node, DictConfig) and part in node:
+            node = node._get_node(part)
+            if node is None or getattr(node, "_is_none", lambda: False)():
+                return
+        else:
+            return
+
+
 def _describe_omegaconf_error(error: Exception, path) -> str:
     key = getattr(error, "full_key", None) or "?"
     where = f" in {path}" if path else ""
@@ -495,6 +517,8 @@ def _describe_omegaconf_error(error: Exception, path) -> str:
         return f"config key '{key}'{where} is required but not set"
     if "not in struct" in message or "Key '" in message and "not" in message:
         return f"unknown config key '{key}'{where}: check its spelling against distill/config/schema.py"
+    if "is not a ListConfig" in message:  # a single value where the schema has a list
+        return f"config key '{key}'{where} takes a list: write {key}=[VALUE] (in YAML: {key.rsplit('.', 1)[-1]}: [VALUE])"
     return f"config key '{key}'{where}: {message}"
 
 

@@ -228,6 +228,10 @@ def read_splits(cfg: DataConfig, route_by: Optional[str] = None) -> Splits:
         raise ConfigError(f"data.train: column {cfg.label_field!r} holds fewer than two distinct labels")
 
     train = _normalise(raw_train, cfg, label_names, "train", route_by)
+    if len(train) == 0:
+        raise ConfigError(f"data.train: every row of {cfg.train.path} has an empty {cfg.text_fields[0]!r} "
+                          f"(data.text_fields[0]): check that data.text_fields names the text column "
+                          f"(columns: {raw_train.column_names})")
     if cfg.drop_duplicate_texts:
         train = drop_duplicates(train, cfg.text_fields)
     if raw_validation is not None:

@@ -41,6 +41,8 @@ def test_list_index_override(config_path, tiny):
     (["loss.temperature=-1"], r"loss.temperature=-1 is outside \[0.05, 100\]"),
     (["loss.temperature=1e-30"], r"loss.temperature=1e-30 is outside \[0.05, 100\]: below it every distribution is one-hot"),
     (["loss.temperature=500"], r"loss.temperature=500 is outside"),
+    (["teachers.models.5.weight=1"], r"teachers.models has 2 entries, so index 5 does not exist: use an index below 2"),
+    (["data.text_fields=text"], r"config key 'data.text_fields' takes a list: write data.text_fields=\[VALUE\]"),
     (["loss.kd_alpha=1.5"], r"loss.kd_alpha must lie in \[0, 1\]"),
     (["loss.label_smoothing=1.0"], r"loss.label_smoothing must lie in \[0, 1\)"),
     (["loss.divergence=wasserstein"], r"loss.divergence: 'wasserstein' is not one of \['forward_kl', 'jsd'"),

@@ -103,3 +103,11 @@ def test_a_training_set_of_one_class_is_refused_naming_it(tmp_path):
                        label_names=["neg", "pos"])
     with pytest.raises(ConfigError, match=r"data.train: every labelled training row has label 'pos' \(sentiment\)"):
         read_splits(cfg)
+
+
+def test_a_training_file_whose_text_column_is_empty_everywhere_names_the_column(tmp_path):
+    """issue 30: this was blamed on the validation split."""
+    rows = [{"text": "", "sentiment": ["neg", "pos"][i % 2]} for i in range(20)]
+    cfg = _data_config(train={"path": str(write_csv(tmp_path / "d.csv", rows))}, label_field="sentiment")
+    with pytest.raises(ConfigError, match=r"data.train: every row of .*d.csv has an empty 'text' \(data.text_fields\[0\]\)"):
+        read_splits(cfg)
