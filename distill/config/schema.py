@@ -542,10 +542,19 @@ def _non_finite_numbers(node, path: str = ""):
 
 
 def validate(cfg: DistillConfig | DictConfig) -> None:
-    """Check values the type system cannot: ranges, choices, and that local files exist. The task's
-    own checks (settings it would ignore) follow in tasks.load_task_config."""
+    """Check values the type system cannot: ranges, choices, combinations across sections, and that
+    local files exist: each rule of RULES in turn, the first failure raised. The task's own checks
+    (settings it would ignore) follow in tasks.load_task_config."""
+    for rule in RULES:
+        rule(cfg)
+
+
+def _validate_numbers(cfg) -> None:
     for key, value in _non_finite_numbers(OmegaConf.to_container(cfg, resolve=True)):
         raise ConfigError(f"{key}: {value} is not a finite number; give a finite value (e.g. {key}=2.0)")
+
+
+def _validate_teacher_options(cfg) -> None:
     _require(cfg.teachers.placement in PLACEMENTS,
              f"teachers.placement: {cfg.teachers.placement!r} is not one of {list(PLACEMENTS)}")
     _require(cfg.teachers.dtype in TEACHER_DTYPES,
@@ -567,6 +576,8 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
     _require(cfg.teachers.tokenization in TOKENIZATIONS,
              f"teachers.tokenization: {cfg.teachers.tokenization!r} is not one of {list(TOKENIZATIONS)}")
 
+
+def _validate_loss(cfg) -> None:
     loss = cfg.loss
     _require(0.0 <= loss.kd_alpha <= 1.0, f"loss.kd_alpha must lie in [0, 1], got {loss.kd_alpha}")
     _require(MIN_TEMPERATURE <= loss.temperature <= MAX_TEMPERATURE,
@@ -575,6 +586,9 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
     _require(0.0 <= loss.label_smoothing < 1.0,
              f"loss.label_smoothing must lie in [0, 1), got {loss.label_smoothing}")
 
+
+def _validate_teachers(cfg) -> None:
+    loss = cfg.loss
     teachers = cfg.teachers.models
     _require(len(teachers) > 0 or loss.kd_alpha == 0.0,
              "teachers.models is empty but loss.kd_alpha > 0: name at least one teacher, "
@@ -608,9 +622,9 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
         _require(len(set(names)) == len(names), f"teachers.models: names must be unique, got {names}")
         reserved = sorted(set(names) & {"student", "target"})
         _require(not reserved, f"teachers.models: the names {reserved} are reserved; set teachers.models[i].name")
-    _validate_routes(cfg)
-    _validate_on_policy(cfg.training.on_policy)
 
+
+def _validate_student(cfg) -> None:
     student = cfg.student
     _require((student.path is None) != (student.from_teacher is None),
              "student: set exactly one of student.path (an existing model) or "
@@ -634,6 +648,8 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
         _require(len(student.layers) > 0, "student.layers is empty: keep at least one layer")
         _require(all(layer >= 0 for layer in student.layers), "student.layers must be >= 0")
 
+
+def _validate_data(cfg) -> None:
     data = cfg.data
     _require(data.train.path is not None, "data.train.path is required")
     for key in ("train", "validation", "unlabeled"):
@@ -651,13 +667,8 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
         _require(len(set(data.label_names)) == len(data.label_names) >= 2,
                  f"data.label_names must hold at least two distinct names, got {list(data.label_names)}")
 
-    _validate_augment(cfg)
-    _validate_interpolation(cfg)
-    _validate_schedules(cfg)
-    _validate_divergence(cfg.loss)
-    _validate_intermediate(cfg)
-    _validate_task(cfg)
 
+def _validate_training(cfg) -> None:
     training = cfg.training
     for key in ("micro_batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every",
                 "checkpoint_every"):
@@ -682,6 +693,9 @@ def validate(cfg: DistillConfig | DictConfig) -> None:
              f"training.precision: {training.precision!r} is not one of {list(PRECISIONS)}")
     _require(training.resume in ("never", "auto"),
              f"training.resume: {training.resume!r} is not one of ['never', 'auto']")
+
+
+def _validate_deepspeed_and_export(cfg) -> None:
     _require(cfg.deepspeed.zero_stage in (0, 1, 2, 3),
              f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     for key in cfg.deepspeed.config:
@@ -802,7 +816,8 @@ def _validate_routes(cfg) -> None:
              "remove one of them")
 
 
-def _validate_on_policy(on_policy) -> None:
+def _validate_on_policy(cfg) -> None:
+    on_policy = cfg.training.on_policy
     _require(0.0 <= on_policy.fraction <= 1.0, f"training.on_policy.fraction must lie in [0, 1], got {on_policy.fraction}")
     if on_policy.fraction == 0:
         changed = [f"training.on_policy.{key}" for key, value in vars(OnPolicyConfig()).items()
@@ -814,7 +829,8 @@ def _validate_on_policy(on_policy) -> None:
     _require(0.0 < on_policy.top_p <= 1.0, f"training.on_policy.top_p must lie in (0, 1], got {on_policy.top_p}")
 
 
-def _validate_divergence(loss) -> None:
+def _validate_divergence(cfg) -> None:
+    loss = cfg.loss
     from distill.formulas.divergences import available_divergences
 
     _require(loss.divergence in available_divergences(),
@@ -1045,6 +1061,13 @@ def student_source_is_not(cfg, index: int) -> bool:
         return True
     teacher = cfg.teachers.models[index]
     return str(reference) not in (str(index), teacher.name or teacher_display_name(teacher, index))
+
+
+# Every rule, in the order they are checked (a section's own ranges before the rules across sections).
+RULES = (_validate_numbers, _validate_teacher_options, _validate_loss, _validate_teachers, _validate_routes,
+         _validate_on_policy, _validate_student, _validate_data,
+         _validate_augment, _validate_interpolation, _validate_schedules, _validate_divergence,
+         _validate_intermediate, _validate_task, _validate_training, _validate_deepspeed_and_export)
 
 
 def resolve_teacher_index(cfg: DistillConfig, reference: str, key: str = "student.from_teacher") -> int:
