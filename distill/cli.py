@@ -117,7 +117,8 @@ def _cache_arguments(parser):
     parser.add_argument("--samples", type=int, default=None, help="causal LM, --store sampled: draws per token and "
                                                                   "teacher (default 16)")
     parser.add_argument("--hidden-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="causal LM, --store hidden: the stored states' dtype (default: the teachers')")
+                        help="causal LM, --store hidden: the stored states' dtype (default bfloat16, half "
+                             "fp32's bytes, whatever the teachers compute in)")
     parser.add_argument("--rows-per-shard", type=int, default=None,
                         help="rows (blocks or examples) per shard file: the unit a resumed or multi-rank cache "
                              "writes (default 512 blocks, 4096 examples)")

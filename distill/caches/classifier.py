@@ -80,9 +80,7 @@ class ClassifierCache:
     """A cache folder, checked against the run's config and teachers when opened."""
 
     def __init__(self, folder: Path, cfg, plans, label_names: List[str]):
-        from safetensors import safe_open
-
-        from distill.caches.shards import shard_name
+        from distill.caches.shards import read_shard, shard_name
         from distill.runtime.checkpointing import content_hash
 
         self.folder = Path(folder)
@@ -109,9 +107,9 @@ class ClassifierCache:
                               "other text; rerun distill cache")
         self.keys, logits = [], []
         for number in range(self.meta["shards"]):
-            with safe_open(str(self.folder / shard_name(number)), framework="pt") as handle:
-                self.keys.extend(json.loads(handle.metadata()["keys"]))
-                logits.append(handle.get_tensor("logits"))
+            tensors, metadata = read_shard(self.folder / shard_name(number), ["logits"])
+            self.keys.extend(json.loads(metadata["keys"]))
+            logits.append(tensors["logits"])
         self.logits = torch.cat(logits)
         self.row_of = {key: row for row, key in enumerate(self.keys)}
 

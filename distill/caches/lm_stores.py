@@ -128,6 +128,8 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str
         raise ConfigError(f"--top-k must lie in [1, {vocab}] (the vocabulary), got {top_k}")
     if hidden_dtype is not None and hidden_dtype not in HIDDEN_DTYPES:
         raise ConfigError(f"--hidden-dtype must be one of {list(HIDDEN_DTYPES)}, got {hidden_dtype!r}")
+    if store == "hidden" and hidden_dtype is None:  # half of fp32's bytes, whatever the teachers compute in
+        hidden_dtype = "bfloat16"
     train = task.encode(splits.train, "train")
     task.encode(splits.validation, "validation")
     device = local_device()
@@ -204,9 +206,7 @@ class LogitCache:
     def __init__(self, folder, teacher_names, dataset_fingerprint: str):
         from pathlib import Path
 
-        from safetensors import safe_open
-
-        from distill.caches.shards import read_meta, shard_name
+        from distill.caches.shards import read_meta, read_shard, shard_name
         from distill.errors import ConfigError
 
         self.folder = Path(folder)
@@ -222,8 +222,7 @@ class LogitCache:
         self.store = self.meta.get("store", "topk")
         self.heads = []
         if self.store == "hidden":
-            with safe_open(str(self.folder / HEADS), framework="pt") as handle:
-                stored = {name: handle.get_tensor(name) for name in handle.keys()}
+            stored, _ = read_shard(self.folder / HEADS)
             for k in range(len(cached)):
                 weight, bias = stored[f"weight{k}"], stored.get(f"bias{k}")
                 head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
@@ -235,8 +234,7 @@ class LogitCache:
         self.shards = []
         self.where = {}
         for number in range(self.meta["shards"]):
-            with safe_open(str(self.folder / shard_name(number)), framework="pt") as handle:
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            tensors, _ = read_shard(self.folder / shard_name(number))
             self.shards.append(tensors)
             for row, index in enumerate(tensors["index"].tolist()):
                 self.where[index] = (number, row)

@@ -51,7 +51,29 @@ def read_meta(folder: Path) -> Dict:
     if not path.is_file():
         raise ConfigError(f"teachers.cache: {folder} has no {META} (not a cache, or one still being written): "
                           "write or finish it with `distill cache`")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ConfigError(f"teachers.cache: {path} is cut or not JSON ({type(error).__name__}): the cache is damaged; "
+                          "write it again with `distill cache` into a new folder") from error
+    if not isinstance(meta, dict) or "shards" not in meta:
+        raise ConfigError(f"teachers.cache: {path} is not a distill cache's meta.json: write the cache with `distill cache`")
+    return meta
+
+
+def read_shard(path: Path, names=None) -> Tuple[Dict, Dict]:
+    """(tensors by name, metadata) of one safetensors file of a cache, or ConfigError naming it: a
+    shard cut short, or another file under its name, is a damaged cache, not a traceback."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in (names or handle.keys())}
+            return tensors, handle.metadata() or {}
+    except Exception as error:
+        reason = str(error).splitlines()[0][:100] if str(error) else type(error).__name__
+        raise ConfigError(f"teachers.cache: {path} is not a readable cache shard ({reason}): the cache is damaged; "
+                          "write it again with `distill cache` into a new folder") from error
 
 
 def _write_json(path: Path, value) -> None:

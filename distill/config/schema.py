@@ -644,6 +644,8 @@ def _validate_student(cfg) -> None:
         if teacher.head is not None:
             _require(resolve_path(teacher.head).is_file() and str(teacher.head).endswith(".safetensors"),
                      f"teachers.models[{index}].head: {teacher.head} is not a .safetensors file")
+            check_safetensors_file(resolve_path(teacher.head), f"teachers.models[{index}].head",
+                                   "save the head's weight (and bias) with safetensors.torch.save_file")
     if student.layers is not None:
         _require(len(student.layers) > 0, "student.layers is empty: keep at least one layer")
         _require(all(layer >= 0 for layer in student.layers), "student.layers must be >= 0")
@@ -1081,6 +1083,37 @@ def resolve_teacher_index(cfg: DistillConfig, reference: str, key: str = "studen
                       f"nor an index below {len(names)}")
 
 
+def _check_pickled_weights(path: Path, names: List[str], key: str) -> None:
+    """allow_pickled_weights reads weights only (weights_only=True): a pickle that holds anything else
+    is refused here, before any write, instead of failing when the teacher loads. mmap: the tensors'
+    bytes are not read."""
+    import pickle
+
+    import torch
+
+    for name in names:
+        try:
+            torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as error:
+            raise ConfigError(f"{key}: {path / name} holds objects beyond tensors (refused, not loaded: "
+                              f"{str(error).splitlines()[0][:120]}): save the model with safetensors") from error
+        except Exception:  # another file layout: transformers reads it, or names the problem when it loads
+            continue
+
+
+def check_safetensors_file(file: Path, key: str, fix: str) -> None:
+    """A file named .safetensors whose header safetensors cannot read (a pickle under that name, a cut
+    file) is refused naming it; only the header is read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt"):
+            pass
+    except Exception as error:
+        reason = str(error).splitlines()[0][:100] if str(error) else type(error).__name__
+        raise ConfigError(f"{key}: {file} is not a readable safetensors file ({reason}): {fix}") from error
+
+
 def _check_model_reference(reference: str, key: str, allow_pickled_weights: bool = False) -> None:
     if is_local_reference(reference):
         path = resolve_path(reference)
@@ -1097,15 +1130,9 @@ def _check_model_reference(reference: str, key: str, allow_pickled_weights: bool
                               f"pytorch_model.bin with allow_pickled_weights); it has {found}: save the model there "
                               "with save_pretrained")
         for file in safetensors:  # the header only: a pickle or a cut file under this name fails here, before any write
-            from safetensors import safe_open
-
-            try:
-                with safe_open(str(file), "pt"):
-                    pass
-            except Exception as error:
-                reason = str(error).splitlines()[0][:100] if str(error) else type(error).__name__
-                raise ConfigError(f"{key}: {file} is not a readable safetensors file ({reason}): save the model "
-                                  "again with save_pretrained") from error
+            check_safetensors_file(file, key, "save the model again with save_pretrained")
+        if pickled and not safetensors and allow_pickled_weights:
+            _check_pickled_weights(path, pickled, key)
 
 
 def _check_data_reference(reference: str, key: str) -> None:

@@ -318,13 +318,13 @@ def prune_width(model: nn.Module, plan: WidthPlan, importance: Dict[str, List[Te
     """A new model of the planned widths holding the most important channels/heads' weights."""
     family = family_of(model)
     config = model.config
+    if plan.hidden_size is not None and family is not LLAMA:  # named first: it is the setting to change
+        raise ConfigError("student.prune.hidden: hidden-size pruning supports Llama-family decoders: set "
+                          "student.prune.hidden=false")
     if plan.attention_heads is not None and not family.head_dim_in_config \
             and plan.attention_heads != config.num_attention_heads:
         raise ConfigError(f"student.prune.heads: {family.name}-family configs derive the head size from hidden_size / "
                           "num_attention_heads, so heads cannot be pruned alone: set student.prune.heads=false")
-    if plan.hidden_size is not None and family is not LLAMA:
-        raise ConfigError("student.prune.hidden: hidden-size pruning supports Llama-family decoders: set "
-                          "student.prune.hidden=false")
     layers_name, layers = layer_list(model)
     head_dim = _head_dim(config)
     kv_heads = _kv_heads(config)

@@ -114,11 +114,16 @@ def check_prune_budget(cfg: DistillConfig, auto_class) -> None:
     chosen ones, the narrowest widths), from configs alone, before anything is written. With
     trim_vocab the vocabulary is not known yet and the check is left to the pruning itself."""
     spec = cfg.student.prune
-    if spec.target_params is None or cfg.student.trim_vocab:
+    if spec.target_params is None:
         return
-    from distill.models.pruning import count_parameters_of_config, width_plan_for_ratio
+    from distill.models.pruning import LLAMA, count_parameters_of_config, family_of, width_plan_for_ratio
 
     config, shell = _source_shell(cfg, auto_class)
+    if spec.width and spec.hidden and family_of(shell) is not LLAMA:  # refused here, not after the run dir exists
+        raise ConfigError(f"student.prune.hidden: hidden-size pruning supports Llama-family decoders, not "
+                          f"{type(shell).__name__}: set student.prune.hidden=false")
+    if cfg.student.trim_vocab:
+        return
     layers = default_layers(cfg.student, config.num_hidden_layers) if cfg.student.path is None else None
     changes = {"num_hidden_layers": 1 if spec.depth else len(layers or range(config.num_hidden_layers))}
     if spec.width:

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 import distill.runtime.distributed as distributed
 from distill.runtime.checkpointing import (MANIFEST, CheckpointWriteError, ResumableSampler, content_hash,
                                    input_hashes, latest_complete_tag, load_rng_state, newest_intact_tag, only_tensors,
-                                   read_manifest, restore_latest, seal_manifest,
+                                   read_manifest, restore_latest, seal_manifest, write_failure_advice,
                                    save_rng_state, unsafe_changes, write_manifest)
 from distill.config.schema import DistillConfig, to_yaml
 from distill.errors import ConfigError
@@ -391,8 +391,15 @@ class Trainer:
                                                config=ds_config)
         self.start_epoch, self.skip_batches = 0, 0
         if self.resume_from is not None:
-            with only_tensors():  # a handed-over run directory's pickles hold data, never code to run
-                path, client_state = self.engine.load_checkpoint(str(self.resume_from), tag=self.resume_tag)
+            import pickle
+
+            try:
+                with only_tensors():  # a handed-over run directory's pickles hold data, never code to run
+                    path, client_state = self.engine.load_checkpoint(str(self.resume_from), tag=self.resume_tag)
+            except pickle.UnpicklingError as error:
+                raise ConfigError(f"training.resume=auto: checkpoint {self.resume_tag} holds more than tensors and "
+                                  f"plain values (refused, not run: {str(error).splitlines()[0][:160]}); resume only "
+                                  "checkpoints you trust to be distill's, or start a new output_dir") from error
             self.start_epoch = client_state["epoch"]
             self.skip_batches = client_state["batches_in_epoch"]
             load_rng_state(Path(path).parent if Path(path).is_file() else Path(path), distributed.rank())
@@ -517,8 +524,8 @@ class Trainer:
                 restore_latest(root, previous)  # DeepSpeed may have written `latest` before a later file failed
             raise CheckpointWriteError(
                 f"checkpoint {tag} could not be written to {root}: {error}. Its partial folder was removed; the "
-                f"newest complete checkpoint is {previous or 'none'}. Free space and rerun with "
-                "training.resume=auto.") from error
+                f"newest complete checkpoint is {previous or 'none'}. {write_failure_advice(error).capitalize()} "
+                "and rerun with training.resume=auto.") from error
         if distributed.is_main():
             tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
             for old in tags[:-max(self.cfg.training.keep_checkpoints, 1)]:

@@ -27,6 +27,17 @@ LATEST = "latest"  # DeepSpeed's pointer to the newest complete tag
 
 
 
+def write_failure_advice(error: BaseException) -> str:
+    """What to do when a checkpoint could not be written: a folder that refuses writes (read-only,
+    not ours) is not a full disk."""
+    import errno
+
+    denied = (isinstance(error, PermissionError) or getattr(error, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS)
+              or any(text in str(error) for text in ("Permission denied", "Read-only file system")))
+    return "make the checkpoints folder writable (it is read-only or not yours)" if denied else \
+        "free space (or raise the quota)"
+
+
 @contextlib.contextmanager
 def only_tensors():
     """While DeepSpeed reads a checkpoint: torch.load with weights_only=True, whatever the caller

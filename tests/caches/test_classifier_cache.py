@@ -82,3 +82,23 @@ def test_a_cache_of_other_teachers_text_or_rows_is_refused_before_anything_is_wr
     result = run_cli_in_process(["cache", tiny_config_yaml(tiny, tmp_path / "x"), "--out", tmp_path / "k", "--top-k", "4"])
     assert result.returncode == 2 and "are for causal-LM caches" in result.stderr
     assert not (tmp_path / "k").exists()
+
+
+def test_a_cut_meta_or_a_shard_that_is_not_one_is_refused_before_anything_is_written(tiny, cached, tmp_path):
+    """issue 30: a cut meta.json gave a JSONDecodeError traceback, pickle bytes in a shard a
+    SafetensorError ('header too large')."""
+    import pickle
+    import shutil
+
+    config = tiny_config_yaml(tiny, tmp_path / "unused")
+    cut, pickled = tmp_path / "cut", tmp_path / "pickled"
+    for folder in (cut, pickled):
+        shutil.copytree(cached["cache"], folder)
+    meta = (cut / "meta.json").read_text()
+    (cut / "meta.json").write_text(meta[:len(meta) // 2])
+    shard = sorted(pickled.glob("shard_*.safetensors"))[0]
+    shard.write_bytes(pickle.dumps({"logits": [0.1, 0.2]}))
+    for folder, message in ((cut, f"{cut / 'meta.json'} is cut or not JSON"),
+                            (pickled, f"{shard} is not a readable cache shard")):
+        run_dir = tmp_path / f"run_{folder.name}"
+        assert_refused_before_writing(config, run_dir, [f"output_dir={run_dir}", f"teachers.cache={folder}"], message)

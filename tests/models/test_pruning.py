@@ -204,3 +204,16 @@ def test_a_classification_student_is_width_pruned_to_its_budget_and_trains(tiny,
     source = max(teacher["params"] for teacher in report["teachers"])
     assert report["student"]["params"] <= 0.6 * source and built["model_type"] == "bert"
     assert built["intermediate_size"] < json.loads((tiny["teacher_a"] / "config.json").read_text())["intermediate_size"]
+
+
+def test_hidden_size_pruning_of_a_bert_student_is_refused_by_name_before_anything_is_written(tiny, tmp_path):
+    """issue 30: it was refused naming student.prune.heads, after the run directory was written."""
+    from tests.conftest import tiny_config_yaml
+    from tests.helpers import assert_refused_before_writing
+
+    run_dir = tmp_path / "run"
+    assert_refused_before_writing(tiny_config_yaml(tiny, run_dir), run_dir,
+                                  ["student.layers=null", "student.prune.target_params=0.6", "student.prune.width=true",
+                                   "student.prune.hidden=true"],
+                                  "student.prune.hidden: hidden-size pruning supports Llama-family decoders, not "
+                                  "BertForSequenceClassification: set student.prune.hidden=false")

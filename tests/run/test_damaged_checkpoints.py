@@ -133,3 +133,73 @@ def test_export_of_a_run_in_use_is_refused_and_a_killed_exports_leftover_is_clea
     done = run_cli(["export", run_dir, tmp_path / "out"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert not stale.exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_crafted_pickle_in_a_checkpoint_with_matching_digests_is_refused_on_resume_not_run(twice_checkpointed,
+                                                                                           tmp_path):
+    """issue 30: a pickle planted in a checkpoint (its digests rewritten to match) gave an
+    UnpicklingError traceback on resume; weights_only refuses it and the CLI says so in one line."""
+    import hashlib
+    import os
+
+    import torch
+
+    run_dir, config = copy_of(twice_checkpointed, tmp_path)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    newest = run_dir / "checkpoints" / "step0000008"
+    state = torch.load(newest / CHECKPOINT, weights_only=False)
+    state["payload"] = Payload()
+    torch.save(state, newest / CHECKPOINT)
+    manifest = json.loads((newest / "distill_manifest.json").read_text())
+    manifest["files"][CHECKPOINT] = hashlib.sha256((newest / CHECKPOINT).read_bytes()).hexdigest()
+    (newest / "distill_manifest.json").write_text(json.dumps(manifest))
+    result = run_cli(["train", config, "training.max_steps=10", "training.resume=auto"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "checkpoint step0000008 holds more than tensors and plain values (refused, not run" in result.stderr
+    assert not marker.exists()
+
+
+def test_a_checkpoint_write_refused_by_permissions_is_not_called_a_full_disk():
+    """issue 30: a read-only checkpoint folder's message said 'Free space'."""
+    import errno
+
+    from distill.runtime.checkpointing import write_failure_advice
+
+    assert "writable" in write_failure_advice(PermissionError(errno.EACCES, "Permission denied"))
+    assert "writable" in write_failure_advice(OSError(errno.EROFS, "Read-only file system"))
+    assert "writable" in write_failure_advice(RuntimeError("File ckpt/mp_rank_00_model_states.pt cannot be opened: "
+                                                           "Permission denied"))
+    assert write_failure_advice(OSError(errno.ENOSPC, "No space left on device")).startswith("free space")
+    assert write_failure_advice(RuntimeError("unexpected pos 64 vs 0")).startswith("free space")
+
+
+def test_pickled_weights_that_hold_more_than_tensors_are_refused_before_anything_is_written(tiny, tmp_path):
+    """issue 30: with allow_pickled_weights: true such a folder failed when the teacher loaded, after
+    the run directory was written, as '(not found locally, and the hub is offline)'."""
+    import os
+
+    from tests.helpers import assert_refused_before_writing
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    folder = tmp_path / "pickled_teacher"
+    shutil.copytree(tiny["teacher_b"], folder)
+    (folder / "model.safetensors").unlink()
+    import torch
+
+    torch.save({"bert.embeddings.word_embeddings.weight": torch.zeros(2, 2), "hook": Payload()},
+               folder / "pytorch_model.bin")
+    run_dir = tmp_path / "run"
+    assert_refused_before_writing(tiny_config_yaml(tiny, run_dir), run_dir,
+                                  [f"teachers.models.1.path={folder}", "allow_pickled_weights=true"],
+                                  "pytorch_model.bin holds objects beyond tensors (refused, not loaded")
+    assert not marker.exists()
