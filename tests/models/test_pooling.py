@@ -195,3 +195,18 @@ print(type(model).__name__)
                              env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert outside.returncode == 0 and outside.stdout.strip().splitlines()[-1] == "BagClassifier", outside.stderr[-3000:]
     assert 0 <= report["student"]["accuracy"] <= 1
+
+
+def test_a_pooled_head_that_is_not_safetensors_is_refused_at_load(tiny, tmp_path):
+    """issue 30: pickle bytes in a head named .safetensors gave a SafetensorError traceback."""
+    import pickle
+
+    from tests.conftest import tiny_config_yaml
+    from tests.helpers import assert_refused_before_writing
+
+    head = tmp_path / "head.safetensors"
+    head.write_bytes(pickle.dumps({"weight": [[0.1, 0.2]]}))
+    run_dir = tmp_path / "run"
+    assert_refused_before_writing(tiny_config_yaml(tiny, run_dir), run_dir,
+                                  ["teachers.models.1.pooling=mean", f"teachers.models.1.head={head}"],
+                                  f"teachers.models[1].head: {head} is not a readable safetensors file")
