@@ -63,7 +63,9 @@ def save_with_tokenizer(model, tokenizer, folder: Path) -> Path:
     return folder
 
 
-def make_bert_classifier(folder: Path, tokenizer, layers: int, seed: int, label_names=LABELS, hidden: int = 32):
+def make_bert_classifier(folder: Path, tokenizer, layers: int, seed: int, label_names=LABELS, hidden: int = 32,
+                         model_class=None):
+    """A tiny BERT with a label head (a sequence classifier, or `model_class`, e.g. a token classifier)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
@@ -71,7 +73,7 @@ def make_bert_classifier(folder: Path, tokenizer, layers: int, seed: int, label_
                         num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64,
                         num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                         label2id={n: i for i, n in enumerate(label_names)}, pad_token_id=tokenizer.pad_token_id)
-    return save_with_tokenizer(BertForSequenceClassification(config), tokenizer, folder)
+    return save_with_tokenizer((model_class or BertForSequenceClassification)(config), tokenizer, folder)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import save_with_tokenizer, train_tokenizer, write_config
+from tests.conftest import make_bert_classifier, train_tokenizer, write_config
 from tests.helpers import assert_refused_before_writing, run_cli, run_cli_in_process, train_losses
 
 TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
@@ -41,15 +41,10 @@ def make_sentences(count: int, seed: int):
     return rows
 
 
-def make_tagger(folder: Path, tokenizer, layers: int, seed: int, label_names=TAGS, hidden: int = 32):
-    from transformers import BertConfig, BertForTokenClassification
+def make_tagger(folder: Path, tokenizer, layers: int, seed: int, label_names=TAGS):
+    from transformers import BertForTokenClassification
 
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64,
-                        num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-                        label2id={n: i for i, n in enumerate(label_names)}, pad_token_id=tokenizer.pad_token_id)
-    return save_with_tokenizer(BertForTokenClassification(config), tokenizer, folder)
+    return make_bert_classifier(folder, tokenizer, layers, seed, label_names, model_class=BertForTokenClassification)
 
 
 @pytest.fixture(scope="module")
