@@ -499,7 +499,7 @@ class CausalLM(Task):
                        for plan in self.layer_terms.plans}  # teachers read the student's ids (mapped back)
             terms, extra = self.add_layer_terms(terms, engine.module, record, signal, inputs["attention_mask"],
                                                 row_weights, aligned)
-        if signal.can(Capability.ALIGNED):  # teachers with other tokenizers: coverage and mapped mass
+        if signal is not None and signal.can(Capability.ALIGNED):  # other tokenizers: coverage, mapped mass
             extra = {**(extra or {}), **signal.shares(ensemble.names)}
         # logged per token of this micro-batch (the loss itself is scaled for the whole step)
         scale = normalizer / max(int((labels != IGNORE_INDEX).sum()), 1)

@@ -667,3 +667,14 @@ def test_a_sampled_cache_trains_and_refuses_what_samples_cannot_express(lm_run, 
         refused_dir = tmp_path / f"refused{len(message)}"
         assert_refused_before_writing(config, refused_dir, [f"output_dir={refused_dir}", f"teachers.cache={cache}",
                                                             *overrides], message)
+
+
+def test_plain_fine_tuning_of_a_causal_lm_with_scoring_teachers_trains(tiny_lm, tmp_path):
+    """kd_alpha 0 with teachers configured (they only score): no teacher signal is drawn in the loss.
+    The signal-protocol change read a capability of that absent signal (caught by the LM demo)."""
+    run_dir = tmp_path / "plain"
+    result = run_cli(["train", tiny_lm_config_yaml(tiny_lm, run_dir, "deepspeed: {zero_stage: 0}"),
+                      "loss.kd_alpha=0", "training.max_steps=2", "training.checkpoint_every=2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["kind"] == "fine-tune" and all(row["kd"] == 0 for row in train_losses(run_dir))
