@@ -596,7 +596,9 @@ class Trainer:
         if distributed.is_main():
             from distill.exporting.exporter import export_run
 
-            export_dir = export_run(self.run_dir, self.run_dir / "student", dtype=self.cfg.export.dtype, overwrite=True)
+            # the newest tag is the one this run just wrote and sealed: export need not hash its files again
+            export_dir = export_run(self.run_dir, self.run_dir / "student", dtype=self.cfg.export.dtype, overwrite=True,
+                                    tag=latest_complete_tag(self.run_dir / CHECKPOINTS))
             report["export_dir"] = str(export_dir)
             if self.cfg.training.keep_checkpoints == 0:  # the exported student is the result
                 self._drop_checkpoints()
