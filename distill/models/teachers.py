@@ -109,6 +109,27 @@ def plan_teachers(cfg: DistillConfig, label_names: List[str], student_tokenizer)
     return plans, groups
 
 
+def finite_rows(logits: Tensor, kd_rows: Optional[Tensor], policy: str, names: List[str],
+                describe: Callable[[Tensor], str]) -> Optional[Tensor]:
+    """The one non-finite policy (teachers.on_nonfinite) for teacher logits [K, rows, ...]: None when
+    every value is finite; else the [rows] mask of rows finite for every teacher (the KD term leaves
+    the others out: `skip`), or, with `stop`, NonFiniteLogitsError naming the first teacher with a
+    NaN/inf on a KD row (`kd_rows`, None: every row) and `describe(its bad rows)`."""
+    flat = logits.reshape(logits.shape[0], logits.shape[1], -1)
+    finite = torch.isfinite(flat.sum(dim=-1))  # one read pass: a NaN or inf anywhere makes the sum non-finite
+    if bool(finite.all()):
+        return None
+    finite = torch.isfinite(flat).all(dim=-1)  # the rare case: the exact test ([K, rows])
+    if bool(finite.all()):  # the sum overflowed on finite values
+        return None
+    bad = ~finite if kd_rows is None else ~finite & kd_rows.to(finite.device).unsqueeze(0)
+    if policy == "stop" and bool(bad.any()):
+        k = int(bad.any(dim=1).nonzero()[0])
+        raise NonFiniteLogitsError(f"teacher {names[k]} produced NaN/inf logits {describe(bad[k])}: set "
+                                   "teachers.on_nonfinite=skip to leave such rows out of the KD term")
+    return finite.all(dim=0)
+
+
 class TeacherEnsemble:
     """Loaded, frozen teachers and the interpolation that turns their outputs into one target."""
 
@@ -163,14 +184,13 @@ class TeacherEnsemble:
                     logits = model(**inputs).logits.float()
                 if plan.label_order is not None:
                     logits = logits[:, plan.label_order]
-                if self.on_nonfinite == "stop" and not torch.isfinite(logits).all():
-                    bad_rows = batch["index"][~torch.isfinite(logits).all(dim=-1).cpu()].tolist()
-                    raise NonFiniteLogitsError(f"teacher {plan.name} ({plan.key}) produced NaN/inf logits on data rows "
-                                               f"{bad_rows[:8]}: set teachers.on_nonfinite=skip to leave such rows "
-                                               "out of the KD term")
                 outputs.append(logits)
+        stacked = torch.stack(outputs)
+        # rows are data rows here: name them by their index in the data (kept rows are the caller's to mask)
+        finite_rows(stacked, None, self.on_nonfinite, [f"{p.name} ({p.key})" for p in self.plans],
+                    lambda bad: f"on data rows {batch['index'][bad.cpu()].tolist()[:8]}")
         # clone: leave inference mode with normal tensors
-        return torch.stack(outputs).clone(), {k: detached_copy(record) for k, record in records.items()}
+        return stacked.clone(), {k: detached_copy(record) for k, record in records.items()}
 
     def log_probs(self, logits: Tensor) -> Tensor:
         """[K, B, C] log softmax(z_k / T_k)."""

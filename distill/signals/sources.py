@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from distill.errors import NonFiniteLogitsError
+from distill.models.teachers import finite_rows
 from distill.signals.base import Capability, Signal, Source
 
 from distill.formulas.token_loss import ProbabilityTarget, SparseTarget, Workspace, entropy_terms
@@ -290,19 +290,10 @@ class Targets:
         """The interpolated target (and KD mask) of rows start..end-1 from their teacher logits
         [K, c, V] (which it may soften in place: pass logits nothing else reads)."""
         kd_rows = self.kd_rows[start:end]
-        # a NaN or inf anywhere in a row makes its sum non-finite: one read pass, no [K, c, V] mask
-        finite = torch.isfinite(logits.sum(dim=-1))  # [K, c]
-        keep = None
-        if not finite.all():
-            finite = torch.isfinite(logits).all(dim=-1)  # the rare case: the exact test
-        if not finite.all():
-            bad = ~finite & kd_rows.unsqueeze(0)
-            if bad.any() and self.ensemble.on_nonfinite == "stop":
-                name = self.ensemble.names[int(bad.any(dim=1).nonzero()[0])]
-                raise NonFiniteLogitsError(f"teacher {name} produced NaN/inf logits on {int(bad.sum())} {self.unit}(s): "
-                                           "set teachers.on_nonfinite=skip to leave such rows out of the KD term")
-            keep = finite.all(dim=0)
-            self.skipped += int((~keep & kd_rows).sum())
+        keep = finite_rows(logits, kd_rows, self.ensemble.on_nonfinite, self.ensemble.names,
+                           lambda bad: f"on {int(bad.sum())} {self.unit}(s)")
+        if keep is not None:
+            self.skipped += int((~keep & kd_rows.to(keep.device)).sum())
             logits = torch.where(keep[None, :, None], logits, torch.zeros_like(logits))
         # teachers with other tokenizers (signals/aligned.py) or words (token classification)
         coverage = self.signal.coverage if self.signal.can(Capability.COVERAGE) else None

@@ -200,3 +200,23 @@ def test_teacher_folders_transformers_cannot_load_say_why_before_anything_is_wri
         run_dir = tmp_path / f"run_{path.name}"
         assert_refused_before_writing(tiny_config_yaml(tiny, run_dir), run_dir,
                                       [f"teachers.models.1.path={path}"], message)
+
+
+def test_the_one_nonfinite_policy_names_the_teacher_or_returns_the_rows_to_keep():
+    """issue 28: one policy for every teacher signal (models/teachers.finite_rows), by hand."""
+    from distill.models.teachers import finite_rows
+
+    logits = torch.zeros(2, 4, 3)
+    assert finite_rows(logits, None, "stop", ["a", "b"], str) is None
+    logits[1, 2, 0] = float("nan")
+    logits[0, 3, 1] = float("inf")
+    keep = finite_rows(logits, None, "skip", ["a", "b"], str)
+    assert keep.tolist() == [True, True, False, False]
+    with pytest.raises(NonFiniteLogitsError, match=r"teacher a produced NaN/inf logits on rows \[3\]"):
+        finite_rows(logits, None, "stop", ["a", "b"], lambda bad: f"on rows {bad.nonzero().flatten().tolist()}")
+    # only KD rows count for `stop`: row 3 is not one, so teacher b's row 2 is named
+    with pytest.raises(NonFiniteLogitsError, match=r"teacher b produced"):
+        finite_rows(logits, torch.tensor([True, True, True, False]), "stop", ["a", "b"], str)
+    # a sum that overflows on finite values is not a NaN
+    big = torch.full((1, 2, 4), 3e38)
+    assert finite_rows(big, None, "stop", ["a"], str) is None
