@@ -15,9 +15,13 @@ teachers), with no teacher body run.
 from __future__ import annotations
 
 import math
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
+
+from distill.errors import ConfigError
+from distill.util.registry import registrar
 
 
 # --------------------------------------------------------------------------- writing, reading
@@ -98,58 +102,167 @@ def teacher_signature(plans, hashes, dtype) -> dict:
             "teacher_dtype": str(dtype).replace("torch.", "")}
 
 
-STORES = ("topk", "hidden", "sampled")
 HIDDEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HEADS = "heads.safetensors"
+STORES: Dict[str, type] = {}
+register_store = registrar(STORES, "cache store")
+
+
+class Store:
+    """One way of keeping the teachers' per-token outputs (`distill cache --store NAME`), registered
+    by name: what it checks and records of the options, the tensors it writes per token, and how a
+    reader opens it. `reads`: what a signal source takes from it ("top_k" rows, or "hidden" states);
+    `softened`: stored at the teachers' training temperatures already (not softened again)."""
+
+    name = "base"
+    reads = "top_k"
+    softened = False
+
+    def settings(self, cfg, plans, vocab: int, top_k: int, samples: int, hidden_dtype: Optional[str]) -> Dict:
+        """The options this store records (checked: ConfigError naming the flag)."""
+        raise NotImplementedError
+
+    def parts(self, teachers: int) -> List[str]:
+        return ["ids", "log_probs", "tail"]
+
+    def write_once(self, writer, source) -> None:
+        """Files written once per cache, beside the shards (none by default)."""
+
+    def add_row(self, signal, start: int, length: int, plans, settings: Dict, shard: Dict, generator) -> None:
+        """Append one row's `length` tokens (from position `start` of the signal) to the shard."""
+        logits = signal.logits(start, start + length)  # [K, L, V]
+        found = [self.keep(logits[k], plan, settings, generator) for k, plan in enumerate(plans)]
+        shard["ids"].append(torch.stack([p[0] for p in found], dim=1).cpu())  # [L, K, k]
+        shard["log_probs"].append(torch.stack([p[1] for p in found], dim=1).float().cpu())  # float32 on disk
+        shard["tail"].append(torch.stack([p[2] for p in found], dim=1).float().cpu())  # [L, K]
+
+    def keep(self, logits: Tensor, plan, settings: Dict, generator):
+        """(ids, log_probs, tail) of one teacher's [L, V] logits."""
+        raise NotImplementedError
+
+    def recorded(self, settings: Dict, source) -> Dict:
+        """What meta.json says of the options, once written."""
+        return settings
+
+    def open(self, cache) -> None:
+        """Read-time extras of a cache folder (none by default)."""
+
+    def check_use(self, cfg, plans, meta: Dict, key: str) -> None:
+        """Refuse a training config this store cannot serve (ConfigError naming `key`); none by default."""
+
+
+@register_store("topk")
+class TopKStore(Store):
+    def settings(self, cfg, plans, vocab, top_k, samples, hidden_dtype):
+        if not 1 <= top_k <= vocab:
+            raise ConfigError(f"--top-k must lie in [1, {vocab}] (the vocabulary), got {top_k}")
+        return {"top_k": top_k}
+
+    def keep(self, logits, plan, settings, generator):
+        return top_k_of(logits, settings["top_k"])
+
+
+@register_store("sampled")
+class SampledStore(Store):
+    softened = True
+
+    def settings(self, cfg, plans, vocab, top_k, samples, hidden_dtype):
+        if samples < 1:
+            raise ConfigError(f"--samples must be >= 1, got {samples}")
+        return {"samples": samples, "temperatures": [plan.temperature for plan in plans], "seed": cfg.seed}
+
+    def keep(self, logits, plan, settings, generator):  # drawn at each teacher's training temperature
+        return sampled_of(logits, plan.temperature, settings["samples"], generator)
+
+    def check_use(self, cfg, plans, meta, key):
+        """Samples are an unbiased target only for a linear mixture under the forward KL, at the
+        temperatures they were drawn at: anything else is refused by name."""
+        if cfg.interpolation.method != "linear":
+            raise ConfigError(f"{key}: interpolation.method={cfg.interpolation.method} needs whole distributions; "
+                              "from samples only the linear mixture stays unbiased: use linear, or a topk/hidden cache")
+        if cfg.loss.divergence != "forward_kl":
+            raise ConfigError(f"{key}: loss.divergence={cfg.loss.divergence} is not linear in the target, so samples "
+                              "would bias it: use forward_kl, or a hidden cache")
+        if cfg.schedules.temperature is not None:
+            raise ConfigError(f"{key}: the samples were drawn at fixed temperatures; remove schedules.temperature")
+        now = [plan.temperature for plan in plans]
+        if [float(t) for t in meta["temperatures"]] != [float(t) for t in now]:
+            raise ConfigError(f"{key}: drawn at teacher temperatures {meta['temperatures']}, the config has {now}: "
+                              "rerun distill cache")
+
+
+@register_store("hidden")
+class HiddenStore(Store):
+    reads = "hidden"
+
+    def settings(self, cfg, plans, vocab, top_k, samples, hidden_dtype):
+        # half of fp32's bytes, whatever the teachers compute in
+        return {"hidden_dtype": "bfloat16" if hidden_dtype is None else hidden_dtype}
+
+    def parts(self, teachers):
+        return [f"hidden{k}" for k in range(teachers)]
+
+    def write_once(self, writer, source) -> None:
+        heads = {}  # each teacher's output layer, once (restricted rows are not cached: no trim_vocab)
+        for k, head in enumerate(source.unwrap().heads):
+            heads[f"weight{k}"] = head.weight.detach().cpu().contiguous()
+            if head.bias is not None:
+                heads[f"bias{k}"] = head.bias.detach().cpu().contiguous()
+        writer.write_once(HEADS, heads)
+
+    def add_row(self, signal, start, length, plans, settings, shard, generator):
+        for k, hidden in enumerate(signal.hidden_states):
+            shard[f"hidden{k}"].append(hidden[start:start + length].to(HIDDEN_DTYPES[settings["hidden_dtype"]]).cpu())
+
+    def open(self, cache) -> None:
+        from distill.caches.shards import read_shard
+
+        stored, _ = read_shard(cache.folder / HEADS)
+        for k in range(len(cache.meta["teachers"])):
+            weight, bias = stored[f"weight{k}"], stored.get(f"bias{k}")
+            head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+            with torch.no_grad():
+                head.weight.copy_(weight)
+                if bias is not None:
+                    head.bias.copy_(bias)
+            cache.heads.append(head.requires_grad_(False))
+
+
+def build_store(name: str) -> Store:
+    if name not in STORES:
+        raise ConfigError(f"--store must be one of {sorted(STORES)}, got {name!r}")
+    return STORES[name]()
 
 
 def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str = "topk",
                 hidden_dtype: str | None = None, samples: int = 16) -> dict:
-    """Run the task's teachers once over its training blocks and store, per token, their top-k
-    (store=topk), N draws (store=sampled) or their last hidden states (store=hidden: the output
-    layers are stored once, and training rebuilds the exact distributions a chunk at a time).
-    Resumable and multi-rank (cache_writing.ShardedWriter)."""
+    """Run the task's teachers once over its training blocks and keep, per token, what the
+    registered `store` keeps (topk, sampled or hidden). Resumable and multi-rank
+    (caches/shards.ShardedWriter)."""
     from pathlib import Path
 
     from torch.utils.data import DataLoader
 
     from distill.caches.shards import ShardedWriter
-    from distill.errors import ConfigError
     from distill.runtime.hardware import local_device, teacher_dtype
 
     cfg = task.cfg
     splits, plans, hashes = plan_cache_run(task)
-    vocab = plans[0].vocab_size
-    if store not in STORES:
-        raise ConfigError(f"--store must be one of {list(STORES)}, got {store!r}")
-    if store == "sampled" and samples < 1:
-        raise ConfigError(f"--samples must be >= 1, got {samples}")
-    if store == "topk" and not 1 <= top_k <= vocab:
-        raise ConfigError(f"--top-k must lie in [1, {vocab}] (the vocabulary), got {top_k}")
+    kind = build_store(store)
     if hidden_dtype is not None and hidden_dtype not in HIDDEN_DTYPES:
         raise ConfigError(f"--hidden-dtype must be one of {list(HIDDEN_DTYPES)}, got {hidden_dtype!r}")
-    if store == "hidden" and hidden_dtype is None:  # half of fp32's bytes, whatever the teachers compute in
-        hidden_dtype = "bfloat16"
+    stored = kind.settings(cfg, plans, plans[0].vocab_size, top_k, samples, hidden_dtype)
     train = task.encode(splits.train, "train")
     task.encode(splits.validation, "validation")
     device = local_device()
     dtype = teacher_dtype(cfg.teachers.dtype, device)
-    stored = ({"top_k": top_k} if store == "topk" else
-              {"samples": samples, "temperatures": [plan.temperature for plan in plans], "seed": cfg.seed}
-              if store == "sampled" else {"hidden_dtype": hidden_dtype})
     dataset_fingerprint = fingerprint(train)
     with ShardedWriter.open(Path(out_dir), {"store": store, **stored, "fingerprint": dataset_fingerprint,
                                             **teacher_signature(plans, hashes, dtype)},
                             [len(train)], rows_per_shard) as writer:
         ensemble, source = task.load_teachers(plans, device, dtype)
-        parts = [f"hidden{k}" for k in range(len(plans))] if store == "hidden" else ["ids", "log_probs", "tail"]
-        if store == "hidden":  # each teacher's output layer, once (restricted rows are not cached: no trim_vocab)
-            heads = {}
-            for k, head in enumerate(source.unwrap().heads):
-                heads[f"weight{k}"] = head.weight.detach().cpu().contiguous()
-                if head.bias is not None:
-                    heads[f"bias{k}"] = head.bias.detach().cpu().contiguous()
-            writer.write_once(HEADS, heads)
+        parts = kind.parts(len(plans))
+        kind.write_once(writer, source)
         for number in writer.mine():
             _, start, end = writer.slices[number]
             # sampled: the draws of shard n come from a generator of its own, whichever rank or run writes it
@@ -158,46 +271,24 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str
             loader = DataLoader(train.select(range(start, end)), batch_size=cfg.training.eval_batch_size,
                                 collate_fn=task.collator(), shuffle=False)
             for batch in loader:
-                _cache_batch(batch, source.signal(batch, device), store, plans, shard, top_k, samples,
-                             hidden_dtype, generator)
+                signal = source.signal(batch, device)
+                sequence = batch["input_ids"].shape[1]
+                for row, index in enumerate(batch["index"].tolist()):  # each row's real tokens only
+                    length = int(batch["attention_mask"][row].sum())
+                    shard["index"].append(index)
+                    shard["lengths"].append(length)
+                    kind.add_row(signal, row * sequence, length, plans, stored, shard, generator)
             offsets = torch.tensor([0] + shard["lengths"]).cumsum(0)
             writer.write(number, {"index": torch.tensor(shard["index"], dtype=torch.int64), "offsets": offsets,
                                   **{part: torch.cat(shard[part]) for part in parts}})
         figures, _ = task.evaluate(None, ensemble, source, device)  # teachers and target only (every rank)
-        kept = (stored if store != "hidden" else
-                {"hidden_dtype": str(source.unwrap().heads[0].weight.dtype if hidden_dtype is None
-                                     else HIDDEN_DTYPES[hidden_dtype]).replace("torch.", "")})
-        meta = {"store": store, **kept, "vocab_size": vocab, "fingerprint": dataset_fingerprint, "rows": len(train),
-                "interpolation": cfg.interpolation.method,
+        meta = {"store": store, **kind.recorded(stored, source), "vocab_size": plans[0].vocab_size,
+                "fingerprint": dataset_fingerprint, "rows": len(train), "interpolation": cfg.interpolation.method,
                 "teachers": [{"name": plan.name, "path": plan.path, "hash": digest, "params": params,
                               **figures[plan.name]}
                              for plan, digest, params in zip(plans, hashes, ensemble.parameter_counts)],
                 "target": figures["target"]}
         return writer.finish(meta)
-
-
-def _cache_batch(batch, signal, store, plans, shard, top_k, samples, hidden_dtype, generator) -> None:
-    """Append one batch's rows (each row's real tokens only) to the shard being built."""
-    sequence = batch["input_ids"].shape[1]
-    for row, index in enumerate(batch["index"].tolist()):
-        length = int(batch["attention_mask"][row].sum())
-        start = row * sequence
-        shard["index"].append(index)
-        shard["lengths"].append(length)
-        if store == "hidden":
-            for k, hidden in enumerate(signal.hidden_states):
-                states = hidden[start:start + length]
-                shard[f"hidden{k}"].append(states.to(HIDDEN_DTYPES[hidden_dtype] if hidden_dtype else
-                                                     states.dtype).cpu())  # [L, H_k]
-            continue
-        logits = signal.logits(start, start + length)  # [K, L, V]
-        if store == "sampled":  # drawn at each teacher's training temperature
-            found = [sampled_of(logits[k], plan.temperature, samples, generator) for k, plan in enumerate(plans)]
-        else:
-            found = [top_k_of(logits[k], top_k) for k in range(logits.shape[0])]
-        shard["ids"].append(torch.stack([p[0] for p in found], dim=1).cpu())  # [L, K, k]
-        shard["log_probs"].append(torch.stack([p[1] for p in found], dim=1).float().cpu())  # float32 on disk
-        shard["tail"].append(torch.stack([p[2] for p in found], dim=1).float().cpu())  # [L, K]
 
 
 class LogitCache:
@@ -219,18 +310,9 @@ class LogitCache:
             raise ConfigError(f"teachers.cache: {self.folder} was written for other training blocks (data, "
                               "tokenizer or data.block_size changed): rerun distill cache")
         self.vocab_size = self.meta["vocab_size"]
-        self.store = self.meta.get("store", "topk")
+        self.store = build_store(self.meta.get("store", "topk"))
         self.heads = []
-        if self.store == "hidden":
-            stored, _ = read_shard(self.folder / HEADS)
-            for k in range(len(cached)):
-                weight, bias = stored[f"weight{k}"], stored.get(f"bias{k}")
-                head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
-                with torch.no_grad():
-                    head.weight.copy_(weight)
-                    if bias is not None:
-                        head.bias.copy_(bias)
-                self.heads.append(head.requires_grad_(False))
+        self.store.open(self)
         self.shards = []
         self.where = {}
         for number in range(self.meta["shards"]):

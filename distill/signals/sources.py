@@ -220,6 +220,15 @@ class CachedTopK(Source):
                           tail.reshape(rows, tail.shape[-1]).to(device), self.cache.vocab_size)
 
 
+# what a cache store holds (caches/lm_stores.Store.reads) -> the source that serves it
+CACHED_SOURCES = {"hidden": CachedHidden, "top_k": CachedTopK}
+
+
+def cached_source(cache) -> Source:
+    """The signal source over an opened LM cache (caches/lm_stores.LogitCache), by what its store holds."""
+    return CACHED_SOURCES[cache.store.reads](cache)
+
+
 # ------------------------------------------------------------------------------------ targets
 class Targets:
     """`target_fn(start, end)` for the losses: the interpolated target of rows start..end-1 and

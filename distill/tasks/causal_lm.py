@@ -31,7 +31,7 @@ from distill.formulas.divergences import IGNORE_INDEX, build_divergence
 from distill.tasks.on_policy import ON_POLICY, on_policy_figures
 from distill.util.paths import resolve_path
 from distill.evaluation.report import causal_lm_card, format_lm_table
-from distill.signals.sources import CachedHidden, CachedTopK, HiddenStateSignal, LiveLanguageModels, Targets, body_and_head
+from distill.signals.sources import cached_source, HiddenStateSignal, LiveLanguageModels, Targets, body_and_head
 from distill.tasks.base import StepFigures, Task, refuse_unused, register_task
 
 
@@ -236,26 +236,9 @@ class CausalLM(Task):
         if self.cache is None:
             self.cache = LogitCache(resolve_path(self.cfg.teachers.cache), [p.name for p in self.plans],
                                     fingerprint(train_set))
-            if self.cache.store == "sampled":
-                self._check_sampled_store(self.cache.meta)
+            self.cache.store.check_use(self.cfg, self.plans, self.cache.meta,
+                                       f"teachers.cache ({self.cfg.teachers.cache}, {self.cache.store.name})")
         return self.cache
-
-    def _check_sampled_store(self, meta) -> None:
-        """Samples are an unbiased target only for a linear mixture under the forward KL, at the
-        temperatures they were drawn at: anything else is refused by name."""
-        cfg, key = self.cfg, f"teachers.cache ({self.cfg.teachers.cache}, sampled)"
-        if cfg.interpolation.method != "linear":
-            raise ConfigError(f"{key}: interpolation.method={cfg.interpolation.method} needs whole distributions; "
-                              "from samples only the linear mixture stays unbiased: use linear, or a topk/hidden cache")
-        if cfg.loss.divergence != "forward_kl":
-            raise ConfigError(f"{key}: loss.divergence={cfg.loss.divergence} is not linear in the target, so samples "
-                              "would bias it: use forward_kl, or a hidden cache")
-        if cfg.schedules.temperature is not None:
-            raise ConfigError(f"{key}: the samples were drawn at fixed temperatures; remove schedules.temperature")
-        now = [plan.temperature for plan in self.plans]
-        if [float(t) for t in meta["temperatures"]] != [float(t) for t in now]:
-            raise ConfigError(f"{key}: drawn at teacher temperatures {meta['temperatures']}, the config has {now}: "
-                              "rerun distill cache")
 
     def batches(self, stream, engine):
         transform = None
@@ -415,9 +398,9 @@ class CausalLM(Task):
             figures = {teacher["name"]: {key: teacher[key] for key in ("nll", "perplexity", "tokens", "bits_per_byte")
                                          if key in teacher} for teacher in cached}
             self.teacher_figures["validation"] = {**figures, "target": self.cache.meta["target"]}
-            if self.cache.store == "sampled":  # drawn at the teachers' temperatures already: not softened again
+            if self.cache.store.softened:  # drawn at the teachers' temperatures already: not softened again
                 ensemble.temperatures = torch.ones(len(plans))
-            return ensemble, (CachedHidden if self.cache.store == "hidden" else CachedTopK)(self.cache)
+            return ensemble, cached_source(self.cache)
 
         def load(plan, teacher_dtype):
             from distill.models.loading import load_causal_lm

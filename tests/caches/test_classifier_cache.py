@@ -102,3 +102,16 @@ def test_a_cut_meta_or_a_shard_that_is_not_one_is_refused_before_anything_is_wri
                             (pickled, f"{shard} is not a readable cache shard")):
         run_dir = tmp_path / f"run_{folder.name}"
         assert_refused_before_writing(config, run_dir, [f"output_dir={run_dir}", f"teachers.cache={folder}"], message)
+
+
+def test_lm_cache_stores_are_registered_classes_selected_by_name():
+    """issue 28: one class per store (caches/lm_stores.py), nothing dispatched on the name elsewhere."""
+    from distill.caches.lm_stores import STORES, build_store
+    from distill.errors import ConfigError
+    from distill.signals.sources import CACHED_SOURCES
+
+    assert sorted(STORES) == ["hidden", "sampled", "topk"]
+    assert {build_store(name).reads for name in STORES} == set(CACHED_SOURCES)
+    assert [name for name in STORES if build_store(name).softened] == ["sampled"]
+    with pytest.raises(ConfigError, match=r"--store must be one of \['hidden', 'sampled', 'topk'\], got 'dense'"):
+        build_store("dense")
