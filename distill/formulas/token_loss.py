@@ -24,7 +24,7 @@ linear mixture, built a teacher at a time) or a `SparseTarget` (the cached top-k
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -211,6 +211,143 @@ def _default_normalizer(labels: Tensor) -> float:
     return float(max(int((labels != IGNORE_INDEX).sum()), 1))
 
 
+class ClosedFormKD:
+    """One (divergence x target kind) case of the KD term in `closed_form_token_loss`, registered in
+    CLOSED_FORMS. The loss calls it in three phases, so that each case reads the [c, V] buffers
+    while they still hold what it needs: `read_logits` (raw z, before anything is overwritten),
+    `read_shifted` (z - max z, before it becomes exp in place) and `finish` (the softmax at T known:
+    each row's divergence, the multiple of e_T the gradient gets, and what else it adds)."""
+
+    def __init__(self, target, keep: Tensor, dropped: Tensor, kd_scale: Tensor, temperature: float,
+                 workspace: "Workspace"):
+        self.target, self.keep, self.dropped, self.kd_scale = target, keep, dropped, kd_scale
+        self.temperature, self.workspace = temperature, workspace
+
+    def read_logits(self, logits: Tensor) -> None:
+        """What reads the raw student logits z [c, V]."""
+
+    def read_shifted(self, shifted: Tensor) -> None:
+        """What reads z - max z [c, V] (nothing by default)."""
+
+    def finish(self, exps_t: Tensor, sum_t: Tensor, lse_t: Tensor, vocab: int):
+        """(rows [c]: each row's divergence at T, q_scale [c, 1], kd_part(grad) or None): d/dz gets
+        q_scale * e_T (e_T = exp(u - max u), the unnormalised q), then kd_part adds the rest."""
+        raise NotImplementedError
+
+
+CLOSED_FORMS: Dict[Tuple[str, str], type] = {}
+
+
+def register_closed_form(divergence: str, kind: str):
+    def decorate(cls):
+        if (divergence, kind) in CLOSED_FORMS:
+            raise ValueError(f"closed form ({divergence}, {kind}) is registered twice")
+        CLOSED_FORMS[(divergence, kind)] = cls
+        return cls
+
+    return decorate
+
+
+def target_kind(target) -> str:
+    """'sparse', 'probabilities' or 'log_probs' (a dense [c, V] tensor of log-probabilities)."""
+    if isinstance(target, SparseTarget):
+        return "sparse"
+    return "probabilities" if isinstance(target, ProbabilityTarget) else "log_probs"
+
+
+@register_closed_form("forward_kl", "sparse")
+class SparseForwardKL(ClosedFormKD):
+    """A few ids per row plus a flat tail (caches, served teachers): the forward KL only."""
+
+    def read_logits(self, logits):
+        keep, target, temperature = self.keep, self.target, self.temperature
+        self.base = torch.where(keep, target.base.to(logits.dtype), torch.zeros_like(logits[:, 0]))
+        self.deltas = torch.where(keep.unsqueeze(-1), target.deltas.to(logits.dtype),
+                                  torch.zeros_like(target.deltas, dtype=logits.dtype))
+        self.u_at_ids = logits.gather(-1, target.ids) / temperature  # [c, M]
+        self.u_sum = logits.sum(dim=-1) / temperature
+
+    def finish(self, exps_t, sum_t, lse_t, vocab):
+        base, deltas, ids, kd_scale = self.base, self.deltas, self.target.ids, self.kd_scale
+        log_q_at = self.u_at_ids - lse_t  # [c, M]
+        log_q_all = self.u_sum - vocab * lse_t.squeeze(-1)
+        cross = base * log_q_all + (deltas * log_q_at).sum(dim=-1)
+        rows = SparseTarget(ids, deltas, base).entropy_terms(vocab) - cross
+
+        def kd_part(grad):
+            grad.sub_(kd_scale * base.unsqueeze(-1))
+            grad.scatter_add_(-1, ids, -kd_scale * deltas)
+
+        return rows, kd_scale / sum_t, kd_part
+
+
+class DenseForwardKL(ClosedFormKD):
+    """d/dz = s_kd * (q - p) with the target's probabilities p [c, V] (rows not kept zeroed)."""
+
+    def read_logits(self, logits):
+        self.probs, self.entropy = self.target_probabilities(logits)
+        self.u_dot_p = row_dot(self.probs, logits) / self.temperature
+
+    def target_probabilities(self, logits: Tensor) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def finish(self, exps_t, sum_t, lse_t, vocab):
+        probs, kd_scale = self.probs, self.kd_scale
+        rows = self.entropy - (self.u_dot_p - lse_t.squeeze(-1) * probs.sum(dim=-1))
+
+        def kd_part(grad):
+            grad.addcmul_(probs, kd_scale, value=-1.0)
+
+        return rows, kd_scale / sum_t, kd_part
+
+
+@register_closed_form("forward_kl", "probabilities")
+class ProbabilityForwardKL(DenseForwardKL):
+    def target_probabilities(self, logits):
+        probs = self.target.probs.to(logits.dtype)
+        if self.dropped.numel():
+            probs.index_fill_(0, self.dropped, 0.0)  # the loss owns these
+        return probs, self.target.entropy_terms(self.workspace, self.keep)
+
+
+@register_closed_form("forward_kl", "log_probs")
+class LogProbForwardKL(DenseForwardKL):
+    def target_probabilities(self, logits):
+        log_probs = self.target.to(logits.dtype)
+        probs = torch.exp(log_probs, out=self.workspace.like("target", logits))
+        if self.dropped.numel():
+            probs.index_fill_(0, self.dropped, 0.0)
+        return probs, entropy_terms(probs, log_probs, self.keep)
+
+
+@register_closed_form("reverse_kl", "log_probs")
+class ReverseKL(ClosedFormKD):
+    """d/dz = s_kd * q * (log q - log p - KL(q || p)), from logits shifted by their max."""
+
+    def read_shifted(self, shifted):
+        # r = log p - u' with u' = (z - max z) / T <= 0: shifted first, so float32 keeps the digits
+        # that matter where q is large (unshifted, log p - z / T loses |z| * eps of them)
+        self.gap = torch.sub(self.target.to(shifted.dtype), shifted, alpha=1.0 / self.temperature,
+                             out=self.workspace.like("target", shifted))
+        if self.dropped.numel():
+            self.gap.index_fill_(0, self.dropped, 0.0)
+
+    def finish(self, exps_t, sum_t, lse_t, vocab):
+        gap, keep = self.gap, self.keep
+        # with u' = u - max u and S = sum exp(u'): log q = u' - log S, and
+        # KL(q || p) = sum q (u' - log S - log p) = -q . r - log S
+        log_sum_t = sum_t.log()
+        rows = -row_dot(exps_t, gap) / sum_t.squeeze(-1) - log_sum_t.squeeze(-1)
+        # d/dz = s_kd * q * (log q - log p - KL) = -s_kd * q * (r + log S + KL)
+        gap.add_(log_sum_t + torch.where(keep, rows, torch.zeros_like(rows)).unsqueeze(-1))
+        gap.mul_(exps_t).mul_(-self.kd_scale / sum_t)
+
+        def kd_part(grad):
+            grad.add_(gap)
+
+        return rows, torch.zeros_like(self.kd_scale), kd_part
+
+
 def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Optional[Tensor], *, kd_alpha: float,
                            temperature: float, label_smoothing: float, divergence: str, normalizer: float,
                            workspace: Optional[Workspace] = None, row_kd: Optional[Tensor] = None
@@ -220,15 +357,14 @@ def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Opti
     q = softmax(u), p the target, and s_kd = kd_alpha * T / normalizer, s_ce = (1 - kd_alpha) / normalizer:
 
         CE_eps:      d/dz = s_ce * (softmax(z) - eps / V - (1 - eps) onehot(y))
-        forward KL:  d/dz = s_kd * (q - p)
-        reverse KL:  d/dz = s_kd * q * (log q - log p - KL(q || p)), from logits shifted by their max
+        KD:          the registered (divergence x target kind) case (CLOSED_FORMS above)
 
     on the rows with a label (and with kd_mask, for the KD term); all other rows get exactly zero.
     `target` is dense log-probabilities [c, V], a ProbabilityTarget or SparseTarget (forward KL
     only), or None. This is the fused loss's hot loop: `logits` is CONSUMED (what reads z comes
     first, then z becomes exp(z - max z) in place), the other [c, V] temporaries live in `workspace`
     buffers, and the returned gradient is one of them. `row_kd` [c], when given, receives each
-    row's T^2 D. Tested against the autograd reference in float64 (tests/test_chunked_loss.py)."""
+    row's T^2 D. Tested against the autograd reference in float64 (tests/formulas/test_chunked_loss.py)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     workspace = Workspace() if workspace is None else workspace
@@ -240,44 +376,23 @@ def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Opti
     mean_logits = logits.mean(dim=-1, keepdim=True) if label_smoothing else None
     ce_scale = valid.to(logits.dtype).unsqueeze(-1) * ((1.0 - kd_alpha) / normalizer)
     distill = target is not None and kd_alpha != 0
+    case = None
     if distill:  # first what reads the raw logits z
-        keep = valid if kd_mask is None else valid & kd_mask
-        dropped = (~keep).nonzero().squeeze(-1)
-        kd_scale = keep.to(logits.dtype).unsqueeze(-1) * (kd_alpha * temperature / normalizer)
-        if isinstance(target, SparseTarget):
-            if divergence != "forward_kl":
+        kind = target_kind(target)
+        if (divergence, kind) not in CLOSED_FORMS:
+            if kind == "sparse":
                 raise ValueError("a sparse target supports the forward KL only")
-            base = torch.where(keep, target.base.to(logits.dtype), torch.zeros_like(top.squeeze(-1)))
-            deltas = torch.where(keep.unsqueeze(-1), target.deltas.to(logits.dtype),
-                                 torch.zeros_like(target.deltas, dtype=logits.dtype))
-            u_at_ids = logits.gather(-1, target.ids) / temperature  # [c, M]
-            u_sum = logits.sum(dim=-1) / temperature
-        elif divergence == "forward_kl":
-            if isinstance(target, ProbabilityTarget):
-                probs = target.probs.to(logits.dtype)
-                if dropped.numel():
-                    probs.index_fill_(0, dropped, 0.0)  # the loss owns these
-                entropy = target.entropy_terms(workspace, keep)
-            else:
-                log_probs = target.to(logits.dtype)
-                probs = torch.exp(log_probs, out=workspace.like("target", logits))
-                if dropped.numel():
-                    probs.index_fill_(0, dropped, 0.0)
-                entropy = entropy_terms(probs, log_probs, keep)
-            u_dot_p = row_dot(probs, logits) / temperature
-        elif divergence == "reverse_kl":
-            pass  # its gap needs the shifted logits: formed below, before they become exponentials
-        else:
-            raise ValueError(f"no closed form for divergence {divergence!r}")
+            raise ValueError(f"no closed form for divergence {divergence!r} with a {kind} target")
+        keep = valid if kd_mask is None else valid & kd_mask
+        case = CLOSED_FORMS[(divergence, kind)](target, keep, (~keep).nonzero().squeeze(-1),
+                                                keep.to(logits.dtype).unsqueeze(-1) * (kd_alpha * temperature / normalizer),
+                                                temperature, workspace)
+        case.read_logits(logits)
     # then the softmaxes: e = exp(z - max z) in place of z, e_T = exp((z - max z) / T) beside it
     shared = not distill or temperature == 1.0
     exps = logits.sub_(top)
-    if distill and divergence == "reverse_kl" and not isinstance(target, SparseTarget):
-        # r = log p - u' with u' = (z - max z) / T <= 0: shifted first, so float32 keeps the digits
-        # that matter where q is large (unshifted, log p - z / T loses |z| * eps of them)
-        gap = torch.sub(target.to(logits.dtype), exps, alpha=1.0 / temperature, out=workspace.like("target", logits))
-        if dropped.numel():
-            gap.index_fill_(0, dropped, 0.0)
+    if case is not None:
+        case.read_shifted(exps)
     exps_t = None if shared else torch.mul(exps, 1.0 / temperature, out=workspace.like("tempered", logits)).exp_()
     exps.exp_()
     total = exps.sum(dim=-1, keepdim=True)
@@ -294,35 +409,9 @@ def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Opti
     kd = torch.zeros_like(ce)
     kd_part = None  # what the KD term adds to the gradient besides a multiple of q
     q_scale = torch.zeros_like(ce_scale)  # d/dz gets q_scale * e_T (e_T = exp(u - max u), unnormalised q)
-    if distill:
-        if isinstance(target, SparseTarget):
-            log_q_at = u_at_ids - lse_t  # [c, M]
-            log_q_all = u_sum - vocab * lse_t.squeeze(-1)
-            cross = base * log_q_all + (deltas * log_q_at).sum(dim=-1)
-            rows = SparseTarget(target.ids, deltas, base).entropy_terms(vocab) - cross
-            q_scale = kd_scale / sum_t
-
-            def kd_part(grad):
-                grad.sub_(kd_scale * base.unsqueeze(-1))
-                grad.scatter_add_(-1, target.ids, -kd_scale * deltas)
-        elif divergence == "forward_kl":
-            rows = entropy - (u_dot_p - lse_t.squeeze(-1) * probs.sum(dim=-1))
-            q_scale = kd_scale / sum_t
-
-            def kd_part(grad):
-                grad.addcmul_(probs, kd_scale, value=-1.0)
-        else:
-            # with u' = u - max u and S = sum exp(u'): log q = u' - log S, and
-            # KL(q || p) = sum q (u' - log S - log p) = -q . r - log S
-            log_sum_t = sum_t.log()
-            rows = -row_dot(exps_t, gap) / sum_t.squeeze(-1) - log_sum_t.squeeze(-1)
-            # d/dz = s_kd * q * (log q - log p - KL) = -s_kd * q * (r + log S + KL)
-            gap.add_(log_sum_t + torch.where(keep, rows, torch.zeros_like(rows)).unsqueeze(-1))
-            gap.mul_(exps_t).mul_(-kd_scale / sum_t)
-
-            def kd_part(grad):
-                grad.add_(gap)
-        per_row = temperature ** 2 * torch.where(keep, rows, torch.zeros_like(rows))
+    if case is not None:
+        rows, q_scale, kd_part = case.finish(exps_t, sum_t, lse_t, vocab)
+        per_row = temperature ** 2 * torch.where(case.keep, rows, torch.zeros_like(rows))
         if row_kd is not None:
             row_kd.copy_(per_row)
         kd = per_row.sum()

@@ -336,3 +336,16 @@ def test_reverse_kl_closed_form_keeps_float32_precision_at_large_logits():
         errors.append(float((fused.double() - reference).abs().max() / reference.abs().max()))
     assert max(errors) < 5e-6, errors
     assert max(errors) < 3 * min(errors), errors  # no loss of digits as the logits grow
+
+
+def test_the_closed_form_cases_are_registered_by_divergence_and_target_kind():
+    """issue 28: the fused loss's KD term is one registered class per (divergence x target kind);
+    a pair with no class is refused by name (the float64 checks above run every registered case)."""
+    from distill.formulas.token_loss import CLOSED_FORMS, closed_form_token_loss
+
+    assert sorted(CLOSED_FORMS) == [("forward_kl", "log_probs"), ("forward_kl", "probabilities"),
+                                    ("forward_kl", "sparse"), ("reverse_kl", "log_probs")]
+    logits, labels = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="no closed form for divergence 'jsd' with a log_probs target"):
+        closed_form_token_loss(logits, torch.log_softmax(torch.randn(3, 5), -1), labels, None, kd_alpha=0.5,
+                               temperature=1.0, label_smoothing=0.0, divergence="jsd", normalizer=3.0)
