@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from distill.config.schema import load_config
 
@@ -42,11 +42,50 @@ def task_class(name: str) -> type:
     return TASKS[name]
 
 
-def refuse_other_tasks_sections(cfg) -> None:
-    """A config section named after a task (e.g. `token_classification:`) belongs to that task: set
-    while another task is chosen, it would be ignored, so it is refused (no per-task key lists)."""
+def set_keys(cfg, pattern: str) -> List[str]:
+    """The concrete keys matching `pattern` (dotted; `[*]`: every entry of a list) whose value in
+    `cfg` differs from the schema's default."""
     from omegaconf import OmegaConf
 
+    if "[*]." in pattern:
+        head, tail = pattern.split("[*].", 1)
+        found = []
+        for index, item in enumerate(OmegaConf.select(cfg, head) or []):
+            default = OmegaConf.structured(OmegaConf.get_type(item))
+            if _differs(OmegaConf.select(item, tail), OmegaConf.select(default, tail)):
+                found.append(f"{head}[{index}].{tail}")
+        return found
+    from distill.config.schema import DistillConfig
+
+    default = OmegaConf.structured(DistillConfig)
+    return [pattern] if _differs(OmegaConf.select(cfg, pattern), OmegaConf.select(default, pattern)) else []
+
+
+def _differs(value, default) -> bool:
+    from omegaconf import OmegaConf
+
+    plain = [OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for v in (value, default)]
+    return plain[0] != plain[1]
+
+
+def refuse_settings_of_other_tasks(cfg) -> None:
+    """ConfigError naming every setting the chosen task would ignore: a key another task declares in
+    its `owns` and the chosen one does not, or a section named after another task, when set."""
+    from omegaconf import OmegaConf
+
+    _discover()
+    chosen = task_class(cfg.task)
+    owners: Dict[str, List[str]] = {}
+    for name in sorted(TASKS):
+        for key in TASKS[name].owns:
+            if key not in chosen.owns:
+                owners.setdefault(key, []).append(name)
+    unread = [(found, owners[key]) for key in owners for found in set_keys(cfg, key)]
+    if unread:
+        keys = [key for key, _ in unread]
+        tasks = sorted({name for _, names in unread for name in names})
+        raise ConfigError(f"task {cfg.task} does not read {keys} (settings of task {', '.join(tasks)}): remove "
+                          f"{'it' if len(keys) == 1 else 'them'}")
     for name in sorted(TASKS):
         if name == cfg.task or name not in cfg:
             continue
@@ -57,18 +96,21 @@ def refuse_other_tasks_sections(cfg) -> None:
                               f"remove it, or set task: {name}")
 
 
-def build_task(cfg) -> Task:
+def check_task_config(cfg) -> None:
+    """The chosen task's checks on a loaded config: other tasks' settings refused, then its own rules."""
     cls = task_class(cfg.task)
-    refuse_other_tasks_sections(cfg)
+    refuse_settings_of_other_tasks(cfg)
     cls.check_config(cfg)
     cls.check_layer_terms(cfg)
-    return cls(cfg)
+
+
+def build_task(cfg) -> Task:
+    check_task_config(cfg)
+    return task_class(cfg.task)(cfg)
 
 
 def load_task_config(path, overrides: Optional[List[str]] = None, fragments: Sequence = ()):
     """load_config, then the chosen task's own checks: every entry point reads configs through this."""
     cfg = load_config(path, overrides, fragments)
-    refuse_other_tasks_sections(cfg)
-    task_class(cfg.task).check_config(cfg)
-    task_class(cfg.task).check_layer_terms(cfg)
+    check_task_config(cfg)
     return cfg

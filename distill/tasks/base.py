@@ -33,13 +33,6 @@ class StepFigures:
     ratios: Optional[Dict[str, Tuple[float, float]]] = None
 
 
-def refuse_unused(cfg, unused: Dict[str, bool], why: str = "") -> None:
-    """ConfigError naming every setting in `unused` that is set: the task would ignore it."""
-    used = [key for key, is_set in unused.items() if is_set]
-    if used:
-        raise ConfigError(f"task {cfg.task} does not read {used}{why}: remove {'it' if len(used) == 1 else 'them'}")
-
-
 class Task:
     """The interface the trainer and the commands use; see the module docstring."""
 
@@ -51,6 +44,11 @@ class Task:
     fit_columns = ("nll", "accuracy", "ece")
     # the validation figure training_curves.png follows
     curve_metric, curve_higher_is_better = "accuracy", True
+    # Settings of the shared sections that this task reads and not every task does (dotted keys;
+    # `[*]` for each entry of a list). A key set in the config that another task owns and the chosen
+    # one does not is refused by tasks.refuse_settings_of_other_tasks: no task lists another's keys.
+    # A section named after a task (e.g. `token_classification:`) is that task's alone.
+    owns: tuple = ()
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -32,7 +32,7 @@ from distill.tasks.on_policy import ON_POLICY, on_policy_figures
 from distill.util.paths import resolve_path
 from distill.evaluation.report import causal_lm_card, format_lm_table
 from distill.signals.sources import cached_source, HiddenStateSignal, LiveLanguageModels, Targets, body_and_head
-from distill.tasks.base import StepFigures, Task, refuse_unused, register_task
+from distill.tasks.base import StepFigures, Task, register_task
 
 
 def text_bytes(dataset, data) -> int:
@@ -108,28 +108,25 @@ class CausalLM(Task):
     fit_columns = ("nll", "perplexity", "bits_per_byte")
     curve_metric, curve_higher_is_better = "perplexity", False
 
+    owns = ("data.block_size", "data.prompt_field", "data.response_field", "loss.chunk_tokens", "loss.fused",
+            "training.on_policy.fraction", "data.eval_domains[*].path", "data.mixture_sources", "data.eval_domains", "schedules.data_mixture", "teachers.cache",
+            "teachers.route_by", "loss.intermediate", "student.trim_vocab", "student.prune.target_params")
+
     @classmethod
     def check_config(cls, cfg) -> None:
         data = cfg.data
-        refuse_unused(cfg, {
-            "data.unlabeled.path": data.unlabeled.path is not None,
-            "data.label_names": data.label_names is not None,
-            "data.label_field": data.label_field != DataConfig.label_field,
-            "data.text_fields (a pair)": len(data.text_fields) > 1,
-            "student.pooling": cfg.student.pooling is not None,
-            "data.id_field": data.id_field is not None,
-            "data.augment.copies": data.augment.copies != 0,
-            **{f"teachers.models[{i}].logits": True for i, t in enumerate(cfg.teachers.models) if t.logits},
-            **{f"teachers.models[{i}].pooling": True for i, t in enumerate(cfg.teachers.models) if t.pooling},
-        }, " (classification settings: a causal LM learns the next token of its text)")
+        if len(data.text_fields) > 1:
+            raise ConfigError(f"data.text_fields={list(data.text_fields)}: a causal LM reads one text column "
+                              "(data.text_fields=[text]); a pair is a classification setting")
         if cfg.teachers.tokenization == "per_model":  # teachers with other tokenizers (signals/aligned.py)
-            refuse_unused(cfg, {
-                "data.prompt_field": data.prompt_field is not None,
-                "teachers.cache": cfg.teachers.cache is not None,
-                "loss.intermediate": bool(cfg.loss.intermediate),
-                "student.trim_vocab": cfg.student.trim_vocab,
-            }, " with teachers.tokenization=per_model (teachers with other tokenizers read packed text, live, "
-               "and map onto the student's whole vocabulary; set teachers.tokenization=shared to use it)")
+            used = [key for key, is_set in {"data.prompt_field": data.prompt_field is not None,
+                                            "teachers.cache": cfg.teachers.cache is not None,
+                                            "loss.intermediate": bool(cfg.loss.intermediate),
+                                            "student.trim_vocab": cfg.student.trim_vocab}.items() if is_set]
+            if used:
+                raise ConfigError(f"task causal_lm does not read {used} with teachers.tokenization=per_model (teachers "
+                                  "with other tokenizers read packed text, live, and map onto the student's whole "
+                                  "vocabulary; set teachers.tokenization=shared to use it)")
         if cfg.training.on_policy.fraction > 0:
             if data.prompt_field is None:
                 raise ConfigError("training.on_policy samples continuations of prompts: set data.prompt_field and "

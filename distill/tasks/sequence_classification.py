@@ -24,7 +24,7 @@ from distill.evaluation.report import format_table, model_card, write_json
 from distill.signals.sources import LiveClassifiers, Targets
 from distill.models.student import (build_student, calibration_batches, check_student_labels, prune_student,
                              source_parameter_count)
-from distill.tasks.base import StepFigures, Task, refuse_unused, register_task
+from distill.tasks.base import StepFigures, Task, register_task
 from distill.models.teachers import (StoredOutputsTeacher, check_stored_outputs_cover, load_teachers, plan_teachers,
                               read_stored_outputs)
 
@@ -34,19 +34,13 @@ class SequenceClassification(Task):
     row_unit = "row"
     auto_model_class = AutoModelForSequenceClassification
 
+    owns = ("data.unlabeled.path", "data.label_names", "data.label_field", "student.pooling", "data.id_field",
+            "data.augment.copies", "teachers.models[*].logits", "teachers.models[*].pooling",
+            "teachers.models[*].head", "data.mixture_sources", "data.eval_domains", "schedules.data_mixture", "teachers.cache",
+            "teachers.route_by", "loss.intermediate", "student.trim_vocab", "student.prune.target_params")
+
     @classmethod
     def check_config(cls, cfg) -> None:
-        data, loss = cfg.data, cfg.loss
-        refuse_unused(cfg, {
-            "data.block_size": data.block_size != DataConfig.block_size,
-            "data.prompt_field": data.prompt_field is not None,
-            "data.response_field": data.response_field is not None,
-            "loss.chunk_tokens": loss.chunk_tokens != LossConfig.chunk_tokens,
-            "loss.fused": loss.fused != LossConfig.fused,
-            "training.on_policy.fraction": cfg.training.on_policy.fraction != 0,
-            **{f"data.eval_domains[{i}].path": True for i, domain in enumerate(data.eval_domains)
-               if domain.path is not None},
-        }, " (causal-LM settings)")
         if cfg.teachers.cache is not None and any(t.logits for t in cfg.teachers.models):
             raise ConfigError("teachers.cache holds live teachers' logits; black-box teachers (teachers.models[*].logits) "
                               "are read from their own files: drop teachers.cache or those teachers")

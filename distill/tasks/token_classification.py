@@ -42,7 +42,7 @@ from distill.models.teachers import load_teachers, plan_teachers
 from distill.runtime.distributed import gather_objects
 from distill.signals.base import Capability, Signal, Source
 from distill.signals.sources import Targets
-from distill.tasks.base import StepFigures, Task, refuse_unused, register_task
+from distill.tasks.base import StepFigures, Task, register_task
 
 WORD_IDS = "word_ids"  # per sub-token: the index of its word in the sentence, -1 for special tokens
 ROWS = "rows"  # 1 where a sub-token is a row of the loss (carries its word's tag)
@@ -180,32 +180,11 @@ class TokenClassification(Task):
     batch_unit = "row"  # micro_batch_size counts sentences
     auto_model_class = AutoModelForTokenClassification
     curve_metric = "entity_f1"
+    owns = ("data.unlabeled.path", "data.label_names", "data.label_field", "data.id_field")
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        data, loss, student, teachers = cfg.data, cfg.loss, cfg.student, cfg.teachers
-        refuse_unused(cfg, {
-            "data.block_size": data.block_size != DataConfig.block_size,
-            "data.prompt_field": data.prompt_field is not None,
-            "data.response_field": data.response_field is not None,
-            "data.mixture_sources": bool(data.mixture_sources),
-            "data.eval_domains": bool(data.eval_domains),
-            "data.augment.copies": data.augment.copies != 0,
-            "loss.chunk_tokens": loss.chunk_tokens != LossConfig.chunk_tokens,
-            "loss.fused": loss.fused != LossConfig.fused,
-            "loss.intermediate": bool(loss.intermediate),
-            "training.on_policy.fraction": cfg.training.on_policy.fraction != 0,
-            "teachers.cache": teachers.cache is not None,
-            "teachers.route_by": teachers.route_by is not None,
-            "student.trim_vocab": student.trim_vocab,
-            "student.pooling": student.pooling is not None,
-            "student.prune.target_params": student.prune.target_params is not None,
-            "schedules.data_mixture": cfg.schedules.data_mixture is not None,
-        }, " (not available for token classification)")
-        for index, teacher in enumerate(teachers.models):
-            if teacher.logits is not None or teacher.pooling is not None or teacher.head is not None:
-                raise ConfigError(f"teachers.models[{index}]: token classification teachers are token classifier "
-                                  "folders (path); remove logits / pooling / head")
+        data = cfg.data
         if len(data.text_fields) != 1:
             raise ConfigError(f"data.text_fields={list(data.text_fields)}: token classification reads one column "
                               "holding each sentence's list of words, e.g. data.text_fields=[tokens]")

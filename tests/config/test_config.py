@@ -132,16 +132,17 @@ def test_repository_configs_are_valid():
 
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         text = path.read_text()
-        if "runs/demo/" in text or "runs/demo_lm/" in text or "runs/demo_lm_cross/" in text or "include:" in text:
+        if any(prepared in text for prepared in ("runs/demo/", "runs/demo_lm/", "runs/demo_lm_cross/", "runs/ner/",
+                                                 "include:")):
             # these name files launch/demo.sh prepares (teachers, the converted encoder):
             # check the schema and values without the file checks
             from omegaconf import OmegaConf
             from distill.config.schema import DistillConfig, _read_with_includes
 
-            from distill.tasks import task_class
+            from distill.tasks import check_task_config
 
             cfg = OmegaConf.merge(OmegaConf.structured(DistillConfig), *_read_with_includes(path, []))
-            task_class(cfg.task).check_config(cfg)
+            check_task_config(cfg)
         else:
             from distill.tasks import load_task_config
 
@@ -158,7 +159,7 @@ def _task_refuses(config_path, overrides, message):
 @pytest.mark.parametrize("overrides, message", [
     (["data.block_size=64"], r"task sequence_classification does not read \['data.block_size'\]"),
     (["loss.chunk_tokens=256", "loss.fused=false"],
-     r"does not read \['loss.chunk_tokens', 'loss.fused'\] \(causal-LM settings\)"),
+     r"does not read \['loss.chunk_tokens', 'loss.fused'\] \(settings of task causal_lm\)"),
     (["data.prompt_field=p", "data.response_field=r"], r"does not read \['data.prompt_field', 'data.response_field'\]"),
     (["task=causal_lm"], r"task causal_lm does not read \['data.unlabeled.path', 'data.label_names', 'data.label_field'\]"),
     (["task=translation"], r"task: 'translation' is not one of \['causal_lm', 'sequence_classification', 'token_classification'\]"),
@@ -182,3 +183,35 @@ def test_optional_sections_given_in_a_file_load(config_path, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"include: {config_path}\nschedules:\n  kd_alpha: [0.1, 0.9]\n")
     _fails(bad, [], r"schedules.kd_alpha must be a mapping")
+
+
+def test_a_task_declares_the_settings_it_owns_and_the_others_refuse_them(tiny, tmp_path):
+    """issue 28: no task lists another's keys; a new task that owns a key makes every other task
+    refuse it, with no edit to them (a throwaway task registered for the test)."""
+    from distill.tasks import TASKS, check_task_config, set_keys
+    from distill.tasks.base import Task
+
+    from omegaconf import OmegaConf
+
+    from distill.config.schema import DistillConfig
+
+    cfg = OmegaConf.merge(OmegaConf.structured(DistillConfig), {
+        "output_dir": "x", "teachers": {"models": [{"path": "a"}, {"path": "b", "logits": "b.csv"}]}})
+    assert set_keys(cfg, "teachers.models[*].logits") == ["teachers.models[1].logits"]
+    assert set_keys(cfg, "data.block_size") == []
+
+    class Throwaway(Task):
+        owns = ("data.block_size", "data.label_names", "data.label_field", "data.unlabeled.path")
+
+    TASKS["throwaway"] = Throwaway
+    try:
+        config = tiny_config_yaml(tiny, tmp_path / "run")
+        _task_refuses(config, ["data.block_size=64"],
+                      r"task sequence_classification does not read \['data.block_size'\] \(settings of task "
+                      r"causal_lm, throwaway\)")
+        accepted = load_config(config, ["task=throwaway", "data.block_size=64"])
+        check_task_config(accepted)  # it owns data.block_size and the label settings the tiny config sets
+        with pytest.raises(ConfigError, match=r"task throwaway does not read \['student.trim_vocab'\]"):
+            check_task_config(load_config(config, ["task=throwaway", "student.trim_vocab=true"]))
+    finally:
+        del TASKS["throwaway"]
