@@ -57,10 +57,9 @@ def fit_weights(cfg, out_dir, fit_temperatures: bool = False, method: Optional[s
 def cache(cfg, out_dir, top_k: Optional[int] = None, store: str = "topk", hidden_dtype: Optional[str] = None,
           samples: Optional[int] = None, rows_per_shard: Optional[int] = None) -> Dict:
     """Run the teachers once and store what training reads (teachers.cache=OUT); returns the cache's meta."""
-    from distill.tasks import build_task
+    from distill.tasks.setup import Setup
 
+    setup = Setup(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under the deepspeed launcher: each rank its shards
-        from distill.runtime.distributed import init_distributed
-
-        init_distributed()
-    return build_task(cfg).write_cache(Path(out_dir), top_k, store, hidden_dtype, samples, rows_per_shard)
+        setup.start()
+    return setup.task.write_cache(setup, Path(out_dir), top_k, store, hidden_dtype, samples, rows_per_shard)

@@ -39,26 +39,24 @@ def settings_of(cfg) -> Dict:
             "tokenization": cfg.teachers.tokenization}
 
 
-def write_classifier_cache(task, out_dir: Path, rows_per_shard: int = 4096) -> Dict:
+def write_classifier_cache(setup, out_dir: Path, rows_per_shard: int = 4096) -> Dict:
     """Run the task's live teachers once over its training and validation rows, shard by shard
-    (resumable, multi-rank: cache_writing.ShardedWriter). Returns the meta."""
+    (resumable, multi-rank: caches/shards.ShardedWriter). `setup`: a tasks.setup.Setup. Returns the meta."""
     from torch.utils.data import DataLoader
 
     from distill.caches.lm_stores import plan_cache_run, teacher_signature
     from distill.caches.shards import ShardedWriter
     from distill.data.text import TEXT_KEY
-    from distill.runtime.hardware import local_device, teacher_dtype
 
-    cfg = task.cfg
-    splits, plans, hashes = plan_cache_run(task)
-    device = local_device()
-    dtype = teacher_dtype(cfg.teachers.dtype, device)
-    parts = [task.encode(splits.train, "train"), task.encode(splits.validation, "validation")]
+    cfg, task = setup.cfg, setup.task
+    splits, plans, hashes = plan_cache_run(setup)
+    device, dtype = setup.start(process_group=False), setup.dtype
+    parts = setup.encode("train", "validation")
     rows = json.dumps([list(part[TEXT_KEY]) for part in parts])  # which texts, in which order
     signature = {"format": FORMAT, "label_names": list(task.label_names), **settings_of(cfg),
                  "rows": hashlib.sha256(rows.encode()).hexdigest(), **teacher_signature(plans, hashes, dtype)}
     with ShardedWriter.open(Path(out_dir), signature, [len(part) for part in parts], rows_per_shard) as writer:
-        ensemble, _ = task.load_teachers(plans, device, dtype)
+        ensemble, _ = setup.load_teachers()
         for number in writer.mine():
             part, start, end = writer.slices[number]
             loader = DataLoader(parts[part].select(range(start, end)), batch_size=cfg.training.eval_batch_size,

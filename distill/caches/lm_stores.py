@@ -73,16 +73,15 @@ def sampled_of(logits: Tensor, temperature: float, draws: int, generator: torch.
     return ids.to(torch.int32), log_probs, torch.full(values.shape[:-1], -1e30)
 
 
-def plan_cache_run(task):
-    """(splits, teacher plans, their content hashes) for `distill cache` of any task, after the
-    checks every cache shares: teachers to run, live ones (not a cache), and on several ranks
-    teachers each rank holds whole (each rank runs its own shards)."""
+def plan_cache_run(setup):
+    """(splits, teacher plans, their content hashes) for `distill cache` of any task (a
+    tasks.setup.Setup, planned here), after the checks every cache shares: teachers to run, live
+    ones (not a cache), and on several ranks teachers each rank holds whole (each rank runs its own
+    shards)."""
     from distill.runtime.checkpointing import content_hash
-    from distill.errors import ConfigError
     from distill.runtime.distributed import world_size
-    from distill.models.loading import load_tokenizer
 
-    cfg = task.cfg
+    cfg = setup.cfg
     if not cfg.teachers.models:
         raise ConfigError("teachers.models is empty: there is nothing to cache")
     if cfg.teachers.cache is not None:
@@ -90,10 +89,8 @@ def plan_cache_run(task):
     if cfg.teachers.placement != "replicated" and world_size() > 1:
         raise ConfigError("teachers.placement: zero3 with distill cache on several ranks: each rank caches its own "
                           "shards with whole teachers; set teachers.placement=replicated (or run one rank)")
-    splits = task.read_splits()
-    reference, key = task.student_source()
-    plans = task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
-    return splits, plans, [content_hash(plan.path) for plan in plans]
+    setup.plan()
+    return setup.splits, setup.plans, [content_hash(plan.path) for plan in setup.plans]
 
 
 def teacher_signature(plans, hashes, dtype) -> dict:
@@ -117,9 +114,12 @@ class Store:
     name = "base"
     reads = "top_k"
     softened = False
+    flag = ""  # the command-line option this store reads (the others are refused), and its default
+    default = None
 
-    def settings(self, cfg, plans, vocab: int, top_k: int, samples: int, hidden_dtype: Optional[str]) -> Dict:
-        """The options this store records (checked: ConfigError naming the flag)."""
+    def settings(self, cfg, plans, vocab: int, option) -> Dict:
+        """What this store records of its option (the value of `flag`, or its default; checked:
+        ConfigError naming the flag)."""
         raise NotImplementedError
 
     def parts(self, teachers: int) -> List[str]:
@@ -153,7 +153,8 @@ class Store:
 
 @register_store("topk")
 class TopKStore(Store):
-    def settings(self, cfg, plans, vocab, top_k, samples, hidden_dtype):
+    flag, default = "--top-k", 64
+    def settings(self, cfg, plans, vocab, top_k):
         if not 1 <= top_k <= vocab:
             raise ConfigError(f"--top-k must lie in [1, {vocab}] (the vocabulary), got {top_k}")
         return {"top_k": top_k}
@@ -165,8 +166,9 @@ class TopKStore(Store):
 @register_store("sampled")
 class SampledStore(Store):
     softened = True
+    flag, default = "--samples", 16
 
-    def settings(self, cfg, plans, vocab, top_k, samples, hidden_dtype):
+    def settings(self, cfg, plans, vocab, samples):
         if samples < 1:
             raise ConfigError(f"--samples must be >= 1, got {samples}")
         return {"samples": samples, "temperatures": [plan.temperature for plan in plans], "seed": cfg.seed}
@@ -194,8 +196,11 @@ class SampledStore(Store):
 @register_store("hidden")
 class HiddenStore(Store):
     reads = "hidden"
+    flag = "--hidden-dtype"
 
-    def settings(self, cfg, plans, vocab, top_k, samples, hidden_dtype):
+    def settings(self, cfg, plans, vocab, hidden_dtype):
+        if hidden_dtype is not None and hidden_dtype not in HIDDEN_DTYPES:
+            raise ConfigError(f"--hidden-dtype must be one of {list(HIDDEN_DTYPES)}, got {hidden_dtype!r}")
         # half of fp32's bytes, whatever the teachers compute in
         return {"hidden_dtype": "bfloat16" if hidden_dtype is None else hidden_dtype}
 
@@ -234,8 +239,19 @@ def build_store(name: str) -> Store:
     return STORES[name]()
 
 
-def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str = "topk",
-                hidden_dtype: str | None = None, samples: int = 16) -> dict:
+def store_option(store: str, flags: Dict[str, object]):
+    """(the registered store named `store`, the value of its own flag or its default); a flag given
+    that another store reads is refused by name. `flags`: {"--top-k": value or None, ...}."""
+    kind = build_store(store)
+    for flag, value in flags.items():
+        if value is not None and flag != kind.flag:
+            owner = next(name for name, other in STORES.items() if other.flag == flag)
+            raise ConfigError(f"{flag} is for --store {owner}, not {store}: remove it")
+    value = flags.get(kind.flag)
+    return kind, kind.default if value is None else value
+
+
+def write_cache(setup, out_dir, store: str, option, rows_per_shard: int = 512) -> dict:
     """Run the task's teachers once over its training blocks and keep, per token, what the
     registered `store` keeps (topk, sampled or hidden). Resumable and multi-rank
     (caches/shards.ShardedWriter)."""
@@ -244,23 +260,18 @@ def write_cache(task, out_dir, top_k: int, rows_per_shard: int = 512, store: str
     from torch.utils.data import DataLoader
 
     from distill.caches.shards import ShardedWriter
-    from distill.runtime.hardware import local_device, teacher_dtype
 
-    cfg = task.cfg
-    splits, plans, hashes = plan_cache_run(task)
+    cfg, task = setup.cfg, setup.task
+    splits, plans, hashes = plan_cache_run(setup)
     kind = build_store(store)
-    if hidden_dtype is not None and hidden_dtype not in HIDDEN_DTYPES:
-        raise ConfigError(f"--hidden-dtype must be one of {list(HIDDEN_DTYPES)}, got {hidden_dtype!r}")
-    stored = kind.settings(cfg, plans, plans[0].vocab_size, top_k, samples, hidden_dtype)
-    train = task.encode(splits.train, "train")
-    task.encode(splits.validation, "validation")
-    device = local_device()
-    dtype = teacher_dtype(cfg.teachers.dtype, device)
+    stored = kind.settings(cfg, plans, plans[0].vocab_size, option)
+    train, _ = setup.encode("train", "validation")
+    device, dtype = setup.start(process_group=False), setup.dtype
     dataset_fingerprint = fingerprint(train)
     with ShardedWriter.open(Path(out_dir), {"store": store, **stored, "fingerprint": dataset_fingerprint,
                                             **teacher_signature(plans, hashes, dtype)},
                             [len(train)], rows_per_shard) as writer:
-        ensemble, source = task.load_teachers(plans, device, dtype)
+        ensemble, source = setup.load_teachers()
         parts = kind.parts(len(plans))
         kind.write_once(writer, source)
         for number in writer.mine():

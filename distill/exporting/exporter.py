@@ -119,10 +119,10 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
                  "export")
     tag = tag or latest_tag(checkpoints)
 
-    from distill.tasks import task_class
+    from distill.tasks.setup import Setup
 
     run_config = read_run_config(run_dir / "config.yaml")
-    task = task_class(run_config.task)(run_config)
+    task = Setup.of_run(run_config).task
     trust = run_config.trust_remote_code  # a model with its own code: the run allowed it, export follows
     config = AutoConfig.from_pretrained(init_dir, trust_remote_code=trust)
     state_dict = drop_training_modules(consolidated_state_dict(checkpoints, tag))  # no projections exported

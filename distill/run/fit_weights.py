@@ -183,26 +183,21 @@ def run_fit_weights(cfg, out_dir: Path, fit_temperatures: bool = False, method: 
     """The `distill fit-weights` command: one process, no student."""
     from distill.config.schema import teacher_display_name
     from distill.errors import ConfigError
-    from distill.runtime.distributed import init_distributed
-    from distill.runtime.hardware import local_device, teacher_dtype
-    from distill.models.loading import load_tokenizer
-    from distill.tasks import build_task
+    from distill.tasks.setup import Setup
 
     if not cfg.teachers.models:
         raise ConfigError("teachers.models is empty: fit-weights needs at least one teacher")
     method = method or (cfg.interpolation.method if cfg.interpolation.method in ("linear", "geometric") else "linear")
-    task = build_task(cfg)
+    setup = Setup(cfg)
+    task = setup.task
     if cfg.teachers.cache is not None and not task.cache_holds_validation:
         raise ConfigError("fit-weights runs the teachers on the validation split, which teachers.cache does not "
                           "hold: remove teachers.cache for this command")
-    splits = task.read_splits()
-    reference, key = task.student_source()
-    plans = task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
-    task.check_before_writing(splits)  # a cache is opened and checked here
-    task.encode(splits.validation, "validation")
-    init_distributed()
-    device = local_device()
-    ensemble, source = task.load_teachers(plans, device, teacher_dtype(cfg.teachers.dtype, device))
+    plans = setup.plan().plans
+    setup.check()  # a cache is opened and checked here
+    setup.encode("validation")
+    ensemble, source = setup.load_teachers()
+    device = setup.device
     names = [teacher_display_name(t, i) for i, t in enumerate(cfg.teachers.models)]
     if ensemble.routing is not None:
         return _fit_routes(cfg, task, ensemble, source, device, names, out_dir, method)

@@ -34,16 +34,16 @@ from distill.errors import ConfigError
 from distill.data.text import SOURCE
 from distill.run.deepspeed_config import build_deepspeed_config, build_optimizer, build_scheduler, global_batch
 from distill.run.fit_weights import load_state, save_state, state_digest
-from distill.runtime.hardware import local_device, teacher_dtype
+from distill.runtime.hardware import local_device
 from distill.formulas.mixtures import normalize_weights
 from distill.data.mixture import MixtureBatchSampler
-from distill.models.loading import count_parameters, load_tokenizer
+from distill.models.loading import count_parameters
 from distill.util.outputs import RUN_MARKER, RunLock, check_run_directory
 from distill.util.paths import links_leaving
 from distill.evaluation.report import write_json
 from distill.models.student import check_layer_maps, check_prune_budget, check_student_layers
 from distill.formulas.schedules import value_at
-from distill.tasks import build_task
+from distill.tasks.setup import Setup
 from distill.tasks.base import StepFigures
 from distill.run.tracking import MetricsLogger, plot_curves
 
@@ -144,7 +144,8 @@ def describe_global_batch(training, world_size: int, unit: str) -> str:
 class Trainer:
     def __init__(self, cfg: DistillConfig):
         self.cfg = cfg
-        self.task = build_task(cfg)
+        self.setup = Setup(cfg)  # the set-up sequence every command shares (tasks/setup.py)
+        self.task = self.setup.task
         self.run_dir = Path(cfg.output_dir)
         self.device = local_device()
         self.engine = None
@@ -157,12 +158,11 @@ class Trainer:
     # ----------------------------------------------------------------- set-up, in failing order
     def prepare(self) -> None:
         cfg, task = self.cfg, self.task
-        distributed.init_distributed()
+        self.device = self.setup.start()  # the process group first: the global batch needs the rank count
         seed_everything(cfg.seed)
         apply_global_batch(cfg.training, distributed.world_size())
-        self.splits = task.read_splits()
-        reference, key = task.student_source()
-        self.teacher_plans = task.plan_teachers(load_tokenizer(reference, key, cfg.trust_remote_code))
+        setup = self.setup.plan()
+        self.splits, self.teacher_plans = setup.splits, setup.plans
         self._check_before_writing()
         self._refuse_links_leaving()
         check_run_directory(self.run_dir)
@@ -181,15 +181,14 @@ class Trainer:
             if distributed.is_main():  # the initial student, whole: export rebuilds from it, WiSE-FT mixes with it
                 student.save_pretrained(initial)
                 tokenizer.save_pretrained(initial)
-        self.train_set = task.encode(self.splits.train, "train")
-        self.validation_set = task.encode(self.splits.validation, "validation")
+        self.train_set, self.validation_set = setup.encode("train", "validation")
         self.collator = task.collator()
 
         self.teacher_params = []
         self.teacher_precision = None  # the teachers' dtype and what it changes against fp32
         if self.teacher_plans:
-            dtype = teacher_dtype(cfg.teachers.dtype, self.device)
-            self.ensemble, self.source = task.load_teachers(self.teacher_plans, self.device, dtype)
+            self.ensemble, self.source = setup.load_teachers()
+            dtype = setup.dtype
             self.teacher_params = self.ensemble.parameter_counts
             self.teacher_precision = self._measure_teacher_precision(dtype)
             self._prepare_interpolation()
@@ -240,7 +239,7 @@ class Trainer:
             if rows < batch * distributed.world_size():
                 raise ConfigError(f"training.micro_batch_size={batch} x {distributed.world_size()} ranks exceeds the "
                                   f"{rows} training rows: lower training.micro_batch_size or add data")
-        self.task.check_before_writing(self.splits)
+        self.setup.check()
 
     def _prepare_interpolation(self) -> None:
         """Fit the interpolation on validation (rank 0 fits, every rank receives the state), or

@@ -211,7 +211,8 @@ class Task:
 
     cache_holds_validation = False  # the task's teacher cache holds the validation split's outputs too
 
-    def write_cache(self, out_dir, top_k, store="topk", hidden_dtype=None, samples=None, rows_per_shard=None):
+    def write_cache(self, setup, out_dir, top_k, store="topk", hidden_dtype=None, samples=None,
+                    rows_per_shard=None):
         raise ConfigError(f"distill cache is not available for task {self.name} yet")
 
     # loss and evaluation -------------------------------------------------------------------

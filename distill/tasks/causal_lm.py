@@ -587,22 +587,16 @@ class CausalLM(Task):
         return causal_lm_card(report, dtype, compression, parity)
 
     # the teacher cache ---------------------------------------------------------------------
-    def write_cache(self, out_dir, top_k, store="topk", hidden_dtype=None, samples=None, rows_per_shard=None):
-        from distill.caches.lm_stores import write_cache
+    def write_cache(self, setup, out_dir, top_k, store="topk", hidden_dtype=None, samples=None,
+                    rows_per_shard=None):
+        from distill.caches.lm_stores import store_option, write_cache
 
         if self.cfg.teachers.tokenization == "per_model":
             raise ConfigError("teachers.tokenization=per_model: a cache holds distributions over the student's tokens "
                               "at every position, which teachers with other tokenizers do not give; train with live "
                               "teachers")
-        if store != "topk" and top_k is not None:
-            raise ConfigError(f"--top-k is for --store topk, not {store}: remove it")
-        if store != "hidden" and hidden_dtype is not None:
-            raise ConfigError("--hidden-dtype is for --store hidden: remove it")
-        if store != "sampled" and samples is not None:
-            raise ConfigError("--samples is for --store sampled: remove it")
-        return write_cache(self, out_dir, 64 if top_k is None else top_k, store=store, hidden_dtype=hidden_dtype,
-                           samples=16 if samples is None else samples,
-                           rows_per_shard=512 if rows_per_shard is None else rows_per_shard)
+        _, option = store_option(store, {"--top-k": top_k, "--samples": samples, "--hidden-dtype": hidden_dtype})
+        return write_cache(setup, out_dir, store, option, 512 if rows_per_shard is None else rows_per_shard)
 
 
 def perplexities(loader, student, ensemble, source, device: torch.device,

@@ -195,13 +195,14 @@ class SequenceClassification(Task):
 
     cache_holds_validation = True  # distill fit-weights and interpolation.fit_on can read a cache
 
-    def write_cache(self, out_dir, top_k, store="topk", hidden_dtype=None, samples=None, rows_per_shard=None):
+    def write_cache(self, setup, out_dir, top_k, store="topk", hidden_dtype=None, samples=None,
+                    rows_per_shard=None):
         if top_k is not None or store != "topk" or hidden_dtype is not None or samples is not None:
             raise ConfigError("--top-k, --store, --hidden-dtype and --samples are for causal-LM caches: a "
                               "classification cache keeps every logit; remove them")
         from distill.caches.classifier import write_classifier_cache
 
-        return write_classifier_cache(self, out_dir, 4096 if rows_per_shard is None else rows_per_shard)
+        return write_classifier_cache(setup, out_dir, 4096 if rows_per_shard is None else rows_per_shard)
 
     # loss and evaluation -------------------------------------------------------------------
     def loss(self, engine, batch, ensemble, source, now: Dict, workspace=None):

@@ -1,0 +1,77 @@
+"""The set-up sequence every command shares, written once.
+
+In failing order, so that bad input is refused before a weight loads or a file is written:
+
+    the task, from the checked config -> data read and split -> the student's tokenizer -> teachers
+    planned (configs and tokenizers only) -> the task's checks on data and teachers (`check`) ->
+    splits encoded (`encode`) -> process group and device (`start`) -> teachers loaded in the
+    configured dtype (`load_teachers`).
+
+`distill train` (run/trainer.py) writes its run directory between `check` and `encode`; `eval`
+(run/evaluate.py) plans against the saved model's tokenizer; `fit-weights` (run/fit_weights.py) and
+`cache` (caches/) go straight through; `export` (exporting/exporter.py) takes only the task of the
+run's saved config (`Setup.of_run`: no data read, no teacher loaded, the config was checked when the
+run started).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from distill.tasks import build_task, task_class
+
+
+class Setup:
+    """One command's task, data, teacher plans, device and teachers, made in the order above. Each
+    stage is a method that returns what it made and keeps it for the next one."""
+
+    def __init__(self, cfg, task=None):
+        self.cfg = cfg
+        self.task = build_task(cfg) if task is None else task
+        self.splits = None  # data.text.Splits: raw rows, no model needed
+        self.plans = None  # teachers.TeacherPlan per teacher: labels and tokenizers matched, nothing loaded
+        self.device = None
+        self.dtype = None  # what the teachers run in (teachers.dtype on this device)
+
+    @classmethod
+    def of_run(cls, run_config) -> "Setup":
+        """The task of a run's saved config (checked when the run started: its data or cache may be gone)."""
+        return cls(run_config, task_class(run_config.task)(run_config))
+
+    def plan(self, tokenizer_from: Optional[Tuple[str, str]] = None) -> "Setup":
+        """Data read and split, the teachers planned against the student's tokenizer: `tokenizer_from`
+        (reference, config key), by default the student's source (student.path or its teacher)."""
+        from distill.models.loading import load_tokenizer
+
+        self.splits = self.task.read_splits()
+        reference, key = tokenizer_from or self.task.student_source()
+        self.plans = self.task.plan_teachers(load_tokenizer(reference, key, self.cfg.trust_remote_code))
+        return self
+
+    def check(self) -> None:
+        """The task's own checks once the teachers are planned (e.g. a teacher cache opened and matched)."""
+        self.task.check_before_writing(self.splits)
+
+    def encode(self, *names: str):
+        """The named splits ("train", "validation") encoded by the task: one dataset, or a list."""
+        encoded = [self.task.encode(getattr(self.splits, name), name) for name in names]
+        return encoded[0] if len(encoded) == 1 else encoded
+
+    def start(self, process_group: bool = True):
+        """The process group (one rank outside the launcher; `process_group=False`: none, for a
+        command that needs one only under the launcher) and this rank's device."""
+        from distill.runtime.distributed import init_distributed
+        from distill.runtime.hardware import local_device, teacher_dtype
+
+        if process_group:
+            init_distributed()
+        self.device = local_device()
+        self.dtype = teacher_dtype(self.cfg.teachers.dtype, self.device)
+        return self.device
+
+    def load_teachers(self, eager: bool = False):
+        """(TeacherEnsemble, signal source) of the planned teachers, or (None, None) without teachers."""
+        if self.device is None:
+            self.start()
+        if not self.plans:
+            return None, None
+        return self.task.load_teachers(self.plans, self.device, self.dtype, eager)
