@@ -103,3 +103,22 @@ def test_the_cli_train_command_calls_the_api_with_the_parsed_config(monkeypatch,
     assert cli.main(["train", "c.yaml", "training.max_steps=3", "--weights", "w.yaml", "seed=2"]) == 0
     assert seen == {"path": "c.yaml", "overrides": ["training.max_steps=3", "seed=2"], "fragments": ["w.yaml"],
                     "cfg": "CFG"}
+
+
+def test_every_teacher_signal_source_lives_in_signals():
+    """issue 28: a Source or Signal subclass defined anywhere but distill/signals/ is a protocol leak."""
+    import inspect
+
+    import distill.signals.base as base
+    from distill.tasks import task_class
+
+    for name in ("sequence_classification", "causal_lm", "token_classification"):
+        task_class(name)  # imports every source a task uses
+    import sys
+
+    found = []
+    for module in [m for m in list(sys.modules.values()) if getattr(m, "__name__", "").startswith("distill.")]:
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, (base.Source, base.Signal)) and cls.__module__ == module.__name__:
+                found.append(cls.__module__)
+    assert found and all(module.startswith("distill.signals.") for module in found), sorted(set(found))

@@ -21,6 +21,9 @@ from distill.errors import ConfigError
 from distill.formulas.divergences import IGNORE_INDEX
 
 WORDS = "words"
+WORD_IDS = "word_ids"  # per sub-token: the index of its word in the sentence, -1 for special tokens
+ROWS = "rows"  # 1 where a sub-token is a row of the loss (carries its word's tag)
+FIRST = "first"  # 1 at the first sub-token of each word: where words are scored
 
 
 def _tag_names(rows: Sequence, key: str) -> List[str]:

@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForTokenClassification
 
 from distill.config.schema import DataConfig, LossConfig
-from distill.data.tagged import WORDS, read_tagged_splits
+from distill.data.tagged import FIRST, ROWS, WORD_IDS, WORDS, read_tagged_splits
 from distill.data.text import EXAMPLE_ID, INDEX, LABELS, SOURCE, TokenizerGroup, model_inputs
 from distill.errors import ConfigError
 from distill.evaluation.metrics import classification_metrics, load_metric
@@ -40,13 +40,10 @@ from distill.models.loading import check_positions, load_model_config, load_pret
 from distill.models.student import build_student, check_student_labels
 from distill.models.teachers import load_teachers, plan_teachers
 from distill.runtime.distributed import gather_objects
-from distill.signals.base import Capability, Signal, Source
 from distill.signals.sources import Targets
+from distill.signals.words import WordAlignedTeachers
 from distill.tasks.base import StepFigures, Task, register_task
 
-WORD_IDS = "word_ids"  # per sub-token: the index of its word in the sentence, -1 for special tokens
-ROWS = "rows"  # 1 where a sub-token is a row of the loss (carries its word's tag)
-FIRST = "first"  # 1 at the first sub-token of each word: where words are scored
 
 
 def encode_words(dataset, groups: List[TokenizerGroup], max_length: int, all_subtokens: bool):
@@ -105,67 +102,6 @@ class WordCollator:
                     batch[column] = torch.tensor([row[column] + [pad] * (width - len(row[column])) for row in rows],
                                                  dtype=torch.long)
         return batch
-
-
-def word_positions(word_ids: torch.Tensor, words: int) -> torch.Tensor:
-    """[B, words]: the position of each word's first sub-token in a [B, L] word-id matrix, -1 where
-    the word is absent (truncated)."""
-    batch, length = word_ids.shape
-    previous = torch.cat([torch.full((batch, 1), -1, dtype=word_ids.dtype), word_ids[:, :-1]], dim=1)
-    starts = (word_ids >= 0) & (word_ids != previous)
-    table = torch.full((batch, words + 1), -1, dtype=torch.long)
-    b, position = starts.nonzero(as_tuple=True)
-    table[b, word_ids[b, position]] = position
-    return table[:, :words]
-
-
-class WordSignal(Signal):
-    """Teachers' logits at the student's rows [K, rows, C], and which teacher read each row."""
-
-    capabilities = frozenset({Capability.COVERAGE})
-
-    def __init__(self, logits: torch.Tensor, covered: torch.Tensor):
-        super().__init__(logits.shape[1])
-        self.all_logits, self.covered = logits, covered
-
-    def logits(self, start: int, end: int) -> torch.Tensor:
-        return self.all_logits[:, start:end]
-
-    def coverage(self, start: int, end: int) -> torch.Tensor:
-        return self.covered[:, start:end]
-
-
-class WordAlignedTeachers(Source):
-    """The teacher-signal source of this task: each live teacher over its own encoding of the words,
-    its per-position logits (in the student's tag order) taken at each student row's word."""
-
-    capabilities = frozenset({Capability.COVERAGE})
-
-    def __init__(self, ensemble):
-        self.ensemble = ensemble
-
-    def signal(self, batch: Dict, device: torch.device, rows_column: str = ROWS) -> WordSignal:
-        rows = batch[rows_column].bool()
-        student_words = batch[WORD_IDS][rows]  # [R] the word of each row
-        sentence = rows.nonzero(as_tuple=True)[0]  # [R] the sentence of each row
-        words = int(batch[WORD_IDS].max()) + 1
-        picked, covered = [], []
-        context = torch.inference_mode if self.ensemble.use_inference_mode else torch.no_grad
-        with context():
-            for plan, model in zip(self.ensemble.plans, self.ensemble.models):
-                inputs = {k: v.to(device) for k, v in model_inputs(batch, plan.input_prefix).items()}
-                logits = model(**inputs).logits.float().cpu()  # [B, L_t, C]
-                if plan.label_order is not None:
-                    logits = logits[..., plan.label_order]
-                if plan.input_prefix == "":
-                    picked.append(logits[rows])
-                    covered.append(torch.ones(len(sentence), dtype=torch.bool))
-                    continue
-                where = word_positions(batch[plan.input_prefix + WORD_IDS], words)[sentence, student_words]  # [R]
-                found = where >= 0
-                picked.append(torch.where(found[:, None], logits[sentence, where.clamp(min=0)], 0.0))
-                covered.append(found)
-        return WordSignal(torch.stack(picked).clone().to(device), torch.stack(covered).to(device))
 
 
 def word_tags(batch: Dict, values: torch.Tensor) -> Dict[int, List[int]]:

@@ -139,7 +139,7 @@ def test_word_labels_sit_on_the_first_sub_token_or_on_every_one(tagged):
 
 
 def test_word_positions_by_hand():
-    from distill.tasks.token_classification import word_positions
+    from distill.signals.words import word_positions
 
     word_ids = torch.tensor([[-1, 0, 0, 1, 2, 2, -1], [-1, 0, 1, 1, -1, -1, -1]])
     assert word_positions(word_ids, 3).tolist() == [[1, 3, 4], [1, 2, -1]]
