@@ -311,6 +311,15 @@ class OnPolicyConfig:
 
 
 @dataclass
+class SelectBestConfig:
+    """Which checkpoint the run exports: with `metric` set (a validation figure of the student, e.g.
+    accuracy, entity_f1, perplexity), the one whose evaluation (every training.eval_every steps and at
+    the end) was best, instead of the last step's (the HF Trainer's metric_for_best_model)."""
+    metric: Optional[str] = None
+    mode: str = "auto"  # auto (the figure's own direction: accuracy up, perplexity down), max or min
+
+
+@dataclass
 class TrainingConfig:
     epochs: float = 1.0
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
@@ -337,6 +346,7 @@ class TrainingConfig:
     resume: str = "never"  # never, or auto: continue from the newest checkpoint in output_dir
     progress_bar: bool = True
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    select_best: SelectBestConfig = field(default_factory=SelectBestConfig)
 
 
 @dataclass
@@ -695,6 +705,12 @@ def _validate_training(cfg) -> None:
              f"training.precision: {training.precision!r} is not one of {list(PRECISIONS)}")
     _require(training.resume in ("never", "auto"),
              f"training.resume: {training.resume!r} is not one of ['never', 'auto']")
+    select = training.select_best
+    _require(select.mode in ("auto", "max", "min"),
+             f"training.select_best.mode: {select.mode!r} is not one of ['auto', 'max', 'min']")
+    if select.metric is not None:
+        _require(training.eval_every > 0, f"training.select_best.metric={select.metric} chooses among the evaluations "
+                 "made while training: set training.eval_every (optimizer steps between them)")
 
 
 def _validate_deepspeed_and_export(cfg) -> None:

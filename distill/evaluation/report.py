@@ -351,3 +351,14 @@ def how_it_was_built(model_config, trained_length: int) -> str:
     lines.append(f"- Trained on sequences of {trained_length} tokens: the tokenizer's `model_max_length` is "
                  f"{trained_length}.")
     return "## How the student was built\n\n" + "\n".join(lines) + "\n\n"
+
+
+def selection_line(report: Dict) -> str:
+    """With training.select_best: a line saying which checkpoint was exported and why (empty without)."""
+    chosen = report.get("selected")
+    if not chosen:
+        return ""
+    return (f"\nexported: the checkpoint of step {chosen['step']} of {chosen['last_step']}, best validation "
+            f"{chosen['metric']} {chosen['value']:.4f} (mode {chosen['mode']}; the last step had "
+            f"{chosen['last_step_value']:.4f}); the student row above is that checkpoint's")
+

@@ -53,6 +53,21 @@ def latest_tag(checkpoint_dir: Path) -> str:
     return tag
 
 
+def best_tag(checkpoint_dir: Path) -> Optional[str]:
+    """training.select_best: the run's best evaluation's checkpoint, when it is there and intact (else None)."""
+    from distill.runtime.checkpointing import damage, read_best
+
+    best = read_best(checkpoint_dir)
+    if best is None:
+        return None
+    reason = damage(checkpoint_dir / best["tag"], require_manifest=False)
+    if reason is not None:
+        print(f"export: the best checkpoint {best['tag']} (training.select_best) is not intact ({reason}): exporting the "
+              "newest intact one instead", flush=True)
+        return None
+    return best["tag"]
+
+
 def consolidated_state_dict(checkpoint_dir: Path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """Full fp32 weights of the student from a DeepSpeed checkpoint of any ZeRO stage, read with
     weights_only=True (a crafted pickle in it is refused, not run)."""
@@ -117,7 +132,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
                           f"{run_dir / 'student'})")
     check_output(out_dir, [checkpoints, init_dir, run_dir / "config.yaml", run_dir / "report.json"], overwrite,
                  "export")
-    tag = tag or latest_tag(checkpoints)
+    tag = tag or best_tag(checkpoints) or latest_tag(checkpoints)
 
     from distill.tasks.setup import Setup
 
@@ -154,6 +169,11 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
         if report_path.is_file():
             report = json.loads(report_path.read_text(encoding="utf-8"))
             card = task.model_card(report, config, dtype, compression, parity)
+            chosen = report.get("selected")
+            if chosen and chosen.get("tag") == tag:
+                card = card.replace("## How to load", f"Exported checkpoint: step {chosen['step']} of {chosen['last_step']}, "
+                                    f"chosen by its validation {chosen['metric']} ({chosen['value']:.4f}; the last step "
+                                    f"had {chosen['last_step_value']:.4f}; training.select_best).\n\n## How to load", 1)
             card = card.replace("## How to load", how_it_was_built(config, task.trained_length()) + "## How to load", 1)
             if getattr(config, "auto_map", None):  # the folder carries its model code: loading runs it
                 card = card.replace('from_pretrained("PATH")', 'from_pretrained("PATH", trust_remote_code=True)')

@@ -27,8 +27,8 @@ from omegaconf import OmegaConf
 import distill.runtime.distributed as distributed
 from distill.runtime.checkpointing import (MANIFEST, CheckpointWriteError, ResumableSampler, content_hash,
                                    input_hashes, latest_complete_tag, load_rng_state, newest_intact_tag, only_tensors,
-                                   read_manifest, restore_latest, seal_manifest, write_failure_advice,
-                                   save_rng_state, unsafe_changes, write_manifest)
+                                   read_best, read_manifest, restore_latest, seal_manifest, write_best,
+                                   write_failure_advice, save_rng_state, unsafe_changes, write_manifest)
 from distill.config.schema import DistillConfig, to_yaml
 from distill.errors import ConfigError
 from distill.data.text import SOURCE
@@ -40,7 +40,7 @@ from distill.data.mixture import MixtureBatchSampler
 from distill.models.loading import count_parameters
 from distill.util.outputs import RUN_MARKER, RunLock, check_run_directory
 from distill.util.paths import links_leaving
-from distill.evaluation.report import write_json
+from distill.evaluation.report import selection_line, write_json
 from distill.models.student import check_layer_maps, check_prune_budget, check_student_layers
 from distill.formulas.schedules import value_at
 from distill.tasks.setup import Setup
@@ -154,6 +154,7 @@ class Trainer:
         self.skipped_rows = 0  # rows left out of the KD term for non-finite teacher logits (this rank)
         self.teacher_hashes: Optional[List[str]] = None
         self.lock = RunLock(self.run_dir)
+        self.best: Optional[Dict] = None  # training.select_best: the best evaluation so far (checkpoints/best.json)
 
     # ----------------------------------------------------------------- set-up, in failing order
     def prepare(self) -> None:
@@ -168,6 +169,8 @@ class Trainer:
         check_run_directory(self.run_dir)
         self.resume_tag: Optional[str] = None  # the checkpoint a resume loads (_find_resume_point)
         self.resume_from = self._find_resume_point()
+        if self.resume_from is not None and cfg.training.select_best.metric is not None:
+            self.best = read_best(self.resume_from)
         if distributed.is_main():  # the first write: nothing above writes, everything above can refuse
             self.lock.acquire()
         self._make_run_dir()
@@ -496,10 +499,15 @@ class Trainer:
                 if progress is not None:
                     progress.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{values['samples_per_s']:.1f}")
                 window.reset()
+            saved = False
             if cfg.training.eval_every and step % cfg.training.eval_every == 0 and step < self.total_steps:
-                self.evaluate(step)
+                metrics = self.evaluate(step)
                 self.engine.train()
-            if step % cfg.training.checkpoint_every == 0 or step == self.total_steps:
+                if self._improves(metrics):  # its checkpoint now, kept whatever the rotation does
+                    self.save_checkpoint(epoch, position + 1)
+                    self._record_best(step, metrics)
+                    saved = True
+            if (step % cfg.training.checkpoint_every == 0 or step == self.total_steps) and not saved:
                 self.save_checkpoint(epoch, position + 1)
             if step >= self.total_steps:
                 break
@@ -527,8 +535,10 @@ class Trainer:
                 "and rerun with training.resume=auto.") from error
         if distributed.is_main():
             tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
+            best = self.best["tag"] if self.best is not None else None
             for old in tags[:-max(self.cfg.training.keep_checkpoints, 1)]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old.name != best:  # training.select_best's checkpoint stays until a better one
+                    shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
 
     def _write_checkpoint(self, root: Path, tag: str, position: Dict) -> None:
@@ -552,6 +562,26 @@ class Trainer:
         distributed.barrier()
 
     # --------------------------------------------------------------------------- evaluation
+    def _improves(self, metrics: Dict[str, Dict[str, float]]) -> bool:
+        """training.select_best: whether this evaluation of the student beats the best so far (a tie
+        keeps the earlier one)."""
+        select = self.cfg.training.select_best
+        if select.metric is None:
+            return False
+        value = metrics["student"][select.metric]
+        if self.best is None:
+            return True
+        higher = self.task.metrics[select.metric] if select.mode == "auto" else select.mode == "max"
+        return value > self.best["value"] if higher else value < self.best["value"]
+
+    def _record_best(self, step: int, metrics: Dict[str, Dict[str, float]]) -> None:
+        select = self.cfg.training.select_best
+        self.best = {"tag": f"step{step:07d}", "step": step, "metric": select.metric, "mode": select.mode,
+                     "value": metrics["student"][select.metric], "student": dict(metrics["student"])}
+        if distributed.is_main():
+            write_best(self.run_dir / CHECKPOINTS, self.best)
+        distributed.barrier()
+
     def evaluate(self, step: int) -> Dict[str, Dict[str, float]]:
         """The task's validation metrics for the student, each teacher and the target (and per
         evaluation domain), logged as `model/metric` and `model/domain/metric`."""
@@ -577,6 +607,8 @@ class Trainer:
         self.prepare()
         summary = self.train()
         metrics = self.evaluate(self.engine.global_steps)
+        if self._improves(metrics):  # the last step's checkpoint was written at the end of train()
+            self._record_best(self.engine.global_steps, metrics)
         report = None
         if distributed.is_main():
             self.task.write_outputs(self.run_dir)
@@ -584,8 +616,15 @@ class Trainer:
             summary["teacher_precision"] = self.teacher_precision
             if self.ensemble is not None and self.ensemble.routing is not None:  # per route: its teachers and figures
                 summary["routes"] = self.ensemble.routing.summary(self.last_domains)
+            last = dict(metrics["student"])
+            if self.best is not None:  # the exported student is the best evaluation's: its figures, not the last step's
+                metrics = {**metrics, "student": dict(self.best["student"])}
             report = self.task.report(self.teacher_plans, self.teacher_params, self.student_params, metrics, summary,
                                       self.train_set, self.validation_set)
+            if self.best is not None:
+                report["selected"] = {key: self.best[key] for key in ("tag", "step", "metric", "mode", "value")}
+                report["selected"].update(last_step=self.engine.global_steps, last_step_value=last[self.best["metric"]],
+                                          last_step_student=last)
             write_json(self.run_dir / "report.json", report)
             plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png",
                         title=f"{Path(self.cfg.output_dir).name}", metric=self.task.curve_metric,
@@ -596,14 +635,15 @@ class Trainer:
             from distill.exporting.exporter import export_run
 
             # the newest tag is the one this run just wrote and sealed: export need not hash its files again
+            tag = self.best["tag"] if self.best is not None else latest_complete_tag(self.run_dir / CHECKPOINTS)
             export_dir = export_run(self.run_dir, self.run_dir / "student", dtype=self.cfg.export.dtype, overwrite=True,
-                                    tag=latest_complete_tag(self.run_dir / CHECKPOINTS))
+                                    tag=tag)
             report["export_dir"] = str(export_dir)
             if self.cfg.training.keep_checkpoints == 0:  # the exported student is the result
                 self._drop_checkpoints()
                 report["checkpoints"] = "removed after the export (training.keep_checkpoints=0)"
             write_json(self.run_dir / "report.json", report)
-            print(self.task.format_table(report), flush=True)
+            print(self.task.format_table(report) + selection_line(report), flush=True)
         # no barrier after the export: the other ranks have nothing left to do, and a long export
         # (a big model) must not run into their collective timeout
         return report

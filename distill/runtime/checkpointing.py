@@ -145,6 +145,29 @@ def newest_intact_tag(root: Path, require_manifest: bool = True) -> Tuple[Option
     return None, passed
 
 
+BEST = "best.json"  # training.select_best: the best evaluation's checkpoint tag, step, metric and figures
+
+
+def read_best(root: Path) -> Optional[Dict]:
+    """The run's best-checkpoint record, or None (none written, unreadable, or naming no folder of `root`)."""
+    path = root / BEST
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    tag = record.get("tag") if isinstance(record, dict) else None
+    if not isinstance(tag, str) or not is_plain_tag(tag) or not (root / tag).is_dir():
+        return None
+    return record
+
+
+def write_best(root: Path, record: Dict) -> None:
+    """The best-checkpoint record, written beside and renamed into place."""
+    temporary = root / (BEST + ".tmp")
+    temporary.write_text(json.dumps(record, indent=2))
+    temporary.replace(root / BEST)
+
+
 def restore_latest(root: Path, tag) -> None:
     """Point `latest` back at `tag` (or remove it when there was none), replacing it atomically."""
     latest = root / LATEST
@@ -162,6 +185,7 @@ def restore_latest(root: Path, tag) -> None:
 
 # Keys a resumed run may change: they alter logging, evaluation or how long it runs, not what it learns.
 RESUME_SAFE_PREFIXES = ("training.log_every", "training.eval_every", "training.checkpoint_every",
+                        "training.select_best",
                         "training.keep_checkpoints", "training.progress_bar", "training.resume",
                         "training.max_steps", "training.epochs", "training.eval_batch_size", "export.",
                         "output_dir")

@@ -12,8 +12,10 @@ owns what differs between tasks:
   too) and `validation_chunks` (what interpolation fits read);
 - description: `report`, `format_table`, `model_card`.
 
-`check_config` refuses settings the task would ignore; it runs right after the config loads,
-before anything is read or written (`load_task_config`). A new task is one new file here with a
+A task declares the shared settings it reads and not every task does (`owns`): a set key that
+another task owns and the chosen one does not is refused here, structurally; `check_config` holds
+the task's own rules across sections. Both run right after the config loads, before anything is
+read or written (`load_task_config`). The set-up sequence every command runs is `setup.Setup`. A new task is one new file here with a
 class registered by `@register_task("name")`; nothing outside this registry branches on its name.
 """
 from __future__ import annotations
@@ -100,6 +102,10 @@ def check_task_config(cfg) -> None:
     """The chosen task's checks on a loaded config: other tasks' settings refused, then its own rules."""
     cls = task_class(cfg.task)
     refuse_settings_of_other_tasks(cfg)
+    metric = cfg.training.select_best.metric
+    if metric is not None and metric not in cls.metrics:
+        raise ConfigError(f"training.select_best.metric: {metric!r} is not a validation figure of task {cfg.task}; "
+                          f"choose one of {sorted(cls.metrics)}")
     cls.check_config(cfg)
     cls.check_layer_terms(cfg)
 

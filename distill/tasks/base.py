@@ -44,6 +44,8 @@ class Task:
     fit_columns = ("nll", "accuracy", "ece")
     # the validation figure training_curves.png follows
     curve_metric, curve_higher_is_better = "accuracy", True
+    # the student's validation figures training.select_best can choose by: name -> higher is better
+    metrics = {"accuracy": True, "macro_f1": True}
     # Settings of the shared sections that this task reads and not every task does (dotted keys;
     # `[*]` for each entry of a list). A key set in the config that another task owns and the chosen
     # one does not is refused by tasks.refuse_settings_of_other_tasks: no task lists another's keys.

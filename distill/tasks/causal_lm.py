@@ -107,6 +107,7 @@ class CausalLM(Task):
     auto_model_class = AutoModelForCausalLM
     fit_columns = ("nll", "perplexity", "bits_per_byte")
     curve_metric, curve_higher_is_better = "perplexity", False
+    metrics = {"nll": False, "perplexity": False, "bits_per_byte": False}
 
     owns = ("data.block_size", "data.prompt_field", "data.response_field", "loss.chunk_tokens", "loss.fused",
             "training.on_policy.fraction", "data.eval_domains[*].path", "data.mixture_sources", "data.eval_domains", "schedules.data_mixture", "teachers.cache",

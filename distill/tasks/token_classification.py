@@ -116,6 +116,7 @@ class TokenClassification(Task):
     batch_unit = "row"  # micro_batch_size counts sentences
     auto_model_class = AutoModelForTokenClassification
     curve_metric = "entity_f1"
+    metrics = {"accuracy": True, "macro_f1": True, "entity_precision": True, "entity_recall": True, "entity_f1": True}
     owns = ("data.unlabeled.path", "data.label_names", "data.label_field", "data.id_field")
 
     @classmethod
