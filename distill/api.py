@@ -6,6 +6,7 @@
     report = train(cfg)                           # the run directory cfg.output_dir, its report
     export(cfg.output_dir, "student-out")         # a folder plain transformers loads
     task, report = evaluate(cfg, "student-out")   # scored next to the config's teachers
+    result = sweep("configs/demo.yaml", "sweep-out")  # Optuna over the config's sweep space
 
 Each function imports its heavy libraries when called, so `import distill` stays cheap.
 """
@@ -63,3 +64,13 @@ def cache(cfg, out_dir, top_k: Optional[int] = None, store: str = "topk", hidden
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under the deepspeed launcher: each rank its shards
         setup.start()
     return setup.task.write_cache(setup, Path(out_dir), top_k, store, hidden_dtype, samples, rows_per_shard)
+
+
+def sweep(config_path, out_dir, overrides: Optional[List[str]] = None, trials: Optional[int] = None,
+          seeds: Optional[int] = None) -> Dict:
+    """Search the config's `sweep` space with Optuna on validation (the hard-label twin first); every
+    trial a run directory under out_dir; writes trials.jsonl, sweep.png, best.yaml; returns rows, best, table."""
+    from distill.run.sweep import Sweep
+
+    return Sweep(config_path, overrides or [], Path(out_dir), trials=trials, seeds=seeds).run()
+

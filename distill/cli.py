@@ -1,4 +1,4 @@
-"""`distill train | fit-weights | eval | interpolate-weights | cache | export`: a thin layer over the library.
+"""`distill train | fit-weights | eval | interpolate-weights | cache | export | sweep`: a thin layer over the library.
 
 Runs as `distill ...` on one process, or under the DeepSpeed launcher as
 `deepspeed --num_gpus N --module distill.cli train ...` (the launcher adds `--local_rank=N`, accepted and
@@ -25,6 +25,25 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------ commands
+def _sweep_arguments(parser):
+    parser.add_argument("config", help="YAML file whose `sweep:` section says what to search")
+    parser.add_argument("out", help="a new folder: a run directory per trial, trials.jsonl, sweep.png, best.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every trial")
+    parser.add_argument("--trials", type=int, default=None, help="trials besides the hard-label twin "
+                        "(default: sweep.trials)")
+    parser.add_argument("--seeds", type=int, default=None, help="runs per trial, scored by their mean "
+                        "(default: sweep.seeds)")
+
+
+def _sweep(args) -> None:
+    from distill.api import sweep
+
+    result = sweep(args.config, args.out, args.overrides, trials=args.trials, seeds=args.seeds)
+    print(result["table"])
+    print(f"written: {args.out}/trials.jsonl, sweep.png, sweep_table.txt, best.yaml "
+          f"(use: distill train {args.out}/best.yaml)")
+
+
 def _train_arguments(parser):
     _config_arguments(parser)
     parser.add_argument("--weights", action="append", default=[], metavar="FRAGMENT",
@@ -184,6 +203,8 @@ COMMANDS: Dict[str, Command] = {
     "cache": Command("run the teachers once: every logit per example (classification), or the top-k log-probs "
                      "per token (causal LM)", _cache_arguments, _cache),
     "export": Command("consolidate a run's checkpoint into a save_pretrained folder", _export_arguments, _export),
+    "sweep": Command("search kd_alpha, temperature, learning rate... on validation with Optuna (the hard-label "
+                     "twin first)", _sweep_arguments, _sweep),
 }
 
 

@@ -16,6 +16,6 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -c constraints.txt torch
-"${pip[@]}" -c constraints.txt -e ".[test,quantize,onnx]"
+"${pip[@]}" -c constraints.txt -e ".[test,quantize,onnx,sweep]"
 "${pip[@]}" --no-deps -r requirements-demo.txt
 echo "$want" > "$stamp"

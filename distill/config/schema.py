@@ -370,6 +370,22 @@ class TokenClassificationConfig:
 
 
 @dataclass
+class SweepConfig:
+    """`distill sweep CONFIG OUT` (run/sweep.py): Optuna's TPE search over the settings that decide
+    the student's quality, each trial a normal run directory scored on the validation split.
+    `space`: dotted key -> [low, high] (uniform; integers if both are), {low, high, log: true}, or
+    {choices: [...]}; empty: loss.kd_alpha, loss.temperature and training.learning_rate around the
+    config's values. `toggles`: configured features each trial keeps or turns off (their schema
+    default), e.g. [loss.intermediate, data.augment.copies]. The hard-label twin (loss.kd_alpha=0,
+    everything else as configured) always runs first."""
+    trials: int = 8
+    seeds: int = 1  # runs per trial (seed, seed+1, ...): its score is their mean, the table shows the std
+    metric: Optional[str] = None  # a validation figure of the task (default: the one its curves follow)
+    space: Dict[str, Any] = field(default_factory=dict)
+    toggles: List[str] = field(default_factory=list)
+
+
+@dataclass
 class DistillConfig:
     task: str = "sequence_classification"
     output_dir: str = MISSING
@@ -387,6 +403,7 @@ class DistillConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     # a section named after a task belongs to it: set under another task, it is refused (tasks/__init__.py)
     token_classification: TokenClassificationConfig = field(default_factory=TokenClassificationConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 PLACEMENTS = ("replicated", "zero3")
@@ -711,6 +728,29 @@ def _validate_training(cfg) -> None:
     if select.metric is not None:
         _require(training.eval_every > 0, f"training.select_best.metric={select.metric} chooses among the evaluations "
                  "made while training: set training.eval_every (optimizer steps between them)")
+
+
+def _validate_sweep(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    sweep = cfg.sweep
+    _require(sweep.trials >= 1, f"sweep.trials must be >= 1, got {sweep.trials}")
+    _require(sweep.seeds >= 1, f"sweep.seeds must be >= 1, got {sweep.seeds}")
+    default = OmegaConf.structured(DistillConfig)
+    for key in list(sweep.space) + list(sweep.toggles):
+        _require(key != "sweep" and not key.startswith(("sweep.", "output_dir", "seed")) and
+                 OmegaConf.select(default, key, default="<missing>") != "<missing>",
+                 f"sweep: {key!r} is not a setting a trial can change (a dotted key of the config, e.g. loss.kd_alpha)")
+    for key, spec in sweep.space.items():
+        spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
+        ranged = isinstance(spec, list) and len(spec) == 2 and all(isinstance(v, (int, float)) for v in spec)
+        mapped = isinstance(spec, dict) and (("choices" in spec and isinstance(spec["choices"], list) and spec["choices"])
+                                             or ({"low", "high"} <= set(spec) and set(spec) <= {"low", "high", "log"}))
+        _require(ranged or mapped, f"sweep.space.{key}: give [low, high], {{low, high, log: true}} or {{choices: [...]}}")
+        if ranged or "low" in spec:
+            low, high = (spec if ranged else [spec["low"], spec["high"]])
+            _require(low < high and (not isinstance(spec, dict) or not spec.get("log") or low > 0),
+                     f"sweep.space.{key}: needs low < high (and low > 0 with log: true), got [{low}, {high}]")
 
 
 def _validate_deepspeed_and_export(cfg) -> None:
@@ -1085,7 +1125,7 @@ def student_source_is_not(cfg, index: int) -> bool:
 RULES = (_validate_numbers, _validate_teacher_options, _validate_loss, _validate_teachers, _validate_routes,
          _validate_on_policy, _validate_student, _validate_data,
          _validate_augment, _validate_interpolation, _validate_schedules, _validate_divergence,
-         _validate_intermediate, _validate_task, _validate_training, _validate_deepspeed_and_export)
+         _validate_intermediate, _validate_task, _validate_training, _validate_sweep, _validate_deepspeed_and_export)
 
 
 def resolve_teacher_index(cfg: DistillConfig, reference: str, key: str = "student.from_teacher") -> int:
