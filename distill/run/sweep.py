@@ -88,8 +88,7 @@ class Sweep:
 
     def __init__(self, config_path, overrides: List[str], out: Path, trials: Optional[int] = None,
                  seeds: Optional[int] = None):
-        from distill.api import load_config
-        from distill.tasks import task_class
+        from distill.tasks import load_task_config as load_config, task_class
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("distill sweep runs in one process (each trial one rank): start it without the launcher")
@@ -122,7 +121,8 @@ class Sweep:
 
     def run_trial(self, name: str, settings: List[str]) -> Dict:
         """Train the trial's runs (one per seed); {name, settings, values, mean, std, error}."""
-        from distill.api import load_config, train
+        from distill.run.trainer import train
+        from distill.tasks import load_task_config as load_config
 
         values, error = [], None
         for offset in range(self.seeds):
@@ -173,8 +173,8 @@ class Sweep:
         return {"rows": rows, "best": best, "table": table}
 
     def _write_best(self, best: Dict) -> None:
-        from distill.api import load_config
         from distill.config.schema import to_yaml
+        from distill.tasks import load_task_config as load_config
 
         cfg = load_config(self.config_path, self.overrides + best["settings"] + [f"output_dir={self.out / 'best'}"])
         temporary = self.out / ".best.yaml.partial"

@@ -35,7 +35,7 @@ def test_a_sweep_runs_the_twin_and_its_trials_and_writes_the_best_config(tiny, t
         chosen = dict(setting.split("=", 1) for setting in row["settings"])
         assert 0.2 <= float(chosen["loss.kd_alpha"]) <= 0.8
         assert 1e-3 <= float(chosen["training.learning_rate"]) <= 1e-2
-        assert chosen.get("loss.label_smoothing", "0.1") in ("0.1", "0.0")
+        assert float(chosen.get("loss.label_smoothing", "0.1")) in (0.1, 0.0)
     best = max(rows[1:], key=lambda row: row["mean"])
     assert result["best"]["trial"] == best["trial"]
     chosen = load_config(out / "best.yaml")
