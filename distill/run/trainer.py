@@ -279,6 +279,11 @@ class Trainer:
             print(f"routes ({routing.routes.column}), fitted per route: {routing.describe()}", flush=True)
         for plan, weight, temperature in zip(self.teacher_plans, state["weights"], state["temperatures"]):
             plan.weight, plan.temperature = weight, temperature
+        silent = [plan.name for plan, weight in zip(self.teacher_plans, state["weights"]) if weight <= 1e-6]
+        if silent and routing is None and distributed.is_main():  # issue 31: "both teachers" may be one
+            terms = " and intermediate-layer terms" if cfg.loss.intermediate else ""
+            print(f"interpolation: the fitted mix gives teacher(s) {silent} weight 0: their KD{terms} do not reach the "
+                  "student (the target is the other teachers' alone)", flush=True)
         # one write: under the launcher, ranks share stdout, and print() writes text and newline apart
         sys.stdout.write(f"interpolation state rank {distributed.rank()}: {state_digest(state)} "
                          f"weights={[round(w, 4) for w in state['weights']]}\n")

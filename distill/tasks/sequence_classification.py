@@ -29,6 +29,31 @@ from distill.models.teachers import (StoredOutputsTeacher, check_stored_outputs_
                               read_stored_outputs)
 
 
+def in_window(tokenizer, text: str, limit: int) -> str:
+    """The words of `text` the model reads within `limit` tokens (a word cut by the limit is kept whole)."""
+    encoded = tokenizer(text, truncation=True, max_length=limit, return_offsets_mapping=True,
+                        add_special_tokens=True)
+    ends = [end for start, end in encoded["offset_mapping"] if end > start]
+    if not ends or ends[-1] >= len(text.rstrip()):
+        return text
+    following = text.find(" ", ends[-1])
+    return text if following < 0 else text[:following]
+
+
+def unchanged_in_window(tokenizer, texts, new, limit: int, copies: int) -> int:
+    """How many augmented rows (copies of each source, in order) the model reads exactly as their source."""
+    def read(field_texts):
+        return tokenizer(list(field_texts), truncation=True, max_length=limit)["input_ids"]
+
+    count = 0
+    sources = [read(field) for field in texts]
+    rows = [read(field) for field in new]
+    for index in range(len(new[0])):
+        source = index // copies
+        count += all(rows[f][index] == sources[f][source] for f in range(len(texts)))
+    return count
+
+
 @register_task("sequence_classification")
 class SequenceClassification(Task):
     row_unit = "row"
@@ -79,8 +104,15 @@ class SequenceClassification(Task):
         labelled = [i for i, label in enumerate(train[LABELS]) if label != IGNORE_INDEX]
         columns = {name: train[name] for name in fields}
         texts = [[columns[name][i] for i in labelled] for name in fields]
+        tokenizer, limit = self.groups[0].tokenizer, self.cfg.data.max_length
+        if self.continuer is not None:  # issue 31: continue from inside what the student reads, not past it
+            texts = [[in_window(tokenizer, text, limit) for text in field] for field in texts]
         new = augmented_rows(self.cfg, texts, run_dir / "augmented", distributed.is_main(), distributed.barrier,
                              self.replacer, self.continuer)
+        same = unchanged_in_window(tokenizer, texts, new, limit, self.cfg.data.augment.copies)
+        if same and distributed.is_main():
+            print(f"data.augment: {same} of {len(new[0])} transfer rows equal their source text in the first "
+                  f"{limit} tokens the student reads (data.max_length): they add no new input", flush=True)
         self.replacer = self.continuer = None  # their models are not needed again: free the memory
         count = len(new[0])
         rows = {name: new[j] for j, name in enumerate(fields)}

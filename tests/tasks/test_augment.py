@@ -152,3 +152,21 @@ def test_lm_augmented_rows_are_made_in_a_run(tiny, tiny_lm, tmp_path):
     assert f"data.augment: {len(rows)} transfer rows from {len(rows)} labelled texts" in result.stdout
     training = json.loads((run_dir / "report.json").read_text())["training"]
     assert training["kd_only_rows"] >= len(rows)
+
+
+def test_lm_continuation_starts_inside_the_window_and_unchanged_rows_are_counted(tiny):
+    """issue 31: a long text is cut to the words the student reads before the LM continues it, and
+    augmented rows the student reads exactly as their source are counted (and said in the run)."""
+    from distill.tasks.sequence_classification import in_window, unchanged_in_window
+
+    tokenizer = tiny["tokenizer"]
+    text = " ".join(["great ride on the road"] * 20)
+    cut = in_window(tokenizer, text, 12)
+    assert text.startswith(cut) and len(cut.split()) < len(text.split())
+    read = tokenizer(text, truncation=True, max_length=12)["input_ids"]
+    assert tokenizer(cut, truncation=True, max_length=12)["input_ids"] == read  # the model reads the same
+    assert in_window(tokenizer, "short text", 12) == "short text"
+    # two copies per source: the first source's copies differ inside the window only in the second one
+    texts = [[text, "awful road"]]
+    new = [[text + " tail", "bad " + text, "awful road", "awful"]]
+    assert unchanged_in_window(tokenizer, texts, new, 12, 2) == 2  # a tail past the window; an exact copy
