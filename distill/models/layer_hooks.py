@@ -205,6 +205,15 @@ class LayerTerms:
         self.plans, self.causal, self.chunk = plans, causal, chunk
         self.student_request, self.teacher_requests = requests(plans)
 
+    def add_to(self, terms, module: nn.Module, record: Dict, signal, mask: Tensor, row_weights: Tensor,
+               aligned: Dict[int, Tensor]):
+        """(loss terms with the intermediate-layer loss added to the total, figures to log)."""
+        from distill.formulas.divergences import LossTerms
+
+        extra, figures = self(module, record, signal.records, mask, row_weights, aligned)
+        figures["intermediate"] = float(extra.detach())  # what the total gained, config weights included
+        return LossTerms(total=terms.total + extra, kd=terms.kd, ce=terms.ce), figures
+
     def __call__(self, module: nn.Module, student: Dict, teachers: Dict[int, Dict], mask: Tensor,
                  row_weights: Tensor, aligned: Dict[int, Tensor]) -> Tuple[Tensor, Dict[str, float]]:
         """(sum of the weighted terms, {'hidden': ..., 'relation': ...} before their config weights).
@@ -272,3 +281,46 @@ def aligned_rows(student_ids: Tensor, student_mask: Tensor, teacher_ids: Tensor,
     mapped = mapping.to(student_ids.device)[student_ids[:, :length]]
     same = (mapped == teacher_ids[:, :length].to(mapped.device)) | ~student_mask[:, :length].bool()
     return same_count & same.all(dim=1)
+
+
+def check_layer_terms(cfg) -> None:
+    """Refuse loss.intermediate where the teachers' or student's insides are not there to read."""
+    from distill.config.schema import resolve_teacher_index
+    from distill.errors import ConfigError
+
+    for index, entry in enumerate(cfg.loss.intermediate):
+        teacher = cfg.teachers.models[resolve_teacher_index(cfg, entry.teacher)]
+        if teacher.pooling is not None:
+            raise ConfigError(f"loss.intermediate[{index}]: teacher {entry.teacher!r} is a pooled encoder with a "
+                              "head: its layers are not read; remove the entry or the teacher's pooling")
+    if cfg.loss.intermediate and cfg.student.pooling is not None:
+        raise ConfigError("loss.intermediate with student.pooling: a pooled student's layers are not read; "
+                          "remove one of them")
+    if cfg.loss.intermediate and cfg.teachers.cache is not None:
+        raise ConfigError("loss.intermediate reads the teachers' layers, which teachers.cache does not hold: "
+                          "remove one of them")
+
+
+def attach_layer_terms(cfg, student: nn.Module, ensemble, causal: bool) -> Tuple[Optional["LayerTerms"], int]:
+    """loss.intermediate planned against the loaded models: the student gets its projections (a
+    training-only submodule), the teachers are asked to record their layers. Returns (the terms, or
+    None without loss.intermediate, the projections' parameter count). A causal LM's hidden terms
+    run loss.chunk_tokens positions at a time and its relations see no later position."""
+    if not cfg.loss.intermediate or ensemble is None:
+        return None, 0
+    plans = plan_layer_terms(cfg, student, ensemble.models)
+    added = attach_projections(student, plans, ensemble.models, cfg.seed)
+    terms = LayerTerms(plans, causal=causal, chunk=cfg.loss.chunk_tokens if causal else None)
+    ensemble.inner_requests = terms.teacher_requests
+    return terms, added
+
+
+def student_forward(layers: Optional["LayerTerms"], module: nn.Module, call, **inputs):
+    """(outputs of call(**inputs), the student's record for the intermediate terms or None)."""
+    if layers is None:
+        return call(**inputs), None
+    request = layers.student_request
+    with Capture(module, request, "student") as capture:
+        outputs = call(**inputs, output_hidden_states=bool(request.hidden))
+        return outputs, capture.collect(outputs)
+

@@ -41,6 +41,7 @@ from distill.models.loading import count_parameters
 from distill.util.outputs import RUN_MARKER, RunLock, check_run_directory
 from distill.util.paths import links_leaving
 from distill.evaluation.report import selection_line, write_json
+from distill.models.layer_hooks import attach_layer_terms
 from distill.models.student import check_layer_maps, check_prune_budget, check_student_layers
 from distill.formulas.schedules import value_at
 from distill.tasks.setup import Setup
@@ -197,7 +198,8 @@ class Trainer:
             self._prepare_interpolation()
         task.prepare_training(self.device, self.ensemble)
         self.student_params = count_parameters(student)  # what is exported: without training-only modules
-        projection_params = task.attach_layer_terms(student, self.ensemble) if self.ensemble is not None else 0
+        # loss.intermediate composes around the task: planned on the loaded models, handed to its loss
+        self.layer_terms, projection_params = attach_layer_terms(cfg, student, self.ensemble, task.causal)
         if projection_params and distributed.is_main():
             print(f"intermediate-layer terms: {projection_params:,} projection parameters train with the student "
                   "(checkpointed, not exported)", flush=True)
@@ -431,7 +433,7 @@ class Trainer:
 
     def _micro_step(self, batch: Dict, window: LogWindow) -> None:
         now = self._scheduled(self.engine.global_steps)
-        terms, figures = self.task.loss(self.engine, batch, self.ensemble, self.source, now)
+        terms, figures = self.task.loss(self.engine, batch, self.ensemble, self.source, now, layers=self.layer_terms)
         if not math.isfinite(figures.loss):  # the figures are host floats already: no extra sync
             newest = latest_complete_tag(self.run_dir / CHECKPOINTS)
             raise DivergedError(

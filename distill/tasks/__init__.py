@@ -107,7 +107,9 @@ def check_task_config(cfg) -> None:
         raise ConfigError(f"training.select_best.metric: {metric!r} is not a validation figure of task {cfg.task}; "
                           f"choose one of {sorted(cls.metrics)}")
     cls.check_config(cfg)
-    cls.check_layer_terms(cfg)
+    from distill.models.layer_hooks import check_layer_terms
+
+    check_layer_terms(cfg)
 
 
 def build_task(cfg) -> Task:

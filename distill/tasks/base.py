@@ -150,63 +150,9 @@ class Task:
     def prepare_training(self, device, ensemble) -> None:
         """Run-wide loss settings, once the teachers are known (a no-op by default)."""
 
-    # intermediate-layer terms (loss.intermediate; models/layer_hooks.py) --------------------
-    layer_terms = None
-    causal = False  # relation terms see no later position (a causal LM)
-
-    @classmethod
-    def check_layer_terms(cls, cfg) -> None:
-        """Refuse loss.intermediate where the teachers' or student's insides are not there to read."""
-        for index, entry in enumerate(cfg.loss.intermediate):
-            from distill.config.schema import resolve_teacher_index
-
-            teacher = cfg.teachers.models[resolve_teacher_index(cfg, entry.teacher)]
-            if teacher.pooling is not None:
-                raise ConfigError(f"loss.intermediate[{index}]: teacher {entry.teacher!r} is a pooled encoder with a "
-                                  "head: its layers are not read; remove the entry or the teacher's pooling")
-        if cfg.loss.intermediate and cfg.student.pooling is not None:
-            raise ConfigError("loss.intermediate with student.pooling: a pooled student's layers are not read; "
-                              "remove one of them")
-        if cfg.loss.intermediate and cfg.teachers.cache is not None:
-            raise ConfigError("loss.intermediate reads the teachers' layers, which teachers.cache does not hold: "
-                              "remove one of them")
-
-    def layer_chunk(self) -> Optional[int]:
-        """Positions per chunk of the hidden-state terms (None: all at once)."""
-        return None
-
-    def attach_layer_terms(self, student, ensemble) -> int:
-        """Plan loss.intermediate against the loaded models, give the student its projections (a
-        training-only submodule) and ask the teachers to record their layers; returns the
-        projections' parameter count (0 without intermediate terms)."""
-        if not self.cfg.loss.intermediate:
-            return 0
-        from distill.models.layer_hooks import LayerTerms, attach_projections, plan_layer_terms
-
-        plans = plan_layer_terms(self.cfg, student, ensemble.models)
-        added = attach_projections(student, plans, ensemble.models, self.cfg.seed)
-        self.layer_terms = LayerTerms(plans, causal=self.causal, chunk=self.layer_chunk())
-        ensemble.inner_requests = self.layer_terms.teacher_requests
-        return added
-
-    def student_forward(self, module, call, **inputs):
-        """(outputs of call(**inputs), the student's record for the intermediate terms or None)."""
-        if self.layer_terms is None:
-            return call(**inputs), None
-        from distill.models.layer_hooks import Capture
-
-        request = self.layer_terms.student_request
-        with Capture(module, request, "student") as capture:
-            outputs = call(**inputs, output_hidden_states=bool(request.hidden))
-            return outputs, capture.collect(outputs)
-
-    def add_layer_terms(self, terms, module, record, signal, mask: Tensor, row_weights: Tensor, aligned: Dict):
-        """(terms with the intermediate-layer loss added to the total, figures to log)."""
-        from distill.formulas.divergences import LossTerms
-
-        extra, figures = self.layer_terms(module, record, signal.records, mask, row_weights, aligned)
-        figures["intermediate"] = float(extra.detach())  # what the total gained, config weights included
-        return LossTerms(total=terms.total + extra, kd=terms.kd, ce=terms.ce), figures
+    # relation terms of loss.intermediate see no later position (a causal LM); the terms themselves
+    # compose around the task (models/layer_hooks.LayerTerms, handed to `loss` as `layers`)
+    causal = False
 
     def write_outputs(self, run_dir) -> None:
         """Files of the task's own beside report.json (e.g. validation predictions); none by default."""
@@ -218,8 +164,9 @@ class Task:
         raise ConfigError(f"distill cache is not available for task {self.name} yet")
 
     # loss and evaluation -------------------------------------------------------------------
-    def loss(self, engine, batch, ensemble, source, now: Dict, workspace=None):
-        """(loss terms with .total/.kd/.ce, StepFigures) of one micro-batch; the trainer runs backward and step."""
+    def loss(self, engine, batch, ensemble, source, now: Dict, layers=None):
+        """(loss terms with .total/.kd/.ce, StepFigures) of one micro-batch; the trainer runs backward and step.
+        `layers`: loss.intermediate's terms (models/layer_hooks.LayerTerms) or None."""
         raise NotImplementedError
 
     def evaluate(self, model, ensemble, source, device):

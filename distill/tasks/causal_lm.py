@@ -26,6 +26,7 @@ from distill.config.schema import DataConfig, resolve_teacher_index, teacher_dis
 from distill.errors import ConfigError
 from distill.data.text import INDEX, LABELS
 from distill.evaluation.predictions import validation_loader
+from distill.models.layer_hooks import student_forward
 from distill.data.lm import LMCollator, domain_rows, encode_lm, read_lm_splits
 from distill.formulas.divergences import IGNORE_INDEX, build_divergence
 from distill.tasks.on_policy import ON_POLICY, on_policy_figures
@@ -161,9 +162,6 @@ class CausalLM(Task):
                                   "the train split (from_split: train)")
 
     causal = True  # relation terms: a position relates only to itself and earlier ones
-
-    def layer_chunk(self) -> Optional[int]:
-        return self.cfg.loss.chunk_tokens
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -432,7 +430,7 @@ class CausalLM(Task):
         self.workspace = Workspace() if device.type == "cpu" else None
 
     # loss and evaluation -------------------------------------------------------------------
-    def loss(self, engine, batch, ensemble, source, now: Dict, workspace=None):
+    def loss(self, engine, batch, ensemble, source, now: Dict, layers=None):
         cfg = self.cfg
         if cfg.training.on_policy.fraction > 0 and ON_POLICY in batch:
             # the student's own samples: it learns them from the teachers alone (GKD); its sampled
@@ -440,7 +438,7 @@ class CausalLM(Task):
             now = {**now, "kd_alpha": 1.0}
         labels = batch[LABELS].reshape(-1).to(engine.device)
         targets = signal = None
-        if ensemble is not None and (now["kd_alpha"] > 0 or self.layer_terms is not None):
+        if ensemble is not None and (now["kd_alpha"] > 0 or layers is not None):
             signal = source.signal(batch, engine.device)
         if signal is not None and now["kd_alpha"] > 0:
             targets = Targets(ensemble, signal, labels, labels != IGNORE_INDEX,
@@ -456,12 +454,12 @@ class CausalLM(Task):
                        chunk_size=self.chunk_size, normalizer=normalizer, row_kd=row_kd)
         if self.fused:  # ZeRO 0-2: every rank holds the whole output layer
             body, head = body_and_head(engine.module)
-            outputs, record = self.student_forward(body, body, **inputs)
+            outputs, record = student_forward(layers, body, body, **inputs)
             hidden = outputs.last_hidden_state
             terms = fused_token_distillation(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, targets,
                                              bias=head.bias, workspace=self.workspace, **options)
         else:
-            outputs, record = self.student_forward(engine.module, engine, **inputs)
+            outputs, record = student_forward(layers, engine.module, engine, **inputs)
             logits = outputs.logits
             terms = chunked_target_distillation(logits.reshape(-1, logits.shape[-1]), labels, targets, **options)
         ratios = on_policy_figures(batch) if cfg.training.on_policy.fraction > 0 else None
@@ -471,15 +469,15 @@ class CausalLM(Task):
             counted = (labels != IGNORE_INDEX) & (signal.route_rows >= 0)
             ratios = {**(ratios or {}), **route_sums(row_kd, signal.route_rows, counted, self.routes, "kd")}
         extra = None
-        if self.layer_terms is not None and signal is not None:
+        if layers is not None and signal is not None:
             # per-row interpolation weights exist only chunk by chunk here (check_config refuses them)
             weights = torch.as_tensor(now["teacher_weights"], dtype=torch.float32)
             rows = inputs["input_ids"].shape[0]
             row_weights = (weights / weights.sum())[:, None].expand(-1, rows).to(engine.device)
             aligned = {plan.teacher: torch.ones(rows, dtype=torch.bool, device=engine.device)
-                       for plan in self.layer_terms.plans}  # teachers read the student's ids (mapped back)
-            terms, extra = self.add_layer_terms(terms, engine.module, record, signal, inputs["attention_mask"],
-                                                row_weights, aligned)
+                       for plan in layers.plans}  # teachers read the student's ids (mapped back)
+            terms, extra = layers.add_to(terms, engine.module, record, signal, inputs["attention_mask"],
+                                         row_weights, aligned)
         if signal is not None and signal.can(Capability.ALIGNED):  # other tokenizers: coverage, mapped mass
             extra = {**(extra or {}), **signal.shares(ensemble.names)}
         # logged per token of this micro-batch (the loss itself is scaled for the whole step)

@@ -19,6 +19,7 @@ from distill.evaluation.predictions import (Predictions, collect_teacher_logits,
                                 validation_loader)
 from distill.formulas.fits import in_memory
 from distill.formulas.divergences import IGNORE_INDEX, build_divergence, distillation_loss, per_teacher_kl
+from distill.models.layer_hooks import student_forward
 from distill.models.loading import check_positions, load_model_config, load_sequence_classifier, to_pooled_student
 from distill.evaluation.report import format_table, model_card, write_json
 from distill.signals.sources import LiveClassifiers, Targets
@@ -237,15 +238,15 @@ class SequenceClassification(Task):
         return write_classifier_cache(setup, out_dir, 4096 if rows_per_shard is None else rows_per_shard)
 
     # loss and evaluation -------------------------------------------------------------------
-    def loss(self, engine, batch, ensemble, source, now: Dict, workspace=None):
+    def loss(self, engine, batch, ensemble, source, now: Dict, layers=None):
         cfg = self.cfg
         inputs = {k: v.to(engine.device) for k, v in model_inputs(batch).items()}
         labels = batch[LABELS].to(engine.device)
-        outputs, record = self.student_forward(engine.module, engine, **inputs)
+        outputs, record = student_forward(layers, engine.module, engine, **inputs)
         student_logits = outputs.logits.float()
         target = keep = teacher_logits = signal = None
         skipped = 0
-        if ensemble is not None and (now["kd_alpha"] > 0 or self.layer_terms is not None):
+        if ensemble is not None and (now["kd_alpha"] > 0 or layers is not None):
             signal = source.signal(batch, engine.device)
             teacher_logits = signal.logits(0, signal.rows)
         if signal is not None and now["kd_alpha"] > 0:
@@ -268,12 +269,12 @@ class SequenceClassification(Task):
                     student_log_probs)
             ratios = route_sums(per_row, signal.route_rows, kept, self.routes, "kd")
         extra = None
-        if self.layer_terms is not None and signal is not None:
+        if layers is not None and signal is not None:
             weights = torch.as_tensor(now["teacher_weights"], dtype=torch.float32, device=teacher_logits.device)
             row_weights = ensemble.interpolation.row_weights(teacher_logits, weights, labels)
-            aligned = self.aligned_rows(batch, engine.device)
-            terms, extra = self.add_layer_terms(terms, engine.module, record, signal, inputs["attention_mask"],
-                                                row_weights, aligned)
+            aligned = self.aligned_rows(layers, batch, engine.device)
+            terms, extra = layers.add_to(terms, engine.module, record, signal, inputs["attention_mask"],
+                                         row_weights, aligned)
             extra.update({f"{ensemble.names[k]}/aligned_rows": float(rows.float().mean())
                           for k, rows in aligned.items()})
         teacher_kl = teacher_correct = None
@@ -284,14 +285,14 @@ class SequenceClassification(Task):
         return terms, StepFigures(terms.total.item(), terms.kd.item(), terms.ce.item(), len(labels), skipped,
                                   teacher_kl, teacher_correct, int(labelled_rows.sum()), extra, ratios)
 
-    def aligned_rows(self, batch, device) -> Dict[int, torch.Tensor]:
+    def aligned_rows(self, layers, batch, device) -> Dict[int, torch.Tensor]:
         """{teacher k of loss.intermediate: [B] rows where it read the student's tokens}: every row for a
         teacher reading the student's ids; with its own encoding, rows that match token for token."""
         from distill.models.layer_hooks import aligned_rows, token_map
 
         rows = {}
         student_ids, student_mask = batch["input_ids"], batch["attention_mask"]
-        for plan in self.layer_terms.plans:
+        for plan in layers.plans:
             prefix = self.plans[plan.teacher].input_prefix
             if prefix == "":
                 rows[plan.teacher] = torch.ones(student_ids.shape[0], dtype=torch.bool, device=device)

@@ -192,12 +192,12 @@ class TokenClassification(Task):
         return torch.ones(int(batch[ROWS].sum()), dtype=torch.bool)
 
     # loss and evaluation -------------------------------------------------------------------
-    def loss(self, engine, batch, ensemble, source, now: Dict, workspace=None):
+    def loss(self, engine, batch, ensemble, source, now: Dict, layers=None):
         cfg = self.cfg
         inputs = {k: v.to(engine.device) for k, v in model_inputs(batch).items()}
         rows = batch[ROWS].bool().to(engine.device)
         labels = batch[LABELS].to(engine.device)[rows]
-        outputs, _ = self.student_forward(engine.module, engine, **inputs)
+        outputs = engine(**inputs)  # loss.intermediate is refused for this task (its layers are not planned)
         student_logits = outputs.logits.float()[rows]  # [R, C]
         target = keep = teacher_logits = None
         skipped = 0
