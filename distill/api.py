@@ -74,3 +74,15 @@ def sweep(config_path, out_dir, overrides: Optional[List[str]] = None, trials: O
 
     return Sweep(config_path, overrides or [], Path(out_dir), trials=trials, seeds=seeds).run()
 
+
+def plan(cfg, ranks: int = 1, device_memory: Optional[str] = None) -> Dict:
+    """The run's memory per rank from the models' configs (nothing loaded): lines, total, budget,
+    fits, and the printed table (`table`)."""
+    from distill.errors import ConfigError
+    from distill.run.plan import format_plan, parse_size, plan as make_plan
+
+    if ranks < 1:
+        raise ConfigError(f"--ranks must be >= 1, got {ranks}")
+    result = make_plan(cfg, ranks, None if device_memory is None else parse_size(device_memory))
+    return {**result, "table": format_plan(result)}
+

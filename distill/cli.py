@@ -1,4 +1,4 @@
-"""`distill train | fit-weights | eval | interpolate-weights | cache | export | sweep`: a thin layer over the library.
+"""`distill train | fit-weights | eval | interpolate-weights | cache | export | plan | sweep`: a thin layer over the library.
 
 Runs as `distill ...` on one process, or under the DeepSpeed launcher as
 `deepspeed --num_gpus N --module distill.cli train ...` (the launcher adds `--local_rank=N`, accepted and
@@ -25,6 +25,22 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------ commands
+def _plan_arguments(parser):
+    _config_arguments(parser)
+    parser.add_argument("--ranks", type=int, default=1, help="ranks the run will have (default 1)")
+    parser.add_argument("--device-memory", default=None, metavar="SIZE",
+                        help="memory of one rank's device, e.g. 80GB (default: this machine's GPU, or its RAM / ranks)")
+
+
+def _plan(args) -> None:
+    from distill.api import load_config, plan
+
+    result = plan(load_config(args.config, args.overrides), args.ranks, args.device_memory)
+    print(result["table"])
+    if not result["fits"]:
+        raise SystemExit(1)
+
+
 def _sweep_arguments(parser):
     parser.add_argument("config", help="YAML file whose `sweep:` section says what to search")
     parser.add_argument("out", help="a new folder: a run directory per trial, trials.jsonl, sweep.png, best.yaml")
@@ -203,6 +219,8 @@ COMMANDS: Dict[str, Command] = {
     "cache": Command("run the teachers once: every logit per example (classification), or the top-k log-probs "
                      "per token (causal LM)", _cache_arguments, _cache),
     "export": Command("consolidate a run's checkpoint into a save_pretrained folder", _export_arguments, _export),
+    "plan": Command("the memory of a run per rank, from the models' configs, before any weight loads",
+                    _plan_arguments, _plan),
     "sweep": Command("search kd_alpha, temperature, learning rate... on validation with Optuna (the hard-label "
                      "twin first)", _sweep_arguments, _sweep),
 }

@@ -347,6 +347,9 @@ class TrainingConfig:
     progress_bar: bool = True
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     select_best: SelectBestConfig = field(default_factory=SelectBestConfig)
+    # `distill plan`'s estimate is checked at start, before any weight loads: a run it says cannot fit
+    # the device is refused; true goes ahead anyway (for a plan that is wrong)
+    ignore_memory_plan: bool = False
 
 
 @dataclass

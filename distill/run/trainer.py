@@ -34,6 +34,7 @@ from distill.errors import ConfigError
 from distill.data.text import SOURCE
 from distill.run.deepspeed_config import build_deepspeed_config, build_optimizer, build_scheduler, global_batch
 from distill.run.fit_weights import load_state, save_state, state_digest
+from distill.run.plan import check_fits
 from distill.runtime.hardware import local_device
 from distill.formulas.mixtures import normalize_weights
 from distill.data.mixture import MixtureBatchSampler
@@ -166,6 +167,7 @@ class Trainer:
         setup = self.setup.plan()
         self.splits, self.teacher_plans = setup.splits, setup.plans
         self._check_before_writing()
+        check_fits(cfg, distributed.world_size())  # the memory plan, before any weight loads (run/plan.py)
         self._refuse_links_leaving()
         check_run_directory(self.run_dir)
         self.resume_tag: Optional[str] = None  # the checkpoint a resume loads (_find_resume_point)

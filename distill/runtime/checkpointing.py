@@ -185,7 +185,7 @@ def restore_latest(root: Path, tag) -> None:
 
 # Keys a resumed run may change: they alter logging, evaluation or how long it runs, not what it learns.
 RESUME_SAFE_PREFIXES = ("training.log_every", "training.eval_every", "training.checkpoint_every",
-                        "training.select_best",
+                        "training.select_best", "training.ignore_memory_plan",
                         "training.keep_checkpoints", "training.progress_bar", "training.resume",
                         "training.max_steps", "training.epochs", "training.eval_batch_size", "export.",
                         "output_dir")

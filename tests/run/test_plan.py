@@ -1,0 +1,61 @@
+"""`distill plan` (issue 29): the memory of a run per rank from the models' configs, nothing loaded."""
+import pytest
+
+from tests.conftest import tiny_config_yaml
+from tests.helpers import run_cli_in_process
+
+
+def test_the_plan_counts_each_model_as_loaded_and_partitions_what_the_stage_partitions(tiny, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from distill.api import load_config, plan
+
+    config = tiny_config_yaml(tiny, tmp_path / "run")
+    cfg = load_config(config, ["teachers.dtype=float32"])
+    teacher_a = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(tiny["teacher_a"]).parameters())
+    teacher_b = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(tiny["teacher_b"]).parameters())
+    result = plan(cfg, 1, "1GB")
+    lines = {what: size for what, size, _ in result["lines"]}
+    assert lines["teacher a"] == 4 * teacher_a and lines["teacher b"] == 4 * teacher_b  # fp32: 4 bytes each
+    student = AutoModelForSequenceClassification.from_pretrained(tiny["teacher_a"])
+    kept = 2  # student.layers: [0, 2] of teacher a
+    per_layer = sum(p.numel() for p in student.bert.encoder.layer[0].parameters())
+    student_params = teacher_a - (student.config.num_hidden_layers - kept) * per_layer
+    assert lines["student weights, gradients, AdamW"] == 16 * student_params  # fp32 weights, grads, AdamW m and v
+    assert result["total"] == sum(lines.values()) and result["budget"] == 10 ** 9 and result["fits"]
+    two = {what: size for what, size, _ in plan(load_config(config, ["teachers.dtype=float32",
+                                                                       "deepspeed.zero_stage=2"]), 2)["lines"]}
+    assert two["student weights, gradients, AdamW"] == 4 * student_params + (12 * student_params) // 2
+    assert two["teacher a"] == lines["teacher a"]  # replicated: whole on every rank
+    assert "student activations" in two and "runtime" in two
+
+
+def test_plan_says_what_does_not_fit_and_refuses_a_bad_size(tiny, tmp_path):
+    config = tiny_config_yaml(tiny, tmp_path / "run")
+    small = run_cli_in_process(["plan", config, "--device-memory", "100MiB"])
+    assert small.returncode == 1 and "does NOT fit: 0.10 GiB per rank (--device-memory)" in small.stdout
+    assert not (tmp_path / "run").exists()  # a plan writes nothing
+    bad = run_cli_in_process(["plan", config, "--device-memory", "lots"])
+    assert bad.returncode == 2 and "--device-memory: 'lots' is not a size like 80GB" in bad.stderr
+
+
+@pytest.mark.parametrize("text, size", [("80GB", 80 * 10 ** 9), ("24GiB", 24 * 2 ** 30), ("512MiB", 512 * 2 ** 20),
+                                        ("1.5TB", int(1.5 * 10 ** 12)), ("1000", 1000)])
+def test_sizes_read_as_people_write_them(text, size):
+    from distill.run.plan import parse_size
+
+    assert parse_size(text) == size
+
+
+def test_training_refuses_a_run_the_plan_says_cannot_fit_unless_told_to_go_ahead(tiny, tmp_path, monkeypatch):
+    import distill.run.plan as planner
+
+    monkeypatch.setattr(planner, "_budget", lambda device, memory, ranks: (10 ** 6, "a 1 MB device"))
+    run_dir = tmp_path / "run"
+    refused = run_cli_in_process(["train", tiny_config_yaml(tiny, run_dir)])
+    assert refused.returncode == 2 and not run_dir.exists()
+    assert "the memory plan needs" in refused.stderr and "a 1 MB device gives 0.00 GiB" in refused.stderr
+    assert "training.ignore_memory_plan=true" in refused.stderr
+    went = run_cli_in_process(["train", tiny_config_yaml(tiny, run_dir), "training.ignore_memory_plan=true",
+                               "training.max_steps=2"])
+    assert went.returncode == 0 and (run_dir / "student" / "config.json").is_file()
