@@ -5,10 +5,10 @@ The Python API (`distill.api`, re-exported here): `load_config`, `train`, `evalu
 """
 import logging
 
-from distill.api import cache, evaluate, export, fit_weights, load_config, train
+from distill.api import cache, evaluate, export, fit_weights, load_config, plan, sweep, train
 
 __version__ = "0.1.0"
-__all__ = ["load_config", "train", "evaluate", "export", "fit_weights", "cache", "__version__"]
+__all__ = ["load_config", "train", "evaluate", "export", "fit_weights", "cache", "plan", "sweep", "__version__"]
 
 # transformers imports torchao (the int8 export backend) whenever it is installed; torchao then logs
 # that its CUDA-only kernels do not load and torch logs a deprecation about torchao's enums. Neither

@@ -1,1 +1,1 @@
-"""Running a job: the training loop, checkpoints, DeepSpeed config, logs, fit-weights, on-policy samples."""
+"""Running a job: the training loop, DeepSpeed config, logs, fit-weights, eval, the memory plan, sweeps."""
