@@ -75,7 +75,7 @@ def sweep(config_path, out_dir, overrides: Optional[List[str]] = None, trials: O
     return Sweep(config_path, overrides or [], Path(out_dir), trials=trials, seeds=seeds).run()
 
 
-def plan(cfg, ranks: int = 1, device_memory: Optional[str] = None) -> Dict:
+def plan(cfg, ranks: int = 1, device_memory: Optional[str] = None, device: Optional[str] = None) -> Dict:
     """The run's memory per rank from the models' configs (nothing loaded): lines, total, budget,
     fits, and the printed table (`table`)."""
     from distill.errors import ConfigError
@@ -83,6 +83,6 @@ def plan(cfg, ranks: int = 1, device_memory: Optional[str] = None) -> Dict:
 
     if ranks < 1:
         raise ConfigError(f"--ranks must be >= 1, got {ranks}")
-    result = make_plan(cfg, ranks, None if device_memory is None else parse_size(device_memory))
+    result = make_plan(cfg, ranks, None if device_memory is None else parse_size(device_memory), device)
     return {**result, "table": format_plan(result)}
 

@@ -30,12 +30,14 @@ def _plan_arguments(parser):
     parser.add_argument("--ranks", type=int, default=1, help="ranks the run will have (default 1)")
     parser.add_argument("--device-memory", default=None, metavar="SIZE",
                         help="memory of one rank's device, e.g. 80GB (default: this machine's GPU, or its RAM / ranks)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="the kind of device the run will have (default: this machine's)")
 
 
 def _plan(args) -> None:
     from distill.api import load_config, plan
 
-    result = plan(load_config(args.config, args.overrides), args.ranks, args.device_memory)
+    result = plan(load_config(args.config, args.overrides), args.ranks, args.device_memory, args.device)
     print(result["table"])
     if not result["fits"]:
         raise SystemExit(1)

@@ -11,9 +11,11 @@ device (shapes, no storage), so a 70B teacher is counted in a second. Per rank:
   estimators (`estimate_zero2/3_model_states_mem_needs`, no offload); for fp32, which they do not
   cover, 4 + 4 + 8 bytes per parameter with the parts the stage partitions divided by N;
 - the student's activations for one micro-batch (the transformer-layer estimate of Korthikanti et
-  al. 2022, 34·s·b·h + 5·a·s²·b per layer in 2-byte units, doubled for fp32), kept for backward;
+  al. 2022, 34·s·b·h per layer in 2-byte units, doubled for fp32; no [s, s] attention scores, as
+  PyTorch's SDPA keeps none), kept for backward;
 - the loss's buffers: for a causal LM, [chunk_tokens, V] float32 temporaries of the fused loss and
   the teachers' last hidden states for the micro-batch; for classification, [rows, classes];
+- the export at the end (rank 0): the consolidated fp32 weights and the model built from them;
 - the runtime: the process with torch, transformers and DeepSpeed imported (CPU) or the CUDA context.
 
 The sum is compared with the device's memory: `--device-memory` (e.g. 80GB), else what this machine
@@ -118,13 +120,15 @@ def student_states(params: int, largest: int, precision: str, stage: int, ranks:
 
 def activation_bytes(shape: ModelShape, rows: int, sequence: int, precision: str) -> int:
     """One micro-batch's activations kept for backward: Korthikanti et al. (2022) per layer,
-    34·s·b·h + 5·a·s²·b in 2-byte units (fp32: twice that)."""
-    per_layer = 34 * sequence * rows * shape.hidden + 5 * shape.heads * sequence ** 2 * rows
+    34·s·b·h in 2-byte units (fp32: twice that); their 5·a·s²·b attention-score term is left out,
+    as transformers' default attention (PyTorch's scaled_dot_product_attention) keeps no [s, s] scores."""
+    per_layer = 34 * sequence * rows * shape.hidden
     return per_layer * shape.layers * (2 if precision == "fp32" else 1)
 
 
-def plan(cfg, ranks: int, device_memory: Optional[int] = None) -> Dict:
-    """The per-rank memory plan of `cfg` on `ranks` ranks: lines (what, bytes, note), total, budget, fits."""
+def plan(cfg, ranks: int, device_memory: Optional[int] = None, device: Optional[str] = None) -> Dict:
+    """The per-rank memory plan of `cfg` on `ranks` ranks: lines (what, bytes, note), the moments that
+    come and go, total, budget, fits. `device`: cuda or cpu (default: this machine's)."""
     import torch
 
     from distill.runtime.hardware import teacher_dtype
@@ -134,8 +138,16 @@ def plan(cfg, ranks: int, device_memory: Optional[int] = None) -> Dict:
     auto = task.auto_model_class
     # a causal LM predicts its vocabulary at every token; the other tasks a head of their labels
     labels = None if task.causal else len(cfg.data.label_names or []) or None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = teacher_dtype(cfg.teachers.dtype, device)
+    if device is not None and device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
+    here = device is None or (device == "cuda") == torch.cuda.is_available()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not here and device_memory is None:
+        raise ConfigError(f"--device {device.type}: this machine has none; give its memory with --device-memory")
+    if device.type == "cuda" and cfg.teachers.dtype == "auto" and not here:
+        dtype = torch.bfloat16  # what `auto` picks on a GPU with bf16 (every GPU of this decade)
+    else:
+        dtype = teacher_dtype(cfg.teachers.dtype, device)
     lines: List[Tuple[str, int, str]] = []
     teacher_shapes = []
     for index, teacher in enumerate(cfg.teachers.models):
@@ -162,21 +174,36 @@ def plan(cfg, ranks: int, device_memory: Optional[int] = None) -> Dict:
                   + (" (vocabulary untrimmed: an upper bound)" if cfg.student.trim_vocab else "")))
     rows = cfg.training.micro_batch_size
     sequence = cfg.data.block_size if task.causal else cfg.data.max_length
-    lines.append(("student activations", activation_bytes(student, rows, sequence, precision),
-                  f"micro-batch {rows} x {sequence} tokens, {student.layers} layers"))
-    if task.causal:
-        chunk = min(cfg.loss.chunk_tokens, rows * sequence)
-        loss = LOSS_TEMPORARIES * chunk * student.vocab * 4
-        hidden = sum(rows * sequence * shape.hidden * 4 for shape in teacher_shapes)
-        lines.append(("token loss and teacher states", loss + hidden,
-                      f"{LOSS_TEMPORARIES} x [{chunk}, {student.vocab}] float32, the teachers' last hidden states"))
     runtime = CUDA_CONTEXT if device.type == "cuda" else CPU_RUNTIME
     lines.append(("runtime", runtime, "CUDA context" if device.type == "cuda" else
                   "a process with torch, transformers and DeepSpeed"))
-    total = sum(size for _, size, _ in lines)
+    # moments that come and go, one at a time: the total takes the largest of them
+    moments: List[Tuple[str, int, str]] = []
+    step = activation_bytes(student, rows, sequence, precision)
+    note = f"activations of a micro-batch of {rows} x {sequence} tokens, {student.layers} layers"
+    if task.causal:
+        chunk = min(cfg.loss.chunk_tokens, rows * sequence)
+        step += LOSS_TEMPORARIES * chunk * student.vocab * 4 + sum(rows * sequence * t.hidden * 4 for t in teacher_shapes)
+        note += f"; {LOSS_TEMPORARIES} x [{chunk}, {student.vocab}] float32 loss buffers, teachers' last hidden states"
+    moments.append(("a training step", step, note))
+    if teacher_shapes:
+        largest = max(shape.params for shape in teacher_shapes)
+        if cfg.teachers.placement == "zero3":  # loaded whole in its dtype, then partitioned
+            moments.append(("loading a teacher", _BYTES.get(str(dtype).replace("torch.", ""), 4) * largest,
+                            "whole, before ZeRO-3 partitions it"))
+        elif dtype != torch.float32:  # the precision drift reads each teacher once more in fp32
+            moments.append(("loading a teacher", 4 * largest, "an fp32 copy (the precision drift at start)"))
+    if task.causal:  # validation: every model's logits of an eval batch, and the target's
+        evaluated = len(teacher_shapes) + 2
+        moments.append(("an evaluation", evaluated * cfg.training.eval_batch_size * sequence * student.vocab * 4,
+                        f"{evaluated} x [{cfg.training.eval_batch_size}, {sequence}, {student.vocab}] float32 logits"))
+    # rank 0 exports at the end while the engine is alive: the consolidated fp32 weights and the model built from them
+    moments.append(("the export (rank 0)", 8 * student.params, "fp32 state dict + the exported model"))
+    peak = max(moments, key=lambda moment: moment[1])
+    total = sum(size for _, size, _ in lines) + peak[1]
     budget, where = _budget(device, device_memory, ranks)
-    return {"lines": lines, "total": total, "budget": budget, "where": where, "ranks": ranks,
-            "fits": budget is None or total <= budget}
+    return {"lines": lines, "moments": moments, "peak": peak[0], "total": total, "budget": budget, "where": where,
+            "ranks": ranks, "fits": budget is None or total <= budget}
 
 
 def check_fits(cfg, ranks: int) -> None:
@@ -217,9 +244,13 @@ def _budget(device, device_memory: Optional[int], ranks: int) -> Tuple[Optional[
 
 def format_plan(result: Dict) -> str:
     lines = [f"memory per rank ({result['ranks']} rank(s)):"]
-    width = max(len(what) for what, _, _ in result["lines"])
+    width = max(len(what) for what, _, _ in result["lines"] + result["moments"]) + 2
     for what, size, note in result["lines"]:
         lines.append(f"  {what:<{width}}  {size / GIB:>8.2f} GiB  {note}")
+    lines.append("  and the largest of these moments (one at a time):")
+    for what, size, note in result["moments"]:
+        mark = "  <- largest" if what == result["peak"] else ""
+        lines.append(f"    {what:<{width - 2}}  {size / GIB:>8.2f} GiB  {note}{mark}")
     lines.append(f"  {'total':<{width}}  {result['total'] / GIB:>8.2f} GiB")
     if result["budget"] is None:
         lines.append("device memory unknown: give --device-memory")
