@@ -42,10 +42,9 @@ def run_cli_in_process(args):
     finally:
         # a refusal after the process group started: close it and drop the rank variables it set, or
         # every later subprocess would inherit this process's MASTER_PORT (held by its store)
-        import torch.distributed as dist
+        from distill.runtime.distributed import close_process_group
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        close_process_group()
         os.environ.clear()
         os.environ.update(environment)
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())

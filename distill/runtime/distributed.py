@@ -37,9 +37,19 @@ def _at_exit(port: str, rank: str) -> None:
     finalization, gloo's worker threads can still hold tensors whose release needs the GIL that is
     being torn down; the process then aborts ("terminate called without an active exception",
     SIGABRT) after a run that succeeded: pytorch/pytorch#190489, seen here on a ZeRO-3 rank."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    close_process_group()
     _remove_shared_memory(port, rank)
+
+
+def close_process_group() -> None:
+    """Destroy the process group through DeepSpeed, which also drops the groups it cached (a world
+    group cloned at the first engine): a later init_distributed and engine in this process then
+    start clean (the sweep's trials, a Python user's second run after a refusal)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    import deepspeed.comm
+
+    deepspeed.comm.destroy_process_group()
 
 
 def init_distributed() -> None:
