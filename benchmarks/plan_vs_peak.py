@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SMOL = "runs/demo_lm/assets/smollm2-135m"
+SMOL = "runs/demo_lm/assets/smollm2-135m"  # python -m distill.demo.assets smollm2 runs/demo_lm/assets/smollm2-135m
+BIG = "runs/plan/llama-1b"  # made by make_big_teacher
 CONFIGS = {
     # name: (config file, overrides, ranks)
     "tagger, 1 rank, ZeRO-0": ("configs/demo_ner.yaml", [], 1),
@@ -40,7 +41,38 @@ CONFIGS = {
         "student.from_teacher=general", "teachers.models.1.path=" + SMOL, "data.block_size=128",
         "training.micro_batch_size=4", "data.mixture_sources=[]", "data.eval_domains=[]",
         "schedules.data_mixture=null", "deepspeed.zero_stage=3", "teachers.placement=zero3"], 2),
+    "a 1.07B teacher (random, from a config) + SmolLM2 -> 8 layers of SmolLM2, 1 rank, ZeRO-0": ("configs/demo_lm.yaml", [
+        "student.trim_vocab=false", "student.prune.target_params=null", "student.prune.depth=false",
+        "student.prune.width=true", "student.prune.depth_metric=loss", "student.prune.calibration_samples=256",
+        "student.layers=[0,4,8,12,16,20,24,29]", "student.from_teacher=domain", "teachers.models.0.path=" + BIG,
+        "teachers.models.1.path=" + SMOL, "data.block_size=128", "training.micro_batch_size=4",
+        "data.mixture_sources=[]", "data.eval_domains=[]", "schedules.data_mixture=null"], 1),
 }
+
+
+def make_big_teacher(folder: Path) -> None:
+    """A Llama of 1.07B parameters (hidden 2048, 16 layers, GQA 32/8, SwiGLU 8192: Llama-3.2-1B's shape
+    with SmolLM2's 49,152-token vocabulary and tokenizer), random weights in bf16: a teacher of that
+    size for memory and speed, not for quality (no registry package ships weights that large)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (folder / "model.safetensors").is_file():
+        return
+    config = LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    partial = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(partial, safe_serialization=True)
+    AutoTokenizer.from_pretrained(ROOT / SMOL).save_pretrained(partial)
+    partial.replace(folder)
 
 
 def measure(config: str, overrides, ranks: int, steps: int) -> int:
@@ -111,6 +143,7 @@ def main() -> None:
         return
     from distill.api import load_config, plan
 
+    make_big_teacher(ROOT / BIG)
     rows = []
     for name, (config, overrides, ranks) in CONFIGS.items():
         if args.only and args.only != name:

@@ -2,7 +2,7 @@
 weight is loaded.
 
 Parameter counts come from the models' configs alone: each model is built on PyTorch's `meta`
-device (shapes, no storage), so a 70B teacher is counted in a second. Per rank:
+device (shapes, no storage), so a 70B teacher is counted in a second. What stays resident, per rank:
 
 - each teacher: its parameters x the bytes of the dtype it runs in (teachers.dtype on the device;
   int8: 1 byte for the linear layers' weights, 4 for the rest), whole when replicated, 1/N under
@@ -10,13 +10,17 @@ device (shapes, no storage), so a 70B teacher is counted in a second. Per rank:
 - the student's weights, gradients and AdamW states at the ZeRO stage: for bf16/fp16 DeepSpeed's own
   estimators (`estimate_zero2/3_model_states_mem_needs`, no offload); for fp32, which they do not
   cover, 4 + 4 + 8 bytes per parameter with the parts the stage partitions divided by N;
-- the student's activations for one micro-batch (the transformer-layer estimate of Korthikanti et
-  al. 2022, 34·s·b·h per layer in 2-byte units, doubled for fp32; no [s, s] attention scores, as
-  PyTorch's SDPA keeps none), kept for backward;
-- the loss's buffers: for a causal LM, [chunk_tokens, V] float32 temporaries of the fused loss and
-  the teachers' last hidden states for the micro-batch; for classification, [rows, classes];
-- the export at the end (rank 0): the consolidated fp32 weights and the model built from them;
-- the runtime: the process with torch, transformers and DeepSpeed imported (CPU) or the CUDA context.
+- the runtime: the process with torch, transformers and DeepSpeed imported (CPU) or the CUDA context;
+
+and the largest of the moments that come and go, one at a time:
+
+- a training step: the student's activations for one micro-batch (Korthikanti et al. 2022, 34·s·b·h
+  per layer in 2-byte units, doubled for fp32; no [s, s] scores, as PyTorch's SDPA keeps none) and,
+  for a causal LM, the fused loss's [chunk_tokens, V] float32 buffers and the teachers' last hidden states;
+- loading a teacher: an fp32 copy for the precision drift, or a whole one before ZeRO-3 partitions
+  it, plus the pages of its memory-mapped file;
+- an evaluation (causal LM): every model's logits of an eval batch;
+- the export at the end (rank 0): the consolidated fp32 weights and the model built from them.
 
 The sum is compared with the device's memory: `--device-memory` (e.g. 80GB), else what this machine
 has (a GPU's total memory, or the RAM shared by the ranks of this host). Not counted: a trimmed
@@ -43,6 +47,7 @@ class ModelShape:
     params: int
     largest_layer: int  # parameters of the largest leaf module (what ZeRO-3 gathers at once)
     linear_weights: int  # parameters in nn.Linear weights (what int8 quantizes)
+    stored_bytes: int  # bytes per parameter of its saved weights (config.json's dtype; 4 when unsaid)
     hidden: int
     layers: int
     heads: int
@@ -70,7 +75,8 @@ def shape_of(config, auto_class) -> ModelShape:
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return ModelShape(params, largest, linear, getattr(text, "hidden_size", 0), getattr(text, "num_hidden_layers", 0),
+    stored = _BYTES.get(str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)).replace("torch.", ""), 4)
+    return ModelShape(params, largest, linear, stored, getattr(text, "hidden_size", 0), getattr(text, "num_hidden_layers", 0),
                       getattr(text, "num_attention_heads", 1), getattr(text, "vocab_size", 0))
 
 
@@ -188,11 +194,15 @@ def plan(cfg, ranks: int, device_memory: Optional[int] = None, device: Optional[
     moments.append(("a training step", step, note))
     if teacher_shapes:
         largest = max(shape.params for shape in teacher_shapes)
+        # the saved file's pages (memory-mapped safetensors) count while the model is built from them
+        biggest = max(teacher_shapes, key=lambda shape: shape.params)
+        source = biggest.stored_bytes * biggest.params
         if cfg.teachers.placement == "zero3":  # loaded whole in its dtype, then partitioned
-            moments.append(("loading a teacher", _BYTES.get(str(dtype).replace("torch.", ""), 4) * largest,
-                            "whole, before ZeRO-3 partitions it"))
+            moments.append(("loading a teacher", _BYTES.get(str(dtype).replace("torch.", ""), 4) * largest + source,
+                            "whole, before ZeRO-3 partitions it, and its file's pages"))
         elif dtype != torch.float32:  # the precision drift reads each teacher once more in fp32
-            moments.append(("loading a teacher", 4 * largest, "an fp32 copy (the precision drift at start)"))
+            moments.append(("loading a teacher", 4 * largest + source,
+                            "an fp32 copy (the precision drift at start) and its file's pages"))
     if task.causal:  # validation: every model's logits of an eval batch, and the target's
         evaluated = len(teacher_shapes) + 2
         moments.append(("an evaluation", evaluated * cfg.training.eval_batch_size * sequence * student.vocab * 4,
