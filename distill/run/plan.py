@@ -171,8 +171,10 @@ def plan(cfg, ranks: int, device_memory: Optional[int] = None, device: Optional[
             named += f", ZeRO-3 partitioned over {ranks}"
         lines.append((f"teacher {teacher.name or index}", size, f"{shape.params / 1e6:,.1f}M params, {named}"))
     student = shape_of(student_config(cfg, labels), auto)
-    if cfg.student.prune.target_params is not None:
-        student.params = min(student.params, int(cfg.student.prune.target_params))
+    if cfg.student.prune.target_params is not None:  # a share of the model it is cut from
+        from distill.models.student import source_parameter_count
+
+        student.params = min(student.params, int(cfg.student.prune.target_params * source_parameter_count(cfg, auto)))
     precision, stage = cfg.training.precision, cfg.deepspeed.zero_stage
     lines.append(("student weights, gradients, AdamW", student_states(student.params, student.largest_layer,
                                                                        precision, stage, ranks),

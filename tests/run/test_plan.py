@@ -34,6 +34,9 @@ def test_the_plan_counts_each_model_as_loaded_and_partitions_what_the_stage_part
     assert two["student weights, gradients, AdamW"] == 4 * student_params + (12 * student_params) // 2
     assert two["teacher a"] == lines["teacher a"]  # replicated: whole on every rank
     assert "runtime" in two
+    pruned = plan(load_config(config, ["teachers.dtype=float32", "student.layers=null", "student.prune.target_params=0.5"]), 1)
+    states = {what: size for what, size, _ in pruned["lines"]}["student weights, gradients, AdamW"]
+    assert states == 16 * int(0.5 * teacher_a)  # the budget is a share of the model the student is cut from
 
 
 def test_plan_says_what_does_not_fit_and_refuses_a_bad_size(tiny, tmp_path):
