@@ -25,6 +25,23 @@ def run_cli(args, timeout=600, env_extra=None, preexec_fn=None):
                           capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
 
 
+@contextlib.contextmanager
+def in_this_process():
+    """Around library calls that may start the process group in this test process (`train`, a
+    refused command): afterwards the group is closed and the rank variables it set are dropped, or
+    every later subprocess of this worker would inherit this process's MASTER_PORT (held by its
+    store) and fail to bind it."""
+    from distill.runtime.distributed import close_process_group
+
+    environment = dict(os.environ)
+    try:
+        yield
+    finally:
+        close_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
+
+
 def run_cli_in_process(args):
     """`distill ARGS` through `distill.cli.main` in this process (a CompletedProcess with its exit code,
     stdout and stderr): for commands that stop at a refusal, where a fresh interpreter importing torch,
@@ -32,21 +49,11 @@ def run_cli_in_process(args):
     from distill.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    environment = dict(os.environ)
-    try:
-        with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main([str(arg) for arg in args])
-            except SystemExit as stop:  # argparse's refusals
-                code = stop.code
-    finally:
-        # a refusal after the process group started: close it and drop the rank variables it set, or
-        # every later subprocess would inherit this process's MASTER_PORT (held by its store)
-        from distill.runtime.distributed import close_process_group
-
-        close_process_group()
-        os.environ.clear()
-        os.environ.update(environment)
+    with in_this_process(), contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(arg) for arg in args])
+        except SystemExit as stop:  # argparse's refusals
+            code = stop.code
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 

@@ -7,7 +7,7 @@ import torch
 
 from distill.config.schema import ConfigError
 from tests.conftest import tiny_config_yaml
-from tests.helpers import run_cli_in_process
+from tests.helpers import in_this_process, run_cli_in_process
 
 
 def _evaluations(run_dir):
@@ -25,7 +25,8 @@ def test_the_best_evaluation_is_exported_and_said(tiny, tmp_path):
     # mode min on accuracy: the *worst* evaluation, so that the choice differs from the last step's
     config = tiny_config_yaml(tiny, run_dir, "  eval_every: 2\n  select_best: {metric: accuracy, mode: min}\n"
                                              "  keep_checkpoints: 1")
-    report = train(load_config(config))
+    with in_this_process():
+        report = train(load_config(config))
     evaluations = _evaluations(run_dir)
     assert [step for step, _ in evaluations] == [2, 4, 6, 8, 10, 12]
     worst = min(value for _, value in evaluations)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tests.conftest import tiny_config_yaml
-from tests.helpers import run_cli_in_process
+from tests.helpers import in_this_process, run_cli_in_process
 
 SWEEP = """
 sweep:
@@ -23,7 +23,8 @@ def test_a_sweep_runs_the_twin_and_its_trials_and_writes_the_best_config(tiny, t
 
     config = tiny_config_yaml(tiny, tmp_path / "base", SWEEP)
     out = tmp_path / "sweep"
-    result = sweep(config, out, ["training.max_steps=4"])
+    with in_this_process():
+        result = sweep(config, out, ["training.max_steps=4"])
     rows = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     assert [row["trial"] for row in rows] == ["twin", "trial-000", "trial-001"]
     assert rows[0]["settings"] == ["loss.kd_alpha=0.0"]
