@@ -6,11 +6,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/activate.sh"
 python -m distill.demo.assets runs/demo/assets/minilm-l3 >/dev/null
 for teacher in l6 l3; do
-    if [ ! -f "runs/demo/teacher-$teacher/student/model.safetensors" ]; then
-        echo "== preparing teacher $teacher (plain fine-tuning)"
-        rm -rf "runs/demo/teacher-$teacher"
-        distill train "configs/demo_teacher_$teacher.yaml"
-    fi
+    train_once "runs/demo/teacher-$teacher" "configs/demo_teacher_$teacher.yaml" \
+        "preparing teacher $teacher (plain fine-tuning)"
 done
 rm -rf runs/demo/distill
 echo "== distilling both teachers into the student"

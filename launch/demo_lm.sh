@@ -9,11 +9,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/activate.sh"
 python -m distill.demo.assets smollm2 runs/demo_lm/assets/smollm2-135m >/dev/null
 python -m distill.demo.assets general-text runs/demo_lm/assets/general >/dev/null
-if [ ! -f runs/demo_lm/teacher-domain/student/model.safetensors ]; then
-    echo "== adapting SmolLM2 to the tweets (the domain teacher)"
-    rm -rf runs/demo_lm/teacher-domain
-    distill train configs/demo_lm_domain.yaml
-fi
+train_once runs/demo_lm/teacher-domain configs/demo_lm_domain.yaml "adapting SmolLM2 to the tweets (the domain teacher)"
 echo "== fitting lambda on the tweets' validation tokens"
 rm -rf runs/demo_lm/fit
 distill fit-weights configs/demo_lm.yaml --out runs/demo_lm/fit

@@ -11,10 +11,8 @@ python -m distill.demo.assets general-text runs/demo_lm/assets/general >/dev/nul
 python -m distill.demo.assets tweets runs/demo_lm_cross/assets/tweets >/dev/null
 python -m distill.demo.assets own-bpe-lm runs/demo_lm_cross/assets/tweets/train.jsonl \
     runs/demo_lm_cross/assets/tweets-bpe-lm >/dev/null
-if [ ! -f runs/demo_lm_cross/teacher-tweets/student/model.safetensors ]; then
-    echo "== training the tweets teacher (its own 4,096-token BPE) from scratch"
-    distill train configs/demo_lm_cross_teacher.yaml
-fi
+train_once runs/demo_lm_cross/teacher-tweets configs/demo_lm_cross_teacher.yaml \
+    "training the tweets teacher (its own 4,096-token BPE) from scratch"
 echo "== fitting lambda where both teachers have read the text (validation tweets)"
 distill fit-weights configs/demo_lm_cross.yaml --out runs/demo_lm_cross/fit-$$
 echo "== distilling general (SmolLM2) + tweets (own tokenizer) into a pruned SmolLM2"

@@ -12,11 +12,7 @@ python -m distill.demo.assets general-text runs/demo_lm/assets/general >/dev/nul
 python -m distill.demo.assets tweets runs/demo_lm_cross/assets/tweets >/dev/null
 python -m distill.demo.assets routed-pairs runs/demo_lm/assets/general runs/demo_lm_cross/assets/tweets \
     runs/demo_lm_routed/assets >/dev/null
-if [ ! -f runs/demo_lm/teacher-domain/student/model.safetensors ]; then
-    echo "== adapting SmolLM2 to the tweets (the domain teacher)"
-    rm -rf runs/demo_lm/teacher-domain
-    distill train configs/demo_lm_domain.yaml
-fi
+train_once runs/demo_lm/teacher-domain configs/demo_lm_domain.yaml "adapting SmolLM2 to the tweets (the domain teacher)"
 run=runs/demo_lm_routed/$$
 echo "== off-policy: every micro-batch reads the data's responses"
 distill train configs/demo_lm_routed.yaml output_dir=$run/off-policy "$@"

@@ -8,11 +8,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/activate.sh"
 python -m distill.demo.assets runs/demo/assets/minilm-l3 >/dev/null
 python -m distill.demo.assets tagged-tweets runs/ner/data >/dev/null
 for teacher in l6 l3; do
-    if [ ! -f "runs/ner/teacher-$teacher/student/model.safetensors" ]; then
-        echo "== preparing teacher $teacher (plain fine-tuning)"
-        rm -rf "runs/ner/teacher-$teacher"
-        distill train "configs/demo_ner_teacher_$teacher.yaml"
-    fi
+    train_once "runs/ner/teacher-$teacher" "configs/demo_ner_teacher_$teacher.yaml" \
+        "preparing teacher $teacher (plain fine-tuning)"
 done
 rm -rf runs/ner/distill runs/ner/labels-only
 echo "== distilling both teachers into the student"
