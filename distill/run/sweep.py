@@ -107,12 +107,13 @@ class Sweep:
         self.higher = task.metrics[self.metric]
         self.space = dict(sweep.space) or default_space(self.cfg)
         self.toggles = list(sweep.toggles)
+        from omegaconf import OmegaConf
+
+        from distill.config.schema import DistillConfig
+
+        default = OmegaConf.structured(DistillConfig)
         for key in self.toggles:
-            from omegaconf import OmegaConf
-
-            from distill.config.schema import DistillConfig
-
-            if OmegaConf.select(self.cfg, key) == OmegaConf.select(OmegaConf.structured(DistillConfig), key):
+            if OmegaConf.select(self.cfg, key) == OmegaConf.select(default, key):
                 raise ConfigError(f"sweep.toggles: {key} is not set in the config, so there is nothing to turn off")
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
             raise ConfigError(f"{self.out} exists and is not empty: distill sweep writes a new folder; choose another")
