@@ -19,7 +19,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_cli(args, timeout=600, env_extra=None, preexec_fn=None):
+def run_cli(args, timeout=600, env_extra=None, preexec_fn=None, fresh=False):
+    """`distill ARGS` as a CompletedProcess: in this process (run_cli_in_process) unless the test needs a
+    separate one (`fresh`, an environment of its own, a preexec function): a fresh interpreter importing
+    torch, transformers and DeepSpeed costs seconds per call."""
+    if not (fresh or env_extra or preexec_fn):
+        return run_cli_in_process(args)
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "distill.cli", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)

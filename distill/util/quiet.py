@@ -32,6 +32,10 @@ def quiet_start() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*is an Enum subclass.*")
+    # torch.onnx tracing a transformers model (distill export --onnx): notes on its own tracing, and the
+    # export's parity with the PyTorch model is measured by the exporter itself
+    warnings.filterwarnings("ignore", message=".*Converting a tensor to a Python boolean might cause the trace.*")
+    warnings.filterwarnings("ignore", message=".*Exporting aten::index operator of advanced indexing.*")
     if "datasets" in sys.modules:  # imported already (the Python API): its environment variable came too late
         sys.modules["datasets"].disable_progress_bars()
     if "DS_ACCELERATOR" not in os.environ:
