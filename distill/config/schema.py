@@ -184,6 +184,12 @@ class DataConfig:
     prompt_field: Optional[str] = None
     response_field: Optional[str] = None
     drop_duplicate_texts: bool = True  # before the split, so validation never leaks into training
+    # task causal_lm: blocks tokenized once (a batched map on num_proc processes; null: the cores, at
+    # most 8) into a memory-mapped Arrow file under prepared_dir (null: beside the `datasets` cache),
+    # reused by later runs and every rank: corpora larger than memory (distill/data/prepared.py)
+    prepare: bool = False
+    prepared_dir: Optional[str] = None
+    num_proc: Optional[int] = None
     seed: int = 42  # for the validation carve-out and subsampling: keep it fixed across a project
     # Scheduled mixture: when sources are named, each batch draws its rows from them with the
     # proportions of schedules.data_mixture (distill/data/mixture.py); needs training.max_steps.
@@ -832,6 +838,10 @@ def _validate_task(cfg) -> None:
     _require(cfg.loss.chunk_tokens > 0, f"loss.chunk_tokens must be > 0, got {cfg.loss.chunk_tokens}")
     _require((data.prompt_field is None) == (data.response_field is None),
              "data.prompt_field and data.response_field go together: set both (prompt/response pairs) or neither")
+    _require(data.num_proc is None or data.num_proc >= 1, f"data.num_proc must be >= 1 (or null: the cores), got {data.num_proc}")
+    for name in ("prepared_dir", "num_proc"):
+        _require(getattr(data, name) is None or data.prepare,
+                 f"data.{name} is read only with data.prepare=true: set it or remove data.{name}")
 
 
 def _validate_routes(cfg) -> None:

@@ -110,7 +110,8 @@ class CausalLM(Task):
     curve_metric, curve_higher_is_better = "perplexity", False
     metrics = {"nll": False, "perplexity": False, "bits_per_byte": False}
 
-    owns = ("data.block_size", "data.prompt_field", "data.response_field", "loss.chunk_tokens", "loss.fused",
+    owns = ("data.block_size", "data.prompt_field", "data.response_field", "data.prepare", "data.prepared_dir",
+            "data.num_proc", "loss.chunk_tokens", "loss.fused",
             "training.on_policy.fraction", "data.eval_domains[*].path", "data.mixture_sources", "data.eval_domains", "schedules.data_mixture", "teachers.cache",
             "teachers.route_by", "loss.intermediate", "student.trim_vocab", "student.prune.target_params")
 
@@ -192,7 +193,16 @@ class CausalLM(Task):
         memo = (key, id(split), id(self.tokenizer))  # blocks counted before the run directory are reused
         if self._encoded.get("key") == memo:
             return self._encoded["blocks"]
-        encoded = encode_lm(split, self.tokenizer, data, key, self.teacher_groups, self._byte_lengths())
+        if data.prepare:
+            from distill.data.lm import eos_token_id
+            from distill.data.prepared import prepared_blocks
+
+            in_memory = ((lambda: encode_lm(split, self.tokenizer, data, key, self.teacher_groups, self._byte_lengths()))
+                         if self.teacher_groups else None)
+            encoded = prepared_blocks(split, self.tokenizer, data, key, eos_token_id(self.tokenizer), in_memory,
+                                      self.teacher_groups)
+        else:
+            encoded = encode_lm(split, self.tokenizer, data, key, self.teacher_groups, self._byte_lengths())
         if key == "train":
             self._encoded = {"key": memo, "blocks": encoded}
         if key == "train":

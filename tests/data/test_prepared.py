@@ -1,0 +1,139 @@
+"""Prepared causal-LM corpora (data.prepare): blocks cut a batch at a time equal the whole stream's,
+written once to a memory-mapped file that later runs reuse, and a run on them trains, and resumes
+after SIGKILL on two ranks, exactly as a run on blocks built in memory."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from distill.data.lm import pack_blocks
+from distill.data.prepared import pack_stream
+from tests.conftest import tiny_lm_config_yaml
+from tests.helpers import ROOT, free_port, run_cli, run_cli_in_process, run_deepspeed, shared_memory_left, train_losses
+
+
+def _cut_a_batch_at_a_time(texts, sizes, eos, block_size):
+    batches, start = [], 0
+    for size in sizes:
+        batches.append(texts[start:start + size])
+        start += size
+    batches.append(texts[start:])
+    inputs, labels = [], []
+    for block_inputs, block_labels in pack_stream(iter(batches), eos, block_size):
+        inputs += block_inputs.tolist()
+        labels += block_labels.tolist()
+    return {"input_ids": inputs, "labels": labels}
+
+
+def test_packing_a_batch_at_a_time_cuts_exactly_the_blocks_of_the_whole_stream():
+    rng = random.Random(0)
+    for trial in range(300):
+        texts = [[rng.randrange(1, 50) for _ in range(rng.choice([0, 1, 2, 3, 7, 20]))]
+                 for _ in range(rng.randrange(0, 12))]
+        sizes = [rng.randrange(0, 4) for _ in range(rng.randrange(0, 5))]
+        block_size = rng.randrange(1, 9)
+        assert _cut_a_batch_at_a_time(texts, sizes, 0, block_size) == pack_blocks(texts, 0, block_size), \
+            (trial, texts, sizes, block_size)
+
+
+def _config(tiny_lm, tmp_path, name, extra=""):
+    return tiny_lm_config_yaml(tiny_lm, tmp_path / name, extra=extra)
+
+
+def test_prepared_blocks_equal_the_in_memory_ones_and_a_later_run_reuses_them(tiny_lm, tmp_path, capsys):
+    from datasets import concatenate_datasets
+
+    from distill.config.schema import load_config
+    from distill.data.lm import encode_lm, read_lm_splits
+    from distill.data.prepared import prepared_blocks
+    from distill.data.text import SOURCE
+
+    prepared = tmp_path / "prepared"
+    for data in ([f"data.train.path={tiny_lm['text']}"], [f"data.train.path={tiny_lm['pairs']}",
+                                                           "data.prompt_field=prompt", "data.response_field=response"]):
+        cfg = load_config(_config(tiny_lm, tmp_path, "run"), [*data, "data.prepare=true",
+                                                              f"data.prepared_dir={prepared}", "data.num_proc=2"])
+        train = read_lm_splits(cfg.data).train
+        # two sources, interleaved, and enough texts for two tokenizing processes: packed source by source
+        train = concatenate_datasets([train] * 26)
+        train = train.remove_columns([SOURCE]).add_column(SOURCE, [i % 2 for i in range(len(train))])
+        expected = encode_lm(train, tiny_lm["tokenizer"], cfg.data, "train")
+        for verb in ("prepared", "reused"):
+            blocks = prepared_blocks(train, tiny_lm["tokenizer"], cfg.data, "train", tiny_lm["tokenizer"].eos_token_id)
+            assert f"data.train: {verb} {len(expected):,} blocks" in capsys.readouterr().out
+            assert blocks.column_names == expected.column_names
+            for column in expected.column_names:
+                assert blocks[column] == expected[column], column
+            assert blocks.cache_files and blocks.cache_files[0]["filename"].startswith(str(prepared))
+    assert len(list(prepared.iterdir())) == 2  # one folder per (rows, tokenizer, settings)
+
+
+def test_a_run_on_prepared_blocks_trains_exactly_like_one_on_blocks_in_memory(tiny_lm, tmp_path):
+    from tests.helpers import in_this_process
+
+    in_memory, prepared = tmp_path / "in_memory", tmp_path / "prepared_run"
+    assert run_cli(["train", _config(tiny_lm, tmp_path, "in_memory")]).returncode == 0
+    result = run_cli(["train", _config(tiny_lm, tmp_path, "prepared_run"), "data.prepare=true",
+                      f"data.prepared_dir={tmp_path / 'blocks'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data.train: prepared" in result.stdout and "data.validation: prepared" in result.stdout
+    assert [row["loss"] for row in train_losses(prepared)] == [row["loss"] for row in train_losses(in_memory)]
+    # a setting the data path does not read without prepare is refused
+    refused = run_cli_in_process(["train", _config(tiny_lm, tmp_path, "refused"), "data.num_proc=2"])
+    assert refused.returncode == 2 and "data.num_proc is read only with data.prepare=true" in refused.stderr
+
+
+@pytest.mark.multirank
+def test_a_killed_two_rank_run_on_a_prepared_corpus_resumes_bitwise(tiny_lm, tmp_path):
+    blocks = tmp_path / "blocks"
+    common = ["data.prepare=true", f"data.prepared_dir={blocks}", "training.max_steps=30",
+              "training.checkpoint_every=3", "training.log_every=1", "training.keep_checkpoints=20",
+              "deepspeed.zero_stage=2"]
+    reference_dir = tmp_path / "uninterrupted"
+    reference = run_deepspeed(2, [_config(tiny_lm, tmp_path, "uninterrupted"), *common])  # both ranks ask for the blocks
+    assert reference.returncode == 0, (reference.stdout + reference.stderr)[-5000:]
+    assert reference.stdout.count("data.train: prepared") == 1 and len(list(blocks.iterdir())) == 2
+
+    run_dir = tmp_path / "killed"
+    config = _config(tiny_lm, tmp_path, "killed")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    port = free_port()
+    log = tmp_path / "killed.log"
+    with log.open("wb") as stream:
+        process = subprocess.Popen(["bash", str(ROOT / "launch" / "train.sh"), str(config), "--ranks", "2",
+                                    "--master-port", str(port), *common], cwd=ROOT, env=env,
+                                   stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if latest.is_file() and latest.read_text().strip() >= "step0000006":
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, log.read_text(errors="replace")[-5000:]
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    for segment in shared_memory_left(port):
+        segment.unlink()
+    assert "data.train: reused" in log.read_text(errors="replace")
+    from distill.runtime.checkpointing import newest_intact_tag
+
+    intact, _ = newest_intact_tag(run_dir / "checkpoints")
+    killed_at = int(intact[4:])
+    assert 3 <= killed_at < 30
+    resumed = run_deepspeed(2, [config, *common, "training.resume=auto"])
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-5000:]
+    assert f"resumed from step {killed_at}" in resumed.stdout
+
+    expected = load_file(str(reference_dir / "student" / "model.safetensors"))
+    actual = load_file(str(run_dir / "student" / "model.safetensors"))
+    assert [name for name in expected if not (expected[name] == actual[name]).all()] == []
+    rows = {row["step"]: row["loss"] for row in train_losses(reference_dir)}
+    again = {row["step"]: row["loss"] for row in train_losses(run_dir)}
+    assert all(again[step] == rows[step] for step in rows if step > killed_at)
