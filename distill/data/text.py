@@ -7,6 +7,8 @@ ranks can be put back in order.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +34,6 @@ TEXT_KEY = "text_key"  # a digest of a row's text fields: cached classification 
 
 def text_key(*texts: str) -> str:
     """16 hex digits of sha256 over the text fields (the same text is the same key in any split)."""
-    import hashlib
-
     return hashlib.sha256("\x1f".join(texts).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
@@ -179,14 +179,25 @@ def text_keys(dataset: Dataset, fields: Sequence[str]) -> List[tuple]:
     return list(zip(*(dataset[field] for field in fields)))
 
 
+def _digest(key: tuple) -> bytes:
+    return hashlib.blake2b(json.dumps(key).encode(), digest_size=16).digest()
+
+
 def drop_duplicates(dataset: Dataset, fields: Sequence[str], exclude: set = frozenset()) -> Dataset:
-    seen = set(exclude)
+    """The rows whose text fields were not seen before (nor in `exclude`, a set of text_keys), first
+    occurrences kept in order. The texts are read a batch at a time and only their 16-byte digests
+    kept, so a corpus larger than memory is checked in a few bytes per row."""
+    seen = {_digest(key) for key in exclude}
     keep = []
-    for index, key in enumerate(text_keys(dataset, fields)):
-        if key not in seen:
-            seen.add(key)
-            keep.append(index)
-    return dataset.select(keep)
+    index = 0
+    for rows in dataset.select_columns(list(fields)).iter(batch_size=10_000):
+        for key in zip(*(rows[field] for field in fields)):
+            digest = _digest(key)
+            if digest not in seen:
+                seen.add(digest)
+                keep.append(index)
+            index += 1
+    return dataset if len(keep) == len(dataset) else dataset.select(keep)
 
 
 def _stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list, list]:
