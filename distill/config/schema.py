@@ -166,6 +166,15 @@ class AugmentConfig:
 
 
 @dataclass
+class PerturbConfig:
+    """Classification, consistent distillation (distill/formulas/perturbations.py): each training
+    micro-batch's tokens are masked in spans, drawn afresh per (epoch, position), and the teachers read
+    the same masked input the student reads. Off while rate is 0."""
+    rate: float = 0.0  # about this share of each row's maskable tokens is masked
+    mean_span: float = 1.0  # mean length of a masked span (1: token dropout)
+
+
+@dataclass
 class DataConfig:
     train: DataSourceConfig = field(default_factory=DataSourceConfig)
     validation: DataSourceConfig = field(default_factory=lambda: DataSourceConfig(split="validation"))
@@ -197,6 +206,7 @@ class DataConfig:
     # Validation metrics are also logged per domain (a regex over the first text field).
     eval_domains: List[DomainConfig] = field(default_factory=list)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    perturb: PerturbConfig = field(default_factory=PerturbConfig)
 
 
 @dataclass
@@ -839,6 +849,8 @@ def _validate_task(cfg) -> None:
     _require((data.prompt_field is None) == (data.response_field is None),
              "data.prompt_field and data.response_field go together: set both (prompt/response pairs) or neither")
     _require(data.num_proc is None or data.num_proc >= 1, f"data.num_proc must be >= 1 (or null: the cores), got {data.num_proc}")
+    _require(0 <= data.perturb.rate < 1, f"data.perturb.rate must be in [0, 1), got {data.perturb.rate}")
+    _require(data.perturb.mean_span >= 1, f"data.perturb.mean_span must be >= 1, got {data.perturb.mean_span}")
     for name in ("prepared_dir", "num_proc"):
         _require(getattr(data, name) is None or data.prepare,
                  f"data.{name} is read only with data.prepare=true: set it or remove data.{name}")

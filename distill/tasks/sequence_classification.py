@@ -61,7 +61,7 @@ class SequenceClassification(Task):
     auto_model_class = AutoModelForSequenceClassification
 
     owns = ("data.unlabeled.path", "data.label_names", "data.label_field", "student.pooling", "data.id_field",
-            "data.augment.copies", "teachers.models[*].logits", "teachers.models[*].pooling",
+            "data.augment.copies", "data.perturb", "teachers.models[*].logits", "teachers.models[*].pooling",
             "teachers.models[*].head", "data.mixture_sources", "data.eval_domains", "schedules.data_mixture", "teachers.cache",
             "teachers.route_by", "loss.intermediate", "student.trim_vocab", "student.prune.target_params")
 
@@ -70,6 +70,15 @@ class SequenceClassification(Task):
         if cfg.teachers.cache is not None and any(t.logits for t in cfg.teachers.models):
             raise ConfigError("teachers.cache holds live teachers' logits; black-box teachers (teachers.models[*].logits) "
                               "are read from their own files: drop teachers.cache or those teachers")
+        if cfg.data.perturb.rate > 0:
+            reads_other_input = [key for key, used in (
+                ("teachers.cache", cfg.teachers.cache is not None),
+                ("teachers.models[*].logits", any(t.logits for t in cfg.teachers.models)),
+                ("teachers.tokenization=per_model", cfg.teachers.tokenization == "per_model")) if used]
+            if reads_other_input:
+                raise ConfigError(f"data.perturb: the teachers must read the student's masked input, and {reads_other_input} "
+                                  "read other input (stored outputs, or their own tokens): set data.perturb.rate=0 or "
+                                  "use live teachers sharing the student's tokenizer")
         if cfg.student.trim_vocab and cfg.teachers.models and cfg.teachers.tokenization == "shared":
             raise ConfigError("student.trim_vocab gives the student its own vocabulary: "
                               "set teachers.tokenization=per_model so each teacher encodes the text itself")
@@ -137,6 +146,30 @@ class SequenceClassification(Task):
 
     def collator(self):
         return Collator(self.groups)
+
+    def batches(self, stream, engine):
+        """data.perturb: each micro-batch's student ids masked in spans (the teachers read the same ids),
+        drawn from the run's seed and the micro-batch's (epoch, position), so a resumed run repeats them."""
+        perturb = self.cfg.data.perturb
+        if perturb.rate <= 0:
+            return stream
+        from distill.formulas.perturbations import perturb_ids, perturbation_seed
+
+        tokenizer = self.groups[0].tokenizer
+        replacement = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
+        if replacement is None:
+            raise ConfigError("data.perturb: the student's tokenizer has neither a mask nor an unknown token to "
+                              "mask with: set data.perturb.rate=0")
+        special = tokenizer.all_special_ids
+
+        def perturbed():
+            for epoch, position, batch in stream:
+                batch = dict(batch, input_ids=perturb_ids(batch["input_ids"], batch["attention_mask"], special,
+                                                          replacement, perturb.rate, perturb.mean_span,
+                                                          perturbation_seed(self.cfg.seed, epoch, position)))
+                yield epoch, position, batch
+
+        return perturbed()
 
     # models --------------------------------------------------------------------------------
     def plan_teachers(self, student_tokenizer):
