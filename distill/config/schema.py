@@ -675,6 +675,9 @@ def _validate_student(cfg) -> None:
     _require((student.path is None) != (student.from_teacher is None),
              "student: set exactly one of student.path (an existing model) or "
              "student.from_teacher (build a smaller copy of a teacher)")
+    _require(student.layers is None or student.from_teacher is not None, "student.layers picks the layers copied "
+             "from a teacher and is read only with student.from_teacher: remove it with student.path (prune that "
+             "model with student.prune, or build the student from a teacher)")
     if student.path is not None:
         _check_model_reference(student.path, "student.path", cfg.allow_pickled_weights)
     if student.from_teacher is not None:

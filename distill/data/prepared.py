@@ -206,6 +206,8 @@ def prepared_blocks(dataset, tokenizer, data, key: str, eos_id: int, encode_in_m
             verb = "reused"
         else:
             start = time.perf_counter()
+            for stale in folder.glob("blocks.arrow.*.partial"):  # a preparation killed before its rename
+                stale.unlink()
             partial = folder / f"blocks.arrow.{os.getpid()}.partial"
             procs = data.num_proc or min(os.cpu_count() or 1, 8)
             num_proc = procs if procs > 1 and len(dataset) >= 4 * BATCH else None  # few rows: processes cost more

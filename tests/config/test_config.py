@@ -32,6 +32,8 @@ def test_list_index_override(config_path, tiny):
 
 @pytest.mark.parametrize("overrides, message", [
     (["training.micro_batchsize=4"], r"unknown config key 'training.micro_batchsize'"),
+    (["student.from_teacher=null", "student.path=some/model"], r"student.layers picks the layers copied from a teacher "
+     r"and is read only with student.from_teacher"),
     (["lossy.kd_alpha=0.5"], r"unknown config key 'lossy"),
     (["teachers.models.0.wieght=1"], r"unknown config key 'teachers.models\[0\].wieght'"),
     (["training.micro_batch_size=many"], r"training.micro_batch_size"),

@@ -52,7 +52,7 @@ def test_prepared_blocks_equal_the_in_memory_ones_and_a_later_run_reuses_them(ti
 
     from distill.config.schema import load_config
     from distill.data.lm import encode_lm, read_lm_splits
-    from distill.data.prepared import prepared_blocks
+    from distill.data.prepared import blocks_key, prepared_blocks
     from distill.data.text import SOURCE
 
     prepared = tmp_path / "prepared"
@@ -65,6 +65,9 @@ def test_prepared_blocks_equal_the_in_memory_ones_and_a_later_run_reuses_them(ti
         train = concatenate_datasets([train] * 26)
         train = train.remove_columns([SOURCE]).add_column(SOURCE, [i % 2 for i in range(len(train))])
         expected = encode_lm(train, tiny_lm["tokenizer"], cfg.data, "train")
+        folder = prepared / blocks_key(train, tiny_lm["tokenizer"], cfg.data, tiny_lm["tokenizer"].eos_token_id)
+        folder.mkdir(parents=True)
+        (folder / "blocks.arrow.999999.partial").write_bytes(b"a preparation killed half way")
         for verb in ("prepared", "reused"):
             blocks = prepared_blocks(train, tiny_lm["tokenizer"], cfg.data, "train", tiny_lm["tokenizer"].eos_token_id)
             assert f"data.train: {verb} {len(expected):,} blocks" in capsys.readouterr().out
@@ -72,6 +75,7 @@ def test_prepared_blocks_equal_the_in_memory_ones_and_a_later_run_reuses_them(ti
             for column in expected.column_names:
                 assert blocks[column] == expected[column], column
             assert blocks.cache_files and blocks.cache_files[0]["filename"].startswith(str(prepared))
+        assert sorted(path.name for path in folder.iterdir()) == [".lock", "blocks.arrow", "prepared.json"]
     assert len(list(prepared.iterdir())) == 2  # one folder per (rows, tokenizer, settings)
 
 
