@@ -9,7 +9,8 @@ device (shapes, no storage), so a 70B teacher is counted in a second. What stays
   `teachers.placement: zero3` plus the largest layer gathered for its forward;
 - the student's weights, gradients and AdamW states at the ZeRO stage: for bf16/fp16 DeepSpeed's own
   estimators (`estimate_zero2/3_model_states_mem_needs`, no offload); for fp32, which they do not
-  cover, 4 + 4 + 8 bytes per parameter with the parts the stage partitions divided by N;
+  cover, 4 + 4 + 8 bytes per parameter with the parts the stage partitions divided by N, plus at
+  ZeRO-1/2 the fp32 copy of its partition DeepSpeed keeps for the optimizer (4 / N);
 - the runtime: the process with torch, transformers and DeepSpeed imported (CPU) or the CUDA context;
 
 and the largest of the moments that come and go, one at a time:
@@ -17,6 +18,7 @@ and the largest of the moments that come and go, one at a time:
 - a training step: the student's activations for one micro-batch (Korthikanti et al. 2022, 34·s·b·h
   per layer in 2-byte units, doubled for fp32; no [s, s] scores, as PyTorch's SDPA keeps none) and,
   for a causal LM, the fused loss's [chunk_tokens, V] float32 buffers and the teachers' last hidden states;
+  at ZeRO-2, the contiguous gradient bucket backward fills (min(reduce_bucket_size, parameters));
 - loading a teacher: an fp32 copy for the precision drift, or a whole one before ZeRO-3 partitions
   it, plus the pages of its memory-mapped file;
 - an evaluation (causal LM): every model's logits of an eval batch;
@@ -117,11 +119,26 @@ def student_states(params: int, largest: int, precision: str, stage: int, ranks:
     weights, grads, optimizer = 4 * params, 4 * params, 8 * params
     if stage == 0:
         return weights + grads + optimizer
+    # ZeRO-1/2 keep their own fp32 copy of this rank's partition for the optimizer (stage_1_and_2.py
+    # clones it, even when the model is fp32 already): 4 bytes per parameter / N more
+    master = 4 * params
     if stage == 1:
-        return weights + grads + optimizer // ranks
+        return weights + grads + (optimizer + master) // ranks
     if stage == 2:
-        return weights + (grads + optimizer) // ranks
+        return weights + (grads + optimizer + master) // ranks
     return (weights + grads + optimizer) // ranks + 4 * largest
+
+
+def gradient_bucket_bytes(cfg, params: int, precision: str) -> int:
+    """ZeRO-2 reduces gradients through a contiguous bucket of reduce_bucket_size elements (DeepSpeed's
+    default 5e8; touched, so resident, up to the student's gradients) during backward; 0 otherwise."""
+    if cfg.deepspeed.zero_stage != 2:
+        return 0
+    from omegaconf import OmegaConf
+
+    extra = OmegaConf.to_container(cfg.deepspeed.config, resolve=True) if cfg.deepspeed.config else {}
+    bucket = int((extra.get("zero_optimization") or {}).get("reduce_bucket_size", 5e8))
+    return (4 if precision == "fp32" else 2) * min(bucket, params)
 
 
 def activation_bytes(shape: ModelShape, rows: int, sequence: int, precision: str) -> int:
@@ -193,6 +210,10 @@ def plan(cfg, ranks: int, device_memory: Optional[int] = None, device: Optional[
         chunk = min(cfg.loss.chunk_tokens, rows * sequence)
         step += LOSS_TEMPORARIES * chunk * student.vocab * 4 + sum(rows * sequence * t.hidden * 4 for t in teacher_shapes)
         note += f"; {LOSS_TEMPORARIES} x [{chunk}, {student.vocab}] float32 loss buffers, teachers' last hidden states"
+    bucket = gradient_bucket_bytes(cfg, student.params, precision)
+    if bucket:
+        step += bucket
+        note += "; ZeRO-2's gradient bucket"
     moments.append(("a training step", step, note))
     if teacher_shapes:
         largest = max(shape.params for shape in teacher_shapes)

@@ -31,7 +31,8 @@ def test_the_plan_counts_each_model_as_loaded_and_partitions_what_the_stage_part
     assert result["budget"] == 10 ** 9 and result["fits"]
     two = {what: size for what, size, _ in plan(load_config(config, ["teachers.dtype=float32",
                                                                        "deepspeed.zero_stage=2"]), 2)["lines"]}
-    assert two["student weights, gradients, AdamW"] == 4 * student_params + (12 * student_params) // 2
+    # weights whole; gradients, AdamW m and v and ZeRO's fp32 copy of the partition halved
+    assert two["student weights, gradients, AdamW"] == 4 * student_params + (16 * student_params) // 2
     assert two["teacher a"] == lines["teacher a"]  # replicated: whole on every rank
     assert "runtime" in two
     pruned = plan(load_config(config, ["teachers.dtype=float32", "student.layers=null", "student.prune.target_params=0.5"]), 1)
