@@ -18,7 +18,7 @@ and the largest of the moments that come and go, one at a time:
 - a training step: the student's activations for one micro-batch (Korthikanti et al. 2022, 34·s·b·h
   per layer in 2-byte units, doubled for fp32; no [s, s] scores, as PyTorch's SDPA keeps none) and,
   for a causal LM, the fused loss's [chunk_tokens, V] float32 buffers and the teachers' last hidden states;
-  at ZeRO-2, the contiguous gradient bucket backward fills (min(reduce_bucket_size, parameters));
+  at ZeRO-2 and 3, the contiguous gradient bucket backward fills (min(reduce_bucket_size, parameters));
 - loading a teacher: an fp32 copy for the precision drift, or a whole one before ZeRO-3 partitions
   it, plus the pages of its memory-mapped file;
 - an evaluation (causal LM): every model's logits of an eval batch;
@@ -130,9 +130,10 @@ def student_states(params: int, largest: int, precision: str, stage: int, ranks:
 
 
 def gradient_bucket_bytes(cfg, params: int, precision: str) -> int:
-    """ZeRO-2 reduces gradients through a contiguous bucket of reduce_bucket_size elements (DeepSpeed's
-    default 5e8; touched, so resident, up to the student's gradients) during backward; 0 otherwise."""
-    if cfg.deepspeed.zero_stage != 2:
+    """ZeRO-2 and 3 reduce gradients through a contiguous bucket of reduce_bucket_size elements
+    (DeepSpeed's default 5e8; touched, so resident, up to the student's gradients) during backward;
+    0 otherwise."""
+    if cfg.deepspeed.zero_stage not in (2, 3):
         return 0
     from omegaconf import OmegaConf
 
@@ -213,7 +214,7 @@ def plan(cfg, ranks: int, device_memory: Optional[int] = None, device: Optional[
     bucket = gradient_bucket_bytes(cfg, student.params, precision)
     if bucket:
         step += bucket
-        note += "; ZeRO-2's gradient bucket"
+        note += f"; ZeRO-{cfg.deepspeed.zero_stage}'s gradient bucket"
     moments.append(("a training step", step, note))
     if teacher_shapes:
         largest = max(shape.params for shape in teacher_shapes)
