@@ -31,31 +31,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from plan_vs_peak import BIG, SMOL, make_big_teacher  # noqa: E402
+from plan_vs_peak import BIG, SMOL, make_big_teacher, make_random_llama  # noqa: E402
 
 MID = "runs/plan/llama-0.5b"
 CORPUS = ROOT / "runs" / "corpus_scale" / "tokens_1e+08"
 
 
 def make_mid_teacher(folder: Path) -> None:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    if (folder / "model.safetensors").is_file():
-        return
-    config = LlamaConfig(vocab_size=49152, hidden_size=1152, intermediate_size=4608, num_hidden_layers=24,
-                         num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
-                         tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(1)
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    partial = folder.with_name(folder.name + ".partial")
-    model.save_pretrained(partial, safe_serialization=True)
-    AutoTokenizer.from_pretrained(ROOT / SMOL).save_pretrained(partial)
-    partial.replace(folder)
+    """0.52B parameters: hidden 1152, 24 layers, GQA 16/4, SwiGLU 4608."""
+    make_random_llama(folder, 1, hidden_size=1152, intermediate_size=4608, num_hidden_layers=24,
+                      num_attention_heads=16, num_key_value_heads=4)
 
 
 def config_text(out: Path, teachers, steps: int) -> str:

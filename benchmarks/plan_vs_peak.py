@@ -50,20 +50,18 @@ CONFIGS = {
 }
 
 
-def make_big_teacher(folder: Path) -> None:
-    """A Llama of 1.07B parameters (hidden 2048, 16 layers, GQA 32/8, SwiGLU 8192: Llama-3.2-1B's shape
-    with SmolLM2's 49,152-token vocabulary and tokenizer), random weights in bf16: a teacher of that
-    size for memory and speed, not for quality (no registry package ships weights that large)."""
+def make_random_llama(folder: Path, seed: int, **shape) -> None:
+    """A Llama of `shape` with SmolLM2's 49,152-token vocabulary and tokenizer, random weights in bf16
+    (seeded), saved as safetensors: a teacher of that size for memory and speed, not for quality (no
+    registry package ships weights that large). Kept when it exists."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     if (folder / "model.safetensors").is_file():
         return
-    config = LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
-                         tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=500000.0,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, **shape)
+    torch.manual_seed(seed)
     torch.set_default_dtype(torch.bfloat16)
     try:
         model = LlamaForCausalLM(config)
@@ -73,6 +71,12 @@ def make_big_teacher(folder: Path) -> None:
     model.save_pretrained(partial, safe_serialization=True)
     AutoTokenizer.from_pretrained(ROOT / SMOL).save_pretrained(partial)
     partial.replace(folder)
+
+
+def make_big_teacher(folder: Path) -> None:
+    """1.07B parameters: Llama-3.2-1B's shape (hidden 2048, 16 layers, GQA 32/8, SwiGLU 8192)."""
+    make_random_llama(folder, 0, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)
 
 
 def measure(config: str, overrides, ranks: int, steps: int) -> int:

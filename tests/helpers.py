@@ -82,6 +82,40 @@ def run_deepspeed(ranks: int, args, timeout=900, script="train.sh"):
     return result
 
 
+def kill_two_rank_run_after(config: Path, args, run_dir: Path, tag: str, log: Path) -> int:
+    """Start `launch/train.sh CONFIG --ranks 2 ARGS`, SIGKILL its process group once the run's
+    `latest` checkpoint reaches `tag` (e.g. step0000010), clear the job's shared memory, and return the
+    step of the newest checkpoint whose files were all recorded before the kill (the one `latest`
+    names, or, when the kill fell between DeepSpeed's `latest` and the digests, the one before it).
+    The launcher's output goes to `log`."""
+    import signal
+    import time
+
+    from distill.runtime.checkpointing import newest_intact_tag
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    port = free_port()
+    with log.open("wb") as stream:
+        process = subprocess.Popen(["bash", str(ROOT / "launch" / "train.sh"), str(config), "--ranks", "2",
+                                    "--master-port", str(port), *map(str, args)], cwd=ROOT, env=env,
+                                   stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if latest.is_file() and latest.read_text().strip() >= tag:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, f"the run ended (exit {process.returncode}) before it could be killed:\n" + \
+        log.read_text(errors="replace")[-5000:]
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    for segment in shared_memory_left(port):  # SIGKILL took launch/train.sh's cleanup trap down too
+        segment.unlink()
+    assert not (run_dir / "report.json").exists(), "the run finished before it could be killed"
+    intact, _ = newest_intact_tag(run_dir / "checkpoints")
+    return int(intact[4:])
+
+
 def shared_memory_left(port: int):
     """DeepSpeed CPU allreduce segments of the job on `port` still in /dev/shm (launch/train.sh removes them)."""
     return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

@@ -1,14 +1,7 @@
 """Prepared causal-LM corpora (data.prepare): blocks cut a batch at a time equal the whole stream's,
 written once to a memory-mapped file that later runs reuse, and a run on them trains, and resumes
 after SIGKILL on two ranks, exactly as a run on blocks built in memory."""
-import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -16,7 +9,7 @@ from safetensors.torch import load_file
 from distill.data.lm import pack_blocks
 from distill.data.prepared import pack_stream
 from tests.conftest import tiny_lm_config_yaml
-from tests.helpers import ROOT, free_port, run_cli, run_cli_in_process, run_deepspeed, shared_memory_left, train_losses
+from tests.helpers import kill_two_rank_run_after, run_cli, run_cli_in_process, run_deepspeed, train_losses
 
 
 def _cut_a_batch_at_a_time(texts, sizes, eos, block_size):
@@ -80,8 +73,6 @@ def test_prepared_blocks_equal_the_in_memory_ones_and_a_later_run_reuses_them(ti
 
 
 def test_a_run_on_prepared_blocks_trains_exactly_like_one_on_blocks_in_memory(tiny_lm, tmp_path):
-    from tests.helpers import in_this_process
-
     in_memory, prepared = tmp_path / "in_memory", tmp_path / "prepared_run"
     assert run_cli(["train", _config(tiny_lm, tmp_path, "in_memory")]).returncode == 0
     result = run_cli(["train", _config(tiny_lm, tmp_path, "prepared_run"), "data.prepare=true",
@@ -107,29 +98,9 @@ def test_a_killed_two_rank_run_on_a_prepared_corpus_resumes_bitwise(tiny_lm, tmp
 
     run_dir = tmp_path / "killed"
     config = _config(tiny_lm, tmp_path, "killed")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    port = free_port()
     log = tmp_path / "killed.log"
-    with log.open("wb") as stream:
-        process = subprocess.Popen(["bash", str(ROOT / "launch" / "train.sh"), str(config), "--ranks", "2",
-                                    "--master-port", str(port), *common], cwd=ROOT, env=env,
-                                   stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
-    latest = run_dir / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if latest.is_file() and latest.read_text().strip() >= "step0000006":
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, log.read_text(errors="replace")[-5000:]
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=60)
-    for segment in shared_memory_left(port):
-        segment.unlink()
-    assert "data.train: reused" in log.read_text(errors="replace")
-    from distill.runtime.checkpointing import newest_intact_tag
-
-    intact, _ = newest_intact_tag(run_dir / "checkpoints")
-    killed_at = int(intact[4:])
+    killed_at = kill_two_rank_run_after(config, common, run_dir, "step0000006", log)
+    assert "data.train: reused" in log.read_text(errors="replace")  # the uninterrupted run prepared them
     assert 3 <= killed_at < 30
     resumed = run_deepspeed(2, [config, *common, "training.resume=auto"])
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-5000:]

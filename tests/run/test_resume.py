@@ -1,18 +1,13 @@
 """Exact resume: a 2-rank ZeRO-2 run killed with SIGKILL mid-way and resumed ends with the same
 student, bit for bit, and logs the same losses after the resume point, as an uninterrupted run."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_config_yaml
-from tests.helpers import ROOT, free_port, run_cli, run_deepspeed, shared_memory_left, run_cli_in_process
+from tests.helpers import kill_two_rank_run_after, run_cli, run_deepspeed, run_cli_in_process
 
 
 COMMON = ["deepspeed.zero_stage=2", "training.max_steps=40", "training.checkpoint_every=5",
@@ -36,32 +31,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(tiny, tmp_path
 
     run_dir = tmp_path / "killed"
     config = tiny_config_yaml(tiny, run_dir)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    port = free_port()
-    log = tmp_path / "killed.log"  # the launcher's output, shown if the run ends before it is killed
-    with log.open("wb") as stream:
-        process = subprocess.Popen(["bash", str(ROOT / "launch" / "train.sh"), str(config), "--ranks", "2",
-                                    "--master-port", str(port), *COMMON], cwd=ROOT, env=env,
-                                   stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
-    latest = run_dir / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if latest.is_file() and latest.read_text().strip() >= "step0000010":
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, f"the run ended (exit {process.returncode}) before it could be killed:\n" + \
-        log.read_text(errors="replace")[-5000:]
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=60)
-    for segment in shared_memory_left(port):  # SIGKILL took launch/train.sh's cleanup trap down too
-        segment.unlink()
-    assert not (run_dir / "report.json").exists(), "the run finished before it could be killed"
-    from distill.runtime.checkpointing import newest_intact_tag
-
-    # the newest checkpoint whose files were all recorded before the kill (the one `latest` names, or,
-    # when the kill fell between DeepSpeed's `latest` and the digests, the one before it)
-    intact, _ = newest_intact_tag(run_dir / "checkpoints")
-    killed_at = int(intact[4:])
+    killed_at = kill_two_rank_run_after(config, COMMON, run_dir, "step0000010", tmp_path / "killed.log")
     assert 5 <= killed_at < 40
 
     resumed = run_deepspeed(2, [config, *COMMON, "training.resume=auto"])

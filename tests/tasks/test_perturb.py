@@ -2,7 +2,6 @@
 read exactly the masked ids the student reads, evaluation reads clean text, and settings whose
 teachers read other input are refused."""
 import pytest
-import torch
 
 from tests.conftest import tiny_config_yaml, tiny_lm_config_yaml
 from tests.helpers import in_this_process, run_cli_in_process, train_losses
