@@ -116,6 +116,29 @@ def kill_two_rank_run_after(config: Path, args, run_dir: Path, tag: str, log: Pa
     return int(intact[4:])
 
 
+def last_rows_by_step(run_dir: Path):
+    """The training log's rows by step (a resumed run logs again the steps after its resume point: the last kept)."""
+    return {row["step"]: row for row in train_losses(run_dir)}
+
+
+def assert_resumes_like(reference_dir: Path, run_dir: Path, config: Path, args, killed_at: int) -> None:
+    """`launch/train.sh CONFIG --ranks 2 ARGS training.resume=auto` resumes the killed run from
+    `killed_at` and ends with the uninterrupted run's student, bit for bit, and its losses after that step."""
+    from safetensors.torch import load_file
+
+    resumed = run_deepspeed(2, [config, *args, "training.resume=auto"])
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-5000:]
+    assert f"resumed from step {killed_at}" in resumed.stdout
+    expected = load_file(str(reference_dir / "student" / "model.safetensors"))
+    actual = load_file(str(run_dir / "student" / "model.safetensors"))
+    assert expected.keys() == actual.keys()
+    different = [name for name in expected if not (expected[name] == actual[name]).all()]
+    assert not different, different
+    reference_rows, resumed_rows = last_rows_by_step(reference_dir), last_rows_by_step(run_dir)
+    after = [step for step in reference_rows if step > killed_at]
+    assert after and [reference_rows[s]["loss"] for s in after] == [resumed_rows[s]["loss"] for s in after]
+
+
 def shared_memory_left(port: int):
     """DeepSpeed CPU allreduce segments of the job on `port` still in /dev/shm (launch/train.sh removes them)."""
     return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

@@ -4,12 +4,11 @@ after SIGKILL on two ranks, exactly as a run on blocks built in memory."""
 import random
 
 import pytest
-from safetensors.torch import load_file
 
 from distill.data.lm import pack_blocks
 from distill.data.prepared import pack_stream
 from tests.conftest import tiny_lm_config_yaml
-from tests.helpers import kill_two_rank_run_after, run_cli, run_cli_in_process, run_deepspeed, train_losses
+from tests.helpers import assert_resumes_like, kill_two_rank_run_after, run_cli, run_cli_in_process, run_deepspeed, train_losses
 
 
 def _cut_a_batch_at_a_time(texts, sizes, eos, block_size):
@@ -102,13 +101,4 @@ def test_a_killed_two_rank_run_on_a_prepared_corpus_resumes_bitwise(tiny_lm, tmp
     killed_at = kill_two_rank_run_after(config, common, run_dir, "step0000006", log)
     assert "data.train: reused" in log.read_text(errors="replace")  # the uninterrupted run prepared them
     assert 3 <= killed_at < 30
-    resumed = run_deepspeed(2, [config, *common, "training.resume=auto"])
-    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-5000:]
-    assert f"resumed from step {killed_at}" in resumed.stdout
-
-    expected = load_file(str(reference_dir / "student" / "model.safetensors"))
-    actual = load_file(str(run_dir / "student" / "model.safetensors"))
-    assert [name for name in expected if not (expected[name] == actual[name]).all()] == []
-    rows = {row["step"]: row["loss"] for row in train_losses(reference_dir)}
-    again = {row["step"]: row["loss"] for row in train_losses(run_dir)}
-    assert all(again[step] == rows[step] for step in rows if step > killed_at)
+    assert_resumes_like(reference_dir, run_dir, config, common, killed_at)
