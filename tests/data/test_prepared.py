@@ -69,6 +69,12 @@ def test_prepared_blocks_equal_the_in_memory_ones_and_a_later_run_reuses_them(ti
             assert blocks.cache_files and blocks.cache_files[0]["filename"].startswith(str(prepared))
         assert sorted(path.name for path in folder.iterdir()) == [".lock", "blocks.arrow", "prepared.json"]
     assert len(list(prepared.iterdir())) == 2  # one folder per (rows, tokenizer, settings)
+    # blocks packed in memory (aligned windows of teachers with other tokenizers) go to the same kind of file
+    extra = expected.add_column("t1__positions", [[-1, 0]] * len(expected))
+    kept = prepared_blocks(train, tiny_lm["tokenizer"], cfg.data, "train", 0, encode_in_memory=lambda: extra)
+    assert "data.train: prepared" in capsys.readouterr().out
+    assert kept.column_names == extra.column_names
+    assert all(kept[column] == extra[column] for column in extra.column_names)
 
 
 def test_a_run_on_prepared_blocks_trains_exactly_like_one_on_blocks_in_memory(tiny_lm, tmp_path):
