@@ -155,12 +155,7 @@ class SequenceClassification(Task):
             return stream
         from distill.formulas.perturbations import perturb_ids, perturbation_seed
 
-        tokenizer = self.groups[0].tokenizer
-        replacement = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
-        if replacement is None:
-            raise ConfigError("data.perturb: the student's tokenizer has neither a mask nor an unknown token to "
-                              "mask with: set data.perturb.rate=0")
-        special = tokenizer.all_special_ids
+        replacement, special = self._mask_token(), self.groups[0].tokenizer.all_special_ids
 
         def perturbed():
             for epoch, position, batch in stream:
@@ -170,6 +165,15 @@ class SequenceClassification(Task):
                 yield epoch, position, batch
 
         return perturbed()
+
+    def _mask_token(self) -> int:
+        """The id data.perturb masks with: the student's mask token, else its unknown token."""
+        tokenizer = self.groups[0].tokenizer
+        replacement = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
+        if replacement is None:
+            raise ConfigError("data.perturb: the student's tokenizer has neither a mask nor an unknown token to "
+                              "mask with: set data.perturb.rate=0")
+        return replacement
 
     # models --------------------------------------------------------------------------------
     def plan_teachers(self, student_tokenizer):
@@ -188,6 +192,8 @@ class SequenceClassification(Task):
         """Black-box teachers' files cover every training and validation example; data.augment's
         masked LM loads and has its head (rank 0 keeps it for the augmentation)."""
         check_stored_outputs_cover(self.cfg, self.plans, self.label_names, splits)
+        if self.cfg.data.perturb.rate > 0:
+            self._mask_token()  # refused before the run directory is written, not at the first step
         if self.cfg.teachers.cache is not None:
             from distill.caches.classifier import ClassifierCache
             from distill.data.text import text_key
