@@ -165,27 +165,35 @@ def _encode_aligned(dataset: Dataset, tokenizer, data, teacher_groups, student_b
     return out
 
 
+def packing_groups(dataset: Dataset) -> List[tuple]:
+    """({column: value}, row positions) per (source, route) value present, in packing order: a block
+    never mixes two sources or two routes. Positions None: every row (neither column is there)."""
+    keys = [name for name in (SOURCE, ROUTE) if name in dataset.column_names]
+    if not keys:
+        return [({}, None)]
+    tags = list(zip(*(dataset[name] for name in keys)))
+    return [(dict(zip(keys, tag)), [i for i, t in enumerate(tags) if t == tag]) for tag in sorted(set(tags))]
+
+
 def encode_lm(dataset: Dataset, tokenizer, data, key: str, teacher_groups: Sequence = (),
               student_byte_lengths: Sequence[int] = ()) -> Dataset:
     """Blocks (input_ids, labels, index, source) of a split; a `source` column is packed source by
     source. With `teacher_groups` (teachers with other tokenizers) each block also carries every
     group's aligned window (_encode_aligned; `student_byte_lengths` and each group's `byte_lengths`:
     the bytes each token id spells)."""
-    # packed source by source and route by route: a block never mixes two sources or two routes
-    keys = [name for name in (SOURCE, ROUTE) if name in dataset.column_names]
-    tags = list(zip(*(dataset[name] for name in keys))) if keys else [()] * len(dataset)
-    groups = [(tag, dataset.select([i for i, t in enumerate(tags) if t == tag])) for tag in sorted(set(tags))]
-    columns: Dict[str, list] = {"input_ids": [], LABELS: [], SOURCE: [], **({ROUTE: []} if ROUTE in keys else {})}
+    columns: Dict[str, list] = {"input_ids": [], LABELS: [], SOURCE: [],
+                                **({ROUTE: []} if ROUTE in dataset.column_names else {})}
     for group in teacher_groups:
         columns[group.prefix + "input_ids"], columns[group.prefix + "positions"] = [], []
-    for tag, rows in groups:
+    for tag, positions in packing_groups(dataset):
+        rows = dataset if positions is None else dataset.select(positions)
         encoded = (_encode_aligned(rows, tokenizer, data, teacher_groups, student_byte_lengths) if teacher_groups
                    else _encode_rows(rows, tokenizer, data))
         for name, values in encoded.items():
             columns[name] += values
         for name in (SOURCE, ROUTE):
             if name in columns:
-                columns[name] += [dict(zip(keys, tag)).get(name, 0)] * len(encoded["input_ids"])
+                columns[name] += [tag.get(name, 0)] * len(encoded["input_ids"])
     if not columns["input_ids"] or not any(label != IGNORE_INDEX for row in columns[LABELS] for label in row):
         raise ConfigError(f"data.{key}: no token to learn after tokenization (empty texts or all-prompt rows)")
     columns[INDEX] = list(range(len(columns["input_ids"])))

@@ -24,7 +24,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -91,15 +91,6 @@ def pack_stream(batches: Iterator[Sequence[Sequence[int]]], eos_id: int, block_s
         yield left[:-1].astype(np.int32)[None], left[1:].astype(np.int32)[None]
 
 
-def _tag_groups(dataset) -> List[tuple]:
-    """(tag, row positions) per (source, route) value, in the order lm.encode_lm packs them."""
-    keys = [name for name in (SOURCE, ROUTE) if name in dataset.column_names]
-    if not keys:
-        return [({}, None)]
-    tags = list(zip(*(dataset[name] for name in keys)))
-    return [(dict(zip(keys, tag)), [i for i, t in enumerate(tags) if t == tag]) for tag in sorted(set(tags))]
-
-
 class _Writer:
     """Blocks appended to an Arrow file, with their running index."""
 
@@ -141,7 +132,7 @@ class _Writer:
 
 def _write_blocks(dataset, tokenizer, data, eos_id: int, path: Path, num_proc: Optional[int]) -> Dict:
     """Tokenize (batched map) and pack each (source, route) group of `dataset` into `path`."""
-    from distill.data.lm import prompt_response_rows
+    from distill.data.lm import packing_groups, prompt_response_rows
 
     text, prompt, response = data.text_fields[0], data.prompt_field, data.response_field
 
@@ -157,7 +148,7 @@ def _write_blocks(dataset, tokenizer, data, eos_id: int, path: Path, num_proc: O
                             desc="tokenize")
     writer = _Writer(path, ROUTE in keep)
     try:
-        for tag, positions in _tag_groups(tokenized):
+        for tag, positions in packing_groups(tokenized):
             part = tokenized if positions is None else tokenized.select(positions)
             batches = (rows for rows in part.iter(batch_size=BATCH))
             if prompt:

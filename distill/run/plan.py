@@ -44,6 +44,11 @@ LOSS_TEMPORARIES = 4  # [chunk, V] float32 buffers the fused loss keeps (logits,
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def _dtype_bytes(dtype) -> int:
+    """Bytes per element of a dtype given as torch.X or its name; 4 for anything else (or nothing said)."""
+    return _BYTES.get(str(dtype).replace("torch.", ""), 4)
+
+
 @dataclass
 class ModelShape:
     params: int
@@ -77,7 +82,7 @@ def shape_of(config, auto_class) -> ModelShape:
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    stored = _BYTES.get(str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)).replace("torch.", ""), 4)
+    stored = _dtype_bytes(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
     return ModelShape(params, largest, linear, stored, getattr(text, "hidden_size", 0), getattr(text, "num_hidden_layers", 0),
                       getattr(text, "num_attention_heads", 1), getattr(text, "vocab_size", 0))
 
@@ -185,7 +190,7 @@ def plan(cfg, ranks: int, device_memory: Optional[int] = None, device: Optional[
             name = str(dtype).replace("torch.", "")
             size, named = _BYTES[name] * shape.params, name
         if cfg.teachers.placement == "zero3" and ranks > 1:
-            size = size // ranks + _BYTES.get(str(dtype).replace("torch.", ""), 4) * shape.largest_layer
+            size = size // ranks + _dtype_bytes(dtype) * shape.largest_layer
             named += f", ZeRO-3 partitioned over {ranks}"
         lines.append((f"teacher {teacher.name or index}", size, f"{shape.params / 1e6:,.1f}M params, {named}"))
     student = shape_of(student_config(cfg, labels), auto)
@@ -222,7 +227,7 @@ def plan(cfg, ranks: int, device_memory: Optional[int] = None, device: Optional[
         biggest = max(teacher_shapes, key=lambda shape: shape.params)
         source = biggest.stored_bytes * biggest.params
         if cfg.teachers.placement == "zero3":  # loaded whole in its dtype, then partitioned
-            moments.append(("loading a teacher", _BYTES.get(str(dtype).replace("torch.", ""), 4) * largest + source,
+            moments.append(("loading a teacher", _dtype_bytes(dtype) * largest + source,
                             "whole, before ZeRO-3 partitions it, and its file's pages"))
         elif dtype != torch.float32:  # the precision drift reads each teacher once more in fp32
             moments.append(("loading a teacher", 4 * largest + source,
