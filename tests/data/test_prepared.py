@@ -2,13 +2,15 @@
 written once to a memory-mapped file that later runs reuse, and a run on them trains, and resumes
 after SIGKILL on two ranks, exactly as a run on blocks built in memory."""
 import random
+import subprocess
+import sys
 
 import pytest
 
 from distill.data.lm import pack_blocks
 from distill.data.prepared import pack_stream
 from tests.conftest import tiny_lm_config_yaml
-from tests.helpers import assert_resumes_like, kill_two_rank_run_after, run_cli, run_cli_in_process, run_deepspeed, train_losses
+from tests.helpers import ROOT, assert_resumes_like, kill_two_rank_run_after, run_cli, run_cli_in_process, run_deepspeed, train_losses
 
 
 def _cut_a_batch_at_a_time(texts, sizes, eos, block_size):
@@ -51,9 +53,9 @@ def test_prepared_blocks_equal_the_in_memory_ones_and_a_later_run_reuses_them(ti
     for data in ([f"data.train.path={tiny_lm['text']}"], [f"data.train.path={tiny_lm['pairs']}",
                                                            "data.prompt_field=prompt", "data.response_field=response"]):
         cfg = load_config(_config(tiny_lm, tmp_path, "run"), [*data, "data.prepare=true",
-                                                              f"data.prepared_dir={prepared}", "data.num_proc=2"])
+                                                              f"data.prepared_dir={prepared}", "data.num_proc=1"])
         train = read_lm_splits(cfg.data).train
-        # two sources, interleaved, and enough texts for two tokenizing processes: packed source by source
+        # two sources, interleaved: packed source by source
         train = concatenate_datasets([train] * 26)
         train = train.remove_columns([SOURCE]).add_column(SOURCE, [i % 2 for i in range(len(train))])
         expected = encode_lm(train, tiny_lm["tokenizer"], cfg.data, "train")
@@ -75,6 +77,33 @@ def test_prepared_blocks_equal_the_in_memory_ones_and_a_later_run_reuses_them(ti
     assert "data.train: prepared" in capsys.readouterr().out
     assert kept.column_names == extra.column_names
     assert all(kept[column] == extra[column] for column in extra.column_names)
+
+
+def test_two_tokenizing_processes_prepare_the_same_blocks(tiny_lm, tmp_path):
+    """data.num_proc=2 over enough texts for two processes, in a fresh interpreter: datasets forks its
+    pool, and a fork of this test worker (which has run training in-process: threads, a closed process
+    group) is not what a user's `distill train` forks from."""
+    script = f"""
+import sys
+from datasets import concatenate_datasets
+from transformers import AutoTokenizer
+from distill.config.schema import load_config
+from distill.data.lm import encode_lm, read_lm_splits
+from distill.data.prepared import prepared_blocks
+
+cfg = load_config({str(_config(tiny_lm, tmp_path, "run"))!r}, ["data.prepare=true", "data.prepared_dir={tmp_path / 'prepared'}",
+                  "data.num_proc=2"])
+tokenizer = AutoTokenizer.from_pretrained({str(tiny_lm['teacher_a'])!r})
+train = concatenate_datasets([read_lm_splits(cfg.data).train] * 26)
+assert len(train) >= 4000, len(train)  # prepared.py starts processes from 4 batches of 1,000 texts
+expected = encode_lm(train, tokenizer, cfg.data, "train")
+blocks = prepared_blocks(train, tokenizer, cfg.data, "train", tokenizer.eos_token_id)
+assert all(blocks[column] == expected[column] for column in expected.column_names)
+print("SAME", len(blocks))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data.train: prepared" in result.stdout and "SAME" in result.stdout
 
 
 def test_a_run_on_prepared_blocks_trains_exactly_like_one_on_blocks_in_memory(tiny_lm, tmp_path):
