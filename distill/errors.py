@@ -11,6 +11,7 @@ and keeps its traceback.
 | `NonFiniteLogitsError` | 3 | a teacher produced NaN/inf and `teachers.on_nonfinite` says stop |
 | `CheckpointWriteError` | 4 | a checkpoint could not be written (disk full, permissions); the previous one is intact |
 | `DivergedError` | 5 | the training loss became NaN/inf: the run stops before the step is taken |
+| `ServedTeacherError` | 6 | a served teacher's server stopped answering (after its retries) or answered malformed replies |
 """
 from __future__ import annotations
 
@@ -57,6 +58,13 @@ class DivergedError(DistillError, RuntimeError):
 
     exit_code = 5
     label = "stopped, diverged"
+
+
+class ServedTeacherError(DistillError, RuntimeError):
+    """A served teacher's server did not answer in time after its retries, or broke its protocol."""
+
+    exit_code = 6
+    label = "teacher server failed"
 
 
 def exit_codes() -> Dict[str, int]:

@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 stamp=.venv/.distill-setup
-want="$(cat pyproject.toml constraints.txt requirements-demo.txt | sha256sum | cut -c1-16)"
+want="$(cat pyproject.toml constraints.txt requirements-demo.txt requirements-server.txt | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
@@ -18,4 +18,9 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -c constraints.txt torch
 "${pip[@]}" -c constraints.txt -e ".[test,quantize,onnx,sweep]"
 "${pip[@]}" --no-deps -r requirements-demo.txt
+# llama.cpp's server for the served-teacher tests, built from source once (about 3 minutes on 2 cores);
+# only the library the server loads is built (no examples, tools, tests or multimodal library)
+CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF}" \
+    "${pip[@]}" -c constraints.txt -r requirements-server.txt
 echo "$want" > "$stamp"

@@ -70,7 +70,8 @@ def test_each_error_kind_has_its_exit_code_and_the_cli_reports_it_in_one_line(mo
     from distill import cli, errors
 
     assert errors.exit_codes() == {"ConfigError": 2, "ExportError": 2, "NonFiniteLogitsError": 3,
-                                   "CheckpointWriteError": 4, "DivergedError": 5}
+                                   "CheckpointWriteError": 4, "DivergedError": 5,
+                                   "ServedTeacherError": 6}
     for kind in errors.DistillError.__subclasses__():
         def fail(args, kind=kind):
             raise kind("what went wrong: how to fix it")

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from distill.errors import ConfigError
 from distill.util.registry import registrar
+from distill.formulas.mixtures import tail_log_mass
 
 
 # --------------------------------------------------------------------------- writing, reading
@@ -53,9 +54,7 @@ def top_k_of(logits: Tensor, k: int):
     values, ids = log_probs.topk(k, dim=-1)
     if k >= logits.shape[-1]:  # everything is kept: no tail, whatever the float rounding of the sum
         return ids.to(torch.int32), values, torch.full(values.shape[:-1], -1e30, device=values.device)
-    covered = torch.logsumexp(values, dim=-1).clamp(max=0.0)
-    tail = torch.log(-torch.expm1(covered)).clamp(min=-1e30)
-    return ids.to(torch.int32), values, tail
+    return ids.to(torch.int32), values, tail_log_mass(values)
 
 
 def sampled_of(logits: Tensor, temperature: float, draws: int, generator: torch.Generator):
@@ -86,6 +85,9 @@ def plan_cache_run(setup):
         raise ConfigError("teachers.models is empty: there is nothing to cache")
     if cfg.teachers.cache is not None:
         raise ConfigError("teachers.cache is set: distill cache runs the live teachers; remove teachers.cache")
+    if any(teacher.server is not None for teacher in cfg.teachers.models):
+        raise ConfigError("teachers.models[*].server: distill cache runs local teachers; a served teacher is read "
+                          "while training (remove server, or train with it directly)")
     if cfg.teachers.placement != "replicated" and world_size() > 1:
         raise ConfigError("teachers.placement: zero3 with distill cache on several ranks: each rank caches its own "
                           "shards with whole teachers; set teachers.placement=replicated (or run one rank)")

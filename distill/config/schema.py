@@ -41,6 +41,23 @@ class TeacherConfig:
     head: Optional[str] = None
     # with teachers.route_by: the values of that column whose rows this teacher distils
     routes: Optional[List[str]] = None
+    # causal_lm: the teacher runs on an inference server at this URL (http://host:port, no /v1),
+    # which returns its prompt tokens' top-k log-probabilities (teachers.served); `path` then names
+    # only its tokenizer and config (no weights load). server_model: the name the server knows it by.
+    server: Optional[str] = None
+    server_model: Optional[str] = None
+
+
+@dataclass
+class ServedConfig:
+    """How served teachers (teachers.models[i].server) are asked (distill/signals/served.py)."""
+
+    api: str = "llama_cpp"  # the server's protocol: llama_cpp (llama-cpp-python's server)
+    top_k: int = 20  # log-probabilities per token; the rest of the mass is the tail, as the top-k cache's
+    concurrency: int = 4  # requests in flight per rank (a block per request)
+    prefetch: int = 2  # micro-batches requested ahead of the one the student is on
+    timeout_s: float = 120.0  # each request's bound
+    retries: int = 3  # more tries after a failed one, waiting 0.5 s, 1 s, 2 s, ...
 
 
 @dataclass
@@ -78,6 +95,7 @@ class TeachersConfig:
     unrouted: str = "refuse"
     # per route value, a weight per teacher name serving it (default: teachers.models[*].weight)
     route_weights: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    served: ServedConfig = field(default_factory=ServedConfig)
 
 
 @dataclass
@@ -430,6 +448,7 @@ PLACEMENTS = ("replicated", "zero3")
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 100.0
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 TOKENIZATIONS = ("shared", "per_model")
+SERVED_APIS = ("llama_cpp",)  # signals/served.PROTOCOLS
 LR_SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -658,7 +677,16 @@ def _validate_teachers(cfg) -> None:
                      f"{key}: a black-box teacher has no weights: it cannot be pooled or be student.from_teacher")
         else:
             _require(teacher.outputs == "logits", f"{key}.outputs is read only with {key}.logits: remove it")
-            _check_model_reference(teacher.path, f"{key}.path", cfg.allow_pickled_weights)
+            _check_model_reference(teacher.path, f"{key}.path", cfg.allow_pickled_weights,
+                                   weights=teacher.server is None)  # a served teacher's path: tokenizer and config
+        _require(teacher.server_model is None or teacher.server is not None,
+                 f"{key}.server_model is read only with {key}.server: remove it or set the server's URL")
+        if teacher.server is not None:
+            _require(teacher.path is not None, f"{key}.server: set {key}.path to the teacher's tokenizer and config "
+                     "(the server's tokens are checked against it; no weights load)")
+            _require(str(teacher.server).startswith(("http://", "https://")) and "/v1" not in str(teacher.server),
+                     f"{key}.server={teacher.server!r}: give the server's root URL, e.g. http://127.0.0.1:8080")
+    _validate_served(cfg)
     if teachers:
         _require(sum(t.weight for t in teachers) > 0,
                  "teachers.models[*].weight are all zero: at least one teacher needs a positive weight")
@@ -668,6 +696,14 @@ def _validate_teachers(cfg) -> None:
         _require(len(set(names)) == len(names), f"teachers.models: names must be unique, got {names}")
         reserved = sorted(set(names) & {"student", "target"})
         _require(not reserved, f"teachers.models: the names {reserved} are reserved; set teachers.models[i].name")
+
+
+def _validate_served(cfg) -> None:
+    served, key = cfg.teachers.served, "teachers.served"
+    _require(served.api in SERVED_APIS, f"{key}.api: {served.api!r} is not one of {list(SERVED_APIS)}")
+    for name, low in (("top_k", 1), ("concurrency", 1), ("prefetch", 0), ("retries", 0)):
+        _require(getattr(served, name) >= low, f"{key}.{name} must be >= {low}, got {getattr(served, name)}")
+    _require(served.timeout_s > 0, f"{key}.timeout_s must be > 0, got {served.timeout_s}")
 
 
 def _validate_student(cfg) -> None:
@@ -1198,11 +1234,15 @@ def check_safetensors_file(file: Path, key: str, fix: str) -> None:
         raise ConfigError(f"{key}: {file} is not a readable safetensors file ({reason}): {fix}") from error
 
 
-def _check_model_reference(reference: str, key: str, allow_pickled_weights: bool = False) -> None:
+def _check_model_reference(reference: str, key: str, allow_pickled_weights: bool = False,
+                           weights: bool = True) -> None:
+    """A local model folder: a config, and (`weights`) safe weights; hub ids are checked when loaded."""
     if is_local_reference(reference):
         path = resolve_path(reference)
         _require(path.is_dir(), f"{key}: model directory {path} does not exist")
         _require((path / "config.json").is_file(), f"{key}: {path} holds no config.json")
+        if not weights:
+            return
         pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
         safetensors = sorted(path.glob("*.safetensors"))
         if pickled and not safetensors and not allow_pickled_weights:

@@ -245,6 +245,14 @@ class GateNetwork(nn.Module):
         return self.weights_from_features(gate_features(log_probs, self.features, self.use_entropy))
 
 
+def tail_log_mass(top_log_probs: Tensor) -> Tensor:
+    """log(1 - sum exp(top_log_probs)) over the last dimension: the log of the mass outside the listed
+    tokens, stable near a full sum (log1p-style: log(-expm1(.))), very negative (not -inf) when the
+    listed tokens hold it all; -inf entries (unlisted slots) count as probability 0."""
+    covered = torch.logsumexp(top_log_probs, dim=-1).clamp(max=0.0)
+    return torch.log(-torch.expm1(covered)).clamp(min=-1e30)
+
+
 def topk_target_log_probs(top_ids: Tensor, top_log_probs: Tensor, vocab_size: int,
                           tail: Tensor | None = None) -> Tensor:
     """Dense log-probabilities [..., V] from the top-k [..., k]: the listed tokens keep their
@@ -258,9 +266,7 @@ def topk_target_log_probs(top_ids: Tensor, top_log_probs: Tensor, vocab_size: in
     k = top_ids.shape[-1]
     top_log_probs = top_log_probs.to(torch.promote_types(top_log_probs.dtype, torch.float32)).clamp(min=-1e30)
     if k < vocab_size and tail is None:
-        covered = torch.logsumexp(top_log_probs, dim=-1, keepdim=True).clamp(max=0.0)
-        # log(1 - exp(covered)), stable near covered = 0; very negative when the top k hold it all
-        tail = torch.log(-torch.expm1(covered)).clamp(min=-1e30)
+        tail = tail_log_mass(top_log_probs).unsqueeze(-1)
     elif tail is not None:
         tail = tail.to(top_log_probs.dtype).unsqueeze(-1)
     if k >= vocab_size:

@@ -111,6 +111,12 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
+def meta_model(config, auto_class) -> torch.nn.Module:
+    """The model a config describes, built on the meta device: its shapes, no storage."""
+    with torch.device("meta"):
+        return auto_class.from_config(config)
+
+
 def same_vocabulary(first, second) -> bool:
     return first.get_vocab() == second.get_vocab()
 

@@ -146,6 +146,7 @@ class TeacherEnsemble:
         self.routing = None  # routing.Routing with teachers.route_by: a strategy and weights per route
         self.dtype: Optional[torch.dtype] = None  # what the teachers run in (a cache: what they ran in)
         self.compiled = False  # teachers.compile applied
+        self.served = False  # the teachers run on inference servers (signals/served.py): no dtype here
         # per teacher; a cached ensemble (no models loaded) takes them from the cache's record
         self.parameter_counts = [getattr(model, "parameters_before_quantization", None) or count_parameters(model)
                                  for model in models]

@@ -73,11 +73,11 @@ def parse_size(text: str) -> int:
 
 def shape_of(config, auto_class) -> ModelShape:
     """A model's parameter counts from its config, built on the meta device (no storage)."""
-    import torch
     from torch import nn
 
-    with torch.device("meta"):
-        model = auto_class.from_config(config)
+    from distill.models.loading import meta_model
+
+    model = meta_model(config, auto_class)
     params = sum(p.numel() for p in model.parameters())
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
@@ -182,6 +182,9 @@ def plan(cfg, ranks: int, device_memory: Optional[int] = None, device: Optional[
     for index, teacher in enumerate(cfg.teachers.models):
         if teacher.logits is not None or cfg.teachers.cache is not None:
             continue  # a black-box file or a cache: outputs read row by row, no teacher weights load
+        if teacher.server is not None:  # its memory is the server's
+            lines.append((f"teacher {teacher.name or index}", 0, f"served at {teacher.server}: no weights here"))
+            continue
         shape = shape_of(_config(teacher.path, f"teachers.models[{index}].path", cfg, labels), auto)
         teacher_shapes.append(shape)
         if dtype == torch.qint8:

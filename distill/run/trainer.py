@@ -213,6 +213,8 @@ class Trainer:
         """{dtype, kl_to_fp32 per teacher}: with teachers below fp32, KL(fp32 teacher || teacher as
         run) on one validation batch, measured once at start (the task loads each teacher again in
         fp32 for it) and logged; None per teacher where it cannot be measured (cache, ZeRO-3)."""
+        if self.ensemble.served:  # their precision is the server's: nothing loads here to compare with
+            return {"dtype": "served", "kl_to_fp32": {plan.name: None for plan in self.teacher_plans}}
         dtype = self.ensemble.dtype or dtype  # a cache's teachers ran in the dtype it records
         compiled = self.ensemble.compiled
         name = str(dtype).replace("torch.", "") + (" compiled" if compiled else "")
@@ -462,7 +464,8 @@ class Trainer:
         drawn_sources = torch.zeros(len(self.splits.source_names), dtype=torch.float64)
         scheduled_sources = torch.zeros_like(drawn_sources)
         self.engine.train()
-        batches = self.task.batches(self._stream(), self.engine)
+        stream = self.source.lookahead(self._stream()) if self.source is not None else self._stream()
+        batches = self.task.batches(stream, self.engine)
         for epoch, position, batch in batches:
             if self.engine.global_steps >= self.total_steps:
                 break

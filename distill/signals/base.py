@@ -67,6 +67,12 @@ class Source:
     def can(self, capability: Capability) -> bool:
         return capability in self.capabilities
 
+    def lookahead(self, stream):
+        """The training stream of (epoch, position, micro-batch), as the loop will read it: a source
+        that benefits from seeing micro-batches early (a served teacher's requests) starts on them
+        here; by default the stream itself."""
+        return stream
+
     def unwrap(self) -> "Source":
         """The source itself, or the one a wrapper (routing) delegates to."""
         return self

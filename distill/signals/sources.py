@@ -261,7 +261,7 @@ class Targets:
         self.skipped = 0  # KD rows left out for non-finite teacher logits
 
     def __call__(self, start: int, end: int) -> Tuple[object, Optional[Tensor]]:
-        if self.sparse:
+        if self.sparse and self._all_covered(start, end):
             ids, log_probs, tail = self.signal.top_k(start, end)
             found = self.ensemble.interpolation.sparse_(ids, log_probs, tail, self.signal.vocab_size,
                                                         self.weights.to(log_probs.device),
@@ -272,6 +272,13 @@ class Targets:
             if mixture is not None:
                 return mixture, None
         return self.target(self.signal.logits(start, end), start, end)
+
+    def _all_covered(self, start: int, end: int) -> bool:
+        """Every teacher has read every KD row here (always, for a signal without coverage)."""
+        if not self.signal.can(Capability.COVERAGE):
+            return True
+        covered = self.signal.coverage(start, end)
+        return bool((covered | ~self.kd_rows[start:end].to(covered.device)).all())
 
     def _streamed_mixture(self, start: int, end: int) -> Optional[ProbabilityTarget]:
         """The linear mixture's probabilities [c, V], one teacher at a time: its logits (at 1 / T)

@@ -113,7 +113,8 @@ class CausalLM(Task):
     owns = ("data.block_size", "data.prompt_field", "data.response_field", "data.prepare", "data.prepared_dir",
             "data.num_proc", "loss.chunk_tokens", "loss.fused",
             "training.on_policy.fraction", "data.eval_domains[*].path", "data.mixture_sources", "data.eval_domains", "schedules.data_mixture", "teachers.cache",
-            "teachers.route_by", "loss.intermediate", "student.trim_vocab", "student.prune.target_params")
+            "teachers.route_by", "loss.intermediate", "student.trim_vocab", "student.prune.target_params",
+            "teachers.models[*].server", "teachers.models[*].server_model", "teachers.served")
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -130,6 +131,7 @@ class CausalLM(Task):
                 raise ConfigError(f"task causal_lm does not read {used} with teachers.tokenization=per_model (teachers "
                                   "with other tokenizers read packed text, live, and map onto the student's whole "
                                   "vocabulary; set teachers.tokenization=shared to use it)")
+        cls._check_served(cfg)
         if cfg.training.on_policy.fraction > 0:
             if data.prompt_field is None:
                 raise ConfigError("training.on_policy samples continuations of prompts: set data.prompt_field and "
@@ -162,6 +164,36 @@ class CausalLM(Task):
                 raise ConfigError(f"data.mixture_sources[{index}]: task causal_lm reads sources from a path or from "
                                   "the train split (from_split: train)")
 
+    @staticmethod
+    def _check_served(cfg) -> None:
+        """Served teachers (signals/served.py): all of the teachers, reading the student's tokens."""
+        from distill.config.schema import ServedConfig
+        from omegaconf import OmegaConf
+
+        teachers = cfg.teachers
+        served = [index for index, teacher in enumerate(teachers.models) if teacher.server is not None]
+        if not served:
+            if OmegaConf.to_container(teachers.served) != OmegaConf.to_container(OmegaConf.structured(ServedConfig)):
+                raise ConfigError("teachers.served is read only with a served teacher (teachers.models[i].server): "
+                                  "remove it")
+            return
+        if len(served) < len(teachers.models):
+            local = [index for index in range(len(teachers.models)) if index not in served]
+            raise ConfigError(f"teachers.models{local} are local and teachers.models{served} served: serve every "
+                              "teacher or none (mixing them is not supported yet)")
+        used = [key for key, is_set in {"teachers.cache": teachers.cache is not None,
+                                        "teachers.tokenization=per_model": teachers.tokenization == "per_model",
+                                        "teachers.placement": teachers.placement != "replicated",
+                                        "teachers.dtype": teachers.dtype != "auto",
+                                        "teachers.compile": teachers.compile,
+                                        "loss.intermediate": bool(cfg.loss.intermediate),
+                                        "student.trim_vocab": cfg.student.trim_vocab,
+                                        "student.from_teacher": cfg.student.from_teacher is not None}.items() if is_set]
+        if used:
+            raise ConfigError(f"teachers.models[*].server: served teachers do not read {used} (no teacher weights load "
+                              "here; their top-k comes over HTTP for the student's own tokens): remove "
+                              f"{'it' if len(used) == 1 else 'them'}")
+
     causal = True  # relation terms: a position relates only to itself and earlier ones
 
     def __init__(self, cfg):
@@ -171,6 +203,7 @@ class CausalLM(Task):
         self.domain_sets: Dict[str, object] = {}
         self.bytes: Dict[str, int] = {}
         self.cache = None
+        self.served_source = None  # signals/served.ServedLanguageModels, connected before the run directory
         # frozen teachers: their (and the target's) figures per evaluated set, computed once (or read
         # from the cache for the validation set)
         self.teacher_figures: Dict[str, Dict[str, Dict[str, float]]] = {}
@@ -232,9 +265,22 @@ class CausalLM(Task):
         return len(self.encode(splits.train, "train"))
 
     def check_before_writing(self, splits) -> None:
-        """A teacher cache must hold these teachers and exactly these training blocks."""
+        """A teacher cache must hold these teachers and exactly these training blocks; served teachers
+        must answer, know their model and tokenize as their tokenizer does."""
         if self.cfg.teachers.cache is not None:
             self._open_cache(self.encode(splits.train, "train"))
+        if self.served():
+            self._connect()
+
+    def served(self) -> bool:
+        return bool(self.cfg.teachers.models) and self.cfg.teachers.models[0].server is not None
+
+    def _connect(self):
+        from distill.signals.served import connect
+
+        if self.served_source is None:
+            self.served_source = connect(self.cfg, self.plans, self.tokenizer)
+        return self.served_source
 
     def _open_cache(self, train_set):
         from distill.caches.lm_stores import LogitCache, fingerprint
@@ -395,6 +441,15 @@ class CausalLM(Task):
         cfg = self.cfg
         from distill.models.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers
 
+        if self.served():  # every teacher on an inference server (_check_served)
+            from distill.models.loading import count_parameters, load_model_config, meta_model
+
+            ensemble = TeacherEnsemble(plans, [], build_configured_interpolation(cfg))
+            ensemble.on_nonfinite, ensemble.served = cfg.teachers.on_nonfinite, True
+            ensemble.parameter_counts = [  # from their configs: no weights here
+                count_parameters(meta_model(load_model_config(plan.path, plan.key, cfg.trust_remote_code),
+                                            self.auto_model_class)) for plan in plans]
+            return self.routed(ensemble, self._connect())
         if cfg.teachers.cache is not None:  # no teacher weights load at all
             self._open_cache(self.train_set)
             ensemble = TeacherEnsemble(plans, [], build_configured_interpolation(cfg))
@@ -654,12 +709,13 @@ def perplexities(loader, student, ensemble, source, device: torch.device,
                     signal = targets.signal
                     covered = (coverage(start, end).to(device) if coverage is not None
                                else torch.ones(len(ensemble), sequence, dtype=torch.bool, device=device))
-                    mass_before = signal.mass.clone() if coverage is not None else None
+                    aligned = signal.can(Capability.ALIGNED)  # teachers with other tokenizers
+                    mass_before = signal.mass.clone() if aligned else None
                     logits = signal.logits(start, end)  # [K, S, V]: one row at a time
                     for k, name in enumerate(ensemble.names):
                         read = valid & covered[k]
                         sums[name] = [token_nll_sum(logits[k][read], labels[row][read]), int(read.sum())]
-                        if coverage is not None and signal.maps[k] is not None:
+                        if aligned and signal.maps[k] is not None:
                             sums[f"own {k}"] = list(signal.own_tokenization(k, row))
                             sums[f"mass {k}"] = [float(signal.mass[k] - mass_before[k])]
                     target, keep = targets.target(logits, start, end)

@@ -1,0 +1,297 @@
+"""Causal-LM teachers served by an inference server (`teachers.models[i].server`).
+
+A served teacher runs elsewhere: an OpenAI-compatible completions endpoint returns, for each token
+of a prompt, the log-probabilities of the teacher's k most likely next tokens. Those become a sparse
+top-k target exactly as the top-k cache's (caches/lm_stores.top_k_of): the listed tokens keep their
+log-probabilities, the rest of the mass is the tail, spread evenly over the other tokens. So a
+served teacher mixes under every interpolation strategy, routing and fit-weights as a cached one.
+
+The teacher's `path` still names its tokenizer and config (no weights are read): the block's text is
+sent, and the server's own tokenization of it is checked token by token against the block's. A
+position where they differ (a character split across blocks, a tokenizer the server implements
+differently) is not covered: its row mixes the other teachers, or leaves the KD term when no teacher
+covers it, and the run counts such rows.
+
+Protocols (`teachers.served.api`):
+- `llama_cpp`: llama-cpp-python's server (`python -m llama_cpp.server`). `echo` + `logprobs: k` +
+  `max_tokens: 1` returns the prompt's tokens with their top-k, keyed by token *text*: a text that
+  two vocabulary entries share cannot be told apart and goes to the tail. Its `/extras/tokenize`
+  says at start whether the server puts a BOS token first, which shifts its rows by one.
+
+Requests are made per block on a thread pool (`concurrency` in flight), `prefetch` micro-batches
+ahead of the one the student is on (`Source.lookahead`), each bounded by `timeout_s` and retried
+with backoff `retries` times. A server that is down at start, an unknown model name, or a reply
+that is not what the protocol promises is an error naming the teacher and the URL.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from distill.errors import ConfigError, ServedTeacherError
+from distill.formulas.mixtures import tail_log_mass
+from distill.signals.base import Capability, Source
+from distill.signals.sources import TopKSignal
+
+
+class Unavailable(Exception):
+    """A request that may succeed when tried again (connection refused, timeout, 5xx, 429)."""
+
+
+@dataclass
+class Reply:
+    """One block as a served teacher saw it: per student row, the listed (id, log-prob) pairs or None
+    (not covered)."""
+
+    rows: List[Optional[Dict[int, float]]]
+
+
+class Client:
+    """JSON over HTTP to one teacher's server, with retries and a bound on each request's time."""
+
+    def __init__(self, name: str, url: str, model: Optional[str], timeout_s: float, retries: int,
+                 backoff_s: float = 0.5):
+        self.name, self.url, self.model = name, url.rstrip("/"), model
+        self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+
+    def describe(self) -> str:
+        return f"teacher {self.name} at {self.url}"
+
+    def _once(self, route: str, body: Optional[Dict]) -> Dict:
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        request = urllib.request.Request(self.url + route, data=data, method="GET" if body is None else "POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as error:
+            detail = error.read()[:300].decode("utf-8", "replace")
+            if error.code >= 500 or error.code == 429:
+                raise Unavailable(f"HTTP {error.code} from {route}: {detail}") from error
+            raise ServedTeacherError(f"{self.describe()}: HTTP {error.code} from {route}: {detail}") from error
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise Unavailable(f"{route}: {reason}") from error
+        try:
+            return json.loads(raw)
+        except ValueError as error:
+            raise ServedTeacherError(f"{self.describe()}: {route} answered something that is not JSON: "
+                                     f"{raw[:200]!r}") from error
+
+    def post(self, route: str, body: Optional[Dict] = None) -> Dict:
+        """The reply to one request, tried `retries` more times with doubling waits when the server is
+        unavailable; ServedTeacherError after the last try."""
+        for attempt in range(self.retries + 1):
+            try:
+                return self._once(route, body)
+            except Unavailable as error:
+                if attempt == self.retries:
+                    raise ServedTeacherError(f"{self.describe()} did not answer {route} after {attempt + 1} tries "
+                                             f"({self.timeout_s:g} s each): {error}. Check that the server runs "
+                                             "and serves this model, or raise teachers.served.timeout_s / "
+                                             "retries") from None
+                time.sleep(self.backoff_s * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+
+def malformed(client: Client, what: str) -> ServedTeacherError:
+    return ServedTeacherError(f"{client.describe()}: a malformed reply: {what} (is teachers.served.api right for "
+                              "this server?)")
+
+
+def text_ids(token_bytes: Sequence[Optional[bytes]]) -> Dict[str, int]:
+    """Token text (bytes decoded as UTF-8, undecodable bytes dropped, as the llama.cpp server shows
+    them) -> id, for the texts exactly one id has: a shared text cannot be told apart."""
+    seen: Dict[str, int] = {}
+    shared = set()
+    for index, spelled in enumerate(token_bytes):
+        if spelled is None:
+            continue
+        text = spelled.decode("utf-8", "ignore")
+        if text == "" or text in shared:
+            continue
+        if text in seen:
+            shared.add(text)
+            del seen[text]
+        else:
+            seen[text] = index
+    return seen
+
+
+class LlamaCppProtocol:
+    """llama-cpp-python's server: /v1/completions with echo and text-keyed top-k log-probabilities."""
+
+    name = "llama_cpp"
+
+    def __init__(self, client: Client, tokenizer, token_bytes: Sequence[Optional[bytes]], top_k: int):
+        self.client, self.tokenizer, self.top_k = client, tokenizer, top_k
+        self.ids_of = text_ids(token_bytes)
+        self.texts = [(b or b"").decode("utf-8", "ignore") for b in token_bytes]
+        self.offset = 0  # 1 when the server puts a BOS first: its row t + 1 is the prediction after token t
+
+    def start(self) -> None:
+        """Reachability, the model name, and whether the server adds a BOS (its tokenization of a probe)."""
+        listed = self.client.post("/v1/models")
+        names = [entry.get("id") for entry in listed.get("data", [])] if isinstance(listed, dict) else None
+        if names is None:
+            raise malformed(self.client, "/v1/models has no data list")
+        if self.client.model is not None and self.client.model not in names:
+            raise ConfigError(f"{self.client.describe()} serves {names}, not {self.client.model!r}: set "
+                              "teachers.models[i].server_model to one of them")
+        probe = "The teacher reads this sentence."
+        want = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+        body = {"input": probe} if self.client.model is None else {"input": probe, "model": self.client.model}
+        got = self.client.post("/extras/tokenize", body).get("tokens")
+        if not isinstance(got, list):
+            raise malformed(self.client, "/extras/tokenize returned no token list")
+        if got == want:
+            self.offset = 0
+        elif got[1:] == want:
+            self.offset = 1
+        else:
+            raise ConfigError(f"{self.client.describe()} tokenizes a probe sentence as {got}, its tokenizer at "
+                              f"teachers.models[i].path as {want}: serve the model whose tokenizer that path holds")
+
+    def request(self, ids: List[int]) -> Reply:
+        text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        body = {"prompt": text, "echo": True, "logprobs": self.top_k, "max_tokens": 1, "temperature": 0.0}
+        if self.client.model is not None:
+            body["model"] = self.client.model
+        reply = self.client.post("/v1/completions", body)
+        try:
+            logprobs = reply["choices"][0]["logprobs"]
+            tokens, top = logprobs["tokens"], logprobs["top_logprobs"]
+        except (KeyError, IndexError, TypeError):
+            raise malformed(self.client, "no choices[0].logprobs.tokens / top_logprobs in a completion") from None
+        if not isinstance(tokens, list) or not isinstance(top, list) or len(tokens) != len(top):
+            raise malformed(self.client, "tokens and top_logprobs are not lists of one length")
+        agree = 0  # the server's tokens equal the block's up to here
+        while agree < len(ids) and agree < len(tokens) and tokens[agree] == self.texts[ids[agree]]:
+            agree += 1
+        rows: List[Optional[Dict[int, float]]] = []
+        for t in range(len(ids)):
+            position = t + self.offset  # the server's row that predicts the token after block token t
+            listed = top[position] if t < agree and position < len(top) else None
+            if listed is None:
+                rows.append(None)
+                continue
+            if not isinstance(listed, dict):
+                raise malformed(self.client, f"top_logprobs[{position}] is not a mapping")
+            rows.append({self.ids_of[text]: float(value) for text, value in listed.items() if text in self.ids_of})
+        return Reply(rows)
+
+
+PROTOCOLS = {"llama_cpp": LlamaCppProtocol}
+
+
+def rows_to_top_k(replies: Sequence[Reply], length: int, top_k: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(ids [B*S, k], log-probs [B*S, k], tail [B*S], covered [B*S]) of one teacher over a batch of
+    blocks padded to `length`: each row's listed tokens by log-probability, unused slots given ids not
+    listed at -inf (probability 0, as a sampled store's), the tail the mass outside the listed ones."""
+    rows = len(replies) * length
+    ids = torch.zeros(rows, top_k, dtype=torch.long)
+    log_probs = torch.full((rows, top_k), -float("inf"))
+    covered = torch.zeros(rows, dtype=torch.bool)
+    for b, reply in enumerate(replies):
+        for t, listed in enumerate(reply.rows):
+            if listed is None:
+                continue
+            row = b * length + t
+            best = sorted(listed.items(), key=lambda item: -item[1])[:top_k]
+            free = (i for i in range(top_k + len(best)) if i not in listed)
+            ids[row] = torch.tensor([token for token, _ in best] + [next(free) for _ in range(top_k - len(best))])
+            log_probs[row, :len(best)] = torch.tensor([value for _, value in best])
+            covered[row] = True
+    return ids, log_probs, tail_log_mass(log_probs), covered
+
+
+class ServedSignal(TopKSignal):
+    """Served teachers' top-k over a batch, and which rows each has read (`coverage`)."""
+
+    capabilities = frozenset({Capability.TOP_K, Capability.COVERAGE})
+
+    def __init__(self, ids: Tensor, log_probs: Tensor, tail: Tensor, vocab_size: int, covered: Tensor):
+        super().__init__(ids, log_probs, tail, vocab_size)
+        self.covered = covered  # [K, rows]
+
+    def coverage(self, start: int, end: int) -> Tensor:
+        return self.covered[:, start:end]
+
+
+class ServedLanguageModels(Source):
+    """Every teacher served: a batch's blocks are requested from each server (ahead of time, through
+    `lookahead`), their replies turned into a top-k signal."""
+
+    capabilities = frozenset({Capability.TOP_K, Capability.COVERAGE})
+
+    def __init__(self, protocols: List, vocab_size: int, top_k: int, concurrency: int, prefetch: int):
+        self.protocols, self.vocab_size, self.top_k, self.prefetch = protocols, vocab_size, top_k, prefetch
+        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="distill-served")
+        self.pending: Dict[str, List[List[Future]]] = {}
+        self.uncovered = 0  # labelled rows some served teacher did not cover (logged by the task)
+
+    @staticmethod
+    def _blocks(batch: Dict) -> List[List[int]]:
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        return [row[:n] for row, n in zip(batch["input_ids"].tolist(), lengths)]
+
+    @staticmethod
+    def _key(batch: Dict) -> str:
+        return hashlib.blake2b(batch["input_ids"].numpy().tobytes() + batch["attention_mask"].numpy().tobytes(),
+                               digest_size=16).hexdigest()
+
+    def _submit(self, batch: Dict) -> List[List[Future]]:
+        blocks = self._blocks(batch)
+        return [[self.pool.submit(protocol.request, ids) for ids in blocks] for protocol in self.protocols]
+
+    def lookahead(self, stream: Iterator) -> Iterator:
+        """The training stream, with each micro-batch's requests sent `prefetch` micro-batches before
+        the student reaches it (items are (epoch, position, batch))."""
+        ahead: collections.deque = collections.deque()
+        for item in stream:
+            batch = item[-1]
+            self.pending.setdefault(self._key(batch), self._submit(batch))
+            ahead.append(item)
+            if len(ahead) > self.prefetch:
+                yield ahead.popleft()
+        while ahead:
+            yield ahead.popleft()
+
+    def signal(self, batch: Dict, device: torch.device) -> ServedSignal:
+        futures = self.pending.pop(self._key(batch), None) or self._submit(batch)
+        length = batch["input_ids"].shape[1]
+        parts = [rows_to_top_k([future.result() for future in teacher], length, self.top_k) for teacher in futures]
+        ids, log_probs, tail, covered = (torch.stack(pieces) for pieces in zip(*parts))  # [K, rows, ...]
+        labelled = batch["labels"].reshape(-1) != -100
+        self.uncovered += int((labelled & ~covered.all(dim=0)).sum())
+        return ServedSignal(ids.transpose(0, 1).to(device), log_probs.transpose(0, 1).to(device),
+                            tail.transpose(0, 1).to(device), self.vocab_size, covered.to(device))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def connect(cfg, plans, tokenizer) -> ServedLanguageModels:
+    """The source over every teacher's server, each checked once (reachable, model known, same
+    tokenizer) before training starts."""
+    from distill.tokens.alignment import vocabulary_bytes
+
+    served = cfg.teachers.served
+    token_bytes = vocabulary_bytes(tokenizer)
+    protocols = []
+    for plan, teacher in zip(plans, cfg.teachers.models):
+        client = Client(plan.name, teacher.server, teacher.server_model, served.timeout_s, served.retries)
+        protocol = PROTOCOLS[served.api](client, tokenizer, token_bytes, served.top_k)
+        protocol.start()
+        protocols.append(protocol)
+    return ServedLanguageModels(protocols, plans[0].vocab_size, served.top_k, served.concurrency, served.prefetch)

