@@ -52,7 +52,9 @@ class TeacherConfig:
 class ServedConfig:
     """How served teachers (teachers.models[i].server) are asked (distill/signals/served.py)."""
 
-    api: str = "llama_cpp"  # the server's protocol: llama_cpp (llama-cpp-python's server)
+    # the server's protocol: llama_cpp (llama-cpp-python's server: echo + text-keyed logprobs) or vllm
+    # (vLLM / SGLang: prompt_logprobs keyed by token id, the block's ids sent as the prompt)
+    api: str = "llama_cpp"
     top_k: int = 20  # log-probabilities per token; the rest of the mass is the tail, as the top-k cache's
     concurrency: int = 4  # requests in flight per rank (a block per request)
     prefetch: int = 2  # micro-batches requested ahead of the one the student is on
@@ -448,7 +450,7 @@ PLACEMENTS = ("replicated", "zero3")
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 100.0
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 TOKENIZATIONS = ("shared", "per_model")
-SERVED_APIS = ("llama_cpp",)  # signals/served.PROTOCOLS
+SERVED_APIS = ("llama_cpp", "vllm")  # signals/served.PROTOCOLS
 LR_SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 

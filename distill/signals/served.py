@@ -17,6 +17,8 @@ Protocols (`teachers.served.api`):
   `max_tokens: 1` returns the prompt's tokens with their top-k, keyed by token *text*: a text that
   two vocabulary entries share cannot be told apart and goes to the tail. Its `/extras/tokenize`
   says at start whether the server puts a BOS token first, which shifts its rows by one.
+- `vllm`: vLLM's server (SGLang's answers alike): the block's ids are the prompt and
+  `prompt_logprobs: k` returns each position's top-k keyed by token *id*: exact, and every row covered.
 
 Requests are made per block on a thread pool (`concurrency` in flight), `prefetch` micro-batches
 ahead of the one the student is on (`Source.lookahead`), each bounded by `timeout_s` and retried
@@ -38,7 +40,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from distill.data.text import LABELS
 from distill.errors import ConfigError, ServedTeacherError
+from distill.formulas.divergences import IGNORE_INDEX
 from distill.formulas.mixtures import tail_log_mass
 from distill.signals.base import Capability, Source
 from distill.signals.sources import TopKSignal
@@ -128,19 +132,18 @@ def text_ids(token_bytes: Sequence[Optional[bytes]]) -> Dict[str, int]:
     return seen
 
 
-class LlamaCppProtocol:
-    """llama-cpp-python's server: /v1/completions with echo and text-keyed top-k log-probabilities."""
+class Protocol:
+    """How one kind of server is asked: `start()` once (reachable, model known, same tokens as the
+    teacher's tokenizer), then `request(ids, next_id)` per block -> Reply (a row per block token: the
+    prediction after it). `next_id` is the token after the block, where known."""
 
-    name = "llama_cpp"
+    name = "base"
 
     def __init__(self, client: Client, tokenizer, token_bytes: Sequence[Optional[bytes]], top_k: int):
         self.client, self.tokenizer, self.top_k = client, tokenizer, top_k
-        self.ids_of = text_ids(token_bytes)
-        self.texts = [(b or b"").decode("utf-8", "ignore") for b in token_bytes]
-        self.offset = 0  # 1 when the server puts a BOS first: its row t + 1 is the prediction after token t
+        self.token_bytes = token_bytes
 
-    def start(self) -> None:
-        """Reachability, the model name, and whether the server adds a BOS (its tokenization of a probe)."""
+    def check_model(self) -> None:
         listed = self.client.post("/v1/models")
         names = [entry.get("id") for entry in listed.get("data", [])] if isinstance(listed, dict) else None
         if names is None:
@@ -148,30 +151,58 @@ class LlamaCppProtocol:
         if self.client.model is not None and self.client.model not in names:
             raise ConfigError(f"{self.client.describe()} serves {names}, not {self.client.model!r}: set "
                               "teachers.models[i].server_model to one of them")
+
+    def tokenized(self, route: str, body: Dict) -> int:
+        """How the server tokenizes a probe sentence against the tokenizer here: 0 (alike) or 1 (a BOS
+        first); a ConfigError for another tokenizer."""
         probe = "The teacher reads this sentence."
         want = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
-        body = {"input": probe} if self.client.model is None else {"input": probe, "model": self.client.model}
-        got = self.client.post("/extras/tokenize", body).get("tokens")
-        if not isinstance(got, list):
-            raise malformed(self.client, "/extras/tokenize returned no token list")
-        if got == want:
-            self.offset = 0
-        elif got[1:] == want:
-            self.offset = 1
-        else:
-            raise ConfigError(f"{self.client.describe()} tokenizes a probe sentence as {got}, its tokenizer at "
-                              f"teachers.models[i].path as {want}: serve the model whose tokenizer that path holds")
-
-    def request(self, ids: List[int]) -> Reply:
-        text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        body = {"prompt": text, "echo": True, "logprobs": self.top_k, "max_tokens": 1, "temperature": 0.0}
         if self.client.model is not None:
-            body["model"] = self.client.model
+            body = {**body, "model": self.client.model}
+        got = self.client.post(route, {key: (probe if value is None else value) for key, value in body.items()}).get("tokens")
+        if not isinstance(got, list):
+            raise malformed(self.client, f"{route} returned no token list")
+        if got == want:
+            return 0
+        if got[1:] == want:
+            return 1
+        raise ConfigError(f"{self.client.describe()} tokenizes a probe sentence as {got}, its tokenizer at "
+                          f"teachers.models[i].path as {want}: serve the model whose tokenizer that path holds")
+
+    def completion(self, body: Dict) -> Dict:
+        if self.client.model is not None:
+            body = {**body, "model": self.client.model}
         reply = self.client.post("/v1/completions", body)
         try:
-            logprobs = reply["choices"][0]["logprobs"]
-            tokens, top = logprobs["tokens"], logprobs["top_logprobs"]
+            return reply["choices"][0]
         except (KeyError, IndexError, TypeError):
+            raise malformed(self.client, "a completion without choices[0]") from None
+
+
+class LlamaCppProtocol(Protocol):
+    """llama-cpp-python's server: /v1/completions with echo and text-keyed top-k log-probabilities.
+    It takes text, not ids: the block is decoded, and the server's tokens are compared with the block's
+    (rows after the first difference are not covered). Its row 0 is empty (the OpenAI convention)."""
+
+    name = "llama_cpp"
+
+    def __init__(self, client: Client, tokenizer, token_bytes: Sequence[Optional[bytes]], top_k: int):
+        super().__init__(client, tokenizer, token_bytes, top_k)
+        self.ids_of = text_ids(token_bytes)
+        self.texts = [(b or b"").decode("utf-8", "ignore") for b in token_bytes]
+        self.offset = 0  # 1 when the server puts a BOS first: its row t + 1 is the prediction after token t
+
+    def start(self) -> None:
+        self.check_model()
+        self.offset = self.tokenized("/extras/tokenize", {"input": None})
+
+    def request(self, ids: List[int], next_id: Optional[int] = None) -> Reply:
+        text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        choice = self.completion({"prompt": text, "echo": True, "logprobs": self.top_k, "max_tokens": 1,
+                                  "temperature": 0.0})
+        try:
+            tokens, top = choice["logprobs"]["tokens"], choice["logprobs"]["top_logprobs"]
+        except (KeyError, TypeError):
             raise malformed(self.client, "no choices[0].logprobs.tokens / top_logprobs in a completion") from None
         if not isinstance(tokens, list) or not isinstance(top, list) or len(tokens) != len(top):
             raise malformed(self.client, "tokens and top_logprobs are not lists of one length")
@@ -191,7 +222,40 @@ class LlamaCppProtocol:
         return Reply(rows)
 
 
-PROTOCOLS = {"llama_cpp": LlamaCppProtocol}
+class VllmProtocol(Protocol):
+    """vLLM's OpenAI-compatible server (SGLang's answers alike): the block's ids as the prompt,
+    `prompt_logprobs: k`, keyed by token id, so nothing is lost to shared texts or re-tokenization. Entry
+    t + 1 is the prediction after token t; the token after the block (`next_id`) is sent too, so every
+    row is covered. The server caps k at its --max-logprobs (20 unless raised)."""
+
+    name = "vllm"
+
+    def start(self) -> None:
+        self.check_model()
+        self.tokenized("/tokenize", {"prompt": None, "add_special_tokens": False})
+
+    def request(self, ids: List[int], next_id: Optional[int] = None) -> Reply:
+        prompt = ids + ([] if next_id is None else [next_id])
+        choice = self.completion({"prompt": prompt, "max_tokens": 1, "temperature": 0.0,
+                                  "prompt_logprobs": self.top_k})
+        entries = choice.get("prompt_logprobs") if isinstance(choice, dict) else None
+        if not isinstance(entries, list) or len(entries) != len(prompt):
+            raise malformed(self.client, f"prompt_logprobs is not a list of {len(prompt)} entries")
+        rows: List[Optional[Dict[int, float]]] = []
+        for t in range(len(ids)):
+            listed = entries[t + 1] if t + 1 < len(entries) else None
+            if listed is None:
+                rows.append(None)
+                continue
+            try:
+                rows.append({int(token): float(entry["logprob"]) for token, entry in listed.items()})
+            except (AttributeError, KeyError, TypeError, ValueError):
+                raise malformed(self.client, f"prompt_logprobs[{t + 1}] is not a mapping of ids to "
+                                             "{logprob: ...}") from None
+        return Reply(rows)
+
+
+PROTOCOLS = {protocol.name: protocol for protocol in (LlamaCppProtocol, VllmProtocol)}
 
 
 def rows_to_top_k(replies: Sequence[Reply], length: int, top_k: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -241,9 +305,12 @@ class ServedLanguageModels(Source):
         self.uncovered = 0  # labelled rows some served teacher did not cover (logged by the task)
 
     @staticmethod
-    def _blocks(batch: Dict) -> List[List[int]]:
+    def _blocks(batch: Dict) -> List[Tuple[List[int], Optional[int]]]:
+        """Each block's ids and the token after it (its last label), where labelled."""
         lengths = batch["attention_mask"].sum(dim=1).tolist()
-        return [row[:n] for row, n in zip(batch["input_ids"].tolist(), lengths)]
+        labels = batch[LABELS].tolist()
+        return [(row[:n], labels[b][n - 1] if n and labels[b][n - 1] != IGNORE_INDEX else None)
+                for b, (row, n) in enumerate(zip(batch["input_ids"].tolist(), lengths))]
 
     @staticmethod
     def _key(batch: Dict) -> str:
@@ -252,7 +319,8 @@ class ServedLanguageModels(Source):
 
     def _submit(self, batch: Dict) -> List[List[Future]]:
         blocks = self._blocks(batch)
-        return [[self.pool.submit(protocol.request, ids) for ids in blocks] for protocol in self.protocols]
+        return [[self.pool.submit(protocol.request, ids, next_id) for ids, next_id in blocks]
+                for protocol in self.protocols]
 
     def lookahead(self, stream: Iterator) -> Iterator:
         """The training stream, with each micro-batch's requests sent `prefetch` micro-batches before
@@ -272,7 +340,7 @@ class ServedLanguageModels(Source):
         length = batch["input_ids"].shape[1]
         parts = [rows_to_top_k([future.result() for future in teacher], length, self.top_k) for teacher in futures]
         ids, log_probs, tail, covered = (torch.stack(pieces) for pieces in zip(*parts))  # [K, rows, ...]
-        labelled = batch["labels"].reshape(-1) != -100
+        labelled = batch[LABELS].reshape(-1) != IGNORE_INDEX
         self.uncovered += int((labelled & ~covered.all(dim=0)).sum())
         return ServedSignal(ids.transpose(0, 1).to(device), log_probs.transpose(0, 1).to(device),
                             tail.transpose(0, 1).to(device), self.vocab_size, covered.to(device))

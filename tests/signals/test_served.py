@@ -206,3 +206,109 @@ def test_a_wrong_model_name_or_a_server_that_is_down_is_refused_before_anything_
     assert result.returncode == 6, result.stderr[-2000:]
     assert f"teacher smol at http://127.0.0.1:{down} did not answer" in result.stderr
     assert not (tmp_path / "down").exists()
+
+
+# ---------------------------------------------------------------------------------------- vLLM's protocol
+class VllmStandIn(http.server.BaseHTTPRequestHandler):
+    """Answers as vLLM's OpenAI-compatible server documents it (/v1/models, /tokenize, and completions
+    with `prompt_logprobs`: entry 0 None, entry t the top-k of the prediction for token t plus token t
+    itself, keyed by id, {logprob, rank, decoded_token}), from a local model in fp32. A stand-in for
+    the format, not vLLM: no GPU server runs here."""
+    model = tokenizer = None
+    name = "tiny"
+
+    def _send(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # noqa: N802
+        self._send({"object": "list", "data": [{"id": self.name, "object": "model"}]})
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/tokenize":
+            ids = self.tokenizer(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))["input_ids"]
+            return self._send({"tokens": ids, "count": len(ids)})
+        ids, k = body["prompt"], body["prompt_logprobs"]
+        with torch.no_grad():
+            log_probs = torch.log_softmax(self.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        entries = [None]
+        for t in range(1, len(ids)):
+            values, top = log_probs[t - 1].topk(k)
+            listed = {int(i): float(v) for i, v in zip(top, values)}
+            listed[ids[t]] = float(log_probs[t - 1, ids[t]])
+            entries.append({str(i): {"logprob": v, "rank": 1, "decoded_token": self.tokenizer.decode([i])}
+                            for i, v in listed.items()})
+        self._send({"choices": [{"index": 0, "text": "", "prompt_logprobs": entries}]})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def vllm_stand_in(tiny_lm):
+    from transformers import AutoModelForCausalLM
+
+    handler = type("Handler", (VllmStandIn,), {"tokenizer": tiny_lm["tokenizer"],
+                                               "model": AutoModelForCausalLM.from_pretrained(tiny_lm["teacher_a"]).eval()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield {"url": f"http://127.0.0.1:{server.server_address[1]}", "model": handler.model}
+    server.shutdown()
+
+
+def test_vllm_rows_are_keyed_by_id_and_cover_every_position_with_the_next_token_sent(tiny_lm, vllm_stand_in):
+    from distill.signals.served import VllmProtocol
+    from distill.tokens.alignment import vocabulary_bytes
+
+    tokenizer = tiny_lm["tokenizer"]
+    protocol = VllmProtocol(Client("a", vllm_stand_in["url"], "tiny", 30, 0), tokenizer, vocabulary_bytes(tokenizer), 5)
+    protocol.start()
+    stream = tokenizer(tiny_lm["text"].read_text().splitlines()[0])["input_ids"]
+    ids, after = stream[:12], stream[12]
+    ids_k, log_probs, tail, covered = rows_to_top_k([protocol.request(ids, after)], 12, 5)
+    assert bool(covered.all())  # the last row too: the token after the block was sent
+    with torch.no_grad():
+        local = torch.log_softmax(vllm_stand_in["model"](torch.tensor([ids])).logits[0].double(), dim=-1)
+    values, top = local.topk(5)
+    assert torch.equal(ids_k, top) and torch.allclose(log_probs.double(), values, atol=1e-5)
+    assert torch.allclose(tail.double(), torch.log1p(-values.exp().sum(-1)), atol=1e-4)  # float64 reference
+    with pytest.raises(Exception, match="serves \\['tiny'\\], not 'big'"):
+        VllmProtocol(Client("a", vllm_stand_in["url"], "big", 30, 0), tokenizer, vocabulary_bytes(tokenizer), 5).start()
+
+
+def test_a_teacher_served_with_its_whole_vocabulary_trains_as_the_same_teacher_loaded_here(tiny_lm, vllm_stand_in,
+                                                                                            tmp_path):
+    """top_k = V: the served target is the teacher's whole distribution, so the KD term of every step
+    equals the live fp32 teacher's (the same model behind the stand-in)."""
+    def config(out, teacher):
+        return write_config(out, f"""
+task: causal_lm
+output_dir: {out}
+seed: 0
+teachers:
+  models: [{teacher}]
+{"  dtype: float32" if "server" not in teacher else "  served: {api: vllm, top_k: 320}"}
+student: {{path: {tiny_lm['teacher_b']}}}
+loss: {{kd_alpha: 0.5, temperature: 2.0, chunk_tokens: 64}}
+data: {{train: {{path: {tiny_lm['text']}}}, validation_fraction: 0.2, text_fields: [text], block_size: 32}}
+training: {{max_steps: 3, micro_batch_size: 4, learning_rate: 3.0e-3, warmup_ratio: 0.0, log_every: 1,
+           checkpoint_every: 3, progress_bar: false}}
+""")
+
+    runs = {}
+    for name, teacher in (("live", f"{{name: a, path: {tiny_lm['teacher_a']}}}"),
+                          ("served", f"{{name: a, path: {tiny_lm['teacher_a']}, server: '{vllm_stand_in['url']}', "
+                                     "server_model: tiny}")):
+        out = tmp_path / name
+        result = run_cli(["train", config(out, teacher)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                      if row["kind"] == "train"]
+    assert [row["step"] for row in runs["served"]] == [1, 2, 3]
+    for live, served in zip(runs["live"], runs["served"]):
+        assert math.isclose(live["kd"], served["kd"], rel_tol=1e-4) and math.isclose(live["ce"], served["ce"], rel_tol=1e-4)
