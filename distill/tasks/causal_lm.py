@@ -32,7 +32,8 @@ from distill.formulas.divergences import IGNORE_INDEX, build_divergence
 from distill.tasks.on_policy import ON_POLICY, on_policy_figures
 from distill.util.paths import resolve_path
 from distill.evaluation.report import causal_lm_card, format_lm_table
-from distill.signals.sources import cached_source, HiddenStateSignal, LiveLanguageModels, Targets, body_and_head
+from distill.signals.sources import (HiddenStateSignal, LiveLanguageModels, Targets, TopKSignal, body_and_head,
+                                     cached_source)
 from distill.tasks.base import StepFigures, Task, register_task
 
 
@@ -589,6 +590,7 @@ class CausalLM(Task):
         With `route`: the tokens of that route's validation blocks only."""
         loader = validation_loader(self.validation_of(route), self.collator(), self.cfg.training.eval_batch_size)
         local: Dict[int, Tuple[List[Tensor], Tensor]] = {}
+        sparse = not source.can(Capability.WRITE_LOGITS) and source.can(Capability.TOP_K)  # served teachers
         for batch in loader:
             signal = source.signal(batch, device)
             labels = batch[LABELS]
@@ -596,29 +598,34 @@ class CausalLM(Task):
             for row, index in enumerate(batch[INDEX].tolist()):
                 rows = slice(row * length, (row + 1) * length)
                 valid = labels[row] != IGNORE_INDEX
-                if signal.can(Capability.COVERAGE):  # other tokenizers: fit where every teacher has read the text
+                if signal.can(Capability.COVERAGE):  # fit where every teacher has read the text
                     valid &= signal.coverage(rows.start, rows.stop).all(dim=0).cpu()
-                local[index] = ([hidden[rows][valid.to(hidden.device)].float().cpu() for hidden in signal.hidden_states],
-                                labels[row][valid])
+                if sparse:  # the rows' top-k: (ids, log-probs, tail)
+                    parts = [part[valid.to(part.device)].cpu() for part in signal.top_k(rows.start, rows.stop)]
+                else:  # each teacher's hidden states
+                    parts = [hidden[rows][valid.to(hidden.device)].float().cpu() for hidden in signal.hidden_states]
+                local[index] = (parts, labels[row][valid])
         merged: Dict[int, Tuple[List[Tensor], Tensor]] = {}
         for part in distributed.gather_objects(local):
             merged.update(part)
         order = sorted(merged)
-        hidden = [torch.cat([merged[i][0][k] for i in order]).to(device) for k in range(len(ensemble))]
+        parts = [torch.cat([merged[i][0][k] for i in order]).to(device) for k in range(len(merged[order[0]][0]))]
         labels = torch.cat([merged[i][1] for i in order]).to(device)
-        if source.can(Capability.ALIGNED):
+        if sparse:
+            signal = TopKSignal(*parts, source.unwrap().vocab_size)
+        elif source.can(Capability.ALIGNED):
             from distill.signals.aligned import AlignedSignal
 
             aligned = source.unwrap()
             every = torch.ones(len(ensemble), labels.shape[0], dtype=torch.bool, device=device)
-            signal = AlignedSignal(hidden, aligned.heads, aligned.maps, every, every[0], aligned.vocab_size,
+            signal = AlignedSignal(parts, aligned.heads, aligned.maps, every, every[0], aligned.vocab_size,
                                    reference_weights=[plan.weight for plan in ensemble.plans])
             self.fit_bytes = int(self._student_byte_lengths()[labels.cpu()].sum())
             if distributed.is_main():
                 print(f"the interpolation is fitted on the {labels.shape[0]:,} validation tokens every teacher has "
                       "read the text of (teachers with other tokenizers)", flush=True)
         else:
-            signal = HiddenStateSignal(hidden, source.unwrap().heads)
+            signal = HiddenStateSignal(parts, source.unwrap().heads)
         size = self.cfg.loss.chunk_tokens
 
         def chunks():

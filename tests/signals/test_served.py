@@ -249,15 +249,20 @@ class VllmStandIn(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def vllm_stand_in(tiny_lm):
+def _stand_in(tiny_lm, teacher: str):
     from transformers import AutoModelForCausalLM
 
     handler = type("Handler", (VllmStandIn,), {"tokenizer": tiny_lm["tokenizer"],
-                                               "model": AutoModelForCausalLM.from_pretrained(tiny_lm["teacher_a"]).eval()})
+                                               "model": AutoModelForCausalLM.from_pretrained(tiny_lm[teacher]).eval()})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield {"url": f"http://127.0.0.1:{server.server_address[1]}", "model": handler.model}
+    return server, {"url": f"http://127.0.0.1:{server.server_address[1]}", "model": handler.model}
+
+
+@pytest.fixture(scope="module")
+def vllm_stand_in(tiny_lm):
+    server, found = _stand_in(tiny_lm, "teacher_a")
+    yield found
     server.shutdown()
 
 
@@ -312,3 +317,38 @@ training: {{max_steps: 3, micro_batch_size: 4, learning_rate: 3.0e-3, warmup_rat
     assert [row["step"] for row in runs["served"]] == [1, 2, 3]
     for live, served in zip(runs["live"], runs["served"]):
         assert math.isclose(live["kd"], served["kd"], rel_tol=1e-4) and math.isclose(live["ce"], served["ce"], rel_tol=1e-4)
+
+
+def test_two_served_teachers_are_fitted_and_mixed_as_the_same_teachers_loaded_here(tiny_lm, vllm_stand_in, tmp_path):
+    """fit-weights on served teachers (whole vocabularies) finds the live fp32 teachers' linear weights (EM)."""
+    server_b, stand_in_b = _stand_in(tiny_lm, "teacher_b")
+    fitted = {}
+    try:
+        for name in ("live", "served"):
+            serve = {"a": vllm_stand_in["url"], "b": stand_in_b["url"]}
+            teachers = ", ".join(
+                f"{{name: {t}, path: {tiny_lm['teacher_' + t]}"
+                + (f", server: '{serve[t]}', server_model: tiny}}" if name == "served" else "}") for t in "ab")
+            out = tmp_path / name
+            write_config(out, f"""
+task: causal_lm
+output_dir: {out}
+seed: 0
+teachers:
+  models: [{teachers}]
+{"  dtype: float32" if name == "live" else "  served: {api: vllm, top_k: 320}"}
+interpolation: {{method: linear}}
+student: {{path: {tiny_lm['teacher_b']}}}
+loss: {{kd_alpha: 0.5, temperature: 2.0, chunk_tokens: 64}}
+data: {{train: {{path: {tiny_lm['text']}}}, validation_fraction: 0.2, text_fields: [text], block_size: 32}}
+training: {{max_steps: 1, micro_batch_size: 4, progress_bar: false}}
+""")
+            result = run_cli(["fit-weights", out.parent / f"{out.name}.yaml", "--out", tmp_path / f"{name}-fit"])
+            assert result.returncode == 0, result.stderr[-3000:]
+            rows = json.loads((tmp_path / f"{name}-fit" / "fit_weights.json").read_text())["rows"]
+            fitted[name] = next(row for row in rows if row["name"] == "fitted linear")
+    finally:
+        server_b.shutdown()
+    live, served = fitted["live"], fitted["served"]
+    assert all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(live["weights"], served["weights"])), (live, served)
+    assert 0.01 < live["weights"][0] < 0.99 and math.isclose(live["nll"], served["nll"], rel_tol=1e-5)
