@@ -229,6 +229,9 @@ class RoutedSource(Source):
     def unwrap(self) -> Source:
         return self.inner.unwrap()
 
+    def lookahead(self, stream):
+        return self.inner.lookahead(stream)
+
     def signal(self, batch: Dict, device: torch.device):
         signal = self.inner.signal(batch, device)
         per_example = batch[ROUTE].to(device)

@@ -44,7 +44,7 @@ from distill.data.text import LABELS
 from distill.errors import ConfigError, ServedTeacherError
 from distill.formulas.divergences import IGNORE_INDEX
 from distill.formulas.mixtures import tail_log_mass
-from distill.signals.base import Capability, Source
+from distill.signals.base import Capability, Signal, Source
 from distill.signals.sources import TopKSignal
 
 
@@ -349,6 +349,51 @@ class ServedLanguageModels(Source):
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+class MixedSignal(Signal):
+    """Local and served teachers' signals side by side, in the config's teacher order: dense logits
+    [K, c, V] a chunk at a time, and which rows each teacher covers (local ones: all)."""
+
+    capabilities = frozenset({Capability.COVERAGE})
+
+    def __init__(self, parts: List[Tuple[List[int], Signal]], teachers: int):
+        super().__init__(parts[0][1].rows)
+        self.parts, self.teachers = parts, teachers
+        for indices, signal in parts:
+            self.records.update({indices[k]: record for k, record in signal.records.items()})
+
+    def logits(self, start: int, end: int) -> Tensor:
+        pieces = [(indices, signal.logits(start, end)) for indices, signal in self.parts]
+        out = pieces[0][1].new_empty((self.teachers, *pieces[0][1].shape[1:]))
+        for indices, logits in pieces:
+            out[indices] = logits
+        return out
+
+    def coverage(self, start: int, end: int) -> Tensor:
+        out = torch.ones(self.teachers, end - start, dtype=torch.bool)
+        for indices, signal in self.parts:
+            if signal.can(Capability.COVERAGE):
+                out[indices] = signal.coverage(start, end).cpu()
+        return out
+
+
+class MixedSource(Source):
+    """Teachers loaded here and teachers on servers in one run: each part's source over its teachers
+    (`indices` in the config's order); the target is mixed from their dense rows by the general path."""
+
+    capabilities = frozenset({Capability.COVERAGE})
+
+    def __init__(self, parts: List[Tuple[List[int], Source]], teachers: int):
+        self.parts, self.teachers = parts, teachers
+
+    def lookahead(self, stream):
+        for _, source in self.parts:
+            stream = source.lookahead(stream)
+        return stream
+
+    def signal(self, batch: Dict, device: torch.device) -> MixedSignal:
+        return MixedSignal([(indices, source.signal(batch, device)) for indices, source in self.parts], self.teachers)
+
+
 def connect(cfg, plans, tokenizer) -> ServedLanguageModels:
     """The source over every teacher's server, each checked once (reachable, model known, same
     tokenizer) before training starts."""
@@ -357,7 +402,10 @@ def connect(cfg, plans, tokenizer) -> ServedLanguageModels:
     served = cfg.teachers.served
     token_bytes = vocabulary_bytes(tokenizer)
     protocols = []
-    for plan, teacher in zip(plans, cfg.teachers.models):
+    by_name = {plan.name: teacher for plan, teacher in zip(plans, cfg.teachers.models)}
+    plans = [plan for plan in plans if by_name[plan.name].server is not None]
+    for plan in plans:
+        teacher = by_name[plan.name]
         client = Client(plan.name, teacher.server, teacher.server_model, served.timeout_s, served.retries)
         protocol = PROTOCOLS[served.api](client, tokenizer, token_bytes, served.top_k)
         protocol.start()

@@ -167,7 +167,7 @@ class CausalLM(Task):
 
     @staticmethod
     def _check_served(cfg) -> None:
-        """Served teachers (signals/served.py): all of the teachers, reading the student's tokens."""
+        """Served teachers (signals/served.py) read the student's tokens and hold no weights here."""
         from distill.config.schema import ServedConfig
         from omegaconf import OmegaConf
 
@@ -178,18 +178,19 @@ class CausalLM(Task):
                 raise ConfigError("teachers.served is read only with a served teacher (teachers.models[i].server): "
                                   "remove it")
             return
-        if len(served) < len(teachers.models):
-            local = [index for index in range(len(teachers.models)) if index not in served]
-            raise ConfigError(f"teachers.models{local} are local and teachers.models{served} served: serve every "
-                              "teacher or none (mixing them is not supported yet)")
+        every = len(served) == len(teachers.models)  # else a mix: the local ones load as usual
         used = [key for key, is_set in {"teachers.cache": teachers.cache is not None,
                                         "teachers.tokenization=per_model": teachers.tokenization == "per_model",
-                                        "teachers.placement": teachers.placement != "replicated",
-                                        "teachers.dtype": teachers.dtype != "auto",
-                                        "teachers.compile": teachers.compile,
+                                        "teachers.placement": every and teachers.placement != "replicated",
+                                        "teachers.dtype": every and teachers.dtype != "auto",
+                                        "teachers.compile": every and teachers.compile,
                                         "loss.intermediate": bool(cfg.loss.intermediate),
                                         "student.trim_vocab": cfg.student.trim_vocab,
-                                        "student.from_teacher": cfg.student.from_teacher is not None}.items() if is_set]
+                                        "student.from_teacher": cfg.student.from_teacher is not None and
+                                        resolve_teacher_index(cfg, cfg.student.from_teacher) in served}.items() if is_set]
+        if not every and cfg.interpolation.fit_on is not None:
+            raise ConfigError("interpolation.fit_on with local and served teachers together: fit with `distill "
+                              "fit-weights` on all of them served or all local, and pass its weights.yaml")
         if used:
             raise ConfigError(f"teachers.models[*].server: served teachers do not read {used} (no teacher weights load "
                               "here; their top-k comes over HTTP for the student's own tokens): remove "
@@ -274,7 +275,8 @@ class CausalLM(Task):
             self._connect()
 
     def served(self) -> bool:
-        return bool(self.cfg.teachers.models) and self.cfg.teachers.models[0].server is not None
+        """Some teacher runs on an inference server."""
+        return any(teacher.server is not None for teacher in self.cfg.teachers.models)
 
     def _connect(self):
         from distill.signals.served import connect
@@ -442,15 +444,8 @@ class CausalLM(Task):
         cfg = self.cfg
         from distill.models.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers
 
-        if self.served():  # every teacher on an inference server (_check_served)
-            from distill.models.loading import count_parameters, load_model_config, meta_model
-
-            ensemble = TeacherEnsemble(plans, [], build_configured_interpolation(cfg))
-            ensemble.on_nonfinite, ensemble.served = cfg.teachers.on_nonfinite, True
-            ensemble.parameter_counts = [  # from their configs: no weights here
-                count_parameters(meta_model(load_model_config(plan.path, plan.key, cfg.trust_remote_code),
-                                            self.auto_model_class)) for plan in plans]
-            return self.routed(ensemble, self._connect())
+        if self.served() and len(plans) == len(cfg.teachers.models):  # (one plan alone: its precision drift)
+            return self.routed(*self._served_teachers(plans, device, dtype, eager))
         if cfg.teachers.cache is not None:  # no teacher weights load at all
             self._open_cache(self.train_set)
             ensemble = TeacherEnsemble(plans, [], build_configured_interpolation(cfg))
@@ -478,6 +473,30 @@ class CausalLM(Task):
             return self.routed(ensemble, AlignedLanguageModels(ensemble, [plan.token_map for plan in plans],
                                                                self.student_vocab_size, self.vocabulary))
         return self.routed(ensemble, LiveLanguageModels(ensemble, self.vocabulary))
+
+    def _served_teachers(self, plans, device, dtype, eager):
+        """(ensemble, source) with teachers on inference servers (signals/served.py): all of them, or
+        beside local ones loaded as usual (MixedSource)."""
+        from distill.models.loading import count_parameters, load_model_config, meta_model
+        from distill.models.teachers import TeacherEnsemble, build_configured_interpolation
+
+        cfg = self.cfg
+        served = [k for k, teacher in enumerate(cfg.teachers.models) if teacher.server is not None]
+        local = [k for k in range(len(plans)) if k not in served]
+        ensemble = TeacherEnsemble(plans, [], build_configured_interpolation(cfg))
+        ensemble.on_nonfinite, ensemble.served = cfg.teachers.on_nonfinite, True
+        counts = {k: count_parameters(meta_model(load_model_config(plans[k].path, plans[k].key, cfg.trust_remote_code),
+                                                 self.auto_model_class)) for k in served}  # from their configs
+        source = self._connect()
+        if local:
+            live, live_source = self.load_teachers([plans[k] for k in local], device, dtype, eager)
+            counts.update(zip(local, live.parameter_counts))
+            ensemble.dtype = live.dtype
+            from distill.signals.served import MixedSource
+
+            source = MixedSource([(local, live_source), (served, source)], len(plans))
+        ensemble.parameter_counts = [counts[k] for k in range(len(plans))]
+        return ensemble, source
 
     def prepare_training(self, device, ensemble) -> None:
         """Run-wide settings of the loss: fused or not, the chunk size, the reused workspace."""

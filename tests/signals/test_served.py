@@ -352,3 +352,40 @@ training: {{max_steps: 1, micro_batch_size: 4, progress_bar: false}}
     live, served = fitted["live"], fitted["served"]
     assert all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(live["weights"], served["weights"])), (live, served)
     assert 0.01 < live["weights"][0] < 0.99 and math.isclose(live["nll"], served["nll"], rel_tol=1e-5)
+
+
+def test_a_served_teacher_mixes_with_a_local_one_as_if_both_were_loaded_here(tiny_lm, vllm_stand_in, tmp_path):
+    """Teacher a served (whole vocabulary), teacher b loaded here: the linear and geometric targets, and so
+    every step's KD term, equal those of both teachers loaded here in fp32."""
+    def config(out, served_a, method):
+        a = (f"{{name: a, path: {tiny_lm['teacher_a']}, weight: 0.6, server: '{vllm_stand_in['url']}', server_model: tiny}}"
+             if served_a else f"{{name: a, path: {tiny_lm['teacher_a']}, weight: 0.6}}")
+        return write_config(out, f"""
+task: causal_lm
+output_dir: {out}
+seed: 0
+teachers:
+  models: [{a}, {{name: b, path: {tiny_lm['teacher_b']}, weight: 0.4, temperature: 1.5}}]
+  dtype: float32
+{"  served: {api: vllm, top_k: 320}" if served_a else ""}
+interpolation: {{method: {method}}}
+student: {{path: {tiny_lm['teacher_b']}}}
+loss: {{kd_alpha: 0.5, temperature: 2.0, chunk_tokens: 64}}
+data: {{train: {{path: {tiny_lm['text']}}}, validation_fraction: 0.2, text_fields: [text], block_size: 32}}
+training: {{max_steps: 2, micro_batch_size: 4, learning_rate: 3.0e-3, warmup_ratio: 0.0, log_every: 1,
+           checkpoint_every: 2, progress_bar: false}}
+""")
+
+    for method in ("linear", "geometric"):
+        runs = {}
+        for served_a in (False, True):
+            out = tmp_path / f"{method}-{served_a}"
+            result = run_cli(["train", config(out, served_a, method)])
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[served_a] = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                              if row["kind"] == "train"]
+            report = json.loads((out / "report.json").read_text())
+        assert [row["step"] for row in runs[True]] == [1, 2]
+        for live, mixed in zip(runs[False], runs[True]):
+            assert math.isclose(live["kd"], mixed["kd"], rel_tol=1e-4), (method, live["kd"], mixed["kd"])
+        assert [t["params"] > 0 for t in report["teachers"]] == [True, True]
