@@ -102,7 +102,8 @@ def measure(config: str, overrides, ranks: int, steps: int) -> int:
 LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
             "vocab_size": 128256, "max_position_embeddings": 131072, "rope_theta": 500000.0,
-            "tie_word_embeddings": False, "rms_norm_eps": 1e-5}  # Llama-3.1-8B's published config.json
+            "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
+            "torch_dtype": "bfloat16"}  # Llama-3.1-8B's published config.json (its weights are stored in bf16)
 LLAMA_1B = {**LLAMA_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
             "tie_word_embeddings": True}  # Llama-3.2-1B's
 

@@ -41,6 +41,9 @@ GIB = 2 ** 30
 CPU_RUNTIME = int(0.75 * GIB)  # a process with torch, transformers and DeepSpeed imported (measured: docs/plan.md)
 CUDA_CONTEXT = int(0.5 * GIB)
 LOSS_TEMPORARIES = 4  # [chunk, V] float32 buffers the fused loss keeps (logits, target, tempered, mixture)
+# without the fused loss (ZeRO-3, or loss.fused=false), [tokens, V] float32 over the whole micro-batch: the
+# student's logits, the log-probabilities its chunks keep for backward, and the logits' gradient
+UNFUSED_LOGITS = 3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -219,6 +222,9 @@ def plan(cfg, ranks: int, device_memory: Optional[int] = None, device: Optional[
         chunk = min(cfg.loss.chunk_tokens, rows * sequence)
         step += LOSS_TEMPORARIES * chunk * student.vocab * 4 + sum(rows * sequence * t.hidden * 4 for t in teacher_shapes)
         note += f"; {LOSS_TEMPORARIES} x [{chunk}, {student.vocab}] float32 loss buffers, teachers' last hidden states"
+        if not (cfg.loss.fused and stage < 3):  # the student's whole logits exist (ZeRO-3 shards the output layer)
+            step += UNFUSED_LOGITS * rows * sequence * student.vocab * 4
+            note += f"; unfused: {UNFUSED_LOGITS} x [{rows * sequence}, {student.vocab}] float32 student logits"
     bucket = gradient_bucket_bytes(cfg, student.params, precision)
     if bucket:
         step += bucket
@@ -226,15 +232,16 @@ def plan(cfg, ranks: int, device_memory: Optional[int] = None, device: Optional[
     moments.append(("a training step", step, note))
     if teacher_shapes:
         largest = max(shape.params for shape in teacher_shapes)
-        # the saved file's pages (memory-mapped safetensors) count while the model is built from them
+        # the saved file's pages (memory-mapped safetensors) count while the model is built from them: in
+        # host memory, so in a CPU rank's budget and not in a GPU's
         biggest = max(teacher_shapes, key=lambda shape: shape.params)
-        source = biggest.stored_bytes * biggest.params
+        source = biggest.stored_bytes * biggest.params if device.type == "cpu" else 0
         if cfg.teachers.placement == "zero3":  # loaded whole in its dtype, then partitioned
             moments.append(("loading a teacher", _dtype_bytes(dtype) * largest + source,
-                            "whole, before ZeRO-3 partitions it, and its file's pages"))
+                            "whole, before ZeRO-3 partitions it" + (", and its file's pages" if source else "")))
         elif dtype != torch.float32:  # the precision drift reads each teacher once more in fp32
             moments.append(("loading a teacher", 4 * largest + source,
-                            "an fp32 copy (the precision drift at start) and its file's pages"))
+                            "an fp32 copy (the precision drift at start)" + (" and its file's pages" if source else "")))
     if task.causal:  # validation: every model's logits of an eval batch, and the target's
         evaluated = len(teacher_shapes) + 2
         moments.append(("an evaluation", evaluated * cfg.training.eval_batch_size * sequence * student.vocab * 4,

@@ -40,6 +40,20 @@ def test_the_plan_counts_each_model_as_loaded_and_partitions_what_the_stage_part
     assert states == 16 * int(0.5 * teacher_a)  # the budget is a share of the model the student is cut from
 
 
+def test_without_the_fused_loss_the_plan_counts_the_students_whole_logits(tiny_lm, tmp_path):
+    from distill.api import load_config, plan
+    from tests.conftest import tiny_lm_config_yaml
+
+    config = tiny_lm_config_yaml(tiny_lm, tmp_path / "run")
+
+    def step(*overrides):
+        moments = plan(load_config(config, ["deepspeed.zero_stage=2", *overrides]), 2)["moments"]
+        return {what: size for what, size, _ in moments}["a training step"]
+
+    tokens, vocab = 4 * 32, len(tiny_lm["tokenizer"])  # micro_batch_size x block_size; the student's vocabulary
+    assert step("loss.fused=false") - step() == 3 * tokens * vocab * 4  # logits, kept log-probs, their gradient
+
+
 def test_plan_says_what_does_not_fit_and_refuses_a_bad_size(tiny, tmp_path):
     config = tiny_config_yaml(tiny, tmp_path / "run")
     small = run_cli_in_process(["plan", config, "--device-memory", "100MiB"])
