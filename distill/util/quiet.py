@@ -3,7 +3,8 @@
 Silenced unless `--verbose` (or DISTILL_VERBOSE=1): torchao's "Failed to load ..." for the CUDA
 kernels it ships (they never load on a CPU), torch's notices about torchao's Enum registration,
 DeepSpeed's "Setting accelerator to CPU" (we choose the accelerator ourselves: CPU when CUDA is
-absent), transformers' per-model load reports and progress bars, datasets' per-map progress bars.
+absent), transformers' per-model load reports and progress bars, datasets' per-map progress bars,
+torch's deprecation notices for the collectives DeepSpeed's ZeRO-3 calls.
 Warnings that mean something for this run (a real error, a deprecated setting of the user's own)
 still pass: only the named loggers are raised to ERROR.
 """
@@ -36,6 +37,8 @@ def quiet_start() -> None:
     # export's parity with the PyTorch model is measured by the exporter itself
     warnings.filterwarnings("ignore", message=".*Converting a tensor to a Python boolean might cause the trace.*")
     warnings.filterwarnings("ignore", message=".*Exporting aten::index operator of advanced indexing.*")
+    # DeepSpeed's ZeRO-3 calls torch.distributed collectives that torch 2.13 renamed: its code, not the user's
+    warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.\w+` is deprecated.*", category=FutureWarning)
     if "datasets" in sys.modules:  # imported already (the Python API): its environment variable came too late
         sys.modules["datasets"].disable_progress_bars()
     if "DS_ACCELERATOR" not in os.environ:
