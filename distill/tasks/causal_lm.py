@@ -179,7 +179,7 @@ class CausalLM(Task):
                                   "remove it")
             return
         every = len(served) == len(teachers.models)  # else a mix: the local ones load as usual
-        used = [key for key, is_set in {"teachers.cache": teachers.cache is not None,
+        used = [key for key, is_set in {"teachers.cache": every and teachers.cache is not None,
                                         "teachers.tokenization=per_model": teachers.tokenization == "per_model",
                                         "teachers.placement": every and teachers.placement != "replicated",
                                         "teachers.dtype": every and teachers.dtype != "auto",
@@ -206,6 +206,8 @@ class CausalLM(Task):
         self.bytes: Dict[str, int] = {}
         self.cache = None
         self.served_source = None  # signals/served.ServedLanguageModels, connected before the run directory
+        self.served_alone = None  # (ensemble, source) of the served teachers beside a cache: scored on their own
+        self.served_figures: Dict[str, Dict[str, Dict[str, float]]] = {}  # their figures per evaluated set
         # frozen teachers: their (and the target's) figures per evaluated set, computed once (or read
         # from the cache for the validation set)
         self.teacher_figures: Dict[str, Dict[str, Dict[str, float]]] = {}
@@ -288,11 +290,15 @@ class CausalLM(Task):
     def _open_cache(self, train_set):
         from distill.caches.lm_stores import LogitCache, fingerprint
 
-        if self.cache is None:
-            self.cache = LogitCache(resolve_path(self.cfg.teachers.cache), [p.name for p in self.plans],
+        if self.cache is None:  # it holds the teachers that are not served
+            cached = [plan for plan, teacher in zip(self.plans, self.cfg.teachers.models) if teacher.server is None]
+            self.cache = LogitCache(resolve_path(self.cfg.teachers.cache), [p.name for p in cached],
                                     fingerprint(train_set))
-            self.cache.store.check_use(self.cfg, self.plans, self.cache.meta,
-                                       f"teachers.cache ({self.cfg.teachers.cache}, {self.cache.store.name})")
+            key = f"teachers.cache ({self.cfg.teachers.cache}, {self.cache.store.name})"
+            self.cache.store.check_use(self.cfg, cached, self.cache.meta, key)
+            if self.served() and self.cache.store.softened:
+                raise ConfigError(f"{key}: its samples were drawn at the cached teachers' temperatures and mix only "
+                                  "with each other; beside served teachers use a topk or hidden cache")
         return self.cache
 
     def batches(self, stream, engine):
@@ -454,7 +460,8 @@ class CausalLM(Task):
             ensemble.parameter_counts = [teacher["params"] for teacher in cached]
             figures = {teacher["name"]: {key: teacher[key] for key in ("nll", "perplexity", "tokens", "bits_per_byte")
                                          if key in teacher} for teacher in cached}
-            self.teacher_figures["validation"] = {**figures, "target": self.cache.meta["target"]}
+            # beside served teachers, the cache's target is not this run's: only its teachers' figures are
+            self.teacher_figures["validation"] = figures if self.served() else {**figures, "target": self.cache.meta["target"]}
             if self.cache.store.softened:  # drawn at the teachers' temperatures already: not softened again
                 ensemble.temperatures = torch.ones(len(plans))
             return ensemble, cached_source(self.cache)
@@ -494,6 +501,9 @@ class CausalLM(Task):
             ensemble.dtype = live.dtype
             from distill.signals.served import MixedSource
 
+            if self.cache is not None:  # the cache holds no validation rows: the served teachers are scored alone
+                alone = TeacherEnsemble([plans[k] for k in served], [], build_configured_interpolation(cfg))
+                self.served_alone = (alone, source)
             source = MixedSource([(local, live_source), (served, source)], len(plans))
         ensemble.parameter_counts = [counts[k] for k in range(len(plans))]
         return ensemble, source
@@ -582,10 +592,15 @@ class CausalLM(Task):
         for name, dataset in sets.items():
             loader = validation_loader(dataset, self.collator(), self.cfg.training.eval_batch_size)
             with_teachers = live and name not in self.teacher_figures
+            if self.served_alone is not None and name not in self.served_figures:
+                alone, served_source = self.served_alone  # no target: it would mix the served teachers only
+                scored = perplexities(loader, None, alone, served_source, device, self.bytes.get(name))
+                self.served_figures[name] = {k: v for k, v in scored.items() if k != "target"}
             figures = perplexities(loader, model, ensemble if with_teachers else None, source, device,
                                    self.bytes.get(name), self._student_byte_lengths())
             if with_teachers:
                 self.teacher_figures[name] = {k: v for k, v in figures.items() if k != "student"}
+            figures.update(self.served_figures.get(name, {}))
             figures.update(self.teacher_figures.get(name, {}))
             results[name] = figures
         return results.pop("validation"), results

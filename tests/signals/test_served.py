@@ -389,3 +389,45 @@ training: {{max_steps: 2, micro_batch_size: 4, learning_rate: 3.0e-3, warmup_rat
         for live, mixed in zip(runs[False], runs[True]):
             assert math.isclose(live["kd"], mixed["kd"], rel_tol=1e-4), (method, live["kd"], mixed["kd"])
         assert [t["params"] > 0 for t in report["teachers"]] == [True, True]
+
+
+def test_a_served_teacher_mixes_with_a_cached_one(tiny_lm, vllm_stand_in, tmp_path):
+    """Teacher b read from a top-k cache of its whole vocabulary, teacher a served: the KD term of each
+    step is that of both teachers loaded here in fp32; a cache of other teachers is refused by name."""
+    def config(out, teachers, extra=""):
+        return write_config(out, f"""
+task: causal_lm
+output_dir: {out}
+seed: 0
+teachers:
+  models: [{teachers}]
+  dtype: float32
+{extra}
+student: {{path: {tiny_lm['teacher_b']}}}
+loss: {{kd_alpha: 0.5, temperature: 2.0, chunk_tokens: 64}}
+data: {{train: {{path: {tiny_lm['text']}}}, validation_fraction: 0.2, text_fields: [text], block_size: 32}}
+training: {{max_steps: 2, micro_batch_size: 4, learning_rate: 3.0e-3, warmup_ratio: 0.0, log_every: 1,
+           checkpoint_every: 2, progress_bar: false}}
+""")
+
+    a_local = f"{{name: a, path: {tiny_lm['teacher_a']}, weight: 0.6}}"
+    a_served = (f"{{name: a, path: {tiny_lm['teacher_a']}, weight: 0.6, server: '{vllm_stand_in['url']}', "
+                "server_model: tiny}")
+    b = f"{{name: b, path: {tiny_lm['teacher_b']}, weight: 0.4, temperature: 1.5}}"
+    cache = tmp_path / "cache_b"
+    written = run_cli(["cache", config(tmp_path / "for_cache", b), "--out", cache, "--store", "topk", "--top-k", "320"])
+    assert written.returncode == 0, written.stderr[-3000:]
+    runs = {}
+    for name, teachers, extra in (("live", f"{a_local}, {b}", ""),
+                                  ("mixed", f"{a_served}, {b}",
+                                   f"  cache: {cache}\n  served: {{api: vllm, top_k: 320}}")):
+        out = tmp_path / name
+        result = run_cli(["train", config(out, teachers, extra)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = [row["kd"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                      if row["kind"] == "train"]
+    assert len(runs["mixed"]) == 2
+    assert all(math.isclose(x, y, rel_tol=1e-3) for x, y in zip(runs["live"], runs["mixed"])), runs
+    refused = run_cli(["train", config(tmp_path / "wrong", f"{a_served}, {b.replace('name: b', 'name: c')}",
+                                       f"  cache: {cache}\n  served: {{api: vllm}}")])
+    assert refused.returncode == 2 and "holds teachers ['b'], the config names ['c']" in refused.stderr
