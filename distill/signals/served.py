@@ -225,8 +225,8 @@ class LlamaCppProtocol(Protocol):
 class VllmProtocol(Protocol):
     """vLLM's OpenAI-compatible server (SGLang's answers alike): the block's ids as the prompt,
     `prompt_logprobs: k`, keyed by token id, so nothing is lost to shared texts or re-tokenization. Entry
-    t + 1 is the prediction after token t; the token after the block (`next_id`) is sent too, so every
-    row is covered. The server caps k at its --max-logprobs (20 unless raised)."""
+    t + 1 is the prediction after token t; one token more than the block is sent (the one after it where
+    known), so every row is covered. The server caps k at its --max-logprobs (20 unless raised)."""
 
     name = "vllm"
 
@@ -235,7 +235,9 @@ class VllmProtocol(Protocol):
         self.tokenized("/tokenize", {"prompt": None, "add_special_tokens": False})
 
     def request(self, ids: List[int], next_id: Optional[int] = None) -> Reply:
-        prompt = ids + ([] if next_id is None else [next_id])
+        # one token more than the block: its entry is the prediction after the block's last token (the
+        # prediction does not depend on which token follows; the token after the block where known)
+        prompt = ids + [0 if next_id is None else next_id]
         choice = self.completion({"prompt": prompt, "max_tokens": 1, "temperature": 0.0,
                                   "prompt_logprobs": self.top_k})
         entries = choice.get("prompt_logprobs") if isinstance(choice, dict) else None
@@ -280,37 +282,65 @@ def rows_to_top_k(replies: Sequence[Reply], length: int, top_k: int) -> Tuple[Te
 
 
 class ServedSignal(TopKSignal):
-    """Served teachers' top-k over a batch, and which rows each has read (`coverage`)."""
+    """Served teachers' top-k over a batch, and which rows each has read (`coverage`). A teacher with
+    another tokenizer (`maps[k]`, signals/aligned.TokenMap) lists ids of its own vocabulary: its dense
+    row is mapped onto the student's (tokens/alignment.map_log_probs, a class's mass split evenly), and
+    the signal then offers no sparse top-k."""
 
     capabilities = frozenset({Capability.TOP_K, Capability.COVERAGE})
 
-    def __init__(self, ids: Tensor, log_probs: Tensor, tail: Tensor, vocab_size: int, covered: Tensor):
+    def __init__(self, ids: Tensor, log_probs: Tensor, tail: Tensor, vocab_size: int, covered: Tensor,
+                 maps: Optional[List] = None, own_sizes: Optional[List[int]] = None):
         super().__init__(ids, log_probs, tail, vocab_size)
         self.covered = covered  # [K, rows]
+        self.maps = maps or [None] * ids.shape[1]
+        self.own_sizes = own_sizes or [vocab_size] * ids.shape[1]
+        if any(token_map is not None for token_map in self.maps):
+            self.capabilities = frozenset({Capability.COVERAGE})
 
     def coverage(self, start: int, end: int) -> Tensor:
         return self.covered[:, start:end]
 
+    def logits(self, start: int, end: int) -> Tensor:
+        if self.can(Capability.TOP_K):
+            return super().logits(start, end)
+        from distill.formulas.mixtures import topk_target_log_probs
+        from distill.tokens.alignment import map_log_probs
+
+        ids, log_probs, tail = self.ids[start:end], self.log_probs[start:end], self.tail[start:end]
+        out = log_probs.new_empty((ids.shape[1], end - start, self.vocab_size), dtype=torch.float32)
+        for k, (token_map, size) in enumerate(zip(self.maps, self.own_sizes)):
+            own = topk_target_log_probs(ids[:, k], log_probs[:, k], size, tail[:, k])
+            out[k] = own if token_map is None else map_log_probs(own, token_map.routes, token_map.classes)[0]
+        return out
+
 
 class ServedLanguageModels(Source):
     """Every teacher served: a batch's blocks are requested from each server (ahead of time, through
-    `lookahead`), their replies turned into a top-k signal."""
+    `lookahead`), their replies turned into a top-k signal. A teacher with another tokenizer is sent
+    its own window of the block's text (the batch's `<prefix>input_ids`) and its rows are gathered at
+    the student positions that have read the same text (`<prefix>positions`), as for live teachers."""
 
     capabilities = frozenset({Capability.TOP_K, Capability.COVERAGE})
 
-    def __init__(self, protocols: List, vocab_size: int, top_k: int, concurrency: int, prefetch: int):
+    def __init__(self, protocols: List, vocab_size: int, top_k: int, concurrency: int, prefetch: int,
+                 prefixes: Optional[List[str]] = None, maps: Optional[List] = None, own_sizes: Optional[List[int]] = None):
         self.protocols, self.vocab_size, self.top_k, self.prefetch = protocols, vocab_size, top_k, prefetch
+        self.prefixes = prefixes or [""] * len(protocols)
+        self.maps, self.own_sizes = maps or [None] * len(protocols), own_sizes or [vocab_size] * len(protocols)
+        if any(token_map is not None for token_map in self.maps):
+            self.capabilities = frozenset({Capability.COVERAGE})
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="distill-served")
         self.pending: Dict[str, List[List[Future]]] = {}
-        self.uncovered = 0  # labelled rows some served teacher did not cover (logged by the task)
+        self.uncovered = 0  # labelled rows some served teacher did not cover
 
     @staticmethod
-    def _blocks(batch: Dict) -> List[Tuple[List[int], Optional[int]]]:
-        """Each block's ids and the token after it (its last label), where labelled."""
-        lengths = batch["attention_mask"].sum(dim=1).tolist()
+    def _blocks(batch: Dict, prefix: str = "") -> List[Tuple[List[int], Optional[int]]]:
+        """Each block's ids (or a teacher window's) and the token after it (the block's last label) where known."""
+        lengths = batch[prefix + "attention_mask"].sum(dim=1).tolist()
         labels = batch[LABELS].tolist()
-        return [(row[:n], labels[b][n - 1] if n and labels[b][n - 1] != IGNORE_INDEX else None)
-                for b, (row, n) in enumerate(zip(batch["input_ids"].tolist(), lengths))]
+        return [(row[:n], labels[b][n - 1] if not prefix and n and labels[b][n - 1] != IGNORE_INDEX else None)
+                for b, (row, n) in enumerate(zip(batch[prefix + "input_ids"].tolist(), lengths))]
 
     @staticmethod
     def _key(batch: Dict) -> str:
@@ -318,9 +348,8 @@ class ServedLanguageModels(Source):
                                digest_size=16).hexdigest()
 
     def _submit(self, batch: Dict) -> List[List[Future]]:
-        blocks = self._blocks(batch)
-        return [[self.pool.submit(protocol.request, ids, next_id) for ids, next_id in blocks]
-                for protocol in self.protocols]
+        return [[self.pool.submit(protocol.request, ids, next_id) for ids, next_id in self._blocks(batch, prefix)]
+                for protocol, prefix in zip(self.protocols, self.prefixes)]
 
     def lookahead(self, stream: Iterator) -> Iterator:
         """The training stream, with each micro-batch's requests sent `prefetch` micro-batches before
@@ -337,13 +366,23 @@ class ServedLanguageModels(Source):
 
     def signal(self, batch: Dict, device: torch.device) -> ServedSignal:
         futures = self.pending.pop(self._key(batch), None) or self._submit(batch)
-        length = batch["input_ids"].shape[1]
-        parts = [rows_to_top_k([future.result() for future in teacher], length, self.top_k) for teacher in futures]
+        parts = []
+        for teacher, prefix in zip(futures, self.prefixes):
+            length = batch[prefix + "input_ids"].shape[1]
+            part = rows_to_top_k([future.result() for future in teacher], length, self.top_k)
+            if prefix:  # window rows -> the student rows that have read the same text
+                positions = batch[prefix + "positions"]  # [B, S], -1: none
+                found = positions >= 0
+                rows = (positions.clamp(min=0) + length * torch.arange(positions.shape[0])[:, None]).reshape(-1)
+                part = tuple(piece[rows] for piece in part)
+                part = (*part[:3], part[3] & found.reshape(-1))
+            parts.append(part)
         ids, log_probs, tail, covered = (torch.stack(pieces) for pieces in zip(*parts))  # [K, rows, ...]
         labelled = batch[LABELS].reshape(-1) != IGNORE_INDEX
         self.uncovered += int((labelled & ~covered.all(dim=0)).sum())
         return ServedSignal(ids.transpose(0, 1).to(device), log_probs.transpose(0, 1).to(device),
-                            tail.transpose(0, 1).to(device), self.vocab_size, covered.to(device))
+                            tail.transpose(0, 1).to(device), self.vocab_size, covered.to(device),
+                            self.maps, self.own_sizes)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -394,20 +433,25 @@ class MixedSource(Source):
         return MixedSignal([(indices, source.signal(batch, device)) for indices, source in self.parts], self.teachers)
 
 
-def connect(cfg, plans, tokenizer) -> ServedLanguageModels:
-    """The source over every teacher's server, each checked once (reachable, model known, same
-    tokenizer) before training starts."""
+def connect(cfg, plans, tokenizer, vocab_size: int) -> ServedLanguageModels:
+    """The source over every served teacher's server, each checked once (reachable, model known, same
+    tokenizer as its `path`) before training starts. `tokenizer` and `vocab_size`: the student's."""
+    from distill.models.loading import load_tokenizer
     from distill.tokens.alignment import vocabulary_bytes
 
     served = cfg.teachers.served
-    token_bytes = vocabulary_bytes(tokenizer)
-    protocols = []
     by_name = {plan.name: teacher for plan, teacher in zip(plans, cfg.teachers.models)}
     plans = [plan for plan in plans if by_name[plan.name].server is not None]
+    student_bytes = vocabulary_bytes(tokenizer)
+    protocols = []
     for plan in plans:
         teacher = by_name[plan.name]
+        own = tokenizer if plan.token_map is None else load_tokenizer(plan.path, plan.key, cfg.trust_remote_code)
         client = Client(plan.name, teacher.server, teacher.server_model, served.timeout_s, served.retries)
-        protocol = PROTOCOLS[served.api](client, tokenizer, token_bytes, served.top_k)
+        protocol = PROTOCOLS[served.api](client, own, student_bytes if plan.token_map is None
+                                         else vocabulary_bytes(own), served.top_k)
         protocol.start()
         protocols.append(protocol)
-    return ServedLanguageModels(protocols, plans[0].vocab_size, served.top_k, served.concurrency, served.prefetch)
+    return ServedLanguageModels(protocols, vocab_size, served.top_k, served.concurrency, served.prefetch,
+                                [plan.input_prefix for plan in plans], [plan.token_map for plan in plans],
+                                [plan.vocab_size if plan.token_map is not None else vocab_size for plan in plans])

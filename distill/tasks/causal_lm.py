@@ -180,7 +180,6 @@ class CausalLM(Task):
             return
         every = len(served) == len(teachers.models)  # else a mix: the local ones load as usual
         used = [key for key, is_set in {"teachers.cache": every and teachers.cache is not None,
-                                        "teachers.tokenization=per_model": teachers.tokenization == "per_model",
                                         "teachers.placement": every and teachers.placement != "replicated",
                                         "teachers.dtype": every and teachers.dtype != "auto",
                                         "teachers.compile": every and teachers.compile,
@@ -188,9 +187,11 @@ class CausalLM(Task):
                                         "student.trim_vocab": cfg.student.trim_vocab,
                                         "student.from_teacher": cfg.student.from_teacher is not None and
                                         resolve_teacher_index(cfg, cfg.student.from_teacher) in served}.items() if is_set]
-        if not every and cfg.interpolation.fit_on is not None:
-            raise ConfigError("interpolation.fit_on with local and served teachers together: fit with `distill "
-                              "fit-weights` on all of them served or all local, and pass its weights.yaml")
+        if cfg.interpolation.fit_on is not None and (not every or teachers.tokenization == "per_model"):
+            raise ConfigError("interpolation.fit_on reads every teacher's hidden states or every teacher's top-k in "
+                              "the student's vocabulary: served teachers beside local ones, or with "
+                              "teachers.tokenization=per_model, give neither; fit with all teachers served (one "
+                              "tokenizer) or all local, and pass its weights.yaml")
         if used:
             raise ConfigError(f"teachers.models[*].server: served teachers do not read {used} (no teacher weights load "
                               "here; their top-k comes over HTTP for the student's own tokens): remove "
@@ -284,7 +285,7 @@ class CausalLM(Task):
         from distill.signals.served import connect
 
         if self.served_source is None:
-            self.served_source = connect(self.cfg, self.plans, self.tokenizer)
+            self.served_source = connect(self.cfg, self.plans, self.tokenizer, self.student_vocab_size)
         return self.served_source
 
     def _open_cache(self, train_set):
@@ -625,6 +626,11 @@ class CausalLM(Task):
         loader = validation_loader(self.validation_of(route), self.collator(), self.cfg.training.eval_batch_size)
         local: Dict[int, Tuple[List[Tensor], Tensor]] = {}
         sparse = not source.can(Capability.WRITE_LOGITS) and source.can(Capability.TOP_K)  # served teachers
+        if not (sparse or source.can(Capability.WRITE_LOGITS) or source.can(Capability.ALIGNED)):
+            raise ConfigError("fitting the interpolation reads every teacher's hidden states or every teacher's "
+                              "top-k: served and local teachers together, or a served teacher with another "
+                              "tokenizer, give neither; fit with all teachers served (one tokenizer) or all local, "
+                              "and pass its weights.yaml")
         for batch in loader:
             signal = source.signal(batch, device)
             labels = batch[LABELS]

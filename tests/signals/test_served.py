@@ -206,6 +206,10 @@ def test_a_wrong_model_name_or_a_server_that_is_down_is_refused_before_anything_
     assert result.returncode == 6, result.stderr[-2000:]
     assert f"teacher smol at http://127.0.0.1:{down} did not answer" in result.stderr
     assert not (tmp_path / "down").exists()
+    fit = run_cli(["train", _config(served, tmp_path / "fit"), "teachers.tokenization=per_model",
+                   "interpolation.fit_on=validation"])
+    assert fit.returncode == 2 and "interpolation.fit_on reads every teacher's hidden states" in fit.stderr
+    assert not (tmp_path / "fit").exists()
 
 
 # ---------------------------------------------------------------------------------------- vLLM's protocol
@@ -249,11 +253,13 @@ class VllmStandIn(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _stand_in(tiny_lm, teacher: str):
+def _stand_in(tiny_lm, teacher: str, tokenizer=None):
+    """A stand-in serving tiny_lm's `teacher` (or the model folder `teacher`, read with `tokenizer`)."""
     from transformers import AutoModelForCausalLM
 
-    handler = type("Handler", (VllmStandIn,), {"tokenizer": tiny_lm["tokenizer"],
-                                               "model": AutoModelForCausalLM.from_pretrained(tiny_lm[teacher]).eval()})
+    handler = type("Handler", (VllmStandIn,), {"tokenizer": tokenizer or tiny_lm["tokenizer"],
+                                               "model": AutoModelForCausalLM.from_pretrained(
+                                                   tiny_lm.get(teacher, teacher)).eval()})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, {"url": f"http://127.0.0.1:{server.server_address[1]}", "model": handler.model}
@@ -431,3 +437,44 @@ training: {{max_steps: 2, micro_batch_size: 4, learning_rate: 3.0e-3, warmup_rat
     refused = run_cli(["train", config(tmp_path / "wrong", f"{a_served}, {b.replace('name: b', 'name: c')}",
                                        f"  cache: {cache}\n  served: {{api: vllm}}")])
     assert refused.returncode == 2 and "holds teachers ['b'], the config names ['c']" in refused.stderr
+
+
+def test_a_served_teacher_with_its_own_tokenizer_is_aligned_as_the_same_teacher_loaded_here(tiny_lm, tmp_path):
+    """teachers.tokenization=per_model: the served teacher reads its own window of each block (sent as its
+    ids) and its rows land on the student positions that have read the same text; with its whole
+    vocabulary served, each step's KD term equals the live teacher's, and its coverage is partial."""
+    from tests.conftest import make_llama, make_rows, train_lm_tokenizer
+
+    texts = [row["text"] for row in make_rows(200, seed=3)]
+    own_tokenizer = train_lm_tokenizer(tmp_path / "own_tok", texts[::-1], vocab_size=420)  # other merges and ids
+    own = make_llama(tmp_path / "own_teacher", own_tokenizer, layers=2, seed=6)
+    server, stand_in = _stand_in(tiny_lm, str(own), own_tokenizer)
+    runs = {}
+    try:
+        for name in ("live", "served"):
+            serve = f", server: '{stand_in['url']}', server_model: tiny" if name == "served" else ""
+            out = tmp_path / name
+            write_config(out, f"""
+task: causal_lm
+output_dir: {out}
+seed: 0
+teachers:
+  models: [{{name: own, path: {own}{serve}}}]
+  tokenization: per_model
+{"  dtype: float32" if name == "live" else "  served: {api: vllm, top_k: 420}"}
+student: {{path: {tiny_lm['teacher_b']}}}
+loss: {{kd_alpha: 0.5, temperature: 2.0, chunk_tokens: 64}}
+data: {{train: {{path: {tiny_lm['text']}}}, validation_fraction: 0.2, text_fields: [text], block_size: 32}}
+training: {{max_steps: 2, micro_batch_size: 4, learning_rate: 3.0e-3, warmup_ratio: 0.0, log_every: 1,
+           checkpoint_every: 2, progress_bar: false}}
+""")
+            result = run_cli(["train", out.parent / f"{out.name}.yaml"])
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[name] = [row["kd"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                          if row["kind"] == "train"]
+            runs[name + " report"] = json.loads((out / "report.json").read_text())["teachers"][0]
+    finally:
+        server.shutdown()
+    assert len(runs["served"]) == 2
+    assert all(math.isclose(x, y, rel_tol=1e-4) for x, y in zip(runs["live"], runs["served"])), runs
+    assert 0.3 < runs["served report"]["coverage"] == runs["live report"]["coverage"] < 1.0
