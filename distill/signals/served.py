@@ -332,7 +332,6 @@ class ServedLanguageModels(Source):
             self.capabilities = frozenset({Capability.COVERAGE})
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="distill-served")
         self.pending: Dict[str, List[List[Future]]] = {}
-        self.uncovered = 0  # labelled rows some served teacher did not cover
 
     @staticmethod
     def _blocks(batch: Dict, prefix: str = "") -> List[Tuple[List[int], Optional[int]]]:
@@ -355,14 +354,19 @@ class ServedLanguageModels(Source):
         """The training stream, with each micro-batch's requests sent `prefetch` micro-batches before
         the student reaches it (items are (epoch, position, batch))."""
         ahead: collections.deque = collections.deque()
+
+        def handed(item):  # once the loop asks for the next item, this one's requests are done with: a
+            yield item     # batch the loop replaced (the student's own samples) leaves none behind
+            self.pending.pop(self._key(item[-1]), None)
+
         for item in stream:
             batch = item[-1]
             self.pending.setdefault(self._key(batch), self._submit(batch))
             ahead.append(item)
             if len(ahead) > self.prefetch:
-                yield ahead.popleft()
+                yield from handed(ahead.popleft())
         while ahead:
-            yield ahead.popleft()
+            yield from handed(ahead.popleft())
 
     def signal(self, batch: Dict, device: torch.device) -> ServedSignal:
         futures = self.pending.pop(self._key(batch), None) or self._submit(batch)
@@ -378,8 +382,6 @@ class ServedLanguageModels(Source):
                 part = (*part[:3], part[3] & found.reshape(-1))
             parts.append(part)
         ids, log_probs, tail, covered = (torch.stack(pieces) for pieces in zip(*parts))  # [K, rows, ...]
-        labelled = batch[LABELS].reshape(-1) != IGNORE_INDEX
-        self.uncovered += int((labelled & ~covered.all(dim=0)).sum())
         return ServedSignal(ids.transpose(0, 1).to(device), log_probs.transpose(0, 1).to(device),
                             tail.transpose(0, 1).to(device), self.vocab_size, covered.to(device),
                             self.maps, self.own_sizes)

@@ -478,3 +478,34 @@ training: {{max_steps: 2, micro_batch_size: 4, learning_rate: 3.0e-3, warmup_rat
     assert len(runs["served"]) == 2
     assert all(math.isclose(x, y, rel_tol=1e-4) for x, y in zip(runs["live"], runs["served"])), runs
     assert 0.3 < runs["served report"]["coverage"] == runs["live report"]["coverage"] < 1.0
+
+
+def test_lookahead_requests_ahead_and_keeps_nothing_for_batches_the_loop_replaced():
+    from distill.signals.served import ServedLanguageModels
+
+    class Recorder:
+        def __init__(self):
+            self.sent = []
+
+        def request(self, ids, next_id=None):
+            self.sent.append(ids[0])
+            return Reply([{1: 0.0}] * len(ids))
+
+    protocol = Recorder()
+    source = ServedLanguageModels([protocol], vocab_size=4, top_k=1, concurrency=1, prefetch=2)
+
+    def batch(first):
+        return {"input_ids": torch.tensor([[first, 2]]), "attention_mask": torch.ones(1, 2, dtype=torch.long),
+                "labels": torch.tensor([[2, -100]])}
+
+    stream = source.lookahead((0, i, batch(i)) for i in range(5))
+    first = next(stream)
+    assert len(source.pending) == 3  # requested: the one handed out and two micro-batches ahead
+    for futures in source.pending.values():
+        futures[0][0].result()
+    assert sorted(protocol.sent) == [0, 1, 2]
+    source.signal(first[-1], torch.device("cpu"))
+    second = next(stream)
+    source.signal(batch(9), torch.device("cpu"))  # the loop replaced it (on-policy): its own request
+    list(stream)
+    assert second[-1]["input_ids"][0, 0] == 1 and source.pending == {}
