@@ -174,10 +174,10 @@ student: {{path: {served['root'] / 'student'}}}
 loss: {{kd_alpha: 0.5, temperature: 2.0, chunk_tokens: 32}}
 data:
   train: {{path: {served['root'] / 'text.jsonl'}}}
-  validation_fraction: 0.15
+  validation_fraction: 0.1
   text_fields: [text]
   block_size: 32
-training: {{max_steps: 2, micro_batch_size: 2, learning_rate: 3.0e-3, warmup_ratio: 0.0, log_every: 1,
+training: {{max_steps: 2, micro_batch_size: 1, learning_rate: 3.0e-3, warmup_ratio: 0.0, log_every: 1,
            checkpoint_every: 2, progress_bar: false}}
 {extra}
 """)
