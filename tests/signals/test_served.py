@@ -272,6 +272,28 @@ def vllm_stand_in(tiny_lm):
     server.shutdown()
 
 
+def _tiny_config(tiny_lm, out, teachers: str, steps: int = 2, extra: str = ""):
+    """A run over tiny_lm's text with teacher b's weights as the student; `teachers`: the teachers
+    section's lines, `extra`: more top-level sections."""
+    return write_config(out, f"""
+task: causal_lm
+output_dir: {out}
+seed: 0
+teachers:
+{teachers}
+{extra}
+student: {{path: {tiny_lm['teacher_b']}}}
+loss: {{kd_alpha: 0.5, temperature: 2.0, chunk_tokens: 64}}
+data: {{train: {{path: {tiny_lm['text']}}}, validation_fraction: 0.2, text_fields: [text], block_size: 32}}
+training: {{max_steps: {steps}, micro_batch_size: 4, learning_rate: 3.0e-3, warmup_ratio: 0.0, log_every: 1,
+           checkpoint_every: {steps}, progress_bar: false}}
+""")
+
+
+def _train_rows(out):
+    return [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if row["kind"] == "train"]
+
+
 def test_vllm_rows_are_keyed_by_id_and_cover_every_position_with_the_next_token_sent(tiny_lm, vllm_stand_in):
     from distill.signals.served import VllmProtocol
     from distill.tokens.alignment import vocabulary_bytes
@@ -296,30 +318,14 @@ def test_a_teacher_served_with_its_whole_vocabulary_trains_as_the_same_teacher_l
                                                                                             tmp_path):
     """top_k = V: the served target is the teacher's whole distribution, so the KD term of every step
     equals the live fp32 teacher's (the same model behind the stand-in)."""
-    def config(out, teacher):
-        return write_config(out, f"""
-task: causal_lm
-output_dir: {out}
-seed: 0
-teachers:
-  models: [{teacher}]
-{"  dtype: float32" if "server" not in teacher else "  served: {api: vllm, top_k: 320}"}
-student: {{path: {tiny_lm['teacher_b']}}}
-loss: {{kd_alpha: 0.5, temperature: 2.0, chunk_tokens: 64}}
-data: {{train: {{path: {tiny_lm['text']}}}, validation_fraction: 0.2, text_fields: [text], block_size: 32}}
-training: {{max_steps: 3, micro_batch_size: 4, learning_rate: 3.0e-3, warmup_ratio: 0.0, log_every: 1,
-           checkpoint_every: 3, progress_bar: false}}
-""")
-
     runs = {}
     for name, teacher in (("live", f"{{name: a, path: {tiny_lm['teacher_a']}}}"),
                           ("served", f"{{name: a, path: {tiny_lm['teacher_a']}, server: '{vllm_stand_in['url']}', "
                                      "server_model: tiny}")):
-        out = tmp_path / name
-        result = run_cli(["train", config(out, teacher)])
+        setting = "  dtype: float32" if name == "live" else "  served: {api: vllm, top_k: 320}"
+        result = run_cli(["train", _tiny_config(tiny_lm, tmp_path / name, f"  models: [{teacher}]\n{setting}", steps=3)])
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                      if row["kind"] == "train"]
+        runs[name] = _train_rows(tmp_path / name)
     assert [row["step"] for row in runs["served"]] == [1, 2, 3]
     for live, served in zip(runs["live"], runs["served"]):
         assert math.isclose(live["kd"], served["kd"], rel_tol=1e-4) and math.isclose(live["ce"], served["ce"], rel_tol=1e-4)
@@ -335,21 +341,10 @@ def test_two_served_teachers_are_fitted_and_mixed_as_the_same_teachers_loaded_he
             teachers = ", ".join(
                 f"{{name: {t}, path: {tiny_lm['teacher_' + t]}"
                 + (f", server: '{serve[t]}', server_model: tiny}}" if name == "served" else "}") for t in "ab")
-            out = tmp_path / name
-            write_config(out, f"""
-task: causal_lm
-output_dir: {out}
-seed: 0
-teachers:
-  models: [{teachers}]
-{"  dtype: float32" if name == "live" else "  served: {api: vllm, top_k: 320}"}
-interpolation: {{method: linear}}
-student: {{path: {tiny_lm['teacher_b']}}}
-loss: {{kd_alpha: 0.5, temperature: 2.0, chunk_tokens: 64}}
-data: {{train: {{path: {tiny_lm['text']}}}, validation_fraction: 0.2, text_fields: [text], block_size: 32}}
-training: {{max_steps: 1, micro_batch_size: 4, progress_bar: false}}
-""")
-            result = run_cli(["fit-weights", out.parent / f"{out.name}.yaml", "--out", tmp_path / f"{name}-fit"])
+            setting = "  dtype: float32" if name == "live" else "  served: {api: vllm, top_k: 320}"
+            config = _tiny_config(tiny_lm, tmp_path / name, f"  models: [{teachers}]\n{setting}", steps=1,
+                                  extra="interpolation: {method: linear}")
+            result = run_cli(["fit-weights", config, "--out", tmp_path / f"{name}-fit"])
             assert result.returncode == 0, result.stderr[-3000:]
             rows = json.loads((tmp_path / f"{name}-fit" / "fit_weights.json").read_text())["rows"]
             fitted[name] = next(row for row in rows if row["name"] == "fitted linear")
@@ -363,33 +358,17 @@ training: {{max_steps: 1, micro_batch_size: 4, progress_bar: false}}
 def test_a_served_teacher_mixes_with_a_local_one_as_if_both_were_loaded_here(tiny_lm, vllm_stand_in, tmp_path):
     """Teacher a served (whole vocabulary), teacher b loaded here: the linear and geometric targets, and so
     every step's KD term, equal those of both teachers loaded here in fp32."""
-    def config(out, served_a, method):
-        a = (f"{{name: a, path: {tiny_lm['teacher_a']}, weight: 0.6, server: '{vllm_stand_in['url']}', server_model: tiny}}"
-             if served_a else f"{{name: a, path: {tiny_lm['teacher_a']}, weight: 0.6}}")
-        return write_config(out, f"""
-task: causal_lm
-output_dir: {out}
-seed: 0
-teachers:
-  models: [{a}, {{name: b, path: {tiny_lm['teacher_b']}, weight: 0.4, temperature: 1.5}}]
-  dtype: float32
-{"  served: {api: vllm, top_k: 320}" if served_a else ""}
-interpolation: {{method: {method}}}
-student: {{path: {tiny_lm['teacher_b']}}}
-loss: {{kd_alpha: 0.5, temperature: 2.0, chunk_tokens: 64}}
-data: {{train: {{path: {tiny_lm['text']}}}, validation_fraction: 0.2, text_fields: [text], block_size: 32}}
-training: {{max_steps: 2, micro_batch_size: 4, learning_rate: 3.0e-3, warmup_ratio: 0.0, log_every: 1,
-           checkpoint_every: 2, progress_bar: false}}
-""")
-
+    b = f"{{name: b, path: {tiny_lm['teacher_b']}, weight: 0.4, temperature: 1.5}}"
     for method in ("linear", "geometric"):
         runs = {}
         for served_a in (False, True):
+            a = (f"{{name: a, path: {tiny_lm['teacher_a']}, weight: 0.6"
+                 + (f", server: '{vllm_stand_in['url']}', server_model: tiny}}" if served_a else "}"))
+            teachers = f"  models: [{a}, {b}]\n  dtype: float32" + ("\n  served: {api: vllm, top_k: 320}" if served_a else "")
             out = tmp_path / f"{method}-{served_a}"
-            result = run_cli(["train", config(out, served_a, method)])
+            result = run_cli(["train", _tiny_config(tiny_lm, out, teachers, extra=f"interpolation: {{method: {method}}}")])
             assert result.returncode == 0, result.stderr[-3000:]
-            runs[served_a] = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                              if row["kind"] == "train"]
+            runs[served_a] = _train_rows(out)
             report = json.loads((out / "report.json").read_text())
         assert [row["step"] for row in runs[True]] == [1, 2]
         for live, mixed in zip(runs[False], runs[True]):
@@ -400,42 +379,24 @@ training: {{max_steps: 2, micro_batch_size: 4, learning_rate: 3.0e-3, warmup_rat
 def test_a_served_teacher_mixes_with_a_cached_one(tiny_lm, vllm_stand_in, tmp_path):
     """Teacher b read from a top-k cache of its whole vocabulary, teacher a served: the KD term of each
     step is that of both teachers loaded here in fp32; a cache of other teachers is refused by name."""
-    def config(out, teachers, extra=""):
-        return write_config(out, f"""
-task: causal_lm
-output_dir: {out}
-seed: 0
-teachers:
-  models: [{teachers}]
-  dtype: float32
-{extra}
-student: {{path: {tiny_lm['teacher_b']}}}
-loss: {{kd_alpha: 0.5, temperature: 2.0, chunk_tokens: 64}}
-data: {{train: {{path: {tiny_lm['text']}}}, validation_fraction: 0.2, text_fields: [text], block_size: 32}}
-training: {{max_steps: 2, micro_batch_size: 4, learning_rate: 3.0e-3, warmup_ratio: 0.0, log_every: 1,
-           checkpoint_every: 2, progress_bar: false}}
-""")
-
     a_local = f"{{name: a, path: {tiny_lm['teacher_a']}, weight: 0.6}}"
     a_served = (f"{{name: a, path: {tiny_lm['teacher_a']}, weight: 0.6, server: '{vllm_stand_in['url']}', "
                 "server_model: tiny}")
     b = f"{{name: b, path: {tiny_lm['teacher_b']}, weight: 0.4, temperature: 1.5}}"
     cache = tmp_path / "cache_b"
-    written = run_cli(["cache", config(tmp_path / "for_cache", b), "--out", cache, "--store", "topk", "--top-k", "320"])
+    written = run_cli(["cache", _tiny_config(tiny_lm, tmp_path / "for_cache", f"  models: [{b}]\n  dtype: float32"),
+                       "--out", cache, "--store", "topk", "--top-k", "320"])
     assert written.returncode == 0, written.stderr[-3000:]
     runs = {}
-    for name, teachers, extra in (("live", f"{a_local}, {b}", ""),
-                                  ("mixed", f"{a_served}, {b}",
-                                   f"  cache: {cache}\n  served: {{api: vllm, top_k: 320}}")):
-        out = tmp_path / name
-        result = run_cli(["train", config(out, teachers, extra)])
+    for name, teachers in (("live", f"  models: [{a_local}, {b}]\n  dtype: float32"),
+                           ("mixed", f"  models: [{a_served}, {b}]\n  cache: {cache}\n  served: {{api: vllm, top_k: 320}}")):
+        result = run_cli(["train", _tiny_config(tiny_lm, tmp_path / name, teachers)])
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = [row["kd"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                      if row["kind"] == "train"]
+        runs[name] = [row["kd"] for row in _train_rows(tmp_path / name)]
     assert len(runs["mixed"]) == 2
     assert all(math.isclose(x, y, rel_tol=1e-3) for x, y in zip(runs["live"], runs["mixed"])), runs
-    refused = run_cli(["train", config(tmp_path / "wrong", f"{a_served}, {b.replace('name: b', 'name: c')}",
-                                       f"  cache: {cache}\n  served: {{api: vllm}}")])
+    other = f"  models: [{a_served}, {b.replace('name: b', 'name: c')}]\n  cache: {cache}\n  served: {{api: vllm}}"
+    refused = run_cli(["train", _tiny_config(tiny_lm, tmp_path / "wrong", other)])
     assert refused.returncode == 2 and "holds teachers ['b'], the config names ['c']" in refused.stderr
 
 
@@ -453,26 +414,12 @@ def test_a_served_teacher_with_its_own_tokenizer_is_aligned_as_the_same_teacher_
     try:
         for name in ("live", "served"):
             serve = f", server: '{stand_in['url']}', server_model: tiny" if name == "served" else ""
-            out = tmp_path / name
-            write_config(out, f"""
-task: causal_lm
-output_dir: {out}
-seed: 0
-teachers:
-  models: [{{name: own, path: {own}{serve}}}]
-  tokenization: per_model
-{"  dtype: float32" if name == "live" else "  served: {api: vllm, top_k: 420}"}
-student: {{path: {tiny_lm['teacher_b']}}}
-loss: {{kd_alpha: 0.5, temperature: 2.0, chunk_tokens: 64}}
-data: {{train: {{path: {tiny_lm['text']}}}, validation_fraction: 0.2, text_fields: [text], block_size: 32}}
-training: {{max_steps: 2, micro_batch_size: 4, learning_rate: 3.0e-3, warmup_ratio: 0.0, log_every: 1,
-           checkpoint_every: 2, progress_bar: false}}
-""")
-            result = run_cli(["train", out.parent / f"{out.name}.yaml"])
+            setting = "  dtype: float32" if name == "live" else "  served: {api: vllm, top_k: 420}"
+            teachers = f"  models: [{{name: own, path: {own}{serve}}}]\n  tokenization: per_model\n{setting}"
+            result = run_cli(["train", _tiny_config(tiny_lm, tmp_path / name, teachers)])
             assert result.returncode == 0, result.stderr[-3000:]
-            runs[name] = [row["kd"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                          if row["kind"] == "train"]
-            runs[name + " report"] = json.loads((out / "report.json").read_text())["teachers"][0]
+            runs[name] = [row["kd"] for row in _train_rows(tmp_path / name)]
+            runs[name + " report"] = json.loads((tmp_path / name / "report.json").read_text())["teachers"][0]
     finally:
         server.shutdown()
     assert len(runs["served"]) == 2
