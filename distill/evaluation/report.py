@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from distill.config.schema import DistillConfig
+from distill.config.schema import DistillConfig, teacher_display_name
 
 
 def write_json(path: Path, data) -> None:
@@ -24,11 +24,14 @@ def build_report(cfg: DistillConfig, plans, teacher_params: List[int], student_p
     `kd_only_rows`: the training rows without a label (transfer rows), where the task has such rows."""
     precision = summary.get("teacher_precision") or {}
     teachers = []
+    servers = {teacher_display_name(teacher, index): teacher.server for index, teacher in enumerate(cfg.teachers.models)
+               if getattr(teacher, "server", None) is not None}  # served teachers run in the server's precision
     for plan, params in zip(plans, teacher_params):
+        served = {"dtype": "served", "server": servers[plan.name]} if plan.name in servers else {}
         teachers.append({"name": plan.name, "path": plan.path, "params": params, "weight": plan.weight,
                          "temperature": plan.temperature, "dtype": precision.get("dtype"),
                          "kl_to_fp32": (precision.get("kl_to_fp32") or {}).get(plan.name),
-                         **metrics.get(plan.name, {})})
+                         **served, **metrics.get(plan.name, {})})
     largest = max(teacher_params) if teacher_params else None
     fine_tune = not plans or (cfg.loss.kd_alpha == 0 and cfg.schedules.kd_alpha is None)
     report = {
@@ -286,7 +289,6 @@ def causal_lm_card(report: Dict, dtype: str, compression: Optional[Dict] = None,
     target_line = (f"Interpolated target ({target['interpolation']}, teachers at T=1): perplexity "
                    f"{target['perplexity']:.3f}, bits per byte {_bits(target)}." if target else "")
     ratio = student.get("compression_vs_largest_teacher")
-    loss = report["loss"]
     exported = dtype + (f" + {compression['method']}" if compression else "")
     return f"""---
 library_name: transformers

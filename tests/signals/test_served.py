@@ -370,6 +370,8 @@ def test_a_served_teacher_mixes_with_a_local_one_as_if_both_were_loaded_here(tin
             assert result.returncode == 0, result.stderr[-3000:]
             runs[served_a] = _train_rows(out)
             report = json.loads((out / "report.json").read_text())
+        assert [(t["dtype"], t.get("server")) for t in report["teachers"]] == [("served", vllm_stand_in["url"]),
+                                                                             ("float32", None)]
         assert [row["step"] for row in runs[True]] == [1, 2]
         for live, mixed in zip(runs[False], runs[True]):
             assert math.isclose(live["kd"], mixed["kd"], rel_tol=1e-4), (method, live["kd"], mixed["kd"])
