@@ -37,6 +37,12 @@ from distill.signals.sources import (HiddenStateSignal, LiveLanguageModels, Targ
 from distill.tasks.base import StepFigures, Task, register_task
 
 
+# why served teachers beside local ones, or served with their own tokenizers, cannot be fitted
+UNFITTABLE = ("a fit reads every teacher's hidden states or every teacher's top-k in the student's vocabulary, and "
+              "served teachers beside local ones, or with teachers.tokenization=per_model, give neither; fit with "
+              "all teachers served (one tokenizer) or all local, and pass its weights.yaml")
+
+
 def text_bytes(dataset, data) -> int:
     """UTF-8 bytes of the text whose tokens carry labels (texts, or the responses): the
     denominator of bits per byte, the same whatever the tokenizer."""
@@ -188,10 +194,7 @@ class CausalLM(Task):
                                         "student.from_teacher": cfg.student.from_teacher is not None and
                                         resolve_teacher_index(cfg, cfg.student.from_teacher) in served}.items() if is_set]
         if cfg.interpolation.fit_on is not None and (not every or teachers.tokenization == "per_model"):
-            raise ConfigError("interpolation.fit_on reads every teacher's hidden states or every teacher's top-k in "
-                              "the student's vocabulary: served teachers beside local ones, or with "
-                              "teachers.tokenization=per_model, give neither; fit with all teachers served (one "
-                              "tokenizer) or all local, and pass its weights.yaml")
+            raise ConfigError(f"interpolation.fit_on: {UNFITTABLE}")
         if used:
             raise ConfigError(f"teachers.models[*].server: served teachers do not read {used} (no teacher weights load "
                               "here; their top-k comes over HTTP for the student's own tokens): remove "
@@ -627,10 +630,7 @@ class CausalLM(Task):
         local: Dict[int, Tuple[List[Tensor], Tensor]] = {}
         sparse = not source.can(Capability.WRITE_LOGITS) and source.can(Capability.TOP_K)  # served teachers
         if not (sparse or source.can(Capability.WRITE_LOGITS) or source.can(Capability.ALIGNED)):
-            raise ConfigError("fitting the interpolation reads every teacher's hidden states or every teacher's "
-                              "top-k: served and local teachers together, or a served teacher with another "
-                              "tokenizer, give neither; fit with all teachers served (one tokenizer) or all local, "
-                              "and pass its weights.yaml")
+            raise ConfigError(f"fitting the interpolation: {UNFITTABLE}")
         for batch in loader:
             signal = source.signal(batch, device)
             labels = batch[LABELS]

@@ -208,7 +208,7 @@ def test_a_wrong_model_name_or_a_server_that_is_down_is_refused_before_anything_
     assert not (tmp_path / "down").exists()
     fit = run_cli(["train", _config(served, tmp_path / "fit"), "teachers.tokenization=per_model",
                    "interpolation.fit_on=validation"])
-    assert fit.returncode == 2 and "interpolation.fit_on reads every teacher's hidden states" in fit.stderr
+    assert fit.returncode == 2 and "interpolation.fit_on: a fit reads every teacher's hidden states" in fit.stderr
     assert not (tmp_path / "fit").exists()
 
 
