@@ -41,14 +41,17 @@ def test_reply_rows_become_a_top_k_target_with_the_tail_of_the_unlisted_mass():
     assert torch.isinf(log_probs[2, 1:]).all() and math.isclose(tail[2].exp().item(), 0.1, rel_tol=1e-5)
 
 
-def test_an_unreachable_server_is_named_after_its_retries():
+def test_an_unreachable_server_is_named_after_its_retries_with_doubling_waits(monkeypatch):
+    from distill.signals import served
+
+    waits = []
+    monkeypatch.setattr(served.time, "sleep", waits.append)
     port = free_port()  # nothing listens there
-    client = Client("big", f"http://127.0.0.1:{port}", None, timeout_s=2, retries=2, backoff_s=0.01)
-    started = time.perf_counter()
+    client = Client("big", f"http://127.0.0.1:{port}", None, timeout_s=2, retries=2, backoff_s=0.5)
     with pytest.raises(ServedTeacherError, match=rf"teacher big at http://127.0.0.1:{port} did not answer "
                                                  r"/v1/models after 3 tries"):
         client.post("/v1/models")
-    assert time.perf_counter() - started < 10
+    assert waits == [0.5, 1.0]  # between the three tries, none after the last
 
 
 class _Flaky(http.server.BaseHTTPRequestHandler):
