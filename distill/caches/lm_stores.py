@@ -85,14 +85,14 @@ def plan_cache_run(setup):
         raise ConfigError("teachers.models is empty: there is nothing to cache")
     if cfg.teachers.cache is not None:
         raise ConfigError("teachers.cache is set: distill cache runs the live teachers; remove teachers.cache")
-    if any(teacher.server is not None for teacher in cfg.teachers.models):
-        raise ConfigError("teachers.models[*].server: distill cache runs local teachers; a served teacher is read "
-                          "while training (remove server, or train with it directly)")
     if cfg.teachers.placement != "replicated" and world_size() > 1:
         raise ConfigError("teachers.placement: zero3 with distill cache on several ranks: each rank caches its own "
                           "shards with whole teachers; set teachers.placement=replicated (or run one rank)")
     setup.plan()
-    return setup.splits, setup.plans, [content_hash(plan.path) for plan in setup.plans]
+    # a served teacher is its server's model: its path holds only its tokenizer and config
+    servers = [f" {teacher.server} {teacher.server_model}" if teacher.server is not None else ""
+               for teacher in cfg.teachers.models]
+    return setup.splits, setup.plans, [content_hash(plan.path) + server for plan, server in zip(setup.plans, servers)]
 
 
 def teacher_signature(plans, hashes, dtype) -> dict:
@@ -201,6 +201,9 @@ class HiddenStore(Store):
     flag = "--hidden-dtype"
 
     def settings(self, cfg, plans, vocab, hidden_dtype):
+        if any(teacher.server is not None for teacher in cfg.teachers.models):
+            raise ConfigError("--store hidden keeps the teachers' last hidden states, which a served teacher "
+                              "(teachers.models[i].server) does not give: use --store topk or sampled")
         if hidden_dtype is not None and hidden_dtype not in HIDDEN_DTYPES:
             raise ConfigError(f"--hidden-dtype must be one of {list(HIDDEN_DTYPES)}, got {hidden_dtype!r}")
         # half of fp32's bytes, whatever the teachers compute in

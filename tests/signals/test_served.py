@@ -461,3 +461,25 @@ def test_lookahead_requests_ahead_and_keeps_nothing_for_batches_the_loop_replace
     source.signal(batch(9), torch.device("cpu"))  # the loop replaced it (on-policy): its own request
     list(stream)
     assert second[-1]["input_ids"][0, 0] == 1 and source.pending == {}
+
+
+def test_a_cache_written_from_a_served_teacher_trains_as_the_teacher_loaded_here(tiny_lm, vllm_stand_in, tmp_path):
+    """`distill cache` asks the server once (whole vocabulary, top-k store); training on that cache gives
+    the live fp32 teacher's KD terms. A hidden-state store is refused: a server gives no hidden states."""
+    served = (f"  models: [{{name: a, path: {tiny_lm['teacher_a']}, server: '{vllm_stand_in['url']}', "
+              "server_model: tiny}]\n  served: {api: vllm, top_k: 320}")
+    config = _tiny_config(tiny_lm, tmp_path / "for_cache", served)
+    hidden = run_cli(["cache", config, "--out", tmp_path / "hidden", "--store", "hidden"])
+    assert hidden.returncode == 2 and "a served teacher (teachers.models[i].server) does not give" in hidden.stderr
+    assert not (tmp_path / "hidden").exists()
+    written = run_cli(["cache", config, "--out", tmp_path / "cache", "--store", "topk", "--top-k", "320"])
+    assert written.returncode == 0, written.stderr[-3000:]
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert meta["teachers"][0]["hash"].endswith(f" {vllm_stand_in['url']} tiny")  # the server's model, not the folder
+    runs = {}
+    for name, teachers in (("live", f"  models: [{{name: a, path: {tiny_lm['teacher_a']}}}]\n  dtype: float32"),
+                           ("cached", f"  models: [{{name: a, path: {tiny_lm['teacher_a']}}}]\n  cache: {tmp_path / 'cache'}")):
+        result = run_cli(["train", _tiny_config(tiny_lm, tmp_path / name, teachers)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = [row["kd"] for row in _train_rows(tmp_path / name)]
+    assert len(runs["cached"]) == 2 and all(math.isclose(x, y, rel_tol=1e-3) for x, y in zip(runs["live"], runs["cached"])), runs
