@@ -15,12 +15,23 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# llama.cpp's server for the served-teacher tests is built from source (about 1.5 minutes on 2 cores),
+# only the libraries its Python bindings load (no common library, examples, tools, tests or multimodal).
+# The build starts first, into a folder of its own, and compiles while the rest downloads and installs.
+wheels="$(mktemp -d)"
+trap 'kill "${build:-}" 2>/dev/null; rm -rf "$wheels"' EXIT
+CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DCMAKE_PROJECT_INCLUDE=$root/launch/llama_cpp_no_common.cmake}" \
+    .venv/bin/python -m pip wheel --quiet --disable-pip-version-check --no-deps -c constraints.txt \
+    -r requirements-server.txt -w "$wheels" > "$wheels/build.log" 2>&1 &
+build=$!
 "${pip[@]}" -c constraints.txt torch
 "${pip[@]}" -c constraints.txt -e ".[test,quantize,onnx,sweep]"
 "${pip[@]}" --no-deps -r requirements-demo.txt
-# llama.cpp's server for the served-teacher tests, built from source once (about 1.5 minutes on 2 cores):
-# only the libraries its Python bindings load (no common library, examples, tools, tests or multimodal)
-CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
-CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DCMAKE_PROJECT_INCLUDE=$root/launch/llama_cpp_no_common.cmake}" \
-    "${pip[@]}" -c constraints.txt -r requirements-server.txt
+if ! wait "$build"; then
+    cat "$wheels/build.log" >&2
+    echo "launch/setup.sh: building llama-cpp-python failed (its log is above)" >&2
+    exit 1
+fi
+"${pip[@]}" -c constraints.txt --find-links "$wheels" -r requirements-server.txt
 echo "$want" > "$stamp"
