@@ -19,7 +19,7 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # only the libraries its Python bindings load (no common library, examples, tools, tests or multimodal).
 # The build starts first, into a folder of its own, and compiles while the rest downloads and installs.
 wheels="$(mktemp -d)"
-trap 'kill "${build:-}" 2>/dev/null; rm -rf "$wheels"' EXIT
+trap 'kill "${build:-}" 2>/dev/null || true; rm -rf "$wheels"' EXIT
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
 CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DCMAKE_PROJECT_INCLUDE=$root/launch/llama_cpp_no_common.cmake}" \
     .venv/bin/python -m pip wheel --quiet --disable-pip-version-check --no-deps -c constraints.txt \
@@ -27,11 +27,12 @@ CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUIL
 build=$!
 "${pip[@]}" -c constraints.txt torch
 "${pip[@]}" -c constraints.txt -e ".[test,quantize,onnx,sweep]"
-"${pip[@]}" --no-deps -r requirements-demo.txt
 if ! wait "$build"; then
     cat "$wheels/build.log" >&2
     echo "launch/setup.sh: building llama-cpp-python failed (its log is above)" >&2
     exit 1
 fi
 "${pip[@]}" -c constraints.txt --find-links "$wheels" -r requirements-server.txt
+# last: installed without their declared dependencies, which pip's check on a later install would name
+"${pip[@]}" --no-deps -r requirements-demo.txt
 echo "$want" > "$stamp"
