@@ -16,6 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+def pytest_collection_modifyitems(config, items):
+    """Files with launcher runs (`multirank`) first, the rest in their order: pytest-xdist's --dist
+    loadfile hands whole files to the workers in collection order, so the longest go out first and the
+    suite does not end on one worker running a long file while the other waits."""
+    heavy = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("multirank")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)  # stable: order kept within each
+
+
 LABELS = ["negative", "neutral", "positive"]
 _WORDS = {"negative": ["awful", "terrible", "hate", "broken"], "neutral": ["table", "monday", "paper", "grey"],
           "positive": ["great", "lovely", "love", "superb"]}
