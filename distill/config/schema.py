@@ -1171,6 +1171,11 @@ def _check_pattern(pattern: Optional[str], key: str) -> None:
             raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression: {error}") from error
 
 
+def served_teachers(cfg) -> List[int]:
+    """The indices of the teachers that run on inference servers (teachers.models[i].server)."""
+    return [index for index, teacher in enumerate(cfg.teachers.models) if teacher.server is not None]
+
+
 def teacher_display_name(teacher: TeacherConfig, index: int) -> str:
     if teacher.name:
         return teacher.name

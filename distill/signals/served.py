@@ -71,6 +71,10 @@ class Client:
     def describe(self) -> str:
         return f"teacher {self.name} at {self.url}"
 
+    def named(self, body: Dict) -> Dict:
+        """`body` with the model the server knows this teacher by, when the config names one."""
+        return body if self.model is None else {**body, "model": self.model}
+
     def _once(self, route: str, body: Optional[Dict]) -> Dict:
         data = None if body is None else json.dumps(body).encode("utf-8")
         request = urllib.request.Request(self.url + route, data=data, method="GET" if body is None else "POST",
@@ -139,9 +143,8 @@ class Protocol:
 
     name = "base"
 
-    def __init__(self, client: Client, tokenizer, token_bytes: Sequence[Optional[bytes]], top_k: int):
+    def __init__(self, client: Client, tokenizer, top_k: int):
         self.client, self.tokenizer, self.top_k = client, tokenizer, top_k
-        self.token_bytes = token_bytes
 
     def check_model(self) -> None:
         listed = self.client.post("/v1/models")
@@ -152,14 +155,12 @@ class Protocol:
             raise ConfigError(f"{self.client.describe()} serves {names}, not {self.client.model!r}: set "
                               "teachers.models[i].server_model to one of them")
 
-    def tokenized(self, route: str, body: Dict) -> int:
-        """How the server tokenizes a probe sentence against the tokenizer here: 0 (alike) or 1 (a BOS
-        first); a ConfigError for another tokenizer."""
+    def tokenized(self, route: str, text_key: str, **options) -> int:
+        """How the server tokenizes a probe sentence (sent as `text_key`) against the tokenizer here: 0
+        (alike) or 1 (a BOS first); a ConfigError for another tokenizer."""
         probe = "The teacher reads this sentence."
         want = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
-        if self.client.model is not None:
-            body = {**body, "model": self.client.model}
-        got = self.client.post(route, {key: (probe if value is None else value) for key, value in body.items()}).get("tokens")
+        got = self.client.post(route, self.client.named({text_key: probe, **options})).get("tokens")
         if not isinstance(got, list):
             raise malformed(self.client, f"{route} returned no token list")
         if got == want:
@@ -170,9 +171,7 @@ class Protocol:
                           f"teachers.models[i].path as {want}: serve the model whose tokenizer that path holds")
 
     def completion(self, body: Dict) -> Dict:
-        if self.client.model is not None:
-            body = {**body, "model": self.client.model}
-        reply = self.client.post("/v1/completions", body)
+        reply = self.client.post("/v1/completions", self.client.named(body))
         try:
             return reply["choices"][0]
         except (KeyError, IndexError, TypeError):
@@ -186,15 +185,18 @@ class LlamaCppProtocol(Protocol):
 
     name = "llama_cpp"
 
-    def __init__(self, client: Client, tokenizer, token_bytes: Sequence[Optional[bytes]], top_k: int):
-        super().__init__(client, tokenizer, token_bytes, top_k)
+    def __init__(self, client: Client, tokenizer, top_k: int):
+        from distill.tokens.alignment import vocabulary_bytes
+
+        super().__init__(client, tokenizer, top_k)
+        token_bytes = vocabulary_bytes(tokenizer)
         self.ids_of = text_ids(token_bytes)
         self.texts = [(b or b"").decode("utf-8", "ignore") for b in token_bytes]
         self.offset = 0  # 1 when the server puts a BOS first: its row t + 1 is the prediction after token t
 
     def start(self) -> None:
         self.check_model()
-        self.offset = self.tokenized("/extras/tokenize", {"input": None})
+        self.offset = self.tokenized("/extras/tokenize", "input")
 
     def request(self, ids: List[int], next_id: Optional[int] = None) -> Reply:
         text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -232,7 +234,7 @@ class VllmProtocol(Protocol):
 
     def start(self) -> None:
         self.check_model()
-        self.tokenized("/tokenize", {"prompt": None, "add_special_tokens": False})
+        self.tokenized("/tokenize", "prompt", add_special_tokens=False)
 
     def request(self, ids: List[int], next_id: Optional[int] = None) -> Reply:
         # one token more than the block: its entry is the prediction after the block's last token (the
@@ -438,20 +440,18 @@ class MixedSource(Source):
 def connect(cfg, plans, tokenizer, vocab_size: int) -> ServedLanguageModels:
     """The source over every served teacher's server, each checked once (reachable, model known, same
     tokenizer as its `path`) before training starts. `tokenizer` and `vocab_size`: the student's."""
+    from distill.config.schema import served_teachers
     from distill.models.loading import load_tokenizer
-    from distill.tokens.alignment import vocabulary_bytes
 
     served = cfg.teachers.served
-    by_name = {plan.name: teacher for plan, teacher in zip(plans, cfg.teachers.models)}
-    plans = [plan for plan in plans if by_name[plan.name].server is not None]
-    student_bytes = vocabulary_bytes(tokenizer)
+    chosen = served_teachers(cfg)
+    plans = [plans[k] for k in chosen]
     protocols = []
-    for plan in plans:
-        teacher = by_name[plan.name]
+    for plan, k in zip(plans, chosen):
+        teacher = cfg.teachers.models[k]
         own = tokenizer if plan.token_map is None else load_tokenizer(plan.path, plan.key, cfg.trust_remote_code)
         client = Client(plan.name, teacher.server, teacher.server_model, served.timeout_s, served.retries)
-        protocol = PROTOCOLS[served.api](client, own, student_bytes if plan.token_map is None
-                                         else vocabulary_bytes(own), served.top_k)
+        protocol = PROTOCOLS[served.api](client, own, served.top_k)
         protocol.start()
         protocols.append(protocol)
     return ServedLanguageModels(protocols, vocab_size, served.top_k, served.concurrency, served.prefetch,

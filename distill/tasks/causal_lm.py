@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 import distill.runtime.distributed as distributed
 from distill.signals.base import Capability
 from distill.formulas.token_loss import (Workspace, chunked_target_distillation, fused_token_distillation, tokens_per_chunk)
-from distill.config.schema import DataConfig, resolve_teacher_index, teacher_display_name
+from distill.config.schema import DataConfig, resolve_teacher_index, served_teachers, teacher_display_name
 from distill.errors import ConfigError
 from distill.data.text import INDEX, LABELS
 from distill.evaluation.predictions import validation_loader
@@ -178,7 +178,7 @@ class CausalLM(Task):
         from omegaconf import OmegaConf
 
         teachers = cfg.teachers
-        served = [index for index, teacher in enumerate(teachers.models) if teacher.server is not None]
+        served = served_teachers(cfg)
         if not served:
             if OmegaConf.to_container(teachers.served) != OmegaConf.to_container(OmegaConf.structured(ServedConfig)):
                 raise ConfigError("teachers.served is read only with a served teacher (teachers.models[i].server): "
@@ -282,7 +282,7 @@ class CausalLM(Task):
 
     def served(self) -> bool:
         """Some teacher runs on an inference server."""
-        return any(teacher.server is not None for teacher in self.cfg.teachers.models)
+        return bool(served_teachers(self.cfg))
 
     def _connect(self):
         from distill.signals.served import connect
@@ -295,7 +295,8 @@ class CausalLM(Task):
         from distill.caches.lm_stores import LogitCache, fingerprint
 
         if self.cache is None:  # it holds the teachers that are not served
-            cached = [plan for plan, teacher in zip(self.plans, self.cfg.teachers.models) if teacher.server is None]
+            served = served_teachers(self.cfg)
+            cached = [plan for k, plan in enumerate(self.plans) if k not in served]
             self.cache = LogitCache(resolve_path(self.cfg.teachers.cache), [p.name for p in cached],
                                     fingerprint(train_set))
             key = f"teachers.cache ({self.cfg.teachers.cache}, {self.cache.store.name})"
@@ -492,7 +493,7 @@ class CausalLM(Task):
         from distill.models.teachers import TeacherEnsemble, build_configured_interpolation
 
         cfg = self.cfg
-        served = [k for k, teacher in enumerate(cfg.teachers.models) if teacher.server is not None]
+        served = served_teachers(cfg)
         local = [k for k in range(len(plans)) if k not in served]
         ensemble = TeacherEnsemble(plans, [], build_configured_interpolation(cfg))
         ensemble.on_nonfinite, ensemble.served = cfg.teachers.on_nonfinite, True

@@ -138,11 +138,9 @@ def test_the_served_distributions_line_up_with_the_same_model_run_locally(served
     from transformers import AutoModelForCausalLM
 
     from distill.signals.served import LlamaCppProtocol
-    from distill.tokens.alignment import vocabulary_bytes
 
     tokenizer, gguf = served["tokenizer"], served["gguf"]
-    protocol = LlamaCppProtocol(Client("smol", served["url"], "smollm2", 60, 1), tokenizer,
-                                vocabulary_bytes(tokenizer), top_k=10)
+    protocol = LlamaCppProtocol(Client("smol", served["url"], "smollm2", 60, 1), tokenizer, top_k=10)
     protocol.start()
     assert protocol.offset == 0  # this GGUF adds no BOS
     ids = tokenizer(" ".join(served["texts"][:3]))["input_ids"][:40]
@@ -299,10 +297,9 @@ def _train_rows(out):
 
 def test_vllm_rows_are_keyed_by_id_and_cover_every_position_with_the_next_token_sent(tiny_lm, vllm_stand_in):
     from distill.signals.served import VllmProtocol
-    from distill.tokens.alignment import vocabulary_bytes
 
     tokenizer = tiny_lm["tokenizer"]
-    protocol = VllmProtocol(Client("a", vllm_stand_in["url"], "tiny", 30, 0), tokenizer, vocabulary_bytes(tokenizer), 5)
+    protocol = VllmProtocol(Client("a", vllm_stand_in["url"], "tiny", 30, 0), tokenizer, 5)
     protocol.start()
     stream = tokenizer(tiny_lm["text"].read_text().splitlines()[0])["input_ids"]
     ids, after = stream[:12], stream[12]
@@ -314,7 +311,7 @@ def test_vllm_rows_are_keyed_by_id_and_cover_every_position_with_the_next_token_
     assert torch.equal(ids_k, top) and torch.allclose(log_probs.double(), values, atol=1e-5)
     assert torch.allclose(tail.double(), torch.log1p(-values.exp().sum(-1)), atol=1e-4)  # float64 reference
     with pytest.raises(Exception, match="serves \\['tiny'\\], not 'big'"):
-        VllmProtocol(Client("a", vllm_stand_in["url"], "big", 30, 0), tokenizer, vocabulary_bytes(tokenizer), 5).start()
+        VllmProtocol(Client("a", vllm_stand_in["url"], "big", 30, 0), tokenizer, 5).start()
 
 
 def test_a_teacher_served_with_its_whole_vocabulary_trains_as_the_same_teacher_loaded_here(tiny_lm, vllm_stand_in,
