@@ -56,3 +56,14 @@ def perturb_ids(input_ids: Tensor, attention_mask: Tensor, special_ids: Sequence
                                                                              device=input_ids.device))
     return torch.where(span_mask(maskable, rate, mean_span, generator), torch.full_like(input_ids, replacement),
                        input_ids)
+
+
+def carry_mask(student_ids: Tensor, masked_ids: Tensor, teacher_ids: Tensor, rows: Tensor, replacement: int) -> Tensor:
+    """A teacher's own ids masked at the positions where the student's were, on `rows` ([B] bool: the
+    rows the teacher encodes as the student does, token for token, position for position); its other
+    rows unchanged (a new tensor)."""
+    width = min(student_ids.shape[1], teacher_ids.shape[1])
+    changed = torch.zeros(teacher_ids.shape, dtype=torch.bool, device=teacher_ids.device)
+    changed[:, :width] = (masked_ids[:, :width] != student_ids[:, :width]).to(teacher_ids.device) & rows[:, None].to(
+        teacher_ids.device)
+    return torch.where(changed, torch.full_like(teacher_ids, replacement), teacher_ids)

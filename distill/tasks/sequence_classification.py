@@ -73,12 +73,10 @@ class SequenceClassification(Task):
         if cfg.data.perturb.rate > 0:
             reads_other_input = [key for key, used in (
                 ("teachers.cache", cfg.teachers.cache is not None),
-                ("teachers.models[*].logits", any(t.logits for t in cfg.teachers.models)),
-                ("teachers.tokenization=per_model", cfg.teachers.tokenization == "per_model")) if used]
+                ("teachers.models[*].logits", any(t.logits for t in cfg.teachers.models))) if used]
             if reads_other_input:
                 raise ConfigError(f"data.perturb: the teachers must read the student's masked input, and {reads_other_input} "
-                                  "read other input (stored outputs, or their own tokens): set data.perturb.rate=0 or "
-                                  "use live teachers sharing the student's tokenizer")
+                                  "hold outputs of the clean text: set data.perturb.rate=0 or use live teachers")
         if cfg.student.trim_vocab and cfg.teachers.models and cfg.teachers.tokenization == "shared":
             raise ConfigError("student.trim_vocab gives the student its own vocabulary: "
                               "set teachers.tokenization=per_model so each teacher encodes the text itself")
@@ -92,6 +90,7 @@ class SequenceClassification(Task):
         self.replacer = None  # data.augment's masked LM, once checked
         self.continuer = None  # data.augment's causal LM, once loaded
         self.cache = None  # teachers.cache (classifier_cache.ClassifierCache), once checked
+        self.unmasked_rows = None  # data.perturb with teachers reading their own encodings: the last batch's share
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
@@ -148,31 +147,49 @@ class SequenceClassification(Task):
         return Collator(self.groups)
 
     def batches(self, stream, engine):
-        """data.perturb: each micro-batch's student ids masked in spans (the teachers read the same ids),
-        drawn from the run's seed and the micro-batch's (epoch, position), so a resumed run repeats them."""
+        """data.perturb: each micro-batch's student ids masked in spans, drawn from the run's seed and the
+        micro-batch's (epoch, position), so a resumed run repeats them. Teachers sharing the student's ids
+        read the masked ids; a teacher reading its own encoding (teachers.tokenization=per_model) gets its
+        mask token at the same positions on the rows it encodes as the student does token for token; a
+        row some teacher encodes otherwise stays clean for everyone (consistency first), and the share
+        of such rows is the train figure `perturb/unmasked_rows`."""
         perturb = self.cfg.data.perturb
         if perturb.rate <= 0:
             return stream
-        from distill.formulas.perturbations import perturb_ids, perturbation_seed
+        from distill.formulas.perturbations import carry_mask, perturb_ids, perturbation_seed
+        from distill.models.layer_hooks import aligned_rows, token_map
 
         replacement, special = self._mask_token(), self.groups[0].tokenizer.all_special_ids
+        own = [(group.prefix, token_map(self.groups[0].tokenizer, group.tokenizer), self._mask_token(group.tokenizer))
+               for group in self.groups[1:] if group.prefix]
 
         def perturbed():
             for epoch, position, batch in stream:
-                batch = dict(batch, input_ids=perturb_ids(batch["input_ids"], batch["attention_mask"], special,
-                                                          replacement, perturb.rate, perturb.mean_span,
-                                                          perturbation_seed(self.cfg.seed, epoch, position)))
-                yield epoch, position, batch
+                ids, mask = batch["input_ids"], batch["attention_mask"]
+                masked = perturb_ids(ids, mask, special, replacement, perturb.rate, perturb.mean_span,
+                                     perturbation_seed(self.cfg.seed, epoch, position))
+                if own:
+                    same = torch.ones(ids.shape[0], dtype=torch.bool)
+                    for prefix, mapping, _ in own:
+                        same &= aligned_rows(ids, mask, batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
+                                             mapping).cpu()
+                    masked = torch.where(same[:, None].to(ids.device), masked, ids)
+                    batch = dict(batch, **{prefix + "input_ids": carry_mask(ids, masked, batch[prefix + "input_ids"],
+                                                                            same, teacher_replacement)
+                                           for prefix, _, teacher_replacement in own})
+                    self.unmasked_rows = float((~same).float().mean())
+                yield epoch, position, dict(batch, input_ids=masked)
 
         return perturbed()
 
-    def _mask_token(self) -> int:
-        """The id data.perturb masks with: the student's mask token, else its unknown token."""
-        tokenizer = self.groups[0].tokenizer
+    def _mask_token(self, tokenizer=None) -> int:
+        """The id data.perturb masks with: the tokenizer's (default: the student's) mask token, else its
+        unknown token."""
+        tokenizer = self.groups[0].tokenizer if tokenizer is None else tokenizer
         replacement = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
         if replacement is None:
-            raise ConfigError("data.perturb: the student's tokenizer has neither a mask nor an unknown token to "
-                              "mask with: set data.perturb.rate=0")
+            raise ConfigError(f"data.perturb: the tokenizer {tokenizer.name_or_path!r} has neither a mask nor an "
+                              "unknown token to mask with: set data.perturb.rate=0")
         return replacement
 
     # models --------------------------------------------------------------------------------
@@ -192,8 +209,9 @@ class SequenceClassification(Task):
         """Black-box teachers' files cover every training and validation example; data.augment's
         masked LM loads and has its head (rank 0 keeps it for the augmentation)."""
         check_stored_outputs_cover(self.cfg, self.plans, self.label_names, splits)
-        if self.cfg.data.perturb.rate > 0:
-            self._mask_token()  # refused before the run directory is written, not at the first step
+        if self.cfg.data.perturb.rate > 0:  # refused before the run directory is written, not at the first step
+            for group in self.groups:
+                self._mask_token(group.tokenizer)
         if self.cfg.teachers.cache is not None:
             from distill.caches.classifier import ClassifierCache
             from distill.data.text import text_key
@@ -316,6 +334,8 @@ class SequenceClassification(Task):
                                          row_weights, aligned)
             extra.update({f"{ensemble.names[k]}/aligned_rows": float(rows.float().mean())
                           for k, rows in aligned.items()})
+        if self.unmasked_rows is not None:
+            extra = dict(extra or {}, **{"perturb/unmasked_rows": self.unmasked_rows})
         teacher_kl = teacher_correct = None
         labelled_rows = labels != IGNORE_INDEX
         if teacher_logits is not None and (keep is None or bool(keep.all())):

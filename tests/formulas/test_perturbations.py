@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from distill.formulas.perturbations import perturb_ids, perturbation_seed, span_mask
+from distill.formulas.perturbations import carry_mask, perturb_ids, perturbation_seed, span_mask
 
 
 def _spans(row):
@@ -59,3 +59,13 @@ def test_special_and_padded_tokens_are_never_masked_and_the_draw_is_a_function_o
     assert torch.equal(first, again)
     assert not torch.equal(perturb_ids(ids, mask, [0, 101, 102], 103, 0.5, 2.0, perturbation_seed(3, 1, 8)), first) or \
         not torch.equal(perturb_ids(ids, mask, [0, 101, 102], 103, 0.5, 2.0, perturbation_seed(3, 2, 7)), first)
+
+
+def test_a_teachers_own_ids_are_masked_where_the_students_were_on_matching_rows_only():
+    student = torch.tensor([[5, 6, 7, 0], [5, 8, 9, 9]])
+    masked = torch.tensor([[5, 1, 7, 0], [1, 8, 1, 9]])  # the student's mask id is 1
+    teacher = torch.tensor([[15, 16, 17], [15, 18, 19]])  # its own numbering, one column narrower
+    rows = torch.tensor([True, False])  # the second row is encoded otherwise: left unchanged
+    out = carry_mask(student, masked, teacher, rows, replacement=103)
+    assert out.tolist() == [[15, 103, 17], [15, 18, 19]]
+    assert teacher.tolist() == [[15, 16, 17], [15, 18, 19]]  # a new tensor
