@@ -15,7 +15,7 @@ teachers), with no teacher body run.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import Tensor

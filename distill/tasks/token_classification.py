@@ -21,12 +21,11 @@ and the interpolated target. Words beyond `data.max_length` sub-tokens are not s
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from transformers import AutoModelForTokenClassification
 
-from distill.config.schema import DataConfig, LossConfig
 from distill.data.tagged import FIRST, ROWS, WORD_IDS, WORDS, read_tagged_splits
 from distill.data.text import EXAMPLE_ID, INDEX, LABELS, SOURCE, TokenizerGroup, model_inputs
 from distill.errors import ConfigError
@@ -36,7 +35,7 @@ from distill.evaluation.report import (compression_section, loss_line, onnx_line
                                        teacher_note, text_table, trained_by, write_json)
 from distill.formulas.divergences import IGNORE_INDEX, build_divergence, distillation_loss, per_teacher_kl
 from distill.formulas.fits import in_memory
-from distill.models.loading import check_positions, load_model_config, load_pretrained, load_tokenizer
+from distill.models.loading import check_positions, load_model_config, load_pretrained
 from distill.models.student import build_student, check_student_labels
 from distill.models.teachers import load_teachers, plan_teachers
 from distill.runtime.distributed import gather_objects
