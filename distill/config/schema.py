@@ -219,6 +219,10 @@ class DataConfig:
     prepare: bool = False
     prepared_dir: Optional[str] = None
     num_proc: Optional[int] = None
+    # task causal_lm: data.train read as a stream (datasets streaming), shuffled in a buffer of
+    # shuffle_buffer texts: nothing prepared or held; needs training.max_steps (distill/data/streamed.py)
+    streaming: bool = False
+    shuffle_buffer: int = 10000
     seed: int = 42  # for the validation carve-out and subsampling: keep it fixed across a project
     # Scheduled mixture: when sources are named, each batch draws its rows from them with the
     # proportions of schedules.data_mixture (distill/data/mixture.py); needs training.max_steps.
@@ -890,6 +894,7 @@ def _validate_task(cfg) -> None:
     _require((data.prompt_field is None) == (data.response_field is None),
              "data.prompt_field and data.response_field go together: set both (prompt/response pairs) or neither")
     _require(data.num_proc is None or data.num_proc >= 1, f"data.num_proc must be >= 1 (or null: the cores), got {data.num_proc}")
+    _require(data.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1 (texts held for shuffling), got {data.shuffle_buffer}")
     _require(0 <= data.perturb.rate < 1, f"data.perturb.rate must be in [0, 1), got {data.perturb.rate}")
     _require(data.perturb.mean_span >= 1, f"data.perturb.mean_span must be >= 1, got {data.perturb.mean_span}")
     for name in ("prepared_dir", "num_proc"):

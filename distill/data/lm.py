@@ -56,6 +56,9 @@ def read_lm_splits(data, route_by=None) -> Splits:
     concatenation of the sources, each row tagged with its source id; with `route_by`, each row
     keeps that column's value (ROUTE)."""
     fields = lm_fields(data)
+    if data.streaming:  # the train text is read as it trains (data/streamed.py): nothing to read now
+        return Splits(train=None, validation=_read(data.validation, "validation", data, route_by), label_names=[],
+                      source_names=["train"])
     train = _read(data.train, "train", data, route_by)
     if data.validation.path is not None:
         validation = _read(data.validation, "validation", data, route_by)

@@ -47,20 +47,21 @@ class Splits:
     source_names: List[str]  # train rows carry a `source` id into this list
 
 
-def load_source(source: DataSourceConfig, key: str) -> Dataset:
+def load_source(source: DataSourceConfig, key: str, streaming: bool = False) -> Dataset:
+    """The source's rows; `streaming`: a `datasets.IterableDataset` read as it is iterated."""
     reference = source.path
     try:
         if is_local_reference(reference):
             path = resolve_path(reference)
             if path.is_dir():
-                return load_dataset(str(path), split=source.split)
+                return load_dataset(str(path), split=source.split, streaming=streaming)
             data_format = _FORMATS.get(path.suffix.lower())
             if data_format is None:
                 raise ConfigError(f"data.{key}.path: {path} has an unknown extension; "
                                   f"use one of {sorted(_FORMATS)}")
             extra = {"encoding": source.encoding} if data_format == "csv" else {}
-            return load_dataset(data_format, data_files=str(path), split="train", **extra)
-        return load_dataset(reference, split=source.split)
+            return load_dataset(data_format, data_files=str(path), split="train", streaming=streaming, **extra)
+        return load_dataset(reference, split=source.split, streaming=streaming)
     except ConfigError:
         raise
     except Exception as error:

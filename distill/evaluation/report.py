@@ -45,7 +45,7 @@ def build_report(cfg: DistillConfig, plans, teacher_params: List[int], student_p
                  "label_smoothing": cfg.loss.label_smoothing, "divergence": cfg.loss.divergence},
         "training": {"steps": summary["steps"], "seconds": round(summary["seconds"], 1),
                      "zero_stage": cfg.deepspeed.zero_stage, "global_batch": summary.get("global_batch"),
-                     "train_rows": len(train_set),
+                     "train_rows": _rows(train_set),
                      "validation_rows": len(validation_set)},
     }
     if kd_only_rows is not None:  # transfer rows (unlabelled, augmented)
@@ -172,6 +172,13 @@ def loss_line(report: Dict, per: str = "") -> str:
         text += (f" {training['kd_only_rows']:,} of the {training['train_rows']:,} training rows have no label and "
                  "add the KD term only.")
     return text
+
+
+def _rows(split) -> Optional[int]:
+    """A split's rows; None for a streamed one (data.streaming: not counted before it is read)."""
+    from torch.utils.data import IterableDataset
+
+    return None if split is None or isinstance(split, IterableDataset) else len(split)
 
 
 def model_card(report: Dict, label_names: List[str], dtype: str, compression: Optional[Dict] = None,

@@ -18,14 +18,14 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from distill.errors import DivergedError
+from torch.utils.data import DataLoader, IterableDataset
+from distill.errors import CheckpointWriteError, DivergedError
 from torch.utils.data.distributed import DistributedSampler
 
 from omegaconf import OmegaConf
 
 import distill.runtime.distributed as distributed
-from distill.runtime.checkpointing import (MANIFEST, CheckpointWriteError, ResumableSampler, content_hash,
+from distill.runtime.checkpointing import (MANIFEST, ResumableSampler, content_hash,
                                    input_hashes, latest_complete_tag, load_rng_state, newest_intact_tag, only_tensors,
                                    read_best, read_manifest, restore_latest, seal_manifest, write_best,
                                    write_failure_advice, save_rng_state, unsafe_changes, write_manifest)
@@ -246,7 +246,7 @@ class Trainer:
             check_layer_maps(cfg)
         if not cfg.data.mixture_sources:  # a mixture draws with replacement: any batch size goes
             rows, batch = self.task.training_rows(self.splits), cfg.training.micro_batch_size
-            if rows < batch * distributed.world_size():
+            if rows is not None and rows < batch * distributed.world_size():  # None: streamed, not known yet
                 raise ConfigError(f"training.micro_batch_size={batch} x {distributed.world_size()} ranks exceeds the "
                                   f"{rows} training rows: lower training.micro_batch_size or add data")
         self.setup.check()
@@ -375,15 +375,20 @@ class Trainer:
         import deepspeed
 
         cfg = self.cfg
-        sampler = ResumableSampler(DistributedSampler(self.train_set, num_replicas=distributed.world_size(),
-                                                      rank=distributed.rank(), shuffle=True, seed=cfg.seed,
-                                                      drop_last=True))
-        self.train_sampler = sampler
-        # A generator of its own: creating an iterator must not draw from the global RNG, which
-        # dropout uses and which a resume restores.
-        self.train_loader = DataLoader(self.train_set, batch_size=cfg.training.micro_batch_size, sampler=sampler,
-                                       collate_fn=self.collator, drop_last=True,
-                                       generator=torch.Generator().manual_seed(cfg.seed))
+        if isinstance(self.train_set, IterableDataset):  # streamed (data/streamed.py): it orders and splits itself
+            self.train_sampler = self.train_set  # set_epoch(epoch, skip_samples), as ResumableSampler's
+            self.train_loader = DataLoader(self.train_set, batch_size=cfg.training.micro_batch_size,
+                                           collate_fn=self.collator, drop_last=True)
+        else:
+            sampler = ResumableSampler(DistributedSampler(self.train_set, num_replicas=distributed.world_size(),
+                                                          rank=distributed.rank(), shuffle=True, seed=cfg.seed,
+                                                          drop_last=True))
+            self.train_sampler = sampler
+            # A generator of its own: creating an iterator must not draw from the global RNG, which
+            # dropout uses and which a resume restores.
+            self.train_loader = DataLoader(self.train_set, batch_size=cfg.training.micro_batch_size, sampler=sampler,
+                                           collate_fn=self.collator, drop_last=True,
+                                           generator=torch.Generator().manual_seed(cfg.seed))
         self.mixture = None
         if cfg.data.mixture_sources:  # batches drawn from the sources with scheduled proportions
             sources = self.train_set[SOURCE]
@@ -432,8 +437,13 @@ class Trainer:
         while True:
             if self.mixture is None:
                 self.train_sampler.set_epoch(epoch, skip_samples=skip * micro_batch_size)
+            taken = False
             for position, batch in enumerate(self.train_loader, start=skip):
+                taken = True
                 yield epoch, position, batch
+            if not taken and skip == 0:  # a whole epoch without a micro-batch: it would loop for ever
+                raise ConfigError(f"data.train: an epoch gave no micro-batch of {micro_batch_size} rows on rank "
+                                  f"{distributed.rank()}: add data or lower training.micro_batch_size")
             epoch, skip = epoch + 1, 0
 
     def _micro_step(self, batch: Dict, window: LogWindow) -> None:

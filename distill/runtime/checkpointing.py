@@ -20,7 +20,6 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 from torch.utils.data import Sampler
-from distill.errors import CheckpointWriteError
 
 MANIFEST = "distill_manifest.json"
 LATEST = "latest"  # DeepSpeed's pointer to the newest complete tag

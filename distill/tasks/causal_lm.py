@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 import distill.runtime.distributed as distributed
 from distill.signals.base import Capability
 from distill.formulas.token_loss import (Workspace, chunked_target_distillation, fused_token_distillation, tokens_per_chunk)
-from distill.config.schema import DataConfig, resolve_teacher_index, served_teachers, teacher_display_name
+from distill.config.schema import resolve_teacher_index, served_teachers, teacher_display_name
 from distill.errors import ConfigError
 from distill.data.text import INDEX, LABELS
 from distill.evaluation.predictions import validation_loader
@@ -118,7 +118,7 @@ class CausalLM(Task):
     metrics = {"nll": False, "perplexity": False, "bits_per_byte": False}
 
     owns = ("data.block_size", "data.prompt_field", "data.response_field", "data.prepare", "data.prepared_dir",
-            "data.num_proc", "loss.chunk_tokens", "loss.fused",
+            "data.num_proc", "data.streaming", "data.shuffle_buffer", "loss.chunk_tokens", "loss.fused",
             "training.on_policy.fraction", "data.eval_domains[*].path", "data.mixture_sources", "data.eval_domains", "schedules.data_mixture", "teachers.cache",
             "teachers.route_by", "loss.intermediate", "student.trim_vocab", "student.prune.target_params",
             "teachers.models[*].server", "teachers.models[*].server_model", "teachers.served")
@@ -139,6 +139,8 @@ class CausalLM(Task):
                                   "with other tokenizers read packed text, live, and map onto the student's whole "
                                   "vocabulary; set teachers.tokenization=shared to use it)")
         cls._check_served(cfg)
+        if data.streaming:
+            cls._check_streaming(cfg)
         if cfg.training.on_policy.fraction > 0:
             if data.prompt_field is None:
                 raise ConfigError("training.on_policy samples continuations of prompts: set data.prompt_field and "
@@ -170,6 +172,27 @@ class CausalLM(Task):
             if source.from_split not in (None, "train") or (source.path is None and source.name == "unlabeled"):
                 raise ConfigError(f"data.mixture_sources[{index}]: task causal_lm reads sources from a path or from "
                                   "the train split (from_split: train)")
+
+    @staticmethod
+    def _check_streaming(cfg) -> None:
+        """data.streaming reads the train text once it trains: what needs the whole split first is refused."""
+        data = cfg.data
+        if cfg.training.max_steps is None:
+            raise ConfigError("data.streaming: a stream has no length for training.epochs to count: set "
+                              "training.max_steps")
+        if data.validation.path is None:
+            raise ConfigError("data.streaming: no validation split is carved out of a stream: set data.validation.path")
+        needs_whole_split = [key for key, used in (
+            ("data.prepare", data.prepare), ("data.train.max_samples", data.train.max_samples is not None),
+            ("data.prompt_field", data.prompt_field is not None), ("data.mixture_sources", bool(data.mixture_sources)),
+            ("teachers.route_by", cfg.teachers.route_by is not None),
+            ("teachers.tokenization=per_model", cfg.teachers.tokenization == "per_model"),
+            ("teachers.cache", cfg.teachers.cache is not None), ("student.trim_vocab", cfg.student.trim_vocab),
+            ("student.prune.target_params", cfg.student.prune.target_params is not None),
+            ("training.on_policy", cfg.training.on_policy.fraction > 0)) if used]
+        if needs_whole_split:
+            raise ConfigError(f"data.streaming: {needs_whole_split} need(s) the whole training split before training; "
+                              "remove them, or set data.streaming=false (data.prepare: true keeps memory flat too)")
 
     @staticmethod
     def _check_served(cfg) -> None:
@@ -234,7 +257,9 @@ class CausalLM(Task):
         memo = (key, id(split), id(self.tokenizer))  # blocks counted before the run directory are reused
         if self._encoded.get("key") == memo:
             return self._encoded["blocks"]
-        if data.prepare:
+        if key == "train" and data.streaming:
+            encoded = self._streamed_blocks()
+        elif data.prepare:
             from distill.data.lm import eos_token_id
             from distill.data.prepared import prepared_blocks
 
@@ -266,10 +291,24 @@ class CausalLM(Task):
                     self.bytes[name] = text_bytes(rows, data)
         return encoded
 
+    def _streamed_blocks(self):
+        """data.streaming: this rank's blocks, read from the train source as training asks for them."""
+        from distill.data.lm import eos_token_id, lm_fields
+        from distill.data.streamed import StreamedBlocks
+        from distill.data.text import text_key, text_keys
+
+        exclude = ({text_key(*key) for key in text_keys(self.splits.validation, lm_fields(self.cfg.data))}
+                   if self.cfg.data.drop_duplicate_texts else set())
+        return StreamedBlocks(self.cfg.data.train, self.cfg.data, self.tokenizer, eos_token_id(self.tokenizer),
+                              self.cfg.seed, distributed.rank(), distributed.world_size(), exclude)
+
     def collator(self):
         return LMCollator(self.tokenizer, self.teacher_groups)
 
-    def training_rows(self, splits) -> int:
+    def training_rows(self, splits) -> Optional[int]:
+        """The training blocks; None when they are streamed (not known before they are read)."""
+        if self.cfg.data.streaming:
+            return None
         return len(self.encode(splits.train, "train"))
 
     def check_before_writing(self, splits) -> None:
