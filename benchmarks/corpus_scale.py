@@ -11,6 +11,9 @@ read from the kernel (largest process of the run, the tokenizing processes inclu
     prepare   data.prepare=true, first run: tokenizes (data.num_proc = the cores) and packs
     reuse     data.prepare=true, second run: opens the prepared file
     in memory data.prepare=false (the path without preparation; up to --in-memory-max tokens)
+    streamed  data.streaming=true (nothing prepared: the corpus is read as the run trains, through a
+              shuffle buffer of 10,000 documents); `--streamed` measures only this one and adds it to
+              the results already written
 
 Beside them, the tokenizer's own batched throughput on the same texts and the same number of
 processes (a multiprocessing pool calling tokenizer(batch of 1000 texts)), for the preparation's
@@ -105,8 +108,10 @@ def tokenizer_throughput(corpus: Path, processes: int) -> dict:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def config_text(work: Path, corpus: Path, validation: Path, model: Path, prepared: Path, prepare: bool) -> str:
+def config_text(work: Path, corpus: Path, validation: Path, model: Path, prepared: Path, prepare: bool,
+                streamed: bool = False) -> str:
     data_extra = f"\n  prepare: true\n  prepared_dir: {prepared}" if prepare else ""
+    data_extra += "\n  streaming: true\n  shuffle_buffer: 10000" if streamed else ""
     return f"""task: causal_lm
 output_dir: {work / 'run'}
 seed: 0
@@ -187,15 +192,54 @@ def measure_size(tokens: int, work: Path, processes: int, in_memory: bool) -> di
     return row
 
 
+def measure_streamed(tokens: int, work: Path) -> dict:
+    """The streamed run on the size's corpus (written again if it was removed)."""
+    from transformers import AutoTokenizer
+
+    folder = work / f"tokens_{tokens:.0e}"
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus, validation, model = folder / "train.jsonl", folder / "validation.jsonl", work / "model"
+    make_model(model)
+    if not corpus.is_file():
+        write_corpus(corpus, tokens, AutoTokenizer.from_pretrained(SMOL))
+        with corpus.open(encoding="utf-8") as stream, validation.open("w", encoding="utf-8") as out:
+            for _, line in zip(range(VALIDATION_DOCS), stream):
+                out.write(line)
+    env = dict(os.environ, HF_DATASETS_CACHE=str(folder / "datasets_cache_streamed"), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1")
+    config = folder / "streamed.yaml"
+    config.write_text(config_text(folder / "streamed", corpus, validation, model, folder / "prepared", False, True))
+    measured = timed_run(config, env)
+    shutil.rmtree(folder / "streamed", ignore_errors=True)
+    print(f"  {tokens:.0e} tokens, streamed: {measured['seconds']:.1f} s, peak {measured['peak_bytes'] / 2**20:.0f} MiB",
+          file=sys.stderr, flush=True)
+    return {key: measured[key] for key in ("seconds", "peak_bytes")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7, 1e8])
     parser.add_argument("--work", default=str(ROOT / "runs" / "corpus_scale"))
     parser.add_argument("--in-memory-max", type=float, default=1e7, help="largest size also run without data.prepare")
     parser.add_argument("--keep", action="store_true", help="keep the corpora and prepared files")
+    parser.add_argument("--streamed", action="store_true", help="measure only the streamed runs, added to the results")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     processes = min(os.cpu_count() or 1, 8)
+    out = ROOT / "benchmarks" / "results_corpus_scale.json"
+    if args.streamed:
+        results = json.loads(out.read_text())
+        for row in results["rows"]:
+            if row["target_tokens"] in [int(size) for size in args.sizes]:
+                row["streamed"] = measure_streamed(row["target_tokens"], work)
+        out.write_text(json.dumps(results, indent=1))
+        base = results["rows"][0]
+        for row in results["rows"]:
+            if "streamed" in row:
+                print(f"{row['prepared']['tokens']:>12,} tokens streamed: {row['streamed']['seconds']:.1f} s, peak "
+                      f"{row['streamed']['peak_bytes'] / 2**20:.0f} MiB "
+                      f"({row['streamed']['peak_bytes'] / base['reuse']['peak_bytes']:.3f}x the prepared 10^6 run's)")
+        return
     rows = []
     for size in args.sizes:
         rows.append(measure_size(int(size), work, processes, size <= args.in_memory_max))
@@ -213,7 +257,6 @@ def main() -> None:
               f"{row['reuse']['seconds']:>8.1f} {in_memory:>15} {prepared['bytes_on_disk'] / 2**20:>5.0f} MiB")
     print(f"peak of a run on a prepared corpus, largest / smallest: "
           f"{rows[-1]['reuse']['peak_bytes'] / base['reuse']['peak_bytes']:.3f}x")
-    out = ROOT / "benchmarks" / "results_corpus_scale.json"
     out.write_text(json.dumps({"processes": processes, "block_size": BLOCK, "rows": rows}, indent=1))
 
 
