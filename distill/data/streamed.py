@@ -31,6 +31,26 @@ from distill.data.text import INDEX, LABELS, SOURCE, is_missing, text_key
 BATCH = 1000  # texts per tokenizer call and per packing step, as prepared.BATCH
 
 
+def check_stream(source, data) -> None:
+    """Refuse, before anything is written, a train source that cannot be streamed: a missing or
+    unreadable file, or a first row without the text field (ConfigError naming the key)."""
+    from distill.data.text import load_source
+    from distill.errors import ConfigError
+
+    field = data.text_fields[0]
+    try:
+        first = next(iter(load_source(source, "train", streaming=True)), None)
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise ConfigError(f"data.train.path: cannot stream {source.path}: {str(error).splitlines()[0][:200]}") from error
+    if first is None:
+        raise ConfigError(f"data.train.path: {source.path} has no rows")
+    if field not in first:
+        raise ConfigError(f"data.train.path: {source.path} has no column {field!r} (it has {sorted(first)}): "
+                          "set data.text_fields")
+
+
 class StreamedBlocks(IterableDataset):
     """This rank's blocks of one pass over the streamed train source; `set_epoch` picks the pass
     (and the blocks of it to skip), as the samplers of the other training sets do."""
@@ -58,12 +78,7 @@ class StreamedBlocks(IterableDataset):
         if self.world_size > 1:
             stream = split_dataset_by_node(stream, rank=self.rank, world_size=self.world_size)
         for row in stream:
-            if field not in row:
-                from distill.errors import ConfigError
-
-                raise ConfigError(f"data.train.path: {self.source.path} has no column {field!r} "
-                                  f"(it has {sorted(row)}): set data.text_fields")
-            text = row[field]
+            text = row.get(field)
             if is_missing(text):
                 continue
             text = str(text)

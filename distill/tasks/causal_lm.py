@@ -316,6 +316,10 @@ class CausalLM(Task):
         must answer, know their model and tokenize as their tokenizer does."""
         if self.cfg.teachers.cache is not None:
             self._open_cache(self.encode(splits.train, "train"))
+        if self.cfg.data.streaming:  # read as it trains: its first row now, so a bad source stops nothing written
+            from distill.data.streamed import check_stream
+
+            check_stream(self.cfg.data.train, self.cfg.data)
         if self.served():
             self._connect()
 

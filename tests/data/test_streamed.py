@@ -74,12 +74,16 @@ def test_a_streamed_run_trains_and_what_needs_the_whole_split_is_refused(tiny_lm
     assert report["training"]["train_rows"] is None and report["training"]["steps"] == 4
     assert len(train_losses(run_dir)) == 4 and report["student"]["perplexity"] > 1
     refused, refused_dir, _ = _config(tiny_lm, tmp_path, "refused")
+    other = tmp_path / "other.jsonl"  # rows without the text field
+    other.write_text('{"body": "a text"}\n' * 50, encoding="utf-8")
     for overrides, message in [
         (["training.max_steps=null", "training.epochs=1"], "data.streaming: a stream has no length"),
         (["data.validation.path=null"], "data.streaming: no validation split is carved out of a stream"),
         (["data.prepare=true"], "data.streaming: ['data.prepare'] need(s) the whole training split"),
         (["student.trim_vocab=true"], "['student.trim_vocab']"),
         (["data.shuffle_buffer=0"], "data.shuffle_buffer must be >= 1"),
+        ([f"data.train.path={tmp_path / 'missing.jsonl'}"], "data.train.path"),
+        ([f"data.train.path={other}"], "has no column 'text'"),
     ]:
         assert_refused_before_writing(refused, refused_dir, [*streamed, *overrides], message)
     classification = tmp_path / "classification.yaml"
