@@ -236,7 +236,7 @@ def _rows_as_csv(run: Path, out: Path) -> Path:
     return out
 
 
-def score(model_dir: Path, test_file: Path, labels) -> dict:
+def score(model_dir: Path, test_file: Path, labels, max_length: int = 64) -> dict:
     """Accuracy and macro-F1 (over the labels present) of a saved classifier on the test file."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -249,7 +249,7 @@ def score(model_dir: Path, test_file: Path, labels) -> dict:
     predictions = []
     with torch.inference_mode():
         for start in range(0, len(rows), 128):
-            batch = tokenizer([r["text"] for r in rows[start:start + 128]], truncation=True, max_length=64,
+            batch = tokenizer([r["text"] for r in rows[start:start + 128]], truncation=True, max_length=max_length,
                               padding=True, return_tensors="pt")
             logits = model(**batch).logits[:, order]
             predictions += logits.argmax(-1).tolist()
