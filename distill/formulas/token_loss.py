@@ -178,23 +178,20 @@ def materialized_token_distillation(student_logits: Tensor, target_log_probs: Op
 
 def chunked_target_distillation(student_logits: Tensor, labels: Tensor, target_fn, *, kd_alpha: float,
                                 temperature: float, label_smoothing: float, divergence, chunk_size: int,
-                                normalizer: float, row_kd: Optional[Tensor] = None) -> TokenLossTerms:
+                                normalizer: float, row_kd: Optional[Tensor] = None,
+                                workspace: Optional[Workspace] = None) -> TokenLossTerms:
     """The loss over materialised student logits [N, V] (when the output layer cannot be used
-    directly, as under ZeRO-3) with the teachers' target still built one chunk at a time; `row_kd`
-    as in token_loss_sums."""
-    kd_total = ce_total = student_logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, labels.shape[0], chunk_size):
-        end = min(start + chunk_size, labels.shape[0])
-        if not bool((labels[start:end] != IGNORE_INDEX).any()):
-            continue
-        target, keep = target_fn(start, end) if target_fn is not None else (None, None)
-        if isinstance(target, (SparseTarget, ProbabilityTarget)):
-            target = target.dense_log_probs(student_logits.shape[-1])
-        kd, ce = token_loss_sums(student_logits[start:end], target, labels[start:end], temperature, label_smoothing,
-                                 divergence, keep, None if row_kd is None else row_kd[start:end])
-        kd_total, ce_total = kd_total + kd, ce_total + ce
-    total = (kd_alpha * kd_total + (1.0 - kd_alpha) * ce_total) / normalizer
-    return TokenLossTerms(total=total, kd=kd_total.detach() / normalizer, ce=ce_total.detach() / normalizer)
+    directly, as under ZeRO-3) with the teachers' target built one chunk at a time. Each chunk's
+    gradient is written during the forward, as the fused loss does (closed form where the divergence
+    has one, else autograd over that chunk alone), so what is kept for backward is one [N, V]
+    gradient, not every chunk's softmaxes and targets (measured: 9.8 [N, V] float32 at peak before,
+    docs/plan.md). `row_kd` as in token_loss_sums."""
+    if target_fn is None and kd_alpha != 0:
+        raise ValueError("kd_alpha > 0 needs a teacher target (target_fn)")
+    total, kd, ce = _ChunkedLogitsDistillation.apply(student_logits, labels, target_fn, kd_alpha, temperature,
+                                                     label_smoothing, divergence, chunk_size, float(normalizer),
+                                                     Workspace() if workspace is None else workspace, row_kd)
+    return TokenLossTerms(total=total, kd=kd, ce=ce)
 
 
 def tokens_per_chunk(chunk_tokens: int, teachers: int) -> int:
@@ -427,12 +424,70 @@ def closed_form_token_loss(logits: Tensor, target, labels: Tensor, kd_mask: Opti
     return kd, ce, grad
 
 
+def _chunk_terms(logits: Tensor, target, labels: Tensor, kd_mask: Optional[Tensor], kd_alpha: float,
+                 temperature: float, label_smoothing: float, divergence, normalizer: float, workspace: Workspace,
+                 row_kd: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(summed KD, summed CE, d loss / d logits) of one chunk of student logits [c, V] in the
+    accumulation dtype, which it CONSUMES: the closed form where the divergence has one (or no KD
+    term is taken), else autograd over this chunk alone (nothing kept afterwards)."""
+    closed_form = getattr(divergence, "closed_form", None)
+    if isinstance(target, (SparseTarget, ProbabilityTarget)) and closed_form != "forward_kl":
+        target = target.dense_log_probs(logits.shape[-1])
+    if target is None or kd_alpha == 0 or closed_form is not None:
+        with torch.no_grad():
+            return closed_form_token_loss(logits, target, labels, kd_mask, kd_alpha=kd_alpha, temperature=temperature,
+                                          label_smoothing=label_smoothing, divergence=closed_form or "forward_kl",
+                                          normalizer=normalizer, workspace=workspace, row_kd=row_kd)
+    with torch.enable_grad():
+        logits = logits.detach().requires_grad_(True)
+        kd, ce = token_loss_sums(logits, target, labels, temperature, label_smoothing, divergence, kd_mask, row_kd)
+        (grad,) = torch.autograd.grad((kd_alpha * kd + (1.0 - kd_alpha) * ce) / normalizer, [logits])
+    return kd.detach(), ce.detach(), grad
+
+
+class _ChunkedLogitsDistillation(torch.autograd.Function):
+    """The unfused loss over whole student logits [N, V]: each chunk's gradient written in forward."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, target_fn, kd_alpha, temperature, label_smoothing, divergence, chunk_size,
+                normalizer, workspace, row_kd):
+        accumulate = _accumulation_dtype(logits.dtype)
+        grad = torch.zeros_like(logits)
+        kd_total = torch.zeros((), dtype=accumulate, device=logits.device)
+        ce_total = torch.zeros_like(kd_total)
+        for start in range(0, labels.shape[0], chunk_size):
+            end = min(start + chunk_size, labels.shape[0])
+            chunk_labels = labels[start:end]
+            if not bool((chunk_labels != IGNORE_INDEX).any()):
+                continue  # nothing to learn here: zero loss, zero gradient
+            target, kd_mask = target_fn(start, end) if target_fn is not None else (None, None)
+            with torch.no_grad():  # a copy the closed form may consume
+                chunk = workspace.get("logits", end - start, logits.shape[-1], accumulate, logits.device)
+                chunk.copy_(logits[start:end])
+            kd, ce, chunk_grad = _chunk_terms(chunk, target, chunk_labels, kd_mask, kd_alpha, temperature,
+                                              label_smoothing, divergence, normalizer, workspace,
+                                              None if row_kd is None else row_kd[start:end])
+            grad[start:end] = chunk_grad.to(logits.dtype)
+            del chunk_grad, target
+            kd_total += kd
+            ce_total += ce
+        ctx.save_for_backward(grad)
+        total = (kd_alpha * kd_total + (1.0 - kd_alpha) * ce_total) / normalizer
+        kd_mean, ce_mean = kd_total / normalizer, ce_total / normalizer
+        ctx.mark_non_differentiable(kd_mean, ce_mean)
+        return total, kd_mean, ce_mean
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_kd, _grad_ce):
+        (grad,) = ctx.saved_tensors
+        return (grad.mul_(grad_total.to(grad.dtype)), None, None, None, None, None, None, None, None, None, None)
+
+
 class _FusedTokenDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, target_fn, kd_alpha, temperature, label_smoothing, divergence,
                 chunk_size, normalizer, workspace, row_kd):
         accumulate = _accumulation_dtype(weight.dtype)
-        closed_form = getattr(divergence, "closed_form", None)
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=accumulate)
         grad_bias = torch.zeros_like(bias, dtype=accumulate) if bias is not None else None
@@ -445,29 +500,16 @@ class _FusedTokenDistillation(torch.autograd.Function):
                 continue  # nothing to learn here: zero loss, zero gradient
             target, kd_mask = target_fn(start, end) if target_fn is not None else (None, None)
             h = hidden[start:end]
-            if isinstance(target, (SparseTarget, ProbabilityTarget)) and closed_form != "forward_kl":
-                target = target.dense_log_probs(weight.shape[0])
-            if target is None or kd_alpha == 0 or closed_form is not None:
-                with torch.no_grad():
-                    if weight.dtype == accumulate and bias is None:
-                        logits = torch.matmul(h.to(accumulate), weight.t(),
-                                              out=workspace.get("logits", end - start, weight.shape[0], accumulate,
-                                                                weight.device))
-                    else:
-                        logits = F.linear(h, weight, bias).to(accumulate)
-                    kd, ce, grad_logits = closed_form_token_loss(
-                        logits, target, chunk_labels, kd_mask, kd_alpha=kd_alpha, temperature=temperature,
-                        label_smoothing=label_smoothing, divergence=closed_form or "forward_kl", normalizer=normalizer,
-                        workspace=workspace, row_kd=None if row_kd is None else row_kd[start:end])
-            else:
-                with torch.no_grad():
+            with torch.no_grad():
+                if weight.dtype == accumulate and bias is None:
+                    logits = torch.matmul(h.to(accumulate), weight.t(),
+                                          out=workspace.get("logits", end - start, weight.shape[0], accumulate,
+                                                            weight.device))
+                else:
                     logits = F.linear(h, weight, bias).to(accumulate)
-                with torch.enable_grad():  # autograd only through softmax and divergence, over [chunk, V]
-                    logits.requires_grad_(True)
-                    kd, ce = token_loss_sums(logits, target, chunk_labels, temperature, label_smoothing, divergence,
-                                             kd_mask, None if row_kd is None else row_kd[start:end])
-                    (grad_logits,) = torch.autograd.grad((kd_alpha * kd + (1.0 - kd_alpha) * ce) / normalizer,
-                                                         [logits])
+            kd, ce, grad_logits = _chunk_terms(logits, target, chunk_labels, kd_mask, kd_alpha, temperature,
+                                               label_smoothing, divergence, normalizer, workspace,
+                                               None if row_kd is None else row_kd[start:end])
             # the output layer's gradients by hand: no [V, H] temporary per chunk, nothing kept for backward
             grad_weight.addmm_(grad_logits.t().to(accumulate), h.to(accumulate))
             if bias is not None:

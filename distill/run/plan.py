@@ -42,7 +42,8 @@ CPU_RUNTIME = int(0.75 * GIB)  # a process with torch, transformers and DeepSpee
 CUDA_CONTEXT = int(0.5 * GIB)
 LOSS_TEMPORARIES = 4  # [chunk, V] float32 buffers the fused loss keeps (logits, target, tempered, mixture)
 # without the fused loss (ZeRO-3, or loss.fused=false), [tokens, V] float32 over the whole micro-batch: the
-# student's logits, the log-probabilities its chunks keep for backward, and the logits' gradient
+# student's logits, their gradient (written chunk by chunk in the forward and kept for backward), and the
+# copy of it backward makes through the output layer (formulas/token_loss.chunked_target_distillation)
 UNFUSED_LOGITS = 3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

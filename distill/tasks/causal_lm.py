@@ -604,7 +604,8 @@ class CausalLM(Task):
         else:
             outputs, record = student_forward(layers, engine.module, engine, **inputs)
             logits = outputs.logits
-            terms = chunked_target_distillation(logits.reshape(-1, logits.shape[-1]), labels, targets, **options)
+            terms = chunked_target_distillation(logits.reshape(-1, logits.shape[-1]), labels, targets,
+                                                workspace=self.workspace, **options)
         ratios = on_policy_figures(batch) if cfg.training.on_policy.fraction > 0 else None
         if routed:  # the KD term per labelled token of each route (a figure, not the loss)
             from distill.signals.routing import route_sums

@@ -140,6 +140,27 @@ def test_chunked_targets_over_whole_student_logits_equal_the_reference(name):
         assert torch.allclose(a, e, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["forward_kl", "jsd"])
+def test_the_chunked_path_keeps_one_gradient_of_the_logits_for_backward(name):
+    """What autograd keeps over materialised logits [N, V] is their gradient, once: not each chunk's
+    softmaxes and targets (9.8 [N, V] at peak for 2 teachers before; docs/plan.md)."""
+    h, weight, b, labels, teacher_logits = _problem(seed=9)
+    target = _target(teacher_logits)
+    import gc
+    import weakref
+
+    logits = torch.nn.functional.linear(h, weight, b).detach().requires_grad_(True)
+    saved = []  # every tensor saved for a backward while the loss is built (each chunk's own graph too)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(weakref.ref(t)) or t, lambda t: t):
+        terms = chunked_target_distillation(logits, labels, lambda s, e: (target[s:e], None), chunk_size=6,
+                                            kd_alpha=0.4, temperature=1.5, label_smoothing=0.1,
+                                            divergence=build_divergence(name, jsd_beta=0.3), normalizer=50.0)
+    gc.collect()
+    kept = [ref() for ref in saved if ref() is not None]
+    assert len(kept) == 1 and kept[0].shape == logits.shape  # still held by the graph of `terms`
+    del terms
+
+
 def test_materialised_loss_equals_a_per_token_loop():
     h, weight, b, labels, teacher_logits = _problem(seed=4, tokens=11, vocab=9)
     target = _target(teacher_logits)
