@@ -160,7 +160,11 @@ def main() -> None:
                      "lines": {what: size for what, size, _ in planned["lines"]}})
         print(f"{name:<60} plan {planned['total'] / 2**30:6.2f} GiB   measured {peak / 2**30:6.2f} GiB   "
               f"plan / measured {planned['total'] / peak:5.2f}", flush=True)
-    (ROOT / "benchmarks" / "results_plan_vs_peak.json").write_text(json.dumps(rows, indent=2) + "\n")
+    out = ROOT / "benchmarks" / "results_plan_vs_peak.json"
+    if args.only and out.is_file():  # one configuration measured again: the others' rows stay
+        measured = {row["config"]: row for row in rows}
+        rows = [measured.pop(row["config"], row) for row in json.loads(out.read_text())] + list(measured.values())
+    out.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
