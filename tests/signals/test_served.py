@@ -20,7 +20,7 @@ import torch
 from distill.errors import ServedTeacherError
 from distill.signals.served import Client, Reply, rows_to_top_k, text_ids
 from tests.conftest import write_config
-from tests.helpers import free_port, run_cli
+from tests.helpers import free_port, run_cli, run_cli_in_process
 
 
 # ---------------------------------------------------------------------------------------- no server
@@ -355,18 +355,47 @@ def test_two_served_teachers_are_fitted_and_mixed_as_the_same_teachers_loaded_he
     assert 0.01 < live["weights"][0] < 0.99 and math.isclose(live["nll"], served["nll"], rel_tol=1e-5)
 
 
+def test_a_learned_gate_fitted_on_served_teachers_trains_as_on_the_same_teachers_loaded_here(tiny_lm, vllm_stand_in,
+                                                                                             tmp_path):
+    """interpolation.method=learned_gate with fit_on=validation, every teacher served (whole
+    vocabularies): the gate fitted on their validation tokens, and every step's KD term, as live."""
+    server_b, stand_in_b = _stand_in(tiny_lm, "teacher_b")
+    runs = {}
+    try:
+        for name in ("live", "served"):
+            serve = {"a": vllm_stand_in["url"], "b": stand_in_b["url"]}
+            teachers = ", ".join(
+                f"{{name: {t}, path: {tiny_lm['teacher_' + t]}"
+                + (f", server: '{serve[t]}', server_model: tiny}}" if name == "served" else "}") for t in "ab")
+            setting = "  dtype: float32" if name == "live" else "  served: {api: vllm, top_k: 320}"
+            out = tmp_path / name
+            config = _tiny_config(tiny_lm, out, f"  models: [{teachers}]\n{setting}", extra=(
+                "interpolation: {method: learned_gate, fit_on: validation, learned_gate: {epochs: 50}}"))
+            result = run_cli_in_process(["train", config])
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert (out / "interpolation" / "gate.safetensors").is_file()
+            runs[name] = _train_rows(out)
+    finally:
+        server_b.shutdown()
+    assert [row["step"] for row in runs["served"]] == [1, 2]
+    for live, served in zip(runs["live"], runs["served"]):
+        assert math.isclose(live["kd"], served["kd"], rel_tol=1e-3), (live["kd"], served["kd"])
+
+
 def test_a_served_teacher_mixes_with_a_local_one_as_if_both_were_loaded_here(tiny_lm, vllm_stand_in, tmp_path):
-    """Teacher a served (whole vocabulary), teacher b loaded here: the linear and geometric targets, and so
-    every step's KD term, equal those of both teachers loaded here in fp32."""
+    """Teacher a served (whole vocabulary), teacher b loaded here: the target of every strategy that
+    needs no fit (a fit needs every teacher on one side: refused, tested below), and so every step's
+    KD term, equals that of both teachers loaded here in fp32."""
     b = f"{{name: b, path: {tiny_lm['teacher_b']}, weight: 0.4, temperature: 1.5}}"
-    for method in ("linear", "geometric"):
+    for method in ("linear", "geometric", "logit_mean", "confidence"):
         runs = {}
         for served_a in (False, True):
             a = (f"{{name: a, path: {tiny_lm['teacher_a']}, weight: 0.6"
                  + (f", server: '{vllm_stand_in['url']}', server_model: tiny}}" if served_a else "}"))
             teachers = f"  models: [{a}, {b}]\n  dtype: float32" + ("\n  served: {api: vllm, top_k: 320}" if served_a else "")
             out = tmp_path / f"{method}-{served_a}"
-            result = run_cli(["train", _tiny_config(tiny_lm, out, teachers, extra=f"interpolation: {{method: {method}}}")])
+            result = run_cli_in_process(["train", _tiny_config(tiny_lm, out, teachers,
+                                                               extra=f"interpolation: {{method: {method}}}")])
             assert result.returncode == 0, result.stderr[-3000:]
             runs[served_a] = _train_rows(out)
             report = json.loads((out / "report.json").read_text())
@@ -376,6 +405,33 @@ def test_a_served_teacher_mixes_with_a_local_one_as_if_both_were_loaded_here(tin
         for live, mixed in zip(runs[False], runs[True]):
             assert math.isclose(live["kd"], mixed["kd"], rel_tol=1e-4), (method, live["kd"], mixed["kd"])
         assert [t["params"] > 0 for t in report["teachers"]] == [True, True]
+
+
+def test_routed_rows_mix_a_served_teacher_with_a_local_one_as_if_both_were_loaded_here(tiny_lm, vllm_stand_in,
+                                                                                       tmp_path):
+    """teachers.route_by with teacher a served on both routes and teacher b loaded here on one: each
+    route's target, and so every step's KD term, as with both teachers loaded here."""
+    lines = tiny_lm["text"].read_text().splitlines()
+    data = tmp_path / "routed.jsonl"
+    data.write_text("".join(json.dumps({**json.loads(line), "domain": ("reviews", "news")[i % 2]}) + "\n"
+                            for i, line in enumerate(lines)), encoding="utf-8")
+    runs = {}
+    for served_a in (False, True):
+        a = (f"{{name: a, path: {tiny_lm['teacher_a']}, weight: 0.6, routes: [reviews, news]"
+             + (f", server: '{vllm_stand_in['url']}', server_model: tiny}}" if served_a else "}"))
+        b = f"{{name: b, path: {tiny_lm['teacher_b']}, weight: 0.4, temperature: 1.5, routes: [reviews]}}"
+        teachers = (f"  route_by: domain\n  models: [{a}, {b}]\n  dtype: float32"
+                    + ("\n  served: {api: vllm, top_k: 320}" if served_a else ""))
+        out = tmp_path / f"routed-{served_a}"
+        config = _tiny_config(tiny_lm, out, teachers)
+        config.write_text(config.read_text().replace(str(tiny_lm["text"]), str(data)))
+        result = run_cli_in_process(["train", config])
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[served_a] = _train_rows(out)
+    assert [row["step"] for row in runs[True]] == [1, 2]
+    for live, mixed in zip(runs[False], runs[True]):
+        for key in ("kd", "route/news/kd", "route/reviews/kd"):
+            assert math.isclose(live[key], mixed[key], rel_tol=1e-4), (key, live, mixed)
 
 
 def test_a_served_teacher_mixes_with_a_cached_one(tiny_lm, vllm_stand_in, tmp_path):
