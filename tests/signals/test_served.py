@@ -20,7 +20,7 @@ import torch
 from distill.errors import ServedTeacherError
 from distill.signals.served import Client, Reply, rows_to_top_k, text_ids
 from tests.conftest import write_config
-from tests.helpers import free_port, run_cli, run_cli_in_process
+from tests.helpers import free_port, run_cli_in_process
 
 
 # ---------------------------------------------------------------------------------------- no server
@@ -186,7 +186,7 @@ training: {{max_steps: 2, micro_batch_size: 1, learning_rate: 3.0e-3, warmup_rat
 
 def test_a_run_distils_from_the_served_teacher_and_reports_its_coverage(served, tmp_path):
     out = tmp_path / "run"
-    result = run_cli(["train", _config(served, out)])
+    result = run_cli_in_process(["train", _config(served, out)])
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if row["kind"] == "train"]
     assert [row["step"] for row in rows] == [1, 2] and all(0 < row["kd"] < 20 for row in rows)
@@ -198,16 +198,16 @@ def test_a_run_distils_from_the_served_teacher_and_reports_its_coverage(served, 
 
 def test_a_wrong_model_name_or_a_server_that_is_down_is_refused_before_anything_is_written(served, tmp_path):
     out = tmp_path / "wrong"
-    result = run_cli(["train", _config(served, out), "teachers.models[0].server_model=qwen"])
+    result = run_cli_in_process(["train", _config(served, out), "teachers.models[0].server_model=qwen"])
     assert result.returncode == 2 and "serves ['smollm2'], not 'qwen'" in result.stderr
     assert not out.exists()
     down = free_port()
-    result = run_cli(["train", _config(served, tmp_path / "down"), f"teachers.models[0].server=http://127.0.0.1:{down}",
+    result = run_cli_in_process(["train", _config(served, tmp_path / "down"), f"teachers.models[0].server=http://127.0.0.1:{down}",
                       "teachers.served.retries=0"])
     assert result.returncode == 6, result.stderr[-2000:]
     assert f"teacher smol at http://127.0.0.1:{down} did not answer" in result.stderr
     assert not (tmp_path / "down").exists()
-    fit = run_cli(["train", _config(served, tmp_path / "fit"), "teachers.tokenization=per_model",
+    fit = run_cli_in_process(["train", _config(served, tmp_path / "fit"), "teachers.tokenization=per_model",
                    "interpolation.fit_on=validation"])
     assert fit.returncode == 2 and "interpolation.fit_on: a fit reads every teacher's hidden states" in fit.stderr
     assert not (tmp_path / "fit").exists()
@@ -323,7 +323,7 @@ def test_a_teacher_served_with_its_whole_vocabulary_trains_as_the_same_teacher_l
                           ("served", f"{{name: a, path: {tiny_lm['teacher_a']}, server: '{vllm_stand_in['url']}', "
                                      "server_model: tiny}")):
         setting = "  dtype: float32" if name == "live" else "  served: {api: vllm, top_k: 320}"
-        result = run_cli(["train", _tiny_config(tiny_lm, tmp_path / name, f"  models: [{teacher}]\n{setting}", steps=3)])
+        result = run_cli_in_process(["train", _tiny_config(tiny_lm, tmp_path / name, f"  models: [{teacher}]\n{setting}", steps=3)])
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = _train_rows(tmp_path / name)
     assert [row["step"] for row in runs["served"]] == [1, 2, 3]
@@ -344,7 +344,7 @@ def test_two_served_teachers_are_fitted_and_mixed_as_the_same_teachers_loaded_he
             setting = "  dtype: float32" if name == "live" else "  served: {api: vllm, top_k: 320}"
             config = _tiny_config(tiny_lm, tmp_path / name, f"  models: [{teachers}]\n{setting}", steps=1,
                                   extra="interpolation: {method: linear}")
-            result = run_cli(["fit-weights", config, "--out", tmp_path / f"{name}-fit"])
+            result = run_cli_in_process(["fit-weights", config, "--out", tmp_path / f"{name}-fit"])
             assert result.returncode == 0, result.stderr[-3000:]
             rows = json.loads((tmp_path / f"{name}-fit" / "fit_weights.json").read_text())["rows"]
             fitted[name] = next(row for row in rows if row["name"] == "fitted linear")
@@ -442,19 +442,19 @@ def test_a_served_teacher_mixes_with_a_cached_one(tiny_lm, vllm_stand_in, tmp_pa
                 "server_model: tiny}")
     b = f"{{name: b, path: {tiny_lm['teacher_b']}, weight: 0.4, temperature: 1.5}}"
     cache = tmp_path / "cache_b"
-    written = run_cli(["cache", _tiny_config(tiny_lm, tmp_path / "for_cache", f"  models: [{b}]\n  dtype: float32"),
+    written = run_cli_in_process(["cache", _tiny_config(tiny_lm, tmp_path / "for_cache", f"  models: [{b}]\n  dtype: float32"),
                        "--out", cache, "--store", "topk", "--top-k", "320"])
     assert written.returncode == 0, written.stderr[-3000:]
     runs = {}
     for name, teachers in (("live", f"  models: [{a_local}, {b}]\n  dtype: float32"),
                            ("mixed", f"  models: [{a_served}, {b}]\n  cache: {cache}\n  served: {{api: vllm, top_k: 320}}")):
-        result = run_cli(["train", _tiny_config(tiny_lm, tmp_path / name, teachers)])
+        result = run_cli_in_process(["train", _tiny_config(tiny_lm, tmp_path / name, teachers)])
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = [row["kd"] for row in _train_rows(tmp_path / name)]
     assert len(runs["mixed"]) == 2
     assert all(math.isclose(x, y, rel_tol=1e-3) for x, y in zip(runs["live"], runs["mixed"])), runs
     other = f"  models: [{a_served}, {b.replace('name: b', 'name: c')}]\n  cache: {cache}\n  served: {{api: vllm}}"
-    refused = run_cli(["train", _tiny_config(tiny_lm, tmp_path / "wrong", other)])
+    refused = run_cli_in_process(["train", _tiny_config(tiny_lm, tmp_path / "wrong", other)])
     assert refused.returncode == 2 and "holds teachers ['b'], the config names ['c']" in refused.stderr
 
 
@@ -474,7 +474,7 @@ def test_a_served_teacher_with_its_own_tokenizer_is_aligned_as_the_same_teacher_
             serve = f", server: '{stand_in['url']}', server_model: tiny" if name == "served" else ""
             setting = "  dtype: float32" if name == "live" else "  served: {api: vllm, top_k: 420}"
             teachers = f"  models: [{{name: own, path: {own}{serve}}}]\n  tokenization: per_model\n{setting}"
-            result = run_cli(["train", _tiny_config(tiny_lm, tmp_path / name, teachers)])
+            result = run_cli_in_process(["train", _tiny_config(tiny_lm, tmp_path / name, teachers)])
             assert result.returncode == 0, result.stderr[-3000:]
             runs[name] = [row["kd"] for row in _train_rows(tmp_path / name)]
             runs[name + " report"] = json.loads((tmp_path / name / "report.json").read_text())["teachers"][0]
@@ -522,17 +522,17 @@ def test_a_cache_written_from_a_served_teacher_trains_as_the_teacher_loaded_here
     served = (f"  models: [{{name: a, path: {tiny_lm['teacher_a']}, server: '{vllm_stand_in['url']}', "
               "server_model: tiny}]\n  served: {api: vllm, top_k: 320}")
     config = _tiny_config(tiny_lm, tmp_path / "for_cache", served)
-    hidden = run_cli(["cache", config, "--out", tmp_path / "hidden", "--store", "hidden"])
+    hidden = run_cli_in_process(["cache", config, "--out", tmp_path / "hidden", "--store", "hidden"])
     assert hidden.returncode == 2 and "a served teacher (teachers.models[i].server) does not give" in hidden.stderr
     assert not (tmp_path / "hidden").exists()
-    written = run_cli(["cache", config, "--out", tmp_path / "cache", "--store", "topk", "--top-k", "320"])
+    written = run_cli_in_process(["cache", config, "--out", tmp_path / "cache", "--store", "topk", "--top-k", "320"])
     assert written.returncode == 0, written.stderr[-3000:]
     meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
     assert meta["teachers"][0]["hash"].endswith(f" {vllm_stand_in['url']} tiny")  # the server's model, not the folder
     runs = {}
     for name, teachers in (("live", f"  models: [{{name: a, path: {tiny_lm['teacher_a']}}}]\n  dtype: float32"),
                            ("cached", f"  models: [{{name: a, path: {tiny_lm['teacher_a']}}}]\n  cache: {tmp_path / 'cache'}")):
-        result = run_cli(["train", _tiny_config(tiny_lm, tmp_path / name, teachers)])
+        result = run_cli_in_process(["train", _tiny_config(tiny_lm, tmp_path / name, teachers)])
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = [row["kd"] for row in _train_rows(tmp_path / name)]
     assert len(runs["cached"]) == 2 and all(math.isclose(x, y, rel_tol=1e-3) for x, y in zip(runs["live"], runs["cached"])), runs
