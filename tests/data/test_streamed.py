@@ -94,12 +94,14 @@ def test_a_streamed_run_trains_and_what_needs_the_whole_split_is_refused(tiny_lm
 @pytest.mark.multirank
 def test_a_killed_two_rank_streamed_run_resumes_bitwise(tiny_lm, tmp_path):
     reference_config, reference_dir, streamed = _config(tiny_lm, tmp_path, "uninterrupted")
-    common = [*streamed, "training.max_steps=24", "training.checkpoint_every=3", "training.log_every=1",
+    common = [*streamed, "training.max_steps=12", "training.checkpoint_every=2", "training.log_every=1",
               "training.keep_checkpoints=20", "deepspeed.zero_stage=2"]
     reference = run_deepspeed(2, [reference_config, *common])  # several epochs of the stream
     assert reference.returncode == 0, (reference.stdout + reference.stderr)[-5000:]
 
     config, run_dir, _ = _config(tiny_lm, tmp_path, "killed")
-    killed_at = kill_two_rank_run_after(config, common, run_dir, "step0000006", tmp_path / "killed.log")
-    assert 3 <= killed_at < 24
+    killed_at = kill_two_rank_run_after(config, common, run_dir, "step0000004", tmp_path / "killed.log")
+    assert 2 <= killed_at < 12
+    position = json.loads((run_dir / "checkpoints" / f"step{killed_at:07d}" / "distill_manifest.json").read_text())
+    assert position["position"]["batches_in_epoch"] > 0  # resumed inside an epoch: blocks of the stream skipped
     assert_resumes_like(reference_dir, run_dir, config, common, killed_at)
