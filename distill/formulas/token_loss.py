@@ -445,6 +445,26 @@ def _chunk_terms(logits: Tensor, target, labels: Tensor, kd_mask: Optional[Tenso
     return kd.detach(), ce.detach(), grad
 
 
+def _labelled_chunks(labels: Tensor, chunk_size: int, target_fn):
+    """(start, end, the chunk's labels, its target, its KD mask) of each chunk with a label to learn
+    (a chunk without one adds zero loss and zero gradient: skipped, its target never built)."""
+    for start in range(0, labels.shape[0], chunk_size):
+        end = min(start + chunk_size, labels.shape[0])
+        chunk_labels = labels[start:end]
+        if not bool((chunk_labels != IGNORE_INDEX).any()):
+            continue
+        target, kd_mask = target_fn(start, end) if target_fn is not None else (None, None)
+        yield start, end, chunk_labels, target, kd_mask
+
+
+def _totals(ctx, kd_total: Tensor, ce_total: Tensor, kd_alpha: float, normalizer: float):
+    """(loss, KD mean, CE mean) from the summed terms; the means are figures, not differentiated."""
+    total = (kd_alpha * kd_total + (1.0 - kd_alpha) * ce_total) / normalizer
+    kd_mean, ce_mean = kd_total / normalizer, ce_total / normalizer
+    ctx.mark_non_differentiable(kd_mean, ce_mean)
+    return total, kd_mean, ce_mean
+
+
 class _ChunkedLogitsDistillation(torch.autograd.Function):
     """The unfused loss over whole student logits [N, V]: each chunk's gradient written in forward."""
 
@@ -455,12 +475,7 @@ class _ChunkedLogitsDistillation(torch.autograd.Function):
         grad = torch.zeros_like(logits)
         kd_total = torch.zeros((), dtype=accumulate, device=logits.device)
         ce_total = torch.zeros_like(kd_total)
-        for start in range(0, labels.shape[0], chunk_size):
-            end = min(start + chunk_size, labels.shape[0])
-            chunk_labels = labels[start:end]
-            if not bool((chunk_labels != IGNORE_INDEX).any()):
-                continue  # nothing to learn here: zero loss, zero gradient
-            target, kd_mask = target_fn(start, end) if target_fn is not None else (None, None)
+        for start, end, chunk_labels, target, kd_mask in _labelled_chunks(labels, chunk_size, target_fn):
             with torch.no_grad():  # a copy the closed form may consume
                 chunk = workspace.get("logits", end - start, logits.shape[-1], accumulate, logits.device)
                 chunk.copy_(logits[start:end])
@@ -472,10 +487,7 @@ class _ChunkedLogitsDistillation(torch.autograd.Function):
             kd_total += kd
             ce_total += ce
         ctx.save_for_backward(grad)
-        total = (kd_alpha * kd_total + (1.0 - kd_alpha) * ce_total) / normalizer
-        kd_mean, ce_mean = kd_total / normalizer, ce_total / normalizer
-        ctx.mark_non_differentiable(kd_mean, ce_mean)
-        return total, kd_mean, ce_mean
+        return _totals(ctx, kd_total, ce_total, kd_alpha, normalizer)
 
     @staticmethod
     def backward(ctx, grad_total, _grad_kd, _grad_ce):
@@ -493,12 +505,7 @@ class _FusedTokenDistillation(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=accumulate) if bias is not None else None
         kd_total = torch.zeros((), dtype=accumulate, device=hidden.device)
         ce_total = torch.zeros_like(kd_total)
-        for start in range(0, hidden.shape[0], chunk_size):
-            end = min(start + chunk_size, hidden.shape[0])
-            chunk_labels = labels[start:end]
-            if not bool((chunk_labels != IGNORE_INDEX).any()):
-                continue  # nothing to learn here: zero loss, zero gradient
-            target, kd_mask = target_fn(start, end) if target_fn is not None else (None, None)
+        for start, end, chunk_labels, target, kd_mask in _labelled_chunks(labels, chunk_size, target_fn):
             h = hidden[start:end]
             with torch.no_grad():
                 if weight.dtype == accumulate and bias is None:
@@ -521,10 +528,7 @@ class _FusedTokenDistillation(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype),
                               grad_bias.to(bias.dtype) if bias is not None else None)
         ctx.has_bias = bias is not None
-        total = (kd_alpha * kd_total + (1.0 - kd_alpha) * ce_total) / normalizer
-        kd_mean, ce_mean = kd_total / normalizer, ce_total / normalizer
-        ctx.mark_non_differentiable(kd_mean, ce_mean)
-        return total, kd_mean, ce_mean
+        return _totals(ctx, kd_total, ce_total, kd_alpha, normalizer)
 
     @staticmethod
     def backward(ctx, grad_total, _grad_kd, _grad_ce):

@@ -331,18 +331,22 @@ def test_a_teacher_served_with_its_whole_vocabulary_trains_as_the_same_teacher_l
         assert math.isclose(live["kd"], served["kd"], rel_tol=1e-4) and math.isclose(live["ce"], served["ce"], rel_tol=1e-4)
 
 
+def _both_teachers(tiny_lm, servers, served: bool) -> str:
+    """The teachers section of tiny_lm's teachers a and b: each on its server (whole vocabularies), or
+    both loaded here in fp32."""
+    teachers = ", ".join(f"{{name: {t}, path: {tiny_lm['teacher_' + t]}"
+                         + (f", server: '{servers[t]}', server_model: tiny}}" if served else "}") for t in "ab")
+    return f"  models: [{teachers}]\n" + ("  served: {api: vllm, top_k: 320}" if served else "  dtype: float32")
+
+
 def test_two_served_teachers_are_fitted_and_mixed_as_the_same_teachers_loaded_here(tiny_lm, vllm_stand_in, tmp_path):
     """fit-weights on served teachers (whole vocabularies) finds the live fp32 teachers' linear weights (EM)."""
     server_b, stand_in_b = _stand_in(tiny_lm, "teacher_b")
     fitted = {}
     try:
         for name in ("live", "served"):
-            serve = {"a": vllm_stand_in["url"], "b": stand_in_b["url"]}
-            teachers = ", ".join(
-                f"{{name: {t}, path: {tiny_lm['teacher_' + t]}"
-                + (f", server: '{serve[t]}', server_model: tiny}}" if name == "served" else "}") for t in "ab")
-            setting = "  dtype: float32" if name == "live" else "  served: {api: vllm, top_k: 320}"
-            config = _tiny_config(tiny_lm, tmp_path / name, f"  models: [{teachers}]\n{setting}", steps=1,
+            teachers = _both_teachers(tiny_lm, {"a": vllm_stand_in["url"], "b": stand_in_b["url"]}, name == "served")
+            config = _tiny_config(tiny_lm, tmp_path / name, teachers, steps=1,
                                   extra="interpolation: {method: linear}")
             result = run_cli_in_process(["fit-weights", config, "--out", tmp_path / f"{name}-fit"])
             assert result.returncode == 0, result.stderr[-3000:]
@@ -363,13 +367,9 @@ def test_a_learned_gate_fitted_on_served_teachers_trains_as_on_the_same_teachers
     runs = {}
     try:
         for name in ("live", "served"):
-            serve = {"a": vllm_stand_in["url"], "b": stand_in_b["url"]}
-            teachers = ", ".join(
-                f"{{name: {t}, path: {tiny_lm['teacher_' + t]}"
-                + (f", server: '{serve[t]}', server_model: tiny}}" if name == "served" else "}") for t in "ab")
-            setting = "  dtype: float32" if name == "live" else "  served: {api: vllm, top_k: 320}"
+            teachers = _both_teachers(tiny_lm, {"a": vllm_stand_in["url"], "b": stand_in_b["url"]}, name == "served")
             out = tmp_path / name
-            config = _tiny_config(tiny_lm, out, f"  models: [{teachers}]\n{setting}", extra=(
+            config = _tiny_config(tiny_lm, out, teachers, extra=(
                 "interpolation: {method: learned_gate, fit_on: validation, learned_gate: {epochs: 50}}"))
             result = run_cli_in_process(["train", config])
             assert result.returncode == 0, result.stderr[-3000:]
