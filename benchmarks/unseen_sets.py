@@ -168,7 +168,8 @@ def main() -> None:
         config = student_config(work, name, data, teacher_paths)
         with (folder / "train.csv").open(encoding="utf-8") as stream:
             train_rows = sum(1 for _ in csv.DictReader(stream))
-        made = None
+        made = work / name / "augmented.csv"  # the LM-written rows, made once by the first full-recipe run
+        made = made if made.is_file() else None
         for seed in args.seeds:  # every arm of a seed before the next seed: a cut-short run still compares
             for arm in args.arms:
                 run = work / name / f"{arm.replace(' ', '_')}-seed{seed}"
