@@ -217,7 +217,9 @@ def table(results: dict) -> str:
     lines = []
     for name, entry in results.items():
         best = max(entry["teachers"].values(), key=lambda r: r["accuracy"])
-        hard = [r["accuracy"] for r in entry["arms"].get("hard labels", {}).values()]
+        # the seeds every arm has finished: the arms are compared on the same seeds
+        seeds = set.intersection(*(set(entry["arms"].get(arm, {})) for arm in ARMS))
+        hard = [r["accuracy"] for seed, r in entry["arms"].get("hard labels", {}).items() if seed in seeds]
         lines += [f"\n{name}: test accuracy / macro-F1, mean ± std over seeds\n",
                   "| model | params (ratio) | accuracy | macro-F1 | of best teacher | vs hard labels | minutes a run |",
                   "|---|---|---|---|---|---|---|"]
@@ -225,11 +227,12 @@ def table(results: dict) -> str:
             lines.append(f"| teacher {teacher} | {figures['params'] / 1e6:.1f}M | {figures['accuracy']:.4f} | "
                          f"{figures['macro_f1']:.4f} | | | |")
         for arm in ARMS:
-            runs = list(entry["arms"].get(arm, {}).values())
+            runs = [r for seed, r in entry["arms"].get(arm, {}).items() if seed in seeds]
             if not runs:
                 continue
             accuracy, f1 = [r["accuracy"] for r in runs], [r["macro_f1"] for r in runs]
-            times = list(entry["seconds"].get(arm, {}).values())
+            # wall times of the runs measured alone or beside one other run; null: not comparable (paused)
+            times = [t for t in entry["seconds"].get(arm, {}).values() if t is not None]
             gain = ("" if arm == "hard labels" or len(hard) < 2 else
                     f"{(statistics.mean(accuracy) - statistics.mean(hard)) / _spread(hard):+.1f} std")
             lines.append(f"| {arm} ({len(runs)} seeds) | {runs[0]['params'] / 1e6:.1f}M "
