@@ -751,6 +751,9 @@ class CausalLM(Task):
             raise ConfigError("teachers.tokenization=per_model: a cache holds distributions over the student's tokens "
                               "at every position, which teachers with other tokenizers do not give; train with live "
                               "teachers")
+        if self.cfg.data.streaming:
+            raise ConfigError("data.streaming: a cache holds the teachers' outputs for every training block, which a "
+                              "stream does not hold; set data.streaming=false (data.prepare=true keeps memory flat)")
         _, option = store_option(store, {"--top-k": top_k, "--samples": samples, "--hidden-dtype": hidden_dtype})
         return write_cache(setup, out_dir, store, option, 512 if rows_per_shard is None else rows_per_shard)
 

@@ -86,6 +86,9 @@ def test_a_streamed_run_trains_and_what_needs_the_whole_split_is_refused(tiny_lm
         ([f"data.train.path={other}"], "has no column 'text'"),
     ]:
         assert_refused_before_writing(refused, refused_dir, [*streamed, *overrides], message)
+    cache = run_cli_in_process(["cache", refused, "--out", tmp_path / "cache", *streamed])
+    assert cache.returncode == 2 and "a cache holds the teachers' outputs for every training block" in cache.stderr
+    assert not (tmp_path / "cache").exists()
     classification = tmp_path / "classification.yaml"
     classification.write_text(refused.read_text().replace("task: causal_lm", "task: sequence_classification"))
     assert_refused_before_writing(classification, refused_dir, ["data.streaming=true"], "data.streaming")
