@@ -38,9 +38,8 @@ from distill.tasks.base import StepFigures, Task, register_task
 
 
 # why served teachers beside local ones, or served with their own tokenizers, cannot be fitted
-UNFITTABLE = ("a fit reads every teacher's hidden states or every teacher's top-k in the student's vocabulary, and "
-              "served teachers beside local ones, or with teachers.tokenization=per_model, give neither; fit with "
-              "all teachers served (one tokenizer) or all local, and pass its weights.yaml")
+UNFITTABLE = ("a fit reads each teacher's hidden states or top-k in the student's vocabulary, and served teachers "
+              "with teachers.tokenization=per_model give neither; fit with them loaded here, and pass its weights.yaml")
 
 
 def text_bytes(dataset, data) -> int:
@@ -216,7 +215,7 @@ class CausalLM(Task):
                                         "student.trim_vocab": cfg.student.trim_vocab,
                                         "student.from_teacher": cfg.student.from_teacher is not None and
                                         resolve_teacher_index(cfg, cfg.student.from_teacher) in served}.items() if is_set]
-        if cfg.interpolation.fit_on is not None and (not every or teachers.tokenization == "per_model"):
+        if cfg.interpolation.fit_on is not None and teachers.tokenization == "per_model":
             raise ConfigError(f"interpolation.fit_on: {UNFITTABLE}")
         if used:
             raise ConfigError(f"teachers.models[*].server: served teachers do not read {used} (no teacher weights load "
@@ -671,13 +670,22 @@ class CausalLM(Task):
         """The teachers' last hidden states at every labelled validation token (gathered from all
         ranks, in a fixed order) and the labels; chunks rebuild the logits with the output layers.
         With `route`: the tokens of that route's validation blocks only."""
+        from distill.signals.served import MixedSignal, MixedSource
+
         loader = validation_loader(self.validation_of(route), self.collator(), self.cfg.training.eval_batch_size)
         local: Dict[int, Tuple[List[Tensor], Tensor]] = {}
         sparse = not source.can(Capability.WRITE_LOGITS) and source.can(Capability.TOP_K)  # served teachers
-        if not (sparse or source.can(Capability.WRITE_LOGITS) or source.can(Capability.ALIGNED)):
+        mixed = source.unwrap() if isinstance(source.unwrap(), MixedSource) else None  # served beside local ones
+        if not (sparse or mixed or source.can(Capability.WRITE_LOGITS) or source.can(Capability.ALIGNED)):
             raise ConfigError(f"fitting the interpolation: {UNFITTABLE}")
+
+        def kept(signal, rows, valid):
+            if signal.can(Capability.TOP_K):  # the rows' top-k: (ids, log-probs, tail)
+                return [part[valid.to(part.device)].cpu() for part in signal.top_k(rows.start, rows.stop)]
+            return [hidden[rows][valid.to(hidden.device)].float().cpu() for hidden in signal.hidden_states]
+
         for batch in loader:
-            signal = source.signal(batch, device)
+            signal = (mixed or source).signal(batch, device)  # a route's rows come from validation_of(route)
             labels = batch[LABELS]
             length = labels.shape[1]
             for row, index in enumerate(batch[INDEX].tolist()):
@@ -685,18 +693,27 @@ class CausalLM(Task):
                 valid = labels[row] != IGNORE_INDEX
                 if signal.can(Capability.COVERAGE):  # fit where every teacher has read the text
                     valid &= signal.coverage(rows.start, rows.stop).all(dim=0).cpu()
-                if sparse:  # the rows' top-k: (ids, log-probs, tail)
-                    parts = [part[valid.to(part.device)].cpu() for part in signal.top_k(rows.start, rows.stop)]
-                else:  # each teacher's hidden states
-                    parts = [hidden[rows][valid.to(hidden.device)].float().cpu() for hidden in signal.hidden_states]
-                local[index] = (parts, labels[row][valid])
+                # each part's kept rows, one after the other (a mix: the local part's hidden states, the served top-k)
+                pieces = [kept(part, rows, valid) for _, part in signal.parts] if mixed else [kept(signal, rows, valid)]
+                local[index] = ([piece for part in pieces for piece in part], labels[row][valid])
         merged: Dict[int, Tuple[List[Tensor], Tensor]] = {}
         for part in distributed.gather_objects(local):
             merged.update(part)
         order = sorted(merged)
         parts = [torch.cat([merged[i][0][k] for i in order]).to(device) for k in range(len(merged[order[0]][0]))]
         labels = torch.cat([merged[i][1] for i in order]).to(device)
-        if sparse:
+        if mixed:  # each part's signal over the kept rows, side by side in the teachers' order
+            signals, at = [], 0
+            for indices, part in mixed.parts:
+                inner = part.unwrap()
+                if part.can(Capability.TOP_K):
+                    signals.append((indices, TopKSignal(*parts[at:at + 3], inner.vocab_size)))
+                    at += 3
+                else:
+                    signals.append((indices, HiddenStateSignal(parts[at:at + len(indices)], inner.heads)))
+                    at += len(indices)
+            signal = MixedSignal(signals, len(ensemble))
+        elif sparse:
             signal = TopKSignal(*parts, source.unwrap().vocab_size)
         elif source.can(Capability.ALIGNED):
             from distill.signals.aligned import AlignedSignal

@@ -209,7 +209,7 @@ def test_a_wrong_model_name_or_a_server_that_is_down_is_refused_before_anything_
     assert not (tmp_path / "down").exists()
     fit = run_cli_in_process(["train", _config(served, tmp_path / "fit"), "teachers.tokenization=per_model",
                    "interpolation.fit_on=validation"])
-    assert fit.returncode == 2 and "interpolation.fit_on: a fit reads every teacher's hidden states" in fit.stderr
+    assert fit.returncode == 2 and "interpolation.fit_on: a fit reads each teacher's hidden states" in fit.stderr
     assert not (tmp_path / "fit").exists()
 
 
@@ -331,21 +331,24 @@ def test_a_teacher_served_with_its_whole_vocabulary_trains_as_the_same_teacher_l
         assert math.isclose(live["kd"], served["kd"], rel_tol=1e-4) and math.isclose(live["ce"], served["ce"], rel_tol=1e-4)
 
 
-def _both_teachers(tiny_lm, servers, served: bool) -> str:
-    """The teachers section of tiny_lm's teachers a and b: each on its server (whole vocabularies), or
-    both loaded here in fp32."""
+def _both_teachers(tiny_lm, servers, served: str) -> str:
+    """The teachers section of tiny_lm's teachers a and b: those named in `served` on their servers
+    (whole vocabularies), the others loaded here in fp32."""
     teachers = ", ".join(f"{{name: {t}, path: {tiny_lm['teacher_' + t]}"
-                         + (f", server: '{servers[t]}', server_model: tiny}}" if served else "}") for t in "ab")
-    return f"  models: [{teachers}]\n" + ("  served: {api: vllm, top_k: 320}" if served else "  dtype: float32")
+                         + (f", server: '{servers[t]}', server_model: tiny}}" if t in served else "}") for t in "ab")
+    return (f"  models: [{teachers}]" + ("\n  dtype: float32" if served != "ab" else "")
+            + ("\n  served: {api: vllm, top_k: 320}" if served else ""))
 
 
 def test_two_served_teachers_are_fitted_and_mixed_as_the_same_teachers_loaded_here(tiny_lm, vllm_stand_in, tmp_path):
-    """fit-weights on served teachers (whole vocabularies) finds the live fp32 teachers' linear weights (EM)."""
+    """fit-weights on served teachers (whole vocabularies), and on teacher a served beside teacher b
+    loaded here, finds the live fp32 teachers' linear weights (EM)."""
     server_b, stand_in_b = _stand_in(tiny_lm, "teacher_b")
     fitted = {}
     try:
-        for name in ("live", "served"):
-            teachers = _both_teachers(tiny_lm, {"a": vllm_stand_in["url"], "b": stand_in_b["url"]}, name == "served")
+        for name in ("live", "served", "mixed"):
+            teachers = _both_teachers(tiny_lm, {"a": vllm_stand_in["url"], "b": stand_in_b["url"]},
+                                      {"live": "", "served": "ab", "mixed": "a"}[name])
             config = _tiny_config(tiny_lm, tmp_path / name, teachers, steps=1,
                                   extra="interpolation: {method: linear}")
             result = run_cli_in_process(["fit-weights", config, "--out", tmp_path / f"{name}-fit"])
@@ -354,20 +357,24 @@ def test_two_served_teachers_are_fitted_and_mixed_as_the_same_teachers_loaded_he
             fitted[name] = next(row for row in rows if row["name"] == "fitted linear")
     finally:
         server_b.shutdown()
-    live, served = fitted["live"], fitted["served"]
-    assert all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(live["weights"], served["weights"])), (live, served)
-    assert 0.01 < live["weights"][0] < 0.99 and math.isclose(live["nll"], served["nll"], rel_tol=1e-5)
+    live = fitted["live"]
+    assert 0.01 < live["weights"][0] < 0.99
+    for served in (fitted["served"], fitted["mixed"]):
+        assert all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(live["weights"], served["weights"])), (live, served)
+        assert math.isclose(live["nll"], served["nll"], rel_tol=1e-5)
 
 
 def test_a_learned_gate_fitted_on_served_teachers_trains_as_on_the_same_teachers_loaded_here(tiny_lm, vllm_stand_in,
                                                                                              tmp_path):
     """interpolation.method=learned_gate with fit_on=validation, every teacher served (whole
-    vocabularies): the gate fitted on their validation tokens, and every step's KD term, as live."""
+    vocabularies), or teacher a served beside b loaded here: the gate fitted on their validation
+    tokens, and every step's KD term, as live."""
     server_b, stand_in_b = _stand_in(tiny_lm, "teacher_b")
     runs = {}
     try:
-        for name in ("live", "served"):
-            teachers = _both_teachers(tiny_lm, {"a": vllm_stand_in["url"], "b": stand_in_b["url"]}, name == "served")
+        for name in ("live", "served", "mixed"):
+            teachers = _both_teachers(tiny_lm, {"a": vllm_stand_in["url"], "b": stand_in_b["url"]},
+                                      {"live": "", "served": "ab", "mixed": "a"}[name])
             out = tmp_path / name
             config = _tiny_config(tiny_lm, out, teachers, extra=(
                 "interpolation: {method: learned_gate, fit_on: validation, learned_gate: {epochs: 50}}"))
@@ -377,9 +384,10 @@ def test_a_learned_gate_fitted_on_served_teachers_trains_as_on_the_same_teachers
             runs[name] = _train_rows(out)
     finally:
         server_b.shutdown()
-    assert [row["step"] for row in runs["served"]] == [1, 2]
-    for live, served in zip(runs["live"], runs["served"]):
-        assert math.isclose(live["kd"], served["kd"], rel_tol=1e-3), (live["kd"], served["kd"])
+    for name in ("served", "mixed"):
+        assert [row["step"] for row in runs[name]] == [1, 2]
+        for live, served in zip(runs["live"], runs[name]):
+            assert math.isclose(live["kd"], served["kd"], rel_tol=1e-3), (name, live["kd"], served["kd"])
 
 
 def test_a_served_teacher_mixes_with_a_local_one_as_if_both_were_loaded_here(tiny_lm, vllm_stand_in, tmp_path):
