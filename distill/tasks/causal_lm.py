@@ -37,7 +37,7 @@ from distill.signals.sources import (HiddenStateSignal, LiveLanguageModels, Targ
 from distill.tasks.base import StepFigures, Task, register_task
 
 
-# why served teachers beside local ones, or served with their own tokenizers, cannot be fitted
+# why a served teacher with its own tokenizer cannot be fitted (its rows are dense, mapped: no top-k to keep)
 UNFITTABLE = ("a fit reads each teacher's hidden states or top-k in the student's vocabulary, and served teachers "
               "with teachers.tokenization=per_model give neither; fit with them loaded here, and pass its weights.yaml")
 

@@ -156,10 +156,10 @@ class SequenceClassification(Task):
         if perturb.rate <= 0:
             return stream
         from distill.formulas.perturbations import carry_mask, perturb_ids, perturbation_seed
-        from distill.models.layer_hooks import aligned_rows, token_map
+        from distill.models.layer_hooks import aligned_rows
 
         replacement, special = self._mask_token(), self.groups[0].tokenizer.all_special_ids
-        own = [(group.prefix, token_map(self.groups[0].tokenizer, group.tokenizer), self._mask_token(group.tokenizer))
+        own = [(group.prefix, self._token_map(group.prefix), self._mask_token(group.tokenizer))
                for group in self.groups[1:] if group.prefix]
 
         def perturbed():
@@ -346,7 +346,7 @@ class SequenceClassification(Task):
     def aligned_rows(self, layers, batch, device) -> Dict[int, torch.Tensor]:
         """{teacher k of loss.intermediate: [B] rows where it read the student's tokens}: every row for a
         teacher reading the student's ids; with its own encoding, rows that match token for token."""
-        from distill.models.layer_hooks import aligned_rows, token_map
+        from distill.models.layer_hooks import aligned_rows
 
         rows = {}
         student_ids, student_mask = batch["input_ids"], batch["attention_mask"]
@@ -355,12 +355,18 @@ class SequenceClassification(Task):
             if prefix == "":
                 rows[plan.teacher] = torch.ones(student_ids.shape[0], dtype=torch.bool, device=device)
                 continue
-            if prefix not in self.token_maps:
-                teacher_tokenizer = next(g.tokenizer for g in self.groups if g.prefix == prefix)
-                self.token_maps[prefix] = token_map(self.groups[0].tokenizer, teacher_tokenizer)
             rows[plan.teacher] = aligned_rows(student_ids, student_mask, batch[prefix + "input_ids"],
-                                              batch[prefix + "attention_mask"], self.token_maps[prefix]).to(device)
+                                              batch[prefix + "attention_mask"], self._token_map(prefix)).to(device)
         return rows
+
+    def _token_map(self, prefix: str) -> torch.Tensor:
+        """[V_student] the teacher group `prefix`'s id of each student token (made once, kept)."""
+        from distill.models.layer_hooks import token_map
+
+        if prefix not in self.token_maps:
+            teacher_tokenizer = next(g.tokenizer for g in self.groups if g.prefix == prefix)
+            self.token_maps[prefix] = token_map(self.groups[0].tokenizer, teacher_tokenizer)
+        return self.token_maps[prefix]
 
     def evaluate(self, model, ensemble, source, device):
         """(metrics per model, metrics per evaluation domain and model): accuracy and macro-F1."""
