@@ -149,8 +149,9 @@ def train_losses(run_dir: Path):
     return [row for row in rows if row["kind"] == "train"]
 
 
-def exported_predictions(model_dir: Path, config_path: Path):
-    """Arg-max predictions of the exported folder, loaded with plain transformers, on validation."""
+def exported_logits(model_dir: Path, config_path: Path, model=None):
+    """Logits [rows, labels] of the exported folder (or `model`, with its tokenizer), loaded with plain
+    transformers, on validation."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from distill.config.schema import load_config
@@ -158,16 +159,21 @@ def exported_predictions(model_dir: Path, config_path: Path):
 
     cfg = load_config(config_path)
     splits = read_splits(cfg.data)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model = (model or AutoModelForSequenceClassification.from_pretrained(model_dir)).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    predictions = []
+    logits = []
     texts = splits.validation[cfg.data.text_fields[0]]
     with torch.no_grad():
         for start in range(0, len(texts), 32):
             batch = tokenizer(texts[start:start + 32], padding=True, truncation=True, max_length=cfg.data.max_length,
                               return_tensors="pt")
-            predictions += model(**batch).logits.argmax(-1).tolist()
-    return predictions
+            logits.append(model(**batch).logits.float())
+    return torch.cat(logits)
+
+
+def exported_predictions(model_dir: Path, config_path: Path):
+    """Arg-max predictions of the exported folder, loaded with plain transformers, on validation."""
+    return exported_logits(model_dir, config_path).argmax(-1).tolist()
 
 
 def assert_export_matches_run(run_dir: Path, config_path: Path, model_dir: Path = None):

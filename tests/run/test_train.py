@@ -2,9 +2,10 @@
 import json
 
 import pytest
+import torch
 
 from tests.conftest import tiny_config_yaml
-from tests.helpers import exported_predictions, assert_export_matches_run, run_cli, train_losses, run_cli_in_process
+from tests.helpers import exported_logits, assert_export_matches_run, run_cli, train_losses, run_cli_in_process
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +71,10 @@ def test_export_command_refuses_to_overwrite_and_writes_bf16(finished_run, tmp_p
 
 
 def test_int8_export_loads_in_plain_transformers_and_reports_its_cost(finished_run, tmp_path):
-    """Tolerance stated in the README: the int8 student agrees with the run's final predictions on
-    at least 90% of validation rows (int8 rounding flips only near-tied arg-maxes)."""
+    """What docs/benchmarks.md states: each linear weight is rounded to int8 with a scale per output
+    row, the int8 model computes what fp32 arithmetic on those rounded weights computes, so it keeps
+    every prediction whose fp32 margin exceeds twice the largest logit move. (A share of agreeing
+    rows is no tolerance for a 20-step toy student whose logits nearly tie: one CPU gave 60%.)"""
     run_dir, config, _ = finished_run
     out = tmp_path / "int8"
     done = run_cli(["export", run_dir, out, "--quantize", "int8", "--onnx"])
@@ -88,9 +91,32 @@ def test_int8_export_loads_in_plain_transformers_and_reports_its_cost(finished_r
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert type(model.classifier.weight).__name__ == "Int8Tensor"  # stored and reloaded quantized
     recorded = json.loads((run_dir / "eval" / "predictions.json").read_text())["student"]
-    predicted = exported_predictions(out, config)
-    agreement = sum(a == b for a, b in zip(predicted, recorded)) / len(recorded)
-    assert agreement >= 0.9, agreement
+    # every linear weight is its fp32 value rounded to one int8 step (absmax / 127) of its row
+    full_model = AutoModelForSequenceClassification.from_pretrained(run_dir / "student")
+    full_weights = dict(full_model.named_parameters())
+    rounded = []
+    for name, weight in model.named_parameters():
+        if type(weight).__name__ != "Int8Tensor":
+            continue
+        original, restored = full_weights[name].detach(), weight.dequantize().float()
+        step = original.abs().amax(dim=1, keepdim=True) / 127
+        assert ((restored - original).abs() <= 0.5 * step + 1e-7).all(), name
+        full_weights[name].data.copy_(restored)
+        rounded.append(original.numel())
+    assert len(rounded) == sum(isinstance(m, torch.nn.Linear) for m in full_model.modules())
+    assert sum(rounded) == compression["params_int8"]
+    full = exported_logits(run_dir / "student", config)
+    quantized = exported_logits(out, config)
+    assert full.argmax(-1).tolist() == recorded
+    # the int8 model computes what fp32 arithmetic on the rounded weights computes
+    reference = exported_logits(run_dir / "student", config, model=full_model)
+    assert torch.allclose(quantized, reference, rtol=1e-4, atol=1e-6), (quantized - reference).abs().max()
+    # an arg-max may flip only where the fp32 margin is within twice the largest logit move
+    moved = (quantized - full).abs().max().item()
+    top = full.topk(2, dim=-1).values
+    decided = ((top[:, 0] - top[:, 1]) > 2 * moved).nonzero().flatten().tolist()
+    predicted = quantized.argmax(-1).tolist()
+    assert all(predicted[i] == recorded[i] for i in decided)
     references = json.loads((run_dir / "eval" / "predictions.json").read_text())["references"]
     labelled = [i for i, label in enumerate(references) if label != -100]
     accuracy = sum(predicted[i] == references[i] for i in labelled) / len(labelled)
