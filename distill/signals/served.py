@@ -39,6 +39,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+import torch.nn.functional as F
 
 from distill.data.text import LABELS
 from distill.errors import ConfigError, ServedTeacherError
@@ -312,7 +313,8 @@ class ServedSignal(TopKSignal):
         ids, log_probs, tail = self.ids[start:end], self.log_probs[start:end], self.tail[start:end]
         out = log_probs.new_empty((ids.shape[1], end - start, self.vocab_size), dtype=torch.float32)
         for k, (token_map, size) in enumerate(zip(self.maps, self.own_sizes)):
-            own = topk_target_log_probs(ids[:, k], log_probs[:, k], size, tail[:, k])
+            width = min(ids.shape[-1], size)  # a vocabulary smaller than top_k: its rows padded past it
+            own = topk_target_log_probs(ids[:, k, :width], log_probs[:, k, :width], size, tail[:, k])
             out[k] = own if token_map is None else map_log_probs(own, token_map.routes, token_map.classes)[0]
         return out
 
@@ -330,6 +332,7 @@ class ServedLanguageModels(Source):
         self.protocols, self.vocab_size, self.top_k, self.prefetch = protocols, vocab_size, top_k, prefetch
         self.prefixes = prefixes or [""] * len(protocols)
         self.maps, self.own_sizes = maps or [None] * len(protocols), own_sizes or [vocab_size] * len(protocols)
+        self.widths = [min(top_k, size) for size in self.own_sizes]  # no teacher lists more than its vocabulary
         if any(token_map is not None for token_map in self.maps):
             self.capabilities = frozenset({Capability.COVERAGE})
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="distill-served")
@@ -372,10 +375,12 @@ class ServedLanguageModels(Source):
 
     def signal(self, batch: Dict, device: torch.device) -> ServedSignal:
         futures = self.pending.pop(self._key(batch), None) or self._submit(batch)
-        parts = []
-        for teacher, prefix in zip(futures, self.prefixes):
+        parts, widest = [], max(self.widths)
+        for teacher, prefix, width in zip(futures, self.prefixes, self.widths):
             length = batch[prefix + "input_ids"].shape[1]
-            part = rows_to_top_k([future.result() for future in teacher], length, self.top_k)
+            ids, log_probs, tail, covered = rows_to_top_k([future.result() for future in teacher], length, width)
+            padding = (0, widest - width)  # slots past a smaller vocabulary: never read (ServedSignal.logits)
+            part = (F.pad(ids, padding), F.pad(log_probs, padding, value=-float("inf")), tail, covered)
             if prefix:  # window rows -> the student rows that have read the same text
                 positions = batch[prefix + "positions"]  # [B, S], -1: none
                 found = positions >= 0
@@ -451,7 +456,7 @@ def connect(cfg, plans, tokenizer, vocab_size: int) -> ServedLanguageModels:
         teacher = cfg.teachers.models[k]
         own = tokenizer if plan.token_map is None else load_tokenizer(plan.path, plan.key, cfg.trust_remote_code)
         client = Client(plan.name, teacher.server, teacher.server_model, served.timeout_s, served.retries)
-        protocol = PROTOCOLS[served.api](client, own, served.top_k)
+        protocol = PROTOCOLS[served.api](client, own, min(served.top_k, plan.vocab_size if plan.token_map else vocab_size))
         protocol.start()
         protocols.append(protocol)
     return ServedLanguageModels(protocols, vocab_size, served.top_k, served.concurrency, served.prefetch,

@@ -37,9 +37,35 @@ from distill.signals.sources import (HiddenStateSignal, LiveLanguageModels, Targ
 from distill.tasks.base import StepFigures, Task, register_task
 
 
-# why a served teacher with its own tokenizer cannot be fitted (its rows are dense, mapped: no top-k to keep)
-UNFITTABLE = ("a fit reads each teacher's hidden states or top-k in the student's vocabulary, and served teachers "
-              "with teachers.tokenization=per_model give neither; fit with them loaded here, and pass its weights.yaml")
+# a source whose rows a fit cannot keep (every source of this task gives hidden states or top-k rows)
+UNFITTABLE = ("a fit reads each teacher's hidden states or top-k rows, and this teacher source gives neither; fit "
+              "with the teachers loaded here, and pass its weights.yaml")
+
+
+def gives_top_k(source) -> bool:
+    """Whether a source's signals are top-k rows (a top-k cache; served teachers, mapped or not)."""
+    from distill.signals.served import ServedLanguageModels
+
+    return isinstance(source, ServedLanguageModels) or source.can(Capability.TOP_K)
+
+
+def kept_signal(source, pieces: List[Tensor], rows: int, device):
+    """`source`'s signal rebuilt over kept validation rows: `pieces` are what each of its signals gave
+    for them (top-k ids, log-probs and tail; or a hidden state per teacher), every row covered."""
+    from distill.signals.served import ServedLanguageModels, ServedSignal
+
+    if isinstance(source, ServedLanguageModels):  # its teachers' own vocabularies, mapped per chunk
+        every = torch.ones(len(source.protocols), rows, dtype=torch.bool, device=device)
+        return ServedSignal(*pieces, source.vocab_size, every, source.maps, source.own_sizes)
+    if source.can(Capability.TOP_K):
+        return TopKSignal(*pieces, source.vocab_size)
+    if source.can(Capability.ALIGNED):
+        from distill.signals.aligned import AlignedSignal
+
+        every = torch.ones(len(pieces), rows, dtype=torch.bool, device=device)
+        return AlignedSignal(pieces, source.heads, source.maps, every, every[0], source.vocab_size,
+                             reference_weights=[plan.weight for plan in source.ensemble.plans])
+    return HiddenStateSignal(pieces, source.heads)
 
 
 def text_bytes(dataset, data) -> int:
@@ -215,8 +241,6 @@ class CausalLM(Task):
                                         "student.trim_vocab": cfg.student.trim_vocab,
                                         "student.from_teacher": cfg.student.from_teacher is not None and
                                         resolve_teacher_index(cfg, cfg.student.from_teacher) in served}.items() if is_set]
-        if cfg.interpolation.fit_on is not None and teachers.tokenization == "per_model":
-            raise ConfigError(f"interpolation.fit_on: {UNFITTABLE}")
         if used:
             raise ConfigError(f"teachers.models[*].server: served teachers do not read {used} (no teacher weights load "
                               "here; their top-k comes over HTTP for the student's own tokens): remove "
@@ -667,21 +691,23 @@ class CausalLM(Task):
         return torch.tensor(self._byte_lengths(), dtype=torch.long) if self.student_bytes is not None else None
 
     def validation_chunks(self, ensemble, source, device, route=None):
-        """The teachers' last hidden states at every labelled validation token (gathered from all
-        ranks, in a fixed order) and the labels; chunks rebuild the logits with the output layers.
-        With `route`: the tokens of that route's validation blocks only."""
+        """The teachers' last hidden states (or top-k: cached, served) at every labelled validation
+        token that every teacher has read (gathered from all ranks, in a fixed order) and the labels;
+        chunks rebuild the logits as training does (output layers, sparse targets, token maps). With
+        `route`: the tokens of that route's validation blocks only."""
         from distill.signals.served import MixedSignal, MixedSource
 
         loader = validation_loader(self.validation_of(route), self.collator(), self.cfg.training.eval_batch_size)
         local: Dict[int, Tuple[List[Tensor], Tensor]] = {}
-        sparse = not source.can(Capability.WRITE_LOGITS) and source.can(Capability.TOP_K)  # served teachers
         mixed = source.unwrap() if isinstance(source.unwrap(), MixedSource) else None  # served beside local ones
-        if not (sparse or mixed or source.can(Capability.WRITE_LOGITS) or source.can(Capability.ALIGNED)):
-            raise ConfigError(f"fitting the interpolation: {UNFITTABLE}")
+        parts = mixed.parts if mixed else [(list(range(len(ensemble))), source)]
+        for _, part in parts:
+            if not (gives_top_k(part.unwrap()) or part.can(Capability.WRITE_LOGITS) or part.can(Capability.ALIGNED)):
+                raise ConfigError(f"fitting the interpolation: {UNFITTABLE}")
 
         def kept(signal, rows, valid):
-            if signal.can(Capability.TOP_K):  # the rows' top-k: (ids, log-probs, tail)
-                return [part[valid.to(part.device)].cpu() for part in signal.top_k(rows.start, rows.stop)]
+            if isinstance(signal, TopKSignal):  # the rows' top-k (ids, log-probs, tail); mapped: in the teacher's vocabulary
+                return [piece[valid.to(piece.device)].cpu() for piece in signal.top_k(rows.start, rows.stop)]
             return [hidden[rows][valid.to(hidden.device)].float().cpu() for hidden in signal.hidden_states]
 
         for batch in loader:
@@ -693,41 +719,26 @@ class CausalLM(Task):
                 valid = labels[row] != IGNORE_INDEX
                 if signal.can(Capability.COVERAGE):  # fit where every teacher has read the text
                     valid &= signal.coverage(rows.start, rows.stop).all(dim=0).cpu()
-                # each part's kept rows, one after the other (a mix: the local part's hidden states, the served top-k)
+                # each part's kept rows, one after the other (a mix: the local part's, then the served top-k)
                 pieces = [kept(part, rows, valid) for _, part in signal.parts] if mixed else [kept(signal, rows, valid)]
                 local[index] = ([piece for part in pieces for piece in part], labels[row][valid])
         merged: Dict[int, Tuple[List[Tensor], Tensor]] = {}
         for part in distributed.gather_objects(local):
             merged.update(part)
         order = sorted(merged)
-        parts = [torch.cat([merged[i][0][k] for i in order]).to(device) for k in range(len(merged[order[0]][0]))]
+        pieces = [torch.cat([merged[i][0][k] for i in order]).to(device) for k in range(len(merged[order[0]][0]))]
         labels = torch.cat([merged[i][1] for i in order]).to(device)
-        if mixed:  # each part's signal over the kept rows, side by side in the teachers' order
-            signals, at = [], 0
-            for indices, part in mixed.parts:
-                inner = part.unwrap()
-                if part.can(Capability.TOP_K):
-                    signals.append((indices, TopKSignal(*parts[at:at + 3], inner.vocab_size)))
-                    at += 3
-                else:
-                    signals.append((indices, HiddenStateSignal(parts[at:at + len(indices)], inner.heads)))
-                    at += len(indices)
-            signal = MixedSignal(signals, len(ensemble))
-        elif sparse:
-            signal = TopKSignal(*parts, source.unwrap().vocab_size)
-        elif source.can(Capability.ALIGNED):
-            from distill.signals.aligned import AlignedSignal
-
-            aligned = source.unwrap()
-            every = torch.ones(len(ensemble), labels.shape[0], dtype=torch.bool, device=device)
-            signal = AlignedSignal(parts, aligned.heads, aligned.maps, every, every[0], aligned.vocab_size,
-                                   reference_weights=[plan.weight for plan in ensemble.plans])
+        signals, at = [], 0
+        for indices, part in parts:  # each part's signal over the kept rows, in the teachers' order
+            taken = 3 if gives_top_k(part.unwrap()) else len(indices)
+            signals.append((indices, kept_signal(part.unwrap(), pieces[at:at + taken], labels.shape[0], device)))
+            at += taken
+        signal = MixedSignal(signals, len(ensemble)) if mixed else signals[0][1]
+        if any(plan.token_map is not None for plan in ensemble.plans):
             self.fit_bytes = int(self._student_byte_lengths()[labels.cpu()].sum())
             if distributed.is_main():
                 print(f"the interpolation is fitted on the {labels.shape[0]:,} validation tokens every teacher has "
                       "read the text of (teachers with other tokenizers)", flush=True)
-        else:
-            signal = HiddenStateSignal(parts, source.unwrap().heads)
         size = self.cfg.loss.chunk_tokens
 
         def chunks():

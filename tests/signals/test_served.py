@@ -20,7 +20,7 @@ import torch
 from distill.errors import ServedTeacherError
 from distill.signals.served import Client, Reply, rows_to_top_k, text_ids
 from tests.conftest import write_config
-from tests.helpers import free_port, run_cli_in_process
+from tests.helpers import free_port, permuted_copy, run_cli_in_process
 
 
 # ---------------------------------------------------------------------------------------- no server
@@ -207,10 +207,6 @@ def test_a_wrong_model_name_or_a_server_that_is_down_is_refused_before_anything_
     assert result.returncode == 6, result.stderr[-2000:]
     assert f"teacher smol at http://127.0.0.1:{down} did not answer" in result.stderr
     assert not (tmp_path / "down").exists()
-    fit = run_cli_in_process(["train", _config(served, tmp_path / "fit"), "teachers.tokenization=per_model",
-                   "interpolation.fit_on=validation"])
-    assert fit.returncode == 2 and "interpolation.fit_on: a fit reads each teacher's hidden states" in fit.stderr
-    assert not (tmp_path / "fit").exists()
 
 
 # ---------------------------------------------------------------------------------------- vLLM's protocol
@@ -243,7 +239,7 @@ class VllmStandIn(http.server.BaseHTTPRequestHandler):
             log_probs = torch.log_softmax(self.model(torch.tensor([ids])).logits[0].float(), dim=-1)
         entries = [None]
         for t in range(1, len(ids)):
-            values, top = log_probs[t - 1].topk(k)
+            values, top = log_probs[t - 1].topk(min(k, log_probs.shape[-1]))  # k past the vocabulary: all of it
             listed = {int(i): float(v) for i, v in zip(top, values)}
             listed[ids[t]] = float(log_probs[t - 1, ids[t]])
             entries.append({str(i): {"logprob": v, "rank": 1, "decoded_token": self.tokenizer.decode([i])}
@@ -491,6 +487,45 @@ def test_a_served_teacher_with_its_own_tokenizer_is_aligned_as_the_same_teacher_
     assert len(runs["served"]) == 2
     assert all(math.isclose(x, y, rel_tol=1e-4) for x, y in zip(runs["live"], runs["served"])), runs
     assert 0.3 < runs["served report"]["coverage"] == runs["live report"]["coverage"] < 1.0
+
+
+def test_served_teachers_with_their_own_tokenizers_are_fitted_as_loaded_here(tiny_lm, tmp_path):
+    """Two teachers with their own tokenizers (teachers a and b, their ids renumbered), whole
+    vocabularies served, the interpolation fitted on validation (fit_on): served, or one served beside
+    one loaded here, the fitted weights and each step's KD term are those of both loaded here. (top_k
+    420 is past their vocabularies of 320: each lists its whole vocabulary, no more.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    owns = [permuted_copy(tmp_path / "own0", tiny_lm["tokenizer"], tiny_lm["teacher_a"], seed=2),
+            permuted_copy(tmp_path / "own1", tiny_lm["tokenizer"], tiny_lm["teacher_b"], seed=3)]
+    for own in owns:  # untrained teachers are near-uniform: sharpened, each is confidently wrong elsewhere,
+        model = AutoModelForCausalLM.from_pretrained(own)  # and their mix beats either (an interior fit)
+        with torch.no_grad():
+            model.model.norm.weight.mul_(6.0)
+        model.save_pretrained(own, safe_serialization=True)
+    servers = [_stand_in(tiny_lm, str(own), AutoTokenizer.from_pretrained(own)) for own in owns]
+    runs = {}
+    try:
+        for name, served in (("live", ()), ("served", (0, 1)), ("mixed", (0,))):
+            models = ", ".join(f"{{name: own{i}, path: {own}" + (f", server: '{servers[i][1]['url']}', server_model: tiny"
+                                                                   if i in served else "") + "}"
+                               for i, own in enumerate(owns))
+            setting = "\n".join(["  dtype: float32"] * (len(served) < len(owns)) + ["  served: {api: vllm, top_k: 420}"] * bool(served))
+            teachers = f"  models: [{models}]\n  tokenization: per_model\n{setting}"
+            result = run_cli_in_process(["train", _tiny_config(tiny_lm, tmp_path / name, teachers,
+                                                               extra="interpolation: {method: linear, fit_on: validation}")])
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[name] = _train_rows(tmp_path / name)
+            runs[name + " weights"] = json.loads((tmp_path / name / "interpolation" / "state.json").read_text())["weights"]
+    finally:
+        for server, _ in servers:
+            server.shutdown()
+    assert 0.1 < runs["live weights"][0] < 0.9 and runs["live weights"][0] != 0.5  # fitted, not the even start
+    for name in ("served", "mixed"):
+        assert all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(runs["live weights"], runs[name + " weights"]))
+        assert [row["step"] for row in runs[name]] == [1, 2]
+        for live, other in zip(runs["live"], runs[name]):
+            assert math.isclose(live["kd"], other["kd"], rel_tol=1e-4), (name, live["kd"], other["kd"])
 
 
 def test_lookahead_requests_ahead_and_keeps_nothing_for_batches_the_loop_replaced():
