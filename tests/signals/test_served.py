@@ -324,7 +324,7 @@ def test_a_teacher_served_with_its_whole_vocabulary_trains_as_the_same_teacher_l
         runs[name] = _train_rows(tmp_path / name)
     assert [row["step"] for row in runs["served"]] == [1, 2, 3]
     for live, served in zip(runs["live"], runs["served"]):
-        assert math.isclose(live["kd"], served["kd"], rel_tol=1e-4) and math.isclose(live["ce"], served["ce"], rel_tol=1e-4)
+        assert math.isclose(live["kd"], served["kd"], rel_tol=1e-3) and math.isclose(live["ce"], served["ce"], rel_tol=1e-3)
 
 
 def _both_teachers(tiny_lm, servers, served: str) -> str:
@@ -407,7 +407,7 @@ def test_a_served_teacher_mixes_with_a_local_one_as_if_both_were_loaded_here(tin
                                                                              ("float32", None)]
         assert [row["step"] for row in runs[True]] == [1, 2]
         for live, mixed in zip(runs[False], runs[True]):
-            assert math.isclose(live["kd"], mixed["kd"], rel_tol=1e-4), (method, live["kd"], mixed["kd"])
+            assert math.isclose(live["kd"], mixed["kd"], rel_tol=1e-3), (method, live["kd"], mixed["kd"])
         assert [t["params"] > 0 for t in report["teachers"]] == [True, True]
 
 
@@ -435,7 +435,7 @@ def test_routed_rows_mix_a_served_teacher_with_a_local_one_as_if_both_were_loade
     assert [row["step"] for row in runs[True]] == [1, 2]
     for live, mixed in zip(runs[False], runs[True]):
         for key in ("kd", "route/news/kd", "route/reviews/kd"):
-            assert math.isclose(live[key], mixed[key], rel_tol=1e-4), (key, live, mixed)
+            assert math.isclose(live[key], mixed[key], rel_tol=1e-3), (key, live, mixed)
 
 
 def test_a_served_teacher_mixes_with_a_cached_one(tiny_lm, vllm_stand_in, tmp_path):
@@ -485,7 +485,7 @@ def test_a_served_teacher_with_its_own_tokenizer_is_aligned_as_the_same_teacher_
     finally:
         server.shutdown()
     assert len(runs["served"]) == 2
-    assert all(math.isclose(x, y, rel_tol=1e-4) for x, y in zip(runs["live"], runs["served"])), runs
+    assert all(math.isclose(x, y, rel_tol=1e-3) for x, y in zip(runs["live"], runs["served"])), runs
     assert 0.3 < runs["served report"]["coverage"] == runs["live report"]["coverage"] < 1.0
 
 
@@ -522,10 +522,10 @@ def test_served_teachers_with_their_own_tokenizers_are_fitted_as_loaded_here(tin
             server.shutdown()
     assert 0.1 < runs["live weights"][0] < 0.9 and runs["live weights"][0] != 0.5  # fitted, not the even start
     for name in ("served", "mixed"):
-        assert all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(runs["live weights"], runs[name + " weights"]))
+        assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(runs["live weights"], runs[name + " weights"]))
         assert [row["step"] for row in runs[name]] == [1, 2]
         for live, other in zip(runs["live"], runs[name]):
-            assert math.isclose(live["kd"], other["kd"], rel_tol=1e-4), (name, live["kd"], other["kd"])
+            assert math.isclose(live["kd"], other["kd"], rel_tol=1e-3), (name, live["kd"], other["kd"])
 
 
 def test_lookahead_requests_ahead_and_keeps_nothing_for_batches_the_loop_replaced():
