@@ -40,10 +40,15 @@ class ExportError(DistillError, RuntimeError):
 
 
 class NonFiniteLogitsError(DistillError, RuntimeError):
-    """A teacher's logits were NaN or infinite and the run is set to stop on them."""
+    """A teacher's logits were NaN or infinite and the run is set to stop on them; `finding` says
+    which teacher and rows, without the advice (a caller that knows the cause gives its own)."""
 
     exit_code = 3
     label = "stopped"
+
+    def __init__(self, message: str, finding: str = ""):
+        super().__init__(message)
+        self.finding = finding or message
 
 
 class CheckpointWriteError(DistillError, RuntimeError):

@@ -179,10 +179,13 @@ def per_teacher_kl(teacher_log_probs: Tensor, student_logits: Tensor, temperatur
 
 def mean_kl(reference_logits: Tensor, logits: Tensor, chunk: int = 256) -> float:
     """mean over rows of KL(softmax(reference) || softmax(logits)) in float64, a chunk of rows at a
-    time: how far a teacher run in lower precision is from its fp32 self (a figure, not a loss)."""
+    time: how far a teacher run in lower precision is from its fp32 self (a figure, not a loss).
+    A token of probability 0 under the reference adds 0 (-inf logits in both are no NaN); a NaN in
+    `logits` where the reference has mass makes the figure NaN."""
     total, rows = 0.0, reference_logits.shape[0]
     for start in range(0, rows, chunk):
         reference = torch.log_softmax(reference_logits[start:start + chunk].double(), dim=-1)
         other = torch.log_softmax(logits[start:start + chunk].double(), dim=-1)
-        total += float((reference.exp() * (reference - other)).sum())
+        mass = reference.exp()
+        total += float(torch.where(mass > 0, mass * (reference - other), 0.0).sum())
     return total / max(rows, 1)

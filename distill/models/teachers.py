@@ -125,8 +125,9 @@ def finite_rows(logits: Tensor, kd_rows: Optional[Tensor], policy: str, names: L
     bad = ~finite if kd_rows is None else ~finite & kd_rows.to(finite.device).unsqueeze(0)
     if policy == "stop" and bool(bad.any()):
         k = int(bad.any(dim=1).nonzero()[0])
-        raise NonFiniteLogitsError(f"teacher {names[k]} produced NaN/inf logits {describe(bad[k])}: set "
-                                   "teachers.on_nonfinite=skip to leave such rows out of the KD term")
+        finding = f"teacher {names[k]} produced NaN/inf logits {describe(bad[k])}"
+        raise NonFiniteLogitsError(f"{finding}: set teachers.on_nonfinite=skip to leave such rows out of the KD term",
+                                   finding)
     return finite.all(dim=0)
 
 

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
-from distill.errors import CheckpointWriteError, DivergedError
+from distill.errors import CheckpointWriteError, DivergedError, NonFiniteLogitsError
 from torch.utils.data.distributed import DistributedSampler
 
 from omegaconf import OmegaConf
@@ -223,9 +223,23 @@ class Trainer:
         if (dtype != torch.float32 or compiled) and self.cfg.teachers.placement == "replicated":
             # loading the fp32 copies initialises modules: the training's random streams must not notice
             devices = [self.device] if self.device.type == "cuda" else []
+            # a compiled teacher giving NaN/inf where its eager fp32 self does not is the compiler's doing
+            # (seen: inductor's AVX2 code on a tiny BERT): said as such, before step 1
+            advice = ("(torch.compile's code for this CPU; seen with inductor's AVX2 code): set teachers.compile=false; "
+                      "if the error stays, the teacher itself gives them")
             with torch.random.fork_rng(devices=devices):
-                drift = self.task.teacher_precision_drift(self.ensemble, self.source, self.teacher_plans,
-                                                           self.device)
+                try:
+                    drift = self.task.teacher_precision_drift(self.ensemble, self.source, self.teacher_plans,
+                                                               self.device)
+                except NonFiniteLogitsError as error:
+                    if not compiled:
+                        raise
+                    raise NonFiniteLogitsError(f"teachers.compile: compiled, {error.finding} on a validation batch "
+                                               f"before step 1 {advice}") from None
+            broken = [teacher for teacher, value in drift.items() if value is not None and not math.isfinite(value)]
+            if compiled and broken:  # teachers.on_nonfinite=skip: the drift reads what the check let through
+                raise NonFiniteLogitsError(f"teachers.compile: teacher(s) {broken} compiled give NaN/inf logits on a "
+                                           f"validation batch where their eager fp32 selves do not {advice}")
             if drift and distributed.is_main():
                 self.logger.log(0, {f"{teacher}/kl_to_fp32": value for teacher, value in drift.items()
                                     if value is not None}, kind="precision")

@@ -22,6 +22,19 @@ def test_kl_with_zero_target_mass_is_finite():
     torch.testing.assert_close(kl_divergence(target, student), torch.tensor([-math.log(0.7)], dtype=torch.float64))
 
 
+def test_precision_drift_figure_is_kl_and_reads_no_nan_from_tokens_without_mass():
+    """mean_kl: KL(softmax(reference) || softmax(other)) by hand; a token both give -inf adds 0; a
+    NaN where the reference has mass is NaN (a broken teacher is not hidden)."""
+    from distill.formulas.divergences import mean_kl
+
+    reference, other = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+    p = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    assert mean_kl(reference, other) == pytest.approx(float((p * (p / 0.5).log()).sum()), rel=1e-12)
+    masked = torch.tensor([[0.0, math.log(3.0), -math.inf]], dtype=torch.float64)
+    assert mean_kl(masked, torch.tensor([[0.0, 0.0, -math.inf]], dtype=torch.float64)) == pytest.approx(mean_kl(reference, other), rel=1e-12)
+    assert math.isnan(mean_kl(reference, torch.tensor([[0.0, math.nan]])))
+
+
 def test_label_smoothed_ce_matches_torch():
     torch.manual_seed(0)
     logits = torch.randn(6, 5, dtype=torch.float64)

@@ -169,6 +169,41 @@ def test_compiled_teachers_train_like_eager_ones_and_report_their_drift(tiny, tm
     assert "Warning" not in result.stderr  # a quiet start: no compiler notices the user cannot act on
 
 
+def test_a_compiled_teacher_giving_nan_where_its_eager_self_does_not_stops_before_training(tiny, tmp_path,
+                                                                                             monkeypatch):
+    """A compiler defect (seen: inductor's AVX2 code gave this tiny BERT NaN logits) is caught by the
+    compiled-vs-eager check before step 1, named as the compiler's, with teachers.compile=false as the fix."""
+    import distill.models.teachers as teachers
+    from tests.conftest import tiny_config_yaml
+    from tests.helpers import run_cli_in_process
+
+    def broken_compile(model):  # the body's outputs turned to NaN, as the defective compiled code gave them
+        body = model.base_model
+        forward = body.forward
+
+        def nan_forward(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            for key in list(out.keys()):
+                out[key] = out[key] * float("nan")
+            return out
+
+        body.forward = nan_forward
+        return model
+
+    monkeypatch.setattr(teachers, "compile_body", broken_compile)
+    for policy, said in (("stop", "teachers.compile: compiled, teacher a (teachers.models[0] ("),
+                         ("skip", "teachers.compile: teacher(s) ['a', 'b'] compiled give NaN/inf logits")):
+        run_dir = tmp_path / policy
+        result = run_cli_in_process(["train", tiny_config_yaml(tiny, run_dir), "teachers.dtype=float32",
+                                     "teachers.compile=true", "training.max_steps=2", f"teachers.on_nonfinite={policy}"])
+        assert result.returncode == 3, result.stderr[-2000:]
+        assert said in result.stderr and "set teachers.compile=false" in result.stderr, result.stderr[-2000:]
+        assert "on_nonfinite=skip" not in result.stderr  # not the advice for a compiler's NaN
+        metrics = run_dir / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        assert not [row for row in rows if row["kind"] == "train"]  # stopped before step 1
+
+
 def test_teacher_folders_transformers_cannot_load_say_why_before_anything_is_written(tiny, tmp_path):
     """issue 30: each of these said '(not found locally, and the hub is offline)', some after the run
     directory was written."""
