@@ -451,14 +451,14 @@ def connect(cfg, plans, tokenizer, vocab_size: int) -> ServedLanguageModels:
     served = cfg.teachers.served
     chosen = served_teachers(cfg)
     plans = [plans[k] for k in chosen]
+    sizes = [plan.vocab_size if plan.token_map is not None else vocab_size for plan in plans]  # what each lists ids of
     protocols = []
-    for plan, k in zip(plans, chosen):
+    for plan, k, size in zip(plans, chosen, sizes):
         teacher = cfg.teachers.models[k]
         own = tokenizer if plan.token_map is None else load_tokenizer(plan.path, plan.key, cfg.trust_remote_code)
         client = Client(plan.name, teacher.server, teacher.server_model, served.timeout_s, served.retries)
-        protocol = PROTOCOLS[served.api](client, own, min(served.top_k, plan.vocab_size if plan.token_map else vocab_size))
+        protocol = PROTOCOLS[served.api](client, own, min(served.top_k, size))  # never more than its vocabulary
         protocol.start()
         protocols.append(protocol)
     return ServedLanguageModels(protocols, vocab_size, served.top_k, served.concurrency, served.prefetch,
-                                [plan.input_prefix for plan in plans], [plan.token_map for plan in plans],
-                                [plan.vocab_size if plan.token_map is not None else vocab_size for plan in plans])
+                                [plan.input_prefix for plan in plans], [plan.token_map for plan in plans], sizes)
