@@ -133,3 +133,22 @@ def test_a_black_box_file_is_checked_whole_at_start(tiny, with_ids, tmp_path):
         assert result.returncode == 2, (file.name, result.stderr[-2000:])
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, (file.name, result.stderr)
         assert not run_dir.exists()
+
+
+def test_a_fit_that_silences_a_teacher_says_so(tiny, with_ids, tmp_path):
+    """issue 31: a fitted mix that puts weight 0 on a teacher makes "both teachers'" terms one
+    teacher's; the run says which. Teacher `wrong` is sure of a wrong label on every row."""
+    with open(with_ids["data"], newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text("".join(json.dumps({"uid": row["uid"], **{name: 40.0 if name == LABELS[(LABELS.index(
+        row["sentiment"]) + 1) % len(LABELS)] else 0.0 for name in LABELS}}) + "\n" for row in rows))
+    run_dir = tmp_path / "run"
+    done = run_cli_in_process(["train", tiny_config_yaml(tiny, run_dir), f"data.train.path={with_ids['data']}",
+                               "data.id_field=uid", "data.unlabeled.path=null", "student.from_teacher=b",
+                               "student.layers=[0, 1]", "training.max_steps=1", "interpolation.fit_on=validation",
+                               f"teachers.models=[{{name: wrong, logits: {wrong}}}, {{name: b, path: {tiny['teacher_b']}}}]"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the fitted mix gives teacher(s) ['wrong'] weight 0" in done.stdout
+    weights = json.loads((run_dir / "interpolation" / "state.json").read_text())["weights"]
+    assert weights[0] <= 1e-6 < weights[1]
