@@ -93,6 +93,7 @@ def test_int8_export_loads_in_plain_transformers_and_reports_its_cost(finished_r
     recorded = json.loads((run_dir / "eval" / "predictions.json").read_text())["student"]
     # every linear weight is its fp32 value rounded to one int8 step (absmax / 127) of its row
     full_model = AutoModelForSequenceClassification.from_pretrained(run_dir / "student")
+    full = exported_logits(run_dir / "student", config, model=full_model)  # before its weights are rounded below
     full_weights = dict(full_model.named_parameters())
     rounded = []
     for name, weight in model.named_parameters():
@@ -105,7 +106,6 @@ def test_int8_export_loads_in_plain_transformers_and_reports_its_cost(finished_r
         rounded.append(original.numel())
     assert len(rounded) == sum(isinstance(m, torch.nn.Linear) for m in full_model.modules())
     assert sum(rounded) == compression["params_int8"]
-    full = exported_logits(run_dir / "student", config)
     quantized = exported_logits(out, config)
     assert full.argmax(-1).tolist() == recorded
     # the int8 model computes what fp32 arithmetic on the rounded weights computes
