@@ -12,7 +12,7 @@ no top-k): `distill cache` runs the live teachers over the training and validati
 
 Rows are keyed by the digest of their text fields (data.TEXT_KEY), so the same text is found in any
 split and the data's order does not matter. Training with `teachers.cache=DIR` then reads each
-teacher as stored outputs (teachers.StoredOutputsTeacher, the black-box teachers' machinery): no
+teacher as stored outputs (signals/stored.cached_outputs, the black-box teachers' machinery): no
 teacher weight loads, evaluation, `interpolation.fit_on` and `distill fit-weights` read the cached
 validation logits. A cache is checked against the config and the data before anything is written:
 other teachers (name, path or content), labels, text fields or max_length, or a row it lacks, is
@@ -56,7 +56,7 @@ def write_classifier_cache(setup, out_dir: Path, rows_per_shard: int = 4096) -> 
     signature = {"format": FORMAT, "label_names": list(task.label_names), **settings_of(cfg),
                  "rows": hashlib.sha256(rows.encode()).hexdigest(), **teacher_signature(plans, hashes, dtype)}
     with ShardedWriter.open(Path(out_dir), signature, [len(part) for part in parts], rows_per_shard) as writer:
-        ensemble, _ = setup.load_teachers()
+        ensemble, source = setup.load_teachers()
         for number in writer.mine():
             part, start, end = writer.slices[number]
             loader = DataLoader(parts[part].select(range(start, end)), batch_size=cfg.training.eval_batch_size,
@@ -64,7 +64,7 @@ def write_classifier_cache(setup, out_dir: Path, rows_per_shard: int = 4096) -> 
             keys: List[str] = []
             logits = []
             for batch in loader:
-                logits.append(ensemble.logits(batch, device).transpose(0, 1).float().cpu())  # [B, K, C]
+                logits.append(source.logits(batch, device).transpose(0, 1).float().cpu())  # [B, K, C]
                 keys.extend(batch[TEXT_KEY])
             writer.write(number, {"logits": torch.cat(logits).contiguous()}, metadata={"keys": json.dumps(keys)})
         meta = {"format": FORMAT, "label_names": list(task.label_names), **settings_of(cfg),
@@ -116,12 +116,3 @@ class ClassifierCache:
         if missing:
             raise ConfigError(f"teachers.cache: {len(missing)} {name} row(s) are not in {self.folder} (the data changed "
                               "since it was written): rerun distill cache")
-
-    def teachers(self, plans):
-        """One stored-outputs teacher per plan, read by text key, and their parameter counts."""
-        from distill.data.text import TEXT_KEY
-        from distill.models.teachers import StoredOutputsTeacher
-
-        models = [StoredOutputsTeacher(self.logits[:, k].contiguous(), self.row_of, plan.key, TEXT_KEY)
-                  for k, plan in enumerate(plans)]
-        return models, [teacher["params"] for teacher in self.meta["teachers"]]

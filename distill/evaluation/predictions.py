@@ -66,13 +66,13 @@ def student_logits_fn(student, device: torch.device) -> Callable[[Dict], torch.T
     return run
 
 
-def teacher_logit_fns(ensemble, device: torch.device) -> Dict[str, Callable[[Dict], torch.Tensor]]:
-    """One function per teacher plus 'target', sharing a single teacher pass per batch."""
+def teacher_logit_fns(ensemble, source, device: torch.device) -> Dict[str, Callable[[Dict], torch.Tensor]]:
+    """One function per teacher plus 'target', sharing a single pass of the signal source per batch."""
     cache: Dict[str, Optional[object]] = {"batch": None, "logits": None}
 
     def teacher_logits(batch: Dict) -> torch.Tensor:
         if cache["batch"] is not batch:
-            cache["batch"], cache["logits"] = batch, ensemble.logits(batch, device).cpu()
+            cache["batch"], cache["logits"] = batch, source.logits(batch, device).cpu()
         return cache["logits"]
 
     fns = {name: (lambda batch, k=k: teacher_logits(batch)[k]) for k, name in enumerate(ensemble.names)}
@@ -80,12 +80,12 @@ def teacher_logit_fns(ensemble, device: torch.device) -> Dict[str, Callable[[Dic
     return fns
 
 
-def collect_teacher_logits(loader: DataLoader, ensemble, device: torch.device):
+def collect_teacher_logits(loader: DataLoader, source, device: torch.device):
     """All teachers' logits [K, N, C] and labels [N] over a (sharded) loader, gathered from every
     rank and ordered by row index: the same tensors on every rank."""
     local: Dict[int, tuple] = {}
     for batch in loader:
-        logits = ensemble.logits(batch, device).cpu()
+        logits = source.logits(batch, device).cpu()
         for position, index in enumerate(batch[INDEX].tolist()):
             local[index] = (logits[:, position], int(batch[LABELS][position]))
     merged: Dict[int, tuple] = {}

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from distill.config.schema import DistillConfig, teacher_display_name
 
 from distill.errors import ConfigError
-from distill.data.text import EXAMPLE_ID, TokenizerGroup, model_inputs
+from distill.data.text import TokenizerGroup
 from distill.interpolation.strategies import build_interpolation
 from distill.formulas.mixtures import normalize_weights, teacher_log_probs
 from distill.models.loading import (check_positions, count_parameters, head_labels, label_names_of, labels_only_config,
@@ -132,9 +132,11 @@ def finite_rows(logits: Tensor, kd_rows: Optional[Tensor], policy: str, names: L
 
 
 class TeacherEnsemble:
-    """Loaded, frozen teachers and the interpolation that turns their outputs into one target."""
+    """Loaded, frozen teachers and the interpolation that turns their outputs into one target. Running
+    them is the signal source's (signals/): `models[k]` is None for a teacher whose outputs the source
+    reads instead (stored outputs, a cache, a server)."""
 
-    def __init__(self, plans: List[TeacherPlan], models: List[nn.Module], interpolation,
+    def __init__(self, plans: List[TeacherPlan], models: List[Optional[nn.Module]], interpolation,
                  use_inference_mode: bool = True):
         self.plans = plans
         self.models = models
@@ -149,7 +151,8 @@ class TeacherEnsemble:
         self.compiled = False  # teachers.compile applied
         self.served = False  # the teachers run on inference servers (signals/served.py): no dtype here
         # per teacher; a cached ensemble (no models loaded) takes them from the cache's record
-        self.parameter_counts = [getattr(model, "parameters_before_quantization", None) or count_parameters(model)
+        self.parameter_counts = [0 if model is None else
+                                 getattr(model, "parameters_before_quantization", None) or count_parameters(model)
                                  for model in models]
 
     @property
@@ -158,41 +161,6 @@ class TeacherEnsemble:
 
     def __len__(self) -> int:
         return len(self.plans)
-
-    def logits(self, batch: Dict, device: torch.device) -> Tensor:
-        """[K, B, C] float32 logits, columns in the student's label order; raises on NaN/inf."""
-        return self.run(batch, device, record=False)[0]
-
-    def run(self, batch: Dict, device: torch.device, record: bool = True) -> tuple[Tensor, Dict[int, Dict]]:
-        """(logits as `logits` returns them, {k: what teacher k recorded for the intermediate-layer
-        terms}) for the teachers `inner_requests` names (layer_distillation.Request)."""
-        from distill.models.layer_hooks import Capture, detached_copy
-
-        context = torch.inference_mode if self.use_inference_mode else torch.no_grad
-        outputs, records = [], {}
-        with context():
-            for k, (plan, model) in enumerate(zip(self.plans, self.models)):
-                if getattr(model, "reads_example_ids", False):  # stored outputs: a black-box file, or a cache
-                    logits = model.example_logits(batch[model.key_column]).to(device)
-                elif record and k in self.inner_requests:
-                    inputs = {k: v.to(device) for k, v in model_inputs(batch, plan.input_prefix).items()}
-                    request = self.inner_requests[k]
-                    with Capture(model, request, plan.key) as capture:
-                        result = model(**inputs, output_hidden_states=bool(request.hidden))
-                        records[k] = capture.collect(result)
-                    logits = result.logits.float()
-                else:
-                    inputs = {k: v.to(device) for k, v in model_inputs(batch, plan.input_prefix).items()}
-                    logits = model(**inputs).logits.float()
-                if plan.label_order is not None:
-                    logits = logits[:, plan.label_order]
-                outputs.append(logits)
-        stacked = torch.stack(outputs)
-        # rows are data rows here: name them by their index in the data (kept rows are the caller's to mask)
-        finite_rows(stacked, None, self.on_nonfinite, [f"{p.name} ({p.key})" for p in self.plans],
-                    lambda bad: f"on data rows {batch['index'][bad.cpu()].tolist()[:8]}")
-        # clone: leave inference mode with normal tensors
-        return stacked.clone(), {k: detached_copy(record) for k, record in records.items()}
 
     def log_probs(self, logits: Tensor) -> Tensor:
         """[K, B, C] log softmax(z_k / T_k)."""
@@ -233,9 +201,13 @@ def load_teachers(cfg: DistillConfig, plans: List[TeacherPlan], device: torch.de
                   load_model: Callable[[TeacherPlan, torch.dtype], nn.Module], eager: bool = False) -> TeacherEnsemble:
     """Each planned teacher loaded by the task's `load_model`, frozen, and placed: whole on this
     rank's device (replicated), or partitioned across ranks by ZeRO-3 (teachers.placement); its body
-    compiled with teachers.compile unless `eager` (the fp32 reference of the precision drift)."""
-    models = []
+    compiled with teachers.compile unless `eager` (the fp32 reference of the precision drift). A
+    black-box plan (`outputs` set) loads nothing: its model is None (signals/stored.py reads its file)."""
+    models: List[Optional[nn.Module]] = []
     for plan in plans:
+        if plan.outputs is not None:
+            models.append(None)
+            continue
         if dtype == torch.qint8:  # int8: loaded in fp32, then its linear layers quantized
             model = quantize_linear_layers(load_model(plan, torch.float32).eval())
         else:
@@ -244,14 +216,12 @@ def load_teachers(cfg: DistillConfig, plans: List[TeacherPlan], device: torch.de
         models.append(model)
     interpolation = build_configured_interpolation(cfg)
     if cfg.teachers.placement == "zero3":
-        # a teacher without weights (stored outputs) has nothing to partition: every rank holds its table
-        ensemble = TeacherEnsemble(plans, [_partition_zero3(model, cfg, dtype) if any(True for _ in model.parameters())
-                                           else model.to(device) for model in models], interpolation,
-                                   use_inference_mode=False)
+        ensemble = TeacherEnsemble(plans, [None if model is None else _partition_zero3(model, cfg, dtype)
+                                           for model in models], interpolation, use_inference_mode=False)
     else:
-        models = [m.to(device) for m in models]
+        models = [None if m is None else m.to(device) for m in models]
         if cfg.teachers.compile and not eager:
-            models = [compile_body(model) for model in models]
+            models = [None if model is None else compile_body(model) for model in models]
         ensemble = TeacherEnsemble(plans, models, interpolation)
     ensemble.on_nonfinite = cfg.teachers.on_nonfinite
     ensemble.dtype = dtype
@@ -263,9 +233,7 @@ def compile_body(model: nn.Module) -> nn.Module:
     """The model with its body's forward (`base_model`: the transformer without its head, which the
     causal-LM loss reads a chunk at a time) replaced by torch.compile's, in place: the module, its
     parameters and its output layer stay what they were. Shapes are dynamic (every batch has its own
-    length). A teacher of stored outputs has nothing to compile."""
-    if getattr(model, "reads_example_ids", False):
-        return model
+    length)."""
     body = getattr(model, "base_model", model)
     body.forward = torch.compile(body.forward, dynamic=True)
     return model
@@ -315,87 +283,3 @@ def _partition_zero3(model: nn.Module, cfg: DistillConfig, dtype: torch.dtype) -
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.module.eval()
     return engine.module
-
-
-class StoredOutputsTeacher(nn.Module):
-    """A black-box teacher: per example id, the logits (or log-probabilities) a file holds, in the
-    data's label order. No weights: it counts 0 parameters and runs nothing."""
-
-    reads_example_ids = True
-
-    def __init__(self, table: Tensor, row_of: Dict[str, int], key: str, key_column: str = EXAMPLE_ID):
-        super().__init__()
-        self.register_buffer("table", table, persistent=False)
-        self.row_of, self.key, self.key_column = row_of, key, key_column
-
-    def example_logits(self, example_ids: List[str]) -> Tensor:
-        missing = [i for i in example_ids if i not in self.row_of]
-        if missing:
-            raise ConfigError(f"{self.key}: no row for example ids {missing[:5]}")
-        return self.table[[self.row_of[i] for i in example_ids]].float()
-
-
-def read_stored_outputs(path: str, id_field: str, label_names: List[str], outputs: str, key: str):
-    """(table [rows, labels] float32 in label_names' order, id -> row) from a csv/jsonl/parquet file,
-    or ConfigError naming the file and what is wrong (no id column, labels missing or unknown,
-    repeated ids, probabilities outside [0, 1])."""
-    import pandas
-
-    file = resolve_path(path)
-    suffix = file.suffix.lower()
-    readers = {".csv": pandas.read_csv, ".parquet": pandas.read_parquet,
-               ".jsonl": lambda f: pandas.read_json(f, lines=True), ".json": lambda f: pandas.read_json(f, lines=True)}
-    if suffix not in readers:
-        raise ConfigError(f"{key}: {file.name} is not a csv, jsonl or parquet file")
-    try:
-        frame = readers[suffix](file)
-    except Exception as error:  # pickle or other bytes under a .csv / .parquet name: pandas' own errors vary
-        raise ConfigError(f"{key}: {file.name} cannot be read as {suffix[1:]} ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0][:120] if str(error) else 'unreadable'}): give the teacher's "
-                          "outputs as a csv, jsonl or parquet table with one column per label") from error
-    if id_field not in frame.columns:
-        raise ConfigError(f"{key}: {file.name} has no column {id_field!r} (data.id_field); columns: {list(frame.columns)}")
-    columns = [c for c in frame.columns if c != id_field]
-    missing = [name for name in label_names if name not in columns]
-    unknown = [name for name in columns if name not in label_names]
-    if missing or unknown:
-        raise ConfigError(f"{key}: {file.name} must have one column per label {list(label_names)}: missing {missing}, "
-                          f"not labels {unknown}")
-    ids = [str(value) for value in frame[id_field].tolist()]
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"{key}: {file.name} repeats example ids in {id_field!r}")
-    try:
-        table = torch.tensor(frame[list(label_names)].to_numpy(dtype="float64"), dtype=torch.float64)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{key}: {file.name} has values that are not numbers in its label columns: fix them") from error
-    # the whole file is checked now, not when a bad row is first drawn (after checkpoints were written)
-    bad = ~torch.isfinite(table).all(dim=1)
-    if bool(bad.any()):
-        first = int(bad.nonzero()[0])
-        raise ConfigError(f"{key}: {file.name} has NaN or infinite values in {int(bad.sum())} row(s), the first with "
-                          f"{id_field} {ids[first]!r}: fix or drop them")
-    if outputs == "probabilities":
-        if bool(((table < 0) | (table > 1)).any()):
-            raise ConfigError(f"{key}: {file.name} holds values outside [0, 1] but outputs: probabilities")
-        sums = table.sum(dim=1)
-        off = (sums - 1).abs() > 1e-3
-        if bool(off.any()):
-            first = int(off.nonzero()[0])
-            raise ConfigError(f"{key}: {file.name} has rows whose probabilities do not sum to 1 ({int(off.sum())} row(s); "
-                              f"{id_field} {ids[first]!r} sums to {float(sums[first]):.4g}): give each row's "
-                              "distribution over the labels, or set outputs: logits")
-        table = table.clamp(min=1e-12).log()  # log-probabilities are valid logits
-    return table.float(), {example_id: row for row, example_id in enumerate(ids)}
-
-
-def check_stored_outputs_cover(cfg: DistillConfig, plans: List[TeacherPlan], label_names: List[str], splits) -> None:
-    """Every example id of the training and validation rows has a row in each black-box teacher's file."""
-    for plan in plans:
-        if plan.outputs is None:
-            continue
-        _, row_of = read_stored_outputs(plan.path, cfg.data.id_field, label_names, plan.outputs, plan.key)
-        for name, split in (("train", splits.train), ("validation", splits.validation)):
-            absent = [i for i in split[EXAMPLE_ID] if i not in row_of]
-            if absent:
-                raise ConfigError(f"{plan.key}: {len(absent)} example id(s) of the {name} split have no row in the "
-                                  f"file, e.g. {absent[:3]}: add them or remove those rows from the data")

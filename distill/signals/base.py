@@ -67,6 +67,12 @@ class Source:
     def can(self, capability: Capability) -> bool:
         return capability in self.capabilities
 
+    def logits(self, batch: Dict, device: torch.device) -> Tensor:
+        """[K, rows, V] float32: every teacher's logits over the batch's rows (evaluation, fits, a
+        cache being written); a source may skip what only training reads (layer records)."""
+        signal = self.signal(batch, device)
+        return signal.logits(0, signal.rows)
+
     def lookahead(self, stream):
         """The training stream of (epoch, position, micro-batch), as the loop will read it: a source
         that benefits from seeing micro-batches early (a served teacher's requests) starts on them

@@ -232,6 +232,9 @@ class RoutedSource(Source):
     def lookahead(self, stream):
         return self.inner.lookahead(stream)
 
+    def logits(self, batch: Dict, device: torch.device) -> Tensor:
+        return self.inner.logits(batch, device)
+
     def signal(self, batch: Dict, device: torch.device):
         signal = self.inner.signal(batch, device)
         per_example = batch[ROUTE].to(device)

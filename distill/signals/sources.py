@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from distill.models.teachers import finite_rows
 from distill.signals.base import Capability, Signal, Source
+from distill.signals.stored import StoredOutputs
 
 from distill.formulas.token_loss import ProbabilityTarget, SparseTarget, Workspace, entropy_terms
 from distill.errors import ConfigError
@@ -108,14 +109,49 @@ class TopKSignal(Signal):
 
 
 # ------------------------------------------------------------------------------------ sources
-class LiveClassifiers(Source):
-    """Live classification teachers: logits [K, B, C] in the student's label order."""
+class ClassifierTeachers(Source):
+    """Classification teachers: logits [K, B, C] in the student's label order. A live teacher runs
+    here (recording its layers for loss.intermediate when the ensemble's `inner_requests` ask); a
+    teacher whose outputs are stored (`stored[k]`: a black-box file or the cache, signals/stored.py)
+    is read by the batch's key. The one non-finite policy (models/teachers.finite_rows) checks them all."""
 
-    def __init__(self, ensemble):
-        self.ensemble = ensemble
+    def __init__(self, ensemble, stored: Optional[Dict[int, StoredOutputs]] = None):
+        self.ensemble, self.stored = ensemble, stored or {}
 
     def signal(self, batch: Dict, device: torch.device) -> DenseSignal:
-        return DenseSignal(*self.ensemble.run(batch, device))
+        return DenseSignal(*self._run(batch, device, record=True))
+
+    def logits(self, batch: Dict, device: torch.device) -> Tensor:
+        return self._run(batch, device, record=False)[0]
+
+    def _run(self, batch: Dict, device: torch.device, record: bool) -> Tuple[Tensor, Dict[int, Dict]]:
+        from distill.data.text import model_inputs
+        from distill.models.layer_hooks import Capture, detached_copy
+
+        ensemble = self.ensemble
+        context = torch.inference_mode if ensemble.use_inference_mode else torch.no_grad
+        outputs, records = [], {}
+        with context():
+            for k, (plan, model) in enumerate(zip(ensemble.plans, ensemble.models)):
+                if k in self.stored:
+                    outputs.append(self.stored[k].logits_of(batch).to(device))  # in the data's label order
+                    continue
+                inputs = {name: v.to(device) for name, v in model_inputs(batch, plan.input_prefix).items()}
+                if record and k in ensemble.inner_requests:
+                    request = ensemble.inner_requests[k]
+                    with Capture(model, request, plan.key) as capture:
+                        result = model(**inputs, output_hidden_states=bool(request.hidden))
+                        records[k] = capture.collect(result)
+                else:
+                    result = model(**inputs)
+                logits = result.logits.float()
+                outputs.append(logits if plan.label_order is None else logits[:, plan.label_order])
+        stacked = torch.stack(outputs)
+        # rows are data rows here: name them by their index in the data (kept rows are the caller's to mask)
+        finite_rows(stacked, None, ensemble.on_nonfinite, [f"{p.name} ({p.key})" for p in ensemble.plans],
+                    lambda bad: f"on data rows {batch['index'][bad.cpu()].tolist()[:8]}")
+        # clone: leave inference mode with normal tensors
+        return stacked.clone(), {k: detached_copy(record) for k, record in records.items()}
 
 
 class LiveLanguageModels(Source):

@@ -21,12 +21,12 @@ from distill.formulas.divergences import IGNORE_INDEX, build_divergence, distill
 from distill.models.layer_hooks import student_forward
 from distill.models.loading import check_positions, load_model_config, load_sequence_classifier, to_pooled_student
 from distill.evaluation.report import format_table, model_card, write_json
-from distill.signals.sources import LiveClassifiers, Targets
+from distill.signals.sources import ClassifierTeachers, Targets
+from distill.signals.stored import black_box_outputs, cached_outputs, check_stored_outputs_cover
 from distill.models.student import (build_student, calibration_batches, check_student_labels, prune_student,
                              source_parameter_count)
 from distill.tasks.base import StepFigures, Task, register_task
-from distill.models.teachers import (StoredOutputsTeacher, check_stored_outputs_cover, load_teachers, plan_teachers,
-                              read_stored_outputs)
+from distill.models.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers, plan_teachers
 
 
 def in_window(tokenizer, text: str, limit: int) -> str:
@@ -254,28 +254,20 @@ class SequenceClassification(Task):
         cfg = self.cfg
 
         def load(plan, teacher_dtype):
-            if plan.outputs is not None:  # a black-box teacher: its stored outputs
-                table, row_of = read_stored_outputs(plan.path, cfg.data.id_field, self.label_names, plan.outputs,
-                                                    plan.key)
-                return StoredOutputsTeacher(table, row_of, plan.key)
             return load_sequence_classifier(plan.path, plan.key, cfg.trust_remote_code, teacher_dtype,
                                             cfg.allow_pickled_weights, plan.pooling, plan.normalize, plan.head)
 
         if self.cache is not None:  # no teacher weights load: each teacher is its cached logits
-            from distill.models.teachers import TeacherEnsemble, build_configured_interpolation
-
-            import dataclasses
-
-            models, parameter_counts = self.cache.teachers(plans)
-            # the cache holds the logits in the data's label order already
-            in_order = [dataclasses.replace(plan, label_order=None) for plan in plans]
-            ensemble = TeacherEnsemble(in_order, models, build_configured_interpolation(cfg))
-            # the dtype the teachers ran in when the cache was written
-            ensemble.parameter_counts, ensemble.dtype = parameter_counts, getattr(torch, self.cache.meta["dtype"])
+            ensemble = TeacherEnsemble(plans, [None] * len(plans), build_configured_interpolation(cfg))
+            # what the cache records: the teachers' sizes and the dtype they ran in when it was written
+            ensemble.parameter_counts = [teacher["params"] for teacher in self.cache.meta["teachers"]]
+            ensemble.dtype = getattr(torch, self.cache.meta["dtype"])
             ensemble.on_nonfinite = cfg.teachers.on_nonfinite
-            return ensemble, LiveClassifiers(ensemble)
+            return ensemble, ClassifierTeachers(ensemble, cached_outputs(self.cache, plans))
         ensemble = load_teachers(cfg, plans, device, dtype, load, eager)
-        return self.routed(ensemble, LiveClassifiers(ensemble))
+        # a black-box teacher (its model None) is its file, read by example id
+        stored = black_box_outputs(cfg, plans, self.label_names) if any(p.outputs for p in plans) else {}
+        return self.routed(ensemble, ClassifierTeachers(ensemble, stored))
 
     def teacher_precision_drift(self, ensemble, source, plans, device):
         if self.cache is not None:  # the cache's dtype is in its meta; no live teacher to compare
@@ -373,7 +365,7 @@ class SequenceClassification(Task):
         loader = validation_loader(self.validation_set, self.collator(), self.cfg.training.eval_batch_size)
         functions = {"student": student_logits_fn(model, device)}
         if ensemble is not None and self.teacher_predictions is None:
-            functions.update(teacher_logit_fns(ensemble, device))
+            functions.update(teacher_logit_fns(ensemble, source, device))
         predictions = predict(loader, functions)
         if ensemble is not None:
             if self.teacher_predictions is None:  # teachers are frozen: evaluate them once
@@ -395,7 +387,7 @@ class SequenceClassification(Task):
 
     def validation_chunks(self, ensemble, source, device, route=None):
         loader = validation_loader(self.validation_of(route), self.collator(), self.cfg.training.eval_batch_size)
-        logits, labels = collect_teacher_logits(loader, ensemble, device)
+        logits, labels = collect_teacher_logits(loader, source, device)
         return in_memory(logits, labels)
 
     # saved models (eval, export) -------------------------------------------------------------

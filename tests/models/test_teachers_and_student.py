@@ -45,10 +45,10 @@ def test_vocabulary_mismatch_is_named_unless_per_model(tiny, tmp_path):
 def test_ensemble_aligns_labels_and_refuses_nan(tiny, tmp_path):
     cfg = load_config(tiny_config_yaml(tiny, tmp_path / "run"))
     plans, _ = plan_teachers(cfg, LABELS, tiny["tokenizer"])
-    ensemble, _ = build_task(cfg).load_teachers(plans, torch.device("cpu"), torch.float32)
+    ensemble, source = build_task(cfg).load_teachers(plans, torch.device("cpu"), torch.float32)
     batch = dict(tiny["tokenizer"](["great ride", "awful road"], padding=True, return_tensors="pt"))
     batch["index"] = torch.tensor([0, 1])
-    logits = ensemble.logits(batch, torch.device("cpu"))
+    logits = source.logits(batch, torch.device("cpu"))
     raw_b = AutoModelForSequenceClassification.from_pretrained(tiny["teacher_b"]).eval()(**model_inputs(batch)).logits
     torch.testing.assert_close(logits[1], raw_b[:, [1, 2, 0]].detach())
     assert not logits.requires_grad and not logits.is_inference()
@@ -57,7 +57,7 @@ def test_ensemble_aligns_labels_and_refuses_nan(tiny, tmp_path):
     with torch.no_grad():
         ensemble.models[0].classifier.bias.fill_(float("nan"))
     with pytest.raises(NonFiniteLogitsError, match=r"teacher a .* NaN/inf logits"):
-        ensemble.logits(batch, torch.device("cpu"))
+        source.logits(batch, torch.device("cpu"))
 
 
 def test_keep_layers_copies_the_chosen_teacher_layers(tiny):

@@ -1,6 +1,7 @@
-"""Black-box teachers (teachers.StoredOutputsTeacher): per-example logits or probabilities from a
-file, keyed by data.id_field, are a teacher like any other: matched by label name, interpolated,
-fitted; a file that does not cover the data, or names other labels, is refused at start."""
+"""Black-box teachers (signals/stored.StoredOutputs, read by signals/sources.ClassifierTeachers):
+per-example logits or probabilities from a file, keyed by data.id_field, are a teacher like any
+other: matched by label name, interpolated, fitted; a file that does not cover the data, or names
+other labels, is refused at start."""
 import csv
 import json
 
