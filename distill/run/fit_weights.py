@@ -237,7 +237,7 @@ def _fit_routes(cfg, task, ensemble, source, device, names: List[str], out_dir: 
     for route in routing.fitted_routes():
         value, chosen = routing.routes.values[route], routing.routes.teachers_of(route)
         chunks = routing.route_chunks(route, task.validation_chunks(ensemble, source, device, route=route))
-        table = comparison_table([names[k] for k in chosen], chunks, False, task.route_bytes(value),
+        table = comparison_table([names[k] for k in chosen], chunks, False, task.validation_bytes(value),
                                  ensemble.temperatures[chosen].double())
         fit = table["fits"][method + TRAINING_T if method + TRAINING_T in table["fits"] else method]
         plot_fit_table(table["rows"], out_dir / f"fit_weights_{value}.png", task.fit_columns)

@@ -75,6 +75,33 @@ def index_routes(splits, routes: Routes) -> Dict[str, int]:
     return unrouted
 
 
+def index_split_routes(cfg, splits) -> Optional[Routes]:
+    """teachers.route_by: each split's row values -> route ids, in place (index_routes); training rows
+    no teacher lists are refused, or counted and said (teachers.unrouted=labels_only). Returns the
+    routing table, or None without teachers.route_by."""
+    routes = plan_routes(cfg)
+    if routes is None:
+        return None
+    unrouted = index_routes(splits, routes)
+    if unrouted["train"]:
+        import distill.runtime.distributed as distributed
+
+        if distributed.is_main():
+            print(f"teachers.route_by={routes.column}: {unrouted['train']} training row(s) have a value no teacher "
+                  "lists: they learn from their labels alone (teachers.unrouted=labels_only)", flush=True)
+    return routes
+
+
+def rows_of_route(dataset, route: int) -> List[int]:
+    """Positions of a dataset's rows (blocks) routed to `route` (its ROUTE column holds route ids)."""
+    return [i for i, value in enumerate(dataset[ROUTE]) if value == route]
+
+
+def of_route(dataset, route: Optional[int]):
+    """The dataset itself (route None), or its rows (blocks) of one route."""
+    return dataset if route is None else dataset.select(rows_of_route(dataset, route))
+
+
 def index_route_column(dataset, routes: Routes):
     """One more dataset's ROUTE values (text) as route ids (an evaluation domain's own file)."""
     ids = routes.ids(dataset[ROUTE])
@@ -201,6 +228,17 @@ def normalized_rows(weights: Tensor, cover: Tensor) -> Tensor:
     sums = weights.sum(dim=1, keepdim=True)
     even = cover.float() / cover.float().sum(dim=1, keepdim=True).clamp(min=1)
     return torch.where(sums > 0, weights / sums.clamp(min=1e-12), even)
+
+
+def route_teachers(cfg, ensemble, source):
+    """(ensemble, source) with teachers.route_by: the ensemble gets its routes' strategies and
+    weights, the source's signals each row's route; unchanged without it, or for a subset of the
+    teachers (one teacher alone: its precision drift). Composed around every task by tasks/setup.Setup."""
+    if ensemble is None or len(ensemble.plans) != len(cfg.teachers.models):
+        return ensemble, source
+    if attach_routing(cfg, ensemble) is None:
+        return ensemble, source
+    return ensemble, RoutedSource(source)
 
 
 def attach_routing(cfg, ensemble):

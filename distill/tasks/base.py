@@ -107,46 +107,6 @@ class Task:
         """(TeacherEnsemble, signal source) for the planned teachers (`eager`: never compiled)."""
         raise NotImplementedError
 
-    def routed(self, ensemble, source):
-        """(ensemble, source) with teachers.route_by: the ensemble gets its routes' strategies and
-        weights, the source's signals each row's route (interpolation/routing.py); unchanged without it."""
-        from distill.signals.routing import RoutedSource, attach_routing
-
-        if len(ensemble.plans) != len(self.cfg.teachers.models):  # one teacher alone (its precision drift)
-            return ensemble, source
-        if attach_routing(self.cfg, ensemble) is None:
-            return ensemble, source
-        return ensemble, RoutedSource(source)
-
-    def index_routes(self, splits) -> None:
-        """teachers.route_by: each row's value -> its route id; unrouted rows refused or counted."""
-        from distill.signals.routing import index_routes, plan_routes
-
-        self.routes = plan_routes(self.cfg)
-        if self.routes is None:
-            return
-        unrouted = index_routes(splits, self.routes)
-        if unrouted["train"]:
-            import distill.runtime.distributed as distributed
-
-            if distributed.is_main():
-                print(f"teachers.route_by={self.routes.column}: {unrouted['train']} training row(s) have a value no "
-                      "teacher lists: they learn from their labels alone (teachers.unrouted=labels_only)", flush=True)
-
-    routes = None  # routing.Routes with teachers.route_by
-
-    def route_rows(self, dataset, route: int) -> List[int]:
-        """Positions of a dataset's rows (blocks) routed to `route`."""
-        from distill.data.text import ROUTE
-
-        return [i for i, value in enumerate(dataset[ROUTE]) if value == route]
-
-    def validation_of(self, route: Optional[int] = None):
-        """The encoded validation set, or its rows (blocks) of one route."""
-        if route is None:
-            return self.validation_set
-        return self.validation_set.select(self.route_rows(self.validation_set, route))
-
     def prepare_training(self, device, ensemble) -> None:
         """Run-wide loss settings, once the teachers are known (a no-op by default)."""
 
@@ -173,17 +133,15 @@ class Task:
         """(figures per model on validation, {domain: figures per model}); model may be None (teachers only)."""
         raise NotImplementedError
 
-    def route_bytes(self, value: str):
-        """UTF-8 bytes of one route's validation text (bits per byte of its fit), or None."""
-        return None
-
-    def validation_bytes(self):
-        """UTF-8 bytes of the validation text whose tokens are predicted (for bits per byte), or None."""
+    def validation_bytes(self, route: Optional[str] = None):
+        """UTF-8 bytes of the validation text whose tokens are predicted (bits per byte of a fit), or of
+        one route's (teachers.route_by value `route`); None where the task predicts no text."""
         return None
 
     def validation_chunks(self, ensemble, source, device, route: Optional[int] = None):
         """fitting.Chunks over the validation rows with a label (the teachers' logits, a chunk at a
-        time); with `route`, over that route's rows only (every teacher's logits: the route picks)."""
+        time); with `route`, over that route's rows only (signals/routing.of_route; every teacher's
+        logits: the route picks)."""
         raise NotImplementedError
 
     def trained_length(self) -> int:

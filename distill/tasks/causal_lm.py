@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 import distill.runtime.distributed as distributed
 from distill.signals.base import Capability
+from distill.signals.routing import index_split_routes, of_route, plan_routes
 from distill.formulas.token_loss import (Workspace, chunked_target_distillation, fused_token_distillation, tokens_per_chunk)
 from distill.config.schema import resolve_teacher_index, served_teachers, teacher_display_name
 from distill.errors import ConfigError
@@ -272,7 +273,7 @@ class CausalLM(Task):
     def read_splits(self):
         self.splits = read_lm_splits(self.cfg.data, self.cfg.teachers.route_by)
         self.bytes["validation"] = text_bytes(self.splits.validation, self.cfg.data)
-        self.index_routes(self.splits)
+        index_split_routes(self.cfg, self.splits)
         return self.splits
 
     def encode(self, split, key: str):
@@ -300,13 +301,13 @@ class CausalLM(Task):
             self.validation_set = encoded
             named = [(domain.name, domain_rows(split, data, domain, index, self.cfg.teachers.route_by))
                      for index, domain in enumerate(data.eval_domains)]
-            if self.routes is not None:  # each route's validation text, and domain files' routes as ids
+            routes = plan_routes(self.cfg)
+            if routes is not None:  # each route's validation text, and domain files' routes as ids
                 from distill.signals.routing import index_route_column
 
-                named = [(name, rows if domain.path is None else index_route_column(rows, self.routes))
+                named = [(name, rows if domain.path is None else index_route_column(rows, routes))
                          for (name, rows), domain in zip(named, data.eval_domains)]
-                named += [(f"route.{value}", split.select(self.route_rows(split, route)))
-                          for route, value in enumerate(self.routes.values)]
+                named += [(f"route.{value}", of_route(split, route)) for route, value in enumerate(routes.values)]
             for name, rows in named:
                 if len(rows):
                     self.domain_sets[name] = encode_lm(rows, self.tokenizer, data, f"eval_domains.{name}",
@@ -522,7 +523,7 @@ class CausalLM(Task):
         from distill.models.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers
 
         if self.served() and len(plans) == len(cfg.teachers.models):  # (one plan alone: its precision drift)
-            return self.routed(*self._served_teachers(plans, device, dtype, eager))
+            return self._served_teachers(plans, device, dtype, eager)
         if cfg.teachers.cache is not None:  # no teacher weights load at all
             self._open_cache(self.train_set)
             ensemble = TeacherEnsemble(plans, [], build_configured_interpolation(cfg))
@@ -548,9 +549,9 @@ class CausalLM(Task):
         if any(plan.token_map is not None for plan in plans):
             from distill.signals.aligned import AlignedLanguageModels
 
-            return self.routed(ensemble, AlignedLanguageModels(ensemble, [plan.token_map for plan in plans],
-                                                               self.student_vocab_size, self.vocabulary))
-        return self.routed(ensemble, LiveLanguageModels(ensemble, self.vocabulary))
+            return ensemble, AlignedLanguageModels(ensemble, [plan.token_map for plan in plans],
+                                                   self.student_vocab_size, self.vocabulary)
+        return ensemble, LiveLanguageModels(ensemble, self.vocabulary)
 
     def _served_teachers(self, plans, device, dtype, eager):
         """(ensemble, source) with teachers on inference servers (signals/served.py): all of them, or
@@ -634,7 +635,7 @@ class CausalLM(Task):
             from distill.signals.routing import route_sums
 
             counted = (labels != IGNORE_INDEX) & (signal.route_rows >= 0)
-            ratios = {**(ratios or {}), **route_sums(row_kd, signal.route_rows, counted, self.routes, "kd")}
+            ratios = {**(ratios or {}), **route_sums(row_kd, signal.route_rows, counted, ensemble.routing.routes, "kd")}
         extra = None
         if layers is not None and signal is not None:
             # per-row interpolation weights exist only chunk by chunk here (check_config refuses them)
@@ -677,11 +678,10 @@ class CausalLM(Task):
             results[name] = figures
         return results.pop("validation"), results
 
-    def validation_bytes(self):
+    def validation_bytes(self, route: Optional[str] = None):
+        if route is not None:
+            return self.bytes.get(f"route.{route}")
         return self.bytes["validation"] if self.fit_bytes is None else self.fit_bytes
-
-    def route_bytes(self, value: str):
-        return self.bytes.get(f"route.{value}")
 
     def _byte_lengths(self) -> List[int]:
         """Bytes each student token id spells (0: special), with teachers of other tokenizers."""
@@ -697,7 +697,8 @@ class CausalLM(Task):
         `route`: the tokens of that route's validation blocks only."""
         from distill.signals.served import MixedSignal, MixedSource
 
-        loader = validation_loader(self.validation_of(route), self.collator(), self.cfg.training.eval_batch_size)
+        loader = validation_loader(of_route(self.validation_set, route), self.collator(),
+                                   self.cfg.training.eval_batch_size)
         local: Dict[int, Tuple[List[Tensor], Tensor]] = {}
         mixed = source.unwrap() if isinstance(source.unwrap(), MixedSource) else None  # served beside local ones
         parts = mixed.parts if mixed else [(list(range(len(ensemble))), source)]
@@ -711,7 +712,7 @@ class CausalLM(Task):
             return [hidden[rows][valid.to(hidden.device)].float().cpu() for hidden in signal.hidden_states]
 
         for batch in loader:
-            signal = (mixed or source).signal(batch, device)  # a route's rows come from validation_of(route)
+            signal = (mixed or source).signal(batch, device)  # a route's rows come from of_route(validation, route)
             labels = batch[LABELS]
             length = labels.shape[1]
             for row, index in enumerate(batch[INDEX].tolist()):

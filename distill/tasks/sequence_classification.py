@@ -21,6 +21,7 @@ from distill.formulas.divergences import IGNORE_INDEX, build_divergence, distill
 from distill.models.layer_hooks import student_forward
 from distill.models.loading import check_positions, load_model_config, load_sequence_classifier, to_pooled_student
 from distill.evaluation.report import format_table, model_card, write_json
+from distill.signals.routing import index_split_routes, of_route, plan_routes, rows_of_route
 from distill.signals.sources import ClassifierTeachers, Targets
 from distill.signals.stored import black_box_outputs, cached_outputs, check_stored_outputs_cover
 from distill.models.student import (build_student, calibration_batches, check_student_labels, prune_student,
@@ -95,7 +96,7 @@ class SequenceClassification(Task):
     def read_splits(self):
         self.splits = read_splits(self.cfg.data, self.cfg.teachers.route_by)
         self.label_names = self.splits.label_names
-        self.index_routes(self.splits)
+        index_split_routes(self.cfg, self.splits)
         return self.splits
 
     def extend_training_data(self, run_dir) -> None:
@@ -267,7 +268,7 @@ class SequenceClassification(Task):
         ensemble = load_teachers(cfg, plans, device, dtype, load, eager)
         # a black-box teacher (its model None) is its file, read by example id
         stored = black_box_outputs(cfg, plans, self.label_names) if any(p.outputs for p in plans) else {}
-        return self.routed(ensemble, ClassifierTeachers(ensemble, stored))
+        return ensemble, ClassifierTeachers(ensemble, stored)
 
     def teacher_precision_drift(self, ensemble, source, plans, device):
         if self.cache is not None:  # the cache's dtype is in its meta; no live teacher to compare
@@ -306,7 +307,7 @@ class SequenceClassification(Task):
         terms = distillation_loss(student_logits, target, labels, now["kd_alpha"], now["temperature"],
                                   cfg.loss.label_smoothing, keep, self.divergence)
         ratios = None
-        if target is not None and self.routes is not None:  # the KD term per route (a figure, not the loss)
+        if target is not None and ensemble.routing is not None:  # the KD term per route (a figure, not the loss)
             from distill.signals.routing import route_sums
 
             with torch.no_grad():
@@ -315,7 +316,7 @@ class SequenceClassification(Task):
                 per_row = now["temperature"] ** 2 * self.divergence(
                     torch.where(kept.unsqueeze(-1), target.to(student_log_probs.dtype), student_log_probs),
                     student_log_probs)
-            ratios = route_sums(per_row, signal.route_rows, kept, self.routes, "kd")
+            ratios = route_sums(per_row, signal.route_rows, kept, ensemble.routing.routes, "kd")
         extra = None
         if layers is not None and signal is not None:
             weights = torch.as_tensor(now["teacher_weights"], dtype=torch.float32, device=teacher_logits.device)
@@ -379,14 +380,15 @@ class SequenceClassification(Task):
             rows = set(rows_matching(texts, domain.match, domain.invert_match))
             if rows:
                 domains[domain.name] = predictions.metrics(count, rows)
-        for route, value in enumerate(self.routes.values if self.routes is not None else []):
-            rows = set(self.route_rows(self.validation_set, route))
+        routes = plan_routes(self.cfg)
+        for route, value in enumerate(routes.values if routes is not None else []):
+            rows = set(rows_of_route(self.validation_set, route))
             if rows:  # each route's validation rows (teachers.route_by)
                 domains[f"route.{value}"] = predictions.metrics(count, rows)
         return predictions.metrics(count), domains
 
     def validation_chunks(self, ensemble, source, device, route=None):
-        loader = validation_loader(self.validation_of(route), self.collator(), self.cfg.training.eval_batch_size)
+        loader = validation_loader(of_route(self.validation_set, route), self.collator(), self.cfg.training.eval_batch_size)
         logits, labels = collect_teacher_logits(loader, source, device)
         return in_memory(logits, labels)
 

@@ -69,9 +69,12 @@ class Setup:
         return self.device
 
     def load_teachers(self, eager: bool = False):
-        """(TeacherEnsemble, signal source) of the planned teachers, or (None, None) without teachers."""
+        """(TeacherEnsemble, signal source) of the planned teachers, or (None, None) without teachers;
+        with teachers.route_by, routed around the task's teachers (signals/routing.route_teachers)."""
+        from distill.signals.routing import route_teachers
+
         if self.device is None:
             self.start()
         if not self.plans:
             return None, None
-        return self.task.load_teachers(self.plans, self.device, self.dtype, eager)
+        return route_teachers(self.cfg, *self.task.load_teachers(self.plans, self.device, self.dtype, eager))
