@@ -141,7 +141,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
     trust = run_config.trust_remote_code  # a model with its own code: the run allowed it, export follows
     config = AutoConfig.from_pretrained(init_dir, trust_remote_code=trust)
     state_dict = drop_training_modules(consolidated_state_dict(checkpoints, tag))  # no projections exported
-    model = task.auto_model_class.from_config(config, trust_remote_code=trust)
+    model = task.traits.auto_model.from_config(config, trust_remote_code=trust)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [key for key in missing if key not in tied]
@@ -211,7 +211,7 @@ def export_onnx(task, model, out_dir: Path, loader) -> Dict:
     example = next(iter(loader))
     names = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in example]
     model = model.float().eval()
-    causal = task.row_unit == "token"  # logits per token [B, S, V], else per row [B, C]
+    causal = task.traits.row_unit == "token"  # logits per token [B, S, V], else per row [B, C]
     # a classifier is exported itself, its inputs by position (a generic *args wrapper passing them
     # by name traced a graph 1e-2 off); a causal LM through _CausalLogits
     graph = _CausalLogits(model) if causal else model
@@ -250,7 +250,7 @@ def quantize_folder(task, folder: Path, method: str, batches, trust_remote_code:
 
     from distill.models.loading import count_parameters
 
-    auto = task.auto_model_class
+    auto = task.traits.auto_model
     full = auto.from_pretrained(folder, trust_remote_code=trust_remote_code).eval()
     quantized = auto.from_pretrained(folder, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
                                      trust_remote_code=trust_remote_code).eval()

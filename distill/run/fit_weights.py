@@ -190,7 +190,7 @@ def run_fit_weights(cfg, out_dir: Path, fit_temperatures: bool = False, method: 
     method = method or (cfg.interpolation.method if cfg.interpolation.method in ("linear", "geometric") else "linear")
     setup = Setup(cfg)
     task = setup.task
-    if cfg.teachers.cache is not None and not task.cache_holds_validation:
+    if cfg.teachers.cache is not None and not task.traits.cache_holds_validation:
         raise ConfigError("fit-weights runs the teachers on the validation split, which teachers.cache does not "
                           "hold: remove teachers.cache for this command")
     plans = setup.plan().plans
@@ -210,14 +210,14 @@ def run_fit_weights(cfg, out_dir: Path, fit_temperatures: bool = False, method: 
     chosen = method + (" joint" if fit_temperatures else TRAINING_T if method + TRAINING_T in table["fits"] else "")
     fit = table["fits"][chosen]
     # every row was scored on the same labelled rows (tokens): no extra pass over the teachers to count them
-    plot_fit_table(table["rows"], out_dir / "fit_weights.png", task.fit_columns)
+    plot_fit_table(table["rows"], out_dir / "fit_weights.png", task.traits.fit_columns)
     (out_dir / "weights.yaml").write_text(weights_fragment(cfg, names, fit, method, fit_temperatures))
     temperatures = ", ".join(f"{t:g}" for t in fit["temperatures"])
     note = f"weights.yaml takes '{fit['name']}' (teachers at T = {temperatures}, as training mixes them)"
     (out_dir / "fit_weights.json").write_text(json.dumps({"rows": table["rows"], "method": method, "task": cfg.task,
                                                           "validation_rows": table["rows"][0]["rows"],
                                                           "weights_yaml_takes": fit["name"]}, indent=2))
-    return {"table": format_fit_table(table["rows"], task.fit_columns) + "\n" + note, "out_dir": str(out_dir),
+    return {"table": format_fit_table(table["rows"], task.traits.fit_columns) + "\n" + note, "out_dir": str(out_dir),
             "fit": fit}
 
 
@@ -240,11 +240,11 @@ def _fit_routes(cfg, task, ensemble, source, device, names: List[str], out_dir: 
         table = comparison_table([names[k] for k in chosen], chunks, False, task.validation_bytes(value),
                                  ensemble.temperatures[chosen].double())
         fit = table["fits"][method + TRAINING_T if method + TRAINING_T in table["fits"] else method]
-        plot_fit_table(table["rows"], out_dir / f"fit_weights_{value}.png", task.fit_columns)
+        plot_fit_table(table["rows"], out_dir / f"fit_weights_{value}.png", task.traits.fit_columns)
         fragments[value] = {names[k]: round(float(w), 6) for k, w in zip(chosen, fit["weights"])}
         report[value] = {"rows": table["rows"], "weights_yaml_takes": fit["name"]}
         tables.append(f"route {value} ({table['rows'][0]['rows']} validation rows):\n"
-                      + format_fit_table(table["rows"], task.fit_columns))
+                      + format_fit_table(table["rows"], task.traits.fit_columns))
     (out_dir / "weights.yaml").write_text(yaml.safe_dump({"teachers": {"route_weights": fragments},
                                                           "interpolation": {"method": method}}, sort_keys=False))
     (out_dir / "fit_weights.json").write_text(json.dumps({"routes": report, "method": method, "task": cfg.task},

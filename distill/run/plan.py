@@ -168,9 +168,9 @@ def plan(cfg, ranks: int, device_memory: Optional[int] = None, device: Optional[
     from distill.tasks import task_class
 
     task = task_class(cfg.task)
-    auto = task.auto_model_class
+    auto = task.traits.auto_model
     # a causal LM predicts its vocabulary at every token; the other tasks a head of their labels
-    labels = None if task.causal else len(cfg.data.label_names or []) or None
+    labels = None if task.traits.causal else len(cfg.data.label_names or []) or None
     if device is not None and device not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
     here = device is None or (device == "cuda") == torch.cuda.is_available()
@@ -211,7 +211,7 @@ def plan(cfg, ranks: int, device_memory: Optional[int] = None, device: Optional[
                   f"{student.params / 1e6:,.1f}M params, {precision}, ZeRO-{stage}"
                   + (" (vocabulary untrimmed: an upper bound)" if cfg.student.trim_vocab else "")))
     rows = cfg.training.micro_batch_size
-    sequence = cfg.data.block_size if task.causal else cfg.data.max_length
+    sequence = cfg.data.block_size if task.traits.causal else cfg.data.max_length
     runtime = CUDA_CONTEXT if device.type == "cuda" else CPU_RUNTIME
     lines.append(("runtime", runtime, "CUDA context" if device.type == "cuda" else
                   "a process with torch, transformers and DeepSpeed"))
@@ -219,7 +219,7 @@ def plan(cfg, ranks: int, device_memory: Optional[int] = None, device: Optional[
     moments: List[Tuple[str, int, str]] = []
     step = activation_bytes(student, rows, sequence, precision)
     note = f"activations of a micro-batch of {rows} x {sequence} tokens, {student.layers} layers"
-    if task.causal:
+    if task.traits.causal:
         chunk = min(cfg.loss.chunk_tokens, rows * sequence)
         step += LOSS_TEMPORARIES * chunk * student.vocab * 4 + sum(rows * sequence * t.hidden * 4 for t in teacher_shapes)
         note += f"; {LOSS_TEMPORARIES} x [{chunk}, {student.vocab}] float32 loss buffers, teachers' last hidden states"
@@ -243,7 +243,7 @@ def plan(cfg, ranks: int, device_memory: Optional[int] = None, device: Optional[
         elif dtype != torch.float32:  # the precision drift reads each teacher once more in fp32
             moments.append(("loading a teacher", 4 * largest + source,
                             "an fp32 copy (the precision drift at start)" + (" and its file's pages" if source else "")))
-    if task.causal:  # validation: every model's logits of an eval batch, and the target's
+    if task.traits.causal:  # validation: every model's logits of an eval batch, and the target's
         evaluated = len(teacher_shapes) + 2
         moments.append(("an evaluation", evaluated * cfg.training.eval_batch_size * sequence * student.vocab * 4,
                         f"{evaluated} x [{cfg.training.eval_batch_size}, {sequence}, {student.vocab}] float32 logits"))

@@ -100,11 +100,11 @@ class Sweep:
         if self.trials < 1 or self.seeds < 1:
             raise ConfigError(f"--trials and --seeds must be >= 1, got {self.trials} and {self.seeds}")
         task = task_class(self.cfg.task)
-        self.metric = sweep.metric or task.curve_metric
-        if self.metric not in task.metrics:
+        self.metric = sweep.metric or task.traits.curve_metric
+        if self.metric not in task.traits.metrics:
             raise ConfigError(f"sweep.metric: {self.metric!r} is not a validation figure of task {self.cfg.task}; "
-                              f"choose one of {sorted(task.metrics)}")
-        self.higher = task.metrics[self.metric]
+                              f"choose one of {sorted(task.traits.metrics)}")
+        self.higher = task.traits.metrics[self.metric]
         self.space = dict(sweep.space) or default_space(self.cfg)
         self.toggles = list(sweep.toggles)
         from omegaconf import OmegaConf

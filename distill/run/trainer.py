@@ -201,13 +201,13 @@ class Trainer:
         task.prepare_training(self.device, self.ensemble)
         self.student_params = count_parameters(student)  # what is exported: without training-only modules
         # loss.intermediate composes around the task: planned on the loaded models, handed to its loss
-        self.layer_terms, projection_params = attach_layer_terms(cfg, student, self.ensemble, task.causal)
+        self.layer_terms, projection_params = attach_layer_terms(cfg, student, self.ensemble, task.traits.causal)
         if projection_params and distributed.is_main():
             print(f"intermediate-layer terms: {projection_params:,} projection parameters train with the student "
                   "(checkpointed, not exported)", flush=True)
         self._build_engine(student)
         if distributed.is_main():
-            print(describe_global_batch(cfg.training, distributed.world_size(), task.batch_unit), flush=True)
+            print(describe_global_batch(cfg.training, distributed.world_size(), task.traits.batch_unit), flush=True)
 
     def _measure_teacher_precision(self, dtype) -> Dict:
         """{dtype, kl_to_fp32 per teacher}: with teachers below fp32, KL(fp32 teacher || teacher as
@@ -244,7 +244,7 @@ class Trainer:
                 self.logger.log(0, {f"{teacher}/kl_to_fp32": value for teacher, value in drift.items()
                                     if value is not None}, kind="precision")
                 figures = ", ".join(f"{teacher} {value:.2e}" for teacher, value in drift.items() if value is not None)
-                print(f"teachers run in {name}: KL(fp32 || {name}) per {self.task.row_unit} on a validation batch: "
+                print(f"teachers run in {name}: KL(fp32 || {name}) per {self.task.traits.row_unit} on a validation batch: "
                       f"{figures} nats", flush=True)
         return {"dtype": name, "kl_to_fp32": drift}
 
@@ -255,7 +255,7 @@ class Trainer:
         cfg = self.cfg
         build_deepspeed_config(cfg, distributed.world_size())
         check_student_layers(cfg)
-        check_prune_budget(cfg, self.task.auto_model_class)
+        check_prune_budget(cfg, self.task.traits.auto_model)
         if cfg.loss.intermediate:
             check_layer_maps(cfg)
         if not cfg.data.mixture_sources:  # a mixture draws with replacement: any batch size goes
@@ -608,7 +608,7 @@ class Trainer:
         value = metrics["student"][select.metric]
         if self.best is None:
             return True
-        higher = self.task.metrics[select.metric] if select.mode == "auto" else select.mode == "max"
+        higher = self.task.traits.metrics[select.metric] if select.mode == "auto" else select.mode == "max"
         return value > self.best["value"] if higher else value < self.best["value"]
 
     def _record_best(self, step: int, metrics: Dict[str, Dict[str, float]]) -> None:
@@ -664,8 +664,8 @@ class Trainer:
                                           last_step_student=last)
             write_json(self.run_dir / "report.json", report)
             plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png",
-                        title=f"{Path(self.cfg.output_dir).name}", metric=self.task.curve_metric,
-                        higher_is_better=self.task.curve_higher_is_better)
+                        title=f"{Path(self.cfg.output_dir).name}", metric=self.task.traits.curve_metric,
+                        higher_is_better=self.task.traits.curve_higher_is_better)
         self.logger.close()
         distributed.barrier()
         if distributed.is_main():

@@ -103,9 +103,9 @@ def check_task_config(cfg) -> None:
     cls = task_class(cfg.task)
     refuse_settings_of_other_tasks(cfg)
     metric = cfg.training.select_best.metric
-    if metric is not None and metric not in cls.metrics:
+    if metric is not None and metric not in cls.traits.metrics:
         raise ConfigError(f"training.select_best.metric: {metric!r} is not a validation figure of task {cfg.task}; "
-                          f"choose one of {sorted(cls.metrics)}")
+                          f"choose one of {sorted(cls.traits.metrics)}")
     cls.check_config(cfg)
     from distill.models.layer_hooks import check_layer_terms
 

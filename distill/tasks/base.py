@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -33,19 +33,32 @@ class StepFigures:
     ratios: Optional[Dict[str, Tuple[float, float]]] = None
 
 
+@dataclass(frozen=True)
+class Traits:
+    """What a task declares about itself, read by the commands around it (the trainer, fits, the
+    memory plan, the sweep, export): nothing here is computed, each task states its own."""
+    auto_model: Optional[type] = None  # the transformers Auto class its student loads and exports with
+    row_unit: str = "row"  # a row of the teachers' signal, in messages: 'row' (an example) or 'token'
+    batch_unit: str = "row"  # what training.micro_batch_size counts
+    # relation terms of loss.intermediate see no later position, and the memory plan counts a causal
+    # LM's shapes (the terms themselves compose around the task: models/layer_hooks.LayerTerms)
+    causal: bool = False
+    fit_columns: Tuple[str, ...] = ("nll", "accuracy", "ece")  # what `distill fit-weights` shows per mix
+    # the student's validation figures training.select_best and the sweep choose by: name -> higher is better
+    metrics: Dict[str, bool] = field(default_factory=lambda: {"accuracy": True, "macro_f1": True})
+    curve_metric: str = "accuracy"  # the figure training_curves.png follows (its direction: `metrics`)
+    cache_holds_validation: bool = False  # its teacher cache holds the validation split's outputs too
+
+    @property
+    def curve_higher_is_better(self) -> bool:
+        return self.metrics[self.curve_metric]
+
+
 class Task:
     """The interface the trainer and the commands use; see the module docstring."""
 
     name = "base"
-    # the unit of a row of the teachers' signal, in messages ('row', 'token')
-    row_unit = "row"
-    batch_unit = "row"  # what micro_batch_size counts
-    # the figures `distill fit-weights` shows for each mix, besides the weights and temperatures
-    fit_columns = ("nll", "accuracy", "ece")
-    # the validation figure training_curves.png follows
-    curve_metric, curve_higher_is_better = "accuracy", True
-    # the student's validation figures training.select_best can choose by: name -> higher is better
-    metrics = {"accuracy": True, "macro_f1": True}
+    traits = Traits()
     # Settings of the shared sections that this task reads and not every task does (dotted keys;
     # `[*]` for each entry of a list). A key set in the config that another task owns and the chosen
     # one does not is refused by tasks.refuse_settings_of_other_tasks: no task lists another's keys.
@@ -110,14 +123,8 @@ class Task:
     def prepare_training(self, device, ensemble) -> None:
         """Run-wide loss settings, once the teachers are known (a no-op by default)."""
 
-    # relation terms of loss.intermediate see no later position (a causal LM); the terms themselves
-    # compose around the task (models/layer_hooks.LayerTerms, handed to `loss` as `layers`)
-    causal = False
-
     def write_outputs(self, run_dir) -> None:
         """Files of the task's own beside report.json (e.g. validation predictions); none by default."""
-
-    cache_holds_validation = False  # the task's teacher cache holds the validation split's outputs too
 
     def write_cache(self, setup, out_dir, top_k, store="topk", hidden_dtype=None, samples=None,
                     rows_per_shard=None):

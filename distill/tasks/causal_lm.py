@@ -35,7 +35,7 @@ from distill.util.paths import resolve_path
 from distill.evaluation.report import causal_lm_card, format_lm_table
 from distill.signals.sources import (HiddenStateSignal, LiveLanguageModels, Targets, TopKSignal, body_and_head,
                                      cached_source)
-from distill.tasks.base import StepFigures, Task, register_task
+from distill.tasks.base import StepFigures, Task, Traits, register_task
 
 
 # a source whose rows a fit cannot keep (every source of this task gives hidden states or top-k rows)
@@ -136,12 +136,9 @@ def step_groups(stream: Iterator, accumulation: int, micro_steps_done: Callable[
 
 @register_task("causal_lm")
 class CausalLM(Task):
-    row_unit = "token"
-    batch_unit = "sequence"
-    auto_model_class = AutoModelForCausalLM
-    fit_columns = ("nll", "perplexity", "bits_per_byte")
-    curve_metric, curve_higher_is_better = "perplexity", False
-    metrics = {"nll": False, "perplexity": False, "bits_per_byte": False}
+    traits = Traits(auto_model=AutoModelForCausalLM, row_unit="token", batch_unit="sequence", causal=True,
+                    fit_columns=("nll", "perplexity", "bits_per_byte"), curve_metric="perplexity",
+                    metrics={"nll": False, "perplexity": False, "bits_per_byte": False})
 
     owns = ("data.block_size", "data.prompt_field", "data.response_field", "data.prepare", "data.prepared_dir",
             "data.num_proc", "data.streaming", "data.shuffle_buffer", "loss.chunk_tokens", "loss.fused",
@@ -247,7 +244,6 @@ class CausalLM(Task):
                               "here; their top-k comes over HTTP for the student's own tokens): remove "
                               f"{'it' if len(used) == 1 else 'them'}")
 
-    causal = True  # relation terms: a position relates only to itself and earlier ones
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -490,7 +486,7 @@ class CausalLM(Task):
         if spec.prune.target_params is not None:
             rows = self.encode(splits.train, "train")
             batches = calibration_batches(rows, self.collator(), spec.prune.calibration_samples, cfg.seed)
-            model = prune_student(model, cfg, batches, source_parameter_count(cfg, self.auto_model_class),
+            model = prune_student(model, cfg, batches, source_parameter_count(cfg, self.traits.auto_model),
                                   next_token_loss)
         return model, tokenizer
 
@@ -565,7 +561,7 @@ class CausalLM(Task):
         ensemble = TeacherEnsemble(plans, [], build_configured_interpolation(cfg))
         ensemble.on_nonfinite, ensemble.served = cfg.teachers.on_nonfinite, True
         counts = {k: count_parameters(meta_model(load_model_config(plans[k].path, plans[k].key, cfg.trust_remote_code),
-                                                 self.auto_model_class)) for k in served}  # from their configs
+                                                 self.traits.auto_model)) for k in served}  # from their configs
         source = self._connect()
         if local:
             live, live_source = self.load_teachers([plans[k] for k in local], device, dtype, eager)
@@ -610,7 +606,7 @@ class CausalLM(Task):
         if signal is not None and now["kd_alpha"] > 0:
             targets = Targets(ensemble, signal, labels, labels != IGNORE_INDEX,
                               now["teacher_weights"], now["teacher_temperatures"], streamed=self.streamed,
-                              workspace=self.workspace, unit=self.row_unit)
+                              workspace=self.workspace, unit=self.traits.row_unit)
         normalizer = batch["token_normalizer"]
         inputs = {"input_ids": batch["input_ids"].to(engine.device),
                   "attention_mask": batch["attention_mask"].to(engine.device)}

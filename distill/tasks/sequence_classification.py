@@ -26,7 +26,7 @@ from distill.signals.sources import ClassifierTeachers, Targets
 from distill.signals.stored import black_box_outputs, cached_outputs, check_stored_outputs_cover
 from distill.models.student import (build_student, calibration_batches, check_student_labels, prune_student,
                              source_parameter_count)
-from distill.tasks.base import StepFigures, Task, register_task
+from distill.tasks.base import StepFigures, Task, Traits, register_task
 from distill.models.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers, plan_teachers
 
 
@@ -57,8 +57,7 @@ def unchanged_in_window(tokenizer, texts, new, limit: int, copies: int) -> int:
 
 @register_task("sequence_classification")
 class SequenceClassification(Task):
-    row_unit = "row"
-    auto_model_class = AutoModelForSequenceClassification
+    traits = Traits(auto_model=AutoModelForSequenceClassification, cache_holds_validation=True)
 
     owns = ("data.unlabeled.path", "data.label_names", "data.label_field", "student.pooling", "data.id_field",
             "data.augment.copies", "data.perturb", "teachers.models[*].logits", "teachers.models[*].pooling",
@@ -240,7 +239,7 @@ class SequenceClassification(Task):
             group = [TokenizerGroup(prefix="", tokenizer=tokenizer)]
             rows = tokenize(splits.train, group, cfg.data.text_fields, cfg.data.max_length)
             batches = calibration_batches(rows, Collator(group), cfg.student.prune.calibration_samples, cfg.seed)
-            student = prune_student(student, cfg, batches, source_parameter_count(cfg, self.auto_model_class),
+            student = prune_student(student, cfg, batches, source_parameter_count(cfg, self.traits.auto_model),
                                     classification_loss)
         if cfg.student.pooling is not None:
             student = to_pooled_student(student, cfg.student.pooling, cfg.student.normalize)
@@ -275,8 +274,6 @@ class SequenceClassification(Task):
             return {plan.name: None for plan in plans}
         return super().teacher_precision_drift(ensemble, source, plans, device)
 
-    cache_holds_validation = True  # distill fit-weights and interpolation.fit_on can read a cache
-
     def write_cache(self, setup, out_dir, top_k, store="topk", hidden_dtype=None, samples=None,
                     rows_per_shard=None):
         if top_k is not None or store != "topk" or hidden_dtype is not None or samples is not None:
@@ -301,7 +298,7 @@ class SequenceClassification(Task):
         if signal is not None and now["kd_alpha"] > 0:
             # every row reads the KD term, unlabelled transfer rows included
             targets = Targets(ensemble, signal, labels, torch.ones_like(labels, dtype=torch.bool),
-                              now["teacher_weights"], now["teacher_temperatures"], unit=self.row_unit)
+                              now["teacher_weights"], now["teacher_temperatures"], unit=self.traits.row_unit)
             target, keep = targets.target(teacher_logits.clone(), 0, signal.rows)
             skipped = targets.skipped
         terms = distillation_loss(student_logits, target, labels, now["kd_alpha"], now["temperature"],

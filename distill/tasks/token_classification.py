@@ -41,7 +41,7 @@ from distill.models.teachers import load_teachers, plan_teachers
 from distill.runtime.distributed import gather_objects
 from distill.signals.sources import Targets
 from distill.signals.words import WordAlignedTeachers
-from distill.tasks.base import StepFigures, Task, register_task
+from distill.tasks.base import StepFigures, Task, Traits, register_task
 
 
 
@@ -111,11 +111,10 @@ def word_tags(batch: Dict, values: torch.Tensor) -> Dict[int, List[int]]:
 
 @register_task("token_classification")
 class TokenClassification(Task):
-    row_unit = "token"  # a row of the teachers' signal is a sub-token that carries a tag
-    batch_unit = "row"  # micro_batch_size counts sentences
-    auto_model_class = AutoModelForTokenClassification
-    curve_metric = "entity_f1"
-    metrics = {"accuracy": True, "macro_f1": True, "entity_precision": True, "entity_recall": True, "entity_f1": True}
+    # a row of the teachers' signal is a sub-token that carries a tag; micro_batch_size counts sentences
+    traits = Traits(auto_model=AutoModelForTokenClassification, row_unit="token", batch_unit="row",
+                    curve_metric="entity_f1", metrics={"accuracy": True, "macro_f1": True, "entity_precision": True,
+                                                       "entity_recall": True, "entity_f1": True})
     owns = ("data.unlabeled.path", "data.label_names", "data.label_field", "data.id_field")
 
     @classmethod
