@@ -272,7 +272,7 @@ def write_cache(setup, out_dir, store: str, option, rows_per_shard: int = 512) -
     splits, plans, hashes = plan_cache_run(setup)
     kind = build_store(store)
     stored = kind.settings(cfg, plans, plans[0].vocab_size, option)
-    train, _ = setup.encode("train", "validation")
+    train, validation = setup.encode("train", "validation")
     device, dtype = setup.start(process_group=False), setup.dtype
     dataset_fingerprint = fingerprint(train)
     with ShardedWriter.open(Path(out_dir), {"store": store, **stored, "fingerprint": dataset_fingerprint,
@@ -299,7 +299,7 @@ def write_cache(setup, out_dir, store: str, option, rows_per_shard: int = 512) -
             offsets = torch.tensor([0] + shard["lengths"]).cumsum(0)
             writer.write(number, {"index": torch.tensor(shard["index"], dtype=torch.int64), "offsets": offsets,
                                   **{part: torch.cat(shard[part]) for part in parts}})
-        figures, _ = task.evaluate(None, ensemble, source, device)  # teachers and target only (every rank)
+        figures, _ = task.evaluate(None, ensemble, source, device, validation)  # teachers and target only (every rank)
         meta = {"store": store, **kind.recorded(stored, source), "vocab_size": plans[0].vocab_size,
                 "fingerprint": dataset_fingerprint, "rows": len(train), "interpolation": cfg.interpolation.method,
                 "teachers": [{"name": plan.name, "path": plan.path, "hash": digest, "params": params,

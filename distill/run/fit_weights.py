@@ -195,13 +195,13 @@ def run_fit_weights(cfg, out_dir: Path, fit_temperatures: bool = False, method: 
                           "hold: remove teachers.cache for this command")
     plans = setup.plan().plans
     setup.check()  # a cache is opened and checked here
-    setup.encode("validation")
+    validation = setup.encode("validation")
     ensemble, source = setup.load_teachers()
     device = setup.device
     names = [teacher_display_name(t, i) for i, t in enumerate(cfg.teachers.models)]
     if ensemble.routing is not None:
-        return _fit_routes(cfg, task, ensemble, source, device, names, out_dir, method)
-    chunks = task.validation_chunks(ensemble, source, device)
+        return _fit_routes(cfg, task, ensemble, source, device, validation, names, out_dir, method)
+    chunks = task.validation_chunks(ensemble, source, device, validation)
     training = torch.tensor([plan.temperature for plan in plans], dtype=torch.float64)
     table = comparison_table(names, chunks, fit_temperatures, task.validation_bytes(), training)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +221,8 @@ def run_fit_weights(cfg, out_dir: Path, fit_temperatures: bool = False, method: 
             "fit": fit}
 
 
-def _fit_routes(cfg, task, ensemble, source, device, names: List[str], out_dir: Path, method: str) -> Dict:
+def _fit_routes(cfg, task, ensemble, source, device, validation, names: List[str], out_dir: Path, method: str
+                ) -> Dict:
     """fit-weights with teachers.route_by: one table per route with several teachers, over that
     route's validation rows and its own teachers; weights.yaml sets teachers.route_weights."""
     import yaml
@@ -236,7 +237,7 @@ def _fit_routes(cfg, task, ensemble, source, device, names: List[str], out_dir: 
     tables, fragments, report = [], {}, {}
     for route in routing.fitted_routes():
         value, chosen = routing.routes.values[route], routing.routes.teachers_of(route)
-        chunks = routing.route_chunks(route, task.validation_chunks(ensemble, source, device, route=route))
+        chunks = routing.route_chunks(route, task.validation_chunks(ensemble, source, device, validation, route=route))
         table = comparison_table([names[k] for k in chosen], chunks, False, task.validation_bytes(value),
                                  ensemble.temperatures[chosen].double())
         fit = table["fits"][method + TRAINING_T if method + TRAINING_T in table["fits"] else method]

@@ -230,7 +230,7 @@ class Trainer:
             with torch.random.fork_rng(devices=devices):
                 try:
                     drift = self.task.teacher_precision_drift(self.ensemble, self.source, self.teacher_plans,
-                                                               self.device)
+                                                               self.device, self.validation_set)
                 except NonFiniteLogitsError as error:
                     if not compiled:
                         raise
@@ -277,13 +277,14 @@ class Trainer:
                 from distill.signals.routing import fit_routes
 
                 state = fit_routes(routing, lambda route: self.task.validation_chunks(
-                    self.ensemble, self.source, self.device, route=route), self.ensemble.temperatures, cfg.seed,
+                    self.ensemble, self.source, self.device, self.validation_set, route=route),
+                    self.ensemble.temperatures, cfg.seed,
                     distributed.is_main())
                 if state is not None:
                     state.update(weights=self.ensemble.weights.tolist(),
                                  temperatures=self.ensemble.temperatures.tolist())
             else:
-                chunks = self.task.validation_chunks(self.ensemble, self.source, self.device)
+                chunks = self.task.validation_chunks(self.ensemble, self.source, self.device, self.validation_set)
                 if distributed.is_main():
                     state = self.ensemble.interpolation.fit(chunks, self.ensemble.weights.double(),
                                                             self.ensemble.temperatures.double(),
@@ -623,7 +624,8 @@ class Trainer:
         """The task's validation metrics for the student, each teacher and the target (and per
         evaluation domain), logged as `model/metric` and `model/domain/metric`."""
         self.engine.eval()
-        metrics, domains = self.task.evaluate(self.engine, self.ensemble, self.source, self.engine.device)
+        metrics, domains = self.task.evaluate(self.engine, self.ensemble, self.source, self.engine.device,
+                                              self.validation_set)
         logged = {f"{model}/{name}": value for model, figures in metrics.items()
                   for name, value in figures.items() if name != "tokens"}
         for domain, by_model in domains.items():

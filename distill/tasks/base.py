@@ -136,8 +136,9 @@ class Task:
         `layers`: loss.intermediate's terms (models/layer_hooks.LayerTerms) or None."""
         raise NotImplementedError
 
-    def evaluate(self, model, ensemble, source, device):
-        """(figures per model on validation, {domain: figures per model}); model may be None (teachers only)."""
+    def evaluate(self, model, ensemble, source, device, validation):
+        """(figures per model on `validation` (what `encode` returned for it), {domain: figures per
+        model}); model may be None (teachers only)."""
         raise NotImplementedError
 
     def validation_bytes(self, route: Optional[str] = None):
@@ -145,23 +146,24 @@ class Task:
         one route's (teachers.route_by value `route`); None where the task predicts no text."""
         return None
 
-    def validation_chunks(self, ensemble, source, device, route: Optional[int] = None):
-        """fitting.Chunks over the validation rows with a label (the teachers' logits, a chunk at a
-        time); with `route`, over that route's rows only (signals/routing.of_route; every teacher's
-        logits: the route picks)."""
+    def validation_chunks(self, ensemble, source, device, validation, route: Optional[int] = None):
+        """fitting.Chunks over the rows of `validation` (the encoded split) with a label (the teachers'
+        logits, a chunk at a time); with `route`, over that route's rows only (signals/routing.of_route;
+        every teacher's logits: the route picks)."""
         raise NotImplementedError
 
     def trained_length(self) -> int:
         """The longest sequence the student was trained on (the exported tokenizer's model_max_length)."""
         return self.cfg.data.max_length
 
-    def teacher_precision_drift(self, ensemble, source, plans, device) -> Dict[str, float]:
-        """KL(teacher in fp32 || teacher as loaded) per teacher: mean over the KD rows of one validation
-        batch (tokens, or examples). Each teacher is loaded once more in fp32, eager, for it, then dropped."""
+    def teacher_precision_drift(self, ensemble, source, plans, device, validation) -> Dict[str, float]:
+        """KL(teacher in fp32 || teacher as loaded) per teacher: mean over the KD rows of the first batch
+        of `validation` (tokens, or examples). Each teacher is loaded once more in fp32, eager, for it,
+        then dropped."""
         from distill.evaluation.predictions import validation_loader
         from distill.formulas.divergences import mean_kl
 
-        batch = next(iter(validation_loader(self.validation_set, self.collator(), self.cfg.training.eval_batch_size)))
+        batch = next(iter(validation_loader(validation, self.collator(), self.cfg.training.eval_batch_size)))
         low = source.signal(batch, device)
         low_logits = low.logits(0, low.rows)
         rows = self.kd_rows(batch).to(low_logits.device)

@@ -293,8 +293,7 @@ class CausalLM(Task):
             self._encoded = {"key": memo, "blocks": encoded}
         if key == "train":
             self.train_set = encoded
-        if key == "validation":
-            self.validation_set = encoded
+        if key == "validation":  # its evaluation domains and routes, encoded beside it
             named = [(domain.name, domain_rows(split, data, domain, index, self.cfg.teachers.route_by))
                      for index, domain in enumerate(data.eval_domains)]
             routes = plan_routes(self.cfg)
@@ -653,10 +652,10 @@ class CausalLM(Task):
                                   batch["input_ids"].shape[0], targets.skipped if targets is not None else 0,
                                   extra=extra, ratios=ratios)
 
-    def evaluate(self, model, ensemble, source, device):
+    def evaluate(self, model, ensemble, source, device, validation):
         """(figures per model on validation, figures per evaluation domain and model)."""
         live = ensemble is not None and self.cache is None
-        sets = {"validation": self.validation_set, **self.domain_sets}
+        sets = {"validation": validation, **self.domain_sets}
         results = {}
         for name, dataset in sets.items():
             loader = validation_loader(dataset, self.collator(), self.cfg.training.eval_batch_size)
@@ -686,14 +685,14 @@ class CausalLM(Task):
     def _student_byte_lengths(self) -> Optional[Tensor]:
         return torch.tensor(self._byte_lengths(), dtype=torch.long) if self.student_bytes is not None else None
 
-    def validation_chunks(self, ensemble, source, device, route=None):
+    def validation_chunks(self, ensemble, source, device, validation, route=None):
         """The teachers' last hidden states (or top-k: cached, served) at every labelled validation
         token that every teacher has read (gathered from all ranks, in a fixed order) and the labels;
         chunks rebuild the logits as training does (output layers, sparse targets, token maps). With
         `route`: the tokens of that route's validation blocks only."""
         from distill.signals.served import MixedSignal, MixedSource
 
-        loader = validation_loader(of_route(self.validation_set, route), self.collator(),
+        loader = validation_loader(of_route(validation, route), self.collator(),
                                    self.cfg.training.eval_batch_size)
         local: Dict[int, Tuple[List[Tensor], Tensor]] = {}
         mixed = source.unwrap() if isinstance(source.unwrap(), MixedSource) else None  # served beside local ones
@@ -753,8 +752,8 @@ class CausalLM(Task):
 
     def saved_model_batches(self, tokenizer):
         self.tokenizer = tokenizer
-        self.encode(self.read_splits().validation, "validation")
-        return validation_loader(self.validation_set, self.collator(), self.cfg.training.eval_batch_size)
+        validation = self.encode(self.read_splits().validation, "validation")
+        return validation_loader(validation, self.collator(), self.cfg.training.eval_batch_size)
 
     def score_saved_model(self, model, batches) -> Dict[str, float]:
         figures = perplexities(batches, model, None, None, torch.device("cpu"), self.bytes["validation"])["student"]

@@ -137,10 +137,7 @@ class SequenceClassification(Task):
 
     def encode(self, split, key: str):
         data = self.cfg.data
-        encoded = tokenize(split, self.groups, data.text_fields, data.max_length)
-        if key == "validation":
-            self.validation_set = encoded
-        return encoded
+        return tokenize(split, self.groups, data.text_fields, data.max_length)
 
     def collator(self):
         return Collator(self.groups)
@@ -269,10 +266,10 @@ class SequenceClassification(Task):
         stored = black_box_outputs(cfg, plans, self.label_names) if any(p.outputs for p in plans) else {}
         return ensemble, ClassifierTeachers(ensemble, stored)
 
-    def teacher_precision_drift(self, ensemble, source, plans, device):
+    def teacher_precision_drift(self, ensemble, source, plans, device, validation):
         if self.cache is not None:  # the cache's dtype is in its meta; no live teacher to compare
             return {plan.name: None for plan in plans}
-        return super().teacher_precision_drift(ensemble, source, plans, device)
+        return super().teacher_precision_drift(ensemble, source, plans, device, validation)
 
     def write_cache(self, setup, out_dir, top_k, store="topk", hidden_dtype=None, samples=None,
                     rows_per_shard=None):
@@ -358,9 +355,9 @@ class SequenceClassification(Task):
             self.token_maps[prefix] = token_map(self.groups[0].tokenizer, teacher_tokenizer)
         return self.token_maps[prefix]
 
-    def evaluate(self, model, ensemble, source, device):
+    def evaluate(self, model, ensemble, source, device, validation):
         """(metrics per model, metrics per evaluation domain and model): accuracy and macro-F1."""
-        loader = validation_loader(self.validation_set, self.collator(), self.cfg.training.eval_batch_size)
+        loader = validation_loader(validation, self.collator(), self.cfg.training.eval_batch_size)
         functions = {"student": student_logits_fn(model, device)}
         if ensemble is not None and self.teacher_predictions is None:
             functions.update(teacher_logit_fns(ensemble, source, device))
@@ -379,13 +376,13 @@ class SequenceClassification(Task):
                 domains[domain.name] = predictions.metrics(count, rows)
         routes = plan_routes(self.cfg)
         for route, value in enumerate(routes.values if routes is not None else []):
-            rows = set(rows_of_route(self.validation_set, route))
+            rows = set(rows_of_route(validation, route))
             if rows:  # each route's validation rows (teachers.route_by)
                 domains[f"route.{value}"] = predictions.metrics(count, rows)
         return predictions.metrics(count), domains
 
-    def validation_chunks(self, ensemble, source, device, route=None):
-        loader = validation_loader(of_route(self.validation_set, route), self.collator(), self.cfg.training.eval_batch_size)
+    def validation_chunks(self, ensemble, source, device, validation, route=None):
+        loader = validation_loader(of_route(validation, route), self.collator(), self.cfg.training.eval_batch_size)
         logits, labels = collect_teacher_logits(loader, source, device)
         return in_memory(logits, labels)
 

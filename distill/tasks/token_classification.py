@@ -138,10 +138,7 @@ class TokenClassification(Task):
         return self.splits
 
     def encode(self, split, key: str):
-        encoded = encode_words(split, self.groups, self.cfg.data.max_length, self.all_subtokens)
-        if key == "validation":
-            self.validation_set = encoded
-        return encoded
+        return encode_words(split, self.groups, self.cfg.data.max_length, self.all_subtokens)
 
     def collator(self):
         return WordCollator(self.groups)
@@ -216,9 +213,9 @@ class TokenClassification(Task):
         return terms, StepFigures(terms.total.item(), terms.kd.item(), terms.ce.item(), int(rows.sum()), skipped,
                                   teacher_kl, teacher_correct, int(labelled.sum()))
 
-    def _predictions(self, model, ensemble, source, device) -> Dict[str, Dict[int, List[int]]]:
+    def _predictions(self, model, ensemble, source, device, validation) -> Dict[str, Dict[int, List[int]]]:
         """{model name: {row index: predicted tag id per scored word}}, plus 'references', gathered."""
-        loader = validation_loader(self.validation_set, self.collator(), self.cfg.training.eval_batch_size)
+        loader = validation_loader(validation, self.collator(), self.cfg.training.eval_batch_size)
         local: Dict[str, Dict[int, List[int]]] = {"references": {}, "student": {}}
         teachers_needed = ensemble is not None and self.teacher_predictions is None
         for batch in loader:
@@ -269,15 +266,15 @@ class TokenClassification(Task):
                        entity_f1=entities["f1"], words=len(flat_references))
         return figures
 
-    def evaluate(self, model, ensemble, source, device):
-        predictions = self._predictions(model, ensemble, source, device)
+    def evaluate(self, model, ensemble, source, device, validation):
+        predictions = self._predictions(model, ensemble, source, device, validation)
         self.last_predictions = predictions
         references = predictions.pop("references")
         return {name: self.scores(rows, references) for name, rows in predictions.items()}, {}
 
-    def validation_chunks(self, ensemble, source, device, route=None):
+    def validation_chunks(self, ensemble, source, device, validation, route=None):
         """Every teacher's logits [K, N, C] and the gold tags [N] over the tagged validation words."""
-        loader = validation_loader(self.validation_set, self.collator(), self.cfg.training.eval_batch_size)
+        loader = validation_loader(validation, self.collator(), self.cfg.training.eval_batch_size)
         local = {}
         for batch in loader:
             signal = source.signal(batch, device, rows_column=FIRST)
