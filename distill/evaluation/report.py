@@ -25,7 +25,7 @@ def build_report(cfg: DistillConfig, plans, teacher_params: List[int], student_p
     precision = summary.get("teacher_precision") or {}
     teachers = []
     servers = {teacher_display_name(teacher, index): teacher.server for index, teacher in enumerate(cfg.teachers.models)
-               if getattr(teacher, "server", None) is not None}  # served teachers run in the server's precision
+               if teacher.server is not None}  # served teachers run in the server's precision
     for plan, params in zip(plans, teacher_params):
         served = {"dtype": "served", "server": servers[plan.name]} if plan.name in servers else {}
         teachers.append({"name": plan.name, "path": plan.path, "params": params, "weight": plan.weight,

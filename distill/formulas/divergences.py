@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -26,7 +26,22 @@ def row_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.matmul(a.unsqueeze(1), b.unsqueeze(2)).reshape(a.shape[0])
 
 
-def kl_divergence(target_log_probs: Tensor, student_log_probs: Tensor) -> Tensor:
+class Divergence:
+    """D(p || q) per row, p the (interpolated) teacher target, q the student, both log-probabilities
+    over the last dim, and what the fused token loss knows of it: `closed_form` names the closed form
+    of its gradient there (formulas/token_loss.py, registered by that name), None: autograd over the
+    chunk. Every divergence declares it; nothing probes for it."""
+
+    __slots__ = ("function", "closed_form")
+
+    def __init__(self, function: Callable[[Tensor, Tensor], Tensor], closed_form: Optional[str] = None):
+        self.function, self.closed_form = function, closed_form
+
+    def __call__(self, target_log_probs: Tensor, student_log_probs: Tensor) -> Tensor:
+        return self.function(target_log_probs, student_log_probs)
+
+
+def _kl_rows(target_log_probs: Tensor, student_log_probs: Tensor) -> Tensor:
     """Per-row KL(target || student) = sum_c p_t[c] (log p_t[c] - log p_s[c]), over the last dim.
 
     Classes where the target has zero mass contribute exactly zero (0 * log 0 = 0).
@@ -36,15 +51,12 @@ def kl_divergence(target_log_probs: Tensor, student_log_probs: Tensor) -> Tensor
     return torch.where(target_probs > 0, terms, torch.zeros_like(terms)).sum(dim=-1)
 
 
-kl_divergence.closed_form = "forward_kl"  # the fused token loss has this one's gradient in closed form
+# KL(target || student) per row; the fused token loss has its gradient in closed form
+kl_divergence = Divergence(_kl_rows, "forward_kl")
 
 
 # ---------------------------------------------------------------------------- divergences
-# D(p || q) per row, p the (interpolated) teacher target, q the student, both as log-probabilities
-# over the last dim. One function per name; `loss.divergence` picks it, the trainer never branches.
-# A divergence whose gradient the fused token loss computes in closed form (formulas/token_loss.py) says
-# which one in its `closed_form` attribute; the others are differentiated by autograd there.
-Divergence = Callable[[Tensor, Tensor], Tensor]
+# One registered constructor per name; `loss.divergence` picks it, the trainer never branches.
 _DIVERGENCES: Dict[str, Callable[..., Divergence]] = {}
 
 
@@ -79,11 +91,7 @@ def _forward_kl(**_) -> Divergence:
 @register_divergence("reverse_kl")
 def _reverse_kl(**_) -> Divergence:
     """KL(q || p) = sum q (log q - log p): mode-seeking (MiniLLM); needs p > 0 where q > 0."""
-    def reverse_kl(target: Tensor, student: Tensor) -> Tensor:
-        return kl_divergence(student, target)
-
-    reverse_kl.closed_form = "reverse_kl"
-    return reverse_kl
+    return Divergence(lambda target, student: _kl_rows(student, target), "reverse_kl")
 
 
 @register_divergence("jsd")
@@ -96,9 +104,9 @@ def _jsd(jsd_beta: float, **_) -> Divergence:
 
     def divergence(target: Tensor, student: Tensor) -> Tensor:
         mixture = _mixture_log_probs(target, student, jsd_beta)
-        return jsd_beta * kl_divergence(target, mixture) + (1 - jsd_beta) * kl_divergence(student, mixture)
+        return jsd_beta * _kl_rows(target, mixture) + (1 - jsd_beta) * _kl_rows(student, mixture)
 
-    return divergence
+    return Divergence(divergence)
 
 
 @register_divergence("skew_kl")
@@ -107,7 +115,7 @@ def _skew_kl(skew: float, **_) -> Divergence:
     student misses the target's mass; a = 0 is the forward KL."""
     if not 0 <= skew < 1:
         raise ValueError(f"skew must lie in [0, 1), got {skew}")
-    return lambda target, student: kl_divergence(target, _mixture_log_probs(target, student, skew))
+    return Divergence(lambda target, student: _kl_rows(target, _mixture_log_probs(target, student, skew)))
 
 
 @register_divergence("skew_reverse_kl")
@@ -115,7 +123,7 @@ def _skew_reverse_kl(skew: float, **_) -> Divergence:
     """Skew reverse KL_a(q || p) = KL(q || a q + (1 - a) p); a = 0 is the reverse KL."""
     if not 0 <= skew < 1:
         raise ValueError(f"skew must lie in [0, 1), got {skew}")
-    return lambda target, student: kl_divergence(student, _mixture_log_probs(student, target, skew))
+    return Divergence(lambda target, student: _kl_rows(student, _mixture_log_probs(student, target, skew)))
 
 
 def label_smoothed_cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0,

@@ -430,7 +430,7 @@ def _chunk_terms(logits: Tensor, target, labels: Tensor, kd_mask: Optional[Tenso
     """(summed KD, summed CE, d loss / d logits) of one chunk of student logits [c, V] in the
     accumulation dtype, which it CONSUMES: the closed form where the divergence has one (or no KD
     term is taken), else autograd over this chunk alone (nothing kept afterwards)."""
-    closed_form = getattr(divergence, "closed_form", None)
+    closed_form = divergence.closed_form
     if isinstance(target, (SparseTarget, ProbabilityTarget)) and closed_form != "forward_kl":
         target = target.dense_log_probs(logits.shape[-1])
     if target is None or kd_alpha == 0 or closed_form is not None:

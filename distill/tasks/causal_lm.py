@@ -582,7 +582,7 @@ class CausalLM(Task):
         # forward KL in the fused loss takes a probability (live) or sparse (cached) target when the
         # strategy declares such a fast path; both hold O(chunk x V) whatever K is, so only the
         # general path shrinks the chunk with the teacher count
-        self.streamed = (self.fused and getattr(self.divergence, "closed_form", None) == "forward_kl"
+        self.streamed = (self.fused and self.divergence.closed_form == "forward_kl"
                          and ensemble is not None and ensemble.routing is None
                          and bool(ensemble.interpolation.fast_paths))
         teachers = len(ensemble) if ensemble is not None else 1
