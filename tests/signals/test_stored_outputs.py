@@ -153,3 +153,39 @@ def test_a_fit_that_silences_a_teacher_says_so(tiny, with_ids, tmp_path):
     assert "the fitted mix gives teacher(s) ['wrong'] weight 0" in done.stdout
     weights = json.loads((run_dir / "interpolation" / "state.json").read_text())["weights"]
     assert weights[0] <= 1e-6 < weights[1]
+
+
+def test_a_black_box_teacher_is_a_table_its_source_reads_not_a_model(tiny, with_ids, tmp_path):
+    """issue 28: the file is read by signals/stored.StoredOutputs inside the classifier teachers' source;
+    the ensemble holds no model for it (None, 0 parameters) and the source's rows for it are the file's,
+    beside the live teacher's own logits in the data's label order."""
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForSequenceClassification
+
+    from distill.config.schema import load_config
+    from distill.data.text import EXAMPLE_ID, model_inputs
+    from distill.errors import ConfigError
+    from distill.signals.sources import ClassifierTeachers
+    from distill.tasks.setup import Setup
+
+    cfg = load_config(tiny_config_yaml(tiny, tmp_path / "run"), [
+        f"data.train.path={with_ids['data']}", "data.id_field=uid", "data.unlabeled.path=null", "teachers.dtype=float32",
+        f"teachers.models=[{{name: a, logits: {with_ids['logits']}}}, {{name: b, path: {tiny['teacher_b']}}}]",
+        "student.from_teacher=b", "student.layers=[0, 1]"])
+    setup = Setup(cfg).plan()
+    setup.check()
+    validation = setup.encode("validation")
+    ensemble, source = setup.load_teachers()
+    assert isinstance(source, ClassifierTeachers)
+    assert ensemble.models[0] is None and ensemble.parameter_counts[0] == 0 and ensemble.parameter_counts[1] > 0
+    batch = next(iter(DataLoader(validation, batch_size=4, collate_fn=setup.task.collator())))
+    logits = source.logits(batch, torch.device("cpu"))
+    table = {json.loads(line)["uid"]: json.loads(line) for line in with_ids["logits"].read_text().splitlines()}
+    expected_a = torch.tensor([[table[i][name] for name in LABELS] for i in batch[EXAMPLE_ID]])
+    torch.testing.assert_close(logits[0], expected_a)
+    teacher_b = AutoModelForSequenceClassification.from_pretrained(tiny["teacher_b"]).eval()
+    with torch.no_grad():
+        raw_b = teacher_b(**model_inputs(batch)).logits
+    torch.testing.assert_close(logits[1], raw_b[:, [teacher_b.config.label2id[name] for name in LABELS]])
+    with pytest.raises(ConfigError, match=r"teachers.models\[0\] .*no row for example ids \['nowhere'\]"):
+        source.logits(dict(batch, **{EXAMPLE_ID: ["nowhere"] + list(batch[EXAMPLE_ID][1:])}), torch.device("cpu"))
