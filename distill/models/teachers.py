@@ -133,8 +133,9 @@ def finite_rows(logits: Tensor, kd_rows: Optional[Tensor], policy: str, names: L
 
 class TeacherEnsemble:
     """Loaded, frozen teachers and the interpolation that turns their outputs into one target. Running
-    them is the signal source's (signals/): `models[k]` is None for a teacher whose outputs the source
-    reads instead (stored outputs, a cache, a server)."""
+    them is the signal source's (signals/): `models[k]` is None for a classification teacher whose
+    outputs the source reads instead (a black-box file, the cache), and `models` is empty where no
+    teacher loads here at all (a causal-LM cache, servers)."""
 
     def __init__(self, plans: List[TeacherPlan], models: List[Optional[nn.Module]], interpolation,
                  use_inference_mode: bool = True):
