@@ -183,7 +183,7 @@ class Trainer:
         if self.resume_from is not None and (initial / "config.json").is_file():
             student, tokenizer = task.resume_student(initial)  # built once: trimming/pruning not redone
         else:
-            student, tokenizer = task.build_student(self.splits)
+            student, tokenizer = task.build_student(self.splits, self.teacher_plans)
             if distributed.is_main():  # the initial student, whole: export rebuilds from it, WiSE-FT mixes with it
                 student.save_pretrained(initial)
                 tokenizer.save_pretrained(initial)

@@ -6,11 +6,17 @@ owns what differs between tasks:
 - data: `read_splits` (raw rows, no model needed), `encode`, `collator`, and `batches` (a task
   may annotate the micro-batches of an optimizer step, e.g. with the step's token count);
 - models: `student_source`, `plan_teachers` (configs and tokenizers only: mismatches fail before
-  any weight loads), `build_student`, `load_teachers` (a teacher-signal source, signals/sources.py);
+  any weight loads; it returns the plans, which the caller hands to `check_before_writing`,
+  `build_student` and `load_teachers`), `load_teachers` (an ensemble and a teacher-signal source,
+  signals/);
 - the loss: `loss` turns the student's outputs and the teachers' signal into loss terms;
 - evaluation: `evaluate` (accuracy/F1, or perplexity and bits per byte, per evaluation domain
-  too) and `validation_chunks` (what interpolation fits read);
-- description: `report`, `format_table`, `model_card`.
+  too) and `validation_chunks` (what interpolation fits read), both over the encoded validation
+  split they are handed;
+- description: `traits` (what the task is, tasks/base.Traits), `report`, `format_table`, `model_card`.
+
+Routing (signals/routing.route_teachers, applied by `setup.Setup`) and loss.intermediate's layer
+terms (models/layer_hooks.LayerTerms, handed to `loss`) compose around every task.
 
 A task declares the shared settings it reads and not every task does (`owns`): a set key that
 another task owns and the chosen one does not is refused here, structurally; `check_config` holds

@@ -90,9 +90,9 @@ class Task:
         """Training rows made once the run directory exists (data.augment), before the student is
         built: none by default."""
 
-    def check_before_writing(self, splits) -> None:
-        """The task's own checks on config and data once the teachers are planned, before the run
-        directory is written (none by default)."""
+    def check_before_writing(self, splits, plans) -> None:
+        """The task's own checks on config, data and the teachers' `plans` (what plan_teachers
+        returned), before the run directory is written (none by default)."""
 
     def batches(self, stream, engine):
         """The training micro-batches, as (epoch, position, batch) from `stream`; by default as they
@@ -111,9 +111,12 @@ class Task:
         return cfg.teachers.models[resolve_teacher_index(cfg, cfg.student.from_teacher)].path, "student.from_teacher"
 
     def plan_teachers(self, student_tokenizer):
+        """teachers.TeacherPlan per teacher, matched against the student's tokenizer and labels from
+        configs and tokenizers only (no weights load); the caller keeps them and hands them on."""
         raise NotImplementedError
 
-    def build_student(self, splits):
+    def build_student(self, splits, plans):
+        """(student in fp32, its tokenizer), built for the teachers' `plans`."""
         raise NotImplementedError
 
     def load_teachers(self, plans, device, dtype, eager=False):

@@ -330,35 +330,35 @@ class CausalLM(Task):
             return None
         return len(self.encode(splits.train, "train"))
 
-    def check_before_writing(self, splits) -> None:
+    def check_before_writing(self, splits, plans) -> None:
         """A teacher cache must hold these teachers and exactly these training blocks; served teachers
         must answer, know their model and tokenize as their tokenizer does."""
         if self.cfg.teachers.cache is not None:
-            self._open_cache(self.encode(splits.train, "train"))
+            self._open_cache(self.encode(splits.train, "train"), plans)
         if self.cfg.data.streaming:  # read as it trains: its first row now, so a bad source stops nothing written
             from distill.data.streamed import check_stream
 
             check_stream(self.cfg.data.train, self.cfg.data)
         if self.served():
-            self._connect()
+            self._connect(plans)
 
     def served(self) -> bool:
         """Some teacher runs on an inference server."""
         return bool(served_teachers(self.cfg))
 
-    def _connect(self):
+    def _connect(self, plans):
         from distill.signals.served import connect
 
         if self.served_source is None:
-            self.served_source = connect(self.cfg, self.plans, self.tokenizer, self.student_vocab_size)
+            self.served_source = connect(self.cfg, plans, self.tokenizer, self.student_vocab_size)
         return self.served_source
 
-    def _open_cache(self, train_set):
+    def _open_cache(self, train_set, plans):
         from distill.caches.lm_stores import LogitCache, fingerprint
 
         if self.cache is None:  # it holds the teachers that are not served
             served = served_teachers(self.cfg)
-            cached = [plan for k, plan in enumerate(self.plans) if k not in served]
+            cached = [plan for k, plan in enumerate(plans) if k not in served]
             self.cache = LogitCache(resolve_path(self.cfg.teachers.cache), [p.name for p in cached],
                                     fingerprint(train_set))
             key = f"teachers.cache ({self.cfg.teachers.cache}, {self.cache.store.name})"
@@ -430,7 +430,7 @@ class CausalLM(Task):
             else:
                 check_positions(model_config, length, length_key, key)
             plans.append(plan)
-        self.plans, self.tokenizer = plans, student_tokenizer
+        self.tokenizer = student_tokenizer
         return plans
 
     def _token_map(self, tokenizer, student_tokenizer, key: str, output_size: int):
@@ -442,7 +442,7 @@ class CausalLM(Task):
             self.student_bytes = (list(spelling) + [None] * self.student_vocab_size)[:self.student_vocab_size]
         return build_token_map(tokenizer, student_tokenizer, self.student_bytes, key, output_size)
 
-    def build_student(self, splits):
+    def build_student(self, splits, plans):
         """(model in fp32, tokenizer): a checkpoint, or a copy of a teacher keeping some of its layers;
         then its vocabulary trimmed to the training blocks' tokens and pruned to its budget."""
         from distill.models.loading import load_causal_lm, load_tokenizer
@@ -466,7 +466,7 @@ class CausalLM(Task):
             del teacher_model
             model.config.distill_student_of = {"teacher": teacher.path, "layers": layers}
             tokenizer = load_tokenizer(teacher.path, key, trust)
-        for plan in self.plans:
+        for plan in plans:
             if plan.token_map is None and plan.vocab_size != model.config.vocab_size:
                 raise ConfigError(f"{plan.key} has {plan.vocab_size} output tokens, the student "
                                   f"{model.config.vocab_size}: they must predict the same vocabulary")
@@ -520,7 +520,7 @@ class CausalLM(Task):
         if self.served() and len(plans) == len(cfg.teachers.models):  # (one plan alone: its precision drift)
             return self._served_teachers(plans, device, dtype, eager)
         if cfg.teachers.cache is not None:  # no teacher weights load at all
-            self._open_cache(self.train_set)
+            self._open_cache(self.train_set, plans)
             ensemble = TeacherEnsemble(plans, [], build_configured_interpolation(cfg))
             ensemble.on_nonfinite = cfg.teachers.on_nonfinite
             cached = self.cache.meta["teachers"]
@@ -561,7 +561,7 @@ class CausalLM(Task):
         ensemble.on_nonfinite, ensemble.served = cfg.teachers.on_nonfinite, True
         counts = {k: count_parameters(meta_model(load_model_config(plans[k].path, plans[k].key, cfg.trust_remote_code),
                                                  self.traits.auto_model)) for k in served}  # from their configs
-        source = self._connect()
+        source = self._connect(plans)
         if local:
             live, live_source = self.load_teachers([plans[k] for k in local], device, dtype, eager)
             counts.update(zip(local, live.parameter_counts))

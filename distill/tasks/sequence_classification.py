@@ -195,16 +195,16 @@ class SequenceClassification(Task):
             student_config = load_model_config(cfg.student.path, "student.path", cfg.trust_remote_code)
             check_student_labels(student_config, self.label_names, "student.path")
             check_positions(student_config, cfg.data.max_length, "data.max_length", f"student.path ({cfg.student.path})")
-        self.plans, self.teacher_groups = plan_teachers(
+        plans, self.teacher_groups = plan_teachers(
             cfg, self.label_names, None if cfg.student.trim_vocab else student_tokenizer)
         # the student's group; build_student replaces it when the vocabulary is trimmed
         self.groups = [TokenizerGroup(prefix="", tokenizer=student_tokenizer)] + self.teacher_groups
-        return self.plans
+        return plans
 
-    def check_before_writing(self, splits) -> None:
+    def check_before_writing(self, splits, plans) -> None:
         """Black-box teachers' files cover every training and validation example; data.augment's
         masked LM loads and has its head (rank 0 keeps it for the augmentation)."""
-        check_stored_outputs_cover(self.cfg, self.plans, self.label_names, splits)
+        check_stored_outputs_cover(self.cfg, plans, self.label_names, splits)
         if self.cfg.data.perturb.rate > 0:  # refused before the run directory is written, not at the first step
             for group in self.groups:
                 self._mask_token(group.tokenizer)
@@ -213,7 +213,7 @@ class SequenceClassification(Task):
             from distill.data.text import text_key
             from distill.util.paths import resolve_path
 
-            self.cache = ClassifierCache(resolve_path(self.cfg.teachers.cache), self.cfg, self.plans, self.label_names)
+            self.cache = ClassifierCache(resolve_path(self.cfg.teachers.cache), self.cfg, plans, self.label_names)
             fields = self.cfg.data.text_fields
             for name, split in (("train", splits.train), ("validation", splits.validation)):
                 self.cache.check_covers(name, [text_key(*texts) for texts in zip(*(split[f] for f in fields))])
@@ -228,7 +228,7 @@ class SequenceClassification(Task):
             self.continuer = LMContinuer(augment.lm_model, "data.augment.lm_model", augment.lm_prefix,
                                          augment.lm_top_p, self.cfg.trust_remote_code)
 
-    def build_student(self, splits):
+    def build_student(self, splits, plans):
         cfg = self.cfg
         student, tokenizer = build_student(cfg, self.label_names, texts_of(splits.train, cfg.data.text_fields))
         self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
@@ -315,7 +315,7 @@ class SequenceClassification(Task):
         if layers is not None and signal is not None:
             weights = torch.as_tensor(now["teacher_weights"], dtype=torch.float32, device=teacher_logits.device)
             row_weights = ensemble.interpolation.row_weights(teacher_logits, weights, labels)
-            aligned = self.aligned_rows(layers, batch, engine.device)
+            aligned = self.aligned_rows(layers, batch, ensemble.plans, engine.device)
             terms, extra = layers.add_to(terms, engine.module, record, signal, inputs["attention_mask"],
                                          row_weights, aligned)
             extra.update({f"{ensemble.names[k]}/aligned_rows": float(rows.float().mean())
@@ -330,7 +330,7 @@ class SequenceClassification(Task):
         return terms, StepFigures(terms.total.item(), terms.kd.item(), terms.ce.item(), len(labels), skipped,
                                   teacher_kl, teacher_correct, int(labelled_rows.sum()), extra, ratios)
 
-    def aligned_rows(self, layers, batch, device) -> Dict[int, torch.Tensor]:
+    def aligned_rows(self, layers, batch, plans, device) -> Dict[int, torch.Tensor]:
         """{teacher k of loss.intermediate: [B] rows where it read the student's tokens}: every row for a
         teacher reading the student's ids; with its own encoding, rows that match token for token."""
         from distill.models.layer_hooks import aligned_rows
@@ -338,7 +338,7 @@ class SequenceClassification(Task):
         rows = {}
         student_ids, student_mask = batch["input_ids"], batch["attention_mask"]
         for plan in layers.plans:
-            prefix = self.plans[plan.teacher].input_prefix
+            prefix = plans[plan.teacher].input_prefix
             if prefix == "":
                 rows[plan.teacher] = torch.ones(student_ids.shape[0], dtype=torch.bool, device=device)
                 continue

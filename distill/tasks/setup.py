@@ -49,7 +49,7 @@ class Setup:
 
     def check(self) -> None:
         """The task's own checks once the teachers are planned (e.g. a teacher cache opened and matched)."""
-        self.task.check_before_writing(self.splits)
+        self.task.check_before_writing(self.splits, self.plans)
 
     def encode(self, *names: str):
         """The named splits ("train", "validation") encoded by the task: one dataset, or a list."""

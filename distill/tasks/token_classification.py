@@ -155,15 +155,15 @@ class TokenClassification(Task):
             student_config = load_model_config(cfg.student.path, "student.path", cfg.trust_remote_code)
             check_student_labels(student_config, self.label_names, "student.path")
             check_positions(student_config, cfg.data.max_length, "data.max_length", f"student.path ({cfg.student.path})")
-        self.plans, self.teacher_groups = plan_teachers(cfg, self.label_names, student_tokenizer)
+        plans, self.teacher_groups = plan_teachers(cfg, self.label_names, student_tokenizer)
         self.groups = [TokenizerGroup(prefix="", tokenizer=student_tokenizer)] + self.teacher_groups
         for group in self.teacher_groups:
             if not getattr(group.tokenizer, "is_fast", False):
                 raise ConfigError(f"a teacher's tokenizer ({type(group.tokenizer).__name__}) is not a fast tokenizer: "
                                   "token classification maps teachers to words through word ids")
-        return self.plans
+        return plans
 
-    def build_student(self, splits):
+    def build_student(self, splits, plans):
         student, tokenizer = build_student(self.cfg, self.label_names, auto_class=AutoModelForTokenClassification)
         self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
         return student, tokenizer

@@ -52,9 +52,9 @@ def test_identical_tokenizers_through_the_cross_path_give_the_shared_target(tiny
     import distill.models.loading
 
     monkeypatch.setattr(distill.models.loading, "same_vocabulary", lambda first, second: False)  # every teacher "other"
-    crossed, cross_keep, _, task, signal, _, _ = task_targets(config, [f"interpolation.method={method}",
-                                                                     "teachers.tokenization=per_model"])
-    assert len(task.teacher_groups) == 2 and all(plan.token_map is not None for plan in task.plans)
+    crossed, cross_keep, _, task, signal, _, ensemble = task_targets(config, [f"interpolation.method={method}",
+                                                                            "teachers.tokenization=per_model"])
+    assert len(task.teacher_groups) == 2 and all(plan.token_map is not None for plan in ensemble.plans)
     assert type(signal).__name__ == "AlignedSignal" and bool(signal.covered.all())
     valid = labels != IGNORE_INDEX
     assert keep is None and (cross_keep is None or bool(cross_keep[valid].all()))
@@ -66,9 +66,9 @@ def test_a_permuted_vocabulary_gives_the_shared_target_and_trains_alike(tiny_lm,
     config = tiny_lm_config_yaml(tiny_lm, tmp_path / "shared", extra="deepspeed: {zero_stage: 0}")
     shared, _, labels, _, _, _, _ = task_targets(config)
     permuted = [f"teachers.models.1.path={cross['permuted']}", "teachers.tokenization=per_model"]
-    crossed, keep, _, task, signal, _, _ = task_targets(config, permuted)
-    assert task.plans[0].token_map is None and task.plans[1].token_map is not None  # a stays on the shared path
-    assert task.plans[1].token_map.exact == len(tiny_lm["tokenizer"])  # every token has its twin
+    crossed, keep, _, task, signal, _, ensemble = task_targets(config, permuted)
+    assert ensemble.plans[0].token_map is None and ensemble.plans[1].token_map is not None  # a stays on the shared path
+    assert ensemble.plans[1].token_map.exact == len(tiny_lm["tokenizer"])  # every token has its twin
     valid = labels != IGNORE_INDEX
     torch.testing.assert_close(crossed[valid], shared[valid], rtol=1e-5, atol=1e-5)
     # and a run trains alike, step for step
@@ -119,7 +119,7 @@ def test_own_tokenization_bits_per_byte_equal_the_teacher_run_directly(tiny_lm, 
     _, _, _, task, signal, batch, ensemble = task_targets(
         config, [f"teachers.models.1.path={cross['own']}", "teachers.tokenization=per_model"], rows=1)
     # the signal above kept no windows; ask as evaluation does
-    task_source = task.load_teachers(task.plans, CPU, torch.float32)[1]
+    task_source = task.load_teachers(ensemble.plans, CPU, torch.float32)[1]
     task_source.keep_windows = True
     signal = task_source.signal(batch, CPU)
     nll, tokens, size = signal.own_tokenization(1, 0)
