@@ -244,7 +244,6 @@ class CausalLM(Task):
                               "here; their top-k comes over HTTP for the student's own tokens): remove "
                               f"{'it' if len(used) == 1 else 'them'}")
 
-
     def __init__(self, cfg):
         super().__init__(cfg)
         self.divergence = build_divergence(cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta, skew=cfg.loss.skew)
