@@ -15,6 +15,9 @@ import torch
 import torch.distributed as dist
 
 
+PORT_ATTEMPTS = 5  # a single process's port, probed again when another process took it first
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -55,7 +58,8 @@ def close_process_group() -> None:
 def init_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         return
-    if "RANK" not in os.environ:
+    alone = "RANK" not in os.environ  # one process outside the launcher: it picks its own port
+    if alone:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
     import deepspeed
@@ -63,7 +67,16 @@ def init_distributed() -> None:
     if os.environ.get("WORLD_SIZE") == "1" and not torch.cuda.is_available():
         _skip_shared_memory_op()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    for attempt in range(PORT_ATTEMPTS):
+        try:
+            deepspeed.init_distributed(dist_backend=backend)
+            break
+        except dist.DistNetworkError as error:
+            # the port was free when probed, and another process bound it before the store did (seen in
+            # CI: two test workers starting runs at once); a port of our own choosing is chosen again
+            if not alone or "EADDRINUSE" not in str(error) or attempt == PORT_ATTEMPTS - 1:
+                raise
+            os.environ["MASTER_PORT"] = str(_free_port())
     atexit.register(_at_exit, os.environ["MASTER_PORT"], os.environ["RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
