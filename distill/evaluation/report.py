@@ -17,11 +17,23 @@ def write_json(path: Path, data) -> None:
     temporary.replace(path)  # never a half-written report
 
 
-def build_report(cfg: DistillConfig, plans, teacher_params: List[int], student_params: int,
-                 metrics: Dict[str, Dict[str, float]], summary: Dict, train_set, validation_set,
-                 kd_only_rows: Optional[int] = None) -> Dict:
-    """report.json: each teacher, the interpolated target and the student with the task's figures;
-    `kd_only_rows`: the training rows without a label (transfer rows), where the task has such rows."""
+def kd_only_rows(train_set, traits) -> Optional[int]:
+    """How many training rows carry no label, so that the KD term alone reads them (transfer rows:
+    unlabelled, augmented): an example whose label, or a sentence whose every tag, is the ignore index.
+    None for a causal task (every token of a block is predicted) or rows without labels."""
+    from distill.data.text import LABELS
+    from distill.formulas.divergences import IGNORE_INDEX
+
+    if traits.causal or LABELS not in train_set.column_names:
+        return None
+    return sum(1 for label in train_set[LABELS]
+               if (all(tag == IGNORE_INDEX for tag in label) if isinstance(label, list) else label == IGNORE_INDEX))
+
+
+def build_report(cfg: DistillConfig, traits, plans, teacher_params: List[int], student_params: int,
+                 metrics: Dict[str, Dict[str, float]], summary: Dict, train_set, validation_set) -> Dict:
+    """report.json: each teacher, the interpolated target and the student with the task's figures
+    (`traits`: the task's tasks/base.Traits), and the training rows without a label where there are any."""
     precision = summary.get("teacher_precision") or {}
     teachers = []
     servers = {teacher_display_name(teacher, index): teacher.server for index, teacher in enumerate(cfg.teachers.models)
@@ -48,8 +60,9 @@ def build_report(cfg: DistillConfig, plans, teacher_params: List[int], student_p
                      "train_rows": _rows(train_set),
                      "validation_rows": len(validation_set)},
     }
-    if kd_only_rows is not None:  # transfer rows (unlabelled, augmented)
-        report["training"]["kd_only_rows"] = kd_only_rows
+    unlabelled = kd_only_rows(train_set, traits)
+    if unlabelled is not None:  # transfer rows (unlabelled, augmented)
+        report["training"]["kd_only_rows"] = unlabelled
     if cfg.loss.intermediate:
         report["loss"]["intermediate"] = OmegaConf.to_container(cfg.loss.intermediate, resolve=True)
     if summary.get("routes"):  # teachers.route_by: each route's teachers, weights and validation figures

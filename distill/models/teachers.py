@@ -156,6 +156,11 @@ class TeacherEnsemble:
                                  getattr(model, "parameters_before_quantization", None) or count_parameters(model)
                                  for model in models]
 
+    def model(self, k: int) -> Optional[nn.Module]:
+        """Teacher k's model where it loads here; None where its source reads outputs instead (a
+        black-box file, a cache, a server)."""
+        return self.models[k] if k < len(self.models) else None
+
     @property
     def names(self) -> List[str]:
         return [plan.name for plan in self.plans]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from distill.evaluation.report import build_report
 from distill.models.loading import count_parameters
 from distill.tasks.setup import Setup
 
@@ -20,5 +21,5 @@ def evaluate_saved_model(cfg, model_path: Path):
     ensemble, source = setup.load_teachers()
     metrics, _ = task.evaluate(student.to(setup.device).eval(), ensemble, source, setup.device, validation)
     teacher_params = ensemble.parameter_counts if ensemble is not None else []
-    return task, task.report(setup.plans, teacher_params, count_parameters(student), metrics,
-                             {"steps": 0, "seconds": 0.0}, setup.splits.train, validation)
+    return task, build_report(cfg, task.traits, setup.plans, teacher_params, count_parameters(student), metrics,
+                              {"steps": 0, "seconds": 0.0}, setup.splits.train, validation)

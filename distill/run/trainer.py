@@ -35,13 +35,14 @@ from distill.data.text import SOURCE
 from distill.run.deepspeed_config import build_deepspeed_config, build_optimizer, build_scheduler, global_batch
 from distill.run.fit_weights import load_state, save_state, state_digest
 from distill.run.plan import check_fits
+from distill.run.precision import teacher_precision_drift
 from distill.runtime.hardware import local_device
 from distill.formulas.mixtures import normalize_weights
 from distill.data.mixture import MixtureBatchSampler
 from distill.models.loading import count_parameters
 from distill.util.outputs import RUN_MARKER, RunLock, check_run_directory
 from distill.util.paths import links_leaving
-from distill.evaluation.report import selection_line, write_json
+from distill.evaluation.report import build_report, selection_line, write_json
 from distill.models.layer_hooks import attach_layer_terms
 from distill.models.student import check_layer_maps, check_prune_budget, check_student_layers
 from distill.formulas.schedules import value_at
@@ -229,8 +230,8 @@ class Trainer:
                       "if the error stays, the teacher itself gives them")
             with torch.random.fork_rng(devices=devices):
                 try:
-                    drift = self.task.teacher_precision_drift(self.ensemble, self.source, self.teacher_plans,
-                                                               self.device, self.validation_set)
+                    drift = teacher_precision_drift(self.task, self.ensemble, self.source, self.teacher_plans,
+                                                    self.device, self.validation_set)
                 except NonFiniteLogitsError as error:
                     if not compiled:
                         raise
@@ -658,8 +659,8 @@ class Trainer:
             last = dict(metrics["student"])
             if self.best is not None:  # the exported student is the best evaluation's: its figures, not the last step's
                 metrics = {**metrics, "student": dict(self.best["student"])}
-            report = self.task.report(self.teacher_plans, self.teacher_params, self.student_params, metrics, summary,
-                                      self.train_set, self.validation_set)
+            report = build_report(self.cfg, self.task.traits, self.teacher_plans, self.teacher_params,
+                                  self.student_params, metrics, summary, self.train_set, self.validation_set)
             if self.best is not None:
                 report["selected"] = {key: self.best[key] for key in ("tag", "step", "metric", "mode", "value")}
                 report["selected"].update(last_step=self.engine.global_steps, last_step_value=last[self.best["metric"]],

@@ -13,10 +13,11 @@ owns what differs between tasks:
 - evaluation: `evaluate` (accuracy/F1, or perplexity and bits per byte, per evaluation domain
   too) and `validation_chunks` (what interpolation fits read), both over the encoded validation
   split they are handed;
-- description: `traits` (what the task is, tasks/base.Traits), `report`, `format_table`, `model_card`.
+- description: `traits` (what the task is, tasks/base.Traits), `format_table`, `model_card`.
 
-Routing (signals/routing.route_teachers, applied by `setup.Setup`) and loss.intermediate's layer
-terms (models/layer_hooks.LayerTerms, handed to `loss`) compose around every task.
+Routing (signals/routing.route_teachers, applied by `setup.Setup`), loss.intermediate's layer
+terms (models/layer_hooks.LayerTerms, handed to `loss`), report.json (evaluation/report.build_report,
+from the task's traits) and the teachers' precision drift (run/precision.py) compose around every task.
 
 A task declares the shared settings it reads and not every task does (`owns`): a set key that
 another task owns and the chosen one does not is refused here, structurally; `check_config` holds

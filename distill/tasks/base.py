@@ -1,7 +1,6 @@
 """The task interface and its registry (the package's __init__ finds the tasks)."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -159,32 +158,6 @@ class Task:
         """The longest sequence the student was trained on (the exported tokenizer's model_max_length)."""
         return self.cfg.data.max_length
 
-    def teacher_precision_drift(self, ensemble, source, plans, device, validation) -> Dict[str, float]:
-        """KL(teacher in fp32 || teacher as loaded) per teacher: mean over the KD rows of the first batch
-        of `validation` (tokens, or examples). Each teacher is loaded once more in fp32, eager, for it,
-        then dropped."""
-        from distill.evaluation.predictions import validation_loader
-        from distill.formulas.divergences import mean_kl
-
-        batch = next(iter(validation_loader(validation, self.collator(), self.cfg.training.eval_batch_size)))
-        low = source.signal(batch, device)
-        low_logits = low.logits(0, low.rows)
-        rows = self.kd_rows(batch).to(low_logits.device)
-        drift = {}
-        for k, plan in enumerate(plans):
-            alone = copy.copy(plan)
-            alone.weight = 1.0  # one teacher on its own (its mixture weight may be 0)
-            reference, reference_source = self.load_teachers([alone], device, torch.float32, eager=True)
-            signal = reference_source.signal(batch, device)
-            if plan.token_map is not None:  # another tokenizer: in its own vocabulary, where it reads
-                read = rows & low.coverage(0, low.rows)[k].to(rows.device)
-                drift[plan.name] = mean_kl(signal.own_log_probs(0, 0, signal.rows)[read],
-                                           low.own_log_probs(k, 0, low.rows)[read])
-            else:
-                drift[plan.name] = mean_kl(signal.logits(0, signal.rows)[0][rows], low_logits[k][rows])
-            del reference, reference_source, signal
-        return drift
-
     def kd_rows(self, batch) -> Tensor:
         """[rows] bool: the rows of a collated batch the KD term reads (every example here)."""
         return torch.ones(batch["input_ids"].shape[0], dtype=torch.bool)
@@ -210,23 +183,6 @@ class Task:
         raise NotImplementedError
 
     # description ---------------------------------------------------------------------------
-    def report(self, plans, teacher_params, student_params, metrics, summary, train_set, validation_set) -> Dict:
-        """report.json's content: the teachers, target and student with this task's figures."""
-        from distill.evaluation.report import build_report
-
-        return build_report(self.cfg, plans, teacher_params, student_params, metrics, summary, train_set,
-                            validation_set, self.kd_only_rows(train_set))
-
-    def kd_only_rows(self, train_set) -> Optional[int]:
-        """How many training rows carry no label (the KD term alone), for the report; None where the
-        task has no such rows (a causal LM predicts every token)."""
-        from distill.data.text import LABELS
-        from distill.formulas.divergences import IGNORE_INDEX
-
-        if LABELS not in train_set.column_names:
-            return None
-        return sum(1 for label in train_set[LABELS] if label == IGNORE_INDEX)
-
     def format_table(self, report: Dict) -> str:
         raise NotImplementedError
 

@@ -491,10 +491,6 @@ class CausalLM(Task):
     def kd_rows(self, batch) -> Tensor:
         return batch[LABELS].reshape(-1) != IGNORE_INDEX
 
-    def kd_only_rows(self, train_set):
-        """Every token of a block is predicted: no unlabelled rows to count."""
-        return None
-
     def trained_length(self) -> int:
         return self.cfg.data.max_length if self.cfg.data.prompt_field else self.cfg.data.block_size
 

@@ -266,11 +266,6 @@ class SequenceClassification(Task):
         stored = black_box_outputs(cfg, plans, self.label_names) if any(p.outputs for p in plans) else {}
         return ensemble, ClassifierTeachers(ensemble, stored)
 
-    def teacher_precision_drift(self, ensemble, source, plans, device, validation):
-        if self.cache is not None:  # the cache's dtype is in its meta; no live teacher to compare
-            return {plan.name: None for plan in plans}
-        return super().teacher_precision_drift(ensemble, source, plans, device, validation)
-
     def write_cache(self, setup, out_dir, top_k, store="topk", hidden_dtype=None, samples=None,
                     rows_per_shard=None):
         if top_k is not None or store != "topk" or hidden_dtype is not None or samples is not None:

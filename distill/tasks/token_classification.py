@@ -143,9 +143,6 @@ class TokenClassification(Task):
     def collator(self):
         return WordCollator(self.groups)
 
-    def kd_only_rows(self, train_set):
-        return sum(1 for labels in train_set[LABELS] if all(label == IGNORE_INDEX for label in labels))
-
     # models --------------------------------------------------------------------------------
     def plan_teachers(self, student_tokenizer):
         cfg = self.cfg
