@@ -63,7 +63,9 @@ def cache(cfg, out_dir, top_k: Optional[int] = None, store: str = "topk", hidden
     setup = Setup(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under the deepspeed launcher: each rank its shards
         setup.start()
-    return setup.task.write_cache(setup, Path(out_dir), top_k, store, hidden_dtype, samples, rows_per_shard)
+    from distill.caches import write_task_cache
+
+    return write_task_cache(setup, Path(out_dir), top_k, store, hidden_dtype, samples, rows_per_shard)
 
 
 def sweep(config_path, out_dir, overrides: Optional[List[str]] = None, trials: Optional[int] = None,

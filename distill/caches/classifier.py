@@ -27,6 +27,7 @@ from typing import Dict, List
 
 import torch
 
+from distill.caches import register_cache_format
 from distill.caches.shards import read_meta
 from distill.errors import ConfigError
 
@@ -39,9 +40,16 @@ def settings_of(cfg) -> Dict:
             "tokenization": cfg.teachers.tokenization}
 
 
-def write_classifier_cache(setup, out_dir: Path, rows_per_shard: int = 4096) -> Dict:
+@register_cache_format("classifier")
+def write_classifier_cache(setup, out_dir: Path, top_k=None, store: str = "topk", hidden_dtype=None, samples=None,
+                           rows_per_shard=None) -> Dict:
     """Run the task's live teachers once over its training and validation rows, shard by shard
-    (resumable, multi-rank: caches/shards.ShardedWriter). `setup`: a tasks.setup.Setup. Returns the meta."""
+    (resumable, multi-rank: caches/shards.ShardedWriter). `setup`: a tasks.setup.Setup. Returns the meta.
+    Every logit is kept: the token stores' flags are refused."""
+    if top_k is not None or store != "topk" or hidden_dtype is not None or samples is not None:
+        raise ConfigError("--top-k, --store, --hidden-dtype and --samples are for causal-LM caches: a "
+                          "classification cache keeps every logit; remove them")
+    rows_per_shard = 4096 if rows_per_shard is None else rows_per_shard
     from torch.utils.data import DataLoader
 
     from distill.caches.lm_stores import plan_cache_run, teacher_signature

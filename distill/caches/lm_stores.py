@@ -1,6 +1,6 @@
 """Cached causal-LM teachers: the teachers run once, training reads their top-k or hidden states.
 
-The format (this file) knows nothing of tasks: `write_cache` drives a task's own data and teachers,
+The format (this file, registered as `tokens`) knows nothing of tasks: `write_cache` drives a task's own data and teachers,
 and `LogitCache` serves rows by example id (signals.CachedTopK turns them into a teacher signal).
 
 Per token and per teacher the `topk` store keeps the k largest log-probabilities (at temperature 1)
@@ -20,6 +20,7 @@ from typing import Dict, List
 import torch
 from torch import Tensor
 
+from distill.caches import register_cache_format
 from distill.errors import ConfigError
 from distill.util.registry import registrar
 from distill.formulas.mixtures import tail_log_mass
@@ -258,10 +259,12 @@ def store_option(store: str, flags: Dict[str, object]):
     return kind, kind.default if value is None else value
 
 
-def write_cache(setup, out_dir, store: str, option, rows_per_shard: int = 512) -> dict:
+@register_cache_format("tokens")
+def write_cache(setup, out_dir, top_k=None, store: str = "topk", hidden_dtype=None, samples=None,
+                rows_per_shard=None) -> dict:
     """Run the task's teachers once over its training blocks and keep, per token, what the
-    registered `store` keeps (topk, sampled or hidden). Resumable and multi-rank
-    (caches/shards.ShardedWriter)."""
+    registered `store` keeps (topk, sampled or hidden; its own flag's value, a flag another store
+    reads refused). Resumable and multi-rank (caches/shards.ShardedWriter)."""
     from pathlib import Path
 
     from torch.utils.data import DataLoader
@@ -269,6 +272,15 @@ def write_cache(setup, out_dir, store: str, option, rows_per_shard: int = 512) -
     from distill.caches.shards import ShardedWriter
 
     cfg, task = setup.cfg, setup.task
+    if cfg.teachers.tokenization == "per_model":
+        raise ConfigError("teachers.tokenization=per_model: a cache holds distributions over the student's tokens "
+                          "at every position, which teachers with other tokenizers do not give; train with live "
+                          "teachers")
+    if cfg.data.streaming:
+        raise ConfigError("data.streaming: a cache holds the teachers' outputs for every training block, which a "
+                          "stream does not hold; set data.streaming=false (data.prepare=true keeps memory flat)")
+    _, option = store_option(store, {"--top-k": top_k, "--samples": samples, "--hidden-dtype": hidden_dtype})
+    rows_per_shard = 512 if rows_per_shard is None else rows_per_shard
     splits, plans, hashes = plan_cache_run(setup)
     kind = build_store(store)
     stored = kind.settings(cfg, plans, plans[0].vocab_size, option)

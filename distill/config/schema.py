@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -1202,6 +1202,14 @@ RULES = (_validate_numbers, _validate_teacher_options, _validate_loss, _validate
          _validate_on_policy, _validate_student, _validate_data,
          _validate_augment, _validate_interpolation, _validate_schedules, _validate_divergence,
          _validate_intermediate, _validate_task, _validate_training, _validate_sweep, _validate_deepspeed_and_export)
+
+
+def student_source(cfg: DistillConfig) -> Tuple[str, str]:
+    """(reference, config key) of the model the student's tokenizer comes from: student.path, or the
+    teacher student.from_teacher names."""
+    if cfg.student.path is not None:
+        return cfg.student.path, "student.path"
+    return cfg.teachers.models[resolve_teacher_index(cfg, cfg.student.from_teacher)].path, "student.from_teacher"
 
 
 def resolve_teacher_index(cfg: DistillConfig, reference: str, key: str = "student.from_teacher") -> int:

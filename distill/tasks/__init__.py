@@ -5,7 +5,7 @@ owns what differs between tasks:
 
 - data: `read_splits` (raw rows, no model needed), `encode`, `collator`, and `batches` (a task
   may annotate the micro-batches of an optimizer step, e.g. with the step's token count);
-- models: `student_source`, `plan_teachers` (configs and tokenizers only: mismatches fail before
+- models: `plan_teachers` (configs and tokenizers only: mismatches fail before
   any weight loads; it returns the plans, which the caller hands to `check_before_writing`,
   `build_student` and `load_teachers`), `load_teachers` (an ensemble and a teacher-signal source,
   signals/);

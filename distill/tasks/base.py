@@ -7,7 +7,6 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from distill.errors import ConfigError
 from distill.util.registry import registrar
 
 TASKS: Dict[str, type] = {}
@@ -46,6 +45,7 @@ class Traits:
     # the student's validation figures training.select_best and the sweep choose by: name -> higher is better
     metrics: Dict[str, bool] = field(default_factory=lambda: {"accuracy": True, "macro_f1": True})
     curve_metric: str = "accuracy"  # the figure training_curves.png follows (its direction: `metrics`)
+    cache: Optional[str] = None  # its `distill cache` format (caches.CACHE_FORMATS); None: no cache
     cache_holds_validation: bool = False  # its teacher cache holds the validation split's outputs too
 
     @property
@@ -100,15 +100,6 @@ class Task:
         return stream
 
     # models --------------------------------------------------------------------------------
-    def student_source(self):
-        """(reference, config key) of the model the student's tokenizer comes from."""
-        cfg = self.cfg
-        if cfg.student.path is not None:
-            return cfg.student.path, "student.path"
-        from distill.config.schema import resolve_teacher_index
-
-        return cfg.teachers.models[resolve_teacher_index(cfg, cfg.student.from_teacher)].path, "student.from_teacher"
-
     def plan_teachers(self, student_tokenizer):
         """teachers.TeacherPlan per teacher, matched against the student's tokenizer and labels from
         configs and tokenizers only (no weights load); the caller keeps them and hands them on."""
@@ -127,10 +118,6 @@ class Task:
 
     def write_outputs(self, run_dir) -> None:
         """Files of the task's own beside report.json (e.g. validation predictions); none by default."""
-
-    def write_cache(self, setup, out_dir, top_k, store="topk", hidden_dtype=None, samples=None,
-                    rows_per_shard=None):
-        raise ConfigError(f"distill cache is not available for task {self.name} yet")
 
     # loss and evaluation -------------------------------------------------------------------
     def loss(self, engine, batch, ensemble, source, now: Dict, layers=None):

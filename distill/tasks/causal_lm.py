@@ -23,7 +23,7 @@ import distill.runtime.distributed as distributed
 from distill.signals.base import Capability
 from distill.signals.routing import index_split_routes, of_route, plan_routes
 from distill.formulas.token_loss import (Workspace, chunked_target_distillation, fused_token_distillation, tokens_per_chunk)
-from distill.config.schema import resolve_teacher_index, served_teachers, teacher_display_name
+from distill.config.schema import resolve_teacher_index, served_teachers, student_source, teacher_display_name
 from distill.errors import ConfigError
 from distill.data.text import INDEX, LABELS
 from distill.evaluation.predictions import validation_loader
@@ -138,7 +138,7 @@ def step_groups(stream: Iterator, accumulation: int, micro_steps_done: Callable[
 class CausalLM(Task):
     traits = Traits(auto_model=AutoModelForCausalLM, row_unit="token", batch_unit="sequence", causal=True,
                     fit_columns=("nll", "perplexity", "bits_per_byte"), curve_metric="perplexity",
-                    metrics={"nll": False, "perplexity": False, "bits_per_byte": False})
+                    metrics={"nll": False, "perplexity": False, "bits_per_byte": False}, cache="tokens")
 
     owns = ("data.block_size", "data.prompt_field", "data.response_field", "data.prepare", "data.prepared_dir",
             "data.num_proc", "data.streaming", "data.shuffle_buffer", "loss.chunk_tokens", "loss.fused",
@@ -395,7 +395,7 @@ class CausalLM(Task):
         per_model = cfg.teachers.tokenization == "per_model"
         length, length_key = ((cfg.data.max_length, "data.max_length") if cfg.data.prompt_field
                               else (cfg.data.block_size, "data.block_size"))
-        reference, reference_key = self.student_source()
+        reference, reference_key = student_source(self.cfg)
         student_config = load_model_config(reference, reference_key, cfg.trust_remote_code)
         if cfg.student.path is not None:
             check_positions(student_config, length, length_key, f"student.path ({cfg.student.path})")
@@ -436,7 +436,7 @@ class CausalLM(Task):
         from distill.signals.aligned import build_token_map, spelled
 
         if self.student_bytes is None:
-            reference, reference_key = self.student_source()
+            reference, reference_key = student_source(self.cfg)
             spelling = spelled(student_tokenizer, f"{reference_key} ({reference}), the student")
             self.student_bytes = (list(spelling) + [None] * self.student_vocab_size)[:self.student_vocab_size]
         return build_token_map(tokenizer, student_tokenizer, self.student_bytes, key, output_size)
@@ -760,21 +760,6 @@ class CausalLM(Task):
 
     def model_card(self, report: Dict, model_config, dtype: str, compression=None, parity=None) -> str:
         return causal_lm_card(report, dtype, compression, parity)
-
-    # the teacher cache ---------------------------------------------------------------------
-    def write_cache(self, setup, out_dir, top_k, store="topk", hidden_dtype=None, samples=None,
-                    rows_per_shard=None):
-        from distill.caches.lm_stores import store_option, write_cache
-
-        if self.cfg.teachers.tokenization == "per_model":
-            raise ConfigError("teachers.tokenization=per_model: a cache holds distributions over the student's tokens "
-                              "at every position, which teachers with other tokenizers do not give; train with live "
-                              "teachers")
-        if self.cfg.data.streaming:
-            raise ConfigError("data.streaming: a cache holds the teachers' outputs for every training block, which a "
-                              "stream does not hold; set data.streaming=false (data.prepare=true keeps memory flat)")
-        _, option = store_option(store, {"--top-k": top_k, "--samples": samples, "--hidden-dtype": hidden_dtype})
-        return write_cache(setup, out_dir, store, option, 512 if rows_per_shard is None else rows_per_shard)
 
 
 def perplexities(loader, student, ensemble, source, device: torch.device,

@@ -57,7 +57,7 @@ def unchanged_in_window(tokenizer, texts, new, limit: int, copies: int) -> int:
 
 @register_task("sequence_classification")
 class SequenceClassification(Task):
-    traits = Traits(auto_model=AutoModelForSequenceClassification, cache_holds_validation=True)
+    traits = Traits(auto_model=AutoModelForSequenceClassification, cache="classifier", cache_holds_validation=True)
 
     owns = ("data.unlabeled.path", "data.label_names", "data.label_field", "student.pooling", "data.id_field",
             "data.augment.copies", "data.perturb", "teachers.models[*].logits", "teachers.models[*].pooling",
@@ -265,15 +265,6 @@ class SequenceClassification(Task):
         # a black-box teacher (its model None) is its file, read by example id
         stored = black_box_outputs(cfg, plans, self.label_names) if any(p.outputs for p in plans) else {}
         return ensemble, ClassifierTeachers(ensemble, stored)
-
-    def write_cache(self, setup, out_dir, top_k, store="topk", hidden_dtype=None, samples=None,
-                    rows_per_shard=None):
-        if top_k is not None or store != "topk" or hidden_dtype is not None or samples is not None:
-            raise ConfigError("--top-k, --store, --hidden-dtype and --samples are for causal-LM caches: a "
-                              "classification cache keeps every logit; remove them")
-        from distill.caches.classifier import write_classifier_cache
-
-        return write_classifier_cache(setup, out_dir, 4096 if rows_per_shard is None else rows_per_shard)
 
     # loss and evaluation -------------------------------------------------------------------
     def loss(self, engine, batch, ensemble, source, now: Dict, layers=None):

@@ -40,10 +40,11 @@ class Setup:
     def plan(self, tokenizer_from: Optional[Tuple[str, str]] = None) -> "Setup":
         """Data read and split, the teachers planned against the student's tokenizer: `tokenizer_from`
         (reference, config key), by default the student's source (student.path or its teacher)."""
+        from distill.config.schema import student_source
         from distill.models.loading import load_tokenizer
 
         self.splits = self.task.read_splits()
-        reference, key = tokenizer_from or self.task.student_source()
+        reference, key = tokenizer_from or student_source(self.cfg)
         self.plans = self.task.plan_teachers(load_tokenizer(reference, key, self.cfg.trust_remote_code))
         return self
 

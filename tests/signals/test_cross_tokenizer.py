@@ -27,6 +27,7 @@ def task_targets(config_path, overrides=(), rows=6):
     """(target log-probabilities, KD mask, task, signal) of the first validation rows, built through
     the task as training builds them."""
     from distill.config.schema import load_config
+    from distill.config.schema import student_source
     from distill.models.loading import load_tokenizer
     from distill.signals.sources import Targets
     from distill.tasks import build_task
@@ -34,7 +35,7 @@ def task_targets(config_path, overrides=(), rows=6):
     cfg = load_config(config_path, list(overrides))
     task = build_task(cfg)
     splits = task.read_splits()
-    reference, key = task.student_source()
+    reference, key = student_source(cfg)
     plans = task.plan_teachers(load_tokenizer(reference, key, False))
     blocks = task.encode(splits.validation, "validation")
     ensemble, source = task.load_teachers(plans, CPU, torch.float32)
