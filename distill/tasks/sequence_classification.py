@@ -382,13 +382,13 @@ class SequenceClassification(Task):
         """The validation split encoded with a saved model's tokenizer (what score_saved_model reads)."""
         from distill.evaluation.predictions import validation_batches
 
-        loader, self.num_labels = validation_batches(self.cfg, tokenizer)
+        loader, _ = validation_batches(self.cfg, tokenizer)
         return loader
 
     def score_saved_model(self, model, batches) -> Dict[str, float]:
         from distill.evaluation.predictions import score_classifier
 
-        return score_classifier(model, batches, self.num_labels)
+        return score_classifier(model, batches, model.config.num_labels)
 
     # description ---------------------------------------------------------------------------
     def write_outputs(self, run_dir) -> None:

@@ -76,6 +76,28 @@ def encode_words(dataset, groups: List[TokenizerGroup], max_length: int, all_sub
     return dataset.map(encode, batched=True, remove_columns=[WORDS], desc="tokenize words")
 
 
+def tag_scores(predicted: Dict[int, List[int]], references: Dict[int, List[int]],
+               label_names: List[str]) -> Dict[str, float]:
+    """Tag accuracy and macro-F1 over tagged words; entity precision, recall and F1 (conlleval), with
+    tag ids named by `label_names`."""
+    order = sorted(references)
+    flat_predictions, flat_references, entity_predictions, entity_references = [], [], [], []
+    for index in order:
+        gold, guess = references[index], predicted[index]
+        tagged = [i for i, tag in enumerate(gold) if tag != IGNORE_INDEX]
+        if not tagged:
+            continue
+        flat_predictions += [guess[i] for i in tagged]
+        flat_references += [gold[i] for i in tagged]
+        entity_predictions.append([label_names[guess[i]] for i in tagged])
+        entity_references.append([label_names[gold[i]] for i in tagged])
+    figures = classification_metrics(flat_predictions, flat_references, len(label_names))
+    entities = load_metric("seqeval").compute(predictions=entity_predictions, references=entity_references)
+    figures.update(entity_precision=entities["precision"], entity_recall=entities["recall"],
+                   entity_f1=entities["f1"], words=len(flat_references))
+    return figures
+
+
 class WordCollator:
     """Pads every group's sequences to the batch's longest (ids with the pad id, masks with 0,
     word ids with -1, labels with -100)."""
@@ -244,30 +266,11 @@ class TokenClassification(Task):
             merged.pop("student", None)
         return merged
 
-    def scores(self, predicted: Dict[int, List[int]], references: Dict[int, List[int]]) -> Dict[str, float]:
-        """Tag accuracy and macro-F1 over tagged words; entity precision, recall and F1 (conlleval)."""
-        order = sorted(references)
-        flat_predictions, flat_references, entity_predictions, entity_references = [], [], [], []
-        for index in order:
-            gold, guess = references[index], predicted[index]
-            tagged = [i for i, tag in enumerate(gold) if tag != IGNORE_INDEX]
-            if not tagged:
-                continue
-            flat_predictions += [guess[i] for i in tagged]
-            flat_references += [gold[i] for i in tagged]
-            entity_predictions.append([self.label_names[guess[i]] for i in tagged])
-            entity_references.append([self.label_names[gold[i]] for i in tagged])
-        figures = classification_metrics(flat_predictions, flat_references, len(self.label_names))
-        entities = load_metric("seqeval").compute(predictions=entity_predictions, references=entity_references)
-        figures.update(entity_precision=entities["precision"], entity_recall=entities["recall"],
-                       entity_f1=entities["f1"], words=len(flat_references))
-        return figures
-
     def evaluate(self, model, ensemble, source, device, validation):
         predictions = self._predictions(model, ensemble, source, device, validation)
         self.last_predictions = predictions
         references = predictions.pop("references")
-        return {name: self.scores(rows, references) for name, rows in predictions.items()}, {}
+        return {name: tag_scores(rows, references, self.label_names) for name, rows in predictions.items()}, {}
 
     def validation_chunks(self, ensemble, source, device, validation, route=None):
         """Every teacher's logits [K, N, C] and the gold tags [N] over the tagged validation words."""
@@ -296,7 +299,6 @@ class TokenClassification(Task):
 
     def saved_model_batches(self, tokenizer):
         splits = read_tagged_splits(self.cfg.data)
-        self.label_names = splits.label_names
         groups = [TokenizerGroup("", tokenizer)]
         encoded = encode_words(splits.validation, groups, self.cfg.data.max_length, self.all_subtokens)
         return validation_loader(encoded, WordCollator(groups), self.cfg.training.eval_batch_size)
@@ -312,7 +314,7 @@ class TokenClassification(Task):
                 log_probs = torch.log_softmax(logits[scored], dim=-1)
                 nll += float(-log_probs.gather(-1, batch[LABELS][scored].unsqueeze(-1)).sum())
                 count += int(scored.sum())
-        figures = self.scores(predicted, references)
+        figures = tag_scores(predicted, references, [model.config.id2label[i] for i in sorted(model.config.id2label)])
         figures.pop("words")
         figures["nll"] = nll / max(1, count)
         return figures
