@@ -11,7 +11,7 @@ import torch
 
 from distill.config.schema import ConfigError, load_config
 from tests.conftest import tiny_config_yaml
-from tests.helpers import ROOT, run_cli, train_losses, run_cli_in_process
+from tests.helpers import ROOT, run_cli, run_cli_in_process
 
 
 def _tree(folder):

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from distill.config.schema import ConfigError
 from tests.conftest import tiny_config_yaml
 from tests.helpers import in_this_process, run_cli_in_process
 
