@@ -178,7 +178,7 @@ class Trainer:
         if distributed.is_main():  # the first write: nothing above writes, everything above can refuse
             self.lock.acquire()
         self._make_run_dir()
-        task.extend_training_data(self.run_dir)  # e.g. augmented transfer rows, made once and kept in the run
+        self.splits = setup.extend_training_data(self.run_dir)  # e.g. augmented transfer rows, made once, kept in the run
 
         initial = self.run_dir / STUDENT_INIT
         if self.resume_from is not None and (initial / "config.json").is_file():

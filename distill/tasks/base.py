@@ -85,9 +85,10 @@ class Task:
         """How many training rows (examples, or blocks) the encoded train split will hold."""
         return len(splits.train)
 
-    def extend_training_data(self, run_dir) -> None:
-        """Training rows made once the run directory exists (data.augment), before the student is
-        built: none by default."""
+    def extend_training_data(self, splits, run_dir):
+        """`splits` with the training rows made once the run directory exists (data.augment), before
+        the student is built: the same splits by default."""
+        return splits
 
     def check_before_writing(self, splits, plans) -> None:
         """The task's own checks on config, data and the teachers' `plans` (what plan_teachers

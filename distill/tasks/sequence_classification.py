@@ -98,17 +98,19 @@ class SequenceClassification(Task):
         index_split_routes(self.cfg, self.splits)
         return self.splits
 
-    def extend_training_data(self, run_dir) -> None:
-        """data.augment: KD-only copies of the labelled training texts (data/augment.py), a source of their own."""
+    def extend_training_data(self, splits, run_dir):
+        """data.augment: KD-only copies of the labelled training texts (tasks/augment.py), a source of their own."""
         if self.cfg.data.augment.copies == 0:
-            return
+            return splits
+        import dataclasses
+
         from datasets import Dataset, concatenate_datasets
 
         import distill.runtime.distributed as distributed
         from distill.tasks.augment import augmented_rows
         from distill.data.text import EXAMPLE_ID, INDEX, SOURCE
 
-        train, fields = self.splits.train, list(self.cfg.data.text_fields)
+        train, fields = splits.train, list(self.cfg.data.text_fields)
         labelled = [i for i, label in enumerate(train[LABELS]) if label != IGNORE_INDEX]
         columns = {name: train[name] for name in fields}
         texts = [[columns[name][i] for i in labelled] for name in fields]
@@ -124,16 +126,16 @@ class SequenceClassification(Task):
         self.replacer = self.continuer = None  # their models are not needed again: free the memory
         count = len(new[0])
         rows = {name: new[j] for j, name in enumerate(fields)}
-        rows.update({LABELS: [IGNORE_INDEX] * count, SOURCE: [len(self.splits.source_names)] * count,
+        rows.update({LABELS: [IGNORE_INDEX] * count, SOURCE: [len(splits.source_names)] * count,
                      INDEX: list(range(len(train), len(train) + count))})
         if EXAMPLE_ID in train.column_names:
             rows[EXAMPLE_ID] = [f"augmented-{i}" for i in range(count)]
         extra = Dataset.from_dict({name: rows[name] for name in train.column_names}).cast(train.features)
-        self.splits.train = concatenate_datasets([train, extra])
-        self.splits.source_names.append("augmented")
         if distributed.is_main():
             print(f"data.augment: {count} transfer rows from {len(labelled)} labelled texts "
                   f"({run_dir / 'augmented'})", flush=True)
+        return dataclasses.replace(splits, train=concatenate_datasets([train, extra]),
+                                   source_names=[*splits.source_names, "augmented"])
 
     def encode(self, split, key: str):
         data = self.cfg.data

@@ -52,6 +52,12 @@ class Setup:
         """The task's own checks once the teachers are planned (e.g. a teacher cache opened and matched)."""
         self.task.check_before_writing(self.splits, self.plans)
 
+    def extend_training_data(self, run_dir):
+        """The splits with the task's training rows made in the run directory (data.augment), kept for
+        `encode`; returns them."""
+        self.splits = self.task.extend_training_data(self.splits, run_dir)
+        return self.splits
+
     def encode(self, *names: str):
         """The named splits ("train", "validation") encoded by the task: one dataset, or a list."""
         encoded = [self.task.encode(getattr(self.splits, name), name) for name in names]
