@@ -181,13 +181,13 @@ class Trainer:
         self.splits = setup.extend_training_data(self.run_dir)  # e.g. augmented transfer rows, made once, kept in the run
 
         initial = self.run_dir / STUDENT_INIT
-        if self.resume_from is not None and (initial / "config.json").is_file():
-            student, tokenizer = task.resume_student(initial)  # built once: trimming/pruning not redone
-        else:
-            student, tokenizer = task.build_student(self.splits, self.teacher_plans)
-            if distributed.is_main():  # the initial student, whole: export rebuilds from it, WiSE-FT mixes with it
-                student.save_pretrained(initial)
-                tokenizer.save_pretrained(initial)
+        # on resume, the initial student the run saved: trimming and pruning are not redone
+        saved = initial if self.resume_from is not None and (initial / "config.json").is_file() else None
+        student, tokenizer = task.build_student(self.splits, self.teacher_plans, saved=saved)
+        # the initial student, whole: export rebuilds from it, WiSE-FT mixes with it
+        if saved is None and distributed.is_main():
+            student.save_pretrained(initial)
+            tokenizer.save_pretrained(initial)
         self.train_set, self.validation_set = setup.encode("train", "validation")
         self.collator = task.collator()
 

@@ -106,8 +106,10 @@ class Task:
         configs and tokenizers only (no weights load); the caller keeps them and hands them on."""
         raise NotImplementedError
 
-    def build_student(self, splits, plans):
-        """(student in fp32, its tokenizer), built for the teachers' `plans`."""
+    def build_student(self, splits, plans, saved=None):
+        """(student in fp32, its tokenizer), built for the teachers' `plans`; `saved`: on resume, the
+        run's initial student directory, loaded instead (`saved_student`: trimming and pruning are not
+        redone; the checkpoint then restores the trained weights)."""
         raise NotImplementedError
 
     def load_teachers(self, plans, device, dtype, eager=False):
@@ -150,14 +152,6 @@ class Task:
         """[rows] bool: the rows of a collated batch the KD term reads (every example here)."""
         return torch.ones(batch["input_ids"].shape[0], dtype=torch.bool)
 
-    def resume_student(self, path):
-        """(model in fp32, tokenizer) on resume: the initial student the run saved in its directory, so
-        trimming and pruning are not redone (the checkpoint then restores the trained weights)."""
-        from distill.models.loading import load_tokenizer
-
-        model = self.load_saved_student(path, f"{path} (the run's initial student)")
-        return model, load_tokenizer(str(path), str(path), self.cfg.trust_remote_code)
-
     # saved models (eval, export) -------------------------------------------------------------
     def load_saved_student(self, path, key: str):
         raise NotImplementedError
@@ -176,3 +170,11 @@ class Task:
 
     def model_card(self, report: Dict, model_config, dtype: str, compression=None, parity=None) -> str:
         raise NotImplementedError
+
+
+def saved_student(task: Task, path):
+    """(model in fp32, tokenizer) of a student a run saved whole (its initial student, for resume)."""
+    from distill.models.loading import load_tokenizer
+
+    model = task.load_saved_student(path, f"{path} (the run's initial student)")
+    return model, load_tokenizer(str(path), str(path), task.cfg.trust_remote_code)

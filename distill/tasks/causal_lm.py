@@ -35,7 +35,7 @@ from distill.util.paths import resolve_path
 from distill.evaluation.report import causal_lm_card, format_lm_table
 from distill.signals.sources import (HiddenStateSignal, LiveLanguageModels, Targets, TopKSignal, body_and_head,
                                      cached_source)
-from distill.tasks.base import StepFigures, Task, Traits, register_task
+from distill.tasks.base import StepFigures, Task, Traits, register_task, saved_student
 
 
 # a source whose rows a fit cannot keep (every source of this task gives hidden states or top-k rows)
@@ -441,9 +441,17 @@ class CausalLM(Task):
             self.student_bytes = (list(spelling) + [None] * self.student_vocab_size)[:self.student_vocab_size]
         return build_token_map(tokenizer, student_tokenizer, self.student_bytes, key, output_size)
 
-    def build_student(self, splits, plans):
+    def build_student(self, splits, plans, saved=None):
         """(model in fp32, tokenizer): a checkpoint, or a copy of a teacher keeping some of its layers;
-        then its vocabulary trimmed to the training blocks' tokens and pruned to its budget."""
+        then its vocabulary trimmed to the training blocks' tokens and pruned to its budget. `saved`
+        (resume): the initial student the run saved, trimmed and pruned, with its kept vocabulary."""
+        if saved is not None:
+            model, tokenizer = saved_student(self, saved)
+            kept = (getattr(model.config, "distill_vocabulary", None) or {}).get("kept_ids")
+            if kept is not None:
+                self._use_vocabulary(kept)
+            self.tokenizer = tokenizer
+            return model, tokenizer
         from distill.models.loading import load_causal_lm, load_tokenizer
         from distill.models.student import (apply_config_overrides, calibration_batches, default_layers, keep_layers,
                                      prune_student, source_parameter_count, trim_vocabulary)
@@ -498,15 +506,6 @@ class CausalLM(Task):
         from distill.tokens.vocabulary import TeacherVocabulary
 
         self.vocabulary = TeacherVocabulary(kept_ids)
-
-    def resume_student(self, path):
-        """The initial student saved in the run directory (trimmed, pruned), with its tokenizer."""
-        model, tokenizer = super().resume_student(path)
-        kept = (getattr(model.config, "distill_vocabulary", None) or {}).get("kept_ids")
-        if kept is not None:
-            self._use_vocabulary(kept)
-        self.tokenizer = tokenizer
-        return model, tokenizer
 
     def load_teachers(self, plans, device, dtype, eager=False):
         cfg = self.cfg

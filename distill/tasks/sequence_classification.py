@@ -26,7 +26,7 @@ from distill.signals.sources import ClassifierTeachers, Targets
 from distill.signals.stored import black_box_outputs, cached_outputs, check_stored_outputs_cover
 from distill.models.student import (build_student, calibration_batches, check_student_labels, prune_student,
                              source_parameter_count)
-from distill.tasks.base import StepFigures, Task, Traits, register_task
+from distill.tasks.base import StepFigures, Task, Traits, register_task, saved_student
 from distill.models.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers, plan_teachers
 
 
@@ -230,8 +230,12 @@ class SequenceClassification(Task):
             self.continuer = LMContinuer(augment.lm_model, "data.augment.lm_model", augment.lm_prefix,
                                          augment.lm_top_p, self.cfg.trust_remote_code)
 
-    def build_student(self, splits, plans):
+    def build_student(self, splits, plans, saved=None):
         cfg = self.cfg
+        if saved is not None:
+            student, tokenizer = saved_student(self, saved)
+            self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
+            return student, tokenizer
         student, tokenizer = build_student(cfg, self.label_names, texts_of(splits.train, cfg.data.text_fields))
         self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
         if cfg.student.prune.target_params is not None:
@@ -242,11 +246,6 @@ class SequenceClassification(Task):
                                     classification_loss)
         if cfg.student.pooling is not None:
             student = to_pooled_student(student, cfg.student.pooling, cfg.student.normalize)
-        return student, tokenizer
-
-    def resume_student(self, path):
-        student, tokenizer = super().resume_student(path)
-        self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
         return student, tokenizer
 
     def load_teachers(self, plans, device, dtype, eager=False):

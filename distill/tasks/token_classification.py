@@ -41,7 +41,7 @@ from distill.models.teachers import load_teachers, plan_teachers
 from distill.runtime.distributed import gather_objects
 from distill.signals.sources import Targets
 from distill.signals.words import WordAlignedTeachers
-from distill.tasks.base import StepFigures, Task, Traits, register_task
+from distill.tasks.base import StepFigures, Task, Traits, register_task, saved_student
 
 
 
@@ -182,13 +182,11 @@ class TokenClassification(Task):
                                   "token classification maps teachers to words through word ids")
         return plans
 
-    def build_student(self, splits, plans):
-        student, tokenizer = build_student(self.cfg, self.label_names, auto_class=AutoModelForTokenClassification)
-        self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
-        return student, tokenizer
-
-    def resume_student(self, path):
-        student, tokenizer = super().resume_student(path)
+    def build_student(self, splits, plans, saved=None):
+        if saved is not None:
+            student, tokenizer = saved_student(self, saved)
+        else:
+            student, tokenizer = build_student(self.cfg, self.label_names, auto_class=AutoModelForTokenClassification)
         self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
         return student, tokenizer
 
