@@ -29,6 +29,8 @@ from distill.models.student import (build_student, calibration_batches, check_st
 from distill.tasks.base import StepFigures, Task, Traits, register_task, saved_student
 from distill.models.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers, plan_teachers
 
+UNMASKED_ROWS = "perturb/unmasked_rows"  # a perturbed batch: the share of rows some teacher reads unmasked
+
 
 def in_window(tokenizer, text: str, limit: int) -> str:
     """The words of `text` the model reads within `limit` tokens (a word cut by the limit is kept whole)."""
@@ -89,7 +91,6 @@ class SequenceClassification(Task):
         self.replacer = None  # data.augment's masked LM, once checked
         self.continuer = None  # data.augment's causal LM, once loaded
         self.cache = None  # teachers.cache (classifier_cache.ClassifierCache), once checked
-        self.unmasked_rows = None  # data.perturb with teachers reading their own encodings: the last batch's share
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
@@ -175,7 +176,7 @@ class SequenceClassification(Task):
                     batch = dict(batch, **{prefix + "input_ids": carry_mask(ids, masked, batch[prefix + "input_ids"],
                                                                             same, teacher_replacement)
                                            for prefix, _, teacher_replacement in own})
-                    self.unmasked_rows = float((~same).float().mean())
+                    batch[UNMASKED_ROWS] = float((~same).float().mean())  # this batch's share, logged by loss
                 yield epoch, position, dict(batch, input_ids=masked)
 
         return perturbed()
@@ -307,8 +308,8 @@ class SequenceClassification(Task):
                                          row_weights, aligned)
             extra.update({f"{ensemble.names[k]}/aligned_rows": float(rows.float().mean())
                           for k, rows in aligned.items()})
-        if self.unmasked_rows is not None:
-            extra = dict(extra or {}, **{"perturb/unmasked_rows": self.unmasked_rows})
+        if UNMASKED_ROWS in batch:
+            extra = dict(extra or {}, **{"perturb/unmasked_rows": batch[UNMASKED_ROWS]})
         teacher_kl = teacher_correct = None
         labelled_rows = labels != IGNORE_INDEX
         if teacher_logits is not None and (keep is None or bool(keep.all())):
