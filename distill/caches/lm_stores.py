@@ -311,7 +311,7 @@ def write_cache(setup, out_dir, top_k=None, store: str = "topk", hidden_dtype=No
             offsets = torch.tensor([0] + shard["lengths"]).cumsum(0)
             writer.write(number, {"index": torch.tensor(shard["index"], dtype=torch.int64), "offsets": offsets,
                                   **{part: torch.cat(shard[part]) for part in parts}})
-        figures, _ = task.evaluate(None, ensemble, source, device, validation)  # teachers and target only (every rank)
+        figures = task.evaluate(None, ensemble, source, device, validation).figures  # teachers and target (every rank)
         meta = {"store": store, **kind.recorded(stored, source), "vocab_size": plans[0].vocab_size,
                 "fingerprint": dataset_fingerprint, "rows": len(train), "interpolation": cfg.interpolation.method,
                 "teachers": [{"name": plan.name, "path": plan.path, "hash": digest, "params": params,

@@ -19,7 +19,7 @@ def evaluate_saved_model(cfg, model_path: Path):
     student = task.load_saved_student(model_path.resolve(), key)
     train, validation = setup.encode("train", "validation")
     ensemble, source = setup.load_teachers()
-    metrics, _ = task.evaluate(student.to(setup.device).eval(), ensemble, source, setup.device, validation)
+    metrics = task.evaluate(student.to(setup.device).eval(), ensemble, source, setup.device, validation).figures
     teacher_params = ensemble.parameter_counts if ensemble is not None else []
     return task, build_report(cfg, task.traits, setup.plans, teacher_params, count_parameters(student), metrics,
                               {"steps": 0, "seconds": 0.0}, setup.splits.train, validation)

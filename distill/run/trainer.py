@@ -158,6 +158,7 @@ class Trainer:
         self.teacher_hashes: Optional[List[str]] = None
         self.lock = RunLock(self.run_dir)
         self.best: Optional[Dict] = None  # training.select_best: the best evaluation so far (checkpoints/best.json)
+        self.last_predictions: Optional[Dict] = None  # the last evaluation's per-row predictions (Evaluation)
 
     # ----------------------------------------------------------------- set-up, in failing order
     def prepare(self) -> None:
@@ -625,8 +626,10 @@ class Trainer:
         """The task's validation metrics for the student, each teacher and the target (and per
         evaluation domain), logged as `model/metric` and `model/domain/metric`."""
         self.engine.eval()
-        metrics, domains = self.task.evaluate(self.engine, self.ensemble, self.source, self.engine.device,
-                                              self.validation_set)
+        evaluation = self.task.evaluate(self.engine, self.ensemble, self.source, self.engine.device,
+                                        self.validation_set)
+        metrics, domains = evaluation.figures, evaluation.domains
+        self.last_predictions = evaluation.predictions  # eval/predictions.json, written after the last evaluation
         logged = {f"{model}/{name}": value for model, figures in metrics.items()
                   for name, value in figures.items() if name != "tokens"}
         for domain, by_model in domains.items():
@@ -651,7 +654,8 @@ class Trainer:
             self._record_best(self.engine.global_steps, metrics)
         report = None
         if distributed.is_main():
-            self.task.write_outputs(self.run_dir)
+            if self.last_predictions is not None:
+                write_json(self.run_dir / "eval" / "predictions.json", self.last_predictions)
             summary["global_batch"] = global_batch(self.cfg.training, distributed.world_size())
             summary["teacher_precision"] = self.teacher_precision
             if self.ensemble is not None and self.ensemble.routing is not None:  # per route: its teachers and figures

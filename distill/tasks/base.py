@@ -31,6 +31,17 @@ class StepFigures:
     ratios: Optional[Dict[str, Tuple[float, float]]] = None
 
 
+@dataclass
+class Evaluation:
+    """What `Task.evaluate` returns: figures per model ('student', each teacher, 'target'), figures
+    per evaluation domain (data.eval_domains, teachers.route_by's routes) and model, and the per-row
+    predictions the trainer writes to eval/predictions.json after the last evaluation (None: none)."""
+
+    figures: Dict[str, Dict[str, float]]
+    domains: Dict[str, Dict[str, Dict[str, float]]] = field(default_factory=dict)
+    predictions: Optional[Dict] = None
+
+
 @dataclass(frozen=True)
 class Traits:
     """What a task declares about itself, read by the commands around it (the trainer, fits, the
@@ -119,18 +130,15 @@ class Task:
     def prepare_training(self, device, ensemble) -> None:
         """Run-wide loss settings, once the teachers are known (a no-op by default)."""
 
-    def write_outputs(self, run_dir) -> None:
-        """Files of the task's own beside report.json (e.g. validation predictions); none by default."""
-
     # loss and evaluation -------------------------------------------------------------------
     def loss(self, engine, batch, ensemble, source, now: Dict, layers=None):
         """(loss terms with .total/.kd/.ce, StepFigures) of one micro-batch; the trainer runs backward and step.
         `layers`: loss.intermediate's terms (models/layer_hooks.LayerTerms) or None."""
         raise NotImplementedError
 
-    def evaluate(self, model, ensemble, source, device, validation):
-        """(figures per model on `validation` (what `encode` returned for it), {domain: figures per
-        model}); model may be None (teachers only)."""
+    def evaluate(self, model, ensemble, source, device, validation) -> Evaluation:
+        """The figures of `model` (None: teachers only), the teachers and the target on `validation`
+        (what `encode` returned for it), per evaluation domain too, and the per-row predictions."""
         raise NotImplementedError
 
     def validation_bytes(self, route: Optional[str] = None):

@@ -35,7 +35,7 @@ from distill.util.paths import resolve_path
 from distill.evaluation.report import causal_lm_card, format_lm_table
 from distill.signals.sources import (HiddenStateSignal, LiveLanguageModels, Targets, TopKSignal, body_and_head,
                                      cached_source)
-from distill.tasks.base import StepFigures, Task, Traits, register_task, saved_student
+from distill.tasks.base import Evaluation, StepFigures, Task, Traits, register_task, saved_student
 
 
 # a source whose rows a fit cannot keep (every source of this task gives hidden states or top-k rows)
@@ -647,7 +647,7 @@ class CausalLM(Task):
                                   extra=extra, ratios=ratios)
 
     def evaluate(self, model, ensemble, source, device, validation):
-        """(figures per model on validation, figures per evaluation domain and model)."""
+        """Perplexity, NLL and bits per byte per model on validation and on each evaluation domain."""
         live = ensemble is not None and self.cache is None
         sets = {"validation": validation, **self.domain_sets}
         results = {}
@@ -665,7 +665,7 @@ class CausalLM(Task):
             figures.update(self.served_figures.get(name, {}))
             figures.update(self.teacher_figures.get(name, {}))
             results[name] = figures
-        return results.pop("validation"), results
+        return Evaluation(results.pop("validation"), results)
 
     def validation_bytes(self, route: Optional[str] = None):
         if route is not None:

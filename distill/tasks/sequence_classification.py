@@ -14,19 +14,19 @@ from transformers import AutoModelForSequenceClassification
 
 from distill.errors import ConfigError
 from distill.data.text import Collator, LABELS, TokenizerGroup, model_inputs, read_splits, rows_matching, texts_of, tokenize
-from distill.evaluation.predictions import (Predictions, collect_teacher_logits, predict, student_logits_fn, teacher_logit_fns,
+from distill.evaluation.predictions import (collect_teacher_logits, predict, student_logits_fn, teacher_logit_fns,
                                 validation_loader)
 from distill.formulas.fits import in_memory
 from distill.formulas.divergences import IGNORE_INDEX, build_divergence, distillation_loss, per_teacher_kl
 from distill.models.layer_hooks import student_forward
 from distill.models.loading import check_positions, load_model_config, load_sequence_classifier, to_pooled_student
-from distill.evaluation.report import format_table, model_card, write_json
+from distill.evaluation.report import format_table, model_card
 from distill.signals.routing import index_split_routes, of_route, plan_routes, rows_of_route
 from distill.signals.sources import ClassifierTeachers, Targets
 from distill.signals.stored import black_box_outputs, cached_outputs, check_stored_outputs_cover
 from distill.models.student import (build_student, calibration_batches, check_student_labels, prune_student,
                              source_parameter_count)
-from distill.tasks.base import StepFigures, Task, Traits, register_task, saved_student
+from distill.tasks.base import Evaluation, StepFigures, Task, Traits, register_task, saved_student
 from distill.models.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers, plan_teachers
 
 UNMASKED_ROWS = "perturb/unmasked_rows"  # a perturbed batch: the share of rows some teacher reads unmasked
@@ -86,7 +86,6 @@ class SequenceClassification(Task):
         super().__init__(cfg)
         self.divergence = build_divergence(cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta, skew=cfg.loss.skew)
         self.teacher_predictions = None
-        self.last_predictions = None
         self.token_maps = {}  # teacher tokenizer prefix -> student id to teacher id (aligned rows)
         self.replacer = None  # data.augment's masked LM, once checked
         self.continuer = None  # data.augment's causal LM, once loaded
@@ -354,7 +353,6 @@ class SequenceClassification(Task):
             if self.teacher_predictions is None:  # teachers are frozen: evaluate them once
                 self.teacher_predictions = {k: v for k, v in predictions.by_model.items() if k != "student"}
             predictions.by_model.update(self.teacher_predictions)
-        self.last_predictions = predictions
         count = len(self.label_names)
         texts = self.splits.validation[self.cfg.data.text_fields[0]]
         domains = {}
@@ -367,7 +365,8 @@ class SequenceClassification(Task):
             rows = set(rows_of_route(validation, route))
             if rows:  # each route's validation rows (teachers.route_by)
                 domains[f"route.{value}"] = predictions.metrics(count, rows)
-        return predictions.metrics(count), domains
+        return Evaluation(predictions.metrics(count), domains, {
+            "label_names": self.label_names, "references": predictions.references, **predictions.by_model})
 
     def validation_chunks(self, ensemble, source, device, validation, route=None):
         loader = validation_loader(of_route(validation, route), self.collator(), self.cfg.training.eval_batch_size)
@@ -393,11 +392,6 @@ class SequenceClassification(Task):
         return score_classifier(model, batches, model.config.num_labels)
 
     # description ---------------------------------------------------------------------------
-    def write_outputs(self, run_dir) -> None:
-        predictions: Predictions = self.last_predictions
-        write_json(run_dir / "eval" / "predictions.json", {
-            "label_names": self.label_names, "references": predictions.references, **predictions.by_model})
-
     def format_table(self, report: Dict) -> str:
         return format_table(report)
 

@@ -32,7 +32,7 @@ from distill.errors import ConfigError
 from distill.evaluation.metrics import classification_metrics, load_metric
 from distill.evaluation.predictions import validation_loader
 from distill.evaluation.report import (compression_section, loss_line, onnx_line, precision_line, student_label,
-                                       teacher_note, text_table, trained_by, write_json)
+                                       teacher_note, text_table, trained_by)
 from distill.formulas.divergences import IGNORE_INDEX, build_divergence, distillation_loss, per_teacher_kl
 from distill.formulas.fits import in_memory
 from distill.models.loading import check_positions, load_model_config, load_pretrained
@@ -41,7 +41,7 @@ from distill.models.teachers import load_teachers, plan_teachers
 from distill.runtime.distributed import gather_objects
 from distill.signals.sources import Targets
 from distill.signals.words import WordAlignedTeachers
-from distill.tasks.base import StepFigures, Task, Traits, register_task, saved_student
+from distill.tasks.base import Evaluation, StepFigures, Task, Traits, register_task, saved_student
 
 
 
@@ -151,7 +151,6 @@ class TokenClassification(Task):
         self.divergence = build_divergence(cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta, skew=cfg.loss.skew)
         self.all_subtokens = cfg.token_classification.label_all_subtokens
         self.teacher_predictions = None
-        self.last_predictions = None
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
@@ -266,9 +265,10 @@ class TokenClassification(Task):
 
     def evaluate(self, model, ensemble, source, device, validation):
         predictions = self._predictions(model, ensemble, source, device, validation)
-        self.last_predictions = predictions
         references = predictions.pop("references")
-        return {name: tag_scores(rows, references, self.label_names) for name, rows in predictions.items()}, {}
+        return Evaluation({name: tag_scores(rows, references, self.label_names) for name, rows in predictions.items()},
+                          {}, {"label_names": self.label_names,
+                               **{name: [rows[i] for i in sorted(rows)] for name, rows in predictions.items()}})
 
     def validation_chunks(self, ensemble, source, device, validation, route=None):
         """Every teacher's logits [K, N, C] and the gold tags [N] over the tagged validation words."""
@@ -318,12 +318,6 @@ class TokenClassification(Task):
         return figures
 
     # description ---------------------------------------------------------------------------
-    def write_outputs(self, run_dir) -> None:
-        predictions = self.last_predictions
-        write_json(run_dir / "eval" / "predictions.json", {
-            "label_names": self.label_names,
-            **{name: [rows[i] for i in sorted(rows)] for name, rows in predictions.items()}})
-
     def format_table(self, report: Dict) -> str:
         def cells(figures):
             return [f"{figures.get(name, float('nan')):.4f}" for name in ("accuracy", "macro_f1", "entity_f1")]
