@@ -201,9 +201,9 @@ def run_fit_weights(cfg, out_dir: Path, fit_temperatures: bool = False, method: 
     names = [teacher_display_name(t, i) for i, t in enumerate(cfg.teachers.models)]
     if ensemble.routing is not None:
         return _fit_routes(cfg, task, ensemble, source, device, validation, names, out_dir, method)
-    chunks = task.validation_chunks(ensemble, source, device, validation)
+    rows = task.validation_chunks(ensemble, source, device, validation)
     training = torch.tensor([plan.temperature for plan in plans], dtype=torch.float64)
-    table = comparison_table(names, chunks, fit_temperatures, task.validation_bytes(), training)
+    table = comparison_table(names, rows.chunks, fit_temperatures, rows.text_bytes, training)
     out_dir.mkdir(parents=True, exist_ok=True)
     # weights.yaml takes the weights for the distributions the target mixes: at the teachers'
     # training temperatures, or with --temperatures the joint fit (which then sets the temperatures)
@@ -237,9 +237,9 @@ def _fit_routes(cfg, task, ensemble, source, device, validation, names: List[str
     tables, fragments, report = [], {}, {}
     for route in routing.fitted_routes():
         value, chosen = routing.routes.values[route], routing.routes.teachers_of(route)
-        chunks = routing.route_chunks(route, task.validation_chunks(ensemble, source, device, validation, route=route))
-        table = comparison_table([names[k] for k in chosen], chunks, False, task.validation_bytes(value),
-                                 ensemble.temperatures[chosen].double())
+        rows = task.validation_chunks(ensemble, source, device, validation, route=route)
+        table = comparison_table([names[k] for k in chosen], routing.route_chunks(route, rows.chunks), False,
+                                 rows.text_bytes, ensemble.temperatures[chosen].double())
         fit = table["fits"][method + TRAINING_T if method + TRAINING_T in table["fits"] else method]
         plot_fit_table(table["rows"], out_dir / f"fit_weights_{value}.png", task.traits.fit_columns)
         fragments[value] = {names[k]: round(float(w), 6) for k, w in zip(chosen, fit["weights"])}

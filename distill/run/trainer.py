@@ -279,14 +279,14 @@ class Trainer:
                 from distill.signals.routing import fit_routes
 
                 state = fit_routes(routing, lambda route: self.task.validation_chunks(
-                    self.ensemble, self.source, self.device, self.validation_set, route=route),
+                    self.ensemble, self.source, self.device, self.validation_set, route=route).chunks,
                     self.ensemble.temperatures, cfg.seed,
                     distributed.is_main())
                 if state is not None:
                     state.update(weights=self.ensemble.weights.tolist(),
                                  temperatures=self.ensemble.temperatures.tolist())
             else:
-                chunks = self.task.validation_chunks(self.ensemble, self.source, self.device, self.validation_set)
+                chunks = self.task.validation_chunks(self.ensemble, self.source, self.device, self.validation_set).chunks
                 if distributed.is_main():
                     state = self.ensemble.interpolation.fit(chunks, self.ensemble.weights.double(),
                                                             self.ensemble.temperatures.double(),

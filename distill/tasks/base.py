@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -40,6 +40,16 @@ class Evaluation:
     figures: Dict[str, Dict[str, float]]
     domains: Dict[str, Dict[str, Dict[str, float]]] = field(default_factory=dict)
     predictions: Optional[Dict] = None
+
+
+@dataclass
+class FitRows:
+    """What `Task.validation_chunks` returns for an interpolation fit: `chunks` (formulas/fits.Chunks:
+    the teachers' logits [K, n, C] and labels [n], a chunk at a time) and the UTF-8 bytes of the text
+    whose tokens they predict (bits per byte of a fit; None where the task predicts no text)."""
+
+    chunks: Callable
+    text_bytes: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -141,13 +151,8 @@ class Task:
         (what `encode` returned for it), per evaluation domain too, and the per-row predictions."""
         raise NotImplementedError
 
-    def validation_bytes(self, route: Optional[str] = None):
-        """UTF-8 bytes of the validation text whose tokens are predicted (bits per byte of a fit), or of
-        one route's (teachers.route_by value `route`); None where the task predicts no text."""
-        return None
-
-    def validation_chunks(self, ensemble, source, device, validation, route: Optional[int] = None):
-        """fitting.Chunks over the rows of `validation` (the encoded split) with a label (the teachers'
+    def validation_chunks(self, ensemble, source, device, validation, route: Optional[int] = None) -> FitRows:
+        """FitRows over the rows of `validation` (the encoded split) with a label (the teachers'
         logits, a chunk at a time); with `route`, over that route's rows only (signals/routing.of_route;
         every teacher's logits: the route picks)."""
         raise NotImplementedError

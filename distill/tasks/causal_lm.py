@@ -35,7 +35,7 @@ from distill.util.paths import resolve_path
 from distill.evaluation.report import causal_lm_card, format_lm_table
 from distill.signals.sources import (HiddenStateSignal, LiveLanguageModels, Targets, TopKSignal, body_and_head,
                                      cached_source)
-from distill.tasks.base import Evaluation, StepFigures, Task, Traits, register_task, saved_student
+from distill.tasks.base import Evaluation, FitRows, StepFigures, Task, Traits, register_task, saved_student
 
 
 # a source whose rows a fit cannot keep (every source of this task gives hidden states or top-k rows)
@@ -262,7 +262,6 @@ class CausalLM(Task):
         self.teacher_groups: List = []  # teachers.tokenization=per_model: one per other tokenizer
         self.student_vocab_size: Optional[int] = None
         self.student_bytes = None  # bytes per student token id (per_model: the target's bits per byte)
-        self.fit_bytes: Optional[int] = None  # bytes of the validation tokens the interpolation fit reads
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
@@ -667,11 +666,6 @@ class CausalLM(Task):
             results[name] = figures
         return Evaluation(results.pop("validation"), results)
 
-    def validation_bytes(self, route: Optional[str] = None):
-        if route is not None:
-            return self.bytes.get(f"route.{route}")
-        return self.bytes["validation"] if self.fit_bytes is None else self.fit_bytes
-
     def _byte_lengths(self) -> List[int]:
         """Bytes each student token id spells (0: special), with teachers of other tokenizers."""
         return [len(text) if text is not None else 0 for text in self.student_bytes or ()]
@@ -724,8 +718,12 @@ class CausalLM(Task):
             signals.append((indices, kept_signal(part.unwrap(), pieces[at:at + taken], labels.shape[0], device)))
             at += taken
         signal = MixedSignal(signals, len(ensemble)) if mixed else signals[0][1]
-        if any(plan.token_map is not None for plan in ensemble.plans):
-            self.fit_bytes = int(self._student_byte_lengths()[labels.cpu()].sum())
+        if route is not None:  # the route's validation text
+            text_bytes = self.bytes.get(f"route.{plan_routes(self.cfg).values[route]}")
+        else:
+            text_bytes = self.bytes["validation"]
+        if route is None and any(plan.token_map is not None for plan in ensemble.plans):
+            text_bytes = int(self._student_byte_lengths()[labels.cpu()].sum())  # of the tokens every teacher read
             if distributed.is_main():
                 print(f"the interpolation is fitted on the {labels.shape[0]:,} validation tokens every teacher has "
                       "read the text of (teachers with other tokenizers)", flush=True)
@@ -736,7 +734,7 @@ class CausalLM(Task):
                 end = min(start + size, labels.shape[0])
                 yield signal.logits(start, end), labels[start:end]
 
-        return chunks
+        return FitRows(chunks, text_bytes)
 
     # saved models (eval, export) -------------------------------------------------------------
     def load_saved_student(self, path, key: str):

@@ -26,7 +26,7 @@ from distill.signals.sources import ClassifierTeachers, Targets
 from distill.signals.stored import black_box_outputs, cached_outputs, check_stored_outputs_cover
 from distill.models.student import (build_student, calibration_batches, check_student_labels, prune_student,
                              source_parameter_count)
-from distill.tasks.base import Evaluation, StepFigures, Task, Traits, register_task, saved_student
+from distill.tasks.base import Evaluation, FitRows, StepFigures, Task, Traits, register_task, saved_student
 from distill.models.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers, plan_teachers
 
 UNMASKED_ROWS = "perturb/unmasked_rows"  # a perturbed batch: the share of rows some teacher reads unmasked
@@ -371,7 +371,7 @@ class SequenceClassification(Task):
     def validation_chunks(self, ensemble, source, device, validation, route=None):
         loader = validation_loader(of_route(validation, route), self.collator(), self.cfg.training.eval_batch_size)
         logits, labels = collect_teacher_logits(loader, source, device)
-        return in_memory(logits, labels)
+        return FitRows(in_memory(logits, labels))
 
     # saved models (eval, export) -------------------------------------------------------------
     def load_saved_student(self, path, key: str):

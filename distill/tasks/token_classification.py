@@ -41,7 +41,7 @@ from distill.models.teachers import load_teachers, plan_teachers
 from distill.runtime.distributed import gather_objects
 from distill.signals.sources import Targets
 from distill.signals.words import WordAlignedTeachers
-from distill.tasks.base import Evaluation, StepFigures, Task, Traits, register_task, saved_student
+from distill.tasks.base import Evaluation, FitRows, StepFigures, Task, Traits, register_task, saved_student
 
 
 
@@ -287,7 +287,8 @@ class TokenClassification(Task):
         for part in gather_objects(local):
             merged.update(part)
         order = sorted(merged)
-        return in_memory(torch.cat([merged[i][0] for i in order], dim=1), torch.cat([merged[i][1] for i in order]))
+        return FitRows(in_memory(torch.cat([merged[i][0] for i in order], dim=1),
+                                 torch.cat([merged[i][1] for i in order])))
 
     # saved models (eval, export) -------------------------------------------------------------
     def load_saved_student(self, path, key: str):
