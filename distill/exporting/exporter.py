@@ -211,15 +211,18 @@ def export_onnx(task, model, out_dir: Path, loader) -> Dict:
     example = next(iter(loader))
     names = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in example]
     model = model.float().eval()
-    causal = task.traits.row_unit == "token"  # logits per token [B, S, V], else per row [B, C]
+    per_token = task.traits.row_unit == "token"  # logits per token [B, S, V or C], else per row [B, C]
+    causal = task.traits.causal
     # a classifier is exported itself, its inputs by position (a generic *args wrapper passing them
-    # by name traced a graph 1e-2 off); a causal LM through _CausalLogits
-    graph = _CausalLogits(model) if causal else model
+    # by name traced a graph 1e-2 off); a causal LM through _CausalLogits, in eval mode: the export
+    # hands each module back in the mode it found it in, and a wrapper left in training mode put the
+    # model under it back in training mode too (dropout on: a BERT token classifier read 0.37 off)
+    graph = _CausalLogits(model).eval() if causal else model
     if causal:
         names = ["input_ids", "attention_mask"]
     path = out_dir / "model.onnx"
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
-    logit_axes = {0: "batch", 1: "sequence"} if causal else {0: "batch"}
+    logit_axes = {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
     torch.onnx.export(graph, tuple(example[name] for name in names), str(path), input_names=names,
                       output_names=["logits"], dynamic_axes={**axes, "logits": logit_axes}, dynamo=False)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -229,7 +232,7 @@ def export_onnx(task, model, out_dir: Path, loader) -> Dict:
             expected = graph(*[batch[name] for name in names])
             expected = expected if causal else expected.logits
             got = torch.from_numpy(session.run(["logits"], {name: batch[name].numpy() for name in names})[0])
-            mask = batch["attention_mask"].bool() if causal else torch.ones(len(got), dtype=torch.bool)
+            mask = batch["attention_mask"].bool() if per_token else torch.ones(len(got), dtype=torch.bool)
             largest = max(largest, float((expected - got).abs()[mask].max()))
             rows += int(mask.sum())
             agree += int((expected.argmax(-1) == got.argmax(-1))[mask].sum())

@@ -261,6 +261,29 @@ def test_a_run_distils_every_teacher_and_exports_a_stock_token_classifier(tagged
     assert f"{report['student']['entity_f1']:.4f}" in card
 
 
+def test_int8_and_onnx_export_of_a_token_classifier(tagged_run, tmp_path):
+    """`distill export --quantize int8 --onnx` for token classification: the ONNX graph gives the
+    PyTorch module's per-token logits, and the int8 folder is scored with the task's own figures,
+    the unquantized ones being the run's report's."""
+    from transformers import AutoModelForTokenClassification
+
+    run_dir, _, _ = tagged_run
+    out = tmp_path / "int8"
+    done = run_cli(["export", run_dir, out, "--quantize", "int8", "--onnx"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    parity = json.loads((out / "onnx_parity.json").read_text())
+    assert parity["max_abs_logit_difference"] < 1e-4 and parity["argmax_agreement"] == 1.0
+    assert parity["rows"] > len(TAGS) * 10  # tokens, not sentences
+    compression = json.loads((out / "compression.json").read_text())
+    before = compression["validation_before"]
+    report = json.loads((run_dir / "report.json").read_text())
+    for name in ("accuracy", "macro_f1", "entity_f1"):
+        assert before[name] == pytest.approx(report["student"][name], abs=1e-6)
+    assert before["nll"] > 0 and 0 <= compression["validation_after"]["entity_f1"] <= 1
+    model = AutoModelForTokenClassification.from_pretrained(out)
+    assert [model.config.id2label[i] for i in range(len(TAGS))] == TAGS
+
+
 def test_geometric_mixture_and_every_sub_token_labelled_also_train(tagged, tmp_path):
     run_dir = tmp_path / "geo"
     result = run_cli(["train", tagged_config(tagged, run_dir), "interpolation.method=geometric",
