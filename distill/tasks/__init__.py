@@ -11,13 +11,14 @@ owns what differs between tasks:
   signals/);
 - the loss: `loss` turns the student's outputs and the teachers' signal into loss terms;
 - evaluation: `evaluate` (accuracy/F1, or perplexity and bits per byte, per evaluation domain
-  too) and `validation_chunks` (what interpolation fits read), both over the encoded validation
-  split they are handed;
+  too: a base.Evaluation, with the predictions the trainer writes) and `validation_chunks` (what
+  interpolation fits read: a base.FitRows), both over the encoded validation split they are handed;
 - description: `traits` (what the task is, tasks/base.Traits), `format_table`, `model_card`.
 
 Routing (signals/routing.route_teachers, applied by `setup.Setup`), loss.intermediate's layer
 terms (models/layer_hooks.LayerTerms, handed to `loss`), report.json (evaluation/report.build_report,
-from the task's traits) and the teachers' precision drift (run/precision.py) compose around every task.
+from the task's traits), the teachers' precision drift (run/precision.py) and the teacher cache
+(caches.write_task_cache, the format `traits.cache` names) compose around every task.
 
 A task declares the shared settings it reads and not every task does (`owns`): a set key that
 another task owns and the chosen one does not is refused here, structurally; `check_config` holds
