@@ -24,6 +24,30 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)  # stable: order kept within each
 
 
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left_behind(request):
+    """A test that starts the process group in this worker (a Setup's `start`, `train`) must close it
+    (tests.helpers.in_this_process): every later subprocess of the worker would inherit its RANK and
+    MASTER_PORT, held by the group's store, and fail to bind it (EADDRINUSE) in whichever test came
+    next. Such a test fails here, by name, and the group is closed for the next one."""
+    before = {key: os.environ.get(key) for key in _RANK_VARIABLES}
+    yield
+    if {key: os.environ.get(key) for key in _RANK_VARIABLES} == before:
+        return
+    from distill.runtime.distributed import close_process_group
+
+    close_process_group()
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    pytest.fail(f"{request.node.nodeid} left the process group's variables in this worker's environment: "
+                "wrap the calls that start it in tests.helpers.in_this_process()")
+
 LABELS = ["negative", "neutral", "positive"]
 _WORDS = {"negative": ["awful", "terrible", "hate", "broken"], "neutral": ["table", "monday", "paper", "grey"],
           "positive": ["great", "lovely", "love", "superb"]}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import LABELS, tiny_config_yaml
-from tests.helpers import run_cli, run_cli_in_process
+from tests.helpers import in_this_process, run_cli, run_cli_in_process
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,8 @@ def test_a_black_box_teacher_is_a_table_its_source_reads_not_a_model(tiny, with_
     setup = Setup(cfg).plan()
     setup.check()
     validation = setup.encode("validation")
-    ensemble, source = setup.load_teachers()
+    with in_this_process():  # the teachers load on this rank's device, in a process group closed after
+        ensemble, source = setup.load_teachers()
     assert isinstance(source, ClassifierTeachers)
     assert ensemble.models[0] is None and ensemble.parameter_counts[0] == 0 and ensemble.parameter_counts[1] > 0
     batch = next(iter(DataLoader(validation, batch_size=4, collate_fn=setup.task.collator())))
