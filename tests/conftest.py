@@ -28,25 +28,34 @@ _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADD
 
 
 @pytest.fixture(autouse=True)
-def no_process_group_left_behind(request):
-    """A test that starts the process group in this worker (a Setup's `start`, `train`) must close it
-    (tests.helpers.in_this_process): every later subprocess of the worker would inherit its RANK and
-    MASTER_PORT, held by the group's store, and fail to bind it (EADDRINUSE) in whichever test came
-    next. Such a test fails here, by name, and the group is closed for the next one."""
+def nothing_process_wide_left_behind(request):
+    """What a test changes for the whole worker process breaks whichever test comes next on that
+    worker, so it fails here, by name, and is put back for the next one:
+    - the process group's variables: a test that starts the group in this worker (a Setup's `start`,
+      `train`) must close it (tests.helpers.in_this_process), or every later subprocess of the worker
+      inherits its RANK and MASTER_PORT, held by the group's store, and fails to bind it (EADDRINUSE);
+    - torch.nn.functional.linear, which a ZeRO-3 engine replaces process-wide (the trainer puts it
+      back: runtime/distributed.restore_torch_linear), or a later int8 model fails in its forward."""
     before = {key: os.environ.get(key) for key in _RANK_VARIABLES}
+    linear = torch.nn.functional.linear
     yield
-    if {key: os.environ.get(key) for key in _RANK_VARIABLES} == before:
-        return
-    from distill.runtime.distributed import close_process_group
+    left = []
+    if {key: os.environ.get(key) for key in _RANK_VARIABLES} != before:
+        from distill.runtime.distributed import close_process_group
 
-    close_process_group()
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    pytest.fail(f"{request.node.nodeid} left the process group's variables in this worker's environment: "
-                "wrap the calls that start it in tests.helpers.in_this_process()")
+        close_process_group()
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        left.append("the process group's variables in the environment (wrap the calls that start it in "
+                    "tests.helpers.in_this_process())")
+    if torch.nn.functional.linear is not linear:
+        torch.nn.functional.linear = linear
+        left.append("torch.nn.functional.linear replaced (runtime/distributed.restore_torch_linear)")
+    if left:
+        pytest.fail(f"{request.node.nodeid} left behind in this worker: " + "; ".join(left))
 
 LABELS = ["negative", "neutral", "positive"]
 _WORDS = {"negative": ["awful", "terrible", "hate", "broken"], "neutral": ["table", "monday", "paper", "grey"],

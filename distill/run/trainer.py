@@ -645,6 +645,7 @@ class Trainer:
             return self._run()
         finally:
             self.lock.release()
+            distributed.restore_torch_linear()  # a ZeRO-3 engine replaced it for the whole process
 
     def _run(self) -> Dict:
         self.prepare()

@@ -44,6 +44,20 @@ def _at_exit(port: str, rank: str) -> None:
     _remove_shared_memory(port, rank)
 
 
+def restore_torch_linear() -> None:
+    """Put torch's own `torch.nn.functional.linear` back. A ZeRO-3 engine replaces it for the whole
+    process with DeepSpeed's memory-efficient version and leaves it so ("This will persist unless
+    manually reset", deepspeed/runtime/zero/partition_parameters.py): after a ZeRO-3 run, every later
+    model of the process went through it, and an int8 (torchao) model then failed in its first
+    forward (Int8Tensor has no aten.t). The trainer calls this when its run ends."""
+    import sys
+
+    patched = sys.modules.get("deepspeed.runtime.zero.partition_parameters")  # never imported: never patched
+    original = getattr(getattr(patched, "InsertPostInitMethodToModuleSubClasses", None), "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
+
+
 def close_process_group() -> None:
     """Destroy the process group through DeepSpeed, which also drops the groups it cached (a world
     group cloned at the first engine): a later init_distributed and engine in this process then
