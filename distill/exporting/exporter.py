@@ -160,11 +160,11 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
         tokenizer.save_pretrained(folder)
         parity = None
         # the validation split with the exported tokenizer, read and encoded once for both checks
-        batches = task.saved_model_batches(tokenizer) if onnx or quantize else None
+        scoring = task.saved_model_scoring(tokenizer) if onnx or quantize else None
         if onnx:  # from the unquantized module, before quantize_folder replaces the weights
-            parity = export_onnx(task, model, folder, batches)
+            parity = export_onnx(task, model, folder, scoring.batches)
             (folder / "onnx_parity.json").write_text(json.dumps(parity, indent=2), encoding="utf-8")
-        compression = quantize_folder(task, folder, quantize, batches, trust) if quantize else None
+        compression = quantize_folder(task, folder, quantize, scoring, trust) if quantize else None
         report_path = run_dir / "report.json"
         if report_path.is_file():
             report = json.loads(report_path.read_text(encoding="utf-8"))
@@ -243,9 +243,10 @@ def weight_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
-def quantize_folder(task, folder: Path, method: str, batches, trust_remote_code: bool = False) -> Dict:
+def quantize_folder(task, folder: Path, method: str, scoring, trust_remote_code: bool = False) -> Dict:
     """Replace the fp32 weights in `folder` by their int8 form; measure both with the task's
-    validation figures. Returns what the model card reports: sizes, parameter counts, figures."""
+    validation figures (`scoring`: its tasks/base.SavedModelScoring for the exported tokenizer).
+    Returns what the model card reports: sizes, parameter counts, figures."""
     from transformers import TorchAoConfig
     # Weight-only: on a CPU without int8 matmul kernels torchao's dynamic activation quantization
     # measured 25x slower than fp32 for the demo student, weight-only 1.4x (docs/benchmarks.md).
@@ -262,7 +263,7 @@ def quantize_folder(task, folder: Path, method: str, batches, trust_remote_code:
     scores = []
     for model in (full, quantized):
         started = time.perf_counter()
-        scores.append(task.score_saved_model(model, batches))
+        scores.append(scoring.score(model))
         scores[-1]["seconds"] = round(time.perf_counter() - started, 2)
     before, after = scores
     for path in folder.glob("*.safetensors"):

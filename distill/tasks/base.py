@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -50,6 +50,16 @@ class FitRows:
 
     chunks: Callable
     text_bytes: Optional[int] = None
+
+
+@dataclass
+class SavedModelScoring:
+    """What `Task.saved_model_scoring` returns for export's checks: the validation split encoded with
+    a saved model's tokenizer (`batches`, read once for every model scored on it: ONNX parity, the
+    model before and after int8) and `score(model)`, the task's validation figures of a model over them."""
+
+    batches: Iterable
+    score: Callable[[object], Dict[str, float]]
 
 
 @dataclass(frozen=True)
@@ -169,12 +179,8 @@ class Task:
     def load_saved_student(self, path, key: str):
         raise NotImplementedError
 
-    def saved_model_batches(self, tokenizer):
-        """The validation split encoded with a saved model's tokenizer."""
-        raise NotImplementedError
-
-    def score_saved_model(self, model, batches) -> Dict[str, float]:
-        """The task's validation figures of a saved model over saved_model_batches' batches."""
+    def saved_model_scoring(self, tokenizer) -> SavedModelScoring:
+        """The validation split encoded with a saved model's `tokenizer`, and how a model is scored on it."""
         raise NotImplementedError
 
     # description ---------------------------------------------------------------------------

@@ -35,7 +35,8 @@ from distill.util.paths import resolve_path
 from distill.evaluation.report import causal_lm_card, format_lm_table
 from distill.signals.sources import (HiddenStateSignal, LiveLanguageModels, Targets, TopKSignal, body_and_head,
                                      cached_source)
-from distill.tasks.base import Evaluation, FitRows, StepFigures, Task, Traits, register_task, saved_student
+from distill.tasks.base import (Evaluation, FitRows, SavedModelScoring, StepFigures, Task, Traits, register_task,
+                                 saved_student)
 
 
 # a source whose rows a fit cannot keep (every source of this task gives hidden states or top-k rows)
@@ -742,14 +743,17 @@ class CausalLM(Task):
 
         return load_causal_lm(str(path), key, self.cfg.trust_remote_code)
 
-    def saved_model_batches(self, tokenizer):
+    def saved_model_scoring(self, tokenizer) -> SavedModelScoring:
         self.tokenizer = tokenizer
         validation = self.encode(self.read_splits().validation, "validation")
-        return validation_loader(validation, self.collator(), self.cfg.training.eval_batch_size)
+        loader = validation_loader(validation, self.collator(), self.cfg.training.eval_batch_size)
+        text_bytes = self.bytes["validation"]
 
-    def score_saved_model(self, model, batches) -> Dict[str, float]:
-        figures = perplexities(batches, model, None, None, torch.device("cpu"), self.bytes["validation"])["student"]
-        return {name: figures[name] for name in ("perplexity", "nll", "bits_per_byte")}
+        def score(model) -> Dict[str, float]:
+            figures = perplexities(loader, model, None, None, torch.device("cpu"), text_bytes)["student"]
+            return {name: figures[name] for name in ("perplexity", "nll", "bits_per_byte")}
+
+        return SavedModelScoring(loader, score)
 
     # description ---------------------------------------------------------------------------
     def format_table(self, report: Dict) -> str:

@@ -26,7 +26,8 @@ from distill.signals.sources import ClassifierTeachers, Targets
 from distill.signals.stored import black_box_outputs, cached_outputs, check_stored_outputs_cover
 from distill.models.student import (build_student, calibration_batches, check_student_labels, prune_student,
                              source_parameter_count)
-from distill.tasks.base import Evaluation, FitRows, StepFigures, Task, Traits, register_task, saved_student
+from distill.tasks.base import (Evaluation, FitRows, SavedModelScoring, StepFigures, Task, Traits, register_task,
+                                 saved_student)
 from distill.models.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers, plan_teachers
 
 UNMASKED_ROWS = "perturb/unmasked_rows"  # a perturbed batch: the share of rows some teacher reads unmasked
@@ -379,17 +380,11 @@ class SequenceClassification(Task):
         check_student_labels(model.config, self.label_names, key)
         return model
 
-    def saved_model_batches(self, tokenizer):
-        """The validation split encoded with a saved model's tokenizer (what score_saved_model reads)."""
-        from distill.evaluation.predictions import validation_batches
+    def saved_model_scoring(self, tokenizer) -> SavedModelScoring:
+        from distill.evaluation.predictions import score_classifier, validation_batches
 
         loader, _ = validation_batches(self.cfg, tokenizer)
-        return loader
-
-    def score_saved_model(self, model, batches) -> Dict[str, float]:
-        from distill.evaluation.predictions import score_classifier
-
-        return score_classifier(model, batches, model.config.num_labels)
+        return SavedModelScoring(loader, lambda model: score_classifier(model, loader, model.config.num_labels))
 
     # description ---------------------------------------------------------------------------
     def format_table(self, report: Dict) -> str:

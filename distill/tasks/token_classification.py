@@ -41,7 +41,8 @@ from distill.models.teachers import load_teachers, plan_teachers
 from distill.runtime.distributed import gather_objects
 from distill.signals.sources import Targets
 from distill.signals.words import WordAlignedTeachers
-from distill.tasks.base import Evaluation, FitRows, StepFigures, Task, Traits, register_task, saved_student
+from distill.tasks.base import (Evaluation, FitRows, SavedModelScoring, StepFigures, Task, Traits, register_task,
+                                 saved_student)
 
 
 
@@ -95,6 +96,25 @@ def tag_scores(predicted: Dict[int, List[int]], references: Dict[int, List[int]]
     entities = load_metric("seqeval").compute(predictions=entity_predictions, references=entity_references)
     figures.update(entity_precision=entities["precision"], entity_recall=entities["recall"],
                    entity_f1=entities["f1"], words=len(flat_references))
+    return figures
+
+
+def score_tagger(model, batches) -> Dict[str, float]:
+    """A saved token classifier's tag and entity figures and mean NLL over tagged words of `batches`
+    (its tags named by its id2label)."""
+    predicted, references, nll, count = {}, {}, 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(**model_inputs(batch)).logits.float()
+            predicted.update(word_tags(batch, logits.argmax(-1)))
+            references.update(word_tags(batch, batch[LABELS]))
+            scored = batch[FIRST].bool() & (batch[LABELS] != IGNORE_INDEX)
+            log_probs = torch.log_softmax(logits[scored], dim=-1)
+            nll += float(-log_probs.gather(-1, batch[LABELS][scored].unsqueeze(-1)).sum())
+            count += int(scored.sum())
+    figures = tag_scores(predicted, references, [model.config.id2label[i] for i in sorted(model.config.id2label)])
+    figures.pop("words")
+    figures["nll"] = nll / max(1, count)
     return figures
 
 
@@ -296,27 +316,12 @@ class TokenClassification(Task):
         check_student_labels(model.config, self.label_names, key)
         return model
 
-    def saved_model_batches(self, tokenizer):
+    def saved_model_scoring(self, tokenizer) -> SavedModelScoring:
         splits = read_tagged_splits(self.cfg.data)
         groups = [TokenizerGroup("", tokenizer)]
         encoded = encode_words(splits.validation, groups, self.cfg.data.max_length, self.all_subtokens)
-        return validation_loader(encoded, WordCollator(groups), self.cfg.training.eval_batch_size)
-
-    def score_saved_model(self, model, batches) -> Dict[str, float]:
-        predicted, references, nll, count = {}, {}, 0.0, 0
-        with torch.no_grad():
-            for batch in batches:
-                logits = model(**model_inputs(batch)).logits.float()
-                predicted.update(word_tags(batch, logits.argmax(-1)))
-                references.update(word_tags(batch, batch[LABELS]))
-                scored = batch[FIRST].bool() & (batch[LABELS] != IGNORE_INDEX)
-                log_probs = torch.log_softmax(logits[scored], dim=-1)
-                nll += float(-log_probs.gather(-1, batch[LABELS][scored].unsqueeze(-1)).sum())
-                count += int(scored.sum())
-        figures = tag_scores(predicted, references, [model.config.id2label[i] for i in sorted(model.config.id2label)])
-        figures.pop("words")
-        figures["nll"] = nll / max(1, count)
-        return figures
+        loader = validation_loader(encoded, WordCollator(groups), self.cfg.training.eval_batch_size)
+        return SavedModelScoring(loader, lambda model: score_tagger(model, loader))
 
     # description ---------------------------------------------------------------------------
     def format_table(self, report: Dict) -> str:
