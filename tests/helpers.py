@@ -62,6 +62,16 @@ def run_cli_in_process(args):
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
+def export_int8_and_onnx(run_dir: Path, out: Path):
+    """`distill export RUN OUT --quantize int8 --onnx`, checked to exit 0 with an ONNX graph whose
+    logits are PyTorch's (onnxruntime, fp32); returns (onnx_parity.json, compression.json)."""
+    done = run_cli(["export", run_dir, out, "--quantize", "int8", "--onnx"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    parity = json.loads((out / "onnx_parity.json").read_text())
+    assert parity["max_abs_logit_difference"] < 1e-4 and parity["argmax_agreement"] == 1.0
+    return parity, json.loads((out / "compression.json").read_text())
+
+
 def assert_refused_before_writing(config: Path, run_dir: Path, overrides, message: str) -> None:
     """`distill train CONFIG OVERRIDES` exits 2 with `message` in its one-line error and writes nothing."""
     result = run_cli_in_process(["train", config, *overrides])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config_yaml
-from tests.helpers import exported_logits, assert_export_matches_run, run_cli, train_losses, run_cli_in_process
+from tests.helpers import exported_logits, assert_export_matches_run, export_int8_and_onnx, run_cli, train_losses, run_cli_in_process
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +77,8 @@ def test_int8_export_loads_in_plain_transformers_and_reports_its_cost(finished_r
     rows is no tolerance for a 20-step toy student whose logits nearly tie: one CPU gave 60%.)"""
     run_dir, config, _ = finished_run
     out = tmp_path / "int8"
-    done = run_cli(["export", run_dir, out, "--quantize", "int8", "--onnx"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    parity = json.loads((out / "onnx_parity.json").read_text())  # onnxruntime vs PyTorch, fp32
-    assert parity["max_abs_logit_difference"] < 1e-4 and parity["argmax_agreement"] == 1.0
+    parity, compression = export_int8_and_onnx(run_dir, out)  # onnxruntime vs PyTorch, fp32
     assert parity["rows"] == len(json.loads((run_dir / "eval" / "predictions.json").read_text())["references"])
-    compression = json.loads((out / "compression.json").read_text())
     # each int8 weight saves 3 of its 4 bytes, less per-row scales and torchao's metadata
     assert compression["bytes_before"] - compression["bytes_after"] >= 1.5 * compression["params_int8"]
     assert 0 < compression["params_int8"] < compression["params"]

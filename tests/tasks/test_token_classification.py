@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import make_bert_classifier, train_tokenizer, write_config
-from tests.helpers import assert_refused_before_writing, run_cli, run_cli_in_process, train_losses
+from tests.helpers import assert_refused_before_writing, export_int8_and_onnx, run_cli, run_cli_in_process, train_losses
 
 TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 _PEOPLE = [["alice"], ["bob", "smith"], ["carol", "ann", "jones"], ["dave"]]
@@ -269,12 +269,8 @@ def test_int8_and_onnx_export_of_a_token_classifier(tagged_run, tmp_path):
 
     run_dir, _, _ = tagged_run
     out = tmp_path / "int8"
-    done = run_cli(["export", run_dir, out, "--quantize", "int8", "--onnx"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    parity = json.loads((out / "onnx_parity.json").read_text())
-    assert parity["max_abs_logit_difference"] < 1e-4 and parity["argmax_agreement"] == 1.0
+    parity, compression = export_int8_and_onnx(run_dir, out)
     assert parity["rows"] > len(TAGS) * 10  # tokens, not sentences
-    compression = json.loads((out / "compression.json").read_text())
     before = compression["validation_before"]
     report = json.loads((run_dir / "report.json").read_text())
     for name in ("accuracy", "macro_f1", "entity_f1"):
