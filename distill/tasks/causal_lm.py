@@ -719,15 +719,16 @@ class CausalLM(Task):
             signals.append((indices, kept_signal(part.unwrap(), pieces[at:at + taken], labels.shape[0], device)))
             at += taken
         signal = MixedSignal(signals, len(ensemble)) if mixed else signals[0][1]
-        if route is not None:  # the route's validation text
+        aligned = any(plan.token_map is not None for plan in ensemble.plans)
+        if aligned and distributed.is_main():
+            print(f"the interpolation is fitted on the {labels.shape[0]:,} validation tokens every teacher has "
+                  "read the text of (teachers with other tokenizers)", flush=True)
+        if route is not None:  # the bytes of the route's validation text
             text_bytes = self.bytes.get(f"route.{plan_routes(self.cfg).values[route]}")
+        elif aligned:  # of the tokens every teacher read
+            text_bytes = int(self._student_byte_lengths()[labels.cpu()].sum())
         else:
             text_bytes = self.bytes["validation"]
-        if route is None and any(plan.token_map is not None for plan in ensemble.plans):
-            text_bytes = int(self._student_byte_lengths()[labels.cpu()].sum())  # of the tokens every teacher read
-            if distributed.is_main():
-                print(f"the interpolation is fitted on the {labels.shape[0]:,} validation tokens every teacher has "
-                      "read the text of (teachers with other tokenizers)", flush=True)
         size = self.cfg.loss.chunk_tokens
 
         def chunks():
