@@ -69,11 +69,15 @@ def test_a_black_box_teacher_scores_and_fits_exactly_as_the_live_model_it_came_f
     run_dir = tmp_path / "trained"
     trained = run_cli(["train", tiny_config_yaml(tiny, run_dir), *data,
                        f"teachers.models=[{{name: a, logits: {with_ids['logits']}}}, {{name: b, path: {tiny['teacher_b']}}}]",
-                       "training.max_steps=4"])
+                       "training.max_steps=4", "teachers.dtype=bfloat16"])
     assert trained.returncode == 0, trained.stderr[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
     assert report["teachers"][0]["params"] == 0 and report["teachers"][0]["accuracy"] == pytest.approx(
         live["teacher a"]["accuracy"], abs=1e-9)
+    # the precision drift is measured for the teacher whose model runs in bf16 here; the file has no
+    # fp32 model to compare with (None, not its outputs compared with themselves)
+    drift = {teacher["name"]: teacher["kl_to_fp32"] for teacher in report["teachers"]}
+    assert drift["a"] is None and isinstance(drift["b"], float) and 0 <= drift["b"] < 0.1, drift
 
 
 def test_a_file_that_does_not_cover_the_data_or_names_other_labels_is_refused_at_start(tiny, with_ids, tmp_path):
