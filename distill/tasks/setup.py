@@ -7,7 +7,8 @@ In failing order, so that bad input is refused before a weight loads or a file i
     splits encoded (`encode`) -> process group and device (`start`) -> teachers loaded in the
     configured dtype (`load_teachers`).
 
-`distill train` (run/trainer.py) writes its run directory between `check` and `encode`; `eval`
+`distill train` (run/trainer.py) writes its run directory between `check` and `encode`, and there
+extends the training split with rows made in it (`extend_training_data`: data.augment); `eval`
 (run/evaluate.py) plans against the saved model's tokenizer; `fit-weights` (run/fit_weights.py) and
 `cache` (caches/) go straight through; `export` (exporting/exporter.py) takes only the task of the
 run's saved config (`Setup.of_run`: no data read, no teacher loaded, the config was checked when the
