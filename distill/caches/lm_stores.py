@@ -1,7 +1,8 @@
 """Cached causal-LM teachers: the teachers run once, training reads their top-k or hidden states.
 
-The format (this file, registered as `tokens`) knows nothing of tasks: `write_cache` drives a task's own data and teachers,
-and `LogitCache` serves rows by example id (signals.CachedTopK turns them into a teacher signal).
+The format (this file, registered as `tokens`) knows nothing of tasks: `write_cache` drives a task's
+own data and teachers, and `LogitCache` serves rows by example id (signals.CachedTopK turns them into
+a teacher signal).
 
 Per token and per teacher the `topk` store keeps the k largest log-probabilities (at temperature 1)
 and their token ids. The probability mass outside the top k (the tail bucket) is spread evenly over

@@ -213,8 +213,9 @@ class Trainer:
 
     def _measure_teacher_precision(self, dtype) -> Dict:
         """{dtype, kl_to_fp32 per teacher}: with teachers below fp32, KL(fp32 teacher || teacher as
-        run) on one validation batch, measured once at start (the task loads each teacher again in
-        fp32 for it) and logged; None per teacher where it cannot be measured (cache, ZeRO-3)."""
+        run) on one validation batch, measured once at start (run/precision.py loads each teacher again
+        in fp32 for it) and logged; None per teacher where it cannot be measured (no model here: a
+        black-box file, a cache; ZeRO-3)."""
         if self.ensemble.served:  # a served teacher's precision is its server's (the report says so per teacher)
             here = "served" if self.ensemble.dtype is None else str(self.ensemble.dtype).replace("torch.", "")
             return {"dtype": here, "kl_to_fp32": {plan.name: None for plan in self.teacher_plans}}

@@ -233,20 +233,19 @@ class SequenceClassification(Task):
 
     def build_student(self, splits, plans, saved=None):
         cfg = self.cfg
-        if saved is not None:
+        if saved is not None:  # the initial student as the run saved it: not built, pruned or pooled again
             student, tokenizer = saved_student(self, saved)
-            self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
-            return student, tokenizer
-        student, tokenizer = build_student(cfg, self.label_names, texts_of(splits.train, cfg.data.text_fields))
+        else:
+            student, tokenizer = build_student(cfg, self.label_names, texts_of(splits.train, cfg.data.text_fields))
+            if cfg.student.prune.target_params is not None:
+                group = [TokenizerGroup(prefix="", tokenizer=tokenizer)]
+                rows = tokenize(splits.train, group, cfg.data.text_fields, cfg.data.max_length)
+                batches = calibration_batches(rows, Collator(group), cfg.student.prune.calibration_samples, cfg.seed)
+                student = prune_student(student, cfg, batches, source_parameter_count(cfg, self.traits.auto_model),
+                                        classification_loss)
+            if cfg.student.pooling is not None:
+                student = to_pooled_student(student, cfg.student.pooling, cfg.student.normalize)
         self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
-        if cfg.student.prune.target_params is not None:
-            group = [TokenizerGroup(prefix="", tokenizer=tokenizer)]
-            rows = tokenize(splits.train, group, cfg.data.text_fields, cfg.data.max_length)
-            batches = calibration_batches(rows, Collator(group), cfg.student.prune.calibration_samples, cfg.seed)
-            student = prune_student(student, cfg, batches, source_parameter_count(cfg, self.traits.auto_model),
-                                    classification_loss)
-        if cfg.student.pooling is not None:
-            student = to_pooled_student(student, cfg.student.pooling, cfg.student.normalize)
         return student, tokenizer
 
     def load_teachers(self, plans, device, dtype, eager=False):

@@ -26,8 +26,7 @@ def cross(tiny_lm, tmp_path_factory):
 def task_targets(config_path, overrides=(), rows=6):
     """(target log-probabilities, KD mask, task, signal) of the first validation rows, built through
     the task as training builds them."""
-    from distill.config.schema import load_config
-    from distill.config.schema import student_source
+    from distill.config.schema import load_config, student_source
     from distill.models.loading import load_tokenizer
     from distill.signals.sources import Targets
     from distill.tasks import build_task
