@@ -6,6 +6,7 @@ and raises `ConfigError` naming the offending key. Nothing here loads a model or
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -459,6 +460,15 @@ LR_SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+@functools.lru_cache(maxsize=None)
+def schema_defaults(kind: type = None) -> DictConfig:
+    """The schema's defaults of the dataclass `kind` (the whole config by default), read-only and made once:
+    building a structured config costs tens of milliseconds, and the checks compare against it per key."""
+    defaults = OmegaConf.structured(DistillConfig if kind is None else kind)
+    OmegaConf.set_readonly(defaults, True)
+    return defaults
+
+
 def load_config(path: Optional[str | os.PathLike], overrides: Optional[List[str]] = None,
                 fragments: Sequence[str | os.PathLike] = ()) -> DistillConfig:
     """Merge a YAML file, then YAML fragments (e.g. `distill fit-weights` output), then dotted
@@ -800,7 +810,7 @@ def _validate_sweep(cfg) -> None:
     sweep = cfg.sweep
     _require(sweep.trials >= 1, f"sweep.trials must be >= 1, got {sweep.trials}")
     _require(sweep.seeds >= 1, f"sweep.seeds must be >= 1, got {sweep.seeds}")
-    default = OmegaConf.structured(DistillConfig)
+    default = schema_defaults()
     for key in list(sweep.space) + list(sweep.toggles):
         _require(key != "sweep" and not key.startswith(("sweep.", "output_dir", "seed")) and
                  OmegaConf.select(default, key, default="<missing>") != "<missing>",

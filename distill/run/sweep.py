@@ -59,9 +59,9 @@ def as_overrides(cfg, chosen: Dict[str, object]) -> List[str]:
     """Dotted overrides of the trial's settings; a toggle turned off is its schema default."""
     from omegaconf import OmegaConf
 
-    from distill.config.schema import DistillConfig
+    from distill.config.schema import schema_defaults
 
-    default = OmegaConf.structured(DistillConfig)
+    default = schema_defaults()
     overrides = []
     for key, value in chosen.items():
         if value == "on":
@@ -109,9 +109,9 @@ class Sweep:
         self.toggles = list(sweep.toggles)
         from omegaconf import OmegaConf
 
-        from distill.config.schema import DistillConfig
+        from distill.config.schema import schema_defaults
 
-        default = OmegaConf.structured(DistillConfig)
+        default = schema_defaults()
         for key in self.toggles:
             if OmegaConf.select(self.cfg, key) == OmegaConf.select(default, key):
                 raise ConfigError(f"sweep.toggles: {key} is not set in the config, so there is nothing to turn off")

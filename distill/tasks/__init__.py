@@ -32,7 +32,7 @@ import importlib
 import pkgutil
 from typing import Dict, List, Optional, Sequence
 
-from distill.config.schema import load_config
+from distill.config.schema import load_config, schema_defaults
 
 from distill.errors import ConfigError
 from distill.tasks.base import TASKS, Task
@@ -61,14 +61,11 @@ def set_keys(cfg, pattern: str) -> List[str]:
         head, tail = pattern.split("[*].", 1)
         found = []
         for index, item in enumerate(OmegaConf.select(cfg, head) or []):
-            default = OmegaConf.structured(OmegaConf.get_type(item))
+            default = schema_defaults(OmegaConf.get_type(item))
             if _differs(OmegaConf.select(item, tail), OmegaConf.select(default, tail)):
                 found.append(f"{head}[{index}].{tail}")
         return found
-    from distill.config.schema import DistillConfig
-
-    default = OmegaConf.structured(DistillConfig)
-    return [pattern] if _differs(OmegaConf.select(cfg, pattern), OmegaConf.select(default, pattern)) else []
+    return [pattern] if _differs(OmegaConf.select(cfg, pattern), OmegaConf.select(schema_defaults(), pattern)) else []
 
 
 def _differs(value, default) -> bool:
@@ -100,7 +97,7 @@ def refuse_settings_of_other_tasks(cfg) -> None:
         if name == cfg.task or name not in cfg:
             continue
         section = cfg[name]
-        default = OmegaConf.structured(OmegaConf.get_type(section))
+        default = schema_defaults(OmegaConf.get_type(section))
         if OmegaConf.to_container(section) != OmegaConf.to_container(default):
             raise ConfigError(f"{name}: this section belongs to task {name}, the config's task is {cfg.task}: "
                               f"remove it, or set task: {name}")

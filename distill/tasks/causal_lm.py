@@ -221,13 +221,13 @@ class CausalLM(Task):
     @staticmethod
     def _check_served(cfg) -> None:
         """Served teachers (signals/served.py) read the student's tokens and hold no weights here."""
-        from distill.config.schema import ServedConfig
+        from distill.config.schema import ServedConfig, schema_defaults
         from omegaconf import OmegaConf
 
         teachers = cfg.teachers
         served = served_teachers(cfg)
         if not served:
-            if OmegaConf.to_container(teachers.served) != OmegaConf.to_container(OmegaConf.structured(ServedConfig)):
+            if OmegaConf.to_container(teachers.served) != OmegaConf.to_container(schema_defaults(ServedConfig)):
                 raise ConfigError("teachers.served is read only with a served teacher (teachers.models[i].server): "
                                   "remove it")
             return
