@@ -134,6 +134,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
                  "export")
     tag = tag or best_tag(checkpoints) or latest_tag(checkpoints)
 
+    from distill.tasks.base import trained_length
     from distill.tasks.setup import Setup
 
     run_config = read_run_config(run_dir / "config.yaml")
@@ -156,7 +157,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
                 shutil.copy2(code, folder / code.name)
         tokenizer = AutoTokenizer.from_pretrained(init_dir, trust_remote_code=trust)
         # a user scoring with the defaults then feeds the model the length it was trained on
-        tokenizer.model_max_length = task.trained_length()
+        tokenizer.model_max_length = trained_length(task)
         tokenizer.save_pretrained(folder)
         parity = None
         # the validation split with the exported tokenizer, read and encoded once for both checks
@@ -174,7 +175,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "fp32", overwrite: boo
                 card = card.replace("## How to load", f"Exported checkpoint: step {chosen['step']} of {chosen['last_step']}, "
                                     f"chosen by its validation {chosen['metric']} ({chosen['value']:.4f}; the last step "
                                     f"had {chosen['last_step_value']:.4f}; training.select_best).\n\n## How to load", 1)
-            card = card.replace("## How to load", how_it_was_built(config, task.trained_length()) + "## How to load", 1)
+            card = card.replace("## How to load", how_it_was_built(config, trained_length(task)) + "## How to load", 1)
             if getattr(config, "auto_map", None):  # the folder carries its model code: loading runs it
                 card = card.replace('from_pretrained("PATH")', 'from_pretrained("PATH", trust_remote_code=True)')
             (folder / "README.md").write_text(card, encoding="utf-8")

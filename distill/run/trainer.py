@@ -266,7 +266,7 @@ class Trainer:
             if rows is not None and rows < batch * distributed.world_size():  # None: streamed, not known yet
                 raise ConfigError(f"training.micro_batch_size={batch} x {distributed.world_size()} ranks exceeds the "
                                   f"{rows} training rows: lower training.micro_batch_size or add data")
-        self.setup.check()
+        self.setup.check(augment=True)  # and data.augment's models, for extend_training_data
 
     def _prepare_interpolation(self) -> None:
         """Fit the interpolation on validation (rank 0 fits, every rank receives the state), or

@@ -16,9 +16,10 @@ owns what differs between tasks:
 - description: `traits` (what the task is, tasks/base.Traits), `format_table`, `model_card`.
 
 Routing (signals/routing.route_teachers, applied by `setup.Setup`), loss.intermediate's layer
-terms (models/layer_hooks.LayerTerms, handed to `loss`), report.json (evaluation/report.build_report,
-from the task's traits), the teachers' precision drift (run/precision.py) and the teacher cache
-(caches.write_task_cache, the format `traits.cache` names) compose around every task.
+terms (models/layer_hooks.LayerTerms, handed to `loss`), data.augment (augment.Augmentation, applied
+by `setup.Setup`), report.json (evaluation/report.build_report, from the task's traits), the
+teachers' precision drift (run/precision.py), the teacher cache (caches.write_task_cache, the format
+`traits.cache` names) and the exported tokenizer's length (base.trained_length) compose around every task.
 
 A task declares the shared settings it reads and not every task does (`owns`): a set key that
 another task owns and the chosen one does not is refused here, structurally; `check_config` holds

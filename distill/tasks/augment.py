@@ -207,6 +207,93 @@ def augmented_rows(cfg, texts: Sequence[List[str]], folder: Path, is_main: bool,
     return [list(field) for field in zip(*saved["rows"])] if saved["rows"] else [[] for _ in texts]
 
 
+def in_window(tokenizer, text: str, limit: int) -> str:
+    """The words of `text` the model reads within `limit` tokens (a word cut by the limit is kept whole)."""
+    encoded = tokenizer(text, truncation=True, max_length=limit, return_offsets_mapping=True,
+                        add_special_tokens=True)
+    ends = [end for start, end in encoded["offset_mapping"] if end > start]
+    if not ends or ends[-1] >= len(text.rstrip()):
+        return text
+    following = text.find(" ", ends[-1])
+    return text if following < 0 else text[:following]
+
+
+def unchanged_in_window(tokenizer, texts, new, limit: int, copies: int) -> int:
+    """How many augmented rows (copies of each source, in order) the model reads exactly as their source."""
+    def read(field_texts):
+        return tokenizer(list(field_texts), truncation=True, max_length=limit)["input_ids"]
+
+    count = 0
+    sources = [read(field) for field in texts]
+    rows = [read(field) for field in new]
+    for index in range(len(new[0])):
+        source = index // copies
+        count += all(rows[f][index] == sources[f][source] for f in range(len(texts)))
+    return count
+
+
+class Augmentation:
+    """data.augment composed around the task that owns it (its keys are sequence classification's; other
+    tasks refuse them): the generating models are opened, and so checked, before the run directory is
+    written (`open`), and the rows are made in that directory (`extend`), a training source of their own."""
+
+    def __init__(self, cfg, replacer: Optional[MaskedLMReplacer], continuer: Optional[LMContinuer]):
+        self.cfg, self.replacer, self.continuer = cfg, replacer, continuer
+
+    @classmethod
+    def open(cls, cfg) -> Optional["Augmentation"]:
+        """None without data.augment; else its masked LM and causal LM loaded, each refused (ConfigError
+        naming its key) where it is not a model of that kind with a trained head."""
+        augment = cfg.data.augment
+        if augment.copies == 0:
+            return None
+        replacer = (MaskedLMReplacer(augment.mlm_model, "data.augment.mlm_model", cfg.trust_remote_code)
+                    if augment.mlm_model else None)
+        continuer = (LMContinuer(augment.lm_model, "data.augment.lm_model", augment.lm_prefix, augment.lm_top_p,
+                                 cfg.trust_remote_code) if augment.lm_model else None)
+        return cls(cfg, replacer, continuer)
+
+    def extend(self, splits, tokenizer, run_dir: Path):
+        """`splits` with KD-only copies of the labelled training texts appended (source "augmented"),
+        made once in `run_dir`/augmented and read back on resume; `tokenizer`: the student's, whose
+        data.max_length window an LM continuation starts inside. The models are freed afterwards."""
+        import dataclasses
+
+        from datasets import Dataset, concatenate_datasets
+
+        import distill.runtime.distributed as distributed
+        from distill.data.text import EXAMPLE_ID, INDEX, LABELS, SOURCE
+        from distill.formulas.divergences import IGNORE_INDEX
+
+        cfg = self.cfg
+        train, fields = splits.train, list(cfg.data.text_fields)
+        labelled = [i for i, label in enumerate(train[LABELS]) if label != IGNORE_INDEX]
+        columns = {name: train[name] for name in fields}
+        texts = [[columns[name][i] for i in labelled] for name in fields]
+        limit = cfg.data.max_length
+        if self.continuer is not None:  # issue 31: continue from inside what the student reads, not past it
+            texts = [[in_window(tokenizer, text, limit) for text in field] for field in texts]
+        new = augmented_rows(cfg, texts, run_dir / "augmented", distributed.is_main(), distributed.barrier,
+                             self.replacer, self.continuer)
+        same = unchanged_in_window(tokenizer, texts, new, limit, cfg.data.augment.copies)
+        if same and distributed.is_main():
+            print(f"data.augment: {same} of {len(new[0])} transfer rows equal their source text in the first "
+                  f"{limit} tokens the student reads (data.max_length): they add no new input", flush=True)
+        self.replacer = self.continuer = None  # their models are not needed again: free the memory
+        count = len(new[0])
+        rows = {name: new[j] for j, name in enumerate(fields)}
+        rows.update({LABELS: [IGNORE_INDEX] * count, SOURCE: [len(splits.source_names)] * count,
+                     INDEX: list(range(len(train), len(train) + count))})
+        if EXAMPLE_ID in train.column_names:
+            rows[EXAMPLE_ID] = [f"augmented-{i}" for i in range(count)]
+        extra = Dataset.from_dict({name: rows[name] for name in train.column_names}).cast(train.features)
+        if distributed.is_main():
+            print(f"data.augment: {count} transfer rows from {len(labelled)} labelled texts "
+                  f"({run_dir / 'augmented'})", flush=True)
+        return dataclasses.replace(splits, train=concatenate_datasets([train, extra]),
+                                   source_names=[*splits.source_names, "augmented"])
+
+
 def _read(path: Path) -> Optional[dict]:
     if not path.is_file():
         return None

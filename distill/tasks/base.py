@@ -116,11 +116,6 @@ class Task:
         """How many training rows (examples, or blocks) the encoded train split will hold."""
         return len(splits.train)
 
-    def extend_training_data(self, splits, run_dir):
-        """`splits` with the training rows made once the run directory exists (data.augment), before
-        the student is built: the same splits by default."""
-        return splits
-
     def check_before_writing(self, splits, plans) -> None:
         """The task's own checks on config, data and the teachers' `plans` (what plan_teachers
         returned), before the run directory is written (none by default)."""
@@ -167,10 +162,6 @@ class Task:
         every teacher's logits: the route picks)."""
         raise NotImplementedError
 
-    def trained_length(self) -> int:
-        """The longest sequence the student was trained on (the exported tokenizer's model_max_length)."""
-        return self.cfg.data.max_length
-
     def kd_rows(self, batch) -> Tensor:
         """[rows] bool: the rows of a collated batch the KD term reads (every example here)."""
         return torch.ones(batch["input_ids"].shape[0], dtype=torch.bool)
@@ -189,6 +180,14 @@ class Task:
 
     def model_card(self, report: Dict, model_config, dtype: str, compression=None, parity=None) -> str:
         raise NotImplementedError
+
+
+def trained_length(task: Task) -> int:
+    """The longest sequence the student was trained on (the exported tokenizer's model_max_length): a causal
+    LM's blocks of data.block_size, or its prompt-and-completion rows cut at data.max_length; any other
+    task's rows cut at data.max_length."""
+    data = task.cfg.data
+    return data.block_size if task.traits.causal and not data.prompt_field else data.max_length
 
 
 def saved_student(task: Task, path):

@@ -499,9 +499,6 @@ class CausalLM(Task):
     def kd_rows(self, batch) -> Tensor:
         return batch[LABELS].reshape(-1) != IGNORE_INDEX
 
-    def trained_length(self) -> int:
-        return self.cfg.data.max_length if self.cfg.data.prompt_field else self.cfg.data.block_size
-
     def _use_vocabulary(self, kept_ids) -> None:
         from distill.tokens.vocabulary import TeacherVocabulary
 

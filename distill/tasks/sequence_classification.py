@@ -33,31 +33,6 @@ from distill.models.teachers import TeacherEnsemble, build_configured_interpolat
 UNMASKED_ROWS = "perturb/unmasked_rows"  # a perturbed batch: the share of rows some teacher reads unmasked
 
 
-def in_window(tokenizer, text: str, limit: int) -> str:
-    """The words of `text` the model reads within `limit` tokens (a word cut by the limit is kept whole)."""
-    encoded = tokenizer(text, truncation=True, max_length=limit, return_offsets_mapping=True,
-                        add_special_tokens=True)
-    ends = [end for start, end in encoded["offset_mapping"] if end > start]
-    if not ends or ends[-1] >= len(text.rstrip()):
-        return text
-    following = text.find(" ", ends[-1])
-    return text if following < 0 else text[:following]
-
-
-def unchanged_in_window(tokenizer, texts, new, limit: int, copies: int) -> int:
-    """How many augmented rows (copies of each source, in order) the model reads exactly as their source."""
-    def read(field_texts):
-        return tokenizer(list(field_texts), truncation=True, max_length=limit)["input_ids"]
-
-    count = 0
-    sources = [read(field) for field in texts]
-    rows = [read(field) for field in new]
-    for index in range(len(new[0])):
-        source = index // copies
-        count += all(rows[f][index] == sources[f][source] for f in range(len(texts)))
-    return count
-
-
 @register_task("sequence_classification")
 class SequenceClassification(Task):
     traits = Traits(auto_model=AutoModelForSequenceClassification, cache="classifier", cache_holds_validation=True)
@@ -88,8 +63,6 @@ class SequenceClassification(Task):
         self.divergence = build_divergence(cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta, skew=cfg.loss.skew)
         self.teacher_predictions = None
         self.token_maps = {}  # teacher tokenizer prefix -> student id to teacher id (aligned rows)
-        self.replacer = None  # data.augment's masked LM, once checked
-        self.continuer = None  # data.augment's causal LM, once loaded
         self.cache = None  # teachers.cache (classifier_cache.ClassifierCache), once checked
 
     # data ----------------------------------------------------------------------------------
@@ -98,45 +71,6 @@ class SequenceClassification(Task):
         self.label_names = self.splits.label_names
         index_split_routes(self.cfg, self.splits)
         return self.splits
-
-    def extend_training_data(self, splits, run_dir):
-        """data.augment: KD-only copies of the labelled training texts (tasks/augment.py), a source of their own."""
-        if self.cfg.data.augment.copies == 0:
-            return splits
-        import dataclasses
-
-        from datasets import Dataset, concatenate_datasets
-
-        import distill.runtime.distributed as distributed
-        from distill.tasks.augment import augmented_rows
-        from distill.data.text import EXAMPLE_ID, INDEX, SOURCE
-
-        train, fields = splits.train, list(self.cfg.data.text_fields)
-        labelled = [i for i, label in enumerate(train[LABELS]) if label != IGNORE_INDEX]
-        columns = {name: train[name] for name in fields}
-        texts = [[columns[name][i] for i in labelled] for name in fields]
-        tokenizer, limit = self.groups[0].tokenizer, self.cfg.data.max_length
-        if self.continuer is not None:  # issue 31: continue from inside what the student reads, not past it
-            texts = [[in_window(tokenizer, text, limit) for text in field] for field in texts]
-        new = augmented_rows(self.cfg, texts, run_dir / "augmented", distributed.is_main(), distributed.barrier,
-                             self.replacer, self.continuer)
-        same = unchanged_in_window(tokenizer, texts, new, limit, self.cfg.data.augment.copies)
-        if same and distributed.is_main():
-            print(f"data.augment: {same} of {len(new[0])} transfer rows equal their source text in the first "
-                  f"{limit} tokens the student reads (data.max_length): they add no new input", flush=True)
-        self.replacer = self.continuer = None  # their models are not needed again: free the memory
-        count = len(new[0])
-        rows = {name: new[j] for j, name in enumerate(fields)}
-        rows.update({LABELS: [IGNORE_INDEX] * count, SOURCE: [len(splits.source_names)] * count,
-                     INDEX: list(range(len(train), len(train) + count))})
-        if EXAMPLE_ID in train.column_names:
-            rows[EXAMPLE_ID] = [f"augmented-{i}" for i in range(count)]
-        extra = Dataset.from_dict({name: rows[name] for name in train.column_names}).cast(train.features)
-        if distributed.is_main():
-            print(f"data.augment: {count} transfer rows from {len(labelled)} labelled texts "
-                  f"({run_dir / 'augmented'})", flush=True)
-        return dataclasses.replace(splits, train=concatenate_datasets([train, extra]),
-                                   source_names=[*splits.source_names, "augmented"])
 
     def encode(self, split, key: str):
         data = self.cfg.data
@@ -205,8 +139,8 @@ class SequenceClassification(Task):
         return plans
 
     def check_before_writing(self, splits, plans) -> None:
-        """Black-box teachers' files cover every training and validation example; data.augment's
-        masked LM loads and has its head (rank 0 keeps it for the augmentation)."""
+        """Black-box teachers' files cover every training and validation example; data.perturb's mask
+        token exists for every tokenizer; a teacher cache holds these teachers and texts."""
         check_stored_outputs_cover(self.cfg, plans, self.label_names, splits)
         if self.cfg.data.perturb.rate > 0:  # refused before the run directory is written, not at the first step
             for group in self.groups:
@@ -220,16 +154,6 @@ class SequenceClassification(Task):
             fields = self.cfg.data.text_fields
             for name, split in (("train", splits.train), ("validation", splits.validation)):
                 self.cache.check_covers(name, [text_key(*texts) for texts in zip(*(split[f] for f in fields))])
-        augment = self.cfg.data.augment
-        if augment.copies and augment.mlm_model:
-            from distill.tasks.augment import MaskedLMReplacer
-
-            self.replacer = MaskedLMReplacer(augment.mlm_model, "data.augment.mlm_model", self.cfg.trust_remote_code)
-        if augment.copies and augment.lm_model:
-            from distill.tasks.augment import LMContinuer
-
-            self.continuer = LMContinuer(augment.lm_model, "data.augment.lm_model", augment.lm_prefix,
-                                         augment.lm_top_p, self.cfg.trust_remote_code)
 
     def build_student(self, splits, plans, saved=None):
         cfg = self.cfg

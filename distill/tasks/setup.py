@@ -8,7 +8,8 @@ In failing order, so that bad input is refused before a weight loads or a file i
     configured dtype (`load_teachers`).
 
 `distill train` (run/trainer.py) writes its run directory between `check` and `encode`, and there
-extends the training split with rows made in it (`extend_training_data`: data.augment); `eval`
+extends the training split with rows made in it (`extend_training_data`: data.augment, composed
+around the task by tasks/augment.Augmentation, its models opened by `check(augment=True)`); `eval`
 (run/evaluate.py) plans against the saved model's tokenizer; `fit-weights` (run/fit_weights.py) and
 `cache` (caches/) go straight through; `export` (exporting/exporter.py) takes only the task of the
 run's saved config (`Setup.of_run`: no data read, no teacher loaded, the config was checked when the
@@ -32,6 +33,8 @@ class Setup:
         self.plans = None  # teachers.TeacherPlan per teacher: labels and tokenizers matched, nothing loaded
         self.device = None
         self.dtype = None  # what the teachers run in (teachers.dtype on this device)
+        self.tokenizer = None  # the student's tokenizer the teachers were planned against
+        self.augmentation = None  # tasks/augment.Augmentation: data.augment's models, opened by check(augment=True)
 
     @classmethod
     def of_run(cls, run_config) -> "Setup":
@@ -46,17 +49,25 @@ class Setup:
 
         self.splits = self.task.read_splits()
         reference, key = tokenizer_from or student_source(self.cfg)
-        self.plans = self.task.plan_teachers(load_tokenizer(reference, key, self.cfg.trust_remote_code))
+        self.tokenizer = load_tokenizer(reference, key, self.cfg.trust_remote_code)
+        self.plans = self.task.plan_teachers(self.tokenizer)
         return self
 
-    def check(self) -> None:
-        """The task's own checks once the teachers are planned (e.g. a teacher cache opened and matched)."""
+    def check(self, augment: bool = False) -> None:
+        """The task's own checks once the teachers are planned (e.g. a teacher cache opened and matched);
+        `augment` (train): data.augment's models loaded too, which refuses one that is not of its kind."""
+        from distill.tasks.augment import Augmentation
+
         self.task.check_before_writing(self.splits, self.plans)
+        if augment:
+            self.augmentation = Augmentation.open(self.cfg)
 
     def extend_training_data(self, run_dir):
-        """The splits with the task's training rows made in the run directory (data.augment), kept for
-        `encode`; returns them."""
-        self.splits = self.task.extend_training_data(self.splits, run_dir)
+        """The splits with the training rows made in the run directory (data.augment), kept for `encode`;
+        returns them (the same splits without data.augment)."""
+        if self.augmentation is not None:
+            self.splits = self.augmentation.extend(self.splits, self.tokenizer, run_dir)
+            self.augmentation = None  # made once: its models are freed
         return self.splits
 
     def encode(self, *names: str):

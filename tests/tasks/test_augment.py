@@ -53,6 +53,7 @@ def test_masked_lm_replacement_draws_whole_words_other_than_the_original(masked_
     assert replaced[1] in vocabulary and not replaced[1].startswith("##") and replaced[1] not in replacer.tokenizer.all_special_tokens
 
 
+@pytest.mark.slow
 def test_augmented_rows_are_kd_only_written_once_reproducible_and_reused_on_resume(tiny, masked_lm, tmp_path):
     extra = f"""  augment: {{copies: 2, word_dropout: 0.1, swap: 0.2, mask_replace: 0.15, mlm_model: {masked_lm['mlm']}}}
 """
@@ -157,7 +158,7 @@ def test_lm_augmented_rows_are_made_in_a_run(tiny, tiny_lm, tmp_path):
 def test_lm_continuation_starts_inside_the_window_and_unchanged_rows_are_counted(tiny):
     """issue 31: a long text is cut to the words the student reads before the LM continues it, and
     augmented rows the student reads exactly as their source are counted (and said in the run)."""
-    from distill.tasks.sequence_classification import in_window, unchanged_in_window
+    from distill.tasks.augment import in_window, unchanged_in_window
 
     tokenizer = tiny["tokenizer"]
     text = " ".join(["great ride on the road"] * 20)
