@@ -54,6 +54,7 @@ def listing(folder):
 
 
 @pytest.mark.parametrize("task", ["causal_lm", "sequence_classification"])
+@pytest.mark.slow
 def test_a_killed_cache_continues_to_the_same_shards_and_a_changed_plan_is_refused(task, tiny, tiny_lm, tmp_path):
     if task == "causal_lm":  # the sampled store: its draws must not depend on where a run stopped
         config = tiny_lm_config_yaml(tiny_lm, tmp_path / "unused")

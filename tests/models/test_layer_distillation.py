@@ -81,6 +81,7 @@ def test_classification_with_hidden_and_relation_terms_resumes_exactly_and_expor
     assert all(torch.equal(exported[k], resumed_weights[k]) for k in exported)
 
 
+@pytest.mark.slow
 def test_classification_intermediate_terms_under_zero_1_to_3_follow_the_stage_0_run(tiny, wide_teachers, tmp_path):
     """The same run under ZeRO-1 and -2 (sharded optimizer state, and gradients) and ZeRO-3 (the student
     and its projection partitioned, gathered for the forward): the same losses, hidden and relation
@@ -145,6 +146,7 @@ def test_aligned_rows_compare_token_strings_and_counts():
 
 
 @pytest.mark.parametrize("zero_stage", [0, 3])
+@pytest.mark.slow
 def test_causal_lm_intermediate_terms_train_under_zero_0_and_3_and_export_a_stock_model(tiny_lm, wide_teachers,
                                                                                        tmp_path, zero_stage):
     """Stage 0 takes the fused path (the student's body, hidden terms a chunk of tokens at a time),

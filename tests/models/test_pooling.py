@@ -54,6 +54,7 @@ def test_a_pooled_teacher_computes_the_normalised_mean_pool_times_its_head(tiny,
                                    hidden[:, 0] @ head["weight"].double().T + head["bias"].double(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_pooled_teacher_and_student_train_and_export_with_their_code(tiny, encoder_and_head, tmp_path):
     encoder_dir, head_file, _ = encoder_and_head
     run_dir = tmp_path / "run"
@@ -168,6 +169,7 @@ def _custom_model_folder(tiny, folder):
     return folder
 
 
+@pytest.mark.slow
 def test_a_model_with_its_own_code_trains_evaluates_and_exports_when_the_config_allows_it(tiny, tmp_path):
     custom = _custom_model_folder(tiny, tmp_path / "bag")
     assert json.loads((custom / "config.json").read_text())["auto_map"]

@@ -145,6 +145,7 @@ def test_int8_teachers_quantize_every_linear_but_a_vocabulary_head_and_stay_clos
     assert type(lm.model.layers[0].mlp.up_proj) is not torch.nn.Linear
 
 
+@pytest.mark.slow
 def test_compiled_teachers_train_like_eager_ones_and_report_their_drift(tiny, tmp_path):
     """teachers.compile: the teachers' bodies run through torch.compile (dynamic shapes); the run
     prints the KL to the eager fp32 teachers (here both fp32: rounding only), the report names the

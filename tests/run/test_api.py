@@ -3,10 +3,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import tiny_config_yaml
 from tests.helpers import ROOT
 
 
+@pytest.mark.slow
 def test_a_run_driven_from_python_trains_exports_and_evaluates(tiny, tmp_path):
     run_dir = tmp_path / "run"
     config = tiny_config_yaml(tiny, run_dir, extra="deepspeed: {zero_stage: 0}")

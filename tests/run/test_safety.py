@@ -254,6 +254,7 @@ def test_config_and_data_errors_come_before_the_run_directory(tiny, tmp_path, ov
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_a_second_train_on_a_running_directory_is_refused_with_the_holders_pid(tiny, tmp_path):
     import sys
     import time

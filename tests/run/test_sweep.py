@@ -18,6 +18,7 @@ sweep:
 """
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_the_twin_and_its_trials_and_writes_the_best_config(tiny, tmp_path):
     from distill.api import load_config, sweep
 

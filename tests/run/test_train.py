@@ -132,6 +132,7 @@ def test_eval_command_reproduces_the_run_metrics(finished_run):
     assert f"{report['student']['accuracy']:.4f}" in student_line
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_does_not_fit_on_disk_leaves_the_previous_one_whole(tiny, tmp_path):
     """The disk refuses the write (here a file-size limit: Python ignores SIGXFSZ, so the write fails
     with an OSError as on a full disk): the run stops with a message, the partial checkpoint is gone,
@@ -258,6 +259,7 @@ def test_fit_weights_fits_the_mix_at_the_temperatures_training_uses(tiny, tmp_pa
     assert [m["temperature"] for m in fragment["teachers"]["models"]] == [2.0, 1.5]
 
 
+@pytest.mark.slow
 def test_a_run_without_teachers_is_called_a_fine_tune_and_keep_checkpoints_0_leaves_the_export(tiny, tmp_path):
     """No teachers: the table, report, card and plot say fine-tune (no 'from 0 teacher(s)', no flat
     KD line); the effective global batch is printed and training.global_batch_size sets the

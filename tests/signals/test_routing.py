@@ -194,6 +194,7 @@ def test_a_routed_classification_run_reports_accuracy_and_kd_per_route(tiny, tmp
     assert 0 <= final["student/route.news/accuracy"] <= 1 and "target/route.reviews/accuracy" in final
 
 
+@pytest.mark.slow
 def test_fit_weights_fits_each_route_and_train_takes_its_route_weights(tiny_lm, routed_lm_data, tmp_path):
     """`distill fit-weights` on a routed config: one table per route with several teachers, fitted on
     that route's validation tokens (the same weights training's fit_on finds), and a weights.yaml that

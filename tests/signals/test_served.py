@@ -131,6 +131,7 @@ def served(tmp_path_factory):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_the_served_distributions_line_up_with_the_same_model_run_locally(served):
     """Row t of the reply is the teacher's prediction after the block's token t (not t - 1 or t + 1):
     against the GGUF dequantised and run here in fp32. llama.cpp computes with the Q4_1 weights and
@@ -184,6 +185,7 @@ training: {{max_steps: 2, micro_batch_size: 1, learning_rate: 3.0e-3, warmup_rat
 """)
 
 
+@pytest.mark.slow
 def test_a_run_distils_from_the_served_teacher_and_reports_its_coverage(served, tmp_path):
     out = tmp_path / "run"
     result = run_cli_in_process(["train", _config(served, out)])
@@ -310,6 +312,7 @@ def test_vllm_rows_are_keyed_by_id_and_cover_every_position_with_the_next_token_
         VllmProtocol(Client("a", vllm_stand_in["url"], "big", 30, 0), tokenizer, 5).start()
 
 
+@pytest.mark.slow
 def test_a_teacher_served_with_its_whole_vocabulary_trains_as_the_same_teacher_loaded_here(tiny_lm, vllm_stand_in,
                                                                                             tmp_path):
     """top_k = V: the served target is the teacher's whole distribution, so the KD term of every step
@@ -336,6 +339,7 @@ def _both_teachers(tiny_lm, servers, served: str) -> str:
             + ("\n  served: {api: vllm, top_k: 320}" if served else ""))
 
 
+@pytest.mark.slow
 def test_two_served_teachers_are_fitted_and_mixed_as_the_same_teachers_loaded_here(tiny_lm, vllm_stand_in, tmp_path):
     """fit-weights on served teachers (whole vocabularies), and on teacher a served beside teacher b
     loaded here, finds the live fp32 teachers' linear weights (EM)."""
@@ -360,6 +364,7 @@ def test_two_served_teachers_are_fitted_and_mixed_as_the_same_teachers_loaded_he
         assert math.isclose(live["nll"], served["nll"], rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_learned_gate_fitted_on_served_teachers_trains_as_on_the_same_teachers_loaded_here(tiny_lm, vllm_stand_in,
                                                                                              tmp_path):
     """interpolation.method=learned_gate with fit_on=validation, every teacher served (whole
@@ -386,6 +391,7 @@ def test_a_learned_gate_fitted_on_served_teachers_trains_as_on_the_same_teachers
             assert math.isclose(live["kd"], served["kd"], rel_tol=1e-3), (name, live["kd"], served["kd"])
 
 
+@pytest.mark.slow
 def test_a_served_teacher_mixes_with_a_local_one_as_if_both_were_loaded_here(tiny_lm, vllm_stand_in, tmp_path):
     """Teacher a served (whole vocabulary), teacher b loaded here: the target of every strategy that
     needs no fit (a fit needs every teacher on one side: refused, tested below), and so every step's
@@ -411,6 +417,7 @@ def test_a_served_teacher_mixes_with_a_local_one_as_if_both_were_loaded_here(tin
         assert [t["params"] > 0 for t in report["teachers"]] == [True, True]
 
 
+@pytest.mark.slow
 def test_routed_rows_mix_a_served_teacher_with_a_local_one_as_if_both_were_loaded_here(tiny_lm, vllm_stand_in,
                                                                                        tmp_path):
     """teachers.route_by with teacher a served on both routes and teacher b loaded here on one: each
@@ -438,6 +445,7 @@ def test_routed_rows_mix_a_served_teacher_with_a_local_one_as_if_both_were_loade
             assert math.isclose(live[key], mixed[key], rel_tol=1e-3), (key, live, mixed)
 
 
+@pytest.mark.slow
 def test_a_served_teacher_mixes_with_a_cached_one(tiny_lm, vllm_stand_in, tmp_path):
     """Teacher b read from a top-k cache of its whole vocabulary, teacher a served: the KD term of each
     step is that of both teachers loaded here in fp32; a cache of other teachers is refused by name."""
@@ -462,6 +470,7 @@ def test_a_served_teacher_mixes_with_a_cached_one(tiny_lm, vllm_stand_in, tmp_pa
     assert refused.returncode == 2 and "holds teachers ['b'], the config names ['c']" in refused.stderr
 
 
+@pytest.mark.slow
 def test_a_served_teacher_with_its_own_tokenizer_is_aligned_as_the_same_teacher_loaded_here(tiny_lm, tmp_path):
     """teachers.tokenization=per_model: the served teacher reads its own window of each block (sent as its
     ids) and its rows land on the student positions that have read the same text; with its whole
@@ -489,6 +498,7 @@ def test_a_served_teacher_with_its_own_tokenizer_is_aligned_as_the_same_teacher_
     assert 0.3 < runs["served report"]["coverage"] == runs["live report"]["coverage"] < 1.0
 
 
+@pytest.mark.slow
 def test_served_teachers_with_their_own_tokenizers_are_fitted_as_loaded_here(tiny_lm, tmp_path):
     """Two teachers with their own tokenizers (teachers a and b, their ids renumbered), whole
     vocabularies served, the interpolation fitted on validation (fit_on): served, or one served beside
@@ -559,6 +569,7 @@ def test_lookahead_requests_ahead_and_keeps_nothing_for_batches_the_loop_replace
     assert second[-1]["input_ids"][0, 0] == 1 and source.pending == {}
 
 
+@pytest.mark.slow
 def test_a_cache_written_from_a_served_teacher_trains_as_the_teacher_loaded_here(tiny_lm, vllm_stand_in, tmp_path):
     """`distill cache` asks the server once (whole vocabulary, top-k store); training on that cache gives
     the live fp32 teacher's KD terms. A hidden-state store is refused: a server gives no hidden states."""

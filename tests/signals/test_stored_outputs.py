@@ -53,6 +53,7 @@ def _fit(config, tmp_path, name, teachers, data):
     return {row["name"]: row for row in json.loads((out / "fit_weights.json").read_text())["rows"]}
 
 
+@pytest.mark.slow
 def test_a_black_box_teacher_scores_and_fits_exactly_as_the_live_model_it_came_from(tiny, with_ids, tmp_path):
     config = tiny_config_yaml(tiny, tmp_path / "run")
     data = [f"data.train.path={with_ids['data']}", "data.id_field=uid", "data.unlabeled.path=null",
@@ -100,6 +101,7 @@ def test_a_file_that_does_not_cover_the_data_or_names_other_labels_is_refused_at
     assert no_id.returncode == 2 and "set data.id_field" in no_id.stderr
 
 
+@pytest.mark.slow
 def test_a_black_box_file_is_checked_whole_at_start(tiny, with_ids, tmp_path):
     """issue 30: an inf in a row never drawn trained to exit 0, a NaN stopped the run only when its row
     was drawn, probability rows summing to 2.7 were accepted, and pickle bytes under a .csv or .parquet

@@ -174,6 +174,7 @@ def test_cache_with_k_equal_to_the_vocabulary_trains_exactly_like_live_teachers(
     assert cached_report["student"]["perplexity"] == pytest.approx(live_report["student"]["perplexity"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_a_float32_hidden_state_cache_trains_like_live_float32_teachers_with_no_teacher_body(tiny_lm, tmp_path):
     """--store hidden keeps each teacher's last hidden states and output layer: the exact distribution
     is rebuilt a chunk at a time. KD and CE equal the live run's at every step (1e-4 relative); a
@@ -339,6 +340,7 @@ def _validation_teacher_logits(config_path):
     return torch.cat(logits, dim=1), torch.cat(labels)
 
 
+@pytest.mark.slow
 def test_fit_weights_on_tokens_matches_a_float64_em_and_train_accepts_it(lm_run, tmp_path):
     """`distill fit-weights` for a causal LM: the linear weights are seed 001's lambda, fitted on the
     validation tokens; checked against lambda found here by bisection on the whole float64 logits."""
@@ -452,6 +454,7 @@ MIXTURE = ["data.mixture_sources=[{name: praise, from_split: train, match: 'grea
            "training.eval_every=4", "training.checkpoint_every=4", "training.lr_schedule=constant"]
 
 
+@pytest.mark.slow
 def test_a_general_to_domain_mixture_on_text_logs_domains_and_resumes_exactly(tiny_lm, tmp_path):
     """The seed's curriculum on text: blocks drawn from named sources with scheduled proportions,
     perplexity per evaluation domain over training, and a resumed run that ends where an
@@ -630,6 +633,7 @@ def test_sampled_targets_give_an_unbiased_kd_gradient():
     assert not bool(((gradient(softened) - dense).abs() <= 4 * standard_error + 1e-12).all())
 
 
+@pytest.mark.slow
 def test_a_sampled_cache_trains_and_refuses_what_samples_cannot_express(lm_run, tiny_lm, tmp_path):
     _, config, _ = lm_run
     cache = tmp_path / "sampled"

@@ -69,6 +69,7 @@ def _pairs_config(tiny_lm, run_dir, extra="deepspeed: {zero_stage: 0}"):
     return config
 
 
+@pytest.mark.slow
 def test_an_on_policy_run_logs_its_share_and_a_resumed_run_samples_the_same_tokens(tiny_lm, tmp_path):
     on_policy = ["training.on_policy={fraction: 0.5, max_new_tokens: 8, temperature: 1.0, top_p: 0.9}",
                  "training.log_every=1", "training.lr_schedule=constant"]  # the cut run's schedule is the whole's

@@ -7,6 +7,7 @@ from tests.conftest import tiny_config_yaml, tiny_lm_config_yaml
 from tests.helpers import in_this_process, run_cli_in_process, train_losses
 
 
+@pytest.mark.slow
 def test_teachers_and_student_read_the_same_masked_ids_and_evaluation_reads_clean_text(tiny, tmp_path, monkeypatch):
     from transformers import BertForSequenceClassification
 
