@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The test suite, offline, on CPU: set up .venv (idempotent), then pytest on two workers (pytest-xdist;
-# a test file stays on one worker, so its module fixtures are built once; the costliest files go out
-# first, in the order tests/conftest.py gives, not xdist's by test count). Extra arguments go to
+# a test file stays on one worker, so its module fixtures are built once). Extra arguments go to
 # pytest (e.g. `launch/test.sh -m "not slow and not multirank"` for the quick tests only, or
 # `launch/test.sh -n 0` for one process).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/activate.sh"
-exec python -m pytest -q -p no:cacheprovider -n "${DISTILL_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
+exec python -m pytest -q -p no:cacheprovider -n "${DISTILL_TEST_WORKERS:-2}" --dist loadfile "$@"

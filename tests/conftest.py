@@ -12,23 +12,9 @@ os.environ.setdefault("HF_HOME", os.path.join(os.path.dirname(__file__), "..", "
 import csv
 import random
 from pathlib import Path
-from typing import Dict
 
 import pytest
 import torch
-
-def pytest_collection_modifyitems(config, items):
-    """The costliest files first, each file's tests in their order: pytest-xdist's --dist loadfile hands
-    whole files to the workers in collection order (launch/test.sh turns off its own reordering by
-    test count, which put the few long tests last), so the long ones run side by side at the start and
-    the suite does not end on one worker running a long file while the other waits. A file's cost:
-    4 per launcher run (`multirank`), 1 per other whole run (`slow`)."""
-    cost: Dict[str, int] = {}
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        cost[path] = cost.get(path, 0) + 4 * bool(item.get_closest_marker("multirank")) + \
-            bool(item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -cost[item.nodeid.split("::")[0]])  # stable: order kept within a file
 
 
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
