@@ -5,6 +5,7 @@ from pathlib import Path
 
 from distill.evaluation.report import build_report
 from distill.models.loading import count_parameters
+from distill.tasks.base import load_saved_student
 from distill.tasks.setup import Setup
 
 
@@ -16,7 +17,7 @@ def evaluate_saved_model(cfg, model_path: Path):
     key = f"model {model_path}"
     setup = Setup(cfg).plan(tokenizer_from=(str(model_path.resolve()), key))
     task = setup.task
-    student = task.load_saved_student(model_path.resolve(), key)
+    student = load_saved_student(task, model_path.resolve(), key, setup.splits.label_names)
     train, validation = setup.encode("train", "validation")
     ensemble, source = setup.load_teachers()
     metrics = task.evaluate(student.to(setup.device).eval(), ensemble, source, setup.device, validation).figures

@@ -200,7 +200,6 @@ class Trainer:
             self.teacher_params = self.ensemble.parameter_counts
             self.teacher_precision = self._measure_teacher_precision(dtype)
             self._prepare_interpolation()
-        task.prepare_training(self.device, self.ensemble)
         self.student_params = count_parameters(student)  # what is exported: without training-only modules
         # loss.intermediate composes around the task: planned on the loaded models, handed to its loss
         self.layer_terms, projection_params = attach_layer_terms(cfg, student, self.ensemble, task.traits.causal)

@@ -19,7 +19,8 @@ Routing (signals/routing.route_teachers, applied by `setup.Setup`), loss.interme
 terms (models/layer_hooks.LayerTerms, handed to `loss`), data.augment (augment.Augmentation, applied
 by `setup.Setup`), report.json (evaluation/report.build_report, from the task's traits), the
 teachers' precision drift (run/precision.py), the teacher cache (caches.write_task_cache, the format
-`traits.cache` names) and the exported tokenizer's length (base.trained_length) compose around every task.
+`traits.cache` names), the exported tokenizer's length (base.trained_length) and a saved student's
+loading (base.load_saved_student) compose around every task.
 
 A task declares the shared settings it reads and not every task does (`owns`): a set key that
 another task owns and the chosen one does not is refused here, structurally; `check_config` holds

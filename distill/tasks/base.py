@@ -142,9 +142,6 @@ class Task:
         """(TeacherEnsemble, signal source) for the planned teachers (`eager`: never compiled)."""
         raise NotImplementedError
 
-    def prepare_training(self, device, ensemble) -> None:
-        """Run-wide loss settings, once the teachers are known (a no-op by default)."""
-
     # loss and evaluation -------------------------------------------------------------------
     def loss(self, engine, batch, ensemble, source, now: Dict, layers=None):
         """(loss terms with .total/.kd/.ce, StepFigures) of one micro-batch; the trainer runs backward and step.
@@ -166,10 +163,7 @@ class Task:
         """[rows] bool: the rows of a collated batch the KD term reads (every example here)."""
         return torch.ones(batch["input_ids"].shape[0], dtype=torch.bool)
 
-    # saved models (eval, export) -------------------------------------------------------------
-    def load_saved_student(self, path, key: str):
-        raise NotImplementedError
-
+    # saved models (export) -------------------------------------------------------------------
     def saved_model_scoring(self, tokenizer) -> SavedModelScoring:
         """The validation split encoded with a saved model's `tokenizer`, and how a model is scored on it."""
         raise NotImplementedError
@@ -190,9 +184,22 @@ def trained_length(task: Task) -> int:
     return data.block_size if task.traits.causal and not data.prompt_field else data.max_length
 
 
-def saved_student(task: Task, path):
+def load_saved_student(task: Task, path, key: str, label_names) -> torch.nn.Module:
+    """A student saved whole (an exported folder, a run's `student/` or initial student) as the task's Auto
+    class in fp32; a classifier's labels must be the data's `label_names` (matched by name; a causal LM's
+    data has none), or a ConfigError naming `key` says so."""
+    from distill.models.loading import load_pretrained
+    from distill.models.student import check_student_labels
+
+    model = load_pretrained(task.traits.auto_model, str(path), key, task.cfg.trust_remote_code)
+    if label_names:
+        check_student_labels(model.config, label_names, key)
+    return model
+
+
+def saved_student(task: Task, path, label_names):
     """(model in fp32, tokenizer) of a student a run saved whole (its initial student, for resume)."""
     from distill.models.loading import load_tokenizer
 
-    model = task.load_saved_student(path, f"{path} (the run's initial student)")
+    model = load_saved_student(task, path, f"{path} (the run's initial student)", label_names)
     return model, load_tokenizer(str(path), str(path), task.cfg.trust_remote_code)

@@ -263,6 +263,7 @@ class CausalLM(Task):
         self.teacher_groups: List = []  # teachers.tokenization=per_model: one per other tokenizer
         self.student_vocab_size: Optional[int] = None
         self.student_bytes = None  # bytes per student token id (per_model: the target's bits per byte)
+        self.workspace = None  # the loss's reused temporaries on a CPU (_loss_plan)
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
@@ -446,7 +447,7 @@ class CausalLM(Task):
         then its vocabulary trimmed to the training blocks' tokens and pruned to its budget. `saved`
         (resume): the initial student the run saved, trimmed and pruned, with its kept vocabulary."""
         if saved is not None:
-            model, tokenizer = saved_student(self, saved)
+            model, tokenizer = saved_student(self, saved, splits.label_names)
             kept = (getattr(model.config, "distill_vocabulary", None) or {}).get("kept_ids")
             if kept is not None:
                 self._use_vocabulary(kept)
@@ -566,21 +567,24 @@ class CausalLM(Task):
         ensemble.parameter_counts = [counts[k] for k in range(len(plans))]
         return ensemble, source
 
-    def prepare_training(self, device, ensemble) -> None:
-        """Run-wide settings of the loss: fused or not, the chunk size, the reused workspace."""
+    def _loss_plan(self, device, ensemble) -> Tuple[bool, bool, int, Optional[Workspace]]:
+        """(fused, streamed, chunk size, workspace) of the loss, from the config and the teachers: the same
+        at every step. The workspace, the loss's [chunk, V] temporaries, is kept over the run (a memo):
+        on a CPU each fresh one costs page faults; CUDA's caching allocator recycles blocks by itself,
+        so there none is held."""
         cfg = self.cfg
-        self.fused = cfg.loss.fused and cfg.deepspeed.zero_stage < 3  # ZeRO-3 shards the output layer
+        fused = cfg.loss.fused and cfg.deepspeed.zero_stage < 3  # ZeRO-3 shards the output layer
         # forward KL in the fused loss takes a probability (live) or sparse (cached) target when the
         # strategy declares such a fast path; both hold O(chunk x V) whatever K is, so only the
         # general path shrinks the chunk with the teacher count
-        self.streamed = (self.fused and self.divergence.closed_form == "forward_kl"
-                         and ensemble is not None and ensemble.routing is None
-                         and bool(ensemble.interpolation.fast_paths))
+        streamed = (fused and self.divergence.closed_form == "forward_kl"
+                    and ensemble is not None and ensemble.routing is None
+                    and bool(ensemble.interpolation.fast_paths))
         teachers = len(ensemble) if ensemble is not None else 1
-        self.chunk_size = tokens_per_chunk(cfg.loss.chunk_tokens, 1 if self.streamed else teachers)
-        # the loss's [chunk, V] temporaries, kept over the run: on a CPU each fresh one costs page
-        # faults; CUDA's caching allocator recycles blocks by itself, so there they are not held
-        self.workspace = Workspace() if device.type == "cpu" else None
+        if device.type == "cpu" and self.workspace is None:
+            self.workspace = Workspace()
+        return (fused, streamed, tokens_per_chunk(cfg.loss.chunk_tokens, 1 if streamed else teachers),
+                self.workspace if device.type == "cpu" else None)
 
     # loss and evaluation -------------------------------------------------------------------
     def loss(self, engine, batch, ensemble, source, now: Dict, layers=None):
@@ -590,13 +594,14 @@ class CausalLM(Task):
             # tokens are no labels to imitate
             now = {**now, "kd_alpha": 1.0}
         labels = batch[LABELS].reshape(-1).to(engine.device)
+        fused, streamed, chunk_size, workspace = self._loss_plan(engine.device, ensemble)
         targets = signal = None
         if ensemble is not None and (now["kd_alpha"] > 0 or layers is not None):
             signal = source.signal(batch, engine.device)
         if signal is not None and now["kd_alpha"] > 0:
             targets = Targets(ensemble, signal, labels, labels != IGNORE_INDEX,
-                              now["teacher_weights"], now["teacher_temperatures"], streamed=self.streamed,
-                              workspace=self.workspace, unit=self.traits.row_unit)
+                              now["teacher_weights"], now["teacher_temperatures"], streamed=streamed,
+                              workspace=workspace, unit=self.traits.row_unit)
         normalizer = batch["token_normalizer"]
         inputs = {"input_ids": batch["input_ids"].to(engine.device),
                   "attention_mask": batch["attention_mask"].to(engine.device)}
@@ -604,18 +609,18 @@ class CausalLM(Task):
         row_kd = torch.zeros(labels.shape[0], device=engine.device) if routed else None  # per-route figures
         options = dict(kd_alpha=now["kd_alpha"], temperature=now["temperature"],
                        label_smoothing=cfg.loss.label_smoothing, divergence=self.divergence,
-                       chunk_size=self.chunk_size, normalizer=normalizer, row_kd=row_kd)
-        if self.fused:  # ZeRO 0-2: every rank holds the whole output layer
+                       chunk_size=chunk_size, normalizer=normalizer, row_kd=row_kd)
+        if fused:  # ZeRO 0-2: every rank holds the whole output layer
             body, head = body_and_head(engine.module)
             outputs, record = student_forward(layers, body, body, **inputs)
             hidden = outputs.last_hidden_state
             terms = fused_token_distillation(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, targets,
-                                             bias=head.bias, workspace=self.workspace, **options)
+                                             bias=head.bias, workspace=workspace, **options)
         else:
             outputs, record = student_forward(layers, engine.module, engine, **inputs)
             logits = outputs.logits
             terms = chunked_target_distillation(logits.reshape(-1, logits.shape[-1]), labels, targets,
-                                                workspace=self.workspace, **options)
+                                                workspace=workspace, **options)
         ratios = on_policy_figures(batch) if cfg.training.on_policy.fraction > 0 else None
         if routed:  # the KD term per labelled token of each route (a figure, not the loss)
             from distill.signals.routing import route_sums
@@ -735,12 +740,7 @@ class CausalLM(Task):
 
         return FitRows(chunks, text_bytes)
 
-    # saved models (eval, export) -------------------------------------------------------------
-    def load_saved_student(self, path, key: str):
-        from distill.models.loading import load_causal_lm
-
-        return load_causal_lm(str(path), key, self.cfg.trust_remote_code)
-
+    # saved models (export) -------------------------------------------------------------------
     def saved_model_scoring(self, tokenizer) -> SavedModelScoring:
         self.tokenizer = tokenizer
         validation = self.encode(self.read_splits().validation, "validation")

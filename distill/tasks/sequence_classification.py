@@ -158,7 +158,7 @@ class SequenceClassification(Task):
     def build_student(self, splits, plans, saved=None):
         cfg = self.cfg
         if saved is not None:  # the initial student as the run saved it: not built, pruned or pooled again
-            student, tokenizer = saved_student(self, saved)
+            student, tokenizer = saved_student(self, saved, splits.label_names)
         else:
             student, tokenizer = build_student(cfg, self.label_names, texts_of(splits.train, cfg.data.text_fields))
             if cfg.student.prune.target_params is not None:
@@ -297,12 +297,7 @@ class SequenceClassification(Task):
         logits, labels = collect_teacher_logits(loader, source, device)
         return FitRows(in_memory(logits, labels))
 
-    # saved models (eval, export) -------------------------------------------------------------
-    def load_saved_student(self, path, key: str):
-        model = load_sequence_classifier(str(path), key, self.cfg.trust_remote_code)
-        check_student_labels(model.config, self.label_names, key)
-        return model
-
+    # saved models (export) -------------------------------------------------------------------
     def saved_model_scoring(self, tokenizer) -> SavedModelScoring:
         from distill.evaluation.predictions import score_classifier, validation_batches
 

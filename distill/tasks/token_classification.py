@@ -203,7 +203,7 @@ class TokenClassification(Task):
 
     def build_student(self, splits, plans, saved=None):
         if saved is not None:
-            student, tokenizer = saved_student(self, saved)
+            student, tokenizer = saved_student(self, saved, splits.label_names)
         else:
             student, tokenizer = build_student(self.cfg, self.label_names, auto_class=AutoModelForTokenClassification)
         self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
@@ -310,12 +310,7 @@ class TokenClassification(Task):
         return FitRows(in_memory(torch.cat([merged[i][0] for i in order], dim=1),
                                  torch.cat([merged[i][1] for i in order])))
 
-    # saved models (eval, export) -------------------------------------------------------------
-    def load_saved_student(self, path, key: str):
-        model = load_pretrained(AutoModelForTokenClassification, str(path), key, self.cfg.trust_remote_code)
-        check_student_labels(model.config, self.label_names, key)
-        return model
-
+    # saved models (export) -------------------------------------------------------------------
     def saved_model_scoring(self, tokenizer) -> SavedModelScoring:
         splits = read_tagged_splits(self.cfg.data)
         groups = [TokenizerGroup("", tokenizer)]
