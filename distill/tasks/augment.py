@@ -256,7 +256,8 @@ class Augmentation:
     def extend(self, splits, tokenizer, run_dir: Path):
         """`splits` with KD-only copies of the labelled training texts appended (source "augmented"),
         made once in `run_dir`/augmented and read back on resume; `tokenizer`: the student's, whose
-        data.max_length window an LM continuation starts inside. The models are freed afterwards."""
+        data.max_length window an LM continuation starts inside. Called once: the caller then drops this
+        object, and with it the models (setup.Setup.extend_training_data)."""
         import dataclasses
 
         from datasets import Dataset, concatenate_datasets
@@ -279,7 +280,6 @@ class Augmentation:
         if same and distributed.is_main():
             print(f"data.augment: {same} of {len(new[0])} transfer rows equal their source text in the first "
                   f"{limit} tokens the student reads (data.max_length): they add no new input", flush=True)
-        self.replacer = self.continuer = None  # their models are not needed again: free the memory
         count = len(new[0])
         rows = {name: new[j] for j, name in enumerate(fields)}
         rows.update({LABELS: [IGNORE_INDEX] * count, SOURCE: [len(splits.source_names)] * count,
