@@ -47,15 +47,10 @@ if [ -n "$hostfile" ]; then
     [ -f "$hostfile" ] || { echo "$name: hostfile $hostfile not found" >&2; exit 2; }
     launcher+=(--hostfile "$hostfile")
 fi
-# CPU ranks share the cores: one rank per core group instead of every rank taking them all.
-if ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / ranks > 0 ? $(nproc) / ranks : 1 ))}"
-fi
-# DeepSpeed's CPU shared-memory allreduce (0.19) creates a 66 MB /dev/shm segment per rank and
-# never unlinks it: /dev/shm is RAM, and a few dozen runs exhausted a 24 GiB machine. Its names end
-# in _<master port>_<rank>; remove this job's segments however the job ends.
-cleanup_shm() { rm -f /dev/shm/deepspeed_allreduce_buffer_*_"$port"_* 2>/dev/null || true; }
-trap cleanup_shm EXIT
+# The ranks of a node share its cores: each rank's intra-op threads get its share instead of every
+# rank taking them all (torchrun does the same). Decided without asking torch whether a GPU is there,
+# which would cost every launch an import of torch (2-4 s on 2 cores).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / ranks > 0 ? $(nproc) / ranks : 1 ))}"
 status=0
 "${launcher[@]}" --module distill.cli "$command" "$config" "${arguments[@]}" || status=$?
 if [ "$status" -ne 0 ]; then

@@ -6,7 +6,6 @@ world of one: we set them so that `deepspeed.initialize` finds a process group (
 from __future__ import annotations
 
 import atexit
-import glob
 import os
 import socket
 from typing import Any, List
@@ -24,24 +23,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _remove_shared_memory(port: str, rank: str) -> None:
-    """DeepSpeed 0.19's CPU shared-memory allreduce leaves a 66 MB /dev/shm segment per rank
-    (deepspeed_allreduce_buffer_<n>_<addr>_<port>_<rank>) that nothing unlinks; /dev/shm is RAM.
-    Each process removes its own at exit (launch/train.sh also sweeps after a kill)."""
-    for segment in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_{rank}"):
-        try:
-            os.unlink(segment)
-        except OSError:
-            pass
-
-
-def _at_exit(port: str, rank: str) -> None:
+def _at_exit() -> None:
     """Close the process group while the interpreter is still whole. Left to interpreter
     finalization, gloo's worker threads can still hold tensors whose release needs the GIL that is
     being torn down; the process then aborts ("terminate called without an active exception",
     SIGABRT) after a run that succeeded: pytorch/pytorch#190489, seen here on a ZeRO-3 rank."""
     close_process_group()
-    _remove_shared_memory(port, rank)
 
 
 def restore_torch_linear() -> None:
@@ -78,7 +65,7 @@ def init_distributed() -> None:
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
     import deepspeed
 
-    if os.environ.get("WORLD_SIZE") == "1" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         _skip_shared_memory_op()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     for attempt in range(PORT_ATTEMPTS):
@@ -91,16 +78,18 @@ def init_distributed() -> None:
             if not alone or "EADDRINUSE" not in str(error) or attempt == PORT_ATTEMPTS - 1:
                 raise
             os.environ["MASTER_PORT"] = str(_free_port())
-    atexit.register(_at_exit, os.environ["MASTER_PORT"], os.environ["RANK"])
+    atexit.register(_at_exit)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _skip_shared_memory_op() -> None:
-    """A world of one has no peer to share memory with, yet DeepSpeed's CPU communication backend
-    JIT-compiles its shared-memory allreduce op when it starts (60-110 s on a fresh machine, again
-    whenever another environment touched the extensions cache). Its backend falls back to
-    torch.distributed when the op is None, so a single process goes without it."""
+    """DeepSpeed's CPU communication backend JIT-compiles its shared-memory allreduce op when it
+    starts (60-110 s on a fresh machine, again whenever another environment touched the extensions
+    cache) and gives each rank a 66 MB /dev/shm segment that nothing unlinks (/dev/shm is RAM).
+    Training never uses it: in DeepSpeed 0.19 only `inference_all_reduce` (tensor-parallel inference,
+    deepspeed/module_inject) calls the op, while ZeRO's collectives are torch.distributed's (gloo).
+    The backend takes a None op as "go without", so every CPU world, of one rank or several, does."""
     import importlib
 
     # by its module path: `deepspeed.comm.torch` as an attribute is the torch package itself

@@ -272,7 +272,7 @@ def test_a_second_train_on_a_running_directory_is_refused_with_the_holders_pid(t
         second = run_cli_in_process(["train", config, "training.resume=auto"])
         assert second.returncode == 2 and f"is in use by process {first.pid}" in second.stderr
     finally:
-        # an interrupt, not a kill: the process's exit handlers remove DeepSpeed's /dev/shm segment
+        # an interrupt, not a kill: the process's exit handlers close its process group
         import signal
 
         first.send_signal(signal.SIGINT)

@@ -273,7 +273,7 @@ def test_a_run_without_teachers_is_called_a_fine_tune_and_keep_checkpoints_0_lea
     assert done.returncode == 0, done.stderr[-4000:]
     assert "effective global batch: 4 rows per micro-batch x 2 accumulation step(s) x 1 rank(s) = 8 rows" in done.stdout
     assert "student (fine-tuned, no KD)" in done.stdout
-    # one process has no peer: DeepSpeed's CPU shared-memory op is neither compiled nor loaded
+    # DeepSpeed's CPU shared-memory op (tensor-parallel inference only) is neither compiled nor loaded
     assert not (tmp_path / "extensions").exists() and "shm_comm_op built" not in done.stdout
     # a quiet start: none of the libraries' notices a user cannot act on
     for notice in ("Failed to load", "Setting accelerator to CPU", "LOAD REPORT", "is an Enum subclass",
