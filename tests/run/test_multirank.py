@@ -37,12 +37,22 @@ def zero2_run(tiny, tmp_path_factory):
     return run_dir, config, result
 
 
-def _assert_trained_checkpointed_and_exported(run_dir, config, stage: int, steps: int, tags):
+def _assert_trained_checkpointed_and_exported(run_dir, config, teacher_a, stage: int, steps: int, tags):
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == tags
     shards = list((run_dir / "checkpoints" / tags[-1]).glob("*optim_states.pt"))
     assert len(shards) == 2  # one optimizer shard per rank: the state really is partitioned
-    rows = train_losses(run_dir)
-    assert rows[-1]["loss"] + rows[-2]["loss"] < rows[0]["loss"] + rows[1]["loss"]
+    assert all(math.isfinite(row["loss"]) for row in train_losses(run_dir))
+    # it trained: the student's layers, copied from teacher a's layers 0 and 2, moved away from them (the
+    # loss of the tiny world is flat to within noise over 20 steps: no test of its slope holds)
+    student, teacher = load_file(str(run_dir / "student" / "model.safetensors")), load_file(str(teacher_a / "model.safetensors"))
+    for own, copied in ((0, 0), (1, 2)):
+        name = "bert.encoder.layer.{}.attention.self.query.weight"
+        assert not torch.equal(student[name.format(own)], teacher[name.format(copied)])
     report = json.loads((run_dir / "report.json").read_text())
     assert report["training"]["zero_stage"] == stage and report["training"]["steps"] == steps
     assert all(t["params"] > 0 for t in report["teachers"])  # full sizes, even when partitioned
@@ -50,9 +60,10 @@ def _assert_trained_checkpointed_and_exported(run_dir, config, stage: int, steps
 
 
 @pytest.mark.multirank
-def test_two_rank_zero2_run_trains_checkpoints_and_exports(zero2_run):
+def test_two_rank_zero2_run_trains_checkpoints_and_exports(zero2_run, tiny):
     run_dir, config, result = zero2_run
-    _assert_trained_checkpointed_and_exported(run_dir, config, 2, 20, [f"step{s:07d}" for s in (5, 10, 15, 20)])
+    _assert_trained_checkpointed_and_exported(run_dir, config, tiny["teacher_a"], 2, 20,
+                                              [f"step{s:07d}" for s in (5, 10, 15, 20)])
     # DeepSpeed's CPU shared-memory op, which only its tensor-parallel inference uses, is neither
     # compiled (60-110 s) nor given its 66 MB /dev/shm segment per rank
     assert not (run_dir.parent / "extensions").exists() and "shm_comm_op built" not in result.stdout
@@ -67,7 +78,7 @@ def test_two_rank_zero3_run_with_partitioned_teachers_trains_checkpoints_and_exp
                                "training.max_steps=16", "training.micro_batch_size=4",
                                "training.gradient_accumulation_steps=2", "training.checkpoint_every=8"])
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    _assert_trained_checkpointed_and_exported(run_dir, config, 3, 16, ["step0000008", "step0000016"])
+    _assert_trained_checkpointed_and_exported(run_dir, config, tiny["teacher_a"], 3, 16, ["step0000008", "step0000016"])
     assert shared_memory_left(result.master_port) == []
 
 
