@@ -62,6 +62,23 @@ def run_cli_in_process(args):
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
+def refuse_transform_hashing(monkeypatch) -> None:
+    """Make `datasets` fail if it hashes one of distill's map transforms itself: it does so with dill
+    inside a bare `except:` that swallowed a Ctrl-C landing there (the interrupted run went on
+    training), so each of distill's maps is given its fingerprint (`data.text.map_fingerprint`)."""
+    import datasets.arrow_dataset
+
+    original = datasets.arrow_dataset.update_fingerprint
+
+    def checked(fingerprint, transform, arguments):
+        function = arguments.get("function")  # a map's transform; `transform` names datasets' own method
+        assert not getattr(function, "__module__", "").startswith("distill"), \
+            f"datasets hashed {function.__qualname__}: pass new_fingerprint=map_fingerprint(...)"
+        return original(fingerprint, transform, arguments)
+
+    monkeypatch.setattr(datasets.arrow_dataset, "update_fingerprint", checked)
+
+
 def export_int8_and_onnx(run_dir: Path, out: Path):
     """`distill export RUN OUT --quantize int8 --onnx`, checked to exit 0 with an ONNX graph whose
     logits are PyTorch's (onnxruntime, fp32); returns (onnx_parity.json, compression.json)."""

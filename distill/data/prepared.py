@@ -28,7 +28,7 @@ from typing import Dict, Iterator, Optional, Sequence
 
 import numpy as np
 
-from distill.data.text import INDEX, LABELS, ROUTE, SOURCE
+from distill.data.text import INDEX, LABELS, ROUTE, SOURCE, map_fingerprint, tokenizer_digest
 from distill.errors import ConfigError
 
 FORMAT = "distill_prepared_blocks/1"
@@ -40,18 +40,6 @@ def default_dir() -> Path:
     import datasets
 
     return Path(datasets.config.HF_DATASETS_CACHE) / "distill_prepared"
-
-
-def tokenizer_digest(tokenizer) -> str:
-    """What a tokenizer turns text into, as a digest (its full serialisation where it is a fast one)."""
-    import hashlib
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        text = backend.to_str()
-    else:  # a slow tokenizer: its vocabulary and its special tokens
-        text = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens])
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def blocks_key(dataset, tokenizer, data, eos_id: int, aligned: Sequence = ()) -> str:
@@ -144,8 +132,9 @@ def _write_blocks(dataset, tokenizer, data, eos_id: int, path: Path, num_proc: O
 
     keep = [name for name in (SOURCE, ROUTE) if name in dataset.column_names]
     tokenized = dataset.map(tokenize, batched=True, batch_size=BATCH, num_proc=num_proc,
-                            remove_columns=[c for c in dataset.column_names if c not in keep],
-                            desc="tokenize")
+                            remove_columns=[c for c in dataset.column_names if c not in keep], desc="tokenize",
+                            new_fingerprint=map_fingerprint(dataset, tokenize, tokenizer_digest(tokenizer), text, prompt,
+                                                            response, keep))
     writer = _Writer(path, ROUTE in keep)
     try:
         for tag, positions in packing_groups(tokenized):

@@ -333,6 +333,28 @@ class TokenizerGroup:
     byte_lengths: Optional[List[int]] = None
 
 
+def tokenizer_digest(tokenizer) -> str:
+    """What a tokenizer turns text into, as a digest (its full serialisation where it is a fast one)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:  # a slow tokenizer: its vocabulary and its special tokens
+        text = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def map_fingerprint(dataset: Dataset, transform, *settings) -> str:
+    """The fingerprint of `dataset.map(transform)`'s result, from what the map depends on: the input's
+    own fingerprint, the transform's code, and the values it closes over (`settings`: JSON values,
+    tokenizers as their digests). Left to itself, `datasets` hashes the transform with dill inside a
+    bare `except:` that swallows whatever is raised there, a Ctrl-C included: a run interrupted in
+    that moment went on training. It also serialised every tokenizer the transform closes over."""
+    import marshal
+
+    code = hashlib.sha256(marshal.dumps(transform.__code__)).hexdigest()
+    return hashlib.sha256(json.dumps([dataset._fingerprint, code, *settings]).encode()).hexdigest()[:32]
+
+
 def tokenize(dataset: Dataset, groups: Sequence[TokenizerGroup], text_fields: Sequence[str],
              max_length: int) -> Dataset:
     """Encode the text fields once per tokenizer group; keeps `labels` and `index`, adds `text_key`."""
@@ -346,7 +368,9 @@ def tokenize(dataset: Dataset, groups: Sequence[TokenizerGroup], text_fields: Se
                 out[group.prefix + name] = values
         return out
 
-    return dataset.map(encode, batched=True, remove_columns=list(text_fields), desc="tokenize")
+    settings = [list(text_fields), max_length, [[group.prefix, tokenizer_digest(group.tokenizer)] for group in groups]]
+    return dataset.map(encode, batched=True, remove_columns=list(text_fields), desc="tokenize",
+                       new_fingerprint=map_fingerprint(dataset, encode, *settings))
 
 
 class Collator:

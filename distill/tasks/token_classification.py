@@ -27,7 +27,8 @@ import torch
 from transformers import AutoModelForTokenClassification
 
 from distill.data.tagged import FIRST, ROWS, WORD_IDS, WORDS, read_tagged_splits
-from distill.data.text import EXAMPLE_ID, INDEX, LABELS, SOURCE, TokenizerGroup, model_inputs
+from distill.data.text import (EXAMPLE_ID, INDEX, LABELS, SOURCE, TokenizerGroup, map_fingerprint, model_inputs,
+                               tokenizer_digest)
 from distill.errors import ConfigError
 from distill.evaluation.metrics import classification_metrics, load_metric
 from distill.evaluation.predictions import validation_loader
@@ -74,7 +75,9 @@ def encode_words(dataset, groups: List[TokenizerGroup], max_length: int, all_sub
         out.update({LABELS: labels, ROWS: rows, FIRST: first})
         return out
 
-    return dataset.map(encode, batched=True, remove_columns=[WORDS], desc="tokenize words")
+    settings = [max_length, all_subtokens, [[group.prefix, tokenizer_digest(group.tokenizer)] for group in groups]]
+    return dataset.map(encode, batched=True, remove_columns=[WORDS], desc="tokenize words",
+                       new_fingerprint=map_fingerprint(dataset, encode, *settings))
 
 
 def tag_scores(predicted: Dict[int, List[int]], references: Dict[int, List[int]],

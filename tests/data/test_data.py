@@ -82,6 +82,31 @@ def test_jsonl_and_text_pairs(tmp_path, tiny):
     assert 1 in encoded[0]["token_type_ids"]  # the second segment is marked
 
 
+def test_tokenizing_gives_its_own_fingerprint_which_follows_rows_tokenizer_and_settings(tiny, tmp_path, monkeypatch):
+    """A Ctrl-C at a run's start was swallowed by `datasets` while it hashed the tokenizing transform
+    (a bare `except:`), and the run trained to its end: the map is given its fingerprint instead."""
+    from datasets import Dataset
+
+    from tests.conftest import train_tokenizer
+    from tests.helpers import refuse_transform_hashing
+
+    refuse_transform_hashing(monkeypatch)
+    cfg = _data_config(train={"path": str(tiny["train_csv"])}, label_field="sentiment", validation_fraction=0.2)
+    splits = read_splits(cfg)
+    group = [TokenizerGroup("", tiny["tokenizer"])]
+    first = tokenize(splits.train, group, ["text"], 32)
+    assert first["input_ids"] == [tiny["tokenizer"](text, truncation=True, max_length=32)["input_ids"]
+                                  for text in splits.train["text"]]
+    assert tokenize(splits.train, group, ["text"], 32)._fingerprint == first._fingerprint  # datasets' cache finds it
+    other_tokenizer = train_tokenizer(tmp_path / "other", splits.train["text"][:40])
+    others = {tokenize(splits.train, group, ["text"], 16)._fingerprint,
+              tokenize(splits.validation, group, ["text"], 32)._fingerprint,
+              tokenize(splits.train, [TokenizerGroup("", other_tokenizer)], ["text"], 32)._fingerprint,
+              tokenize(splits.train, [TokenizerGroup("t0__", tiny["tokenizer"])], ["text"], 32)._fingerprint,
+              tokenize(Dataset.from_dict({"text": ["a b", "c"], "labels": [0, 1]}), group, ["text"], 32)._fingerprint}
+    assert len(others) == 5 and first._fingerprint not in others
+
+
 def test_collator_pads_each_tokenizer_group_dynamically(tiny):
     cfg = _data_config(train={"path": str(tiny["train_csv"])}, label_field="sentiment", validation_fraction=0.2)
     splits = read_splits(cfg)

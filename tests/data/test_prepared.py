@@ -41,14 +41,17 @@ def _config(tiny_lm, tmp_path, name, extra=""):
     return tiny_lm_config_yaml(tiny_lm, tmp_path / name, extra=extra)
 
 
-def test_prepared_blocks_equal_the_in_memory_ones_and_a_later_run_reuses_them(tiny_lm, tmp_path, capsys):
+def test_prepared_blocks_equal_the_in_memory_ones_and_a_later_run_reuses_them(tiny_lm, tmp_path, capsys, monkeypatch):
     from datasets import concatenate_datasets
+
+    from tests.helpers import refuse_transform_hashing
 
     from distill.config.schema import load_config
     from distill.data.lm import encode_lm, read_lm_splits
     from distill.data.prepared import blocks_key, prepared_blocks
     from distill.data.text import SOURCE
 
+    refuse_transform_hashing(monkeypatch)  # its tokenizing map has its own fingerprint
     prepared = tmp_path / "prepared"
     for data in ([f"data.train.path={tiny_lm['text']}"], [f"data.train.path={tiny_lm['pairs']}",
                                                            "data.prompt_field=prompt", "data.response_field=response"]):
