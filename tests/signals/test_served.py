@@ -217,7 +217,7 @@ class VllmStandIn(http.server.BaseHTTPRequestHandler):
     with `prompt_logprobs`: entry 0 None, entry t the top-k of the prediction for token t plus token t
     itself, keyed by id, {logprob, rank, decoded_token}), from a local model in fp32. A stand-in for
     the format, not vLLM: no GPU server runs here."""
-    model = tokenizer = None
+    model = tokenizer = decoded = None
     name = "tiny"
 
     def _send(self, body):
@@ -239,12 +239,16 @@ class VllmStandIn(http.server.BaseHTTPRequestHandler):
         ids, k = body["prompt"], body["prompt_logprobs"]
         with torch.no_grad():
             log_probs = torch.log_softmax(self.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        if self.decoded is None or len(self.decoded) != log_probs.shape[-1]:  # each id's text, decoded once
+            type(self).decoded = [self.tokenizer.decode([i]) for i in range(log_probs.shape[-1])]
+        # the top-k of every position at once (k past the vocabulary: all of it), as plain lists
+        values, top = log_probs[:-1].topk(min(k, log_probs.shape[-1]), dim=-1)
+        sent = log_probs[:-1].gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1).tolist()
         entries = [None]
-        for t in range(1, len(ids)):
-            values, top = log_probs[t - 1].topk(min(k, log_probs.shape[-1]))  # k past the vocabulary: all of it
-            listed = {int(i): float(v) for i, v in zip(top, values)}
-            listed[ids[t]] = float(log_probs[t - 1, ids[t]])
-            entries.append({str(i): {"logprob": v, "rank": 1, "decoded_token": self.tokenizer.decode([i])}
+        for t, (row_ids, row_values) in enumerate(zip(top.tolist(), values.tolist()), start=1):
+            listed = dict(zip(row_ids, row_values))
+            listed[ids[t]] = sent[t - 1]
+            entries.append({str(i): {"logprob": v, "rank": 1, "decoded_token": self.decoded[i]}
                             for i, v in listed.items()})
         self._send({"choices": [{"index": 0, "text": "", "prompt_logprobs": entries}]})
 
