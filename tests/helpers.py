@@ -63,20 +63,25 @@ def run_cli_in_process(args):
 
 
 def refuse_transform_hashing(monkeypatch) -> None:
-    """Make `datasets` fail if it hashes one of distill's map transforms itself: it does so with dill
-    inside a bare `except:` that swallowed a Ctrl-C landing there (the interrupted run went on
-    training), so each of distill's maps is given its fingerprint (`data.text.map_fingerprint`)."""
+    """Make `datasets` fail if it hashes one of distill's map transforms, or the positions of a
+    `select` or the values of an `add_column`, itself: it does so with dill (seconds for a million
+    rows) inside a bare `except:` that swallowed a Ctrl-C landing there (the interrupted run went on
+    training), so distill gives them their fingerprints (`data.text.derived_fingerprint`)."""
     import datasets.arrow_dataset
+    import datasets.fingerprint
 
-    original = datasets.arrow_dataset.update_fingerprint
+    original = datasets.fingerprint.update_fingerprint
 
     def checked(fingerprint, transform, arguments):
         function = arguments.get("function")  # a map's transform; `transform` names datasets' own method
         assert not getattr(function, "__module__", "").startswith("distill"), \
             f"datasets hashed {function.__qualname__}: pass new_fingerprint=map_fingerprint(...)"
+        assert not str(transform).endswith((".select", ".add_column")), \
+            f"datasets hashed the arguments of {transform}: use data.text.select_rows / with_column"
         return original(fingerprint, transform, arguments)
 
     monkeypatch.setattr(datasets.arrow_dataset, "update_fingerprint", checked)
+    monkeypatch.setattr(datasets.fingerprint, "update_fingerprint", checked)
 
 
 def export_int8_and_onnx(run_dir: Path, out: Path):

@@ -22,7 +22,8 @@ from distill.config.schema import DataSourceConfig, mixture_source_split
 
 from distill.errors import ConfigError
 from distill.data.text import (INDEX, LABELS, ROUTE, SOURCE, Splits, check_fields, drop_duplicates, is_missing,
-                          load_source, route_values, rows_matching, subsample, text_keys)
+                          load_source, map_fingerprint, route_values, rows_matching, select_rows, subsample, text_keys,
+                          with_column)
 from distill.formulas.divergences import IGNORE_INDEX
 
 
@@ -37,8 +38,11 @@ def _read(source, key: str, data, route_by=None) -> Dataset:
     if route_by is not None:  # the routing column's values, as text (before rows are dropped)
         values = route_values(dataset, route_by, key)
         dataset = dataset.remove_columns([ROUTE]) if ROUTE in dataset.column_names else dataset
-        dataset = dataset.add_column(ROUTE, values)
-    dataset = dataset.filter(lambda row: not any(is_missing(row[f]) for f in fields), desc="drop empty rows")
+        dataset = with_column(dataset, ROUTE, values)
+    def has_text(row):
+        return not any(is_missing(row[f]) for f in fields)
+
+    dataset = dataset.filter(has_text, desc="drop empty rows", new_fingerprint=map_fingerprint(dataset, has_text, fields))
     dataset = dataset.select_columns(fields + ([ROUTE] if route_by is not None else []))
     for field in fields:  # csv reads large_string, json string: one type, so sources concatenate
         if dataset.features[field] != Value("string"):
@@ -72,7 +76,7 @@ def read_lm_splits(data, route_by=None) -> Splits:
         seen = set(text_keys(validation, fields))
         train = drop_duplicates(train, fields, exclude=seen)
     if not data.mixture_sources:
-        return Splits(train=train.add_column(SOURCE, [0] * len(train)), validation=validation, label_names=[],
+        return Splits(train=with_column(train, SOURCE, [0] * len(train)), validation=validation, label_names=[],
                       source_names=["train"])
     parts = []
     for index, source in enumerate(data.mixture_sources):
@@ -85,11 +89,11 @@ def read_lm_splits(data, route_by=None) -> Splits:
         if split is None and data.drop_duplicate_texts:
             part = drop_duplicates(part, fields, exclude=set(text_keys(validation, fields)))
         if source.match is not None:
-            part = part.select(rows_matching(part[fields[0]], source.match, source.invert_match))
+            part = select_rows(part, rows_matching(part[fields[0]], source.match, source.invert_match))
         if len(part) == 0:
             raise ConfigError(f"data.{key} ({source.name}): no rows left (match={source.match!r}, "
                               f"invert_match={source.invert_match})")
-        parts.append(part.add_column(SOURCE, [index] * len(part)))
+        parts.append(with_column(part, SOURCE, [index] * len(part)))
     return Splits(train=concatenate_datasets(parts), validation=validation, label_names=[],
                   source_names=[source.name for source in data.mixture_sources])
 
@@ -189,7 +193,7 @@ def encode_lm(dataset: Dataset, tokenizer, data, key: str, teacher_groups: Seque
     for group in teacher_groups:
         columns[group.prefix + "input_ids"], columns[group.prefix + "positions"] = [], []
     for tag, positions in packing_groups(dataset):
-        rows = dataset if positions is None else dataset.select(positions)
+        rows = dataset if positions is None else select_rows(dataset, positions)
         encoded = (_encode_aligned(rows, tokenizer, data, teacher_groups, student_byte_lengths) if teacher_groups
                    else _encode_rows(rows, tokenizer, data))
         for name, values in encoded.items():
@@ -208,7 +212,7 @@ def domain_rows(dataset: Dataset, data, domain, index: int, route_by=None) -> Da
     routed), or the validation rows whose first text field matches its regex."""
     if domain.path is not None:
         return _read(DataSourceConfig(path=domain.path), f"eval_domains[{index}]", data, route_by)
-    return dataset.select(rows_matching(dataset[lm_fields(data)[0]], domain.match, domain.invert_match))
+    return select_rows(dataset, rows_matching(dataset[lm_fields(data)[0]], domain.match, domain.invert_match))
 
 
 class LMCollator:

@@ -28,7 +28,7 @@ from typing import Dict, Iterator, Optional, Sequence
 
 import numpy as np
 
-from distill.data.text import INDEX, LABELS, ROUTE, SOURCE, map_fingerprint, tokenizer_digest
+from distill.data.text import INDEX, LABELS, ROUTE, SOURCE, map_fingerprint, select_rows, tokenizer_digest
 from distill.errors import ConfigError
 
 FORMAT = "distill_prepared_blocks/1"
@@ -138,7 +138,7 @@ def _write_blocks(dataset, tokenizer, data, eos_id: int, path: Path, num_proc: O
     writer = _Writer(path, ROUTE in keep)
     try:
         for tag, positions in packing_groups(tokenized):
-            part = tokenized if positions is None else tokenized.select(positions)
+            part = tokenized if positions is None else select_rows(tokenized, positions)
             batches = (rows for rows in part.iter(batch_size=BATCH))
             if prompt:
                 for rows in batches:

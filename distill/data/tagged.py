@@ -16,7 +16,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 from datasets import Dataset
 
-from distill.data.text import EXAMPLE_ID, INDEX, LABELS, SOURCE, Splits, check_fields, is_missing, load_source, subsample
+from distill.data.text import (EXAMPLE_ID, INDEX, LABELS, SOURCE, Splits, check_fields, is_missing, load_source,
+                               select_rows, subsample, with_column)
 from distill.errors import ConfigError
 from distill.formulas.divergences import IGNORE_INDEX
 
@@ -94,7 +95,7 @@ def _drop_duplicates(dataset: Dataset, seen: set) -> Dataset:
         if key not in seen:
             seen.add(key)
             keep.append(index)
-    return dataset.select(keep)
+    return select_rows(dataset, keep)
 
 
 def read_tagged_splits(data) -> Splits:
@@ -113,7 +114,7 @@ def read_tagged_splits(data) -> Splits:
     else:
         order = np.random.default_rng(data.seed).permutation(len(train))
         count = int(round(data.validation_fraction * len(train)))
-        validation, train = train.select(sorted(order[:count].tolist())), train.select(sorted(order[count:].tolist()))
+        validation, train = select_rows(train, sorted(order[:count].tolist())), select_rows(train, sorted(order[count:].tolist()))
     if data.drop_duplicate_texts:
         validation = _drop_duplicates(validation, seen)
         train = _drop_duplicates(train, seen)
@@ -137,7 +138,7 @@ def read_tagged_splits(data) -> Splits:
                           "set data.validation.path or a larger data.validation_fraction")
     from datasets import concatenate_datasets
 
-    train = concatenate_datasets([part.add_column(SOURCE, [i] * len(part)) for i, part in enumerate(parts)])
-    return Splits(train=train.add_column(INDEX, list(range(len(train)))),
-                  validation=validation.add_column(INDEX, list(range(len(validation)))),
+    train = concatenate_datasets([with_column(part, SOURCE, [i] * len(part)) for i, part in enumerate(parts)])
+    return Splits(train=with_column(train, INDEX, list(range(len(train)))),
+                  validation=with_column(validation, INDEX, list(range(len(validation)))),
                   label_names=names, source_names=source_names)

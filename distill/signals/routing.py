@@ -23,7 +23,7 @@ from distill.signals.base import Source
 from distill.config.schema import teacher_display_name
 
 from distill.errors import ConfigError
-from distill.data.text import ROUTE
+from distill.data.text import ROUTE, select_rows, with_column
 
 UNROUTED = -1
 
@@ -99,13 +99,13 @@ def rows_of_route(dataset, route: int) -> List[int]:
 
 def of_route(dataset, route: Optional[int]):
     """The dataset itself (route None), or its rows (blocks) of one route."""
-    return dataset if route is None else dataset.select(rows_of_route(dataset, route))
+    return dataset if route is None else select_rows(dataset, rows_of_route(dataset, route))
 
 
 def index_route_column(dataset, routes: Routes):
     """One more dataset's ROUTE values (text) as route ids (an evaluation domain's own file)."""
     ids = routes.ids(dataset[ROUTE])
-    return dataset.remove_columns([ROUTE]).add_column(ROUTE, ids)
+    return with_column(dataset.remove_columns([ROUTE]), ROUTE, ids)
 
 
 def routed_target(strategies: Sequence, teacher_logits: Tensor, route_rows: Tensor, cover: Tensor, weights: Tensor,

@@ -107,6 +107,29 @@ def test_tokenizing_gives_its_own_fingerprint_which_follows_rows_tokenizer_and_s
     assert len(others) == 5 and first._fingerprint not in others
 
 
+def test_selected_rows_and_added_columns_are_fingerprinted_by_their_content():
+    """`select_rows` / `with_column` (datasets' select / add_column with the fingerprint computed by
+    distill): the same rows or values give the same fingerprint, and any other rows or values another."""
+    from datasets import Dataset
+
+    from distill.data.text import select_rows, with_column
+
+    dataset = Dataset.from_dict({"text": ["a", "b", "c", "d"]})
+    picked = select_rows(dataset, [0, 2])
+    assert picked["text"] == ["a", "c"]
+    assert select_rows(dataset, [0, 2])._fingerprint == picked._fingerprint
+    assert select_rows(dataset, range(2))._fingerprint == select_rows(dataset, [0, 1])._fingerprint
+    others = [select_rows(dataset, rows)._fingerprint for rows in ([0, 1], [2, 0], [0, 2, 3], [])]
+    others.append(select_rows(Dataset.from_dict({"text": ["a", "b", "x", "d"]}), [0, 2])._fingerprint)
+    assert len(set(others)) == 5 and picked._fingerprint not in others
+    columns = {repr(values): with_column(dataset, "extra", values) for values in
+               ([0, 0, 1, 1], [0, 1, 0, 1], ["0", "0", "1", "1"], ["a", None, "b", None], [[1], [2], [3], [4]])}
+    assert [column["extra"] for column in columns.values()] == [eval(key) for key in columns]
+    assert len({column._fingerprint for column in columns.values()}) == 5
+    assert with_column(dataset, "extra", ["a", None, "b", None])._fingerprint == columns[repr(["a", None, "b", None])]._fingerprint
+    assert with_column(dataset, "other", [0, 0, 1, 1])._fingerprint != columns[repr([0, 0, 1, 1])]._fingerprint
+
+
 def test_collator_pads_each_tokenizer_group_dynamically(tiny):
     cfg = _data_config(train={"path": str(tiny["train_csv"])}, label_field="sentiment", validation_fraction=0.2)
     splits = read_splits(cfg)

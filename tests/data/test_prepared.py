@@ -49,7 +49,7 @@ def test_prepared_blocks_equal_the_in_memory_ones_and_a_later_run_reuses_them(ti
     from distill.config.schema import load_config
     from distill.data.lm import encode_lm, read_lm_splits
     from distill.data.prepared import blocks_key, prepared_blocks
-    from distill.data.text import SOURCE
+    from distill.data.text import SOURCE, with_column
 
     refuse_transform_hashing(monkeypatch)  # its tokenizing map has its own fingerprint
     prepared = tmp_path / "prepared"
@@ -60,7 +60,7 @@ def test_prepared_blocks_equal_the_in_memory_ones_and_a_later_run_reuses_them(ti
         train = read_lm_splits(cfg.data).train
         # two sources, interleaved: packed source by source
         train = concatenate_datasets([train] * 26)
-        train = train.remove_columns([SOURCE]).add_column(SOURCE, [i % 2 for i in range(len(train))])
+        train = with_column(train.remove_columns([SOURCE]), SOURCE, [i % 2 for i in range(len(train))])
         expected = encode_lm(train, tiny_lm["tokenizer"], cfg.data, "train")
         folder = prepared / blocks_key(train, tiny_lm["tokenizer"], cfg.data, tiny_lm["tokenizer"].eos_token_id)
         folder.mkdir(parents=True)
@@ -75,7 +75,7 @@ def test_prepared_blocks_equal_the_in_memory_ones_and_a_later_run_reuses_them(ti
         assert sorted(path.name for path in folder.iterdir()) == [".lock", "blocks.arrow", "prepared.json"]
     assert len(list(prepared.iterdir())) == 2  # one folder per (rows, tokenizer, settings)
     # blocks packed in memory (aligned windows of teachers with other tokenizers) go to the same kind of file
-    extra = expected.add_column("t1__positions", [[-1, 0]] * len(expected))
+    extra = with_column(expected, "t1__positions", [[-1, 0]] * len(expected))
     kept = prepared_blocks(train, tiny_lm["tokenizer"], cfg.data, "train", 0, encode_in_memory=lambda: extra)
     assert "data.train: prepared" in capsys.readouterr().out
     assert kept.column_names == extra.column_names
