@@ -39,6 +39,7 @@ def _read(source, key: str, data, route_by=None) -> Dataset:
         values = route_values(dataset, route_by, key)
         dataset = dataset.remove_columns([ROUTE]) if ROUTE in dataset.column_names else dataset
         dataset = with_column(dataset, ROUTE, values)
+
     def has_text(row):
         return not any(is_missing(row[f]) for f in fields)
 

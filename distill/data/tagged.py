@@ -114,7 +114,8 @@ def read_tagged_splits(data) -> Splits:
     else:
         order = np.random.default_rng(data.seed).permutation(len(train))
         count = int(round(data.validation_fraction * len(train)))
-        validation, train = select_rows(train, sorted(order[:count].tolist())), select_rows(train, sorted(order[count:].tolist()))
+        validation = select_rows(train, sorted(order[:count].tolist()))
+        train = select_rows(train, sorted(order[count:].tolist()))
     if data.drop_duplicate_texts:
         validation = _drop_duplicates(validation, seen)
         train = _drop_duplicates(train, seen)

@@ -356,10 +356,13 @@ def derived_fingerprint(dataset: Dataset, operation: str, *settings) -> str:
     moment went on training."""
     digest = hashlib.sha256(json.dumps([dataset._fingerprint, operation]).encode())
     for value in settings:
-        array = np.asarray(value) if isinstance(value, (list, range, np.ndarray)) else None
+        try:
+            array = np.asarray(value) if isinstance(value, (list, range, np.ndarray)) else None
+        except ValueError:  # lists of lists of different lengths
+            array = None
         if array is not None and array.dtype != object:
             digest.update(f"{array.dtype}{array.shape}".encode() + array.tobytes())
-        else:  # other values, and lists of lists or of mixed kinds
+        else:  # other values, and lists of mixed kinds or of uneven lists
             digest.update(json.dumps(value if array is None else array.tolist()).encode())
     return digest.hexdigest()[:32]
 

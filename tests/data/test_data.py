@@ -123,9 +123,10 @@ def test_selected_rows_and_added_columns_are_fingerprinted_by_their_content():
     others.append(select_rows(Dataset.from_dict({"text": ["a", "b", "x", "d"]}), [0, 2])._fingerprint)
     assert len(set(others)) == 5 and picked._fingerprint not in others
     columns = {repr(values): with_column(dataset, "extra", values) for values in
-               ([0, 0, 1, 1], [0, 1, 0, 1], ["0", "0", "1", "1"], ["a", None, "b", None], [[1], [2], [3], [4]])}
+               ([0, 0, 1, 1], [0, 1, 0, 1], ["0", "0", "1", "1"], ["a", None, "b", None], [[1], [2], [3], [4]],
+                [[1], [2, 3], [], [4]])}
     assert [column["extra"] for column in columns.values()] == [eval(key) for key in columns]
-    assert len({column._fingerprint for column in columns.values()}) == 5
+    assert len({column._fingerprint for column in columns.values()}) == 6
     assert with_column(dataset, "extra", ["a", None, "b", None])._fingerprint == columns[repr(["a", None, "b", None])]._fingerprint
     assert with_column(dataset, "other", [0, 0, 1, 1])._fingerprint != columns[repr([0, 0, 1, 1])]._fingerprint
 
