@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from distill.caches import register_cache_format
+from distill.data.text import column
 from distill.errors import ConfigError
 from distill.util.registry import registrar
 from distill.formulas.mixtures import tail_log_mass
@@ -45,7 +46,7 @@ def fingerprint(dataset) -> str:
     import json
 
     digest = hashlib.sha256()
-    for index, ids in zip(dataset["index"], dataset["input_ids"]):
+    for index, ids in zip(column(dataset, "index"), column(dataset, "input_ids")):
         digest.update(json.dumps([index, ids]).encode())
     return digest.hexdigest()
 

@@ -21,7 +21,7 @@ from datasets import Dataset, Value, concatenate_datasets
 from distill.config.schema import DataSourceConfig, mixture_source_split
 
 from distill.errors import ConfigError
-from distill.data.text import (INDEX, LABELS, ROUTE, SOURCE, Splits, check_fields, drop_duplicates, is_missing,
+from distill.data.text import (INDEX, LABELS, ROUTE, SOURCE, Splits, check_fields, column, drop_duplicates, is_missing,
                           load_source, map_fingerprint, route_values, rows_matching, select_rows, subsample, text_keys,
                           with_column)
 from distill.formulas.divergences import IGNORE_INDEX
@@ -90,7 +90,7 @@ def read_lm_splits(data, route_by=None) -> Splits:
         if split is None and data.drop_duplicate_texts:
             part = drop_duplicates(part, fields, exclude=set(text_keys(validation, fields)))
         if source.match is not None:
-            part = select_rows(part, rows_matching(part[fields[0]], source.match, source.invert_match))
+            part = select_rows(part, rows_matching(column(part, fields[0]), source.match, source.invert_match))
         if len(part) == 0:
             raise ConfigError(f"data.{key} ({source.name}): no rows left (match={source.match!r}, "
                               f"invert_match={source.invert_match})")
@@ -136,10 +136,10 @@ def prompt_response_rows(prompts: Sequence[Sequence[int]], responses: Sequence[S
 def _encode_rows(dataset: Dataset, tokenizer, data) -> Dict[str, List[List[int]]]:
     eos = eos_token_id(tokenizer)
     if data.prompt_field:
-        prompts = tokenizer(list(dataset[data.prompt_field]))["input_ids"]
-        responses = tokenizer(list(dataset[data.response_field]), add_special_tokens=False)["input_ids"]
+        prompts = tokenizer(column(dataset, data.prompt_field))["input_ids"]
+        responses = tokenizer(column(dataset, data.response_field), add_special_tokens=False)["input_ids"]
         return prompt_response_rows(prompts, responses, eos, data.max_length)
-    return pack_blocks(tokenizer(list(dataset[data.text_fields[0]]))["input_ids"], eos, data.block_size)
+    return pack_blocks(tokenizer(column(dataset, data.text_fields[0]))["input_ids"], eos, data.block_size)
 
 
 def _encode_aligned(dataset: Dataset, tokenizer, data, teacher_groups, student_byte_lengths: Sequence[int]
@@ -150,7 +150,7 @@ def _encode_aligned(dataset: Dataset, tokenizer, data, teacher_groups, student_b
     where none has): token_alignment.pack_aligned_blocks."""
     from distill.tokens.alignment import byte_spans, pack_aligned_blocks
 
-    texts = list(dataset[data.text_fields[0]])
+    texts = column(dataset, data.text_fields[0])
     lengths = [len(text.encode("utf-8")) for text in texts]
 
     def spans(encoded, byte_lengths):  # offsets in bytes, pieces of one character told apart
@@ -213,7 +213,7 @@ def domain_rows(dataset: Dataset, data, domain, index: int, route_by=None) -> Da
     routed), or the validation rows whose first text field matches its regex."""
     if domain.path is not None:
         return _read(DataSourceConfig(path=domain.path), f"eval_domains[{index}]", data, route_by)
-    return select_rows(dataset, rows_matching(dataset[lm_fields(data)[0]], domain.match, domain.invert_match))
+    return select_rows(dataset, rows_matching(column(dataset, lm_fields(data)[0]), domain.match, domain.invert_match))
 
 
 class LMCollator:
@@ -248,9 +248,9 @@ class LMCollator:
             mask[i, :n] = 1
         batch = {"input_ids": ids, "attention_mask": mask, LABELS: labels,
                  INDEX: torch.tensor([row[INDEX] for row in rows], dtype=torch.long)}
-        for column in (SOURCE, ROUTE):
-            if column in rows[0]:
-                batch[column] = torch.tensor([row[column] for row in rows], dtype=torch.long)
+        for name in (SOURCE, ROUTE):
+            if name in rows[0]:
+                batch[name] = torch.tensor([row[name] for row in rows], dtype=torch.long)
         for prefix in self.prefixes:  # the teacher's pad id never reaches it: masked, and not a gathered position
             batch[prefix + "input_ids"], batch[prefix + "attention_mask"] = self._padded(rows, prefix + "input_ids", 0)
             batch[prefix + "positions"], _ = self._padded(rows, prefix + "positions", -1)

@@ -16,8 +16,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 from datasets import Dataset
 
-from distill.data.text import (EXAMPLE_ID, INDEX, LABELS, SOURCE, Splits, check_fields, is_missing, load_source,
-                               select_rows, subsample, with_column)
+from distill.data.text import (EXAMPLE_ID, INDEX, LABELS, SOURCE, Splits, check_fields, column, is_missing,
+                               load_source, select_rows, subsample, with_column)
 from distill.errors import ConfigError
 from distill.formulas.divergences import IGNORE_INDEX
 
@@ -58,10 +58,10 @@ def normalise_tagged(dataset: Dataset, data, names: Optional[List[str]], key: st
     field = data.text_fields[0]
     check_fields(dataset, [field], key)
     tagged = data.label_field in dataset.column_names and names is not None
-    words_column = dataset[field]
-    tags_column = dataset[data.label_field] if tagged else [None] * len(dataset)
+    words_column = column(dataset, field)
+    tags_column = column(dataset, data.label_field) if tagged else [None] * len(dataset)
     columns = {WORDS: [], LABELS: []}
-    ids = dataset[data.id_field] if data.id_field is not None and data.id_field in dataset.column_names else None
+    ids = column(dataset, data.id_field) if data.id_field is not None and data.id_field in dataset.column_names else None
     if data.id_field is not None and ids is None:
         raise ConfigError(f"data.id_field: the {key} data has no column {data.id_field!r} "
                           f"(columns: {dataset.column_names})")
@@ -90,7 +90,7 @@ def normalise_tagged(dataset: Dataset, data, names: Optional[List[str]], key: st
 
 def _drop_duplicates(dataset: Dataset, seen: set) -> Dataset:
     keep = []
-    for index, words in enumerate(dataset[WORDS]):
+    for index, words in enumerate(column(dataset, WORDS)):
         key = "\x1f".join(words)
         if key not in seen:
             seen.add(key)
@@ -104,7 +104,7 @@ def read_tagged_splits(data) -> Splits:
     if len(raw_train) == 0:
         raise ConfigError(f"data.train.path: {data.train.path} has no rows")
     check_fields(raw_train, [data.text_fields[0], data.label_field], "train")
-    names = list(data.label_names) if data.label_names else _tag_names(raw_train[data.label_field], "train")
+    names = list(data.label_names) if data.label_names else _tag_names(column(raw_train, data.label_field), "train")
     if len(names) < 2:
         raise ConfigError(f"data.train: column {data.label_field!r} holds fewer than two distinct tags")
     train = normalise_tagged(raw_train, data, names, "train")
@@ -134,7 +134,7 @@ def read_tagged_splits(data) -> Splits:
         source_names.append("unlabeled")
     if len(train) == 0:
         raise ConfigError(f"data.train: no training sentences left from {data.train.path}")
-    if len(validation) == 0 or all(label == IGNORE_INDEX for labels in validation[LABELS] for label in labels):
+    if len(validation) == 0 or all(label == IGNORE_INDEX for labels in column(validation, LABELS) for label in labels):
         raise ConfigError("data.validation: the validation split is empty or has no tags; "
                           "set data.validation.path or a larger data.validation_fraction")
     from datasets import concatenate_datasets

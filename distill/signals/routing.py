@@ -23,7 +23,7 @@ from distill.signals.base import Source
 from distill.config.schema import teacher_display_name
 
 from distill.errors import ConfigError
-from distill.data.text import ROUTE, select_rows, with_column
+from distill.data.text import ROUTE, column, select_rows, with_column
 
 UNROUTED = -1
 
@@ -62,10 +62,10 @@ def index_routes(splits, routes: Routes) -> Dict[str, int]:
     unrouted: Dict[str, int] = {}
     for name in ("train", "validation"):
         split = getattr(splits, name)
-        values = split[ROUTE]
+        values = column(split, ROUTE)
         missing = sorted({v for v in values if str(v) not in routes.values})
         indexed = index_route_column(split, routes)
-        unrouted[name] = sum(1 for i in indexed[ROUTE] if i == UNROUTED)
+        unrouted[name] = sum(1 for i in column(indexed, ROUTE) if i == UNROUTED)
         if missing and routes.unrouted == "refuse":
             shown = ", ".join(repr(v) for v in missing[:6]) + (" ..." if len(missing) > 6 else "")
             raise ConfigError(f"teachers.route_by={routes.column}: {unrouted[name]} {name} row(s) have values no "
@@ -94,7 +94,7 @@ def index_split_routes(cfg, splits) -> Optional[Routes]:
 
 def rows_of_route(dataset, route: int) -> List[int]:
     """Positions of a dataset's rows (blocks) routed to `route` (its ROUTE column holds route ids)."""
-    return [i for i, value in enumerate(dataset[ROUTE]) if value == route]
+    return [i for i, value in enumerate(column(dataset, ROUTE)) if value == route]
 
 
 def of_route(dataset, route: Optional[int]):
@@ -104,7 +104,7 @@ def of_route(dataset, route: Optional[int]):
 
 def index_route_column(dataset, routes: Routes):
     """One more dataset's ROUTE values (text) as route ids (an evaluation domain's own file)."""
-    ids = routes.ids(dataset[ROUTE])
+    ids = routes.ids(column(dataset, ROUTE))
     return with_column(dataset.remove_columns([ROUTE]), ROUTE, ids)
 
 
