@@ -29,7 +29,7 @@ from distill.models.loading import load_causal_lm, load_tokenizer  # noqa: E402
 from distill.models.pruning import prune  # noqa: E402
 from distill.models.student import calibration_batches, keep_layers, trim_vocabulary  # noqa: E402
 from distill.tasks import build_task  # noqa: E402
-from distill.tasks.causal_lm import next_token_loss  # noqa: E402
+from distill.tasks.causal_lm import LMContext, next_token_loss  # noqa: E402
 
 SOURCE = "runs/demo_lm/teacher-domain/student"
 
@@ -44,10 +44,11 @@ def perplexity(model, batches) -> float:
     return math.exp(total / tokens)
 
 
-def variants(task, splits, model, budget, reference, label):
-    train = task.encode(splits.train, "train")
-    validation = task.encode(splits.validation, "validation")
-    collate = task.collator()
+def variants(task, context, model, budget, reference, label):
+    splits = context.splits
+    train = task.encode(splits.train, "train", context)
+    validation = task.encode(splits.validation, "validation", context)
+    collate = task.collator(context)
     evaluation = [collate([validation[i] for i in range(s, min(len(validation), s + 16))])
                   for s in range(0, len(validation), 16)]
     calibration = calibration_batches(train, collate, 64, seed=5)
@@ -85,16 +86,15 @@ def main() -> None:
     task = build_task(cfg)
     splits = task.read_splits()
     tokenizer = load_tokenizer(SOURCE, "source", False)
-    task.tokenizer = tokenizer
+    context = LMContext(splits=splits, tokenizer=tokenizer)
     model = load_causal_lm(SOURCE, "source", False, torch.float32).eval()
     reference = sum(p.numel() for p in model.parameters())
-    rows = variants(task, splits, model, None, reference, "full vocabulary, 0.474x")
-    train = task.encode(splits.train, "train")
+    rows = variants(task, context, model, None, reference, "full vocabulary, 0.474x")
+    train = task.encode(splits.train, "train", context)
     used = {token for ids in train["input_ids"] for token in ids}
     trimmed_model, trimmed, kept = trim_vocabulary(load_causal_lm(SOURCE, "source", False, torch.float32).eval(),
                                                    tokenizer, (), used_ids=used)
-    task.tokenizer = trimmed
-    rows += variants(task, splits, trimmed_model, int(0.5 * reference), reference,
+    rows += variants(task, LMContext(splits=splits, tokenizer=trimmed), trimmed_model, int(0.5 * reference), reference,
                      f"vocabulary trimmed to {len(kept):,} tokens, 0.5x")
     print(f"\n{'setting':<42} {'variant':<44} {'params':>8} {'x teacher':>9} {'perplexity':>12}")
     for row in rows:

@@ -56,26 +56,26 @@ def write_classifier_cache(setup, out_dir: Path, top_k=None, store: str = "topk"
     from distill.caches.shards import ShardedWriter
     from distill.data.text import TEXT_KEY
 
-    cfg, task = setup.cfg, setup.task
+    cfg = setup.cfg
     splits, plans, hashes = plan_cache_run(setup)
     device, dtype = setup.start(process_group=False), setup.dtype
     parts = setup.encode("train", "validation")
     rows = json.dumps([list(part[TEXT_KEY]) for part in parts])  # which texts, in which order
-    signature = {"format": FORMAT, "label_names": list(task.label_names), **settings_of(cfg),
+    signature = {"format": FORMAT, "label_names": list(splits.label_names), **settings_of(cfg),
                  "rows": hashlib.sha256(rows.encode()).hexdigest(), **teacher_signature(plans, hashes, dtype)}
     with ShardedWriter.open(Path(out_dir), signature, [len(part) for part in parts], rows_per_shard) as writer:
         ensemble, source = setup.load_teachers()
         for number in writer.mine():
             part, start, end = writer.slices[number]
             loader = DataLoader(parts[part].select(range(start, end)), batch_size=cfg.training.eval_batch_size,
-                                collate_fn=task.collator())
+                                collate_fn=setup.collator())
             keys: List[str] = []
             logits = []
             for batch in loader:
                 logits.append(source.logits(batch, device).transpose(0, 1).float().cpu())  # [B, K, C]
                 keys.extend(batch[TEXT_KEY])
             writer.write(number, {"logits": torch.cat(logits).contiguous()}, metadata={"keys": json.dumps(keys)})
-        meta = {"format": FORMAT, "label_names": list(task.label_names), **settings_of(cfg),
+        meta = {"format": FORMAT, "label_names": list(splits.label_names), **settings_of(cfg),
                 "dtype": str(dtype).replace("torch.", ""), "rows": sum(len(part) for part in parts),
                 "teachers": [{"name": plan.name, "path": plan.path, "hash": digest, "params": params}
                              for plan, digest, params in zip(plans, hashes, ensemble.parameter_counts)]}

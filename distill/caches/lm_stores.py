@@ -301,7 +301,7 @@ def write_cache(setup, out_dir, top_k=None, store: str = "topk", hidden_dtype=No
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + number)
             shard = {"index": [], "lengths": [], **{part: [] for part in parts}}
             loader = DataLoader(train.select(range(start, end)), batch_size=cfg.training.eval_batch_size,
-                                collate_fn=task.collator(), shuffle=False)
+                                collate_fn=setup.collator(), shuffle=False)
             for batch in loader:
                 signal = source.signal(batch, device)
                 sequence = batch["input_ids"].shape[1]
@@ -313,7 +313,8 @@ def write_cache(setup, out_dir, top_k=None, store: str = "topk", hidden_dtype=No
             offsets = torch.tensor([0] + shard["lengths"]).cumsum(0)
             writer.write(number, {"index": torch.tensor(shard["index"], dtype=torch.int64), "offsets": offsets,
                                   **{part: torch.cat(shard[part]) for part in parts}})
-        figures = task.evaluate(None, ensemble, source, device, validation).figures  # teachers and target (every rank)
+        # teachers and target (every rank)
+        figures = task.evaluate(None, ensemble, source, device, validation, setup.context).figures
         meta = {"store": store, **kind.recorded(stored, source), "vocab_size": plans[0].vocab_size,
                 "fingerprint": dataset_fingerprint, "rows": len(train), "interpolation": cfg.interpolation.method,
                 "teachers": [{"name": plan.name, "path": plan.path, "hash": digest, "params": params,

@@ -200,8 +200,8 @@ def run_fit_weights(cfg, out_dir: Path, fit_temperatures: bool = False, method: 
     device = setup.device
     names = [teacher_display_name(t, i) for i, t in enumerate(cfg.teachers.models)]
     if ensemble.routing is not None:
-        return _fit_routes(cfg, task, ensemble, source, device, validation, names, out_dir, method)
-    rows = task.validation_chunks(ensemble, source, device, validation)
+        return _fit_routes(cfg, task, ensemble, source, device, validation, setup.context, names, out_dir, method)
+    rows = task.validation_chunks(ensemble, source, device, validation, setup.context)
     training = torch.tensor([plan.temperature for plan in plans], dtype=torch.float64)
     table = comparison_table(names, rows.chunks, fit_temperatures, rows.text_bytes, training)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -221,8 +221,8 @@ def run_fit_weights(cfg, out_dir: Path, fit_temperatures: bool = False, method: 
             "fit": fit}
 
 
-def _fit_routes(cfg, task, ensemble, source, device, validation, names: List[str], out_dir: Path, method: str
-                ) -> Dict:
+def _fit_routes(cfg, task, ensemble, source, device, validation, context, names: List[str], out_dir: Path,
+                method: str) -> Dict:
     """fit-weights with teachers.route_by: one table per route with several teachers, over that
     route's validation rows and its own teachers; weights.yaml sets teachers.route_weights."""
     import yaml
@@ -237,7 +237,7 @@ def _fit_routes(cfg, task, ensemble, source, device, validation, names: List[str
     tables, fragments, report = [], {}, {}
     for route in routing.fitted_routes():
         value, chosen = routing.routes.values[route], routing.routes.teachers_of(route)
-        rows = task.validation_chunks(ensemble, source, device, validation, route=route)
+        rows = task.validation_chunks(ensemble, source, device, validation, context, route=route)
         table = comparison_table([names[k] for k in chosen], routing.route_chunks(route, rows.chunks), False,
                                  rows.text_bytes, ensemble.temperatures[chosen].double())
         fit = table["fits"][method + TRAINING_T if method + TRAINING_T in table["fits"] else method]

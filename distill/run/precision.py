@@ -12,7 +12,7 @@ from typing import Dict, Optional
 import torch
 
 
-def teacher_precision_drift(task, ensemble, source, plans, device, validation) -> Dict[str, Optional[float]]:
+def teacher_precision_drift(task, ensemble, source, plans, device, validation, context) -> Dict[str, Optional[float]]:
     """{teacher: mean KL(fp32 || as loaded) over the KD rows of `validation`'s first batch (tokens, or
     examples), or None where no model of it loads here}. Each measured teacher is loaded once more in
     fp32, eager, alone, then dropped."""
@@ -23,7 +23,7 @@ def teacher_precision_drift(task, ensemble, source, plans, device, validation) -
     measured = [k for k in range(len(plans)) if ensemble.model(k) is not None]
     if not measured:
         return drift
-    batch = next(iter(validation_loader(validation, task.collator(), task.cfg.training.eval_batch_size)))
+    batch = next(iter(validation_loader(validation, task.collator(context), task.cfg.training.eval_batch_size)))
     low = source.signal(batch, device)
     low_logits = low.logits(0, low.rows)
     rows = task.kd_rows(batch).to(low_logits.device)
@@ -31,7 +31,7 @@ def teacher_precision_drift(task, ensemble, source, plans, device, validation) -
         plan = plans[k]
         alone = copy.copy(plan)
         alone.weight = 1.0  # one teacher on its own (its mixture weight may be 0)
-        reference, reference_source = task.load_teachers([alone], device, torch.float32, eager=True)
+        reference, reference_source = task.load_teachers([alone], device, torch.float32, context, eager=True)
         signal = reference_source.signal(batch, device)
         if plan.token_map is not None:  # another tokenizer: in its own vocabulary, where it reads
             read = rows & low.coverage(0, low.rows)[k].to(rows.device)

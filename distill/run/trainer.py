@@ -184,13 +184,13 @@ class Trainer:
         initial = self.run_dir / STUDENT_INIT
         # on resume, the initial student the run saved: trimming and pruning are not redone
         saved = initial if self.resume_from is not None and (initial / "config.json").is_file() else None
-        student, tokenizer = task.build_student(self.splits, self.teacher_plans, saved=saved)
+        student, tokenizer = setup.build_student(saved=saved)
         # the initial student, whole: export rebuilds from it, WiSE-FT mixes with it
         if saved is None and distributed.is_main():
             student.save_pretrained(initial)
             tokenizer.save_pretrained(initial)
         self.train_set, self.validation_set = setup.encode("train", "validation")
-        self.collator = task.collator()
+        self.collator = setup.collator()
 
         self.teacher_params = []
         self.teacher_precision = None  # the teachers' dtype and what it changes against fp32
@@ -232,7 +232,7 @@ class Trainer:
             with torch.random.fork_rng(devices=devices):
                 try:
                     drift = teacher_precision_drift(self.task, self.ensemble, self.source, self.teacher_plans,
-                                                    self.device, self.validation_set)
+                                                    self.device, self.validation_set, self.setup.context)
                 except NonFiniteLogitsError as error:
                     if not compiled:
                         raise
@@ -261,7 +261,7 @@ class Trainer:
         if cfg.loss.intermediate:
             check_layer_maps(cfg)
         if not cfg.data.mixture_sources:  # a mixture draws with replacement: any batch size goes
-            rows, batch = self.task.training_rows(self.splits), cfg.training.micro_batch_size
+            rows, batch = self.task.training_rows(self.setup.context), cfg.training.micro_batch_size
             if rows is not None and rows < batch * distributed.world_size():  # None: streamed, not known yet
                 raise ConfigError(f"training.micro_batch_size={batch} x {distributed.world_size()} ranks exceeds the "
                                   f"{rows} training rows: lower training.micro_batch_size or add data")
@@ -279,14 +279,16 @@ class Trainer:
                 from distill.signals.routing import fit_routes
 
                 state = fit_routes(routing, lambda route: self.task.validation_chunks(
-                    self.ensemble, self.source, self.device, self.validation_set, route=route).chunks,
+                    self.ensemble, self.source, self.device, self.validation_set, self.setup.context,
+                    route=route).chunks,
                     self.ensemble.temperatures, cfg.seed,
                     distributed.is_main())
                 if state is not None:
                     state.update(weights=self.ensemble.weights.tolist(),
                                  temperatures=self.ensemble.temperatures.tolist())
             else:
-                chunks = self.task.validation_chunks(self.ensemble, self.source, self.device, self.validation_set).chunks
+                chunks = self.task.validation_chunks(self.ensemble, self.source, self.device, self.validation_set,
+                                                     self.setup.context).chunks
                 if distributed.is_main():
                     state = self.ensemble.interpolation.fit(chunks, self.ensemble.weights.double(),
                                                             self.ensemble.temperatures.double(),
@@ -465,7 +467,8 @@ class Trainer:
 
     def _micro_step(self, batch: Dict, window: LogWindow) -> None:
         now = self._scheduled(self.engine.global_steps)
-        terms, figures = self.task.loss(self.engine, batch, self.ensemble, self.source, now, layers=self.layer_terms)
+        terms, figures = self.task.loss(self.engine, batch, self.ensemble, self.source, now, self.setup.context,
+                                        layers=self.layer_terms)
         if not math.isfinite(figures.loss):  # the figures are host floats already: no extra sync
             newest = latest_complete_tag(self.run_dir / CHECKPOINTS)
             raise DivergedError(
@@ -493,7 +496,7 @@ class Trainer:
         scheduled_sources = torch.zeros_like(drawn_sources)
         self.engine.train()
         stream = self.source.lookahead(self._stream()) if self.source is not None else self._stream()
-        batches = self.task.batches(stream, self.engine)
+        batches = self.task.batches(stream, self.engine, self.setup.context)
         for epoch, position, batch in batches:
             if self.engine.global_steps >= self.total_steps:
                 break
@@ -627,7 +630,7 @@ class Trainer:
         evaluation domain), logged as `model/metric` and `model/domain/metric`."""
         self.engine.eval()
         evaluation = self.task.evaluate(self.engine, self.ensemble, self.source, self.engine.device,
-                                        self.validation_set)
+                                        self.validation_set, self.setup.context)
         metrics, domains = evaluation.figures, evaluation.domains
         self.last_predictions = evaluation.predictions  # eval/predictions.json, written after the last evaluation
         logged = {f"{model}/{name}": value for model, figures in metrics.items()

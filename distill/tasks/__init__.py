@@ -6,9 +6,9 @@ owns what differs between tasks:
 - data: `read_splits` (raw rows, no model needed), `encode`, `collator`, and `batches` (a task
   may annotate the micro-batches of an optimizer step, e.g. with the step's token count);
 - models: `plan_teachers` (configs and tokenizers only: mismatches fail before
-  any weight loads; it returns the plans, which the caller hands to `check_before_writing`,
-  `build_student` and `load_teachers`), `load_teachers` (an ensemble and a teacher-signal source,
-  signals/);
+  any weight loads; it returns the plans and a `base.Context`, which the caller hands to
+  `check_before_writing`, `build_student` and `load_teachers`), `load_teachers` (an ensemble and a
+  teacher-signal source, signals/);
 - the loss: `loss` turns the student's outputs and the teachers' signal into loss terms;
 - evaluation: `evaluate` (accuracy/F1, or perplexity and bits per byte, per evaluation domain
   too: a base.Evaluation, with the predictions the trainer writes) and `validation_chunks` (what
@@ -21,6 +21,12 @@ by `setup.Setup`), report.json (evaluation/report.build_report, from the task's 
 teachers' precision drift (run/precision.py), the teacher cache (caches.write_task_cache, the format
 `traits.cache` names), the exported tokenizer's length (base.trained_length) and a saved student's
 loading (base.load_saved_student) compose around every task.
+
+A task keeps nothing one call leaves for the next: what set-up finds (the rows read, the student's
+tokenizer, the teachers' own tokenizers, an opened teacher cache, a causal LM's vocabulary and served
+connection) is a `base.Context` that `plan_teachers` makes, `check_before_writing` and `build_student`
+return updated, and every later call (`encode`, `collator`, `batches`, `load_teachers`, `loss`,
+`evaluate`, `validation_chunks`, `training_rows`) is handed; `setup.Setup` holds it between stages.
 
 A task declares the shared settings it reads and not every task does (`owns`): a set key that
 another task owns and the chosen one does not is refused here, structurally; `check_config` holds

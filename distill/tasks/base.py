@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -62,6 +62,30 @@ class SavedModelScoring:
     score: Callable[[object], Dict[str, float]]
 
 
+@dataclass
+class Context:
+    """What a command's set-up found that the task's later calls read, handed to each of them: a task
+    keeps none of it. `plan_teachers` makes it; `check_before_writing` and `build_student` return it
+    with what they opened or built (dataclasses.replace); tasks/setup.Setup holds it between stages.
+    A task with more to hand on subclasses it (tasks/causal_lm.LMContext)."""
+
+    splits: Any  # data.text.Splits: the rows read (and their label names)
+    tokenizer: Any  # the student's tokenizer: the one planned against, then the built student's own
+    teacher_groups: List = field(default_factory=list)  # data.text.TokenizerGroup per teacher tokenizer of its own
+    cache: Any = None  # teachers.cache, opened and matched by check_before_writing (None: live teachers)
+
+    @property
+    def label_names(self) -> List[str]:
+        return self.splits.label_names
+
+    @property
+    def groups(self) -> List:
+        """Every tokenizer the rows are encoded with: the student's (prefix '') first, then the teachers' own."""
+        from distill.data.text import TokenizerGroup
+
+        return [TokenizerGroup(prefix="", tokenizer=self.tokenizer)] + list(self.teacher_groups)
+
+
 @dataclass(frozen=True)
 class Traits:
     """What a task declares about itself, read by the commands around it (the trainer, fits, the
@@ -85,10 +109,12 @@ class Traits:
 
 
 class Task:
-    """The interface the trainer and the commands use; see the module docstring."""
+    """The interface the trainer and the commands use (see the package docstring). A task holds its
+    config and nothing a call leaves for the next one: what set-up finds travels in a `Context`, and
+    what a task keeps between calls is a memo of a call's own result (its frozen teachers' figures, a
+    loss workspace), never an input of another call."""
 
-    name = "base"
-    traits = Traits()
+    traits = Traits()  # what the task is (Traits), read by the commands around it
     # Settings of the shared sections that this task reads and not every task does (dotted keys;
     # `[*]` for each entry of a list). A key set in the config that another task owns and the chosen
     # one does not is refused by tasks.refuse_settings_of_other_tasks: no task lists another's keys.
@@ -104,56 +130,62 @@ class Task:
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
+        """data.text.Splits: the rows read and split (no model needed), with their label names."""
         raise NotImplementedError
 
-    def encode(self, split, key: str):
+    def encode(self, split, key: str, context: Context):
+        """The rows of `split` (named `key`: 'train', 'validation') encoded with `context`'s tokenizers."""
         raise NotImplementedError
 
-    def collator(self):
+    def collator(self, context: Context):
+        """What pads a list of encoded rows into a batch of tensors."""
         raise NotImplementedError
 
-    def training_rows(self, splits) -> int:
-        """How many training rows (examples, or blocks) the encoded train split will hold."""
-        return len(splits.train)
+    def training_rows(self, context: Context) -> Optional[int]:
+        """How many training rows (examples, or blocks) the encoded train split will hold (None: not known
+        before it is read, e.g. streamed)."""
+        return len(context.splits.train)
 
-    def check_before_writing(self, splits, plans) -> None:
-        """The task's own checks on config, data and the teachers' `plans` (what plan_teachers
-        returned), before the run directory is written (none by default)."""
+    def check_before_writing(self, plans, context: Context) -> Context:
+        """The task's own checks on config, data and the teachers' `plans`, before the run directory is
+        written; returns `context` with what they opened (a teacher cache, a server's connection)."""
+        return context
 
-    def batches(self, stream, engine):
+    def batches(self, stream, engine, context: Context):
         """The training micro-batches, as (epoch, position, batch) from `stream`; by default as they
         come (a task may annotate them, or replace them by the student's own samples: it is handed
         the engine, whose restored `global_steps` and `micro_steps` say how many micro-batches are done)."""
         return stream
 
     # models --------------------------------------------------------------------------------
-    def plan_teachers(self, student_tokenizer):
-        """teachers.TeacherPlan per teacher, matched against the student's tokenizer and labels from
-        configs and tokenizers only (no weights load); the caller keeps them and hands them on."""
+    def plan_teachers(self, splits, student_tokenizer) -> Tuple[List, Context]:
+        """(teachers.TeacherPlan per teacher, Context): the teachers matched against the student's tokenizer
+        and the data's labels from configs and tokenizers only (no weights load)."""
         raise NotImplementedError
 
-    def build_student(self, splits, plans, saved=None):
-        """(student in fp32, its tokenizer), built for the teachers' `plans`; `saved`: on resume, the
-        run's initial student directory, loaded instead (`saved_student`: trimming and pruning are not
-        redone; the checkpoint then restores the trained weights)."""
+    def build_student(self, plans, context: Context, saved=None) -> Tuple[torch.nn.Module, Context]:
+        """(student in fp32, `context` with its tokenizer), built for the teachers' `plans`; `saved`: on
+        resume, the run's initial student directory, loaded instead (`saved_student`: trimming and pruning
+        are not redone; the checkpoint then restores the trained weights)."""
         raise NotImplementedError
 
-    def load_teachers(self, plans, device, dtype, eager=False):
+    def load_teachers(self, plans, device, dtype, context: Context, eager=False):
         """(TeacherEnsemble, signal source) for the planned teachers (`eager`: never compiled)."""
         raise NotImplementedError
 
     # loss and evaluation -------------------------------------------------------------------
-    def loss(self, engine, batch, ensemble, source, now: Dict, layers=None):
+    def loss(self, engine, batch, ensemble, source, now: Dict, context: Context, layers=None):
         """(loss terms with .total/.kd/.ce, StepFigures) of one micro-batch; the trainer runs backward and step.
         `layers`: loss.intermediate's terms (models/layer_hooks.LayerTerms) or None."""
         raise NotImplementedError
 
-    def evaluate(self, model, ensemble, source, device, validation) -> Evaluation:
+    def evaluate(self, model, ensemble, source, device, validation, context: Context) -> Evaluation:
         """The figures of `model` (None: teachers only), the teachers and the target on `validation`
         (what `encode` returned for it), per evaluation domain too, and the per-row predictions."""
         raise NotImplementedError
 
-    def validation_chunks(self, ensemble, source, device, validation, route: Optional[int] = None) -> FitRows:
+    def validation_chunks(self, ensemble, source, device, validation, context: Context,
+                          route: Optional[int] = None) -> FitRows:
         """FitRows over the rows of `validation` (the encoded split) with a label (the teachers'
         logits, a chunk at a time); with `route`, over that route's rows only (signals/routing.of_route;
         every teacher's logits: the route picks)."""
@@ -170,9 +202,11 @@ class Task:
 
     # description ---------------------------------------------------------------------------
     def format_table(self, report: Dict) -> str:
+        """report.json's figures as the table a run prints at its end."""
         raise NotImplementedError
 
     def model_card(self, report: Dict, model_config, dtype: str, compression=None, parity=None) -> str:
+        """The exported student's README.md."""
         raise NotImplementedError
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +26,7 @@ from distill.signals.routing import index_split_routes, of_route, plan_routes
 from distill.formulas.token_loss import (Workspace, chunked_target_distillation, fused_token_distillation, tokens_per_chunk)
 from distill.config.schema import resolve_teacher_index, served_teachers, student_source, teacher_display_name
 from distill.errors import ConfigError
-from distill.data.text import INDEX, LABELS
+from distill.data.text import INDEX, LABELS, column
 from distill.evaluation.predictions import validation_loader
 from distill.models.layer_hooks import student_forward
 from distill.data.lm import LMCollator, domain_rows, encode_lm, read_lm_splits
@@ -35,8 +36,8 @@ from distill.util.paths import resolve_path
 from distill.evaluation.report import causal_lm_card, format_lm_table
 from distill.signals.sources import (HiddenStateSignal, LiveLanguageModels, Targets, TopKSignal, body_and_head,
                                      cached_source)
-from distill.tasks.base import (Evaluation, FitRows, SavedModelScoring, StepFigures, Task, Traits, register_task,
-                                 saved_student)
+from distill.tasks.base import (Context, Evaluation, FitRows, SavedModelScoring, StepFigures, Task, Traits,
+                                register_task, saved_student)
 
 
 # a source whose rows a fit cannot keep (every source of this task gives hidden states or top-k rows)
@@ -74,7 +75,25 @@ def text_bytes(dataset, data) -> int:
     """UTF-8 bytes of the text whose tokens carry labels (texts, or the responses): the
     denominator of bits per byte, the same whatever the tokenizer."""
     field = data.response_field if data.prompt_field else data.text_fields[0]
-    return sum(len(text.encode("utf-8")) for text in dataset[field])
+    return sum(len(text.encode("utf-8")) for text in column(dataset, field))
+
+
+@dataclass
+class LMContext(Context):
+    """A causal LM's set-up context (tasks.base.Context) with what its later calls read besides."""
+
+    vocab_size: Optional[int] = None  # the student's output size, from its source's config
+    # with teachers of other tokenizers (per_model): the UTF-8 spelling of each student token id (None: special)
+    student_bytes: Optional[List] = None
+    vocabulary: Any = None  # student.trim_vocab: tokens/vocabulary.TeacherVocabulary of the kept ids
+    served: Any = None  # signals/served.ServedLanguageModels, connected by check_before_writing
+
+    def byte_lengths(self) -> List[int]:
+        """Bytes each student token id spells (0: special), with teachers of other tokenizers (else empty)."""
+        return [len(text) if text is not None else 0 for text in self.student_bytes or ()]
+
+    def student_byte_lengths(self) -> Optional[Tensor]:
+        return torch.tensor(self.byte_lengths(), dtype=torch.long) if self.student_bytes is not None else None
 
 
 def check_head_reproduces_logits(model: nn.Module, key: str) -> None:
@@ -248,133 +267,147 @@ class CausalLM(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.divergence = build_divergence(cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta, skew=cfg.loss.skew)
-        self.label_names: List[str] = []
-        self.domain_sets: Dict[str, object] = {}
-        self.bytes: Dict[str, int] = {}
-        self.cache = None
-        self.served_source = None  # signals/served.ServedLanguageModels, connected before the run directory
-        self.served_alone = None  # (ensemble, source) of the served teachers beside a cache: scored on their own
-        self.served_figures: Dict[str, Dict[str, Dict[str, float]]] = {}  # their figures per evaluated set
-        # frozen teachers: their (and the target's) figures per evaluated set, computed once (or read
-        # from the cache for the validation set)
-        self.teacher_figures: Dict[str, Dict[str, Dict[str, float]]] = {}
-        self._encoded: Dict[str, object] = {}
-        self.vocabulary = None  # with student.trim_vocab: the kept ids in the teachers' numbering
-        self.teacher_groups: List = []  # teachers.tokenization=per_model: one per other tokenizer
-        self.student_vocab_size: Optional[int] = None
-        self.student_bytes = None  # bytes per student token id (per_model: the target's bits per byte)
-        self.workspace = None  # the loss's reused temporaries on a CPU (_loss_plan)
+        # memos of calls' own results, never another call's input: the last encoded train split (blocks
+        # counted before the run directory are reused), the evaluation domains and routes encoded per
+        # validation split and tokenizer, the frozen teachers' figures per evaluated set (per ensemble;
+        # served teachers beside a cache are scored on their own), the loss's reused CPU temporaries
+        self._encoded: Tuple = (None, None, None, None)  # (key, split, tokenizer, blocks)
+        self._sets: Tuple = (None, None, None)  # (validation split, tokenizer, (sets, bytes))
+        self._teacher_figures: Tuple = (None, {})  # (ensemble, {set name: figures})
+        self._served_figures: Tuple = (None, {})
+        self.workspace = None  # _loss_plan
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
-        self.splits = read_lm_splits(self.cfg.data, self.cfg.teachers.route_by)
-        self.bytes["validation"] = text_bytes(self.splits.validation, self.cfg.data)
-        index_split_routes(self.cfg, self.splits)
-        return self.splits
+        splits = read_lm_splits(self.cfg.data, self.cfg.teachers.route_by)
+        index_split_routes(self.cfg, splits)
+        return splits
 
-    def encode(self, split, key: str):
+    def encode(self, split, key: str, context):
+        """`split`'s blocks (or prompt/response rows); the train split's are a memo (counted before the run
+        directory, encoded once). The validation split's evaluation domains and routes are encoded beside
+        it (`_evaluation_sets`), so that a bad domain file is refused here, not at the first evaluation."""
         data = self.cfg.data
-        memo = (key, id(split), id(self.tokenizer))  # blocks counted before the run directory are reused
-        if self._encoded.get("key") == memo:
-            return self._encoded["blocks"]
+        memo_key, memo_split, memo_tokenizer, blocks = self._encoded
+        if memo_key == key and memo_split is split and memo_tokenizer is context.tokenizer:
+            return blocks
+        tokenizer, groups = context.tokenizer, context.teacher_groups
         if key == "train" and data.streaming:
-            encoded = self._streamed_blocks()
+            encoded = self._streamed_blocks(context)
         elif data.prepare:
             from distill.data.lm import eos_token_id
             from distill.data.prepared import prepared_blocks
 
-            in_memory = ((lambda: encode_lm(split, self.tokenizer, data, key, self.teacher_groups, self._byte_lengths()))
-                         if self.teacher_groups else None)
-            encoded = prepared_blocks(split, self.tokenizer, data, key, eos_token_id(self.tokenizer), in_memory,
-                                      self.teacher_groups)
+            in_memory = ((lambda: encode_lm(split, tokenizer, data, key, groups, context.byte_lengths()))
+                         if groups else None)
+            encoded = prepared_blocks(split, tokenizer, data, key, eos_token_id(tokenizer), in_memory, groups)
         else:
-            encoded = encode_lm(split, self.tokenizer, data, key, self.teacher_groups, self._byte_lengths())
+            encoded = encode_lm(split, tokenizer, data, key, groups, context.byte_lengths())
         if key == "train":
-            self._encoded = {"key": memo, "blocks": encoded}
-        if key == "train":
-            self.train_set = encoded
-        if key == "validation":  # its evaluation domains and routes, encoded beside it
-            named = [(domain.name, domain_rows(split, data, domain, index, self.cfg.teachers.route_by))
-                     for index, domain in enumerate(data.eval_domains)]
-            routes = plan_routes(self.cfg)
-            if routes is not None:  # each route's validation text, and domain files' routes as ids
-                from distill.signals.routing import index_route_column
-
-                named = [(name, rows if domain.path is None else index_route_column(rows, routes))
-                         for (name, rows), domain in zip(named, data.eval_domains)]
-                named += [(f"route.{value}", of_route(split, route)) for route, value in enumerate(routes.values)]
-            for name, rows in named:
-                if len(rows):
-                    self.domain_sets[name] = encode_lm(rows, self.tokenizer, data, f"eval_domains.{name}",
-                                                       self.teacher_groups, self._byte_lengths())
-                    self.bytes[name] = text_bytes(rows, data)
+            self._encoded = (key, split, tokenizer, encoded)
+        if key == "validation":
+            self._evaluation_sets(context)
         return encoded
 
-    def _streamed_blocks(self):
+    def _evaluation_sets(self, context) -> Tuple[Dict[str, object], Dict[str, int]]:
+        """({name: encoded rows} of each evaluation domain and route with rows, {name: UTF-8 bytes of its
+        labelled text}, 'validation' included): made once per validation split and tokenizer (a memo)."""
+        split, tokenizer = context.splits.validation, context.tokenizer
+        if self._sets[0] is split and self._sets[1] is tokenizer:
+            return self._sets[2]
+        data = self.cfg.data
+        named = [(domain.name, domain_rows(split, data, domain, index, self.cfg.teachers.route_by))
+                 for index, domain in enumerate(data.eval_domains)]
+        routes = plan_routes(self.cfg)
+        if routes is not None:  # each route's validation text, and domain files' routes as ids
+            from distill.signals.routing import index_route_column
+
+            named = [(name, rows if domain.path is None else index_route_column(rows, routes))
+                     for (name, rows), domain in zip(named, data.eval_domains)]
+            named += [(f"route.{value}", of_route(split, route)) for route, value in enumerate(routes.values)]
+        sets, sizes = {}, {"validation": text_bytes(split, data)}
+        for name, rows in named:
+            if len(rows):
+                sets[name] = encode_lm(rows, tokenizer, data, f"eval_domains.{name}", context.teacher_groups,
+                                       context.byte_lengths())
+                sizes[name] = text_bytes(rows, data)
+        self._sets = (split, tokenizer, (sets, sizes))
+        return sets, sizes
+
+    def _streamed_blocks(self, context):
         """data.streaming: this rank's blocks, read from the train source as training asks for them."""
         from distill.data.lm import eos_token_id, lm_fields
         from distill.data.streamed import StreamedBlocks
         from distill.data.text import text_key, text_keys
 
-        exclude = ({text_key(*key) for key in text_keys(self.splits.validation, lm_fields(self.cfg.data))}
+        exclude = ({text_key(*key) for key in text_keys(context.splits.validation, lm_fields(self.cfg.data))}
                    if self.cfg.data.drop_duplicate_texts else set())
-        return StreamedBlocks(self.cfg.data.train, self.cfg.data, self.tokenizer, eos_token_id(self.tokenizer),
+        return StreamedBlocks(self.cfg.data.train, self.cfg.data, context.tokenizer, eos_token_id(context.tokenizer),
                               self.cfg.seed, distributed.rank(), distributed.world_size(), exclude)
 
-    def collator(self):
-        return LMCollator(self.tokenizer, self.teacher_groups)
+    def collator(self, context):
+        return LMCollator(context.tokenizer, context.teacher_groups)
 
-    def training_rows(self, splits) -> Optional[int]:
+    def training_rows(self, context) -> Optional[int]:
         """The training blocks; None when they are streamed (not known before they are read)."""
         if self.cfg.data.streaming:
             return None
-        return len(self.encode(splits.train, "train"))
+        return len(self.encode(context.splits.train, "train", context))
 
-    def check_before_writing(self, splits, plans) -> None:
+    def check_before_writing(self, plans, context):
         """A teacher cache must hold these teachers and exactly these training blocks; served teachers
-        must answer, know their model and tokenize as their tokenizer does."""
+        must answer, know their model and tokenize as their tokenizer does. Returns the context with the
+        cache opened and the servers connected."""
         if self.cfg.teachers.cache is not None:
-            self._open_cache(self.encode(splits.train, "train"), plans)
+            context = replace(context, cache=self._open_cache(
+                self.encode(context.splits.train, "train", context), plans))
         if self.cfg.data.streaming:  # read as it trains: its first row now, so a bad source stops nothing written
             from distill.data.streamed import check_stream
 
             check_stream(self.cfg.data.train, self.cfg.data)
         if self.served():
-            self._connect(plans)
+            context = replace(context, served=self._connect(plans, context))
+        return context
 
     def served(self) -> bool:
         """Some teacher runs on an inference server."""
         return bool(served_teachers(self.cfg))
 
-    def _connect(self, plans):
+    def _connect(self, plans, context):
+        """The served teachers' connection: the one check_before_writing made, else a new one."""
         from distill.signals.served import connect
 
-        if self.served_source is None:
-            self.served_source = connect(self.cfg, plans, self.tokenizer, self.student_vocab_size)
-        return self.served_source
+        if context.served is not None:
+            return context.served
+        return connect(self.cfg, plans, context.tokenizer, context.vocab_size)
+
+    def _cache(self, plans, context):
+        """teachers.cache as check_before_writing opened it, else opened now (a command that loads
+        teachers without that check)."""
+        if context.cache is not None:
+            return context.cache
+        return self._open_cache(self.encode(context.splits.train, "train", context), plans)
 
     def _open_cache(self, train_set, plans):
         from distill.caches.lm_stores import LogitCache, fingerprint
 
-        if self.cache is None:  # it holds the teachers that are not served
-            served = served_teachers(self.cfg)
-            cached = [plan for k, plan in enumerate(plans) if k not in served]
-            self.cache = LogitCache(resolve_path(self.cfg.teachers.cache), [p.name for p in cached],
-                                    fingerprint(train_set))
-            key = f"teachers.cache ({self.cfg.teachers.cache}, {self.cache.store.name})"
-            self.cache.store.check_use(self.cfg, cached, self.cache.meta, key)
-            if self.served() and self.cache.store.softened:
-                raise ConfigError(f"{key}: its samples were drawn at the cached teachers' temperatures and mix only "
-                                  "with each other; beside served teachers use a topk or hidden cache")
-        return self.cache
+        served = served_teachers(self.cfg)  # it holds the teachers that are not served
+        cached = [plan for k, plan in enumerate(plans) if k not in served]
+        cache = LogitCache(resolve_path(self.cfg.teachers.cache), [p.name for p in cached], fingerprint(train_set))
+        key = f"teachers.cache ({self.cfg.teachers.cache}, {cache.store.name})"
+        cache.store.check_use(self.cfg, cached, cache.meta, key)
+        if self.served() and cache.store.softened:
+            raise ConfigError(f"{key}: its samples were drawn at the cached teachers' temperatures and mix only "
+                              "with each other; beside served teachers use a topk or hidden cache")
+        return cache
 
-    def batches(self, stream, engine):
+    def batches(self, stream, engine, context):
         transform = None
         if self.cfg.training.on_policy.fraction > 0:  # a share of the micro-batches: the student's own samples
             from distill.tasks.on_policy import OnPolicySampler
 
-            sampler = OnPolicySampler(self.cfg.training.on_policy, self.cfg.seed, self.tokenizer,
-                                      self.cfg.data.max_length, self.collator(), self.cfg.deepspeed.zero_stage,
+            sampler = OnPolicySampler(self.cfg.training.on_policy, self.cfg.seed, context.tokenizer,
+                                      self.cfg.data.max_length, self.collator(context), self.cfg.deepspeed.zero_stage,
                                       distributed.rank())
             transform = functools.partial(sampler, engine)
         accumulation = self.cfg.training.gradient_accumulation_steps
@@ -384,7 +417,7 @@ class CausalLM(Task):
                            transform=transform)
 
     # models --------------------------------------------------------------------------------
-    def plan_teachers(self, student_tokenizer):
+    def plan_teachers(self, splits, student_tokenizer):
         """Teachers share the student's tokenizer (identical vocabularies), or, with
         teachers.tokenization=per_model, bring their own: then their vocabulary is mapped onto the
         student's (cross_tokenizer.build_token_map), all checked before any weights load."""
@@ -400,8 +433,8 @@ class CausalLM(Task):
         student_config = load_model_config(reference, reference_key, cfg.trust_remote_code)
         if cfg.student.path is not None:
             check_positions(student_config, length, length_key, f"student.path ({cfg.student.path})")
-        self.student_vocab_size = student_config.vocab_size
-        plans, self.teacher_groups = [], []
+        vocab_size = student_config.vocab_size
+        plans, teacher_groups, student_bytes = [], [], None
         for index, teacher in enumerate(cfg.teachers.models):
             key = f"teachers.models[{index}] ({teacher.path})"
             tokenizer = load_tokenizer(teacher.path, key, cfg.trust_remote_code)
@@ -416,13 +449,18 @@ class CausalLM(Task):
                                       f"({len(student_tokenizer)} tokens): use a teacher of the student's model "
                                       "family, or set teachers.tokenization=per_model to map its distributions onto "
                                       "the student's tokens by text")
-                plan.token_map = self._token_map(tokenizer, student_tokenizer, key, model_config.vocab_size)
-                group = next((g for g in self.teacher_groups if same_vocabulary(g.tokenizer, tokenizer)), None)
+                from distill.signals.aligned import build_token_map
+
+                if student_bytes is None:  # how each student token id is spelled, once
+                    student_bytes = self._spelling(student_tokenizer, vocab_size)
+                plan.token_map = build_token_map(tokenizer, student_tokenizer, student_bytes, key,
+                                                 model_config.vocab_size)
+                group = next((g for g in teacher_groups if same_vocabulary(g.tokenizer, tokenizer)), None)
                 if group is None:
-                    group = TokenizerGroup(prefix=f"t{len(self.teacher_groups)}__", tokenizer=tokenizer)
+                    group = TokenizerGroup(prefix=f"t{len(teacher_groups)}__", tokenizer=tokenizer)
                     group.max_length = getattr(model_config, "max_position_embeddings", None)
                     group.byte_lengths = plan.token_map.byte_lengths.tolist()
-                    self.teacher_groups.append(group)
+                    teacher_groups.append(group)
                 plan.input_prefix = group.prefix
                 if distributed.is_main():
                     print(f"{plan.name}: another tokenizer ({len(tokenizer):,} tokens), mapped onto the student's by "
@@ -430,29 +468,30 @@ class CausalLM(Task):
             else:
                 check_positions(model_config, length, length_key, key)
             plans.append(plan)
-        self.tokenizer = student_tokenizer
-        return plans
+        return plans, LMContext(splits=splits, tokenizer=student_tokenizer, teacher_groups=teacher_groups,
+                                vocab_size=vocab_size, student_bytes=student_bytes)
 
-    def _token_map(self, tokenizer, student_tokenizer, key: str, output_size: int):
-        from distill.signals.aligned import build_token_map, spelled
+    def _spelling(self, student_tokenizer, vocab_size: int) -> List:
+        """The UTF-8 spelling of each of the student's `vocab_size` output ids (None: special, or past its tokenizer)."""
+        from distill.signals.aligned import spelled
 
-        if self.student_bytes is None:
-            reference, reference_key = student_source(self.cfg)
-            spelling = spelled(student_tokenizer, f"{reference_key} ({reference}), the student")
-            self.student_bytes = (list(spelling) + [None] * self.student_vocab_size)[:self.student_vocab_size]
-        return build_token_map(tokenizer, student_tokenizer, self.student_bytes, key, output_size)
+        reference, reference_key = student_source(self.cfg)
+        spelling = spelled(student_tokenizer, f"{reference_key} ({reference}), the student")
+        return (list(spelling) + [None] * vocab_size)[:vocab_size]
 
-    def build_student(self, splits, plans, saved=None):
-        """(model in fp32, tokenizer): a checkpoint, or a copy of a teacher keeping some of its layers;
-        then its vocabulary trimmed to the training blocks' tokens and pruned to its budget. `saved`
-        (resume): the initial student the run saved, trimmed and pruned, with its kept vocabulary."""
+    def build_student(self, plans, context, saved=None):
+        """(model in fp32, the context with its tokenizer): a checkpoint, or a copy of a teacher keeping some
+        of its layers; then its vocabulary trimmed to the training blocks' tokens (the context's
+        `vocabulary`) and pruned to its budget. `saved` (resume): the initial student the run saved, trimmed
+        and pruned, with its kept vocabulary."""
+        from distill.tokens.vocabulary import TeacherVocabulary
+
+        splits = context.splits
         if saved is not None:
             model, tokenizer = saved_student(self, saved, splits.label_names)
             kept = (getattr(model.config, "distill_vocabulary", None) or {}).get("kept_ids")
-            if kept is not None:
-                self._use_vocabulary(kept)
-            self.tokenizer = tokenizer
-            return model, tokenizer
+            vocabulary = TeacherVocabulary(kept) if kept is not None else context.vocabulary
+            return model, replace(context, tokenizer=tokenizer, vocabulary=vocabulary)
         from distill.models.loading import load_causal_lm, load_tokenizer
         from distill.models.student import (apply_config_overrides, calibration_batches, default_layers, keep_layers,
                                      prune_student, source_parameter_count, trim_vocabulary)
@@ -479,51 +518,40 @@ class CausalLM(Task):
                 raise ConfigError(f"{plan.key} has {plan.vocab_size} output tokens, the student "
                                   f"{model.config.vocab_size}: they must predict the same vocabulary")
         check_head_reproduces_logits(model, key)
-        self.tokenizer = tokenizer
+        context = replace(context, tokenizer=tokenizer)
         if spec.trim_vocab:  # the ids of the training blocks: exactly the tokens inside the window
-            blocks = self.encode(splits.train, "train")
+            blocks = self.encode(splits.train, "train", context)
             used = {token for ids in blocks["input_ids"] for token in ids}
             model, tokenizer, kept = trim_vocabulary(model, tokenizer, (), used_ids=used,
                                                      floor=spec.trim_vocab_floor)
             model.config.distill_vocabulary = {"kept_ids": kept}
-            self._use_vocabulary(kept)
-            self.tokenizer = tokenizer
+            context = replace(context, tokenizer=tokenizer, vocabulary=TeacherVocabulary(kept))
             if distributed.is_main():
                 print(f"trimmed the student's vocabulary: {len(kept):,} tokens kept", flush=True)
         if spec.prune.target_params is not None:
-            rows = self.encode(splits.train, "train")
-            batches = calibration_batches(rows, self.collator(), spec.prune.calibration_samples, cfg.seed)
+            rows = self.encode(splits.train, "train", context)
+            batches = calibration_batches(rows, self.collator(context), spec.prune.calibration_samples, cfg.seed)
             model = prune_student(model, cfg, batches, source_parameter_count(cfg, self.traits.auto_model),
                                   next_token_loss)
-        return model, tokenizer
+        return model, context
 
     def kd_rows(self, batch) -> Tensor:
         return batch[LABELS].reshape(-1) != IGNORE_INDEX
 
-    def _use_vocabulary(self, kept_ids) -> None:
-        from distill.tokens.vocabulary import TeacherVocabulary
-
-        self.vocabulary = TeacherVocabulary(kept_ids)
-
-    def load_teachers(self, plans, device, dtype, eager=False):
+    def load_teachers(self, plans, device, dtype, context, eager=False):
         cfg = self.cfg
         from distill.models.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers
 
         if self.served() and len(plans) == len(cfg.teachers.models):  # (one plan alone: its precision drift)
-            return self._served_teachers(plans, device, dtype, eager)
+            return self._served_teachers(plans, device, dtype, context, eager)
         if cfg.teachers.cache is not None:  # no teacher weights load at all
-            self._open_cache(self.train_set, plans)
+            cache = self._cache(plans, context)
             ensemble = TeacherEnsemble(plans, [], build_configured_interpolation(cfg))
             ensemble.on_nonfinite = cfg.teachers.on_nonfinite
-            cached = self.cache.meta["teachers"]
-            ensemble.parameter_counts = [teacher["params"] for teacher in cached]
-            figures = {teacher["name"]: {key: teacher[key] for key in ("nll", "perplexity", "tokens", "bits_per_byte")
-                                         if key in teacher} for teacher in cached}
-            # beside served teachers, the cache's target is not this run's: only its teachers' figures are
-            self.teacher_figures["validation"] = figures if self.served() else {**figures, "target": self.cache.meta["target"]}
-            if self.cache.store.softened:  # drawn at the teachers' temperatures already: not softened again
+            ensemble.parameter_counts = [teacher["params"] for teacher in cache.meta["teachers"]]
+            if cache.store.softened:  # drawn at the teachers' temperatures already: not softened again
                 ensemble.temperatures = torch.ones(len(plans))
-            return ensemble, cached_source(self.cache)
+            return ensemble, cached_source(cache)
 
         def load(plan, teacher_dtype):
             from distill.models.loading import load_causal_lm
@@ -537,10 +565,10 @@ class CausalLM(Task):
             from distill.signals.aligned import AlignedLanguageModels
 
             return ensemble, AlignedLanguageModels(ensemble, [plan.token_map for plan in plans],
-                                                   self.student_vocab_size, self.vocabulary)
-        return ensemble, LiveLanguageModels(ensemble, self.vocabulary)
+                                                   context.vocab_size, context.vocabulary)
+        return ensemble, LiveLanguageModels(ensemble, context.vocabulary)
 
-    def _served_teachers(self, plans, device, dtype, eager):
+    def _served_teachers(self, plans, device, dtype, context, eager):
         """(ensemble, source) with teachers on inference servers (signals/served.py): all of them, or
         beside local ones loaded as usual (MixedSource)."""
         from distill.models.loading import count_parameters, load_model_config, meta_model
@@ -553,16 +581,13 @@ class CausalLM(Task):
         ensemble.on_nonfinite, ensemble.served = cfg.teachers.on_nonfinite, True
         counts = {k: count_parameters(meta_model(load_model_config(plans[k].path, plans[k].key, cfg.trust_remote_code),
                                                  self.traits.auto_model)) for k in served}  # from their configs
-        source = self._connect(plans)
+        source = self._connect(plans, context)
         if local:
-            live, live_source = self.load_teachers([plans[k] for k in local], device, dtype, eager)
+            live, live_source = self.load_teachers([plans[k] for k in local], device, dtype, context, eager)
             counts.update(zip(local, live.parameter_counts))
             ensemble.dtype = live.dtype
             from distill.signals.served import MixedSource
 
-            if self.cache is not None:  # the cache holds no validation rows: the served teachers are scored alone
-                alone = TeacherEnsemble([plans[k] for k in served], [], build_configured_interpolation(cfg))
-                self.served_alone = (alone, source)
             source = MixedSource([(local, live_source), (served, source)], len(plans))
         ensemble.parameter_counts = [counts[k] for k in range(len(plans))]
         return ensemble, source
@@ -587,7 +612,7 @@ class CausalLM(Task):
                 self.workspace if device.type == "cpu" else None)
 
     # loss and evaluation -------------------------------------------------------------------
-    def loss(self, engine, batch, ensemble, source, now: Dict, layers=None):
+    def loss(self, engine, batch, ensemble, source, now: Dict, context, layers=None):
         cfg = self.cfg
         if cfg.training.on_policy.fraction > 0 and ON_POLICY in batch:
             # the student's own samples: it learns them from the teachers alone (GKD); its sampled
@@ -648,42 +673,61 @@ class CausalLM(Task):
                                   batch["input_ids"].shape[0], targets.skipped if targets is not None else 0,
                                   extra=extra, ratios=ratios)
 
-    def evaluate(self, model, ensemble, source, device, validation):
-        """Perplexity, NLL and bits per byte per model on validation and on each evaluation domain."""
-        live = ensemble is not None and self.cache is None
-        sets = {"validation": validation, **self.domain_sets}
+    def evaluate(self, model, ensemble, source, device, validation, context):
+        """Perplexity, NLL and bits per byte per model on validation and on each evaluation domain. The
+        frozen teachers are scored once per set (a memo per ensemble); with teachers.cache, the cache's
+        teachers' validation figures are those it recorded, and served teachers beside it are scored alone."""
+        cfg = self.cfg
+        live = ensemble is not None and cfg.teachers.cache is None
+        domain_sets, sizes = self._evaluation_sets(context)
+        teacher_figures = self._memo("_teacher_figures", ensemble)
+        served_figures = self._memo("_served_figures", ensemble)
+        alone = None
+        if ensemble is not None and cfg.teachers.cache is not None:
+            if "validation" not in teacher_figures:
+                cache = self._cache(ensemble.plans, context)
+                figures = {teacher["name"]: {key: teacher[key] for key in ("nll", "perplexity", "tokens", "bits_per_byte")
+                                             if key in teacher} for teacher in cache.meta["teachers"]}
+                # beside served teachers, the cache's target is not this run's: only its teachers' figures are
+                teacher_figures["validation"] = figures if self.served() else {**figures, "target": cache.meta["target"]}
+            served = served_teachers(cfg)
+            if served and len(served) < len(cfg.teachers.models):  # the cache holds no validation rows of theirs
+                from distill.models.teachers import TeacherEnsemble, build_configured_interpolation
+
+                alone = (TeacherEnsemble([ensemble.plans[k] for k in served], [], build_configured_interpolation(cfg)),
+                         self._connect(ensemble.plans, context))
         results = {}
-        for name, dataset in sets.items():
-            loader = validation_loader(dataset, self.collator(), self.cfg.training.eval_batch_size)
-            with_teachers = live and name not in self.teacher_figures
-            if self.served_alone is not None and name not in self.served_figures:
-                alone, served_source = self.served_alone  # no target: it would mix the served teachers only
-                scored = perplexities(loader, None, alone, served_source, device, self.bytes.get(name))
-                self.served_figures[name] = {k: v for k, v in scored.items() if k != "target"}
+        for name, dataset in {"validation": validation, **domain_sets}.items():
+            loader = validation_loader(dataset, self.collator(context), cfg.training.eval_batch_size)
+            with_teachers = live and name not in teacher_figures
+            if alone is not None and name not in served_figures:  # no target: it would mix the served teachers only
+                scored = perplexities(loader, None, *alone, device, sizes.get(name))
+                served_figures[name] = {k: v for k, v in scored.items() if k != "target"}
             figures = perplexities(loader, model, ensemble if with_teachers else None, source, device,
-                                   self.bytes.get(name), self._student_byte_lengths())
+                                   sizes.get(name), context.student_byte_lengths())
             if with_teachers:
-                self.teacher_figures[name] = {k: v for k, v in figures.items() if k != "student"}
-            figures.update(self.served_figures.get(name, {}))
-            figures.update(self.teacher_figures.get(name, {}))
+                teacher_figures[name] = {k: v for k, v in figures.items() if k != "student"}
+            figures.update(served_figures.get(name, {}))
+            figures.update(teacher_figures.get(name, {}))
             results[name] = figures
         return Evaluation(results.pop("validation"), results)
 
-    def _byte_lengths(self) -> List[int]:
-        """Bytes each student token id spells (0: special), with teachers of other tokenizers."""
-        return [len(text) if text is not None else 0 for text in self.student_bytes or ()]
+    def _memo(self, name: str, ensemble) -> Dict:
+        """The figures memo `name` of `ensemble` (a new, empty one for another ensemble)."""
+        owner, figures = getattr(self, name)
+        if owner is not ensemble:
+            figures = {}
+            setattr(self, name, (ensemble, figures))
+        return figures
 
-    def _student_byte_lengths(self) -> Optional[Tensor]:
-        return torch.tensor(self._byte_lengths(), dtype=torch.long) if self.student_bytes is not None else None
-
-    def validation_chunks(self, ensemble, source, device, validation, route=None):
+    def validation_chunks(self, ensemble, source, device, validation, context, route=None):
         """The teachers' last hidden states (or top-k: cached, served) at every labelled validation
         token that every teacher has read (gathered from all ranks, in a fixed order) and the labels;
         chunks rebuild the logits as training does (output layers, sparse targets, token maps). With
         `route`: the tokens of that route's validation blocks only."""
         from distill.signals.served import MixedSignal, MixedSource
 
-        loader = validation_loader(of_route(validation, route), self.collator(),
+        loader = validation_loader(of_route(validation, route), self.collator(context),
                                    self.cfg.training.eval_batch_size)
         local: Dict[int, Tuple[List[Tensor], Tensor]] = {}
         mixed = source.unwrap() if isinstance(source.unwrap(), MixedSource) else None  # served beside local ones
@@ -725,12 +769,13 @@ class CausalLM(Task):
         if aligned and distributed.is_main():
             print(f"the interpolation is fitted on the {labels.shape[0]:,} validation tokens every teacher has "
                   "read the text of (teachers with other tokenizers)", flush=True)
+        sizes = self._evaluation_sets(context)[1]
         if route is not None:  # the bytes of the route's validation text
-            text_bytes = self.bytes.get(f"route.{plan_routes(self.cfg).values[route]}")
+            byte_count = sizes.get(f"route.{plan_routes(self.cfg).values[route]}")
         elif aligned:  # of the tokens every teacher read
-            text_bytes = int(self._student_byte_lengths()[labels.cpu()].sum())
+            byte_count = int(context.student_byte_lengths()[labels.cpu()].sum())
         else:
-            text_bytes = self.bytes["validation"]
+            byte_count = sizes["validation"]
         size = self.cfg.loss.chunk_tokens
 
         def chunks():
@@ -738,17 +783,18 @@ class CausalLM(Task):
                 end = min(start + size, labels.shape[0])
                 yield signal.logits(start, end), labels[start:end]
 
-        return FitRows(chunks, text_bytes)
+        return FitRows(chunks, byte_count)
 
     # saved models (export) -------------------------------------------------------------------
     def saved_model_scoring(self, tokenizer) -> SavedModelScoring:
-        self.tokenizer = tokenizer
-        validation = self.encode(self.read_splits().validation, "validation")
-        loader = validation_loader(validation, self.collator(), self.cfg.training.eval_batch_size)
-        text_bytes = self.bytes["validation"]
+        splits = self.read_splits()
+        context = LMContext(splits=splits, tokenizer=tokenizer)
+        validation = self.encode(splits.validation, "validation", context)
+        loader = validation_loader(validation, self.collator(context), self.cfg.training.eval_batch_size)
+        size = self._evaluation_sets(context)[1]["validation"]
 
         def score(model) -> Dict[str, float]:
-            figures = perplexities(loader, model, None, None, torch.device("cpu"), text_bytes)["student"]
+            figures = perplexities(loader, model, None, None, torch.device("cpu"), size)["student"]
             return {name: figures[name] for name in ("perplexity", "nll", "bits_per_byte")}
 
         return SavedModelScoring(loader, score)

@@ -6,6 +6,7 @@ their own tokenizer. Evaluation: accuracy and macro-F1 of the student, each teac
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict
 
 import torch
@@ -13,7 +14,8 @@ from transformers import AutoModelForSequenceClassification
 
 
 from distill.errors import ConfigError
-from distill.data.text import Collator, LABELS, TokenizerGroup, model_inputs, read_splits, rows_matching, texts_of, tokenize
+from distill.data.text import (Collator, LABELS, TokenizerGroup, column, model_inputs, read_splits, rows_matching, texts_of,
+                               tokenize)
 from distill.evaluation.predictions import (collect_teacher_logits, predict, student_logits_fn, teacher_logit_fns,
                                 validation_loader)
 from distill.formulas.fits import in_memory
@@ -26,8 +28,8 @@ from distill.signals.sources import ClassifierTeachers, Targets
 from distill.signals.stored import black_box_outputs, cached_outputs, check_stored_outputs_cover
 from distill.models.student import (build_student, calibration_batches, check_student_labels, prune_student,
                              source_parameter_count)
-from distill.tasks.base import (Evaluation, FitRows, SavedModelScoring, StepFigures, Task, Traits, register_task,
-                                 saved_student)
+from distill.tasks.base import (Context, Evaluation, FitRows, SavedModelScoring, StepFigures, Task, Traits,
+                                register_task, saved_student)
 from distill.models.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers, plan_teachers
 
 UNMASKED_ROWS = "perturb/unmasked_rows"  # a perturbed batch: the share of rows some teacher reads unmasked
@@ -61,25 +63,25 @@ class SequenceClassification(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.divergence = build_divergence(cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta, skew=cfg.loss.skew)
+        # memos of calls' own results: (ensemble, its predictions on validation), and student id -> teacher id
+        # per (student tokenizer, teacher tokenizer) (aligned rows)
         self.teacher_predictions = None
-        self.token_maps = {}  # teacher tokenizer prefix -> student id to teacher id (aligned rows)
-        self.cache = None  # teachers.cache (classifier_cache.ClassifierCache), once checked
+        self.token_maps = {}
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
-        self.splits = read_splits(self.cfg.data, self.cfg.teachers.route_by)
-        self.label_names = self.splits.label_names
-        index_split_routes(self.cfg, self.splits)
-        return self.splits
+        splits = read_splits(self.cfg.data, self.cfg.teachers.route_by)
+        index_split_routes(self.cfg, splits)
+        return splits
 
-    def encode(self, split, key: str):
+    def encode(self, split, key: str, context):
         data = self.cfg.data
-        return tokenize(split, self.groups, data.text_fields, data.max_length)
+        return tokenize(split, context.groups, data.text_fields, data.max_length)
 
-    def collator(self):
-        return Collator(self.groups)
+    def collator(self, context):
+        return Collator(context.groups)
 
-    def batches(self, stream, engine):
+    def batches(self, stream, engine, context):
         """data.perturb: each micro-batch's student ids masked in spans, drawn from the run's seed and the
         micro-batch's (epoch, position), so a resumed run repeats them. Teachers sharing the student's ids
         read the masked ids; a teacher reading its own encoding (teachers.tokenization=per_model) gets its
@@ -92,9 +94,9 @@ class SequenceClassification(Task):
         from distill.formulas.perturbations import carry_mask, perturb_ids, perturbation_seed
         from distill.models.layer_hooks import aligned_rows
 
-        replacement, special = self._mask_token(), self.groups[0].tokenizer.all_special_ids
-        own = [(group.prefix, self._token_map(group.prefix), self._mask_token(group.tokenizer))
-               for group in self.groups[1:] if group.prefix]
+        replacement, special = self._mask_token(context.tokenizer), context.tokenizer.all_special_ids
+        own = [(group.prefix, self._token_map(context, group.prefix), self._mask_token(group.tokenizer))
+               for group in context.teacher_groups if group.prefix]
 
         def perturbed():
             for epoch, position, batch in stream:
@@ -115,10 +117,9 @@ class SequenceClassification(Task):
 
         return perturbed()
 
-    def _mask_token(self, tokenizer=None) -> int:
-        """The id data.perturb masks with: the tokenizer's (default: the student's) mask token, else its
-        unknown token."""
-        tokenizer = self.groups[0].tokenizer if tokenizer is None else tokenizer
+    @staticmethod
+    def _mask_token(tokenizer) -> int:
+        """The id data.perturb masks with: the tokenizer's mask token, else its unknown token."""
         replacement = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.unk_token_id
         if replacement is None:
             raise ConfigError(f"data.perturb: the tokenizer {tokenizer.name_or_path!r} has neither a mask nor an "
@@ -126,41 +127,45 @@ class SequenceClassification(Task):
         return replacement
 
     # models --------------------------------------------------------------------------------
-    def plan_teachers(self, student_tokenizer):
+    def plan_teachers(self, splits, student_tokenizer):
         cfg = self.cfg
         if cfg.student.path is not None:
             student_config = load_model_config(cfg.student.path, "student.path", cfg.trust_remote_code)
-            check_student_labels(student_config, self.label_names, "student.path")
+            check_student_labels(student_config, splits.label_names, "student.path")
             check_positions(student_config, cfg.data.max_length, "data.max_length", f"student.path ({cfg.student.path})")
-        plans, self.teacher_groups = plan_teachers(
-            cfg, self.label_names, None if cfg.student.trim_vocab else student_tokenizer)
-        # the student's group; build_student replaces it when the vocabulary is trimmed
-        self.groups = [TokenizerGroup(prefix="", tokenizer=student_tokenizer)] + self.teacher_groups
-        return plans
+        plans, teacher_groups = plan_teachers(
+            cfg, splits.label_names, None if cfg.student.trim_vocab else student_tokenizer)
+        # the student's tokenizer; build_student replaces it when the vocabulary is trimmed
+        return plans, Context(splits=splits, tokenizer=student_tokenizer, teacher_groups=teacher_groups)
 
-    def check_before_writing(self, splits, plans) -> None:
+    def check_before_writing(self, plans, context):
         """Black-box teachers' files cover every training and validation example; data.perturb's mask
-        token exists for every tokenizer; a teacher cache holds these teachers and texts."""
-        check_stored_outputs_cover(self.cfg, plans, self.label_names, splits)
+        token exists for every tokenizer; a teacher cache holds these teachers and texts (returned in
+        the context)."""
+        splits = context.splits
+        check_stored_outputs_cover(self.cfg, plans, context.label_names, splits)
         if self.cfg.data.perturb.rate > 0:  # refused before the run directory is written, not at the first step
-            for group in self.groups:
+            for group in context.groups:
                 self._mask_token(group.tokenizer)
-        if self.cfg.teachers.cache is not None:
-            from distill.caches.classifier import ClassifierCache
-            from distill.data.text import text_key
-            from distill.util.paths import resolve_path
+        if self.cfg.teachers.cache is None:
+            return context
+        from distill.caches.classifier import ClassifierCache
+        from distill.data.text import column, text_key
+        from distill.util.paths import resolve_path
 
-            self.cache = ClassifierCache(resolve_path(self.cfg.teachers.cache), self.cfg, plans, self.label_names)
-            fields = self.cfg.data.text_fields
-            for name, split in (("train", splits.train), ("validation", splits.validation)):
-                self.cache.check_covers(name, [text_key(*texts) for texts in zip(*(split[f] for f in fields))])
+        cache = ClassifierCache(resolve_path(self.cfg.teachers.cache), self.cfg, plans, context.label_names)
+        fields = self.cfg.data.text_fields
+        for name, split in (("train", splits.train), ("validation", splits.validation)):
+            cache.check_covers(name, [text_key(*texts) for texts in zip(*(column(split, f) for f in fields))])
+        return replace(context, cache=cache)
 
-    def build_student(self, splits, plans, saved=None):
+    def build_student(self, plans, context, saved=None):
         cfg = self.cfg
+        splits = context.splits
         if saved is not None:  # the initial student as the run saved it: not built, pruned or pooled again
             student, tokenizer = saved_student(self, saved, splits.label_names)
         else:
-            student, tokenizer = build_student(cfg, self.label_names, texts_of(splits.train, cfg.data.text_fields))
+            student, tokenizer = build_student(cfg, splits.label_names, texts_of(splits.train, cfg.data.text_fields))
             if cfg.student.prune.target_params is not None:
                 group = [TokenizerGroup(prefix="", tokenizer=tokenizer)]
                 rows = tokenize(splits.train, group, cfg.data.text_fields, cfg.data.max_length)
@@ -169,30 +174,30 @@ class SequenceClassification(Task):
                                         classification_loss)
             if cfg.student.pooling is not None:
                 student = to_pooled_student(student, cfg.student.pooling, cfg.student.normalize)
-        self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
-        return student, tokenizer
+        return student, replace(context, tokenizer=tokenizer)
 
-    def load_teachers(self, plans, device, dtype, eager=False):
+    def load_teachers(self, plans, device, dtype, context, eager=False):
         cfg = self.cfg
 
         def load(plan, teacher_dtype):
             return load_sequence_classifier(plan.path, plan.key, cfg.trust_remote_code, teacher_dtype,
                                             cfg.allow_pickled_weights, plan.pooling, plan.normalize, plan.head)
 
-        if self.cache is not None:  # no teacher weights load: each teacher is its cached logits
+        cache = context.cache
+        if cache is not None:  # no teacher weights load: each teacher is its cached logits
             ensemble = TeacherEnsemble(plans, [None] * len(plans), build_configured_interpolation(cfg))
             # what the cache records: the teachers' sizes and the dtype they ran in when it was written
-            ensemble.parameter_counts = [teacher["params"] for teacher in self.cache.meta["teachers"]]
-            ensemble.dtype = getattr(torch, self.cache.meta["dtype"])
+            ensemble.parameter_counts = [teacher["params"] for teacher in cache.meta["teachers"]]
+            ensemble.dtype = getattr(torch, cache.meta["dtype"])
             ensemble.on_nonfinite = cfg.teachers.on_nonfinite
-            return ensemble, ClassifierTeachers(ensemble, cached_outputs(self.cache, plans))
+            return ensemble, ClassifierTeachers(ensemble, cached_outputs(cache, plans))
         ensemble = load_teachers(cfg, plans, device, dtype, load, eager)
         # a black-box teacher (its model None) is its file, read by example id
-        stored = black_box_outputs(cfg, plans, self.label_names) if any(p.outputs for p in plans) else {}
+        stored = black_box_outputs(cfg, plans, context.label_names) if any(p.outputs for p in plans) else {}
         return ensemble, ClassifierTeachers(ensemble, stored)
 
     # loss and evaluation -------------------------------------------------------------------
-    def loss(self, engine, batch, ensemble, source, now: Dict, layers=None):
+    def loss(self, engine, batch, ensemble, source, now: Dict, context, layers=None):
         cfg = self.cfg
         inputs = {k: v.to(engine.device) for k, v in model_inputs(batch).items()}
         labels = batch[LABELS].to(engine.device)
@@ -226,7 +231,7 @@ class SequenceClassification(Task):
         if layers is not None and signal is not None:
             weights = torch.as_tensor(now["teacher_weights"], dtype=torch.float32, device=teacher_logits.device)
             row_weights = ensemble.interpolation.row_weights(teacher_logits, weights, labels)
-            aligned = self.aligned_rows(layers, batch, ensemble.plans, engine.device)
+            aligned = self.aligned_rows(layers, batch, ensemble.plans, engine.device, context)
             terms, extra = layers.add_to(terms, engine.module, record, signal, inputs["attention_mask"],
                                          row_weights, aligned)
             extra.update({f"{ensemble.names[k]}/aligned_rows": float(rows.float().mean())
@@ -241,7 +246,7 @@ class SequenceClassification(Task):
         return terms, StepFigures(terms.total.item(), terms.kd.item(), terms.ce.item(), len(labels), skipped,
                                   teacher_kl, teacher_correct, int(labelled_rows.sum()), extra, ratios)
 
-    def aligned_rows(self, layers, batch, plans, device) -> Dict[int, torch.Tensor]:
+    def aligned_rows(self, layers, batch, plans, device, context) -> Dict[int, torch.Tensor]:
         """{teacher k of loss.intermediate: [B] rows where it read the student's tokens}: every row for a
         teacher reading the student's ids; with its own encoding, rows that match token for token."""
         from distill.models.layer_hooks import aligned_rows
@@ -254,31 +259,37 @@ class SequenceClassification(Task):
                 rows[plan.teacher] = torch.ones(student_ids.shape[0], dtype=torch.bool, device=device)
                 continue
             rows[plan.teacher] = aligned_rows(student_ids, student_mask, batch[prefix + "input_ids"],
-                                              batch[prefix + "attention_mask"], self._token_map(prefix)).to(device)
+                                              batch[prefix + "attention_mask"],
+                                              self._token_map(context, prefix)).to(device)
         return rows
 
-    def _token_map(self, prefix: str) -> torch.Tensor:
-        """[V_student] the teacher group `prefix`'s id of each student token (made once, kept)."""
+    def _token_map(self, context, prefix: str) -> torch.Tensor:
+        """[V_student] the teacher group `prefix`'s id of each student token (a memo per pair of tokenizers)."""
         from distill.models.layer_hooks import token_map
 
-        if prefix not in self.token_maps:
-            teacher_tokenizer = next(g.tokenizer for g in self.groups if g.prefix == prefix)
-            self.token_maps[prefix] = token_map(self.groups[0].tokenizer, teacher_tokenizer)
-        return self.token_maps[prefix]
+        teacher_tokenizer = next(g.tokenizer for g in context.teacher_groups if g.prefix == prefix)
+        key = (id(context.tokenizer), id(teacher_tokenizer))
+        if key not in self.token_maps:
+            self.token_maps[key] = token_map(context.tokenizer, teacher_tokenizer)
+        return self.token_maps[key]
 
-    def evaluate(self, model, ensemble, source, device, validation):
+    def evaluate(self, model, ensemble, source, device, validation, context):
         """(metrics per model, metrics per evaluation domain and model): accuracy and macro-F1."""
-        loader = validation_loader(validation, self.collator(), self.cfg.training.eval_batch_size)
+        loader = validation_loader(validation, self.collator(context), self.cfg.training.eval_batch_size)
         functions = {"student": student_logits_fn(model, device)}
-        if ensemble is not None and self.teacher_predictions is None:
+        known = (self.teacher_predictions[1] if self.teacher_predictions is not None
+                 and self.teacher_predictions[0] is ensemble else None)  # teachers are frozen: evaluated once
+        if ensemble is not None and known is None:
             functions.update(teacher_logit_fns(ensemble, source, device))
         predictions = predict(loader, functions)
         if ensemble is not None:
-            if self.teacher_predictions is None:  # teachers are frozen: evaluate them once
-                self.teacher_predictions = {k: v for k, v in predictions.by_model.items() if k != "student"}
-            predictions.by_model.update(self.teacher_predictions)
-        count = len(self.label_names)
-        texts = self.splits.validation[self.cfg.data.text_fields[0]]
+            if known is None:
+                known = {k: v for k, v in predictions.by_model.items() if k != "student"}
+                self.teacher_predictions = (ensemble, known)
+            predictions.by_model.update(known)
+        label_names = context.label_names
+        count = len(label_names)
+        texts = column(context.splits.validation, self.cfg.data.text_fields[0])
         domains = {}
         for domain in self.cfg.data.eval_domains:  # predictions are in validation index order
             rows = set(rows_matching(texts, domain.match, domain.invert_match))
@@ -290,10 +301,11 @@ class SequenceClassification(Task):
             if rows:  # each route's validation rows (teachers.route_by)
                 domains[f"route.{value}"] = predictions.metrics(count, rows)
         return Evaluation(predictions.metrics(count), domains, {
-            "label_names": self.label_names, "references": predictions.references, **predictions.by_model})
+            "label_names": label_names, "references": predictions.references, **predictions.by_model})
 
-    def validation_chunks(self, ensemble, source, device, validation, route=None):
-        loader = validation_loader(of_route(validation, route), self.collator(), self.cfg.training.eval_batch_size)
+    def validation_chunks(self, ensemble, source, device, validation, context, route=None):
+        loader = validation_loader(of_route(validation, route), self.collator(context),
+                                   self.cfg.training.eval_batch_size)
         logits, labels = collect_teacher_logits(loader, source, device)
         return FitRows(in_memory(logits, labels))
 

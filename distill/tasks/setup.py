@@ -17,6 +17,7 @@ run started).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Tuple
 
 from distill.tasks import build_task, task_class
@@ -24,13 +25,15 @@ from distill.tasks import build_task, task_class
 
 class Setup:
     """One command's task, data, teacher plans, device and teachers, made in the order above. Each
-    stage is a method that returns what it made and keeps it for the next one."""
+    stage is a method that returns what it made and keeps it for the next one; what the task's calls
+    read of it travels in `context` (tasks.base.Context), handed to them explicitly."""
 
     def __init__(self, cfg, task=None):
         self.cfg = cfg
         self.task = build_task(cfg) if task is None else task
         self.splits = None  # data.text.Splits: raw rows, no model needed
         self.plans = None  # teachers.TeacherPlan per teacher: labels and tokenizers matched, nothing loaded
+        self.context = None  # tasks.base.Context: what the stages found, handed to every later task call
         self.device = None
         self.dtype = None  # what the teachers run in (teachers.dtype on this device)
         self.tokenizer = None  # the student's tokenizer the teachers were planned against
@@ -50,7 +53,7 @@ class Setup:
         self.splits = self.task.read_splits()
         reference, key = tokenizer_from or student_source(self.cfg)
         self.tokenizer = load_tokenizer(reference, key, self.cfg.trust_remote_code)
-        self.plans = self.task.plan_teachers(self.tokenizer)
+        self.plans, self.context = self.task.plan_teachers(self.splits, self.tokenizer)
         return self
 
     def check(self, augment: bool = False) -> None:
@@ -58,7 +61,7 @@ class Setup:
         `augment` (train): data.augment's models loaded too, which refuses one that is not of its kind."""
         from distill.tasks.augment import Augmentation
 
-        self.task.check_before_writing(self.splits, self.plans)
+        self.context = self.task.check_before_writing(self.plans, self.context)
         if augment:
             self.augmentation = Augmentation.open(self.cfg)
 
@@ -67,12 +70,23 @@ class Setup:
         returns them (the same splits without data.augment)."""
         if self.augmentation is not None:
             self.splits = self.augmentation.extend(self.splits, self.tokenizer, run_dir)
+            self.context = replace(self.context, splits=self.splits)
             self.augmentation = None  # made once: its models are freed
         return self.splits
 
+    def build_student(self, saved=None):
+        """(student in fp32, its tokenizer), built by the task for the planned teachers (`saved`: the
+        run's initial student, on resume); the context follows the student's tokenizer from here."""
+        student, self.context = self.task.build_student(self.plans, self.context, saved=saved)
+        return student, self.context.tokenizer
+
+    def collator(self):
+        """The task's collator for the context's tokenizers."""
+        return self.task.collator(self.context)
+
     def encode(self, *names: str):
         """The named splits ("train", "validation") encoded by the task: one dataset, or a list."""
-        encoded = [self.task.encode(getattr(self.splits, name), name) for name in names]
+        encoded = [self.task.encode(getattr(self.splits, name), name, self.context) for name in names]
         return encoded[0] if len(encoded) == 1 else encoded
 
     def start(self, process_group: bool = True):
@@ -96,4 +110,5 @@ class Setup:
             self.start()
         if not self.plans:
             return None, None
-        return route_teachers(self.cfg, *self.task.load_teachers(self.plans, self.device, self.dtype, eager))
+        return route_teachers(self.cfg, *self.task.load_teachers(self.plans, self.device, self.dtype, self.context,
+                                                                 eager))

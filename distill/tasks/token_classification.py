@@ -21,6 +21,7 @@ and the interpolated target. Words beyond `data.max_length` sub-tokens are not s
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict, List
 
 import torch
@@ -42,8 +43,8 @@ from distill.models.teachers import load_teachers, plan_teachers
 from distill.runtime.distributed import gather_objects
 from distill.signals.sources import Targets
 from distill.signals.words import WordAlignedTeachers
-from distill.tasks.base import (Evaluation, FitRows, SavedModelScoring, StepFigures, Task, Traits, register_task,
-                                 saved_student)
+from distill.tasks.base import (Context, Evaluation, FitRows, SavedModelScoring, StepFigures, Task, Traits,
+                                register_task, saved_student)
 
 
 
@@ -173,46 +174,42 @@ class TokenClassification(Task):
         super().__init__(cfg)
         self.divergence = build_divergence(cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta, skew=cfg.loss.skew)
         self.all_subtokens = cfg.token_classification.label_all_subtokens
-        self.teacher_predictions = None
+        self.teacher_predictions = None  # a memo: (ensemble, its predictions on validation)
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
-        self.splits = read_tagged_splits(self.cfg.data)
-        self.label_names = self.splits.label_names
-        return self.splits
+        return read_tagged_splits(self.cfg.data)
 
-    def encode(self, split, key: str):
-        return encode_words(split, self.groups, self.cfg.data.max_length, self.all_subtokens)
+    def encode(self, split, key: str, context):
+        return encode_words(split, context.groups, self.cfg.data.max_length, self.all_subtokens)
 
-    def collator(self):
-        return WordCollator(self.groups)
+    def collator(self, context):
+        return WordCollator(context.groups)
 
     # models --------------------------------------------------------------------------------
-    def plan_teachers(self, student_tokenizer):
+    def plan_teachers(self, splits, student_tokenizer):
         cfg = self.cfg
         if not getattr(student_tokenizer, "is_fast", False):
             raise ConfigError("token classification needs a fast tokenizer (word ids): the student's is not one")
         if cfg.student.path is not None:
             student_config = load_model_config(cfg.student.path, "student.path", cfg.trust_remote_code)
-            check_student_labels(student_config, self.label_names, "student.path")
+            check_student_labels(student_config, splits.label_names, "student.path")
             check_positions(student_config, cfg.data.max_length, "data.max_length", f"student.path ({cfg.student.path})")
-        plans, self.teacher_groups = plan_teachers(cfg, self.label_names, student_tokenizer)
-        self.groups = [TokenizerGroup(prefix="", tokenizer=student_tokenizer)] + self.teacher_groups
-        for group in self.teacher_groups:
+        plans, teacher_groups = plan_teachers(cfg, splits.label_names, student_tokenizer)
+        for group in teacher_groups:
             if not getattr(group.tokenizer, "is_fast", False):
                 raise ConfigError(f"a teacher's tokenizer ({type(group.tokenizer).__name__}) is not a fast tokenizer: "
                                   "token classification maps teachers to words through word ids")
-        return plans
+        return plans, Context(splits=splits, tokenizer=student_tokenizer, teacher_groups=teacher_groups)
 
-    def build_student(self, splits, plans, saved=None):
+    def build_student(self, plans, context, saved=None):
         if saved is not None:
-            student, tokenizer = saved_student(self, saved, splits.label_names)
+            student, tokenizer = saved_student(self, saved, context.label_names)
         else:
-            student, tokenizer = build_student(self.cfg, self.label_names, auto_class=AutoModelForTokenClassification)
-        self.groups = [TokenizerGroup(prefix="", tokenizer=tokenizer)] + self.teacher_groups
-        return student, tokenizer
+            student, tokenizer = build_student(self.cfg, context.label_names, auto_class=AutoModelForTokenClassification)
+        return student, replace(context, tokenizer=tokenizer)
 
-    def load_teachers(self, plans, device, dtype, eager=False):
+    def load_teachers(self, plans, device, dtype, context, eager=False):
         cfg = self.cfg
 
         def load(plan, teacher_dtype):
@@ -226,7 +223,7 @@ class TokenClassification(Task):
         return torch.ones(int(batch[ROWS].sum()), dtype=torch.bool)
 
     # loss and evaluation -------------------------------------------------------------------
-    def loss(self, engine, batch, ensemble, source, now: Dict, layers=None):
+    def loss(self, engine, batch, ensemble, source, now: Dict, context, layers=None):
         cfg = self.cfg
         inputs = {k: v.to(engine.device) for k, v in model_inputs(batch).items()}
         rows = batch[ROWS].bool().to(engine.device)
@@ -252,11 +249,13 @@ class TokenClassification(Task):
         return terms, StepFigures(terms.total.item(), terms.kd.item(), terms.ce.item(), int(rows.sum()), skipped,
                                   teacher_kl, teacher_correct, int(labelled.sum()))
 
-    def _predictions(self, model, ensemble, source, device, validation) -> Dict[str, Dict[int, List[int]]]:
+    def _predictions(self, model, ensemble, source, device, validation, context) -> Dict[str, Dict[int, List[int]]]:
         """{model name: {row index: predicted tag id per scored word}}, plus 'references', gathered."""
-        loader = validation_loader(validation, self.collator(), self.cfg.training.eval_batch_size)
+        loader = validation_loader(validation, self.collator(context), self.cfg.training.eval_batch_size)
         local: Dict[str, Dict[int, List[int]]] = {"references": {}, "student": {}}
-        teachers_needed = ensemble is not None and self.teacher_predictions is None
+        known = (self.teacher_predictions[1] if self.teacher_predictions is not None
+                 and self.teacher_predictions[0] is ensemble else None)  # teachers are frozen: predicted once
+        teachers_needed = ensemble is not None and known is None
         for batch in loader:
             local["references"].update(word_tags(batch, batch[LABELS]))
             if model is not None:
@@ -278,24 +277,25 @@ class TokenClassification(Task):
             for name, rows in part.items():
                 merged.setdefault(name, {}).update(rows)
         if teachers_needed:
-            self.teacher_predictions = {name: rows for name, rows in merged.items()
-                                        if name not in ("references", "student")}
+            known = {name: rows for name, rows in merged.items() if name not in ("references", "student")}
+            self.teacher_predictions = (ensemble, known)
         if ensemble is not None:
-            merged.update(self.teacher_predictions)
+            merged.update(known)
         if model is None:
             merged.pop("student", None)
         return merged
 
-    def evaluate(self, model, ensemble, source, device, validation):
-        predictions = self._predictions(model, ensemble, source, device, validation)
+    def evaluate(self, model, ensemble, source, device, validation, context):
+        predictions = self._predictions(model, ensemble, source, device, validation, context)
         references = predictions.pop("references")
-        return Evaluation({name: tag_scores(rows, references, self.label_names) for name, rows in predictions.items()},
-                          {}, {"label_names": self.label_names,
+        label_names = context.label_names
+        return Evaluation({name: tag_scores(rows, references, label_names) for name, rows in predictions.items()},
+                          {}, {"label_names": label_names,
                                **{name: [rows[i] for i in sorted(rows)] for name, rows in predictions.items()}})
 
-    def validation_chunks(self, ensemble, source, device, validation, route=None):
+    def validation_chunks(self, ensemble, source, device, validation, context, route=None):
         """Every teacher's logits [K, N, C] and the gold tags [N] over the tagged validation words."""
-        loader = validation_loader(validation, self.collator(), self.cfg.training.eval_batch_size)
+        loader = validation_loader(validation, self.collator(context), self.cfg.training.eval_batch_size)
         local = {}
         for batch in loader:
             signal = source.signal(batch, device, rows_column=FIRST)

@@ -11,6 +11,7 @@ from distill.runtime.hardware import teacher_dtype
 from distill.models.student import build_student, keep_layers, trim_vocabulary
 from distill.errors import NonFiniteLogitsError
 from distill.tasks import build_task
+from distill.tasks.base import Context
 from distill.models.teachers import label_permutation, plan_teachers
 from tests.conftest import make_bert_classifier, tiny_config_yaml, train_tokenizer
 
@@ -44,8 +45,9 @@ def test_vocabulary_mismatch_is_named_unless_per_model(tiny, tmp_path):
 
 def test_ensemble_aligns_labels_and_refuses_nan(tiny, tmp_path):
     cfg = load_config(tiny_config_yaml(tiny, tmp_path / "run"))
-    plans, _ = plan_teachers(cfg, LABELS, tiny["tokenizer"])
-    ensemble, source = build_task(cfg).load_teachers(plans, torch.device("cpu"), torch.float32)
+    plans, groups = plan_teachers(cfg, LABELS, tiny["tokenizer"])
+    context = Context(splits=None, tokenizer=tiny["tokenizer"], teacher_groups=groups)  # no data read: no cache, no files
+    ensemble, source = build_task(cfg).load_teachers(plans, torch.device("cpu"), torch.float32, context)
     batch = dict(tiny["tokenizer"](["great ride", "awful road"], padding=True, return_tensors="pt"))
     batch["index"] = torch.tensor([0, 1])
     logits = source.logits(batch, torch.device("cpu"))

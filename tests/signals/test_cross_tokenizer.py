@@ -24,25 +24,21 @@ def cross(tiny_lm, tmp_path_factory):
 
 
 def task_targets(config_path, overrides=(), rows=6):
-    """(target log-probabilities, KD mask, task, signal) of the first validation rows, built through
-    the task as training builds them."""
-    from distill.config.schema import load_config, student_source
-    from distill.models.loading import load_tokenizer
+    """(target log-probabilities, KD mask, labels, setup, signal, batch, ensemble) of the first validation
+    rows, built through the task as training builds them (`setup`: tasks.setup.Setup, planned)."""
+    from distill.config.schema import load_config
     from distill.signals.sources import Targets
-    from distill.tasks import build_task
+    from distill.tasks.setup import Setup
 
     cfg = load_config(config_path, list(overrides))
-    task = build_task(cfg)
-    splits = task.read_splits()
-    reference, key = student_source(cfg)
-    plans = task.plan_teachers(load_tokenizer(reference, key, False))
-    blocks = task.encode(splits.validation, "validation")
-    ensemble, source = task.load_teachers(plans, CPU, torch.float32)
-    batch = task.collator()([blocks[i] for i in range(min(rows, len(blocks)))])
+    setup = Setup(cfg).plan()
+    blocks = setup.encode("validation")
+    ensemble, source = setup.task.load_teachers(setup.plans, CPU, torch.float32, setup.context)
+    batch = setup.collator()([blocks[i] for i in range(min(rows, len(blocks)))])
     flat = batch["labels"].reshape(-1)
     signal = source.signal(batch, CPU)
     target, keep = Targets(ensemble, signal, flat, flat != IGNORE_INDEX)(0, flat.shape[0])
-    return target, keep, flat, task, signal, batch, ensemble
+    return target, keep, flat, setup, signal, batch, ensemble
 
 
 @pytest.mark.parametrize("method", ["linear", "geometric"])
@@ -52,9 +48,9 @@ def test_identical_tokenizers_through_the_cross_path_give_the_shared_target(tiny
     import distill.models.loading
 
     monkeypatch.setattr(distill.models.loading, "same_vocabulary", lambda first, second: False)  # every teacher "other"
-    crossed, cross_keep, _, task, signal, _, ensemble = task_targets(config, [f"interpolation.method={method}",
-                                                                            "teachers.tokenization=per_model"])
-    assert len(task.teacher_groups) == 2 and all(plan.token_map is not None for plan in ensemble.plans)
+    crossed, cross_keep, _, setup, signal, _, ensemble = task_targets(config, [f"interpolation.method={method}",
+                                                                             "teachers.tokenization=per_model"])
+    assert len(setup.context.teacher_groups) == 2 and all(plan.token_map is not None for plan in ensemble.plans)
     assert type(signal).__name__ == "AlignedSignal" and bool(signal.covered.all())
     valid = labels != IGNORE_INDEX
     assert keep is None and (cross_keep is None or bool(cross_keep[valid].all()))
@@ -66,7 +62,7 @@ def test_a_permuted_vocabulary_gives_the_shared_target_and_trains_alike(tiny_lm,
     config = tiny_lm_config_yaml(tiny_lm, tmp_path / "shared", extra="deepspeed: {zero_stage: 0}")
     shared, _, labels, _, _, _, _ = task_targets(config)
     permuted = [f"teachers.models.1.path={cross['permuted']}", "teachers.tokenization=per_model"]
-    crossed, keep, _, task, signal, _, ensemble = task_targets(config, permuted)
+    crossed, keep, _, _, signal, _, ensemble = task_targets(config, permuted)
     assert ensemble.plans[0].token_map is None and ensemble.plans[1].token_map is not None  # a stays on the shared path
     assert ensemble.plans[1].token_map.exact == len(tiny_lm["tokenizer"])  # every token has its twin
     valid = labels != IGNORE_INDEX
@@ -85,13 +81,13 @@ def test_a_teacher_with_its_own_bpe_covers_word_ends_and_rows_mix_the_covering_t
     from distill.tokens.alignment import covered_target
 
     config = tiny_lm_config_yaml(tiny_lm, tmp_path / "run")
-    target, keep, labels, task, signal, batch, ensemble = task_targets(
+    target, keep, labels, setup, signal, batch, ensemble = task_targets(
         config, [f"teachers.models.1.path={cross['own']}", "teachers.tokenization=per_model"])
     valid = labels != IGNORE_INDEX
     covered = signal.covered[1]
     assert 0.3 < float(covered[valid].float().mean()) < 1.0  # word ends yes, inside words not always
     # a covered student position has read exactly the text its teacher position has
-    student, teacher = tiny_lm["tokenizer"], task.teacher_groups[0].tokenizer
+    student, teacher = tiny_lm["tokenizer"], setup.context.teacher_groups[0].tokenizer
     positions, windows = batch["t0__positions"], batch["t0__input_ids"]
     checked = 0
     for row in range(positions.shape[0]):
@@ -116,15 +112,15 @@ def test_own_tokenization_bits_per_byte_equal_the_teacher_run_directly(tiny_lm, 
     from transformers import AutoModelForCausalLM
 
     config = tiny_lm_config_yaml(tiny_lm, tmp_path / "run")
-    _, _, _, task, signal, batch, ensemble = task_targets(
+    _, _, _, setup, signal, batch, ensemble = task_targets(
         config, [f"teachers.models.1.path={cross['own']}", "teachers.tokenization=per_model"], rows=1)
     # the signal above kept no windows; ask as evaluation does
-    task_source = task.load_teachers(ensemble.plans, CPU, torch.float32)[1]
+    task_source = setup.task.load_teachers(ensemble.plans, CPU, torch.float32, setup.context)[1]
     task_source.keep_windows = True
     signal = task_source.signal(batch, CPU)
     nll, tokens, size = signal.own_tokenization(1, 0)
     teacher = AutoModelForCausalLM.from_pretrained(cross["own"]).eval()
-    tokenizer = task.teacher_groups[0].tokenizer
+    tokenizer = setup.context.teacher_groups[0].tokenizer
     window = batch["t0__input_ids"][0][batch["t0__attention_mask"][0].bool()]
     with torch.no_grad():
         logits = teacher(input_ids=window.unsqueeze(0)).logits[0, :-1].double()
@@ -218,7 +214,7 @@ def test_the_mapping_holds_one_chunk_of_teacher_logits_at_a_time(tiny_lm, cross,
     from distill.signals.sources import Targets
 
     config = tiny_lm_config_yaml(tiny_lm, tmp_path / "run")
-    _, _, labels, task, signal, _, ensemble = task_targets(
+    _, _, labels, _, signal, _, ensemble = task_targets(
         config, [f"teachers.models.1.path={cross['own']}", "teachers.tokenization=per_model"])
     seen = []
     head = signal.heads[1]

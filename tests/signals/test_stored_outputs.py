@@ -185,7 +185,7 @@ def test_a_black_box_teacher_is_a_table_its_source_reads_not_a_model(tiny, with_
         ensemble, source = setup.load_teachers()
     assert isinstance(source, ClassifierTeachers)
     assert ensemble.models[0] is None and ensemble.parameter_counts[0] == 0 and ensemble.parameter_counts[1] > 0
-    batch = next(iter(DataLoader(validation, batch_size=4, collate_fn=setup.task.collator())))
+    batch = next(iter(DataLoader(validation, batch_size=4, collate_fn=setup.collator())))
     logits = source.logits(batch, torch.device("cpu"))
     table = {json.loads(line)["uid"]: json.loads(line) for line in with_ids["logits"].read_text().splitlines()}
     expected_a = torch.tensor([[table[i][name] for name in LABELS] for i in batch[EXAMPLE_ID]])

@@ -159,11 +159,11 @@ def test_a_teacher_with_another_tokenizer_gives_each_row_its_first_sub_token_of_
     cfg = load_config(tagged_config(tagged, tagged["root"] / "unused"), ["data.max_length=12"])
     task = build_task(cfg)
     splits = task.read_splits()
-    plans = task.plan_teachers(tagged["tokenizer"])
+    plans, context = task.plan_teachers(splits, tagged["tokenizer"])
     assert [plan.input_prefix == "" for plan in plans] == [True, False]
-    encoded = task.encode(splits.validation.select(range(8)), "validation")
-    batch = task.collator()([encoded[i] for i in range(8)])
-    ensemble, source = task.load_teachers(plans, torch.device("cpu"), torch.float32)
+    encoded = task.encode(splits.validation.select(range(8)), "validation", context)
+    batch = task.collator(context)([encoded[i] for i in range(8)])
+    ensemble, source = task.load_teachers(plans, torch.device("cpu"), torch.float32, context)
     signal = source.signal(batch, torch.device("cpu"))
     teacher = AutoModelForTokenClassification.from_pretrained(tagged["teacher_b"]).eval()
     order = [teacher.config.label2id[name] for name in TAGS]
