@@ -54,13 +54,13 @@ def write_classifier_cache(setup, out_dir: Path, top_k=None, store: str = "topk"
 
     from distill.caches.lm_stores import plan_cache_run, teacher_signature
     from distill.caches.shards import ShardedWriter
-    from distill.data.text import TEXT_KEY
+    from distill.data.text import TEXT_KEY, column
 
     cfg = setup.cfg
     splits, plans, hashes = plan_cache_run(setup)
     device, dtype = setup.start(process_group=False), setup.dtype
     parts = setup.encode("train", "validation")
-    rows = json.dumps([list(part[TEXT_KEY]) for part in parts])  # which texts, in which order
+    rows = json.dumps([column(part, TEXT_KEY) for part in parts])  # which texts, in which order
     signature = {"format": FORMAT, "label_names": list(splits.label_names), **settings_of(cfg),
                  "rows": hashlib.sha256(rows.encode()).hexdigest(), **teacher_signature(plans, hashes, dtype)}
     with ShardedWriter.open(Path(out_dir), signature, [len(part) for part in parts], rows_per_shard) as writer:

@@ -28,7 +28,7 @@ from typing import Dict, Iterator, Optional, Sequence
 
 import numpy as np
 
-from distill.data.text import INDEX, LABELS, ROUTE, SOURCE, map_fingerprint, select_rows, tokenizer_digest
+from distill.data.text import INDEX, LABELS, ROUTE, SOURCE, column, map_fingerprint, select_rows, tokenizer_digest
 from distill.errors import ConfigError
 
 FORMAT = "distill_prepared_blocks/1"
@@ -159,8 +159,8 @@ def _write_encoded(encoded, path: Path) -> Dict:
     table = encoded.with_format("arrow")[:]
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    return {"rows": len(encoded), "tokens": sum(len(row) for row in encoded["input_ids"]),
-            "labelled": sum(sum(1 for label in row if label != -100) for row in encoded[LABELS])}
+    return {"rows": len(encoded), "tokens": sum(len(row) for row in column(encoded, "input_ids")),
+            "labelled": sum(sum(1 for label in row if label != -100) for row in column(encoded, LABELS))}
 
 
 def prepared_blocks(dataset, tokenizer, data, key: str, eos_id: int, encode_in_memory=None, aligned: Sequence = ()):

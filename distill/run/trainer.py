@@ -31,7 +31,7 @@ from distill.runtime.checkpointing import (MANIFEST, ResumableSampler, content_h
                                    write_failure_advice, save_rng_state, unsafe_changes, write_manifest)
 from distill.config.schema import DistillConfig, to_yaml
 from distill.errors import ConfigError
-from distill.data.text import SOURCE
+from distill.data.text import SOURCE, column
 from distill.run.deepspeed_config import build_deepspeed_config, build_optimizer, build_scheduler, global_batch
 from distill.run.fit_weights import load_state, save_state, state_digest
 from distill.run.plan import check_fits
@@ -410,7 +410,7 @@ class Trainer:
                                            generator=torch.Generator().manual_seed(cfg.seed))
         self.mixture = None
         if cfg.data.mixture_sources:  # batches drawn from the sources with scheduled proportions
-            sources = self.train_set[SOURCE]
+            sources = column(self.train_set, SOURCE)
             rows = [[i for i, s in enumerate(sources) if s == k] for k in range(len(self.splits.source_names))]
             self.mixture = MixtureBatchSampler(
                 rows, self.mixture_proportions, cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from distill.config.schema import DistillConfig
-from distill.data.text import EXAMPLE_ID, TEXT_KEY
+from distill.data.text import EXAMPLE_ID, TEXT_KEY, column
 from distill.errors import ConfigError
 from distill.models.teachers import TeacherPlan
 from distill.util.paths import resolve_path
@@ -111,7 +111,7 @@ def check_stored_outputs_cover(cfg: DistillConfig, plans: List[TeacherPlan], lab
             continue
         _, row_of = read_stored_outputs(plan.path, cfg.data.id_field, label_names, plan.outputs, plan.key)
         for name, split in (("train", splits.train), ("validation", splits.validation)):
-            absent = [i for i in split[EXAMPLE_ID] if i not in row_of]
+            absent = [i for i in column(split, EXAMPLE_ID) if i not in row_of]
             if absent:
                 raise ConfigError(f"{plan.key}: {len(absent)} example id(s) of the {name} split have no row in the "
                                   f"file, e.g. {absent[:3]}: add them or remove those rows from the data")

@@ -263,13 +263,13 @@ class Augmentation:
         from datasets import Dataset, concatenate_datasets
 
         import distill.runtime.distributed as distributed
-        from distill.data.text import EXAMPLE_ID, INDEX, LABELS, SOURCE
+        from distill.data.text import EXAMPLE_ID, INDEX, LABELS, SOURCE, column
         from distill.formulas.divergences import IGNORE_INDEX
 
         cfg = self.cfg
         train, fields = splits.train, list(cfg.data.text_fields)
-        labelled = [i for i, label in enumerate(train[LABELS]) if label != IGNORE_INDEX]
-        columns = {name: train[name] for name in fields}
+        labelled = [i for i, label in enumerate(column(train, LABELS)) if label != IGNORE_INDEX]
+        columns = {name: column(train, name) for name in fields}
         texts = [[columns[name][i] for i in labelled] for name in fields]
         limit = cfg.data.max_length
         if self.continuer is not None:  # issue 31: continue from inside what the student reads, not past it
