@@ -289,7 +289,7 @@ class SequenceClassification(Task):
             predictions.by_model.update(known)
         label_names = context.label_names
         count = len(label_names)
-        texts = column(context.splits.validation, self.cfg.data.text_fields[0])
+        texts = column(context.splits.validation, self.cfg.data.text_fields[0]) if self.cfg.data.eval_domains else []
         domains = {}
         for domain in self.cfg.data.eval_domains:  # predictions are in validation index order
             rows = set(rows_matching(texts, domain.match, domain.invert_match))
