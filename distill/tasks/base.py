@@ -86,6 +86,20 @@ class Context:
         return [TokenizerGroup(prefix="", tokenizer=self.tokenizer)] + list(self.teacher_groups)
 
 
+class PerEnsemble:
+    """A memo of frozen teachers' results (their predictions, their figures per evaluated set), kept for
+    one ensemble at a time: `of(ensemble)` is its dict, filled by the caller; another ensemble starts an
+    empty one."""
+
+    def __init__(self):
+        self.ensemble, self.results = None, {}
+
+    def of(self, ensemble) -> Dict:
+        if ensemble is not self.ensemble:
+            self.ensemble, self.results = ensemble, {}
+        return self.results
+
+
 @dataclass(frozen=True)
 class Traits:
     """What a task declares about itself, read by the commands around it (the trainer, fits, the

@@ -36,8 +36,8 @@ from distill.util.paths import resolve_path
 from distill.evaluation.report import causal_lm_card, format_lm_table
 from distill.signals.sources import (HiddenStateSignal, LiveLanguageModels, Targets, TopKSignal, body_and_head,
                                      cached_source)
-from distill.tasks.base import (Context, Evaluation, FitRows, SavedModelScoring, StepFigures, Task, Traits,
-                                register_task, saved_student)
+from distill.tasks.base import (Context, Evaluation, FitRows, PerEnsemble, SavedModelScoring, StepFigures, Task,
+                                Traits, register_task, saved_student)
 
 
 # a source whose rows a fit cannot keep (every source of this task gives hidden states or top-k rows)
@@ -273,8 +273,8 @@ class CausalLM(Task):
         # served teachers beside a cache are scored on their own), the loss's reused CPU temporaries
         self._encoded: Tuple = (None, None, None, None)  # (key, split, tokenizer, blocks)
         self._sets: Tuple = (None, None, None)  # (validation split, tokenizer, (sets, bytes))
-        self._teacher_figures: Tuple = (None, {})  # (ensemble, {set name: figures})
-        self._served_figures: Tuple = (None, {})
+        self._teacher_figures = PerEnsemble()  # {set name: figures}
+        self._served_figures = PerEnsemble()
         self.workspace = None  # _loss_plan
 
     # data ----------------------------------------------------------------------------------
@@ -680,8 +680,8 @@ class CausalLM(Task):
         cfg = self.cfg
         live = ensemble is not None and cfg.teachers.cache is None
         domain_sets, sizes = self._evaluation_sets(context)
-        teacher_figures = self._memo("_teacher_figures", ensemble)
-        served_figures = self._memo("_served_figures", ensemble)
+        teacher_figures = self._teacher_figures.of(ensemble)
+        served_figures = self._served_figures.of(ensemble)
         alone = None
         if ensemble is not None and cfg.teachers.cache is not None:
             if "validation" not in teacher_figures:
@@ -711,14 +711,6 @@ class CausalLM(Task):
             figures.update(teacher_figures.get(name, {}))
             results[name] = figures
         return Evaluation(results.pop("validation"), results)
-
-    def _memo(self, name: str, ensemble) -> Dict:
-        """The figures memo `name` of `ensemble` (a new, empty one for another ensemble)."""
-        owner, figures = getattr(self, name)
-        if owner is not ensemble:
-            figures = {}
-            setattr(self, name, (ensemble, figures))
-        return figures
 
     def validation_chunks(self, ensemble, source, device, validation, context, route=None):
         """The teachers' last hidden states (or top-k: cached, served) at every labelled validation

@@ -28,8 +28,8 @@ from distill.signals.sources import ClassifierTeachers, Targets
 from distill.signals.stored import black_box_outputs, cached_outputs, check_stored_outputs_cover
 from distill.models.student import (build_student, calibration_batches, check_student_labels, prune_student,
                              source_parameter_count)
-from distill.tasks.base import (Context, Evaluation, FitRows, SavedModelScoring, StepFigures, Task, Traits,
-                                register_task, saved_student)
+from distill.tasks.base import (Context, Evaluation, FitRows, PerEnsemble, SavedModelScoring, StepFigures, Task,
+                                Traits, register_task, saved_student)
 from distill.models.teachers import TeacherEnsemble, build_configured_interpolation, load_teachers, plan_teachers
 
 UNMASKED_ROWS = "perturb/unmasked_rows"  # a perturbed batch: the share of rows some teacher reads unmasked
@@ -63,9 +63,9 @@ class SequenceClassification(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.divergence = build_divergence(cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta, skew=cfg.loss.skew)
-        # memos of calls' own results: (ensemble, its predictions on validation), and student id -> teacher id
-        # per (student tokenizer, teacher tokenizer) (aligned rows)
-        self.teacher_predictions = None
+        # memos of calls' own results: the teachers' predictions on validation (per ensemble), and student
+        # id -> teacher id per pair of tokenizers (aligned rows), kept with the pair so that their ids stay theirs
+        self.teacher_predictions = PerEnsemble()
         self.token_maps = {}
 
     # data ----------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ class SequenceClassification(Task):
         if self.cfg.teachers.cache is None:
             return context
         from distill.caches.classifier import ClassifierCache
-        from distill.data.text import column, text_key
+        from distill.data.text import text_key
         from distill.util.paths import resolve_path
 
         cache = ClassifierCache(resolve_path(self.cfg.teachers.cache), self.cfg, plans, context.label_names)
@@ -270,22 +270,20 @@ class SequenceClassification(Task):
         teacher_tokenizer = next(g.tokenizer for g in context.teacher_groups if g.prefix == prefix)
         key = (id(context.tokenizer), id(teacher_tokenizer))
         if key not in self.token_maps:
-            self.token_maps[key] = token_map(context.tokenizer, teacher_tokenizer)
-        return self.token_maps[key]
+            self.token_maps[key] = (context.tokenizer, teacher_tokenizer, token_map(context.tokenizer, teacher_tokenizer))
+        return self.token_maps[key][2]
 
     def evaluate(self, model, ensemble, source, device, validation, context):
         """(metrics per model, metrics per evaluation domain and model): accuracy and macro-F1."""
         loader = validation_loader(validation, self.collator(context), self.cfg.training.eval_batch_size)
         functions = {"student": student_logits_fn(model, device)}
-        known = (self.teacher_predictions[1] if self.teacher_predictions is not None
-                 and self.teacher_predictions[0] is ensemble else None)  # teachers are frozen: evaluated once
-        if ensemble is not None and known is None:
+        known = self.teacher_predictions.of(ensemble)  # teachers are frozen: evaluated once
+        if ensemble is not None and not known:
             functions.update(teacher_logit_fns(ensemble, source, device))
         predictions = predict(loader, functions)
         if ensemble is not None:
-            if known is None:
-                known = {k: v for k, v in predictions.by_model.items() if k != "student"}
-                self.teacher_predictions = (ensemble, known)
+            if not known:
+                known.update({k: v for k, v in predictions.by_model.items() if k != "student"})
             predictions.by_model.update(known)
         label_names = context.label_names
         count = len(label_names)

@@ -43,8 +43,8 @@ from distill.models.teachers import load_teachers, plan_teachers
 from distill.runtime.distributed import gather_objects
 from distill.signals.sources import Targets
 from distill.signals.words import WordAlignedTeachers
-from distill.tasks.base import (Context, Evaluation, FitRows, SavedModelScoring, StepFigures, Task, Traits,
-                                register_task, saved_student)
+from distill.tasks.base import (Context, Evaluation, FitRows, PerEnsemble, SavedModelScoring, StepFigures, Task,
+                                Traits, register_task, saved_student)
 
 
 
@@ -174,7 +174,7 @@ class TokenClassification(Task):
         super().__init__(cfg)
         self.divergence = build_divergence(cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta, skew=cfg.loss.skew)
         self.all_subtokens = cfg.token_classification.label_all_subtokens
-        self.teacher_predictions = None  # a memo: (ensemble, its predictions on validation)
+        self.teacher_predictions = PerEnsemble()  # a memo: the teachers' predictions on validation
 
     # data ----------------------------------------------------------------------------------
     def read_splits(self):
@@ -253,9 +253,8 @@ class TokenClassification(Task):
         """{model name: {row index: predicted tag id per scored word}}, plus 'references', gathered."""
         loader = validation_loader(validation, self.collator(context), self.cfg.training.eval_batch_size)
         local: Dict[str, Dict[int, List[int]]] = {"references": {}, "student": {}}
-        known = (self.teacher_predictions[1] if self.teacher_predictions is not None
-                 and self.teacher_predictions[0] is ensemble else None)  # teachers are frozen: predicted once
-        teachers_needed = ensemble is not None and known is None
+        known = self.teacher_predictions.of(ensemble)  # teachers are frozen: predicted once
+        teachers_needed = ensemble is not None and not known
         for batch in loader:
             local["references"].update(word_tags(batch, batch[LABELS]))
             if model is not None:
@@ -277,8 +276,7 @@ class TokenClassification(Task):
             for name, rows in part.items():
                 merged.setdefault(name, {}).update(rows)
         if teachers_needed:
-            known = {name: rows for name, rows in merged.items() if name not in ("references", "student")}
-            self.teacher_predictions = (ensemble, known)
+            known.update({name: rows for name, rows in merged.items() if name not in ("references", "student")})
         if ensemble is not None:
             merged.update(known)
         if model is None:
