@@ -265,9 +265,17 @@ def test_a_second_train_on_a_running_directory_is_refused_with_the_holders_pid(t
 
     run = tmp_path / "busy"
     config = tiny_config_yaml(tiny, run)
-    first = subprocess.Popen([sys.executable, "-m", "distill.cli", "train", config, "training.max_steps=400",
-                              "training.checkpoint_every=400"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    # The holder must start with SIGINT's default disposition, as a command typed in a terminal does. A
+    # suite started as a background job of a non-interactive shell (`launch/test.sh &`) runs with
+    # SIGINT ignored, which every child inherits and Python then leaves ignored: the holder would
+    # train on, whatever distill does. A handler of this process is reset to the default in the child.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        first = subprocess.Popen([sys.executable, "-m", "distill.cli", "train", config, "training.max_steps=400",
+                                  "training.checkpoint_every=400"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         deadline = time.monotonic() + 300
         while not (run / ".distill.lock").exists() and first.poll() is None and time.monotonic() < deadline:
